@@ -1,0 +1,242 @@
+"""User memory on Chroma: free-text facts retrieved by meaning, one collection per user.
+
+Each user's records live in their own collection, so every read is scoped to one user by
+construction (no filter to forget) and ``forget`` drops the collection. Embeddings come
+from our own encoder through a registered embedding function: nothing is downloaded.
+Results are shaped like mem0's: ``{"results": [{"id", "memory", "user_id", ...}]}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shutil
+import sqlite3
+import time
+import uuid
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from threading import RLock
+from typing import Any
+
+from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+from chromadb.utils.embedding_functions import register_embedding_function
+
+from personalign.errors import ValidationError
+from personalign.models import Encoder
+from personalign.types import validate_user_id
+
+MAX_MEMORY_CHARS = 8000
+MAX_TOP_K = 1000
+_RESERVED = {"user_id", "created_at"}
+EF_NAME = "personalign-sentence-encoder"
+_UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Encoders already loaded in this process, by name: Chroma rebuilds the embedding function from
+# its stored config on every collection open, and that must not load the model again.
+_LOADED: weakref.WeakValueDictionary[str, Encoder] = weakref.WeakValueDictionary()
+
+
+@register_embedding_function
+class EncoderEmbeddingFunction(EmbeddingFunction[Documents]):
+    """Chroma embedding function backed by a personalign :class:`Encoder` (unique registered name)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        _LOADED.setdefault(encoder.name, encoder)
+
+    def __call__(self, input: Documents) -> Embeddings:  # noqa: A002 (chroma's signature)
+        return list(self.encoder.encode(list(input)))
+
+    @staticmethod
+    def name() -> str:
+        return EF_NAME
+
+    def get_config(self) -> dict[str, Any]:
+        return {"encoder": self.encoder.name}
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> EncoderEmbeddingFunction:
+        from personalign.models import load_encoder
+
+        name = config.get("encoder")
+        encoder = _LOADED.get(name) if isinstance(name, str) else None
+        return EncoderEmbeddingFunction(encoder or load_encoder(name))
+
+    def default_space(self) -> str:
+        return "cosine"
+
+    def supported_spaces(self) -> list[str]:
+        return ["cosine"]
+
+
+def collection_name(user_id: str) -> str:
+    """A Chroma-safe, fixed-length collection name for a user."""
+    return "u-" + hashlib.sha256(validate_user_id(user_id).encode()).hexdigest()[:40]
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise ValidationError("metadata", "must be a mapping", "pass a dict of str keys to str/int/float/bool values", metadata)
+    clean: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not isinstance(key, str) or key in _RESERVED:
+            raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", f"use string keys other than {sorted(_RESERVED)}", key)
+        if not isinstance(value, str | int | float | bool) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValidationError(f"metadata.{key}", "must be a str, int, finite float or bool", "flatten or stringify the value", value)
+        clean[key] = value
+    return clean
+
+
+def _check_text(text: Any, field: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError(field, "must be a non-empty string", "pass the fact as text", text)
+    if len(text) > MAX_MEMORY_CHARS:
+        raise ValidationError(field, f"is longer than {MAX_MEMORY_CHARS} characters", "split it into several memories", len(text))
+    return text
+
+
+def _record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    extra = {k: v for k, v in metadata.items() if k not in _RESERVED}
+    return {"id": memory_id, "memory": document, "user_id": user_id, "created_at": metadata.get("created_at"), "metadata": extra}
+
+
+class MemoryStore:
+    """Per-user memories in a Chroma database (embedded ``path`` or a ``client`` such as HttpClient)."""
+
+    def __init__(self, encoder: Encoder, path: str | Path | None = None, client: Any = None) -> None:
+        import chromadb
+        from chromadb.config import Settings
+
+        if (path is None) == (client is None):
+            raise ValidationError("memory", "needs exactly one of path or client", "pass path=<dir> or client=chromadb.HttpClient(...)")
+        self.encoder = encoder
+        self._ef = EncoderEmbeddingFunction(encoder)
+        self.path = Path(path) if path is not None else None
+        self.client = client or chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+        self._collections: dict[str, Any] = {}
+        self._lock = RLock()
+
+    def _collection(self, user_id: str, create: bool) -> Any | None:
+        name = collection_name(user_id)
+        with self._lock:
+            if name in self._collections:
+                return self._collections[name]
+            if create:
+                found = self.client.get_or_create_collection(
+                    name, embedding_function=self._ef, metadata={"user_id": user_id}, configuration={"hnsw": {"space": "cosine"}}
+                )
+            else:
+                try:
+                    found = self.client.get_collection(name, embedding_function=self._ef)
+                except Exception as err:  # chroma raises NotFoundError (or ValueError on older pins)
+                    if "does not exist" in str(err) or type(err).__name__ == "NotFoundError":
+                        return None
+                    raise
+            self._collections[name] = found
+            return found
+
+    def add(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store one or more facts for ``user_id``; all are validated before any is written."""
+        validate_user_id(user_id)
+        items = [texts] if isinstance(texts, str) else texts
+        if not isinstance(items, list) or not items:
+            raise ValidationError("texts", "must be a non-empty string or list of strings", "pass the fact(s) as text")
+        docs = [_check_text(t, f"texts[{i}]") for i, t in enumerate(items)]
+        extra = _check_metadata(metadata)
+        now = time.time()
+        ids = [uuid.uuid4().hex for _ in docs]
+        metas = [{**extra, "user_id": user_id, "created_at": now} for _ in docs]
+        embeddings = self._ef(docs)  # encode before touching the database
+        collection = self._collection(user_id, create=True)
+        collection.add(ids=ids, documents=docs, metadatas=metas, embeddings=embeddings)
+        return {"results": [{**_record(user_id, i, d, m), "event": "ADD"} for i, d, m in zip(ids, docs, metas, strict=True)]}
+
+    def search(self, user_id: str, query: str, top_k: int = 5, threshold: float | None = None) -> dict[str, Any]:
+        """The user's memories closest in meaning to ``query``, best first, with cosine ``score``."""
+        validate_user_id(user_id)
+        _check_text(query, "query")
+        if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise ValidationError("top_k", f"must be an integer in 1..{MAX_TOP_K}", "pass e.g. top_k=5", top_k)
+        collection = self._collection(user_id, create=False)
+        if collection is None:
+            return {"results": []}
+        count = collection.count()
+        if count == 0:
+            return {"results": []}
+        found = collection.query(
+            query_embeddings=self._ef([query]), n_results=min(top_k, count), include=["documents", "metadatas", "distances"]
+        )
+        results = []
+        for memory_id, doc, meta, dist in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], strict=True):
+            if meta.get("user_id") != user_id:  # defence in depth: collections are per user already
+                continue
+            score = 1.0 - float(dist)
+            if threshold is not None and score < threshold:
+                continue
+            results.append({**_record(user_id, memory_id, doc, meta), "score": score})
+        return {"results": results}
+
+    def get_all(self, user_id: str, limit: int | None = None) -> dict[str, Any]:
+        """Every memory of the user, oldest first."""
+        validate_user_id(user_id)
+        collection = self._collection(user_id, create=False)
+        if collection is None:
+            return {"results": []}
+        found = collection.get(include=["documents", "metadatas"])
+        rows = [_record(user_id, i, d, m) for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)]
+        rows.sort(key=lambda r: (r["created_at"] or 0.0, r["id"]))
+        return {"results": rows[:limit] if limit else rows}
+
+    def delete(self, user_id: str, memory_id: str) -> bool:
+        """Delete one memory of this user. False if the user has no memory with that id."""
+        validate_user_id(user_id)
+        collection = self._collection(user_id, create=False)
+        if collection is None or not isinstance(memory_id, str):
+            return False
+        if not collection.get(ids=[memory_id])["ids"]:
+            return False
+        collection.delete(ids=[memory_id])
+        return True
+
+    def delete_all(self, user_id: str) -> int:
+        """Drop every memory of the user (the whole collection); returns how many there were."""
+        validate_user_id(user_id)
+        collection = self._collection(user_id, create=False)
+        if collection is None:
+            return 0
+        count = collection.count()
+        with self._lock:
+            self.client.delete_collection(collection_name(user_id))
+            self._collections.pop(collection_name(user_id), None)
+            self._purge_local()
+        return count
+
+    def _purge_local(self) -> None:
+        """Make deletions final on disk for an embedded store.
+
+        SQLite keeps deleted rows in free pages and Chroma may leave the dropped collection's
+        vector-index folder behind; ``VACUUM`` rewrites the database without them and orphaned
+        index folders are removed, so a forgotten user's text and vectors are gone from disk.
+        """
+        if self.path is None:
+            return
+        db = self.path / "chroma.sqlite3"
+        with sqlite3.connect(db, timeout=30) as conn:
+            live = {row[0] for row in conn.execute("SELECT id FROM segments")}
+        conn.close()
+        vacuum = sqlite3.connect(db, timeout=30, isolation_level=None)
+        try:
+            vacuum.execute("VACUUM")
+        finally:
+            vacuum.close()
+        for child in self.path.iterdir():
+            if child.is_dir() and _UUID_DIR.match(child.name) and child.name not in live:
+                shutil.rmtree(child, ignore_errors=True)
+
+    def count(self, user_id: str) -> int:
+        collection = self._collection(user_id, create=False)
+        return 0 if collection is None else collection.count()

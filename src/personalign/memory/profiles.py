@@ -1,0 +1,78 @@
+"""The profile store: one JSON document per user, written atomically under a lock.
+
+Layout: ``<store>/users/<user_id>/profile.json``. The user's folder is also where derived
+artefacts (adapters, states) live, so deleting it forgets everything on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from threading import RLock
+
+from filelock import FileLock
+
+from personalign.errors import UnknownUserError
+from personalign.memory.locking import atomic_write_json
+from personalign.types import UserProfile, validate_user_id
+
+PROFILE_FILE = "profile.json"
+
+
+class ProfileStore:
+    """Users' comparisons and settings. Every update is read-modify-write under one lock."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.users_dir = self.root / "users"
+        self.users_dir.mkdir(parents=True, exist_ok=True)
+        self._file_lock = FileLock(str(self.root / "profiles.lock"))
+        self._thread_lock = RLock()
+
+    def user_dir(self, user_id: str) -> Path:
+        return self.users_dir / validate_user_id(user_id)
+
+    def exists(self, user_id: str) -> bool:
+        return (self.user_dir(user_id) / PROFILE_FILE).is_file()
+
+    def get(self, user_id: str) -> UserProfile:
+        path = self.user_dir(user_id) / PROFILE_FILE
+        if not path.is_file():
+            raise UnknownUserError(user_id)
+        return UserProfile.model_validate(json.loads(path.read_text(encoding="utf-8")))
+
+    def update(self, user_id: str, change: Callable[[UserProfile], UserProfile], create: bool = True) -> UserProfile:
+        """Apply ``change`` to the stored profile (a new one if absent and ``create``) and persist it.
+
+        If ``change`` raises, nothing is written.
+        """
+        with self._thread_lock, self._file_lock:
+            if self.exists(user_id):
+                profile = self.get(user_id)
+            elif create:
+                profile = UserProfile(user_id=user_id)
+            else:
+                raise UnknownUserError(user_id)
+            updated = change(profile.model_copy(deep=True))
+            updated.version = profile.version + 1
+            updated.updated_at = time.time()
+            atomic_write_json(self.user_dir(user_id) / PROFILE_FILE, updated.model_dump(mode="json"))
+            return updated
+
+    def delete(self, user_id: str) -> bool:
+        """Remove the user's folder (profile and every derived artefact). True if it existed."""
+        with self._thread_lock, self._file_lock:
+            folder = self.user_dir(user_id)
+            if not folder.exists():
+                return False
+            # Rename first so a crash mid-delete never leaves a half-removed but valid-looking user.
+            doomed = folder.with_name(f".deleting-{folder.name}-{time.time_ns()}")
+            folder.rename(doomed)
+            shutil.rmtree(doomed)
+            return True
+
+    def list_users(self) -> list[str]:
+        return sorted(p.parent.name for p in self.users_dir.glob(f"*/{PROFILE_FILE}") if not p.parent.name.startswith("."))
