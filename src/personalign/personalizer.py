@@ -1,0 +1,333 @@
+"""The facade chat apps use: enroll users, remember facts, chat with personalisation, forget.
+
+    pz = Personalizer.load()                           # embedded models, store in ./.personalign
+    pz.enroll("alice", [Comparison(prompt=..., chosen=..., rejected=...)])
+    pz.remember("alice", "I am vegetarian and I cook for two.")
+    pz.chat("alice", [{"role": "user", "content": "Plan my dinner."}])
+    pz.forget("alice")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalign.errors import UnknownUserError, ValidationError
+from personalign.memory.chroma import MemoryStore
+from personalign.memory.locking import StoreLock
+from personalign.memory.profiles import ProfileStore
+from personalign.models import Encoder, Generator, load_encoder, load_generator
+from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
+from personalign.steering.decoding import STEERABLE, steering_processors, validate_steer
+from personalign.steering.objectives import infer_weights
+from personalign.types import (
+    ChatMessage,
+    Comparison,
+    UserProfile,
+    convert_pydantic_error,
+    parse_comparisons,
+    parse_messages,
+    validate_user_id,
+)
+
+DEFAULT_STORE = ".personalign"
+
+
+class GenerationParams(BaseModel):
+    """Decoding settings. ``temperature=0`` is greedy decoding (deterministic)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    temperature: float = Field(default=0.0, ge=0.0, le=5.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
+    seed: int | None = None
+
+    def generate_kwargs(self, pad_token_id: int | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_token_id}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+
+class ConditioningParams(BaseModel):
+    """Which conditioners apply to a request, and how much of each."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    memory: bool = True
+    shots: bool = True
+    n_memories: int = Field(default=5, ge=0, le=100)
+    n_shots: int = Field(default=4, ge=0, le=64)
+    memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A reply and what conditioned it."""
+
+    text: str
+    user: str | None
+    memories: list[str]
+    shots: list[Shot]
+    steer: dict[str, float]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _params(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:
+    try:
+        return model.model_validate(dict(values))
+    except pydantic.ValidationError as err:
+        raise convert_pydantic_error(field, err) from None
+
+
+class Personalizer:
+    """Per-user personalisation over one generator, one encoder and one store directory.
+
+    A store is held by one open Personalizer at a time (a second opener gets
+    ``StoreLockedError``); use it as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, generator: Generator, encoder: Encoder, store: str | Path = DEFAULT_STORE, memory_client: Any = None) -> None:
+        self.generator = generator
+        self.encoder = encoder
+        self.store_path = Path(store)
+        self.store_path.mkdir(parents=True, exist_ok=True)
+        self._lock = StoreLock(self.store_path)
+        self._lock.acquire()
+        try:
+            self.profiles = ProfileStore(self.store_path)
+            if memory_client is None:
+                self.memory = MemoryStore(encoder, path=self.store_path / "chroma")
+            else:
+                self.memory = MemoryStore(encoder, client=memory_client)
+        except BaseException:
+            self._lock.release()
+            raise
+        self._generate_lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        encoder: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        store: str | Path = DEFAULT_STORE,
+        memory_client: Any = None,
+    ) -> Personalizer:
+        """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
+        return cls(load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device), store, memory_client)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the store so another process or Personalizer can open it."""
+        self._lock.release()
+
+    def __enter__(self) -> Personalizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- users -----------------------------------------------------------------------------
+
+    def enroll(self, user: str, comparisons: Sequence[Comparison | dict[str, Any]]) -> UserProfile:
+        """Add comparisons to ``user`` (created if new). All are validated first; all or nothing is stored."""
+        validate_user_id(user)
+        if isinstance(comparisons, Comparison | dict):
+            comparisons = [comparisons]
+        parsed = parse_comparisons(comparisons)
+        now = time.time()
+        stamped = [c.stamped(now) for c in parsed]
+
+        def add(profile: UserProfile) -> UserProfile:
+            profile.comparisons.extend(stamped)
+            # Derived, recomputable from the comparisons: the user's inferred objective weights.
+            profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
+            return profile
+
+        return self.profiles.update(user, add)
+
+    def profile(self, user: str) -> UserProfile:
+        """The stored profile (``UnknownUserError`` if the user was never enrolled)."""
+        return self.profiles.get(user)
+
+    def set_steering(self, user: str, steer: Mapping[str, float] | None) -> UserProfile:
+        """Store ``user``'s default steering (``None`` clears it, falling back to the inferred weights)."""
+        clean = validate_steer(steer) if steer is not None else None
+
+        def apply(profile: UserProfile) -> UserProfile:
+            if clean is None:
+                profile.settings.pop("steer", None)
+            else:
+                profile.settings["steer"] = clean
+            return profile
+
+        return self.profiles.update(user, apply, create=False)
+
+    def default_steer(self, user: str | None) -> dict[str, float]:
+        """The steering applied when a request gives none: the user's stored setting, else the
+        weights inferred from their comparisons (steerable objectives only), else nothing."""
+        if user is None:
+            return {}
+        settings = self.profiles.get(user).settings
+        if "steer" in settings:
+            return dict(settings["steer"])
+        inferred = settings.get("inferred_steer", {})
+        return {k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0}
+
+    def users(self) -> list[str]:
+        return self.profiles.list_users()
+
+    def forget(self, user: str) -> dict[str, int | bool]:
+        """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
+        validate_user_id(user)
+        memories = self.memory.delete_all(user)
+        removed = self.profiles.delete(user)
+        return {"memories_deleted": memories, "profile_deleted": removed}
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store fact(s) about ``user`` (creating the user if new); returns mem0-shaped results."""
+        validate_user_id(user)
+        result = self.memory.add(user, text, metadata)
+        if not self.profiles.exists(user):
+            self.profiles.update(user, lambda p: p)
+        return result
+
+    def memories(self, user: str) -> dict[str, Any]:
+        return self.memory.get_all(user)
+
+    def search_memories(self, user: str, query: str, top_k: int = 5, threshold: float | None = None) -> dict[str, Any]:
+        return self.memory.search(user, query, top_k=top_k, threshold=threshold)
+
+    def delete_memory(self, user: str, memory_id: str) -> bool:
+        return self.memory.delete(user, memory_id)
+
+    # --- generation ------------------------------------------------------------------------
+
+    def condition(
+        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], max_new_tokens: int, conditioning: ConditioningParams
+    ) -> Conditioning:
+        """The prompt for ``user``: retrieved memories and FSPO shots around ``messages``, fitted to context."""
+        parsed = parse_messages(messages)
+        memories: list[str] = []
+        shots: list[Shot] = []
+        if user is not None:
+            validate_user_id(user)
+            if not self.profiles.exists(user):
+                raise UnknownUserError(user)
+            query = query_of(parsed)
+            if conditioning.memory and conditioning.n_memories:
+                found = self.memory.search(user, query, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold)
+                memories = [r["memory"] for r in found["results"]]
+            if conditioning.shots and conditioning.n_shots:
+                shots = rank_shots(self.profiles.get(user).comparisons, query, self.encoder, conditioning.n_shots)
+        tokenizer = self.generator.tokenizer
+        return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
+
+    def _prepare(
+        self, user: str | None, messages: Any, steer: Mapping[str, float] | None, options: Mapping[str, Any]
+    ) -> tuple[Conditioning, GenerationParams, dict[str, float], dict[str, Any]]:
+        gen_fields = set(GenerationParams.model_fields)
+        cond_fields = set(ConditioningParams.model_fields)
+        unknown = set(options) - gen_fields - cond_fields
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ValidationError(name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}")
+        params = _params(GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation")
+        conditioning = _params(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
+        cond = self.condition(user, messages, params.max_new_tokens, conditioning)
+        applied = validate_steer(steer) if steer is not None else self.default_steer(user)
+        tokenizer = self.generator.tokenizer
+        encoded = tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        kwargs: dict[str, Any] = {k: v.to(self.generator.device) for k, v in encoded.items()}
+        kwargs.update(params.generate_kwargs(tokenizer.pad_token_id))
+        processors = steering_processors(applied, tokenizer, self.generator.model.generation_config)
+        if processors:
+            kwargs["logits_processor"] = processors
+        return cond, params, applied, kwargs
+
+    def respond(
+        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, float] | None = None, **options: Any
+    ) -> ChatResult:
+        """Generate a reply for ``user`` (``None``: generic) with what conditioned it.
+
+        ``steer``: ``{objective: weight}`` for this request; ``None`` uses the user's default
+        (see :meth:`default_steer`), ``{}`` turns steering off. Options: generation
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``, ``seed``) and
+        conditioning (``memory``, ``shots``, ``n_memories``, ``n_shots``, ``memory_threshold``).
+        """
+        import torch
+
+        cond, params, applied, kwargs = self._prepare(user, messages, steer, options)
+        with self._generate_lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            output = self.generator.model.generate(**kwargs)
+        new_tokens = output[0, kwargs["input_ids"].shape[1] :]
+        text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        return ChatResult(text, user, cond.memories, cond.shots, applied, cond.prompt_tokens, int(new_tokens.shape[0]))
+
+    def chat(
+        self,
+        user: str | None,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        steer: Mapping[str, float] | None = None,
+        stream: bool = False,
+        **options: Any,
+    ) -> Any:
+        """The reply text for ``user``; with ``stream=True`` an iterator of text pieces instead."""
+        if stream:
+            return self.stream(user, messages, steer=steer, **options)
+        return self.respond(user, messages, steer=steer, **options).text
+
+    def stream(
+        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, float] | None = None, **options: Any
+    ) -> Iterator[str]:
+        """An iterator over the reply as it is generated (same tokens as :meth:`respond`).
+
+        Input is validated here, before the iterator is returned.
+        """
+        _, params, _, kwargs = self._prepare(user, messages, steer, options)
+        return self._stream(params, kwargs)
+
+    def _stream(self, params: GenerationParams, kwargs: dict[str, Any]) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._generate_lock, torch.inference_mode():
+                    if params.seed is not None:
+                        torch.manual_seed(params.seed)
+                    self.generator.model.generate(**kwargs, streamer=streamer)
+            except BaseException as err:  # surfaced in the caller's thread below
+                errors.append(err)
+                streamer.end()
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        yield from (piece for piece in streamer if piece)
+        worker.join()
+        if errors:
+            raise errors[0]
