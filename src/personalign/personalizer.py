@@ -20,9 +20,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import UnknownUserError, ValidationError
-from personalign.memory.chroma import MemoryStore
-from personalign.memory.locking import StoreLock
-from personalign.memory.profiles import ProfileStore
+from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
 from personalign.steering.decoding import STEERABLE, steering_processors, validate_steer
@@ -104,19 +102,10 @@ class Personalizer:
     def __init__(self, generator: Generator, encoder: Encoder, store: str | Path = DEFAULT_STORE, memory_client: Any = None) -> None:
         self.generator = generator
         self.encoder = encoder
-        self.store_path = Path(store)
-        self.store_path.mkdir(parents=True, exist_ok=True)
-        self._lock = StoreLock(self.store_path)
-        self._lock.acquire()
-        try:
-            self.profiles = ProfileStore(self.store_path)
-            if memory_client is None:
-                self.memory = MemoryStore(encoder, path=self.store_path / "chroma")
-            else:
-                self.memory = MemoryStore(encoder, client=memory_client)
-        except BaseException:
-            self._lock.release()
-            raise
+        self.store = UserStore(store, encoder, memory_client)
+        self.store_path = self.store.root
+        self.profiles = self.store.profiles
+        self.memory = self.store.memory
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -136,7 +125,7 @@ class Personalizer:
 
     def close(self) -> None:
         """Release the store so another process or Personalizer can open it."""
-        self._lock.release()
+        self.store.close()
 
     def __enter__(self) -> Personalizer:
         return self
@@ -196,20 +185,13 @@ class Personalizer:
 
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
-        validate_user_id(user)
-        memories = self.memory.delete_all(user)
-        removed = self.profiles.delete(user)
-        return {"memories_deleted": memories, "profile_deleted": removed}
+        return self.store.forget(user)
 
     # --- memory ----------------------------------------------------------------------------
 
     def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Store fact(s) about ``user`` (creating the user if new); returns mem0-shaped results."""
-        validate_user_id(user)
-        result = self.memory.add(user, text, metadata)
-        if not self.profiles.exists(user):
-            self.profiles.update(user, lambda p: p)
-        return result
+        return self.store.remember(user, text, metadata)
 
     def memories(self, user: str) -> dict[str, Any]:
         return self.memory.get_all(user)

@@ -251,7 +251,10 @@ def read_preferences(path: str | Path) -> list[tuple[str | None, Comparison]]:
             for key in ("chosen", "rejected"):
                 if key in row:
                     row[key] = _response_from_trl(row[key], f"{where}.{key}")
-            rows.append((user, parse_comparisons([row], field=where)[0]))
+            try:
+                rows.append((user, Comparison.model_validate(row)))
+            except pydantic.ValidationError as err:
+                raise convert_pydantic_error(where, err) from None
     return rows
 
 

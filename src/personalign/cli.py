@@ -1,0 +1,312 @@
+"""The ``personalign`` command line: demo, enroll, chat, remember, profile, forget, bench."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from importlib import resources
+from itertools import zip_longest
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from personalign.errors import PersonalignError, ValidationError
+
+app = typer.Typer(help="Personalised alignment for chat apps.", no_args_is_help=True, add_completion=False)
+bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline run side by side.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+StoreOpt = Annotated[Path, typer.Option(help="Store directory (profiles, memories).")]
+ModelOpt = Annotated[str | None, typer.Option(help="Generator: HF id or local path (default: embedded SmolLM2-135M-Instruct).")]
+EncoderOpt = Annotated[str | None, typer.Option(help="Sentence encoder: HF id or local path (default: embedded all-MiniLM-L6-v2).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:0 or auto.")]
+UserOpt = Annotated[str, typer.Option("--user", "-u", help="User id.")]
+
+
+def _fail(err: Exception) -> None:
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
+def _open(store: Path, model: str | None = None, encoder: str | None = None, device: str | None = None) -> Any:
+    from personalign.personalizer import Personalizer
+
+    return Personalizer.load(model=model, encoder=encoder, device=device, store=store)
+
+
+def parse_steer(text: str | None) -> dict[str, float] | None:
+    """``"verbosity=-0.5,structure=1"`` -> ``{"verbosity": -0.5, "structure": 1.0}``."""
+    if text is None:
+        return None
+    steer: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            steer[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValidationError("--steer", f"cannot read {part!r}", "write name=weight pairs, e.g. verbosity=-0.5", text)
+    return steer
+
+
+@app.command()
+def enroll(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="User id (else taken from the file's user column).")] = None,
+    file: Annotated[Path, typer.Option("--file", "-f", exists=True, dir_okay=False, help="JSONL in TRL preference format.")] = ...,  # type: ignore[assignment]
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Add a user's comparisons from a JSONL file (validated entirely before anything is stored)."""
+    from personalign.types import read_preferences
+
+    try:
+        rows = read_preferences(file)
+        by_user: dict[str, list[Any]] = {}
+        for index, (row_user, comparison) in enumerate(rows):
+            owner = row_user or user
+            if owner is None:
+                raise ValidationError(f"{file.name}:{index + 1}.user", "has no user", "add a user column or pass --user")
+            if user is not None and row_user is not None and row_user != user:
+                raise ValidationError(f"{file.name}:{index + 1}.user", f"is {row_user!r}, not --user {user!r}", "drop --user or filter the file")
+            by_user.setdefault(owner, []).append(comparison)
+        with _open(store, model, encoder, device) as pz:
+            for owner, comparisons in by_user.items():
+                profile = pz.enroll(owner, comparisons)
+                typer.echo(f"{owner}: +{len(comparisons)} comparisons ({len(profile.comparisons)} stored)")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@app.command()
+def remember(
+    user: UserOpt,
+    text: Annotated[list[str], typer.Argument(help="Fact(s) to remember about the user.")],
+    store: StoreOpt = Path(".personalign"),
+    encoder: EncoderOpt = None,
+) -> None:
+    """Store facts about a user in their memory."""
+    from personalign.memory.store import UserStore
+    from personalign.models import load_encoder
+
+    try:
+        with UserStore(store, load_encoder(encoder)) as users:
+            result = users.remember(user, list(text))
+        for row in result["results"]:
+            typer.echo(f"{row['id']}  {row['memory']}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@app.command()
+def chat(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="User id (omit for a generic answer).")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="One message; omit for an interactive session.")] = None,
+    steer: Annotated[str | None, typer.Option(help="Steering, e.g. verbosity=-0.5 (default: the user's own).")] = None,
+    memory: Annotated[bool, typer.Option(help="Retrieve the user's memories.")] = True,
+    shots: Annotated[bool, typer.Option(help="Put the user's comparisons in the prompt (FSPO).")] = True,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Chat as a user: one message with --message, else an interactive session (empty line or EOF ends)."""
+    try:
+        steering = parse_steer(steer)
+        with _open(store, model, encoder, device) as pz:
+            history: list[dict[str, str]] = []
+            options = {"memory": memory, "shots": shots, "max_new_tokens": max_new_tokens, "temperature": temperature}
+            pending = [message] if message is not None else None
+            while True:
+                if pending is not None:
+                    if not pending:
+                        break
+                    text = pending.pop()
+                else:
+                    typer.echo("you> ", nl=False)
+                    text = sys.stdin.readline()
+                    if not text.strip():
+                        break
+                history.append({"role": "user", "content": text.strip()})
+                if pending is None:
+                    typer.echo("bot> ", nl=False)
+                pieces = []
+                for piece in pz.stream(user, history, steer=steering, **options):
+                    pieces.append(piece)
+                    typer.echo(piece, nl=False)
+                typer.echo()
+                history.append({"role": "assistant", "content": "".join(pieces).strip()})
+    except PersonalignError as err:
+        _fail(err)
+
+
+@app.command()
+def profile(user: UserOpt, store: StoreOpt = Path(".personalign")) -> None:
+    """Print a user's stored profile as JSON."""
+    from personalign.memory.profiles import ProfileStore
+
+    try:
+        typer.echo(json.dumps(ProfileStore(store).get(user).model_dump(mode="json"), indent=1))
+    except PersonalignError as err:
+        _fail(err)
+
+
+@app.command()
+def forget(user: UserOpt, store: StoreOpt = Path(".personalign"), encoder: EncoderOpt = None) -> None:
+    """Remove every trace of a user: memories and files."""
+    from personalign.memory.store import UserStore
+    from personalign.models import load_encoder
+
+    try:
+        with UserStore(store, load_encoder(encoder)) as users:
+            outcome = users.forget(user)
+        memories, removed = outcome["memories_deleted"], outcome["profile_deleted"]
+        typer.echo(f"{user}: {memories} memories deleted, profile {'deleted' if removed else 'was absent'}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+# --- demo --------------------------------------------------------------------------------
+
+DEMO_MEMORIES = {"sam": "I am vegetarian and I cook for two.", "robin": "I am training for my first marathon."}
+DEMO_QUESTIONS = ["Plan my dinner for tonight.", "How do I make my coffee taste better?", "What is a good way to relax after work?"]
+
+
+def _steer_text(steer: dict[str, float]) -> str:
+    return ", ".join(f"{name} {weight:+.2f}" for name, weight in steer.items()) or "none"
+
+
+def _columns(texts: list[str], width: int) -> str:
+    wrapped = [textwrap.wrap(t, width) or [""] for t in texts]
+    lines = [" | ".join(cell.ljust(width) for cell in row) for row in zip_longest(*wrapped, fillvalue="")]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def demo_comparisons() -> list[tuple[str | None, Any]]:
+    from personalign.types import read_preferences
+
+    with resources.as_file(resources.files("personalign") / "data" / "demo_comparisons.jsonl") as path:
+        return read_preferences(path)
+
+
+@app.command()
+def demo(
+    store: Annotated[Path | None, typer.Option(help="Store directory (default: a temporary one, removed after).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=16, max=1024)] = 128,
+    width: Annotated[int, typer.Option(min=20, max=120)] = 38,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Enroll two users with opposite preferences, give them memories, and answer the same questions for each."""
+    from personalign.steering.objectives import word_count
+
+    started = time.perf_counter()
+    agree = False
+    root = store or Path(tempfile.mkdtemp(prefix="personalign-demo-"))
+    try:
+        rows = demo_comparisons()
+        users = list(dict.fromkeys(u for u, _ in rows if u))
+        with _open(root, model, encoder, device) as pz:
+            typer.echo(f"models loaded in {time.perf_counter() - started:.1f} s ({pz.generator.model_id}, {pz.encoder.name})\n")
+            preference: dict[str, tuple[float, float]] = {}
+            for user in users:
+                comparisons = [c for u, c in rows if u == user]
+                pz.enroll(user, comparisons)
+                pz.remember(user, DEMO_MEMORIES[user])
+                chosen = statistics.mean(word_count(c.chosen) for c in comparisons)
+                rejected = statistics.mean(word_count(c.rejected) for c in comparisons)
+                preference[user] = (chosen, rejected)
+                typer.echo(
+                    f"enrolled {user}: {len(comparisons)} comparisons (chosen {chosen:.0f} words vs rejected {rejected:.0f}), "
+                    f"memory: {DEMO_MEMORIES[user]!r}, inferred steer: {_steer_text(pz.default_steer(user))}"
+                )
+            lengths: dict[str, list[int]] = {u: [] for u in [*users, "generic"]}
+            for question in DEMO_QUESTIONS:
+                typer.echo(f"\n=== {question}")
+                answers = []
+                for user in [*users, None]:
+                    result = pz.respond(user, [{"role": "user", "content": question}], max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+                    lengths[user or "generic"].append(word_count(result.text))
+                    used = f"[{len(result.shots)} shots, {len(result.memories)} memories, steer {_steer_text(result.steer)}]"
+                    answers.append(f"{(user or 'generic').upper()} {used} {result.text}")
+                typer.echo(_columns(answers, width))
+            typer.echo()
+            agree = _print_measurement(users, preference, lengths)
+    except PersonalignError as err:
+        _fail(err)
+    finally:
+        if store is None:
+            shutil.rmtree(root, ignore_errors=True)
+    typer.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
+    if not agree:
+        raise typer.Exit(1)
+
+
+def _print_measurement(users: list[str], preference: dict[str, tuple[float, float]], lengths: dict[str, list[int]]) -> bool:
+    """Print how answer lengths differ between users next to what their comparisons prefer.
+
+    The check: users ordered by the length preference of their comparisons (chosen minus
+    rejected words) must be in the same order by the mean length of their answers.
+    Returns whether they are.
+    """
+    generic = statistics.mean(lengths["generic"])
+    means = {u: statistics.mean(lengths[u]) for u in users}
+    for user in users:
+        chosen, rejected = preference[user]
+        typer.echo(
+            f"verbosity  {user}: comparisons prefer {'shorter' if chosen < rejected else 'longer'} answers "
+            f"({chosen:.0f} vs {rejected:.0f} words); answers average {means[user]:.0f} words (generic {generic:.0f})"
+        )
+    by_preference = sorted(users, key=lambda u: preference[u][0] - preference[u][1])
+    by_answers = sorted(users, key=lambda u: means[u])
+    agree = by_preference == by_answers and len(set(means.values())) == len(users)
+    shortest, longest = by_preference[0], by_preference[-1]
+    typer.echo(
+        f"{shortest}'s answers are {means[shortest] / max(means[longest], 1e-9):.2f}x the length of {longest}'s; "
+        f"their comparisons point the same way: {'yes' if agree else 'NO'}"
+    )
+    return agree
+
+
+# --- bench -------------------------------------------------------------------------------
+
+
+@bench_app.command("memory")
+def bench_memory(
+    users: Annotated[int, typer.Option(min=1)] = 100,
+    memories: Annotated[int, typer.Option(min=1)] = 10_000,
+    queries: Annotated[int, typer.Option(min=1)] = 200,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    store: Annotated[Path | None, typer.Option(help="Store directory (default: a temporary one, removed after).")] = None,
+) -> None:
+    """add/search p50/p95 at N memories for one user among many, next to one encoder call."""
+    from personalign.bench.memory import format_report, run_memory_bench
+
+    root = store or Path(tempfile.mkdtemp(prefix="personalign-bench-"))
+    try:
+        result = run_memory_bench(root, users=users, memories=memories, queries=queries, adds=queries)
+    finally:
+        if store is None:
+            shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_report(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""A store directory: the process lock, the profile store and the memory, opened together."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from personalign.memory.chroma import MemoryStore
+from personalign.memory.locking import StoreLock
+from personalign.memory.profiles import ProfileStore
+from personalign.models import Encoder
+from personalign.types import validate_user_id
+
+
+class UserStore:
+    """Everything stored about users under one directory (or memories on a Chroma server).
+
+    Layout: ``store.lock``, ``profiles.lock``, ``users/<id>/profile.json`` and ``chroma/``.
+    Held exclusively by one open UserStore at a time (``StoreLockedError`` otherwise).
+    """
+
+    def __init__(self, root: str | Path, encoder: Encoder, memory_client: Any = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = StoreLock(self.root)
+        self._lock.acquire()
+        try:
+            self.profiles = ProfileStore(self.root)
+            if memory_client is None:
+                self.memory = MemoryStore(encoder, path=self.root / "chroma")
+            else:
+                self.memory = MemoryStore(encoder, client=memory_client)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store fact(s) about ``user``, creating the user's profile if new."""
+        validate_user_id(user)
+        result = self.memory.add(user, text, metadata)
+        if not self.profiles.exists(user):
+            self.profiles.update(user, lambda p: p)
+        return result
+
+    def forget(self, user: str) -> dict[str, int | bool]:
+        """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
+        validate_user_id(user)
+        memories = self.memory.delete_all(user)
+        removed = self.profiles.delete(user)
+        return {"memories_deleted": memories, "profile_deleted": removed}
+
+    def close(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> UserStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

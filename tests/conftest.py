@@ -1,0 +1,111 @@
+"""Shared fixtures: a tiny seeded Llama with a local chat tokenizer, and the embedded encoder.
+
+Nothing here downloads anything. The tiny generator is random (its text is gibberish) but
+deterministic, which is all the contract tests need. Tests marked ``embedded`` load the real
+SmolLM2-135M-Instruct instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CORPUS = [
+    "How do I boil an egg? Put the egg in boiling water for nine minutes.",
+    "I am vegetarian and I cook for two. Plan my dinner for tonight please.",
+    "Why is the sky blue? Air scatters blue light more than red light.",
+    "The quick brown fox jumps over the lazy dog. 1. First step. 2. Second step.",
+    "Question Preferred Response Dispreferred Response Task Given the examples above, generate",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_llama(vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, max_positions: int = 512):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama + tokenizer folder, loadable with ``Personalizer.load(model=...)``."""
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tiny_model_dir):
+    from personalign.models import load_generator
+
+    return load_generator(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The embedded all-MiniLM-L6-v2 (22M parameters, loads in about a second)."""
+    from personalign.models import load_encoder
+
+    return load_encoder(device="cpu")
+
+
+@pytest.fixture()
+def pz(tiny_generator, encoder, tmp_path):
+    """A Personalizer on the tiny generator with a fresh store; closed after the test."""
+    from personalign.personalizer import Personalizer
+
+    with Personalizer(tiny_generator, encoder, store=tmp_path / "store") as personalizer:
+        yield personalizer
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real embedded generator (converted once into the safetensors cache)."""
+    from personalign.models import load_generator
+
+    return load_generator(device="cpu")
