@@ -23,7 +23,7 @@ from personalign.errors import UnknownUserError, ValidationError
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
-from personalign.steering.decoding import STEERABLE, steering_processors, validate_steer
+from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors, validate_steer
 from personalign.steering.objectives import infer_weights
 from personalign.types import (
     ChatMessage,
@@ -49,6 +49,12 @@ class GenerationParams(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
     seed: int | None = None
 
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one ``generate`` call."""
+        if self.temperature == 0:
+            return ("greedy", self.repetition_penalty)
+        return ("sample", self.temperature, self.top_p, self.repetition_penalty, self.seed)
+
     def generate_kwargs(self, pad_token_id: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_token_id}
         if self.temperature > 0:
@@ -70,6 +76,17 @@ class ConditioningParams(BaseModel):
     n_memories: int = Field(default=5, ge=0, le=100)
     n_shots: int = Field(default=4, ge=0, le=64)
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated request: its conditioning, decoding settings, steering and prompt tokens."""
+
+    user: str | None
+    conditioning: Conditioning
+    params: GenerationParams
+    steer: dict[str, float]
+    input_ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -224,9 +241,7 @@ class Personalizer:
         tokenizer = self.generator.tokenizer
         return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
 
-    def _prepare(
-        self, user: str | None, messages: Any, steer: Mapping[str, float] | None, options: Mapping[str, Any]
-    ) -> tuple[Conditioning, GenerationParams, dict[str, float], dict[str, Any]]:
+    def _prepare(self, user: str | None, messages: Any, steer: Mapping[str, float] | None, options: Mapping[str, Any]) -> _Prepared:
         gen_fields = set(GenerationParams.model_fields)
         cond_fields = set(ConditioningParams.model_fields)
         unknown = set(options) - gen_fields - cond_fields
@@ -237,14 +252,46 @@ class Personalizer:
         conditioning = _params(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
         cond = self.condition(user, messages, params.max_new_tokens, conditioning)
         applied = validate_steer(steer) if steer is not None else self.default_steer(user)
+        encoded = self.generator.tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return _Prepared(user, cond, params, applied, list(encoded["input_ids"]))
+
+    def _generate_kwargs(self, batch: Sequence[_Prepared]) -> dict[str, Any]:
+        """Left-padded inputs, decoding settings and per-row steering for one ``generate`` call."""
+        import torch
+
         tokenizer = self.generator.tokenizer
-        encoded = tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        kwargs: dict[str, Any] = {k: v.to(self.generator.device) for k, v in encoded.items()}
-        kwargs.update(params.generate_kwargs(tokenizer.pad_token_id))
-        processors = steering_processors(applied, tokenizer, self.generator.model.generation_config)
+        width = max(len(p.input_ids) for p in batch)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p.input_ids)) + p.input_ids for p in batch])  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in batch])  # (B, T)
+        first = batch[0].params.model_copy(update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)})
+        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.generator.device), "attention_mask": mask.to(self.generator.device)}
+        kwargs.update(first.generate_kwargs(pad))
+        processors = steering_processors([p.steer for p in batch], tokenizer, self.generator.model.generation_config)
         if processors:
             kwargs["logits_processor"] = processors
-        return cond, params, applied, kwargs
+        return kwargs
+
+    def _run(self, batch: Sequence[_Prepared]) -> list[ChatResult]:
+        import torch
+
+        kwargs = self._generate_kwargs(batch)
+        seed = batch[0].params.seed
+        with self._generate_lock, torch.inference_mode():
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = self.generator.model.generate(**kwargs)
+        width = kwargs["input_ids"].shape[1]
+        stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
+        results = []
+        for row, prepared in zip(output, batch, strict=True):
+            new_tokens = row[width:].tolist()[: prepared.params.max_new_tokens]
+            end = next((i + 1 for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
+            new_tokens = new_tokens[:end]
+            text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+            cond = prepared.conditioning
+            results.append(ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens)))
+        return results
 
     def respond(
         self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, float] | None = None, **options: Any
@@ -256,16 +303,33 @@ class Personalizer:
         (``max_new_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``, ``seed``) and
         conditioning (``memory``, ``shots``, ``n_memories``, ``n_shots``, ``memory_threshold``).
         """
-        import torch
+        return self._run([self._prepare(user, messages, steer, options)])[0]
 
-        cond, params, applied, kwargs = self._prepare(user, messages, steer, options)
-        with self._generate_lock, torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            output = self.generator.model.generate(**kwargs)
-        new_tokens = output[0, kwargs["input_ids"].shape[1] :]
-        text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        return ChatResult(text, user, cond.memories, cond.shots, applied, cond.prompt_tokens, int(new_tokens.shape[0]))
+    def respond_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ChatResult]:
+        """Replies for several requests, generated together: one ``generate`` call per group of
+        requests with the same sampling settings (greedy requests always share one).
+
+        Each request is a mapping with ``user``, ``messages`` and optionally ``steer`` and any
+        option of :meth:`respond`. Every request is validated before anything is generated.
+        Under greedy decoding each reply equals what :meth:`respond` gives for that request alone
+        (up to floating-point ties from padding). Results come back in request order.
+        """
+        if not requests:
+            raise ValidationError("requests", "is empty", "pass at least one request")
+        prepared = []
+        for index, request in enumerate(requests):
+            if not isinstance(request, Mapping) or "messages" not in request:
+                raise ValidationError(f"requests[{index}]", "must be a mapping with 'messages'", "pass {'user': ..., 'messages': [...]}", request)
+            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
+            prepared.append(self._prepare(request.get("user"), request["messages"], request.get("steer"), options))
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for index, item in enumerate(prepared):
+            groups.setdefault(item.params.batch_key(), []).append(index)
+        results: list[ChatResult | None] = [None] * len(prepared)
+        for indices in groups.values():
+            for index, result in zip(indices, self._run([prepared[i] for i in indices]), strict=True):
+                results[index] = result
+        return [r for r in results if r is not None]
 
     def chat(
         self,
@@ -287,8 +351,8 @@ class Personalizer:
 
         Input is validated here, before the iterator is returned.
         """
-        _, params, _, kwargs = self._prepare(user, messages, steer, options)
-        return self._stream(params, kwargs)
+        prepared = self._prepare(user, messages, steer, options)
+        return self._stream(prepared.params, self._generate_kwargs([prepared]))
 
     def _stream(self, params: GenerationParams, kwargs: dict[str, Any]) -> Iterator[str]:
         import torch

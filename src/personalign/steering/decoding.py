@@ -9,7 +9,7 @@ unsteered decoding is exactly plain ``generate``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,32 +33,41 @@ def eos_token_ids(tokenizer: Any, model_config: Any = None) -> list[int]:
     return sorted(ids)
 
 
-def eos_shift(scores: torch.Tensor, eos_ids: list[int], shift: float) -> torch.Tensor:
+def eos_shift(scores: torch.Tensor, eos_ids: list[int], shift: float | torch.Tensor) -> torch.Tensor:
     """``scores`` with ``shift`` added to the EOS columns.
 
     Args:
         scores: ``(batch, vocab)`` next-token logits.
         eos_ids: end-of-turn token ids.
-        shift: added to those logits.
+        shift: a float, or ``(batch,)`` for one shift per row.
     Returns:
         ``(batch, vocab)``, a new tensor.
     """
     out = scores.clone()
-    out[:, eos_ids] += shift
+    if isinstance(shift, torch.Tensor):
+        out[:, eos_ids] += shift.to(out.dtype).unsqueeze(1)  # (B, 1) broadcast over the EOS columns
+    else:
+        out[:, eos_ids] += shift
     return out
 
 
 class VerbosityProcessor(LogitsProcessor):
-    """Shift end-of-turn logits by ``-strength * weight``."""
+    """Shift end-of-turn logits by ``-strength * weight`` (one weight, or one per batch row)."""
 
-    def __init__(self, eos_ids: list[int], weight: float, strength: float = DEFAULT_VERBOSITY_STRENGTH) -> None:
+    def __init__(self, eos_ids: list[int], weight: float | list[float], strength: float = DEFAULT_VERBOSITY_STRENGTH) -> None:
         if not eos_ids:
             raise ValidationError("eos_ids", "is empty", "give the tokenizer an eos_token")
         self.eos_ids = list(eos_ids)
-        self.shift = -strength * weight
+        if isinstance(weight, list):
+            self.shift: float | torch.Tensor = -strength * torch.tensor(weight, dtype=torch.float32)  # (B,)
+        else:
+            self.shift = -strength * weight
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return eos_shift(scores, self.eos_ids, self.shift)
+        if isinstance(self.shift, torch.Tensor) and self.shift.shape[0] != scores.shape[0]:
+            # generate() expands rows for num_return_sequences / beams: repeat each row's shift.
+            self.shift = self.shift.repeat_interleave(scores.shape[0] // self.shift.shape[0])
+        return eos_shift(scores, self.eos_ids, self.shift.to(scores.device) if isinstance(self.shift, torch.Tensor) else self.shift)
 
 
 def validate_steer(steer: Mapping[str, Any] | None, field: str = "steer") -> dict[str, float]:
@@ -79,10 +88,20 @@ def validate_steer(steer: Mapping[str, Any] | None, field: str = "steer") -> dic
     return clean
 
 
-def steering_processors(steer: Mapping[str, float], tokenizer: Any, model_config: Any = None) -> LogitsProcessorList:
-    """The processors for a validated steering request; empty when every weight is zero."""
+def steering_processors(
+    steer: Mapping[str, float] | Sequence[Mapping[str, float]], tokenizer: Any, model_config: Any = None
+) -> LogitsProcessorList:
+    """The processors for validated steering: one request, or one per batch row.
+
+    Empty when every weight is zero, so unsteered decoding runs no processor at all.
+    """
     processors = LogitsProcessorList()
-    weight = steer.get("verbosity", 0.0)
-    if weight != 0.0:
-        processors.append(VerbosityProcessor(eos_token_ids(tokenizer, model_config), weight))
+    if isinstance(steer, Mapping):
+        weight = steer.get("verbosity", 0.0)
+        if weight != 0.0:
+            processors.append(VerbosityProcessor(eos_token_ids(tokenizer, model_config), weight))
+        return processors
+    weights = [row.get("verbosity", 0.0) for row in steer]
+    if any(w != 0.0 for w in weights):
+        processors.append(VerbosityProcessor(eos_token_ids(tokenizer, model_config), weights))
     return processors
