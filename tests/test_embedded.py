@@ -7,7 +7,13 @@ import time
 import pytest
 
 from personalign.cli import demo_comparisons
-from personalign.models import EMBEDDED_GENERATOR, _gguf_cache_dir, convert_embedded_generator, embedded_gguf_path, load_generator
+from personalign.models import (
+    EMBEDDED_GENERATOR,
+    _gguf_cache_dir,
+    convert_embedded_generator,
+    embedded_gguf_path,
+    load_generator,
+)
 from personalign.personalizer import Personalizer
 from personalign.steering.objectives import word_count
 
