@@ -156,6 +156,8 @@ def profile(user: UserOpt, store: StoreOpt = Path(".personalign")) -> None:
     from personalign.memory.profiles import ProfileStore
 
     try:
+        if not (store / "users").is_dir():
+            raise ValidationError("--store", "is not a personalign store", "pass the directory given to enroll/chat", str(store))
         typer.echo(json.dumps(ProfileStore(store).get(user).model_dump(mode="json"), indent=1))
     except PersonalignError as err:
         _fail(err)

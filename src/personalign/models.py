@@ -220,6 +220,11 @@ class Encoder:
             self._cache.popitem(last=False)
         return out
 
+    def evict(self, texts: Sequence[str]) -> None:
+        """Drop ``texts`` from the cache (used by ``forget`` so nothing of a user stays in memory)."""
+        for text in texts:
+            self._cache.pop(text, None)
+
     def encode_uncached(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Like :meth:`encode` but always runs the model (for benchmarks)."""
         return self.model.encode(

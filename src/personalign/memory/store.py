@@ -46,8 +46,12 @@ class UserStore:
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         validate_user_id(user)
+        texts = [r["memory"] for r in self.memory.get_all(user)["results"]]
+        if self.profiles.exists(user):
+            texts += [t for c in self.profiles.get(user).comparisons for t in (c.prompt_text, c.chosen, c.rejected)]
         memories = self.memory.delete_all(user)
         removed = self.profiles.delete(user)
+        self.memory.encoder.evict(texts)  # nothing of the user stays in this process's caches
         return {"memories_deleted": memories, "profile_deleted": removed}
 
     def close(self) -> None:

@@ -1,0 +1,41 @@
+"""Every example runs: each is executed in a subprocess on the tiny model with a few new tokens."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_quickstart_runs_end_to_end(tiny_model_dir, tmp_path):
+    store = tmp_path / "store"
+    cmd = [sys.executable, str(EXAMPLES / "quickstart.py"), "--model", str(tiny_model_dir), "--device", "cpu"]
+    cmd += ["--store", str(store), "--max-new-tokens", "6"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for marker in (
+        "== enroll and remember",
+        "ana: 3 comparisons",
+        "ben: 3 comparisons",
+        "== chat",
+        "--- generic (user=None)",
+        "memories: ['I am vegetarian and I cook for two.']",
+        "steer:    {'verbosity': 1.0}",
+        "== stream (ben)",
+        "== profile (ana)",
+        "forget: {'memories_deleted': 1, 'profile_deleted': True}",
+        "ben's memories after forget: []",
+        "ana's memories are untouched: ['I am vegetarian and I cook for two.']",
+        "profile('ben') raises UnknownUserError",
+        "users now: ['ana']",
+        "done in",
+    ):
+        assert marker in out, f"{marker!r} missing from:\n{out}"
+    # Opposite comparisons give opposite inferred verbosity weights.
+    assert "inferred weights {'verbosity': -1.0" in out and "inferred weights {'verbosity': 1.0" in out
+    # A store passed with --store is kept; forget removed ben's folder from it.
+    assert (store / "users" / "ana" / "profile.json").is_file()
+    assert not (store / "users" / "ben").exists()
