@@ -64,6 +64,7 @@ def build_tiny_llama(vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, m
         eos_token_id=eos_id,
         pad_token_id=pad_id,
         tie_word_embeddings=True,
+        initializer_range=0.3,  # large enough that greedy output depends on the prompt
     )
     return LlamaForCausalLM(config).eval()
 

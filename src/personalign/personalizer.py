@@ -102,6 +102,24 @@ class ChatResult:
     completion_tokens: int
 
 
+def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
+    """Yield ``pieces`` so that their concatenation is the stripped text: leading whitespace is
+    dropped and trailing whitespace is held back until more text follows it."""
+    pending = ""
+    started = False
+    for piece in pieces:
+        if not started:
+            piece = piece.lstrip()
+            if not piece:
+                continue
+            started = True
+        text = pending + piece
+        body = text.rstrip()
+        pending = text[len(body) :]
+        if body:
+            yield body
+
+
 def _params(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:
     try:
         return model.model_validate(dict(values))
@@ -373,7 +391,7 @@ class Personalizer:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from (piece for piece in streamer if piece)
+        yield from _strip_stream(streamer)
         worker.join()
         if errors:
             raise errors[0]

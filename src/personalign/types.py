@@ -39,7 +39,7 @@ def validate_user_id(user_id: Any, field: str = "user") -> str:
         raise ValidationError(field, "must be a string", fix, user_id)
     if not user_id or len(user_id) > USER_ID_MAX_LEN:
         raise ValidationError(field, f"must be 1-{USER_ID_MAX_LEN} characters long", fix, user_id)
-    if not _USER_ID_RE.match(user_id) or ".." in user_id:
+    if not _USER_ID_RE.fullmatch(user_id) or ".." in user_id:  # fullmatch: "$" would accept a trailing newline
         raise ValidationError(field, "contains characters that are not allowed", fix, user_id)
     return user_id
 
@@ -144,6 +144,11 @@ class UserProfile(BaseModel):
         return validate_user_id(value, "user_id")
 
 
+# Tags pydantic puts in an error's location for the members of ``Comparison.prompt``'s union.
+_MESSAGES_TAG = "list[ChatMessage]"
+_UNION_TAGS = {"str", _MESSAGES_TAG}
+
+
 def _error_field(prefix: str, loc: tuple[Any, ...]) -> str:
     field = prefix
     for part in loc:
@@ -151,12 +156,14 @@ def _error_field(prefix: str, loc: tuple[Any, ...]) -> str:
     return field
 
 
-def _fix_for(error: dict[str, Any]) -> str:
+def _fix_for(error: dict[str, Any], in_message: bool = False) -> str:
     loc = error.get("loc", ())
     kind = error.get("type", "")
     if kind == "missing":
         return "add the missing field"
     if kind == "extra_forbidden":
+        if in_message or _MESSAGES_TAG in loc:
+            return "remove this field (allowed in a chat message: role, content)"
         return "remove this field (allowed: prompt, chosen, rejected, weight, created_at)"
     if "weight" in loc:
         return "use a finite weight greater than 0"
@@ -166,11 +173,18 @@ def _fix_for(error: dict[str, Any]) -> str:
 
 
 def convert_pydantic_error(prefix: str, err: pydantic.ValidationError) -> ValidationError:
-    """Turn pydantic's error into ours, naming the first bad field and the fix."""
-    first = err.errors()[0]
+    """Turn pydantic's error into ours, naming the first bad field and the fix.
+
+    A value that matches no member of a union (``prompt: str | list[ChatMessage]``) yields one
+    error per member; the most specific one (deepest location) is reported, without pydantic's
+    union-member tags in the field path.
+    """
+    errors = err.errors()
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # max keeps the first of equals
     message = first.get("msg", "invalid").removeprefix("Value error, ")
+    loc = tuple(part for part in first.get("loc", ()) if part not in _UNION_TAGS)
     return ValidationError(
-        _error_field(prefix, tuple(first.get("loc", ()))), message, _fix_for(first), first.get("input")
+        _error_field(prefix, loc), message, _fix_for(first, err.title == "ChatMessage"), first.get("input")
     )
 
 

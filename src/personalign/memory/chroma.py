@@ -148,7 +148,9 @@ class MemoryStore:
         docs = [_check_text(t, f"texts[{i}]") for i, t in enumerate(items)]
         extra = _check_metadata(metadata)
         now = time.time()
-        ids = [uuid.uuid4().hex for _ in docs]
+        # Time-ordered ids (nanoseconds, then a random tail): get_all's order is insertion order.
+        stamp = time.time_ns()
+        ids = [f"{stamp + i:016x}{uuid.uuid4().hex[:16]}" for i in range(len(docs))]
         metas = [{**extra, "user_id": user_id, "created_at": now} for _ in docs]
         embeddings = self._ef(docs)  # encode before touching the database
         collection = self._collection(user_id, create=True)
@@ -159,8 +161,12 @@ class MemoryStore:
         """The user's memories closest in meaning to ``query``, best first, with cosine ``score``."""
         validate_user_id(user_id)
         _check_text(query, "query")
-        if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
             raise ValidationError("top_k", f"must be an integer in 1..{MAX_TOP_K}", "pass e.g. top_k=5", top_k)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1.0 <= threshold <= 1.0
+        ):
+            raise ValidationError("threshold", "must be a number in [-1, 1] (cosine similarity)", "pass e.g. threshold=0.2, or None", threshold)
         collection = self._collection(user_id, create=False)
         if collection is None:
             return {"results": []}
@@ -183,12 +189,14 @@ class MemoryStore:
     def get_all(self, user_id: str, limit: int | None = None) -> dict[str, Any]:
         """Every memory of the user, oldest first."""
         validate_user_id(user_id)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValidationError("limit", "must be a positive integer or None", "pass e.g. limit=100, or None for all", limit)
         collection = self._collection(user_id, create=False)
         if collection is None:
             return {"results": []}
         found = collection.get(include=["documents", "metadatas"])
         rows = [_record(user_id, i, d, m) for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)]
-        rows.sort(key=lambda r: (r["created_at"] or 0.0, r["id"]))
+        rows.sort(key=lambda r: r["id"])  # ids are time-ordered
         return {"results": rows[:limit] if limit else rows}
 
     def delete(self, user_id: str, memory_id: str) -> bool:
