@@ -19,6 +19,8 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalign.adapters.lora import LoraTrainConfig
+from personalign.adapters.store import BASE, AdapterManager
 from personalign.errors import UnknownUserError, ValidationError
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
@@ -76,6 +78,7 @@ class ConditioningParams(BaseModel):
     n_memories: int = Field(default=5, ge=0, le=100)
     n_shots: int = Field(default=4, ge=0, le=64)
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
+    adapter: bool = True
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class _Prepared:
     params: GenerationParams
     steer: dict[str, float]
     input_ids: list[int]
+    adapter_user: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,13 +138,16 @@ class Personalizer:
     ``StoreLockedError``); use it as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, generator: Generator, encoder: Encoder, store: str | Path = DEFAULT_STORE, memory_client: Any = None) -> None:
+    def __init__(
+        self, generator: Generator, encoder: Encoder, store: str | Path = DEFAULT_STORE, memory_client: Any = None, max_resident: int = 8
+    ) -> None:
         self.generator = generator
         self.encoder = encoder
         self.store = UserStore(store, encoder, memory_client)
         self.store_path = self.store.root
         self.profiles = self.store.profiles
         self.memory = self.store.memory
+        self.adapters = AdapterManager(generator, self.profiles.users_dir, max_resident=max_resident)
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -170,8 +177,19 @@ class Personalizer:
 
     # --- users -----------------------------------------------------------------------------
 
-    def enroll(self, user: str, comparisons: Sequence[Comparison | dict[str, Any]]) -> UserProfile:
-        """Add comparisons to ``user`` (created if new). All are validated first; all or nothing is stored."""
+    def enroll(
+        self,
+        user: str,
+        comparisons: Sequence[Comparison | dict[str, Any]],
+        adapter: bool = False,
+        adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None,
+    ) -> UserProfile:
+        """Add comparisons to ``user`` (created if new). All are validated first; all or nothing is stored.
+
+        With ``adapter=True`` the user's LoRA adapter is then trained (or, if one exists,
+        trained further) on all their comparisons; ``chat`` uses it from then on.
+        """
+        config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
         validate_user_id(user)
         if isinstance(comparisons, Comparison | dict):
             comparisons = [comparisons]
@@ -179,10 +197,21 @@ class Personalizer:
         now = time.time()
         stamped = [c.stamped(now) for c in parsed]
 
+        summary: dict[str, Any] | None = None
+        if adapter:
+            # Train before storing anything: a failed training leaves the profile and the previous adapter as they were.
+            existing = self.profiles.get(user).comparisons if self.profiles.exists(user) else []
+            with self._generate_lock:
+                meta = self.adapters.train(user, [*existing, *stamped], config)
+            summary = {k: meta[k] for k in ("trained_at", "pairs", "data_hash")}
+            summary["holdout_accuracy"] = meta["report"]["holdout_accuracy"][-1:]
+
         def add(profile: UserProfile) -> UserProfile:
             profile.comparisons.extend(stamped)
             # Derived, recomputable from the comparisons: the user's inferred objective weights.
             profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
+            if summary is not None:
+                profile.settings["adapter"] = summary
             return profile
 
         return self.profiles.update(user, add)
@@ -220,6 +249,8 @@ class Personalizer:
 
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
+        with self._generate_lock:
+            self.adapters.unload(user)
         return self.store.forget(user)
 
     # --- memory ----------------------------------------------------------------------------
@@ -271,7 +302,8 @@ class Personalizer:
         cond = self.condition(user, messages, params.max_new_tokens, conditioning)
         applied = validate_steer(steer) if steer is not None else self.default_steer(user)
         encoded = self.generator.tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
-        return _Prepared(user, cond, params, applied, list(encoded["input_ids"]))
+        use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
+        return _Prepared(user, cond, params, applied, list(encoded["input_ids"]), user if use_adapter else None)
 
     def _generate_kwargs(self, batch: Sequence[_Prepared]) -> dict[str, Any]:
         """Left-padded inputs, decoding settings and per-row steering for one ``generate`` call."""
@@ -290,6 +322,24 @@ class Personalizer:
             kwargs["logits_processor"] = processors
         return kwargs
 
+    def _generate(self, batch: Sequence[_Prepared], kwargs: dict[str, Any], streamer: Any = None) -> Any:
+        """``generate`` with each row's adapter (caller holds the generate lock).
+
+        Before any adapter exists the model is the plain base model. After, rows without an
+        adapter run with adapters disabled, which computes exactly the base layers.
+        """
+        extra = {"streamer": streamer} if streamer is not None else {}
+        names = self.adapters.adapter_names([p.adapter_user for p in batch])
+        if names is None:
+            return self.generator.model.generate(**kwargs, **extra)
+        peft = self.adapters.peft
+        if all(n == BASE for n in names):
+            if not peft.peft_config:  # every adapter unloaded: the LoRA layers hold none and compute the base
+                return peft.base_model.model.generate(**kwargs, **extra)
+            with peft.disable_adapter():
+                return peft.generate(**kwargs, **extra)
+        return peft.generate(**kwargs, adapter_names=names, **extra)
+
     def _run(self, batch: Sequence[_Prepared]) -> list[ChatResult]:
         import torch
 
@@ -298,7 +348,7 @@ class Personalizer:
         with self._generate_lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            output = self.generator.model.generate(**kwargs)
+            output = self._generate(batch, kwargs)
         width = kwargs["input_ids"].shape[1]
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
         results = []
@@ -370,9 +420,9 @@ class Personalizer:
         Input is validated here, before the iterator is returned.
         """
         prepared = self._prepare(user, messages, steer, options)
-        return self._stream(prepared.params, self._generate_kwargs([prepared]))
+        return self._stream(prepared, self._generate_kwargs([prepared]))
 
-    def _stream(self, params: GenerationParams, kwargs: dict[str, Any]) -> Iterator[str]:
+    def _stream(self, prepared: _Prepared, kwargs: dict[str, Any]) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 
@@ -382,9 +432,9 @@ class Personalizer:
         def run() -> None:
             try:
                 with self._generate_lock, torch.inference_mode():
-                    if params.seed is not None:
-                        torch.manual_seed(params.seed)
-                    self.generator.model.generate(**kwargs, streamer=streamer)
+                    if prepared.params.seed is not None:
+                        torch.manual_seed(prepared.params.seed)
+                    self._generate([prepared], kwargs, streamer=streamer)
             except BaseException as err:  # surfaced in the caller's thread below
                 errors.append(err)
                 streamer.end()

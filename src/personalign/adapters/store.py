@@ -1,0 +1,197 @@
+"""Per-user adapters on disk and in memory.
+
+On disk, a user's adapter is a plain PEFT LoRA folder, ``users/<id>/adapter/``
+(``adapter_config.json`` + ``adapter_model.safetensors``, no ``modules_to_save``) that vLLM
+and LoRAX load unchanged, plus ``personalign_adapter.json`` beside those files (base model id,
+package version, training-data hash, training report). A new adapter replaces the old one
+atomically, so a failed training or a crash leaves the previous adapter usable.
+
+In memory, at most ``max_resident`` adapters are loaded into one PEFT model (least recently
+used ones are unloaded), and a batch mixes users through PEFT's per-row ``adapter_names``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from personalign.adapters.lora import LoraTrainConfig, TrainReport, data_hash, train_adapter
+from personalign.errors import PersonalignError, ValidationError
+from personalign.memory.locking import atomic_write_json
+from personalign.models import Generator
+from personalign.types import Comparison, validate_user_id
+
+ADAPTER_DIR = "adapter"
+META_FILE = "personalign_adapter.json"
+BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
+
+
+class AdapterError(PersonalignError, ValueError):
+    """An adapter on disk cannot be used with this model (corrupt, mismatched, or for another base)."""
+
+
+def adapter_name(user: str) -> str:
+    """A PEFT-safe module key for a user (no dots)."""
+    return "u_" + hashlib.sha256(validate_user_id(user).encode()).hexdigest()[:20]
+
+
+class AdapterManager:
+    """Trains, stores, loads and evicts users' LoRA adapters on one generator."""
+
+    def __init__(self, generator: Generator, users_dir: Path, max_resident: int = 8) -> None:
+        if max_resident < 1:
+            raise ValidationError("max_resident", "must be at least 1", "keep at least one adapter in memory", max_resident)
+        self.generator = generator
+        self.users_dir = users_dir
+        self.max_resident = max_resident
+        self.base_model = generator.model
+        self.peft: Any = None
+        self.resident: OrderedDict[str, str] = OrderedDict()  # user -> adapter name, oldest first
+        self.swaps = 0
+
+    # --- disk ------------------------------------------------------------------------------
+
+    def path(self, user: str) -> Path:
+        return self.users_dir / validate_user_id(user) / ADAPTER_DIR
+
+    def has_adapter(self, user: str) -> bool:
+        return (self.path(user) / "adapter_config.json").is_file()
+
+    def metadata(self, user: str) -> dict[str, Any]:
+        return json.loads((self.path(user) / META_FILE).read_text())
+
+    def _check(self, user: str, folder: Path) -> None:
+        """Refuse adapters made for another base model or with a broken contract."""
+        try:
+            meta = json.loads((folder / META_FILE).read_text())
+            config = json.loads((folder / "adapter_config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise AdapterError(f"adapter of {user!r} at {folder} is unreadable ({err}). Fix: retrain it with enroll(..., adapter=True)") from None
+        if meta.get("base_model") != self.generator.model_id:
+            raise AdapterError(
+                f"adapter of {user!r} was trained on {meta.get('base_model')!r}, not {self.generator.model_id!r}. "
+                "Fix: retrain it on this model (enroll(..., adapter=True)) or load the model it was trained on"
+            )
+        if config.get("modules_to_save"):
+            raise AdapterError(f"adapter of {user!r} has modules_to_save. Fix: retrain it; personalign adapters are plain LoRA")
+
+    # --- memory ----------------------------------------------------------------------------
+
+    def _attach(self, name: str, folder: Path | None = None, config: Any = None) -> None:
+        from peft import PeftModel, get_peft_model
+
+        if self.peft is None:
+            if folder is not None:
+                self.peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=name, is_trainable=False)
+            else:
+                self.peft = get_peft_model(self.base_model, config, adapter_name=name)
+            self.peft.eval()
+            self.generator.model = self.peft
+        elif folder is not None:
+            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        else:
+            self.peft.add_adapter(name, config)
+
+    def _evict(self, user: str) -> None:
+        name = self.resident.pop(user, None)
+        if name is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+
+    def activate(self, user: str) -> str:
+        """Make the user's adapter resident (loading it, evicting the least recently used) and return its name."""
+        if user in self.resident:
+            self.resident.move_to_end(user)
+            return self.resident[user]
+        folder = self.path(user)
+        self._check(user, folder)
+        name = adapter_name(user)
+        try:
+            self._attach(name, folder=folder)
+        except Exception as err:  # PEFT/safetensors raise many types for corrupt or mismatched files
+            if self.peft is not None and name in getattr(self.peft, "peft_config", {}):
+                self.peft.delete_adapter(name)
+            raise AdapterError(f"adapter of {user!r} at {folder} cannot be loaded ({type(err).__name__}: {err}). Fix: retrain it") from None
+        if self.peft.active_adapter not in self.peft.peft_config:
+            self.peft.set_adapter(name)  # PEFT needs a live active adapter even when rows name theirs
+        self.resident[user] = name
+        self.swaps += 1
+        while len(self.resident) > self.max_resident:
+            self._evict(next(iter(self.resident)))
+        return name
+
+    def unload(self, user: str) -> None:
+        if self.peft is not None:
+            self._evict(user)
+
+    def adapter_names(self, users: Sequence[str | None]) -> list[str] | None:
+        """PEFT ``adapter_names`` for a batch (``None`` when no adapter model exists)."""
+        if self.peft is None:
+            return None
+        return [self.activate(u) if u is not None else BASE for u in users]
+
+    # --- training --------------------------------------------------------------------------
+
+    def train(self, user: str, comparisons: Sequence[Comparison], config: LoraTrainConfig) -> dict[str, Any]:
+        """Train (or continue training) the user's adapter on ``comparisons`` and store it atomically."""
+        from peft import LoraConfig
+
+        name = adapter_name(user)
+        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        if self.has_adapter(user):
+            self.activate(user)  # incremental: continue from the stored weights
+        else:
+            if self.peft is not None:
+                self._evict(user)
+            self._attach(name, config=lora)
+            self.resident[user] = name
+        try:
+            report = train_adapter(self.peft, name, self.generator.tokenizer, comparisons, config)
+            meta = self._save(user, name, comparisons, config, report)
+        except BaseException:
+            self._evict(user)  # drop half-trained weights; the stored adapter (if any) is untouched
+            raise
+        while len(self.resident) > self.max_resident:
+            self._evict(next(iter(self.resident)))
+        return meta
+
+    def _save(self, user: str, name: str, comparisons: Sequence[Comparison], config: LoraTrainConfig, report: TrainReport) -> dict[str, Any]:
+        from personalign import __version__
+
+        target = self.path(user)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-"))
+        try:
+            self.peft.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
+            saved = staging / name if (staging / name / "adapter_config.json").is_file() else staging
+            config_path = saved / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            adapter_config["base_model_name_or_path"] = self.generator.model_id
+            config_path.write_text(json.dumps(adapter_config, indent=2))
+            meta = {
+                "user": user,
+                "base_model": self.generator.model_id,
+                "personalign_version": __version__,
+                "data_hash": data_hash(comparisons),
+                "pairs": len(comparisons),
+                "trained_at": time.time(),
+                "config": config.model_dump(mode="json"),
+                "report": asdict(report),
+            }
+            atomic_write_json(saved / META_FILE, meta)
+            old = target.with_name(f".adapter-old-{time.time_ns()}")
+            if target.exists():
+                os.replace(target, old)
+            os.replace(saved, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return meta
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
