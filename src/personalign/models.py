@@ -148,6 +148,7 @@ class Generator:
     model: Any
     tokenizer: Any
     model_id: str
+    source: str = ""  # the local folder or hub id the weights were loaded from (what serving engines load)
 
     @property
     def device(self) -> Any:
@@ -187,7 +188,7 @@ def load_generator(model: str | None = None, device: str | None = None, dtype: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm.to(torch_device).eval()
-    return Generator(model=lm, tokenizer=tokenizer, model_id=model_id)
+    return Generator(model=lm, tokenizer=tokenizer, model_id=model_id, source=str(path))
 
 
 class Encoder:
