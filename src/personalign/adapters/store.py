@@ -24,6 +24,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from personalign.adapters.lora import LoraTrainConfig, TrainReport, data_hash, train_adapter
 from personalign.errors import PersonalignError, ValidationError
 from personalign.memory.locking import atomic_write_json
@@ -115,7 +117,10 @@ class AdapterManager:
         self._check(user, folder)
         name = adapter_name(user)
         try:
-            self._attach(name, folder=folder)
+            # Weights loaded under a caller's inference_mode would become inference tensors that
+            # PEFT can no longer modify (set_adapter, later training): load them as normal tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach(name, folder=folder)
         except Exception as err:  # PEFT/safetensors raise many types for corrupt or mismatched files
             if self.peft is not None and name in getattr(self.peft, "peft_config", {}):
                 self.peft.delete_adapter(name)

@@ -1,0 +1,132 @@
+"""``personalign bench adapters``: the cost of per-user adapters, each next to its baseline.
+
+(a) one batch of 8 requests from 8 different users vs the same batch all on one adapter;
+(b) time to make a user's adapter active with 1, 10 and 100 adapters already resident;
+(c) enrolment wall time for 16 comparisons (adapter training included) vs storing them only;
+(d) bytes on disk per user: a rank-8 LoRA folder vs the profile the embedders work from.
+
+The adapters of (a) and (b) are copies of one trained adapter under different users: the cost
+of mixing and loading depends on how many distinct adapters there are, not on their values.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from personalign.adapters.store import ADAPTER_DIR
+
+
+def _pairs(n: int) -> list[dict[str, str]]:
+    topics = ["eggs", "sleep", "groceries", "the sky", "running", "languages", "houseplants", "interviews"]
+    return [
+        {
+            "prompt": f"Give me advice about {topics[i % len(topics)]} (case {i}).",
+            "chosen": f"Keep it simple with {topics[i % len(topics)]}: one clear step.",
+            "rejected": f"There are many considerations about {topics[i % len(topics)]}. First, think about context. "
+            "Second, consider the details. Third, review everything again carefully before acting on it.",
+        }
+        for i in range(n)
+    ]
+
+
+def _clone_adapter(users_dir: Path, source_user: str, user: str) -> None:
+    target = users_dir / user / ADAPTER_DIR
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(users_dir / source_user / ADAPTER_DIR, target, dirs_exist_ok=True)
+    (users_dir / user / "profile.json").write_text((users_dir / source_user / "profile.json").read_text().replace(source_user, user))
+
+
+def _timed(fn: Any, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resident_counts: tuple[int, ...] = (1, 10, 100), epochs: int = 4) -> dict[str, Any]:
+    """Run (a)-(d) on an open Personalizer (its store is filled with bench users)."""
+    users_dir = pz.profiles.users_dir
+    pairs = _pairs(16)
+    result: dict[str, Any] = {"model": pz.generator.model_id, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+    # (c) enrolment: store only vs store + train a rank-8 adapter.
+    started = time.perf_counter()
+    pz.enroll("bench-plain", pairs)
+    store_only = time.perf_counter() - started
+    started = time.perf_counter()
+    pz.enroll("bench-0", pairs, adapter=True, adapter_config={"rank": 8, "epochs": epochs, "seed": 0})
+    with_adapter = time.perf_counter() - started
+    result["enroll_16"] = {"store_only_s": store_only, "with_adapter_s": with_adapter, "ratio": with_adapter / max(store_only, 1e-9), "epochs": epochs}
+
+    # (d) bytes on disk.
+    adapter_bytes = sum(f.stat().st_size for f in (users_dir / "bench-0" / ADAPTER_DIR).iterdir())
+    profile_bytes = (users_dir / "bench-plain" / "profile.json").stat().st_size
+    result["bytes_per_user"] = {"lora_rank8": adapter_bytes, "profile": profile_bytes, "ratio": adapter_bytes / profile_bytes}
+
+    # (a) 8 requests from 8 users vs the same 8 requests all on one user's adapter.
+    users = [f"bench-{i}" for i in range(8)]
+    for user in users[1:]:
+        _clone_adapter(users_dir, "bench-0", user)
+    pz.adapters.max_resident = max(pz.adapters.max_resident, max(resident_counts) + 1, len(users))
+    question = [{"role": "user", "content": "Give me advice about cooking dinner."}]
+    fixed = {"max_new_tokens": max_new_tokens, "shots": False, "memory": False, "steer": {}}
+    mixed = [{"user": u, "messages": question, **fixed} for u in users]
+    single = [{"user": users[0], "messages": question, **fixed} for _ in users]
+    base = [{"user": None, "messages": question, **fixed} for _ in users]
+    pz.respond_batch(mixed)  # warm-up: loads all eight adapters
+    times = {name: _timed(lambda r=reqs: pz.respond_batch(r), repeats) for name, reqs in (("base", base), ("one_adapter", single), ("eight_users", mixed))}
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    result["batch_8"] = {
+        "median_s": medians,
+        "eight_users_over_one_adapter": medians["eight_users"] / medians["one_adapter"],
+        "one_adapter_over_base": medians["one_adapter"] / medians["base"],
+        "max_new_tokens": max_new_tokens,
+    }
+
+    # (b) activation cost with N adapters resident.
+    activation = {}
+    for count in resident_counts:
+        for i in range(count + 1):
+            if not (users_dir / f"bench-r{i}" / ADAPTER_DIR).exists():
+                _clone_adapter(users_dir, "bench-0", f"bench-r{i}")
+        for user in list(pz.adapters.resident):
+            pz.adapters.unload(user)
+        for i in range(count):
+            pz.adapters.activate(f"bench-r{i}")
+        probe = f"bench-r{count}"
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            pz.adapters.activate(probe)
+            samples.append(time.perf_counter() - started)
+            pz.adapters.unload(probe)
+        activation[str(count)] = {"median_ms": 1000 * statistics.median(samples), "resident": len(pz.adapters.resident)}
+    first = activation[str(resident_counts[0])]["median_ms"]
+    result["activation"] = {"by_resident": activation, "last_over_first": activation[str(resident_counts[-1])]["median_ms"] / first}
+    return result
+
+
+def format_report(result: dict[str, Any]) -> str:
+    batch, act, enroll, size = result["batch_8"], result["activation"], result["enroll_16"], result["bytes_per_user"]
+    lines = [
+        f"personalign bench adapters  ({result['model']}, {result['torch_threads']} threads)",
+        f"(a) batch of 8, {batch['max_new_tokens']} new tokens   base {batch['median_s']['base']:.2f} s | one adapter "
+        f"{batch['median_s']['one_adapter']:.2f} s | 8 users {batch['median_s']['eight_users']:.2f} s",
+        f"    ratio 8 users / one adapter: {batch['eight_users_over_one_adapter']:.2f}x (target <= 1.5); one adapter / base: {batch['one_adapter_over_base']:.2f}x",
+        "(b) activate one adapter with N resident: "
+        + ", ".join(f"N={n}: {v['median_ms']:.1f} ms" for n, v in act["by_resident"].items())
+        + f"; last/first {act['last_over_first']:.2f}x (flat = 1)",
+        f"(c) enrol 16 comparisons: store only {enroll['store_only_s']:.2f} s, with rank-8 adapter ({enroll['epochs']} epochs) "
+        f"{enroll['with_adapter_s']:.1f} s ({enroll['ratio']:.0f}x)",
+        f"(d) bytes per user: LoRA rank 8 {size['lora_rank8'] / 1e6:.2f} MB vs profile {size['profile'] / 1e3:.1f} kB ({size['ratio']:.0f}x)",
+    ]
+    return "\n".join(lines)
