@@ -281,7 +281,95 @@ def _print_measurement(users: list[str], preference: dict[str, tuple[float, floa
     return agree
 
 
+# --- adapters ----------------------------------------------------------------------------
+
+train_app = typer.Typer(help="Training recipes.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("user-lora")
+def train_user_lora(
+    user: UserOpt,
+    file: Annotated[Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False, help="New comparisons (JSONL) to add first.")] = None,
+    loss: Annotated[str, typer.Option(help="dpo, ipo or simpo.")] = "dpo",
+    rank: Annotated[int, typer.Option(min=1, max=256)] = 8,
+    epochs: Annotated[int, typer.Option(min=1)] = 8,
+    learning_rate: Annotated[float, typer.Option()] = 5e-4,
+    beta: Annotated[float, typer.Option()] = 0.1,
+    seed: Annotated[int, typer.Option()] = 0,
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Train (or continue training) a user's LoRA adapter on all their comparisons."""
+    from personalign.types import read_preferences
+
+    config = {"loss": loss, "rank": rank, "epochs": epochs, "learning_rate": learning_rate, "beta": beta, "seed": seed, "progress": True}
+    try:
+        new = [c for row_user, c in read_preferences(file) if row_user in (None, user)] if file else []
+        with _open(store, model, encoder, device) as pz:
+            if new:
+                profile = pz.enroll(user, new, adapter=True, adapter_config=config)
+            else:
+                profile = pz.train_adapter(user, config)
+            meta = pz.adapters.metadata(user)
+            path = pz.adapters.path(user)
+        report = meta["report"]
+        typer.echo(
+            f"{user}: adapter trained on {meta['pairs']} pairs ({len(profile.comparisons)} stored), {report['epochs_run']} epochs, "
+            f"held-out accuracy {report['holdout_accuracy'][-1:] or 'n/a'} -> {path}"
+        )
+    except PersonalignError as err:
+        _fail(err)
+
+
+@app.command()
+def export(
+    engine: Annotated[str, typer.Option(help="vllm or lorax.")],
+    users: Annotated[str, typer.Option(help="Comma-separated user ids.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    base_model: Annotated[str | None, typer.Option(help="Base model the engine serves (default: the generator's folder).")] = None,
+    store: StoreOpt = Path(".personalign"),
+) -> None:
+    """Write users' adapters plus the command line or JSON a serving engine takes."""
+    from personalign.adapters.export import export_adapters
+    from personalign.models import EMBEDDED_GENERATOR, convert_embedded_generator
+
+    try:
+        base = base_model or str(convert_embedded_generator())
+        if base_model is None:
+            typer.echo(f"base model: {base} (the converted {EMBEDDED_GENERATOR}; pass --base-model for another)")
+        manifest = export_adapters(store / "users", [u.strip() for u in users.split(",") if u.strip()], engine, out, base)  # type: ignore[arg-type]
+        typer.echo(manifest["command"])
+    except PersonalignError as err:
+        _fail(err)
+
+
 # --- bench -------------------------------------------------------------------------------
+
+
+@bench_app.command("adapters")
+def bench_adapters(
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Mixed-user batches vs one adapter, activation cost vs adapters resident, enrolment time, bytes per user."""
+    from personalign.bench.adapters import format_report, run_adapter_bench
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-bench-"))
+    try:
+        with _open(root, model, None, device) as pz:
+            result = run_adapter_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats, epochs=epochs)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_report(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
 
 
 @bench_app.command("memory")
@@ -301,6 +389,97 @@ def bench_memory(
     finally:
         if store is None:
             shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_report(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+# --- serve -------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    store: StoreOpt = Path(".personalign"),
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535)] = 8000,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+    api_keys: Annotated[Path | None, typer.Option(help="JSON key file binding API keys to tenants (default: open server).")] = None,
+    chroma_url: Annotated[str | None, typer.Option(help="Keep memories on this Chroma server (chroma run) instead of embedded.")] = None,
+    max_batch: Annotated[int, typer.Option(min=1, max=256, help="Most chat requests per generate call (1: no batching).")] = 16,
+    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="How long a batch waits to fill.")] = 10.0,
+    max_tokens: Annotated[int, typer.Option(min=1, max=8192, help="Cap on a request's max_tokens.")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1024, help="Largest request body accepted.")] = 1_000_000,
+    served_model: Annotated[str, typer.Option(help="Model name in /v1/models and responses.")] = "personalign",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an OpenAI-compatible API with per-user personalisation (see docs/server.md)."""
+    from personalign.server.config import ServerConfig, load_api_keys
+    from personalign.server.run import chroma_client
+    from personalign.server.run import serve as run_server
+
+    try:
+        config = ServerConfig(
+            served_model=served_model,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
+            max_tokens_cap=max_tokens,
+            default_max_tokens=min(256, max_tokens),
+            max_body_bytes=max_body_bytes,
+            api_keys=load_api_keys(api_keys) if api_keys is not None else (),
+        )
+        client = chroma_client(chroma_url) if chroma_url else None
+        # Fail in a second, not after loading models, when another process holds the store.
+        from personalign.memory.locking import StoreLock
+
+        store.mkdir(parents=True, exist_ok=True)
+        probe = StoreLock(store)
+        probe.acquire()
+        probe.release()
+        from personalign.personalizer import Personalizer
+
+        personalizer = Personalizer.load(model=model, encoder=encoder, device=device, store=store, memory_client=client)
+    except PersonalignError as err:
+        _fail(err)
+    tenants = sorted({k.tenant for k in config.api_keys})
+    typer.echo(
+        f"personalign serve: store {store}, memory {'on ' + chroma_url if chroma_url else 'embedded'}, "
+        f"{'tenants ' + ', '.join(tenants) if tenants else 'open (no API keys)'}, max batch {max_batch}, "
+        f"http://{host}:{port}/v1",
+        err=True,
+    )
+    try:
+        run_server(personalizer, config, host=host, port=port, log_level=log_level)
+    finally:
+        personalizer.close()
+
+
+@bench_app.command("serve")
+def bench_serve(
+    clients: Annotated[str, typer.Option(help="Concurrency levels to measure, comma-separated.")] = "1,4,16",
+    requests: Annotated[int, typer.Option(min=1, help="Requests per client at each level (bounded by --seconds too).")] = 4,
+    seconds: Annotated[float, typer.Option(min=1.0, help="Most seconds of load per level and server.")] = 60.0,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    max_batch: Annotated[int, typer.Option(min=2, max=256, help="Batch size of the batched server (the baseline uses 1).")] = 16,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+) -> None:
+    """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time."""
+    from personalign.bench.serve import format_report, run_serve_bench
+
+    try:
+        levels = [int(c) for c in clients.split(",") if c.strip()]
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        _fail(ValidationError("--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients))
+    result = run_serve_bench(
+        levels=levels, requests_per_client=requests, max_seconds=seconds, max_tokens=max_tokens, max_batch=max_batch,
+        model=model, encoder=encoder, device=device,
+    )
     typer.echo(format_report(result))
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1))

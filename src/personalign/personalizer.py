@@ -124,6 +124,11 @@ def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
             yield body
 
 
+def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """What the profile records about the user's adapter (the full record sits beside the adapter)."""
+    return {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"], "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
+
+
 def _params(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:
     try:
         return model.model_validate(dict(values))
@@ -203,8 +208,7 @@ class Personalizer:
             existing = self.profiles.get(user).comparisons if self.profiles.exists(user) else []
             with self._generate_lock:
                 meta = self.adapters.train(user, [*existing, *stamped], config)
-            summary = {k: meta[k] for k in ("trained_at", "pairs", "data_hash")}
-            summary["holdout_accuracy"] = meta["report"]["holdout_accuracy"][-1:]
+            summary = _adapter_summary(meta)
 
         def add(profile: UserProfile) -> UserProfile:
             profile.comparisons.extend(stamped)
@@ -215,6 +219,21 @@ class Personalizer:
             return profile
 
         return self.profiles.update(user, add)
+
+    def train_adapter(self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None) -> UserProfile:
+        """(Re)train ``user``'s LoRA adapter on all their stored comparisons."""
+        config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
+        comparisons = self.profiles.get(user).comparisons
+        if not comparisons:
+            raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
+        with self._generate_lock:
+            meta = self.adapters.train(user, comparisons, config)
+
+        def note(profile: UserProfile) -> UserProfile:
+            profile.settings["adapter"] = _adapter_summary(meta)
+            return profile
+
+        return self.profiles.update(user, note, create=False)
 
     def profile(self, user: str) -> UserProfile:
         """The stored profile (``UnknownUserError`` if the user was never enrolled)."""
