@@ -39,3 +39,18 @@ def test_quickstart_runs_end_to_end(tiny_model_dir, tmp_path):
     # A store passed with --store is kept; forget removed ben's folder from it.
     assert (store / "users" / "ana" / "profile.json").is_file()
     assert not (store / "users" / "ben").exists()
+
+
+def test_adapters_example_runs(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "adapters.py"
+    out = subprocess.run(
+        [sys.executable, str(example), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s"), "--epochs", "1", "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "enrolled terse" in out.stdout and "enrolled thorough" in out.stdout
+    assert "[terse]" in out.stdout and "[thorough]" in out.stdout and "[generic]" in out.stdout
