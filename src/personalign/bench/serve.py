@@ -1,0 +1,280 @@
+"""``personalign bench serve``: the HTTP server under load, batched vs one request per ``generate``.
+
+Two servers run on loopback in turn over the same model and the same seeded users: one with
+batching (``--max-batch N``) and the baseline with ``--max-batch 1``. At each concurrency
+level, C client threads send the same sequence of personalised chat requests (greedy, fixed
+``max_tokens``) until ``requests_per_client * C`` are done or ``max_seconds`` pass. Reported per
+level: throughput (requests/s and generated tokens/s), p50/p95 latency, errors, and the mean
+batch size the server formed. Ratios: batched over baseline throughput at each level, and
+batched throughput at the highest level over one client.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+USERS = {
+    "sam": {
+        "comparisons": [
+            {"prompt": "How do I boil an egg?", "chosen": "Nine minutes in boiling water.", "rejected": "Eggs are a long story of heat, water and patience."},
+            {"prompt": "Why is the sky blue?", "chosen": "Air scatters blue light most.", "rejected": "It is a long and detailed tale of physics and light."},
+        ],
+        "memories": ["I am vegetarian and I cook for two.", "I live in a small flat."],
+    },
+    "robin": {
+        "comparisons": [
+            {"prompt": "How do I boil an egg?", "chosen": "Bring water to a boil, lower the egg gently, wait nine minutes, then cool it in cold water.", "rejected": "Boil it."},
+            {"prompt": "What should I read?", "chosen": "Start with a long classic novel and take notes chapter by chapter.", "rejected": "A book."},
+        ],
+        "memories": ["I am training for my first marathon.", "I drink a lot of coffee."],
+    },
+    "kim": {
+        "comparisons": [{"prompt": "Plan my week.", "chosen": "Monday: rest. Tuesday: work.", "rejected": "Weeks are long and need a lot of careful planning."}],
+        "memories": ["I work night shifts."],
+    },
+    "lee": {
+        "comparisons": [{"prompt": "Give me a tip.", "chosen": "Drink water.", "rejected": "Here is a long list of many tips for many situations."}],
+        "memories": ["I am learning the piano."],
+    },
+}
+PROMPTS = ["Plan my dinner for tonight.", "How do I make my coffee taste better?", "What is a good way to relax after work?", "Suggest a weekend plan."]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0-100) by linear interpolation between closest ranks."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def _request(index: int, max_tokens: int) -> dict[str, Any]:
+    users = list(USERS)
+    return {
+        "model": "personalign",
+        "user": users[index % len(users)],
+        "messages": [{"role": "user", "content": PROMPTS[(index // len(users)) % len(PROMPTS)]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+
+
+def seed_users(url: str, headers: dict[str, str] | None = None) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
+        for user, data in USERS.items():
+            client.post(f"/v1/users/{user}/comparisons", json={"comparisons": data["comparisons"]}).raise_for_status()
+            client.post(f"/v1/users/{user}/memories", json={"text": data["memories"]}).raise_for_status()
+
+
+def run_level(url: str, clients: int, total: int, max_seconds: float, max_tokens: int) -> dict[str, Any]:
+    """``clients`` threads share ``total`` chat requests (fewer if ``max_seconds`` runs out)."""
+    import httpx
+
+    latencies: list[float] = []
+    tokens: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    next_index = [0]
+    deadline = time.monotonic() + max_seconds
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=url, timeout=max(max_seconds, 10.0) + 60) as client:
+            while time.monotonic() < deadline:
+                with lock:
+                    if next_index[0] >= total:
+                        return
+                    index = next_index[0]
+                    next_index[0] += 1
+                started = time.perf_counter()
+                try:
+                    response = client.post("/v1/chat/completions", json=_request(index, max_tokens))
+                    ok = response.status_code == 200
+                    detail = "" if ok else f"{response.status_code} {response.text[:200]}"
+                except httpx.HTTPError as err:
+                    ok, detail = False, f"{type(err).__name__}: {err}"
+                elapsed = time.perf_counter() - started
+                with lock:
+                    if ok:
+                        latencies.append(elapsed)
+                        tokens.append(response.json()["usage"]["completion_tokens"])
+                    else:
+                        errors.append(detail)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, daemon=True) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "seconds": wall,
+        "requests_per_s": len(latencies) / wall if wall > 0 else 0.0,
+        "tokens_per_s": sum(tokens) / wall if wall > 0 else 0.0,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p95_ms": percentile(latencies, 95) * 1000,
+    }
+
+
+def _stats(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(f"{url}/v1/server/stats", timeout=30).json()
+
+
+@contextmanager
+def subprocess_server(store: Path, max_batch: int, model: str | None, encoder: str | None, device: str | None, start_timeout: float = 600) -> Iterator[str]:
+    """``personalign serve`` in a child process on a free loopback port; yields its URL."""
+    import httpx
+
+    from personalign.server.run import bound_socket
+
+    with bound_socket() as probe:
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
+    command += ["--max-batch", str(max_batch), "--log-level", "warning"]
+    for flag, value in (("--model", model), ("--encoder", encoder), ("--device", device)):
+        if value is not None:
+            command += [flag, value]
+    process = subprocess.Popen(command, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode} before it answered")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer within {start_timeout:.0f} s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def thread_server(personalizer: Any, max_batch: int) -> Iterator[str]:
+    """The app in a background thread of this process (for tests: shares the GIL with the clients)."""
+    from personalign.server.app import create_app
+    from personalign.server.config import ServerConfig
+    from personalign.server.run import ServerThread
+
+    with ServerThread(create_app(personalizer, ServerConfig(max_batch=max_batch))) as server:
+        yield server.url
+
+
+def run_serve_bench(
+    levels: Sequence[int] = (1, 4, 16),
+    requests_per_client: int = 4,
+    max_seconds: float = 60.0,
+    max_tokens: int = 32,
+    max_batch: int = 16,
+    model: str | None = None,
+    encoder: str | None = None,
+    device: str | None = None,
+    personalizer: Any = None,
+) -> dict[str, Any]:
+    """Measure both servers at every level. With ``personalizer`` the servers run in this process
+    (threads) over it and its store; otherwise each is a ``personalign serve`` subprocess."""
+    root = Path(tempfile.mkdtemp(prefix="personalign-bench-serve-"))
+    servers: dict[str, Any] = {}
+    try:
+        for label, batch in (("batched", max_batch), ("one_at_a_time", 1)):
+            if personalizer is not None:
+                context = thread_server(personalizer, batch)
+            else:
+                context = subprocess_server(root / label, batch, model, encoder, device)
+            with context as url:
+                seed_users(url)
+                run_level(url, 1, 2, max_seconds, max_tokens)  # warm-up, not reported
+                measured = []
+                for clients in levels:
+                    before = _stats(url)
+                    level = run_level(url, clients, max(8, requests_per_client * clients), max_seconds, max_tokens)
+                    after = _stats(url)
+                    batches = after["batches"] - before["batches"]
+                    level["mean_batch_size"] = (after["requests"] - before["requests"]) / batches if batches else 0.0
+                    measured.append(level)
+            servers[label] = {"max_batch": batch, "levels": measured}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    batched = {lv["clients"]: lv for lv in servers["batched"]["levels"]}
+    baseline = {lv["clients"]: lv for lv in servers["one_at_a_time"]["levels"]}
+    speedup = {str(c): _ratio(batched[c]["requests_per_s"], baseline[c]["requests_per_s"]) for c in levels}
+    low, high = min(levels), max(levels)
+    return {
+        "config": {
+            "levels": list(levels),
+            "requests_per_client": requests_per_client,
+            "max_seconds": max_seconds,
+            "max_tokens": max_tokens,
+            "max_batch": max_batch,
+            "model": model or ("in-process" if personalizer is not None else "embedded SmolLM2-135M-Instruct"),
+            "device": device or "auto",
+            "cpus": os.cpu_count(),
+        },
+        "servers": servers,
+        "batching_speedup": speedup,
+        "scaling": {
+            "batched": _ratio(batched[high]["requests_per_s"], batched[low]["requests_per_s"]),
+            "one_at_a_time": _ratio(baseline[high]["requests_per_s"], baseline[low]["requests_per_s"]),
+            "from_clients": low,
+            "to_clients": high,
+        },
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
+
+
+def format_report(result: dict[str, Any]) -> str:
+    lines = [
+        f"{'server':<16}{'clients':>8}{'requests':>10}{'errors':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}"
+    ]
+    for label, server in result["servers"].items():
+        name = f"{label.replace('_', '-')} ({server['max_batch']})"
+        for lv in server["levels"]:
+            lines.append(
+                f"{name:<16}{lv['clients']:>8}{lv['requests']:>10}{lv['errors']:>8}{lv['requests_per_s']:>9.2f}"
+                f"{lv['tokens_per_s']:>9.1f}{lv['p50_ms']:>9.0f}{lv['p95_ms']:>9.0f}{lv['mean_batch_size']:>7.1f}"
+            )
+    speedups = ", ".join(f"{c} clients {v:.2f}x" for c, v in result["batching_speedup"].items())
+    scaling = result["scaling"]
+    lines.append(f"batching speed-up over one-at-a-time (throughput): {speedups}")
+    lines.append(
+        f"throughput at {scaling['to_clients']} clients over {scaling['from_clients']}: "
+        f"batched {scaling['batched']:.2f}x, one-at-a-time {scaling['one_at_a_time']:.2f}x"
+    )
+    config = result["config"]
+    lines.append(f"(model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)")
+    return "\n".join(lines)
