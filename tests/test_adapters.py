@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from personalign.adapters.lora import LoraTrainConfig, batch_logps, collate
-from personalign.adapters.store import META_FILE, AdapterError, adapter_name
+from personalign.adapters.store import META_FILE, AdapterError
 from personalign.models import load_generator
 from personalign.personalizer import Personalizer
 
@@ -35,8 +35,9 @@ def apz(tiny_model_dir, encoder, tmp_path):
 def _margin(pz, user, comparisons):
     """Mean (log pi(chosen) - log pi(rejected)) with the user's adapter on, minus the same with it off."""
     batch = collate(pz.generator.tokenizer, pz.profile(user).comparisons, 128)
+    slot = pz.adapters.activate(user)
     peft = pz.adapters.peft
-    peft.set_adapter(pz.adapters.activate(user))
+    peft.set_adapter(slot)
     with torch.no_grad():
         on = batch_logps(peft, batch)
         with peft.disable_adapter():
@@ -55,7 +56,7 @@ def test_adapter_is_a_plain_peft_folder_with_metadata(apz):
     assert profile.settings["adapter"]["pairs"] == 6
     # The stored weights are the in-memory ones, bit for bit.
     stored = load_file(folder / "adapter_model.safetensors")
-    name = adapter_name("ana")
+    name = apz.adapters.activate("ana")
     live = {k: v for k, v in apz.adapters.peft.state_dict().items() if f".{name}." in k}
     assert len(stored) == len(live) > 0
     for key, value in live.items():
@@ -101,15 +102,18 @@ def test_disabled_adapter_equals_base_and_mixed_batch_equals_individual_runs(apz
     assert without.text == apz.respond(None, ASK, max_new_tokens=10).text  # adapter=False is the base model
 
 
-def test_lru_keeps_at_most_max_resident(apz):
-    for user in ("ana", "ben", "cam"):
-        apz.enroll(user, SHORT, adapter=True, adapter_config={**FAST, "epochs": 1})
-    assert len(apz.adapters.resident) <= 2
-    first = apz.respond("ana", ASK, max_new_tokens=5)
-    for user in ("ben", "cam", "ana"):
+def test_lru_keeps_at_most_max_resident_and_hot_swaps_slots(apz):
+    for user, pairs in (("ana", SHORT), ("ben", LONG), ("cam", SHORT[:3])):
+        apz.enroll(user, pairs, adapter=True, adapter_config={**FAST, "epochs": 2})
+    assert not apz.adapters.resident  # trained adapters wait on disk until a request needs them
+    first = {u: apz.respond(u, ASK, max_new_tokens=5, steer={}, shots=False) for u in ("ana", "ben")}
+    assert apz.adapters.resident_slots() == {"slot_0", "slot_1"}
+    for user in ("cam", "ana", "ben", "cam", "ben"):
         apz.respond(user, ASK, max_new_tokens=5)
-        assert len(apz.adapters.resident) <= 2 and len(apz.adapters.peft.peft_config) <= 2
-    assert apz.respond("ana", ASK, max_new_tokens=5) == first
+        assert len(apz.adapters.resident) <= 2 and apz.adapters.resident_slots() == {"slot_0", "slot_1"}
+    # A refilled slot computes exactly what a fresh load of the same adapter does.
+    for user in ("ana", "ben"):
+        assert apz.respond(user, ASK, max_new_tokens=5, steer={}, shots=False) == first[user]
 
 
 def test_failed_training_keeps_the_previous_adapter(apz, monkeypatch):
@@ -147,8 +151,11 @@ def test_corrupt_or_foreign_adapters_give_typed_errors(apz):
 def test_forget_removes_and_unloads_the_adapter(apz):
     apz.enroll("ana", SHORT, adapter=True, adapter_config={**FAST, "epochs": 1})
     apz.forget("ana")
-    assert not apz.adapters.path("ana").exists() and "ana" not in apz.adapters.resident
-    assert adapter_name("ana") not in apz.adapters.peft.peft_config
+    apz.enroll("ben", SHORT, adapter=True, adapter_config={**FAST, "epochs": 1})
+    slot = apz.adapters.activate("ben")
+    apz.forget("ben")
+    assert not apz.adapters.path("ana").exists() and not apz.adapters.resident
+    assert slot not in apz.adapters.resident_slots() and apz.adapters.peft is None  # unwrapped back to the base model
 
 
 def test_bad_adapter_config_is_a_validation_error(apz):

@@ -344,7 +344,7 @@ class Personalizer:
     def _generate(self, batch: Sequence[_Prepared], kwargs: dict[str, Any], streamer: Any = None) -> Any:
         """``generate`` with each row's adapter (caller holds the generate lock).
 
-        Before any adapter exists the model is the plain base model. After, rows without an
+        With no adapter resident the model is the plain base model. Otherwise rows without an
         adapter run with adapters disabled, which computes exactly the base layers.
         """
         extra = {"streamer": streamer} if streamer is not None else {}
@@ -353,8 +353,6 @@ class Personalizer:
             return self.generator.model.generate(**kwargs, **extra)
         peft = self.adapters.peft
         if all(n == BASE for n in names):
-            if not peft.peft_config:  # every adapter unloaded: the LoRA layers hold none and compute the base
-                return peft.base_model.model.generate(**kwargs, **extra)
             with peft.disable_adapter():
                 return peft.generate(**kwargs, **extra)
         return peft.generate(**kwargs, adapter_names=names, **extra)

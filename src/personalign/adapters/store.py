@@ -88,85 +88,126 @@ class AdapterManager:
 
     # --- memory ----------------------------------------------------------------------------
 
-    def _attach(self, name: str, folder: Path | None = None, config: Any = None) -> None:
+    def _attach(self, name: str, folder: Path | None = None, config: Any = None, trainable: bool = False) -> None:
+        """Add adapter ``name`` from ``folder`` (or a fresh one from ``config``), wrapping the model once."""
         from peft import PeftModel, get_peft_model
 
         if self.peft is None:
             if folder is not None:
-                self.peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=name, is_trainable=False)
+                self.peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=name, is_trainable=trainable)
             else:
                 self.peft = get_peft_model(self.base_model, config, adapter_name=name)
             self.peft.eval()
             self.generator.model = self.peft
         elif folder is not None:
-            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=trainable)
         else:
             self.peft.add_adapter(name, config)
 
-    def _evict(self, user: str) -> None:
-        name = self.resident.pop(user, None)
-        if name is not None and name in self.peft.peft_config:
-            self.peft.delete_adapter(name)
+    def _drop(self, name: str) -> None:
+        """Delete adapter ``name`` from the PEFT model (its weights leave memory)."""
+        if self.peft is None or name not in self.peft.peft_config:
+            return
+        remaining = [n for n in self.peft.peft_config if n != name]
+        if not remaining:
+            # PEFT cannot work with zero adapters: unwrap back to the plain base model.
+            self.base_model = self.peft.unload()
+            self.peft = None
+            self.generator.model = self.base_model
+            return
+        if self.peft.active_adapter == name:
+            self.peft.set_adapter(remaining[0])  # PEFT requires a live active adapter
+        self.peft.delete_adapter(name)
+
+    def _free_slot(self) -> str:
+        taken = set(self.peft.peft_config) if self.peft is not None else set()
+        return next(f"slot_{i}" for i in range(len(taken) + 1) if f"slot_{i}" not in taken)
+
+    def _load_into_slot(self, folder: Path) -> str:
+        """Load ``folder`` into a free slot, or hot-swap it into the least recently used one."""
+        from peft.utils.hotswap import hotswap_adapter
+
+        if len(self.resident) < self.max_resident:
+            slot = self._free_slot()
+            self._attach(slot, folder=folder)
+            return slot
+        victim, slot = next(iter(self.resident.items()))
+        del self.resident[victim]
+        try:
+            self.peft.set_adapter(slot)  # hotswap checks compatibility against the active adapter
+            hotswap_adapter(self.peft, str(folder), adapter_name=slot, torch_device=str(self.generator.device))
+        except (ValueError, RuntimeError, KeyError):
+            # Another rank, alpha or target modules: replace the slot instead of refilling it.
+            self._drop(slot)
+            self._attach(slot, folder=folder)
+        return slot
 
     def activate(self, user: str) -> str:
-        """Make the user's adapter resident (loading it, evicting the least recently used) and return its name."""
+        """Make the user's adapter resident and return its slot name.
+
+        A new user takes a free slot, or the least recently used user's slot is refilled in place.
+        """
         if user in self.resident:
             self.resident.move_to_end(user)
             return self.resident[user]
         folder = self.path(user)
         self._check(user, folder)
-        name = adapter_name(user)
         try:
             # Weights loaded under a caller's inference_mode would become inference tensors that
-            # PEFT can no longer modify (set_adapter, later training): load them as normal tensors.
+            # PEFT can no longer modify (set_adapter, hot-swap): load them as normal tensors.
             with torch.inference_mode(False), torch.no_grad():
-                self._attach(name, folder=folder)
+                slot = self._load_into_slot(folder)
         except Exception as err:  # PEFT/safetensors raise many types for corrupt or mismatched files
-            if self.peft is not None and name in getattr(self.peft, "peft_config", {}):
-                self.peft.delete_adapter(name)
             raise AdapterError(f"adapter of {user!r} at {folder} cannot be loaded ({type(err).__name__}: {err}). Fix: retrain it") from None
         if self.peft.active_adapter not in self.peft.peft_config:
-            self.peft.set_adapter(name)  # PEFT needs a live active adapter even when rows name theirs
-        self.resident[user] = name
+            self.peft.set_adapter(slot)
+        self.resident[user] = slot
         self.swaps += 1
-        while len(self.resident) > self.max_resident:
-            self._evict(next(iter(self.resident)))
-        return name
+        return slot
 
     def unload(self, user: str) -> None:
-        if self.peft is not None:
-            self._evict(user)
+        """Free ``user``'s slot (the adapter stays on disk)."""
+        slot = self.resident.pop(user, None)
+        if slot is not None:
+            self._drop(slot)
 
     def adapter_names(self, users: Sequence[str | None]) -> list[str] | None:
-        """PEFT ``adapter_names`` for a batch (``None`` when no adapter model exists)."""
-        if self.peft is None:
+        """PEFT ``adapter_names`` for a batch, activating users' adapters as needed.
+
+        ``None`` when no row needs an adapter and none is resident: the plain base model runs.
+        """
+        if self.peft is None and all(u is None for u in users):
             return None
         return [self.activate(u) if u is not None else BASE for u in users]
+
+    def resident_slots(self) -> set[str]:
+        """Names of the adapters loaded in the PEFT model (empty when it is unwrapped)."""
+        return set(self.peft.peft_config) if self.peft is not None else set()
 
     # --- training --------------------------------------------------------------------------
 
     def train(self, user: str, comparisons: Sequence[Comparison], config: LoraTrainConfig) -> dict[str, Any]:
-        """Train (or continue training) the user's adapter on ``comparisons`` and store it atomically."""
+        """Train (or continue training) the user's adapter on ``comparisons`` and store it atomically.
+
+        Training uses its own temporary adapter (from the stored weights when there are some);
+        the user's slot is freed first and refilled from disk on the next request.
+        """
         from peft import LoraConfig
 
-        name = adapter_name(user)
+        name = "train_" + adapter_name(user)
         lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
-        if self.has_adapter(user):
-            self.activate(user)  # incremental: continue from the stored weights
-        else:
-            if self.peft is not None:
-                self._evict(user)
-            self._attach(name, config=lora)
-            self.resident[user] = name
+        self.unload(user)
+        torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
         try:
+            if self.has_adapter(user):
+                self._check(user, self.path(user))
+                self._attach(name, folder=self.path(user), trainable=True)  # incremental: continue from the stored weights
+            else:
+                self._attach(name, config=lora)
             report = train_adapter(self.peft, name, self.generator.tokenizer, comparisons, config)
-            meta = self._save(user, name, comparisons, config, report)
-        except BaseException:
-            self._evict(user)  # drop half-trained weights; the stored adapter (if any) is untouched
-            raise
-        while len(self.resident) > self.max_resident:
-            self._evict(next(iter(self.resident)))
-        return meta
+            return self._save(user, name, comparisons, config, report)
+        finally:
+            self._drop(name)  # half-trained or saved, the training copy leaves memory; the stored adapter is the truth
 
     def _save(self, user: str, name: str, comparisons: Sequence[Comparison], config: LoraTrainConfig, report: TrainReport) -> dict[str, Any]:
         from personalign import __version__
