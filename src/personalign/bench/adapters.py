@@ -1,7 +1,7 @@
 """``personalign bench adapters``: the cost of per-user adapters, each next to its baseline.
 
 (a) one batch of 8 requests from 8 different users vs the same batch all on one adapter;
-(b) time to make a user's adapter active with 1, 10 and 100 adapters already resident;
+(b) time to make a new user's adapter active when all of 1, 10 or 100 slots are taken;
 (c) enrolment wall time for 16 comparisons (adapter training included) vs storing them only;
 (d) bytes on disk per user: a rank-8 LoRA folder vs the profile the embedders work from.
 
@@ -92,23 +92,23 @@ def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resid
         "max_new_tokens": max_new_tokens,
     }
 
-    # (b) activation cost with N adapters resident.
+    # (b) making a new user's adapter active when all N slots are taken (a hot-swap into the LRU slot).
     activation = {}
+    probes = [f"bench-p{i}" for i in range(repeats + 1)]
     for count in resident_counts:
-        for i in range(count + 1):
-            if not (users_dir / f"bench-r{i}" / ADAPTER_DIR).exists():
-                _clone_adapter(users_dir, "bench-0", f"bench-r{i}")
+        for user in [*(f"bench-r{i}" for i in range(count)), *probes]:
+            if not (users_dir / user / ADAPTER_DIR).exists():
+                _clone_adapter(users_dir, "bench-0", user)
         for user in list(pz.adapters.resident):
             pz.adapters.unload(user)
+        pz.adapters.max_resident = count
         for i in range(count):
             pz.adapters.activate(f"bench-r{i}")
-        probe = f"bench-r{count}"
         samples = []
-        for _ in range(repeats):
+        for probe in probes[1:]:
             started = time.perf_counter()
             pz.adapters.activate(probe)
             samples.append(time.perf_counter() - started)
-            pz.adapters.unload(probe)
         activation[str(count)] = {"median_ms": 1000 * statistics.median(samples), "resident": len(pz.adapters.resident)}
     first = activation[str(resident_counts[0])]["median_ms"]
     result["activation"] = {"by_resident": activation, "last_over_first": activation[str(resident_counts[-1])]["median_ms"] / first}
@@ -122,7 +122,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"(a) batch of 8, {batch['max_new_tokens']} new tokens   base {batch['median_s']['base']:.2f} s | one adapter "
         f"{batch['median_s']['one_adapter']:.2f} s | 8 users {batch['median_s']['eight_users']:.2f} s",
         f"    ratio 8 users / one adapter: {batch['eight_users_over_one_adapter']:.2f}x (target <= 1.5); one adapter / base: {batch['one_adapter_over_base']:.2f}x",
-        "(b) activate one adapter with N resident: "
+        "(b) activate a new user's adapter with N slots full: "
         + ", ".join(f"N={n}: {v['median_ms']:.1f} ms" for n, v in act["by_resident"].items())
         + f"; last/first {act['last_over_first']:.2f}x (flat = 1)",
         f"(c) enrol 16 comparisons: store only {enroll['store_only_s']:.2f} s, with rank-8 adapter ({enroll['epochs']} epochs) "
