@@ -21,3 +21,15 @@ def test_profile_command_does_not_create_a_store(tmp_path):
     out = CliRunner().invoke(app, ["profile", "--user", "x", "--store", str(tmp_path / "nope")])
     assert out.exit_code == 2 and "not a personalign store" in out.output
     assert not (tmp_path / "nope").exists()
+
+
+def test_rejected_remember_creates_no_user(pz):
+    import pytest
+
+    from personalign.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="texts"):
+        pz.remember("newbie", "   ")
+    with pytest.raises(ValidationError, match="metadata"):
+        pz.remember("newbie", "fine text", metadata={"user_id": "x"})
+    assert not pz.profiles.exists("newbie") and pz.memory.count("newbie") == 0

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ class Encoder:
         self.name = name
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self._cache_size = cache_size
+        self._lock = threading.Lock()  # the cache is shared by server threads
 
     @property
     def dim(self) -> int:
@@ -207,24 +209,28 @@ class Encoder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """``(len(texts), dim)`` unit vectors; repeated texts are served from the cache."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        with self._lock:
+            missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if missing:
             vectors = self.model.encode(
                 missing, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
             ).astype(np.float32)
-            for text, vector in zip(missing, vectors, strict=True):
-                self._cache[text] = vector
-        out = np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-        for text in texts:
-            self._cache.move_to_end(text)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            if missing:
+                for text, vector in zip(missing, vectors, strict=True):
+                    self._cache[text] = vector
+            out = np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+            for text in texts:
+                self._cache.move_to_end(text)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
         return out
 
     def evict(self, texts: Sequence[str]) -> None:
         """Drop ``texts`` from the cache (used by ``forget`` so nothing of a user stays in memory)."""
-        for text in texts:
-            self._cache.pop(text, None)
+        with self._lock:
+            for text in texts:
+                self._cache.pop(text, None)
 
     def encode_uncached(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Like :meth:`encode` but always runs the model (for benchmarks)."""

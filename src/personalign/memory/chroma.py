@@ -139,14 +139,17 @@ class MemoryStore:
             self._collections[name] = found
             return found
 
-    def add(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Store one or more facts for ``user_id``; all are validated before any is written."""
+    def validate(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
+        """Check what :meth:`add` would store; returns the texts and metadata, or raises."""
         validate_user_id(user_id)
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, list) or not items:
             raise ValidationError("texts", "must be a non-empty string or list of strings", "pass the fact(s) as text")
-        docs = [_check_text(t, f"texts[{i}]") for i, t in enumerate(items)]
-        extra = _check_metadata(metadata)
+        return [_check_text(t, f"texts[{i}]") for i, t in enumerate(items)], _check_metadata(metadata)
+
+    def add(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Store one or more facts for ``user_id``; all are validated before any is written."""
+        docs, extra = self.validate(user_id, texts, metadata)
         now = time.time()
         # Time-ordered ids (nanoseconds, then a random tail): get_all's order is insertion order.
         stamp = time.time_ns()
@@ -246,5 +249,6 @@ class MemoryStore:
                 shutil.rmtree(child, ignore_errors=True)
 
     def count(self, user_id: str) -> int:
+        validate_user_id(user_id)
         collection = self._collection(user_id, create=False)
         return 0 if collection is None else collection.count()

@@ -37,11 +37,10 @@ class UserStore:
 
     def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Store fact(s) about ``user``, creating the user's profile if new."""
-        validate_user_id(user)
-        result = self.memory.add(user, text, metadata)
-        if not self.profiles.exists(user):
+        self.memory.validate(user, text, metadata)  # nothing is written for bad input
+        if not self.profiles.exists(user):  # profile first: a crash never leaves memories without a user
             self.profiles.update(user, lambda p: p)
-        return result
+        return self.memory.add(user, text, metadata)
 
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""

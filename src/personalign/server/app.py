@@ -1,0 +1,381 @@
+"""The FastAPI app: OpenAI-compatible chat plus user, comparison and memory endpoints.
+
+    from personalign.server import ServerConfig, create_app
+    app = create_app(Personalizer.load(store="./store"), ServerConfig(max_batch=16))
+
+Non-streaming chats go through a :class:`Batcher` into ``Personalizer.respond_batch``;
+streams call ``Personalizer.stream``. Every user id in a path or body is validated and
+mapped into the caller's tenant (see :mod:`personalign.server.config`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import pydantic
+from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import StreamingResponse
+
+from personalign import __version__
+from personalign.errors import UnknownUserError
+from personalign.personalizer import ConditioningParams, GenerationParams
+from personalign.server import errors
+from personalign.server.batcher import Batcher
+from personalign.server.config import Principal, ServerConfig, hash_key
+from personalign.server.errors import ApiError
+from personalign.server.limits import BodyLimit
+from personalign.server.schemas import (
+    IGNORED,
+    UNSUPPORTED,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessageOut,
+    Choice,
+    DeletedMemories,
+    EnrollRequest,
+    EnrollResponse,
+    ErrorBody,
+    ForgetResponse,
+    MemoryList,
+    ModelCard,
+    ModelList,
+    Personalisation,
+    ProfileResponse,
+    RememberRequest,
+    Usage,
+)
+from personalign.steering.decoding import validate_steer
+from personalign.types import convert_pydantic_error, parse_messages
+
+log = logging.getLogger("personalign.server")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "Malformed request (bad JSON, wrong types, unsupported option)",
+        401: "Missing or unknown API key",
+        403: "The key may not write",
+        404: "Unknown user, memory, model or route",
+        413: "Request body too large",
+        422: "Input our validation rejects",
+    }.items()
+}
+
+
+def principal(request: Request) -> Principal:
+    """The caller, from ``Authorization: Bearer <key>`` (everyone is tenant-less on an open server)."""
+    keys = request.app.state.keys
+    if not keys:
+        who = Principal(None)
+    else:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "missing API key. Fix: send 'Authorization: Bearer <key>' (the openai client's api_key)", "invalid_api_key")
+        entry = keys.get(hash_key(token.strip()))
+        if entry is None:
+            raise ApiError(401, "unknown API key. Fix: use a key from the server's key file", "invalid_api_key")
+        who = Principal(entry.tenant, entry.read_only)
+    request.state.principal = who
+    return who
+
+
+def writer(who: Annotated[Principal, Depends(principal)]) -> Principal:
+    if who.read_only:
+        raise ApiError(403, "this API key is read-only. Fix: use a key without read_only for writes", "read_only_key")
+    return who
+
+
+Reader = Annotated[Principal, Depends(principal)]
+Writer = Annotated[Principal, Depends(writer)]
+
+
+def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI:
+    """An app serving ``personalizer`` (which it does not close) under ``config``."""
+    config = config or ServerConfig()
+    pz = personalizer
+    batcher = Batcher(pz.respond_batch, max_batch=config.max_batch, max_wait_s=config.batch_wait_ms / 1000)
+    created = int(time.time())
+    model_names = {config.served_model, str(getattr(pz.generator, "model_id", config.served_model))}
+    warned: set[str] = set()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(batcher.stop)
+
+    app = FastAPI(
+        title="personalign",
+        version=__version__,
+        description="OpenAI-compatible chat with per-user personalisation, plus user, comparison and memory endpoints.",
+        lifespan=lifespan,
+        responses=_ERRORS,
+    )
+    app.state.personalizer = pz
+    app.state.config = config
+    app.state.batcher = batcher
+    app.state.keys = config.keys_by_digest()
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    def known(store_id: str) -> None:
+        """Raise ``UnknownUserError`` unless the user has a profile or memories."""
+        if not pz.profiles.exists(store_id) and pz.memory.count(store_id) == 0:
+            raise UnknownUserError(store_id)
+
+    # --- models and health ------------------------------------------------------------------------
+
+    @app.get("/health", tags=["server"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList, tags=["openai"])
+    def models(who: Reader) -> ModelList:
+        return ModelList(data=[ModelCard(id=config.served_model, created=created)])
+
+    @app.get("/v1/server/stats", tags=["server"])
+    def stats(who: Reader) -> dict[str, Any]:
+        """Batching statistics: how many chat batches ran and of which sizes."""
+        return {**batcher.stats.snapshot(), "max_batch": config.max_batch}
+
+    # --- chat ------------------------------------------------------------------------------------
+
+    def sdk_request(body: ChatCompletionRequest, who: Principal) -> dict[str, Any]:
+        if body.model not in model_names:
+            raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
+        for name, allowed in UNSUPPORTED.items():
+            value = (body.model_extra or {}).get(name)
+            if value not in allowed:
+                raise ApiError(400, f"{name}={value!r} is not supported by this server. Fix: leave it out", "unsupported_parameter", name)
+        for name in set(body.model_extra or {}) - set(UNSUPPORTED) - IGNORED - warned:
+            warned.add(name)
+            log.warning("ignoring unknown chat request field %r", name)
+        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
+            raise ApiError(400, "max_tokens and max_completion_tokens disagree. Fix: send one of them", "invalid_value", "max_tokens")
+        max_new = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
+        if max_new > config.max_tokens_cap:
+            raise ApiError(400, f"max_tokens={max_new} exceeds this server's cap of {config.max_tokens_cap}. Fix: ask for fewer", "invalid_value", "max_tokens")
+        request: dict[str, Any] = {
+            "user": None if body.user is None else who.store_id(body.user),
+            "messages": [m.as_sdk() for m in body.messages],
+            "max_new_tokens": max_new,
+            **body.options(),
+        }
+        if body.steer is not None:
+            request["steer"] = body.steer
+        return request
+
+    def prevalidate(request: Mapping[str, Any]) -> None:
+        """Everything ``respond_batch`` would reject, checked before the request joins a batch."""
+        parse_messages(request["messages"])
+        if "steer" in request:
+            validate_steer(request["steer"])
+        for model, name in ((GenerationParams, "generation"), (ConditioningParams, "conditioning")):
+            values = {k: v for k, v in request.items() if k in model.model_fields}
+            try:
+                model.model_validate(values)
+            except pydantic.ValidationError as err:
+                raise convert_pydantic_error(name, err) from None
+        if request["user"] is not None and not pz.profiles.exists(request["user"]):
+            raise UnknownUserError(request["user"])
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        tags=["openai"],
+        responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or SSE chunks with stream=true"}},
+    )
+    async def chat_completions(body: ChatCompletionRequest, who: Reader) -> Any:
+        request = sdk_request(body, who)
+        await run_in_threadpool(prevalidate, request)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if body.stream:
+            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
+            pieces = await run_in_threadpool(lambda: pz.stream(request["user"], request["messages"], steer=request.get("steer"), **options))
+            chunks = _sse(pieces, completion_id, now, config.served_model, request["max_new_tokens"], pz.generator.tokenizer)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        result = await asyncio.wrap_future(batcher.submit(request))
+        finish = "length" if result.completion_tokens >= request["max_new_tokens"] else "stop"
+        return ChatCompletion(
+            id=completion_id,
+            created=now,
+            model=config.served_model,
+            choices=[Choice(message=ChatMessageOut(content=result.text), finish_reason=finish)],
+            usage=Usage(
+                prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.completion_tokens,
+                total_tokens=result.prompt_tokens + result.completion_tokens,
+            ),
+            personalign=Personalisation(user=body.user, memories=result.memories, shots=len(result.shots), steer=result.steer),
+        )
+
+    # --- users -----------------------------------------------------------------------------------
+
+    @app.post("/v1/users/{user_id}/comparisons", response_model=EnrollResponse, tags=["users"])
+    def enroll(user_id: str, body: EnrollRequest, who: Writer) -> EnrollResponse:
+        """Add comparisons (TRL format) to a user, creating them if new. All are stored or none."""
+        store_id = who.store_id(user_id, "user_id")
+        if len(body.comparisons) > config.max_comparisons_per_request:
+            limit = config.max_comparisons_per_request
+            raise ApiError(413, f"{len(body.comparisons)} comparisons in one request; the limit is {limit}. Fix: send them in parts", "request_too_large", "comparisons")
+        profile = pz.enroll(store_id, body.comparisons)
+        return EnrollResponse(
+            user=user_id, added=len(body.comparisons), comparisons=len(profile.comparisons), version=profile.version, default_steer=pz.default_steer(store_id)
+        )
+
+    @app.get("/v1/users/{user_id}", response_model=ProfileResponse, tags=["users"])
+    def get_user(user_id: str, who: Reader) -> ProfileResponse:
+        store_id = who.store_id(user_id, "user_id")
+        profile = pz.profile(store_id)
+        return ProfileResponse(
+            id=user_id,
+            comparisons=[c.model_dump(mode="json", exclude_none=True) for c in profile.comparisons],
+            n_comparisons=len(profile.comparisons),
+            n_memories=pz.memory.count(store_id),
+            settings=profile.settings,
+            default_steer=pz.default_steer(store_id),
+            created_at=profile.created_at,
+            updated_at=profile.updated_at,
+            version=profile.version,
+        )
+
+    @app.delete("/v1/users/{user_id}", response_model=ForgetResponse, tags=["users"])
+    def forget(user_id: str, who: Writer) -> ForgetResponse:
+        """Forget everything about a user: memories (deleted from disk) and profile."""
+        store_id = who.store_id(user_id, "user_id")
+        known(store_id)
+        outcome = pz.forget(store_id)
+        return ForgetResponse(
+            id=user_id, deleted=True, memories_deleted=int(outcome["memories_deleted"]), profile_deleted=bool(outcome["profile_deleted"])
+        )
+
+    # --- memories --------------------------------------------------------------------------------
+
+    def external(records: dict[str, Any], who: Principal) -> MemoryList:
+        return MemoryList(results=[{**r, "user_id": who.external_id(r["user_id"])} for r in records["results"]])
+
+    @app.post("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
+    def remember(user_id: str, body: RememberRequest, who: Writer) -> MemoryList:
+        """Store one fact or several (creating the user if new); mem0-shaped results."""
+        store_id = who.store_id(user_id, "user_id")
+        return external(pz.remember(store_id, body.text, body.metadata), who)
+
+    @app.get("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
+    def list_memories(
+        user_id: str,
+        who: Reader,
+        query: Annotated[str | None, Query(min_length=1, max_length=8000, description="Search by meaning instead of listing all")] = None,
+        top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
+        threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+        limit: Annotated[int | None, Query(ge=1)] = None,
+    ) -> MemoryList:
+        store_id = who.store_id(user_id, "user_id")
+        known(store_id)
+        if query is not None:
+            return external(pz.search_memories(store_id, query, top_k=top_k, threshold=threshold), who)
+        return external(pz.memory.get_all(store_id, limit=limit), who)
+
+    @app.delete("/v1/users/{user_id}/memories", response_model=DeletedMemories, tags=["memories"])
+    def delete_memories(user_id: str, who: Writer) -> DeletedMemories:
+        """Delete all of a user's memories (the profile and comparisons stay)."""
+        store_id = who.store_id(user_id, "user_id")
+        known(store_id)
+        return DeletedMemories(user=user_id, deleted=pz.memory.delete_all(store_id))
+
+    @app.delete("/v1/users/{user_id}/memories/{memory_id}", response_model=DeletedMemories, tags=["memories"])
+    def delete_memory(user_id: str, memory_id: str, who: Writer) -> DeletedMemories:
+        store_id = who.store_id(user_id, "user_id")
+        known(store_id)
+        if len(memory_id) > 128 or not pz.delete_memory(store_id, memory_id):
+            raise ApiError(404, f"user {user_id!r} has no memory {memory_id[:128]!r}", "memory_not_found", "memory_id")
+        return DeletedMemories(user=user_id, deleted=1)
+
+    # --- active enrolment ------------------------------------------------------------------------
+
+    @app.post("/v1/users/{user_id}/next-question", tags=["users"], responses={501: {"model": ErrorBody, "description": "Not installed"}})
+    def next_question(user_id: str, who: Reader, body: Annotated[dict[str, Any] | None, Body()] = None) -> Any:
+        """The comparison that would teach the most about this user (needs the VPL/PAL embedders)."""
+        store_id = who.store_id(user_id, "user_id")
+        method = getattr(pz, "next_question", None)
+        if method is None:
+            raise ApiError(
+                501,
+                "next-question needs the enrollment embedders (VPL/PAL), which are not installed in this version of "
+                "personalign yet. Fix: upgrade personalign; enrolment with POST /v1/users/{id}/comparisons works meanwhile",
+                "not_implemented",
+            )
+        kwargs = body or {}
+        try:
+            inspect.signature(method).bind(store_id, **kwargs)
+        except TypeError as err:
+            raise ApiError(400, f"next-question does not accept this body: {err}", "invalid_value") from None
+        return jsonable_encoder(method(store_id, **kwargs))
+
+    return app
+
+
+def _sse(pieces: Iterator[str], completion_id: str, created: int, model: str, max_new_tokens: int, tokenizer: Any) -> Iterator[str]:
+    """OpenAI ``chat.completion.chunk`` events for a stream of text pieces, ending in ``data: [DONE]``."""
+
+    def event(delta: dict[str, str], finish: str | None = None) -> str:
+        chunk = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        }
+        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+    yield event({"role": "assistant", "content": ""})
+    text = []
+    try:
+        for piece in pieces:
+            text.append(piece)
+            yield event({"content": piece})
+    except Exception:
+        log.exception("stream %s failed", completion_id)
+        yield f"data: {json.dumps(errors.error_body(500, 'generation failed mid-stream (the server log has the traceback)', 'internal_error'))}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    generated = len(tokenizer.encode("".join(text), add_special_tokens=False))
+    yield event({}, "length" if generated >= max_new_tokens else "stop")
+    yield "data: [DONE]\n\n"
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the default 422 replaced by our error shape (schema errors answer 400)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.get("responses", {})
+            if "422" in responses:
+                responses["422"] = {
+                    "description": "Input our validation rejects",
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                }
+    components = schema.get("components", {}).get("schemas", {})
+    text = json.dumps(schema.get("paths", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        if name in components and f"#/components/schemas/{name}" not in text:
+            del components[name]
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,136 @@
+"""Group concurrent chat requests into shared ``generate`` calls.
+
+Requests wait in a queue; one worker thread takes the first, keeps collecting for at most
+``max_wait_s`` (or until ``max_batch`` are in hand) and hands the group to
+``Personalizer.respond_batch``. While a batch generates, new requests queue up, so under
+load batches fill by themselves and the wait window only matters when traffic is light.
+
+If a batch fails as a whole (one bad request fails ``respond_batch``'s up-front validation,
+e.g. a user forgotten while their request waited), each request is retried alone so only
+the bad one gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("personalign.server")
+
+RunBatch = Callable[[Sequence[Mapping[str, Any]]], list[Any]]
+
+
+@dataclass
+class _Job:
+    request: Mapping[str, Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """How many batches ran, of which sizes: the evidence that batching happens."""
+
+    sizes: Counter = field(default_factory=Counter)
+    retried_alone: int = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        batches = sum(self.sizes.values())
+        requests = sum(size * n for size, n in self.sizes.items())
+        return {
+            "batches": batches,
+            "requests": requests,
+            "mean_batch_size": requests / batches if batches else 0.0,
+            "max_batch_size": max(self.sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "retried_alone": self.retried_alone,
+        }
+
+
+class Batcher:
+    """A queue and one worker thread that calls ``run_batch`` on groups of up to ``max_batch`` requests."""
+
+    def __init__(self, run_batch: RunBatch, max_batch: int = 16, max_wait_s: float = 0.01) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.stats = BatchStats()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="personalign-batcher", daemon=True)
+                self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def submit(self, request: Mapping[str, Any]) -> Future:
+        """Queue one ``respond_batch`` request; the future resolves to its ``ChatResult``."""
+        if self._thread is None:
+            self.start()
+        job = _Job(request)
+        self._queue.put(job)
+        return job.future
+
+    def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
+        jobs = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(jobs) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs, stopping = self._collect(first)
+            self._run(jobs)
+            if stopping:
+                return
+
+    def _run(self, jobs: list[_Job]) -> None:
+        live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        try:
+            results = self.run_batch([j.request for j in live])
+        except Exception as err:
+            if len(live) == 1:
+                live[0].future.set_exception(err)
+                self.stats.sizes[1] += 1
+                return
+            self.stats.retried_alone += 1
+            for job in live:
+                try:
+                    job.future.set_result(self.run_batch([job.request])[0])
+                except Exception as single:
+                    job.future.set_exception(single)
+                self.stats.sizes[1] += 1
+            return
+        self.stats.sizes[len(live)] += 1
+        for job, result in zip(live, results, strict=True):
+            job.future.set_result(result)

@@ -1,0 +1,133 @@
+"""Errors in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with their status codes.
+
+| status | when | type / code |
+|---|---|---|
+| 400 | malformed JSON, wrong types, missing fields, unsupported OpenAI options | invalid_request_error |
+| 400 | the conversation does not fit the context | invalid_request_error / context_length_exceeded |
+| 401 | missing or unknown API key | authentication_error / invalid_api_key |
+| 403 | a read-only key asks for a write | permission_error / read_only_key |
+| 404 | unknown user, memory, model or route | not_found_error / user_not_found, memory_not_found, model_not_found |
+| 413 | request body over the limit | invalid_request_error / request_too_large |
+| 422 | well-formed input our validation rejects (``personalign.errors.ValidationError``) | invalid_request_error |
+| 501 | an endpoint whose backing feature is not installed | not_implemented_error |
+| 503 | the store is held by another process | service_unavailable |
+
+A 500 only ever means a bug; bad input never produces one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from personalign.errors import ContextLengthError, StoreLockedError, UnknownUserError, ValidationError
+
+log = logging.getLogger("personalign.server")
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    501: "not_implemented_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error the API answers with ``status`` and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def _loc_text(loc: tuple[Any, ...]) -> str:
+    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        ctx = first.get("ctx") or {}
+        return error_response(400, f"the request body is not valid JSON ({ctx.get('error', 'parse error')})", "invalid_json")
+    where = _loc_text(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid value")
+    if kind == "missing" and not where:
+        message = "the request needs a JSON body"
+    text = f"{where}: {message}" if where else message
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return error_response(400, text + more, kind or None, where or None)
+
+
+def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    messages = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
+    message = messages.get(exc.status_code, str(exc.detail))
+    codes = {404: "route_not_found", 413: "request_too_large"}
+    return error_response(exc.status_code, message, codes.get(exc.status_code))
+
+
+def _api(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.code, exc.param)
+
+
+def _validation(request: Request, exc: ValidationError) -> JSONResponse:
+    return error_response(422, str(exc), "invalid_value", exc.field)
+
+
+def _context(request: Request, exc: ContextLengthError) -> JSONResponse:
+    return error_response(400, str(exc), "context_length_exceeded", "messages")
+
+
+def _unknown_user(request: Request, exc: UnknownUserError) -> JSONResponse:
+    principal = getattr(request.state, "principal", None)
+    user = exc.user_id
+    if principal is not None and principal.owns(user):
+        user = principal.external_id(user)
+    return error_response(404, f"user {user!r} is not enrolled. Fix: POST /v1/users/{{id}}/comparisons or /memories first", "user_not_found", "user")
+
+
+def _locked(request: Request, exc: StoreLockedError) -> JSONResponse:
+    return error_response(503, str(exc), "store_locked")
+
+
+def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "internal server error (a bug: the server log has the traceback)", "internal_error")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _request_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, _api)  # type: ignore[arg-type]
+    app.add_exception_handler(ValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ContextLengthError, _context)  # type: ignore[arg-type]
+    app.add_exception_handler(UnknownUserError, _unknown_user)  # type: ignore[arg-type]
+    app.add_exception_handler(StoreLockedError, _locked)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)

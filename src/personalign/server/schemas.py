@@ -1,0 +1,222 @@
+"""Request and response bodies: OpenAI's chat schema plus personalign's user endpoints.
+
+Chat requests accept OpenAI's fields and personalign's extra fields (what the ``openai``
+client sends with ``extra_body``): ``steer``, ``memory``, ``shots``, ``n_shots``,
+``n_memories``, ``memory_threshold``, ``repetition_penalty``. Unknown fields are accepted and
+logged (as vLLM does), but OpenAI options we cannot honour (``n > 1``, ``stop``, tools,
+penalties, logprobs, JSON mode) are refused rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Number = StrictInt | StrictFloat
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(BaseModel):
+    """A chat turn. ``developer`` is read as ``system``; content may be a list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+
+    def as_sdk(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool | None = None
+
+
+# OpenAI options that change the answer and that this server cannot honour: refused unless at their no-op value.
+UNSUPPORTED = {
+    "n": (None, 1),
+    "stop": (None, [], ""),
+    "tools": (None, []),
+    "functions": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "function_call": (None, "none", "auto"),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+}
+# OpenAI options with no effect on the reply that are accepted and ignored.
+IGNORED = {"metadata", "store", "parallel_tool_calls", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent"}
+
+
+class ChatCompletionRequest(BaseModel):
+    """``POST /v1/chat/completions``. ``user`` selects the profile (omit it for a generic answer)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    messages: list[Message] = Field(min_length=1)
+    user: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: Number | None = Field(default=None, ge=0, le=2)
+    top_p: Number | None = Field(default=None, gt=0, le=1)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
+    # personalign's extra body fields
+    steer: dict[str, Number] | None = None
+    memory: StrictBool | None = None
+    shots: StrictBool | None = None
+    n_shots: StrictInt | None = None
+    n_memories: StrictInt | None = None
+    memory_threshold: Number | None = None
+    repetition_penalty: Number | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The SDK options this request sets (``max_new_tokens`` is filled in by the app)."""
+        names = ("temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold", "repetition_penalty")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Personalisation(BaseModel):
+    """What conditioned a reply (an extra field; the ``openai`` client keeps it in ``model_extra``)."""
+
+    user: str | None
+    memories: list[str]
+    shots: int
+    steer: dict[str, float]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    personalign: Personalisation
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "personalign"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- user endpoints ----------------------------------------------------------------------------
+
+
+class EnrollRequest(BaseModel):
+    """``POST /v1/users/{id}/comparisons``: TRL-format comparisons, all stored or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    comparisons: list[dict[str, Any]] = Field(min_length=1)
+
+
+class EnrollResponse(BaseModel):
+    user: str
+    added: int
+    comparisons: int
+    version: int
+    default_steer: dict[str, float]
+
+
+class RememberRequest(BaseModel):
+    """``POST /v1/users/{id}/memories``: one fact or a list, with optional flat metadata."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr | list[StrictStr]
+    metadata: dict[str, StrictStr | StrictInt | StrictFloat | StrictBool] | None = None
+
+
+class MemoryRecord(BaseModel):
+    id: str
+    memory: str
+    user_id: str
+    created_at: float | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    score: float | None = None
+    event: str | None = None
+
+
+class MemoryList(BaseModel):
+    """mem0's shape: ``{"results": [...]}``."""
+
+    results: list[MemoryRecord]
+
+
+class DeletedMemories(BaseModel):
+    user: str
+    deleted: int
+
+
+class ProfileResponse(BaseModel):
+    id: str
+    object: Literal["user"] = "user"
+    comparisons: list[dict[str, Any]]
+    n_comparisons: int
+    n_memories: int
+    settings: dict[str, Any]
+    default_steer: dict[str, float]
+    created_at: float
+    updated_at: float
+    version: int
+
+
+class ForgetResponse(BaseModel):
+    id: str
+    deleted: bool
+    memories_deleted: int
+    profile_deleted: bool
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """OpenAI's error shape."""
+
+    error: ErrorDetail
