@@ -58,7 +58,8 @@ class AdapterManager:
         self.base_model = generator.model
         self.peft: Any = None
         self.resident: OrderedDict[str, str] = OrderedDict()  # user -> adapter name, oldest first
-        self.swaps = 0
+        self.swaps = 0  # adapters loaded from disk (new slot or in-place refill)
+        self._slot_index: dict[str, dict[str, torch.nn.Parameter]] = {}
 
     # --- disk ------------------------------------------------------------------------------
 
@@ -108,6 +109,7 @@ class AdapterManager:
         """Delete adapter ``name`` from the PEFT model (its weights leave memory)."""
         if self.peft is None or name not in self.peft.peft_config:
             return
+        self._slot_index.pop(name, None)
         remaining = [n for n in self.peft.peft_config if n != name]
         if not remaining:
             # PEFT cannot work with zero adapters: unwrap back to the plain base model.
@@ -123,20 +125,52 @@ class AdapterManager:
         taken = set(self.peft.peft_config) if self.peft is not None else set()
         return next(f"slot_{i}" for i in range(len(taken) + 1) if f"slot_{i}" not in taken)
 
-    def _load_into_slot(self, folder: Path) -> str:
-        """Load ``folder`` into a free slot, or hot-swap it into the least recently used one."""
-        from peft.utils.hotswap import hotswap_adapter
+    def _slot_params(self, slot: str) -> dict[str, torch.nn.Parameter]:
+        """The slot's LoRA parameters by their on-disk key, indexed once per slot (not per swap)."""
+        if slot not in self._slot_index:
+            marker = f".{slot}."
+            self._slot_index[slot] = {n.replace(marker, "."): p for n, p in self.peft.named_parameters() if marker in n}
+        return self._slot_index[slot]
 
+    def _swap(self, slot: str, folder: Path) -> None:
+        """Copy the adapter in ``folder`` into ``slot``'s tensors in place.
+
+        The cost is that of reading and copying one adapter, whatever the number of slots.
+        Raises ``ValueError`` when the adapter's shape differs from the slot's (rank, alpha,
+        target modules, or LoRA variant).
+        """
+        from safetensors.torch import load_file
+
+        new = json.loads((folder / "adapter_config.json").read_text())
+        current = self.peft.peft_config[slot]
+        same = (
+            new.get("r") == current.r
+            and new.get("lora_alpha") == current.lora_alpha
+            and sorted(new.get("target_modules") or []) == sorted(current.target_modules or [])
+            and bool(new.get("use_rslora")) == bool(current.use_rslora)
+            and bool(new.get("use_dora")) == bool(current.use_dora)
+        )
+        if not same:
+            raise ValueError("adapter shape differs from the slot's")
+        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(self.generator.device))
+        params = self._slot_params(slot)
+        if weights.keys() != params.keys():
+            raise ValueError("adapter tensors differ from the slot's")
+        for key, value in weights.items():
+            params[key].copy_(value)
+
+    def _load_into_slot(self, folder: Path) -> str:
+        """Load ``folder`` into a free slot, or copy it into the least recently used one."""
         if len(self.resident) < self.max_resident:
             slot = self._free_slot()
             self._attach(slot, folder=folder)
+            self._slot_params(slot)  # index now, while creating the slot, so later swaps stay flat
             return slot
         victim, slot = next(iter(self.resident.items()))
         del self.resident[victim]
         try:
-            self.peft.set_adapter(slot)  # hotswap checks compatibility against the active adapter
-            hotswap_adapter(self.peft, str(folder), adapter_name=slot, torch_device=str(self.generator.device))
-        except (ValueError, RuntimeError, KeyError):
+            self._swap(slot, folder)
+        except ValueError:
             # Another rank, alpha or target modules: replace the slot instead of refilling it.
             self._drop(slot)
             self._attach(slot, folder=folder)
