@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import BASE, AdapterManager
-from personalign.errors import UnknownUserError, ValidationError
+from personalign.errors import ValidationError
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
@@ -122,6 +122,14 @@ def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
         pending = text[len(body) :]
         if body:
             yield body
+
+
+def _default_steer(profile: UserProfile) -> dict[str, float]:
+    settings = profile.settings
+    if "steer" in settings:
+        return dict(settings["steer"])
+    inferred = settings.get("inferred_steer", {})
+    return {k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0}
 
 
 def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,13 +263,7 @@ class Personalizer:
     def default_steer(self, user: str | None) -> dict[str, float]:
         """The steering applied when a request gives none: the user's stored setting, else the
         weights inferred from their comparisons (steerable objectives only), else nothing."""
-        if user is None:
-            return {}
-        settings = self.profiles.get(user).settings
-        if "steer" in settings:
-            return dict(settings["steer"])
-        inferred = settings.get("inferred_steer", {})
-        return {k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0}
+        return {} if user is None else _default_steer(self.profiles.get(user))
 
     def users(self) -> list[str]:
         return self.profiles.list_users()
@@ -290,22 +292,29 @@ class Personalizer:
     # --- generation ------------------------------------------------------------------------
 
     def condition(
-        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], max_new_tokens: int, conditioning: ConditioningParams
+        self,
+        user: str | None,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        max_new_tokens: int,
+        conditioning: ConditioningParams,
+        profile: UserProfile | None = None,
     ) -> Conditioning:
-        """The prompt for ``user``: retrieved memories and FSPO shots around ``messages``, fitted to context."""
+        """The prompt for ``user``: retrieved memories and FSPO shots around ``messages``, fitted to context.
+
+        ``profile`` is the user's profile when the caller has already read it.
+        """
         parsed = parse_messages(messages)
         memories: list[str] = []
         shots: list[Shot] = []
         if user is not None:
-            validate_user_id(user)
-            if not self.profiles.exists(user):
-                raise UnknownUserError(user)
+            if profile is None:
+                profile = self.profiles.get(user)  # validates the id; UnknownUserError if absent
             query = query_of(parsed)
             if conditioning.memory and conditioning.n_memories:
                 found = self.memory.search(user, query, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold)
                 memories = [r["memory"] for r in found["results"]]
             if conditioning.shots and conditioning.n_shots:
-                shots = rank_shots(self.profiles.get(user).comparisons, query, self.encoder, conditioning.n_shots)
+                shots = rank_shots(profile.comparisons, query, self.encoder, conditioning.n_shots)
         tokenizer = self.generator.tokenizer
         return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
 
@@ -318,8 +327,9 @@ class Personalizer:
             raise ValidationError(name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}")
         params = _params(GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation")
         conditioning = _params(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
-        cond = self.condition(user, messages, params.max_new_tokens, conditioning)
-        applied = validate_steer(steer) if steer is not None else self.default_steer(user)
+        profile = self.profiles.get(user) if user is not None else None  # read once per request
+        cond = self.condition(user, messages, params.max_new_tokens, conditioning, profile)
+        applied = validate_steer(steer) if steer is not None else ({} if profile is None else _default_steer(profile))
         encoded = self.generator.tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         return _Prepared(user, cond, params, applied, list(encoded["input_ids"]), user if use_adapter else None)
