@@ -19,6 +19,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import BASE, AdapterManager
 from personalign.errors import ValidationError
@@ -364,6 +365,10 @@ class Personalizer:
         peft = self.adapters.peft
         if all(n == BASE for n in names):
             with peft.disable_adapter():
+                return peft.generate(**kwargs, **extra)
+        if supports_gathered(peft, names):
+            # One gathered matmul pair per LoRA layer for all rows, whatever the mix of users.
+            with peft.disable_adapter(), gathered_lora(peft, names):
                 return peft.generate(**kwargs, **extra)
         return peft.generate(**kwargs, adapter_names=names, **extra)
 
