@@ -19,6 +19,7 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalign.adapters.bank import LoraBank
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import BASE, AdapterManager
@@ -135,7 +136,10 @@ def _default_steer(profile: UserProfile) -> dict[str, float]:
 
 def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What the profile records about the user's adapter (the full record sits beside the adapter)."""
-    return {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"], "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
+    summary = {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"]}
+    if "bank" in meta:
+        return {**summary, "kind": "bank", "bases": meta["bank"]["bases"], "weights": meta["bank"]["weights"]}
+    return {**summary, "kind": "lora", "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
 
 
 def _params(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:
@@ -195,13 +199,16 @@ class Personalizer:
         self,
         user: str,
         comparisons: Sequence[Comparison | dict[str, Any]],
-        adapter: bool = False,
+        adapter: bool | LoraBank = False,
         adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None,
     ) -> UserProfile:
         """Add comparisons to ``user`` (created if new). All are validated first; all or nothing is stored.
 
         With ``adapter=True`` the user's LoRA adapter is then trained (or, if one exists,
-        trained further) on all their comparisons; ``chat`` uses it from then on.
+        trained further) on all their comparisons; ``chat`` uses it from then on. With
+        ``adapter=<LoraBank>`` only the user's weights over the bank's bases are fitted (no
+        gradient step on the generator) and the exact weighted sum of the basis deltas becomes
+        the user's adapter.
         """
         config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
         validate_user_id(user)
@@ -216,7 +223,10 @@ class Personalizer:
             # Train before storing anything: a failed training leaves the profile and the previous adapter as they were.
             existing = self.profiles.get(user).comparisons if self.profiles.exists(user) else []
             with self._generate_lock:
-                meta = self.adapters.train(user, [*existing, *stamped], config)
+                if isinstance(adapter, LoraBank):
+                    meta = self.adapters.install_bank(user, adapter, [*existing, *stamped])
+                else:
+                    meta = self.adapters.train(user, [*existing, *stamped], config)
             summary = _adapter_summary(meta)
 
         def add(profile: UserProfile) -> UserProfile:

@@ -244,14 +244,21 @@ class AdapterManager:
             self._drop(name)  # half-trained or saved, the training copy leaves memory; the stored adapter is the truth
 
     def _save(self, user: str, name: str, comparisons: Sequence[Comparison], config: LoraTrainConfig, report: TrainReport) -> dict[str, Any]:
+        def write(staging: Path) -> Path:
+            self.peft.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
+            return staging / name if (staging / name / "adapter_config.json").is_file() else staging
+
+        return self._publish(user, write, comparisons, {"config": config.model_dump(mode="json"), "report": asdict(report)})
+
+    def _publish(self, user: str, write: Any, comparisons: Sequence[Comparison], extra: dict[str, Any]) -> dict[str, Any]:
+        """Write an adapter with ``write(staging) -> folder`` and swap it in atomically as the user's."""
         from personalign import __version__
 
         target = self.path(user)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".adapter-"))
         try:
-            self.peft.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
-            saved = staging / name if (staging / name / "adapter_config.json").is_file() else staging
+            saved = write(staging)
             config_path = saved / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text())
             adapter_config["base_model_name_or_path"] = self.generator.model_id
@@ -263,8 +270,7 @@ class AdapterManager:
                 "data_hash": data_hash(comparisons),
                 "pairs": len(comparisons),
                 "trained_at": time.time(),
-                "config": config.model_dump(mode="json"),
-                "report": asdict(report),
+                **extra,
             }
             atomic_write_json(saved / META_FILE, meta)
             old = target.with_name(f".adapter-old-{time.time_ns()}")
@@ -275,3 +281,21 @@ class AdapterManager:
             return meta
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def install_bank(self, user: str, bank: Any, comparisons: Sequence[Comparison], method: str = "linear") -> dict[str, Any]:
+        """Fit the user's weights over ``bank``'s bases and store the combined adapter as theirs.
+
+        No gradient step touches the generator; the stored adapter is the exact weighted sum of
+        the basis deltas, a plain PEFT LoRA like a trained one.
+        """
+        self.unload(user)  # the fit must see the base model plus the bank only
+        fit = bank.fit(comparisons, method=method)
+        bank_meta = {
+            "bases": bank.names,
+            "weights": [float(w) for w in fit.weights],
+            "method": fit.method,
+            "fit_accuracy": fit.accuracy,
+            "log_likelihood": fit.log_likelihood,
+            "provenance": bank.provenance,
+        }
+        return self._publish(user, lambda staging: bank.write_adapter(fit.weights, staging / "bank"), comparisons, {"bank": bank_meta})

@@ -1,0 +1,416 @@
+"""A LoRA bank: K basis adapters shared by everyone; a user is a weight vector over them.
+
+The bank's basis LoRAs are trained once (one per cluster of population users, or one per
+objective). A new user is enrolled without a single gradient step on the generator: only the
+K weights ``w`` are fitted to the user's comparisons, and the user's adapter is the **exact**
+weighted sum of the basis weight deltas,
+
+    dW(w) = sum_k w_k * s_k * B_k @ A_k          (s_k = lora_alpha_k / r_k)
+
+which is itself a LoRA of rank ``sum_k r_k``: ``A = [A_1; ...; A_K]`` stacked by rows and
+``B = [w_1 s_1 B_1, ..., w_K s_K B_K]`` by columns, with scaling 1. Averaging the A and B
+matrices separately instead (what P-Soups' released merge script and RecLoRA do) computes
+``(sum w_k B_k)(sum w_k A_k)``, whose cross terms ``B_j A_k`` belong to no basis.
+
+Fitting (the implicit-reward likelihood of DPO). Basis ``k``'s implicit reward of a response
+is ``beta * (log pi_k(y|x) - log pi_ref(y|x))`` with the reference = the generator without
+adapters. A user's reward is modelled as ``sum_k w_k r_k`` and ``w`` maximises
+
+    sum_i log sigmoid(sum_k w_k * m_ik) - ||w||^2 / (2 prior_scale^2),   m_ik = r_k(x_i, y_w) - r_k(x_i, y_l)
+
+(``fit="linear"``, a K-dimensional logistic regression: K + 1 forward passes per comparison,
+no gradient through the generator). This is the first-order expansion of the combined
+adapter's own implicit reward, exact at every basis vertex. ``fit="exact"`` starts from that
+solution and maximises the combined adapter's own implicit-reward likelihood, with gradients
+through the frozen generator into the K weights only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from personalign.adapters.lora import LoraTrainConfig, batch_logps, collate
+from personalign.adapters.store import AdapterError
+from personalign.errors import ValidationError
+from personalign.memory.locking import atomic_write_json
+from personalign.models import Generator
+from personalign.types import Comparison
+
+BANK_FILE = "personalign_bank.json"
+_PREFIX = "base_model.model."
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+@dataclass
+class Basis:
+    """One basis LoRA as plain tensors: per module path, ``A`` ``(r, in)`` and ``B`` ``(out, r)``."""
+
+    name: str
+    rank: int
+    scaling: float
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+
+    @classmethod
+    def load(cls, folder: Path, name: str | None = None) -> Basis:
+        """Read a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        from safetensors.torch import load_file
+
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+        except Exception as err:  # missing, truncated or corrupt files
+            raise AdapterError(f"basis adapter at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain the bank") from None
+        if config.get("use_dora") or config.get("modules_to_save") or config.get("rank_pattern") or config.get("alpha_pattern"):
+            raise AdapterError(f"basis adapter at {folder} is not a plain LoRA (DoRA, patterns or modules_to_save). Fix: train plain LoRA bases")
+        rank = int(config["r"])
+        scaling = float(config["lora_alpha"]) / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        a = {k[len(_PREFIX) : -len(_A)]: v.float() for k, v in tensors.items() if k.endswith(_A)}
+        b = {k[len(_PREFIX) : -len(_B)]: v.float() for k, v in tensors.items() if k.endswith(_B)}
+        if not a or a.keys() != b.keys() or any(a[m].shape[0] != rank or b[m].shape[1] != rank for m in a):
+            raise AdapterError(f"basis adapter at {folder} has LoRA tensors that do not match its rank {rank}. Fix: retrain the bank")
+        return cls(name or folder.name, rank, scaling, a, b)
+
+    def delta(self, module: str) -> torch.Tensor:
+        """This basis's weight update of ``module``: ``s * B @ A`` ``(out, in)``."""
+        return self.scaling * self.b[module] @ self.a[module]
+
+
+@dataclass
+class BankFit:
+    """A user's weights over the bank's bases and how well they explain the user's comparisons."""
+
+    weights: np.ndarray
+    accuracy: float
+    log_likelihood: float
+    n_comparisons: int
+    method: str
+    history: list[float] = field(default_factory=list)
+
+
+class LoraBank:
+    """K basis LoRAs over one generator, combined per user by an exact weighted sum of deltas."""
+
+    def __init__(self, generator: Generator, bases: Sequence[Basis], beta: float = 0.1, prior_scale: float = 3.0, provenance: Mapping[str, Any] | None = None) -> None:
+        if not bases:
+            raise ValidationError("bases", "is empty", "give the bank at least one basis adapter")
+        if beta <= 0 or not math.isfinite(beta):
+            raise ValidationError("beta", "must be a positive finite number", "use the beta the bases were trained with, e.g. 0.1", beta)
+        self.generator = generator
+        self.bases = list(bases)
+        self.beta = beta
+        self.prior_scale = prior_scale
+        self.provenance = dict(provenance or {})
+        self.modules = sorted(set().union(*(b.a for b in self.bases)))
+        base = self._base_model()
+        known = dict(base.named_modules())
+        for module in self.modules:
+            layer = known.get(module)
+            weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+            if weight is None:
+                raise AdapterError(f"basis module {module!r} is not a layer of {generator.model_id!r}. Fix: build the bank on this base model")
+            for basis in self.bases:
+                if module in basis.a and (basis.a[module].shape[1], basis.b[module].shape[0]) != (weight.shape[1], weight.shape[0]):
+                    raise AdapterError(f"basis {basis.name!r} has the wrong shape for {module!r}. Fix: build the bank on this base model")
+        # Per module: A of every basis stacked by rows (R, in), B by columns (out, R); zeros where a basis skips the module.
+        self._a_cat: dict[str, torch.Tensor] = {}
+        self._b_cat: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            weight = getattr(known[module], "base_layer", known[module]).weight
+            out_f, in_f = weight.shape
+            self._a_cat[module] = torch.cat([b.a.get(module, torch.zeros(b.rank, in_f)) for b in self.bases]).to(weight.device)
+            self._b_cat[module] = torch.cat([b.b.get(module, torch.zeros(out_f, b.rank)) for b in self.bases], dim=1).to(weight.device)
+        self._ranks = torch.tensor([b.rank for b in self.bases])
+        self._scales = torch.tensor([b.scaling for b in self.bases], dtype=torch.float32)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.bases]
+
+    @property
+    def k(self) -> int:
+        return len(self.bases)
+
+    def _base_model(self) -> torch.nn.Module:
+        model = self.generator.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    # --- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def from_folders(cls, generator: Generator, folders: Sequence[Path | str], **kwargs: Any) -> LoraBank:
+        return cls(generator, [Basis.load(Path(f)) for f in folders], **kwargs)
+
+    @classmethod
+    def train(
+        cls, generator: Generator, groups: Mapping[str, Sequence[Comparison]], out: Path | str, config: LoraTrainConfig | None = None, **kwargs: Any
+    ) -> LoraBank:
+        """Train one basis LoRA per group of comparisons (DPO on the group's pairs) and save the bank to ``out``."""
+        from peft import LoraConfig, get_peft_model
+
+        config = config or LoraTrainConfig()
+        if not groups:
+            raise ValidationError("groups", "is empty", "pass {basis_name: [comparisons, ...]} with at least one group")
+        if hasattr(generator.model, "peft_config"):
+            raise ValidationError("generator", "already carries adapters", "train the bank on a freshly loaded generator")
+        from personalign.adapters.lora import train_adapter
+
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=".bank-"))
+        base = generator.model
+        try:
+            for name, comparisons in groups.items():
+                if not comparisons:
+                    raise ValidationError(f"groups[{name!r}]", "is empty", "give every basis at least one comparison")
+                torch.manual_seed(config.seed)
+                lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+                peft = get_peft_model(base, lora, adapter_name=name)
+                try:
+                    train_adapter(peft, name, generator.tokenizer, list(comparisons), config)
+                    peft.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
+                finally:
+                    base = peft.unload()
+                saved = staging / name if (staging / name / "adapter_config.json").is_file() else staging
+                if saved == staging:  # PEFT writes the first (default-named) adapter at the top level
+                    target = staging / name
+                    target.mkdir()
+                    for f in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+                        if (staging / f).exists():
+                            os.replace(staging / f, target / f)
+            generator.model = base
+            bank = cls.from_folders(generator, [staging / n for n in groups], **kwargs)
+            bank.provenance = {"groups": {n: len(c) for n, c in groups.items()}, "config": config.model_dump(mode="json"), **bank.provenance}
+            bank._write_manifest(staging)
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(staging, out)
+            return bank
+        finally:
+            generator.model = base
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _write_manifest(self, folder: Path) -> None:
+        atomic_write_json(
+            folder / BANK_FILE,
+            {"format": 1, "base_model": self.generator.model_id, "bases": self.names, "beta": self.beta, "prior_scale": self.prior_scale, "provenance": self.provenance},
+        )
+
+    @classmethod
+    def load(cls, generator: Generator, folder: Path | str) -> LoraBank:
+        """A bank saved by :meth:`train`: ``personalign_bank.json`` and one PEFT folder per basis."""
+        folder = Path(folder)
+        try:
+            manifest = json.loads((folder / BANK_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise AdapterError(f"no readable bank at {folder} ({err}). Fix: train one with LoraBank.train") from None
+        if manifest.get("base_model") != generator.model_id:
+            raise AdapterError(f"bank at {folder} was trained on {manifest.get('base_model')!r}, not {generator.model_id!r}. Fix: load the model it was trained on")
+        bases = [Basis.load(folder / name, name) for name in manifest["bases"]]
+        return cls(generator, bases, beta=manifest["beta"], prior_scale=manifest["prior_scale"], provenance=manifest.get("provenance"))
+
+    # --- the combined adapter ----------------------------------------------------------------
+
+    def _check_weights(self, weights: Any) -> torch.Tensor:
+        w = weights.detach().float().cpu() if torch.is_tensor(weights) else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        w = w.reshape(-1)
+        if w.shape[0] != self.k:
+            raise ValidationError("weights", f"has {w.shape[0]} entries, the bank has {self.k} bases", f"give one weight per basis: {self.names}")
+        if not torch.isfinite(w).all():
+            raise ValidationError("weights", "contains NaN or infinite values", "refit the user's weights")
+        return w
+
+    def _column_scale(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.repeat_interleave(w * self._scales.to(w.device), self._ranks.to(w.device))  # (R,)
+
+    def delta(self, weights: Any, module: str) -> torch.Tensor:
+        """The combined update of ``module`` computed term by term: ``sum_k w_k s_k B_k A_k``."""
+        w = self._check_weights(weights)
+        total = None
+        for wk, basis in zip(w.tolist(), self.bases, strict=True):
+            if module in basis.a:
+                term = wk * basis.delta(module)
+                total = term if total is None else total + term
+        return total
+
+    def lora_tensors(self, weights: Any) -> tuple[int, dict[str, torch.Tensor]]:
+        """The combined adapter as one LoRA of rank ``sum r_k`` (scaling 1): its rank and PEFT state dict."""
+        w = self._check_weights(weights)
+        scale = self._column_scale(w)
+        tensors = {}
+        for module in self.modules:
+            tensors[_PREFIX + module + _A] = self._a_cat[module].detach().cpu().contiguous()
+            tensors[_PREFIX + module + _B] = (self._b_cat[module] * scale.to(self._b_cat[module].device)).detach().cpu().contiguous()
+        return int(self._ranks.sum()), tensors
+
+    def write_adapter(self, weights: Any, folder: Path | str) -> Path:
+        """Write the combined adapter as a plain PEFT LoRA folder (loads in PEFT, vLLM and LoRAX)."""
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        rank, tensors = self.lora_tensors(weights)
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        targets = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=self.generator.model_id)
+        config.save_pretrained(str(folder))
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        return folder
+
+    @contextmanager
+    def applied(self, weights: Any) -> Iterator[None]:
+        """Run the generator with the combined adapter of ``weights`` (a tensor may carry gradients).
+
+        Other adapters on the model are switched off for the duration; each basis module adds
+        ``((x @ A_cat.T) * colscale(w)) @ B_cat.T``, which equals ``sum_k w_k s_k B_k A_k x``.
+        """
+        w = weights if torch.is_tensor(weights) and weights.requires_grad else self._check_weights(weights)
+        model = self.generator.model
+        known = dict(self._base_model().named_modules())
+        handles = []
+        scale = self._column_scale(w.to(self.generator.device))
+
+        def make_hook(module: str) -> Any:
+            a, b = self._a_cat[module], self._b_cat[module]
+
+            def hook(layer: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+                x = inputs[0].to(a.dtype)
+                return output + (((x @ a.T) * scale) @ b.T).to(output.dtype)
+
+            return hook
+
+        disable = model.disable_adapter() if hasattr(model, "disable_adapter") else None
+        try:
+            if disable is not None:
+                disable.__enter__()
+            for module in self.modules:
+                handles.append(known[module].register_forward_hook(make_hook(module)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            if disable is not None:
+                disable.__exit__(None, None, None)
+
+    # --- fitting a user ----------------------------------------------------------------------
+
+    def _reference(self) -> Any:
+        model = self.generator.model
+        return model.disable_adapter() if hasattr(model, "disable_adapter") else _null()
+
+    def _logps(self, comparisons: Sequence[Comparison], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collate(self.generator.tokenizer, comparisons, max_length)
+        return batch_logps(self.generator.model, batch)
+
+    def basis_margins(self, comparisons: Sequence[Comparison], batch_size: int = 8, max_length: int = 512) -> np.ndarray:
+        """``(n, K)``: basis k's implicit-reward margin ``r_k(chosen) - r_k(rejected)`` per comparison."""
+        comparisons = _check_comparisons(comparisons)
+        out = np.zeros((len(comparisons), self.k), dtype=np.float64)
+        eye = torch.eye(self.k)
+        with torch.no_grad():
+            for start in range(0, len(comparisons), batch_size):
+                chunk = comparisons[start : start + batch_size]
+                with self._reference():
+                    rc, rr = self._logps(chunk, max_length)
+                for k in range(self.k):
+                    with self.applied(eye[k]):
+                        pc, pr = self._logps(chunk, max_length)
+                    out[start : start + len(chunk), k] = (self.beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
+        return out
+
+    def fit_margins(self, margins: np.ndarray, sample_weights: np.ndarray | None = None, steps: int = 200) -> np.ndarray:
+        """MAP weights of the linear model from precomputed :meth:`basis_margins` (Newton's method)."""
+        m = np.asarray(margins, dtype=np.float64)
+        if m.ndim != 2 or m.shape[1] != self.k or m.shape[0] == 0:
+            raise ValidationError("margins", f"has shape {m.shape}", f"pass an (n, {self.k}) array from basis_margins with n >= 1")
+        if not np.isfinite(m).all():
+            raise ValidationError("margins", "contains NaN or infinite values", "recompute them with basis_margins")
+        sw = np.ones(len(m)) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
+        precision = 1.0 / self.prior_scale**2
+        w = np.zeros(self.k)
+        for _ in range(steps):
+            z = m @ w
+            p = 1.0 / (1.0 + np.exp(-z))
+            grad = m.T @ (sw * (1.0 - p)) - precision * w  # gradient of the log posterior
+            hess = -(m.T * (sw * p * (1.0 - p))) @ m - precision * np.eye(self.k)
+            step = np.linalg.solve(hess, grad)
+            w = w - step
+            if np.abs(step).max() < 1e-10:
+                break
+        return w
+
+    def fit(self, comparisons: Sequence[Comparison], method: str = "linear", steps: int = 20, learning_rate: float = 0.05, max_length: int = 512) -> BankFit:
+        """Fit a user's K weights to their comparisons; the generator's weights never change."""
+        comparisons = _check_comparisons(comparisons)
+        if method not in ("linear", "exact"):
+            raise ValidationError("method", f"is {method!r}", "use 'linear' (K+1 forward passes per pair) or 'exact' (gradients into the K weights)")
+        margins = self.basis_margins(comparisons, max_length=max_length)
+        sw = np.array([c.weight for c in comparisons], dtype=np.float64)
+        w = self.fit_margins(margins, sw)
+        history: list[float] = []
+        if method == "exact":
+            w, history = self._refine(comparisons, w, sw, steps, learning_rate, max_length)
+        z = self.margins_under(comparisons, w, max_length)  # the combined adapter's own margins, whichever fit
+        log_lik = float(np.sum(sw * -np.logaddexp(0.0, -z)))
+        return BankFit(np.asarray(w, dtype=np.float32), float(np.mean(z > 0)), log_lik, len(comparisons), method, history)
+
+    def margins_under(self, comparisons: Sequence[Comparison], weights: Any, max_length: int = 512) -> np.ndarray:
+        """The combined adapter's own implicit-reward margins ``(n,)`` (no linearisation)."""
+        comparisons = _check_comparisons(comparisons)
+        with torch.no_grad():
+            with self._reference():
+                rc, rr = self._logps(comparisons, max_length)
+            with self.applied(weights):
+                pc, pr = self._logps(comparisons, max_length)
+        return (self.beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
+
+    def _refine(self, comparisons: list[Comparison], w0: np.ndarray, sw: np.ndarray, steps: int, lr: float, max_length: int) -> tuple[np.ndarray, list[float]]:
+        with torch.no_grad(), self._reference():
+            rc, rr = self._logps(comparisons, max_length)
+        w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
+        weights = torch.tensor(sw, dtype=torch.float32)
+        optimizer = torch.optim.Adam([w], lr=lr)
+        precision = 1.0 / self.prior_scale**2
+        history = []
+        for _ in range(steps):
+            with self.applied(w):
+                pc, pr = self._logps(comparisons, max_length)
+            z = self.beta * ((pc - rc) - (pr - rr))
+            loss = -(weights * torch.nn.functional.logsigmoid(z)).sum() + 0.5 * precision * (w * w).sum()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            history.append(float(loss.detach()))
+        return w.detach().numpy().astype(np.float64), history
+
+    def prob(self, margins: np.ndarray, weights: Any) -> np.ndarray:
+        """``p(chosen preferred)`` per row of precomputed basis margins under the linear model."""
+        w = self._check_weights(weights).double().numpy()
+        return 1.0 / (1.0 + np.exp(-(np.asarray(margins, dtype=np.float64) @ w)))
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
+
+
+def _check_comparisons(comparisons: Sequence[Comparison]) -> list[Comparison]:
+    items = list(comparisons)
+    if not items:
+        raise ValidationError("comparisons", "is empty", "pass at least one comparison")
+    for i, c in enumerate(items):
+        if not isinstance(c, Comparison):
+            raise ValidationError(f"comparisons[{i}]", "is not a Comparison", "build it with Comparison(prompt=..., chosen=..., rejected=...)", c)
+    return items
