@@ -202,7 +202,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     )
     async def chat_completions(body: ChatCompletionRequest, who: Reader) -> Any:
         request = sdk_request(body, who)
-        await run_in_threadpool(prevalidate, request)
+        if body.stream:
+            await run_in_threadpool(prevalidate, request)
+        else:
+            with batcher.arriving():
+                await run_in_threadpool(prevalidate, request)
+                future = batcher.submit(request)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if body.stream:
@@ -210,7 +215,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             pieces = await run_in_threadpool(lambda: pz.stream(request["user"], request["messages"], steer=request.get("steer"), **options))
             chunks = _sse(pieces, completion_id, now, config.served_model, request["max_new_tokens"], pz.generator.tokenizer)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await asyncio.wrap_future(batcher.submit(request))
+        result = await asyncio.wrap_future(future)
         finish = "length" if result.completion_tokens >= request["max_new_tokens"] else "stop"
         return ChatCompletion(
             id=completion_id,

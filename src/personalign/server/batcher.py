@@ -4,6 +4,8 @@ Requests wait in a queue; one worker thread takes the first, keeps collecting fo
 ``max_wait_s`` (or until ``max_batch`` are in hand) and hands the group to
 ``Personalizer.respond_batch``. While a batch generates, new requests queue up, so under
 load batches fill by themselves and the wait window only matters when traffic is light.
+Requests the server has received but not yet validated (:meth:`Batcher.arriving`) extend
+the window up to ``max_hold_s``, so a batch does not close on half of a wave of clients.
 
 If a batch fails as a whole (one bad request fails ``respond_batch``'s up-front validation,
 e.g. a user forgotten while their request waited), each request is retried alone so only
@@ -17,8 +19,9 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,16 +59,36 @@ class BatchStats:
 class Batcher:
     """A queue and one worker thread that calls ``run_batch`` on groups of up to ``max_batch`` requests."""
 
-    def __init__(self, run_batch: RunBatch, max_batch: int = 16, max_wait_s: float = 0.01) -> None:
+    def __init__(self, run_batch: RunBatch, max_batch: int = 16, max_wait_s: float = 0.01, max_hold_s: float = 0.25) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
+        self.max_hold_s = max(max_hold_s, max_wait_s)
         self.stats = BatchStats()
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._arriving = 0
+        self._arriving_lock = threading.Lock()
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request that is being parsed and validated and will be submitted shortly.
+
+        While any are marked, a batch being collected keeps waiting for them (up to
+        ``max_hold_s`` from its first request) instead of closing after ``max_wait_s``: under
+        load, the clients answered by one batch come back together, and the next batch should
+        take all of them rather than whichever finished parsing first.
+        """
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
 
     def start(self) -> None:
         with self._lock:
@@ -90,13 +113,18 @@ class Batcher:
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         jobs = [first]
-        deadline = time.monotonic() + self.max_wait_s
+        started = time.monotonic()
+        deadline, hold = started + self.max_wait_s, started + self.max_hold_s
         while len(jobs) < self.max_batch:
-            remaining = deadline - time.monotonic()
+            limit = hold if self._arriving > 0 else deadline
+            remaining = limit - time.monotonic()
             try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                # Poll in short slices so a request that starts arriving extends the wait.
+                job = self._queue.get(timeout=min(remaining, 0.005)) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
-                break
+                if remaining <= 0:
+                    break
+                continue
             if job is None:
                 return jobs, True
             jobs.append(job)
