@@ -30,6 +30,7 @@ from personalign.persona.fspo import (
 )
 from personalign.personalizer import Personalizer
 from personalign.steering.objectives import infer_weights
+from personalign.streaming import TokenStream
 from personalign.types import Comparison, parse_messages
 
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg."}
@@ -314,15 +315,50 @@ def test_stream_yields_the_same_tokens_as_respond(request, calls, which):
     assert "".join(personalizer.chat("alice", ASK_EGG, stream=True, max_new_tokens=10)) == "".join(pieces)
 
 
-# BUG (personalizer.py, Personalizer._run): respond() returns ``decode(...).strip()`` while stream()
-# yields the decoded text unstripped, so the concatenated stream differs from respond().text whenever
-# the reply starts or ends with whitespace. On the tiny model the reply is ten "\n" tokens: the stream
-# gives "\n" * 10 and respond gives "". Fix: drop ``.strip()`` in _run (or strip the stream the same way).
 @pytest.mark.parametrize("which", ["pz", "lively_pz"])
 def test_stream_concatenation_equals_respond_text(request, which):
     personalizer: Personalizer = request.getfixturevalue(which)
     text = personalizer.respond(None, ASK_EGG, max_new_tokens=10).text
     assert "".join(personalizer.stream(None, ASK_EGG, max_new_tokens=10)) == text
+
+
+def test_streams_in_a_batch_equal_their_own_replies(lively_pz):
+    lively_pz.enroll("alice", [EGG, SKY])
+    streams = [TokenStream(), None, TokenStream()]
+    requests = [
+        {"user": "alice", "messages": ASK_EGG, "max_new_tokens": 10, "stream": streams[0]},
+        {"user": None, "messages": ASK_DINNER, "max_new_tokens": 10},
+        {"user": None, "messages": ASK_EGG, "max_new_tokens": 3, "stream": streams[2]},
+    ]
+    results = lively_pz.respond_batch(requests)
+    for request, stream, result in zip(requests, streams, results, strict=True):
+        options = {k: v for k, v in request.items() if k not in ("user", "messages", "stream")}
+        assert result == lively_pz.respond(request["user"], request["messages"], **options)
+        if stream is not None:
+            assert stream.done and stream.result == result and "".join(stream) == result.text
+    assert results[2].completion_tokens == 3 and results[0].completion_tokens > 3  # each row keeps its own limit
+    with pytest.raises(ValidationError, match=r"requests\[0\]\.stream"):
+        lively_pz.respond_batch([{"user": None, "messages": ASK_EGG, "stream": "yes"}])
+
+
+def test_a_cancelled_stream_stops_its_generation(lively_pz):
+    model = lively_pz.generator.model
+    steps: list[int] = []
+    hook = model.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        assert lively_pz.respond(None, ASK_EGG, max_new_tokens=40).completion_tokens == 40  # the model does not stop by itself
+        steps.clear()
+        stream = TokenStream()
+        stream.cancel()
+        [result] = lively_pz.respond_batch([{"user": None, "messages": ASK_EGG, "max_new_tokens": 40, "stream": stream}])
+        assert len(steps) <= 2 and result.completion_tokens <= 2
+        steps.clear()
+        pieces = lively_pz.stream(None, ASK_EGG, max_new_tokens=40)
+        next(pieces)
+        pieces.close()  # the consumer leaves after the first piece: generation stops soon after
+        assert len(steps) < 40
+    finally:
+        hook.remove()
 
 
 def test_stream_validates_before_returning(pz):

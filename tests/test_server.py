@@ -385,3 +385,56 @@ def test_concurrent_clients_do_not_block_health(server, http):
     for t in threads:
         t.join()
     assert results == [200] * 6
+
+
+def test_stream_usage_chunk_and_concurrent_streams_share_batches(client, server, http):
+    _user(http, "cai", [EGG])
+    messages = [{"role": "user", "content": "How do I boil an egg?"}]
+    chunks = list(client.chat.completions.create(model="personalign", messages=messages, user="cai", max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1]
+    assert usage.choices == [] and usage.usage is not None
+    whole = client.chat.completions.create(model="personalign", messages=messages, user="cai", max_tokens=8)
+    assert (usage.usage.prompt_tokens, usage.usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert usage.usage.total_tokens == whole.usage.total_tokens
+
+    before = http.get("/v1/server/stats").json()
+    texts: dict[int, str] = {}
+
+    def one(i):
+        stream = client.chat.completions.create(model="personalign", messages=messages, user="cai", max_tokens=8, stream=True)
+        texts[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    after = http.get("/v1/server/stats").json()
+    assert all(text.strip() == whole.choices[0].message.content for text in texts.values()) and len(texts) == 6
+    assert after["requests"] - before["requests"] == 6 and after["batches"] - before["batches"] < 6  # streams were batched
+
+
+def test_stream_for_a_user_forgotten_while_queued_ends_with_an_error_event(server, personalizer, http):
+    _user(http, "dov", [EGG])
+    gate = threading.Lock()
+    gate.acquire()
+    original = personalizer._prepare
+
+    def slow_prepare(*args, **kwargs):
+        with gate:  # hold the batch until the user is gone
+            pass
+        return original(*args, **kwargs)
+
+    personalizer._prepare = slow_prepare
+    try:
+        body = {"model": "personalign", "user": "dov", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 4}
+        with httpx.Client(base_url=server.url, timeout=60) as other, other.stream("POST", "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            personalizer.forget("dov")
+            gate.release()
+            events = [line for line in response.iter_lines() if line]
+    finally:
+        personalizer._prepare = original
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][6:])["error"]
+    assert "dov" in error["message"] and error["code"] == "not_found"

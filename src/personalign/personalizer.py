@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
 from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors, validate_steer
 from personalign.steering.objectives import infer_weights
+from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
 from personalign.types import (
     ChatMessage,
     Comparison,
@@ -108,22 +110,13 @@ class ChatResult:
     completion_tokens: int
 
 
-def _strip_stream(pieces: Iterator[str]) -> Iterator[str]:
-    """Yield ``pieces`` so that their concatenation is the stripped text: leading whitespace is
-    dropped and trailing whitespace is held back until more text follows it."""
-    pending = ""
-    started = False
-    for piece in pieces:
-        if not started:
-            piece = piece.lstrip()
-            if not piece:
-                continue
-            started = True
-        text = pending + piece
-        body = text.rstrip()
-        pending = text[len(body) :]
-        if body:
-            yield body
+def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
+    """Iterate ``stream``; if the consumer stops early, cancel the generation behind it."""
+    try:
+        yield from stream
+    finally:
+        stream.cancel()
+        worker.join()
 
 
 def _default_steer(profile: UserProfile) -> dict[str, float]:
@@ -382,25 +375,42 @@ class Personalizer:
                 return peft.generate(**kwargs, **extra)
         return peft.generate(**kwargs, adapter_names=names, **extra)
 
-    def _run(self, batch: Sequence[_Prepared]) -> list[ChatResult]:
+    def _result(self, prepared: _Prepared, new_tokens: list[int], stops: set[int]) -> ChatResult:
+        """A row's reply from its generated tokens (cut at its own limit and first end-of-sequence)."""
+        new_tokens = new_tokens[: prepared.params.max_new_tokens]
+        end = next((i + 1 for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
+        new_tokens = new_tokens[:end]
+        text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        cond = prepared.conditioning
+        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens))
+
+    def _run(self, batch: Sequence[_Prepared], streams: Sequence[TokenStream | None] | None = None) -> list[ChatResult]:
         import torch
+        from transformers import StoppingCriteriaList
 
         kwargs = self._generate_kwargs(batch)
-        seed = batch[0].params.seed
-        with self._generate_lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            output = self._generate(batch, kwargs)
-        width = kwargs["input_ids"].shape[1]
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
-        results = []
-        for row, prepared in zip(output, batch, strict=True):
-            new_tokens = row[width:].tolist()[: prepared.params.max_new_tokens]
-            end = next((i + 1 for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
-            new_tokens = new_tokens[:end]
-            text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            cond = prepared.conditioning
-            results.append(ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens)))
+        streamer = None
+        if streams is not None and any(s is not None for s in streams):
+            limits = [p.params.max_new_tokens for p in batch]
+            streamer = BatchStreamer(self.generator.tokenizer, streams, limits, stops, lambda i, tokens: self._result(batch[i], tokens, stops))
+            kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows(streams)])
+        seed = batch[0].params.seed
+        try:
+            with self._generate_lock, torch.inference_mode():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                output = self._generate(batch, kwargs, streamer)
+        except BaseException as err:
+            for stream in streams or []:
+                if stream is not None:
+                    stream.fail(err)
+            raise
+        width = kwargs["input_ids"].shape[1]
+        results = [self._result(prepared, row[width:].tolist(), stops) for row, prepared in zip(output, batch, strict=True)]
+        for stream, result in zip(streams or [], results, strict=False):
+            if stream is not None:
+                stream.finish(result)  # rows the streamer has not closed (a no-op for the others)
         return results
 
     def respond(
@@ -426,18 +436,22 @@ class Personalizer:
         """
         if not requests:
             raise ValidationError("requests", "is empty", "pass at least one request")
-        prepared = []
+        prepared, streams = [], []
         for index, request in enumerate(requests):
             if not isinstance(request, Mapping) or "messages" not in request:
                 raise ValidationError(f"requests[{index}]", "must be a mapping with 'messages'", "pass {'user': ..., 'messages': [...]}", request)
-            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
+            stream = request.get("stream")
+            if stream is not None and not isinstance(stream, TokenStream):
+                raise ValidationError(f"requests[{index}].stream", "is not a TokenStream", "pass personalign.streaming.TokenStream() or leave it out")
+            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer", "stream")}
             prepared.append(self._prepare(request.get("user"), request["messages"], request.get("steer"), options))
+            streams.append(stream)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, item in enumerate(prepared):
             groups.setdefault(item.params.batch_key(), []).append(index)
         results: list[ChatResult | None] = [None] * len(prepared)
         for indices in groups.values():
-            for index, result in zip(indices, self._run([prepared[i] for i in indices]), strict=True):
+            for index, result in zip(indices, self._run([prepared[i] for i in indices], [streams[i] for i in indices]), strict=True):
                 results[index] = result
         return [r for r in results if r is not None]
 
@@ -459,31 +473,15 @@ class Personalizer:
     ) -> Iterator[str]:
         """An iterator over the reply as it is generated (same tokens as :meth:`respond`).
 
-        Input is validated here, before the iterator is returned.
+        Input is validated here, before the iterator is returned. Closing the iterator early
+        stops the generation.
         """
         prepared = self._prepare(user, messages, steer, options)
-        return self._stream(prepared, self._generate_kwargs([prepared]))
-
-    def _stream(self, prepared: _Prepared, kwargs: dict[str, Any]) -> Iterator[str]:
-        import torch
-        from transformers import TextIteratorStreamer
-
-        streamer = TextIteratorStreamer(self.generator.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with self._generate_lock, torch.inference_mode():
-                    if prepared.params.seed is not None:
-                        torch.manual_seed(prepared.params.seed)
-                    self._generate([prepared], kwargs, streamer=streamer)
-            except BaseException as err:  # surfaced in the caller's thread below
-                errors.append(err)
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
+        stream = TokenStream()
+        worker = threading.Thread(target=self._run_quietly, args=([prepared], [stream]), daemon=True)
         worker.start()
-        yield from _strip_stream(streamer)
-        worker.join()
-        if errors:
-            raise errors[0]
+        return _consume(stream, worker)
+
+    def _run_quietly(self, batch: Sequence[_Prepared], streams: Sequence[TokenStream | None]) -> None:
+        with contextlib.suppress(BaseException):  # the error reaches the consumer through its stream
+            self._run(batch, streams)

@@ -28,7 +28,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 
 from personalign import __version__
-from personalign.errors import UnknownUserError
+from personalign.errors import PersonalignError, UnknownUserError
 from personalign.personalizer import ConditioningParams, GenerationParams
 from personalign.server import errors
 from personalign.server.batcher import Batcher
@@ -56,6 +56,7 @@ from personalign.server.schemas import (
     Usage,
 )
 from personalign.steering.decoding import validate_steer
+from personalign.streaming import TokenStream
 from personalign.types import convert_pydantic_error, parse_messages
 
 log = logging.getLogger("personalign.server")
@@ -202,18 +203,19 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     )
     async def chat_completions(body: ChatCompletionRequest, who: Reader) -> Any:
         request = sdk_request(body, who)
-        if body.stream:
+        stream = TokenStream() if body.stream else None
+        with batcher.arriving():
             await run_in_threadpool(prevalidate, request)
-        else:
-            with batcher.arriving():
-                await run_in_threadpool(prevalidate, request)
-                future = batcher.submit(request)
+            # Streams join batches too: their tokens are routed out of the shared generate call.
+            future = batcher.submit(request if stream is None else {**request, "stream": stream})
+        if stream is not None:
+            # A request its batch rejected before generating never reaches the streamer: end its stream too.
+            future.add_done_callback(lambda f: stream.fail(f.exception()) if f.exception() is not None else None)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
-        if body.stream:
-            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
-            pieces = await run_in_threadpool(lambda: pz.stream(request["user"], request["messages"], steer=request.get("steer"), **options))
-            chunks = _sse(pieces, completion_id, now, config.served_model, request["max_new_tokens"], pz.generator.tokenizer)
+        if stream is not None:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = _sse(stream, completion_id, now, config.served_model, request["max_new_tokens"], usage)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await asyncio.wrap_future(future)
         finish = "length" if result.completion_tokens >= request["max_new_tokens"] else "stop"
@@ -335,33 +337,43 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     return app
 
 
-def _sse(pieces: Iterator[str], completion_id: str, created: int, model: str, max_new_tokens: int, tokenizer: Any) -> Iterator[str]:
-    """OpenAI ``chat.completion.chunk`` events for a stream of text pieces, ending in ``data: [DONE]``."""
+def _sse(stream: TokenStream, completion_id: str, created: int, model: str, max_new_tokens: int, include_usage: bool) -> Iterator[str]:
+    """OpenAI ``chat.completion.chunk`` events for a stream, ending in ``data: [DONE]``.
 
-    def event(delta: dict[str, str], finish: str | None = None) -> str:
-        chunk = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
-        }
+    With ``include_usage`` a last chunk with empty ``choices`` carries the token counts. If the
+    client disconnects, the response stops iterating this generator and the row is cancelled.
+    """
+
+    def event(delta: dict[str, str] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        if usage is not None:
+            chunk["usage"] = usage
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
-    yield event({"role": "assistant", "content": ""})
-    text = []
     try:
-        for piece in pieces:
-            text.append(piece)
-            yield event({"content": piece})
-    except Exception:
-        log.exception("stream %s failed", completion_id)
-        yield f"data: {json.dumps(errors.error_body(500, 'generation failed mid-stream (the server log has the traceback)', 'internal_error'))}\n\n"
+        yield event({"role": "assistant", "content": ""})
+        try:
+            for piece in stream:
+                yield event({"content": piece})
+        except Exception as err:
+            if isinstance(err, PersonalignError):  # rejected when its batch was prepared (e.g. the user was forgotten meanwhile)
+                status, kind = (404, "not_found") if isinstance(err, UnknownUserError) else (400, "invalid_request_error")
+                body = errors.error_body(status, str(err), kind)
+            else:
+                log.exception("stream %s failed", completion_id)
+                body = errors.error_body(500, "generation failed mid-stream (the server log has the traceback)", "internal_error")
+            yield f"data: {json.dumps(body)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+        result = stream.result
+        yield event({}, "length" if result.completion_tokens >= max_new_tokens else "stop")
+        if include_usage:
+            tokens = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
+            yield event(None, usage={**tokens, "total_tokens": result.prompt_tokens + result.completion_tokens})
         yield "data: [DONE]\n\n"
-        return
-    generated = len(tokenizer.encode("".join(text), add_special_tokens=False))
-    yield event({}, "length" if generated >= max_new_tokens else "stop")
-    yield "data: [DONE]\n\n"
+    finally:
+        stream.cancel()  # a no-op once the row is done; stops generating for a client that left
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
