@@ -170,3 +170,29 @@ def test_bad_banks_and_weights_get_typed_errors(random_bank, trained_bank_dir, t
     (other / "personalign_bank.json").write_text(json.dumps({**manifest, "base_model": "someone/else"}))
     with pytest.raises(AdapterError, match="someone/else"):
         LoraBank.load(bank.generator, other)
+
+
+def test_cli_trains_a_bank_from_a_population_and_fits_a_user(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    rows = []
+    for u in range(4):
+        pairs = SHORT if u % 2 == 0 else LONG
+        rows += [{"user": f"u{u}", **c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})} for c in pairs[:4]]
+    data = tmp_path / "population.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runner = CliRunner()
+    model = ["--model", str(tiny_model_dir)]
+    out = runner.invoke(app, ["train", "bank", "--data", str(data), "--k", "2", "--rank", "2", "--epochs", "2", "--out", str(tmp_path / "bank"), *model])
+    assert out.exit_code == 0, out.output
+    assert "bank of 2 bases" in out.output and (tmp_path / "bank" / "personalign_bank.json").is_file()
+    user_file = tmp_path / "alice.jsonl"
+    user_file.write_text("".join(json.dumps(c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})) + "\n" for c in SHORT[:3]))
+    store = ["--store", str(tmp_path / "store")]
+    out = runner.invoke(app, ["train", "user-bank", "--user", "alice", "--bank", str(tmp_path / "bank"), "--file", str(user_file), *store, *model])
+    assert out.exit_code == 0, out.output
+    assert "alice: weights cluster-" in out.output and "on 3 comparisons" in out.output
+    out = runner.invoke(app, ["train", "user-bank", "--user", "nobody", "--bank", str(tmp_path / "bank"), *store, *model])
+    assert out.exit_code != 0 and "nobody" in out.output

@@ -324,6 +324,71 @@ def train_user_lora(
         _fail(err)
 
 
+@train_app.command("bank")
+def train_bank(
+    out: Annotated[Path, typer.Option(help="Folder for the bank (one PEFT folder per basis + personalign_bank.json).")],
+    data: Annotated[str, typer.Option(help="Population to cluster: psoups, hh, popquorn, synthetic, or a .jsonl with a user column.")] = "synthetic",
+    k: Annotated[int, typer.Option(min=1, max=64, help="Number of basis LoRAs (clusters of users).")] = 4,
+    max_pairs: Annotated[int, typer.Option(min=1, help="Most comparisons a basis is trained on.")] = 48,
+    rank: Annotated[int, typer.Option(min=1, max=256)] = 8,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    learning_rate: Annotated[float, typer.Option()] = 5e-4,
+    beta: Annotated[float, typer.Option()] = 0.1,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Train a LoRA bank: cluster users by their preference direction, one basis LoRA per cluster."""
+    from personalign.adapters.bank import LoraBank
+    from personalign.adapters.lora import LoraTrainConfig
+    from personalign.eval.adapters import basis_groups
+    from personalign.eval.populations import load_population
+    from personalign.models import load_encoder, load_generator
+
+    try:
+        population = load_population(data, seed=seed)
+        generator, enc = load_generator(model, device=device), load_encoder(encoder, device=device)
+        groups = basis_groups(enc, population, k, max_pairs, seed)
+        config = LoraTrainConfig(rank=rank, alpha=2 * rank, epochs=epochs, learning_rate=learning_rate, beta=beta, seed=seed, holdout_fraction=0.0, progress=True)
+        bank = LoraBank.train(generator, groups, out, config, beta=beta)
+        bank.provenance["data"] = data
+        bank._write_manifest(out)
+        typer.echo(f"bank of {bank.k} bases on {generator.model_id}: " + ", ".join(f"{g} ({len(c)} pairs)" for g, c in groups.items()) + f" -> {out}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@train_app.command("user-bank")
+def train_user_bank(
+    user: UserOpt,
+    bank: Annotated[Path, typer.Option(exists=True, file_okay=False, help="A bank made by `personalign train bank`.")],
+    file: Annotated[Path | None, typer.Option("--file", "-f", exists=True, dir_okay=False, help="New comparisons (JSONL) to add first.")] = None,
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Fit a user's weights over a LoRA bank (no training of the generator) and store the combined adapter."""
+    from personalign.adapters.bank import LoraBank
+    from personalign.types import read_preferences
+
+    try:
+        new = [c for row_user, c in read_preferences(file) if row_user in (None, user)] if file else []
+        with _open(store, model, encoder, device) as pz:
+            loaded = LoraBank.load(pz.generator, bank)
+            comparisons = new or pz.profile(user).comparisons
+            if new:
+                comparisons = pz.enroll(user, new, adapter=loaded).comparisons
+            else:
+                pz.train_adapter(user, bank=loaded)
+            summary = pz.adapters.metadata(user)["bank"]
+        weights = ", ".join(f"{n}={w:+.2f}" for n, w in zip(summary["bases"], summary["weights"], strict=True))
+        typer.echo(f"{user}: weights {weights}; fit accuracy {summary['fit_accuracy']:.2f} on {len(comparisons)} comparisons")
+    except PersonalignError as err:
+        _fail(err)
+
+
 @app.command()
 def export(
     engine: Annotated[str, typer.Option(help="vllm or lorax.")],

@@ -232,14 +232,14 @@ class Personalizer:
 
         return self.profiles.update(user, add)
 
-    def train_adapter(self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None) -> UserProfile:
-        """(Re)train ``user``'s LoRA adapter on all their stored comparisons."""
+    def train_adapter(self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None) -> UserProfile:
+        """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases)."""
         config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
         comparisons = self.profiles.get(user).comparisons
         if not comparisons:
             raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
         with self._generate_lock:
-            meta = self.adapters.train(user, comparisons, config)
+            meta = self.adapters.install_bank(user, bank, comparisons) if bank is not None else self.adapters.train(user, comparisons, config)
 
         def note(profile: UserProfile) -> UserProfile:
             profile.settings["adapter"] = _adapter_summary(meta)
