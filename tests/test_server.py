@@ -371,6 +371,18 @@ def test_serve_bench_in_process(personalizer):
     assert "speed-up" in format_report(result)
 
 
+def test_serve_bench_mixed_workload_reads_every_write_back(personalizer):
+    from personalign.bench.serve import bench_users, format_report, run_serve_bench
+
+    result = run_serve_bench(levels=(4,), requests_per_client=4, max_seconds=30, max_tokens=4, max_batch=4, personalizer=personalizer, mixed=True)
+    for server in result["servers"].values():
+        level = server["levels"][0]
+        assert level["errors"] == 0 and level["operations"] == {"chat": 12, "memory": 2, "enroll": 2}
+        seeded = sum(len(d["comparisons"]) + len(d["memories"]) for d in bench_users(mixed=True).values())
+        assert server["writes"] == {"checked": seeded + 4, "lost": 0, "duplicated": 0, "unexpected": 0}
+    assert "0 lost" in format_report(result)
+
+
 def test_concurrent_clients_do_not_block_health(server, http):
     results = []
 

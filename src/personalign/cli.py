@@ -530,6 +530,7 @@ def bench_serve(
     model: ModelOpt = None,
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
+    mixed: Annotated[bool, typer.Option("--mixed", help="20 users; chats mixed with memory writes and enrollments, all read back at the end.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
 ) -> None:
     """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time."""
@@ -543,7 +544,7 @@ def bench_serve(
         _fail(ValidationError("--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients))
     result = run_serve_bench(
         levels=levels, requests_per_client=requests, max_seconds=seconds, max_tokens=max_tokens, max_batch=max_batch,
-        model=model, encoder=encoder, device=device,
+        model=model, encoder=encoder, device=device, mixed=mixed,
     )
     typer.echo(format_report(result))
     if json_out is not None:

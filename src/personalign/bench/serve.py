@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,25 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def _request(index: int, max_tokens: int) -> dict[str, Any]:
-    users = list(USERS)
+MIXED_USERS = 20
+# The mixed workload repeats this cycle: 6 chats, 1 memory write, 1 enrollment of one comparison.
+MIXED_CYCLE = ("chat", "chat", "memory", "chat", "chat", "chat", "enroll", "chat")
+
+
+def bench_users(mixed: bool) -> dict[str, dict[str, Any]]:
+    """The 4 hand-written users, plus generated ones up to 20 for the mixed workload."""
+    users = dict(USERS)
+    if mixed:
+        for i in range(len(users), MIXED_USERS):
+            wants_short = i % 2 == 0
+            short, long = "Keep it brief.", "Here is a long and careful answer that covers every detail you might need."
+            comparison = {"prompt": f"Advice number {i}?", "chosen": short if wants_short else long, "rejected": long if wants_short else short}
+            users[f"user-{i:02d}"] = {"comparisons": [comparison], "memories": [f"My lucky number is {i}."]}
+    return users
+
+
+def _request(index: int, max_tokens: int, users: Sequence[str] | None = None) -> dict[str, Any]:
+    users = list(users or USERS)
     return {
         "model": "personalign",
         "user": users[index % len(users)],
@@ -73,22 +90,62 @@ def _request(index: int, max_tokens: int) -> dict[str, Any]:
     }
 
 
-def seed_users(url: str, headers: dict[str, str] | None = None) -> None:
+def seed_users(url: str, headers: dict[str, str] | None = None, users: Mapping[str, Any] | None = None) -> None:
     import httpx
 
     with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
-        for user, data in USERS.items():
+        for user, data in (users or USERS).items():
+            client.delete(f"/v1/users/{user}")  # start clean: a server over a reused store may know them (404 otherwise)
             client.post(f"/v1/users/{user}/comparisons", json={"comparisons": data["comparisons"]}).raise_for_status()
             client.post(f"/v1/users/{user}/memories", json={"text": data["memories"]}).raise_for_status()
 
 
-def run_level(url: str, clients: int, total: int, max_seconds: float, max_tokens: int) -> dict[str, Any]:
-    """``clients`` threads share ``total`` chat requests (fewer if ``max_seconds`` runs out)."""
+def _operation(client: Any, index: int, max_tokens: int, users: Sequence[str] | None, mixed: bool) -> tuple[Any, int, str, str | None, str | None]:
+    """Send operation ``index`` of the workload; returns (response, generated tokens, kind, write key, written marker)."""
+    kind = MIXED_CYCLE[index % len(MIXED_CYCLE)] if mixed else "chat"
+    if kind == "chat":
+        response = client.post("/v1/chat/completions", json=_request(index, max_tokens, users))
+        return response, response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0, kind, None, None
+    users = list(users or USERS)
+    user = users[(index // len(MIXED_CYCLE)) % len(users)]
+    marker = f"bench write {index} of {user}"
+    if kind == "memory":
+        response = client.post(f"/v1/users/{user}/memories", json={"text": marker})
+    else:
+        response = client.post(f"/v1/users/{user}/comparisons", json={"comparisons": [{"prompt": marker, "chosen": "Yes.", "rejected": "No, never."}]})
+    return response, 0, kind, f"{kind}:{user}", marker
+
+
+def verify_writes(url: str, users: Mapping[str, Any], acked: Mapping[str, list[str]]) -> dict[str, int]:
+    """Read every user back: each acknowledged write exactly once, nothing else beyond the seed data."""
+    import httpx
+
+    lost = duplicated = unexpected = checked = 0
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for user, data in users.items():
+            prompts = [c["prompt"] for c in client.get(f"/v1/users/{user}").json()["comparisons"]]
+            memories = [m["memory"] for m in client.get(f"/v1/users/{user}/memories").json()["results"]]
+            for stored, seeded, key in ((prompts, [c["prompt"] for c in data["comparisons"]], f"enroll:{user}"), (memories, data["memories"], f"memory:{user}")):
+                expected = [*seeded, *acked.get(key, [])]
+                checked += len(expected)
+                lost += sum(1 for e in expected if e not in stored)
+                duplicated += sum(stored.count(e) - 1 for e in set(expected) if stored.count(e) > 1)
+                unexpected += sum(1 for x in stored if x not in expected)
+    return {"checked": checked, "lost": lost, "duplicated": duplicated, "unexpected": unexpected}
+
+
+def run_level(
+    url: str, clients: int, total: int, max_seconds: float, max_tokens: int, users: Sequence[str] | None = None, acked: dict[str, list[str]] | None = None
+) -> dict[str, Any]:
+    """``clients`` threads share ``total`` operations (fewer if ``max_seconds`` runs out): chats,
+    or with ``acked`` the mixed cycle of chats, memory writes and enrollments (acknowledged
+    writes are recorded in ``acked``)."""
     import httpx
 
     latencies: list[float] = []
     tokens: list[int] = []
     errors: list[str] = []
+    kinds: dict[str, int] = {}
     lock = threading.Lock()
     next_index = [0]
     deadline = time.monotonic() + max_seconds
@@ -103,16 +160,19 @@ def run_level(url: str, clients: int, total: int, max_seconds: float, max_tokens
                     next_index[0] += 1
                 started = time.perf_counter()
                 try:
-                    response = client.post("/v1/chat/completions", json=_request(index, max_tokens))
+                    response, generated, kind, key, marker = _operation(client, index, max_tokens, users, acked is not None)
                     ok = response.status_code == 200
                     detail = "" if ok else f"{response.status_code} {response.text[:200]}"
                 except httpx.HTTPError as err:
-                    ok, detail = False, f"{type(err).__name__}: {err}"
+                    ok, detail, generated, kind, key, marker = False, f"{type(err).__name__}: {err}", 0, "error", None, None
                 elapsed = time.perf_counter() - started
                 with lock:
                     if ok:
                         latencies.append(elapsed)
-                        tokens.append(response.json()["usage"]["completion_tokens"])
+                        tokens.append(generated)
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                        if key is not None and acked is not None:
+                            acked.setdefault(key, []).append(marker)
                     else:
                         errors.append(detail)
 
@@ -133,6 +193,7 @@ def run_level(url: str, clients: int, total: int, max_seconds: float, max_tokens
         "tokens_per_s": sum(tokens) / wall if wall > 0 else 0.0,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p95_ms": percentile(latencies, 95) * 1000,
+        "operations": kinds,
     }
 
 
@@ -202,9 +263,14 @@ def run_serve_bench(
     encoder: str | None = None,
     device: str | None = None,
     personalizer: Any = None,
+    mixed: bool = False,
 ) -> dict[str, Any]:
     """Measure both servers at every level. With ``personalizer`` the servers run in this process
-    (threads) over it and its store; otherwise each is a ``personalign serve`` subprocess."""
+    (threads) over it and its store; otherwise each is a ``personalign serve`` subprocess.
+
+    ``mixed``: 20 users, and each client's operations cycle through chats, memory writes and
+    enrollments (:data:`MIXED_CYCLE`); every server is read back at the end and every
+    acknowledged write must be there exactly once (``writes`` in the result)."""
     root = Path(tempfile.mkdtemp(prefix="personalign-bench-serve-"))
     servers: dict[str, Any] = {}
     try:
@@ -213,18 +279,21 @@ def run_serve_bench(
                 context = thread_server(personalizer, batch)
             else:
                 context = subprocess_server(root / label, batch, model, encoder, device)
+            users = bench_users(mixed)
+            acked: dict[str, list[str]] | None = {} if mixed else None
             with context as url:
-                seed_users(url)
-                run_level(url, 1, 2, max_seconds, max_tokens)  # warm-up, not reported
+                seed_users(url, users=users)
+                run_level(url, 1, 2, max_seconds, max_tokens, list(users))  # warm-up (chats), not reported
                 measured = []
                 for clients in levels:
                     before = _stats(url)
-                    level = run_level(url, clients, max(8, requests_per_client * clients), max_seconds, max_tokens)
+                    level = run_level(url, clients, max(8, requests_per_client * clients), max_seconds, max_tokens, list(users), acked)
                     after = _stats(url)
                     batches = after["batches"] - before["batches"]
                     level["mean_batch_size"] = (after["requests"] - before["requests"]) / batches if batches else 0.0
                     measured.append(level)
-            servers[label] = {"max_batch": batch, "levels": measured}
+                writes = verify_writes(url, users, acked) if acked is not None else None
+            servers[label] = {"max_batch": batch, "levels": measured, "writes": writes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     batched = {lv["clients"]: lv for lv in servers["batched"]["levels"]}
@@ -241,6 +310,7 @@ def run_serve_bench(
             "model": model or ("in-process" if personalizer is not None else "embedded SmolLM2-135M-Instruct"),
             "device": device or "auto",
             "cpus": os.cpu_count(),
+            "workload": "mixed: 20 users, cycle " + "/".join(MIXED_CYCLE) if mixed else "chats: 4 users",
         },
         "servers": servers,
         "batching_speedup": speedup,
@@ -275,6 +345,10 @@ def format_report(result: dict[str, Any]) -> str:
         f"throughput at {scaling['to_clients']} clients over {scaling['from_clients']}: "
         f"batched {scaling['batched']:.2f}x, one-at-a-time {scaling['one_at_a_time']:.2f}x"
     )
+    for label, server in result["servers"].items():
+        if server.get("writes"):
+            w = server["writes"]
+            lines.append(f"writes read back from {label.replace('_', '-')}: {w['checked']} expected, {w['lost']} lost, {w['duplicated']} duplicated, {w['unexpected']} unexpected")
     config = result["config"]
-    lines.append(f"(model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)")
+    lines.append(f"(workload {config['workload']}; model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)")
     return "\n".join(lines)
