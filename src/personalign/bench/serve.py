@@ -20,6 +20,8 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,7 +110,7 @@ def _operation(client: Any, index: int, max_tokens: int, users: Sequence[str] | 
         return response, response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0, kind, None, None
     users = list(users or USERS)
     user = users[(index // len(MIXED_CYCLE)) % len(users)]
-    marker = f"bench write {index} of {user}"
+    marker = f"bench write {uuid.uuid4().hex[:12]} of {user}"
     if kind == "memory":
         response = client.post(f"/v1/users/{user}/memories", json={"text": marker})
     else:
@@ -126,11 +128,11 @@ def verify_writes(url: str, users: Mapping[str, Any], acked: Mapping[str, list[s
             prompts = [c["prompt"] for c in client.get(f"/v1/users/{user}").json()["comparisons"]]
             memories = [m["memory"] for m in client.get(f"/v1/users/{user}/memories").json()["results"]]
             for stored, seeded, key in ((prompts, [c["prompt"] for c in data["comparisons"]], f"enroll:{user}"), (memories, data["memories"], f"memory:{user}")):
-                expected = [*seeded, *acked.get(key, [])]
-                checked += len(expected)
-                lost += sum(1 for e in expected if e not in stored)
-                duplicated += sum(stored.count(e) - 1 for e in set(expected) if stored.count(e) > 1)
-                unexpected += sum(1 for x in stored if x not in expected)
+                expected, found = Counter([*seeded, *acked.get(key, [])]), Counter(stored)
+                checked += sum(expected.values())
+                lost += sum((expected - found).values())
+                duplicated += sum(min(found[x] - expected[x], found[x] - 1) for x in found if x in expected and found[x] > expected[x])
+                unexpected += sum(n for x, n in found.items() if x not in expected)
     return {"checked": checked, "lost": lost, "duplicated": duplicated, "unexpected": unexpected}
 
 
