@@ -1,4 +1,6 @@
-"""Per-user LoRA adapters: enroll two users with adapters and answer both in one batch.
+"""Per-user LoRA adapters: enroll two users with adapters and answer both in one batch; then
+use the two trained adapters as the bases of a LoRA bank and enroll a third user by fitting
+two weights only (no training).
 
 Run:  .venv/bin/python examples/adapters.py            (about 3 minutes on a 2-core CPU;
       adapter training is most of it)
@@ -11,6 +13,7 @@ import argparse
 import tempfile
 
 from personalign import Comparison, Personalizer
+from personalign.adapters.bank import LoraBank
 
 QUESTIONS = ["How do I boil an egg?", "How can I sleep better?", "How do I save money on food?", "Why is the sky blue?"]
 SHORT = ["Boil it for 9 minutes.", "Keep a fixed bedtime.", "Plan meals and shop from a list.", "Air scatters blue light most."]
@@ -40,9 +43,16 @@ def main() -> None:
             profile = pz.enroll(user, comparisons, adapter=True, adapter_config=config)
             print(f"enrolled {user}: adapter at {pz.adapters.path(user)} ({profile.settings['adapter']['pairs']} pairs)")
 
+        # A LoRA bank whose bases are the two trained adapters: a new user is two weights.
+        bank = LoraBank.from_folders(pz.generator, [pz.adapters.path("terse"), pz.adapters.path("thorough")])
+        profile = pz.enroll("newcomer", terse[:2], adapter=bank)
+        weights = ", ".join(f"{w:+.2f}" for w in profile.settings["adapter"]["weights"])
+        print(f"enrolled newcomer through the bank: weights (terse, thorough) = ({weights})")
+
         question = [{"role": "user", "content": "How do I make a good cup of tea?"}]
-        # One generate call for both users: each row runs with its own adapter (PEFT adapter_names).
-        requests = [{"user": u, "messages": question, "max_new_tokens": args.max_new_tokens, "steer": {}, "shots": False} for u in ("terse", "thorough")]
+        # One generate call for all users: each row runs with its own adapter (gathered per row).
+        users = ("terse", "thorough", "newcomer")
+        requests = [{"user": u, "messages": question, "max_new_tokens": args.max_new_tokens, "steer": {}, "shots": False} for u in users]
         requests.append({"user": None, "messages": question, "max_new_tokens": args.max_new_tokens})
         for result in pz.respond_batch(requests):
             print(f"\n[{result.user or 'generic'}] ({result.completion_tokens} tokens)\n{result.text}")

@@ -54,3 +54,4 @@ def test_adapters_example_runs(tiny_model_dir, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "enrolled terse" in out.stdout and "enrolled thorough" in out.stdout
     assert "[terse]" in out.stdout and "[thorough]" in out.stdout and "[generic]" in out.stdout
+    assert "enrolled newcomer through the bank: weights (terse, thorough) = (" in out.stdout and "[newcomer]" in out.stdout
