@@ -164,3 +164,36 @@ def test_bad_adapter_config_is_a_validation_error(apz):
     with pytest.raises(ValidationError, match="adapter_config.rank"):
         apz.enroll("ana", SHORT, adapter=True, adapter_config={"rank": 0})
     assert LoraTrainConfig().loss == "dpo"
+
+
+def test_importing_bad_adapters_is_refused_and_the_previous_one_stays(apz, tmp_path):
+    apz.enroll("ana", SHORT, adapter=True, adapter_config=FAST)
+    apz.enroll("ben", LONG, adapter=True, adapter_config=FAST)
+    before = apz.respond("ana", ASK, max_new_tokens=6, steer={}, shots=False, memory=False)
+    stored = (apz.adapters.path("ana") / "adapter_model.safetensors").read_bytes()
+    source = apz.adapters.path("ben")
+
+    def variant(name, config_update=None, weights=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = json.loads((source / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, **(config_update or {})}))
+        (folder / "adapter_model.safetensors").write_bytes(weights if weights is not None else (source / "adapter_model.safetensors").read_bytes())
+        return folder
+
+    cases = {
+        "truncated": (variant("truncated", weights=(source / "adapter_model.safetensors").read_bytes()[:200]), "unreadable"),
+        "rank": (variant("rank", {"r": 8}), r"expected \(8, "),
+        "targets": (variant("targets", {"target_modules": ["q_proj"]}), "outside its target_modules"),
+        "foreign": (variant("foreign", {"base_model_name_or_path": "someone/else-7b"}), "someone/else-7b"),
+        "modules_to_save": (variant("modules_to_save", {"modules_to_save": ["lm_head"]}), "not a plain LoRA"),
+    }
+    for name, (folder, message) in cases.items():
+        with pytest.raises(AdapterError, match=message):
+            apz.import_adapter("ana", folder)
+        assert (apz.adapters.path("ana") / "adapter_model.safetensors").read_bytes() == stored, name
+        assert apz.respond("ana", ASK, max_new_tokens=6, steer={}, shots=False, memory=False) == before, name
+    # A good folder from elsewhere (here: ben's adapter) replaces ana's and answers as ben's does.
+    profile = apz.import_adapter("ana", variant("good"))
+    assert profile.settings["adapter"]["kind"] == "imported"
+    assert apz.respond("ana", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text == apz.respond("ben", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text

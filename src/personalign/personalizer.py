@@ -247,6 +247,22 @@ class Personalizer:
 
         return self.profiles.update(user, note, create=False)
 
+    def import_adapter(self, user: str, folder: str | Path) -> UserProfile:
+        """Use a LoRA trained elsewhere (a PEFT folder for this base model) as ``user``'s adapter.
+
+        It is validated first (files, base model, rank, target modules, a trial load); on any
+        problem ``AdapterError`` is raised and the user's previous adapter stays in use.
+        """
+        profile = self.profiles.get(user)
+        with self._generate_lock:
+            meta = self.adapters.install(user, folder, profile.comparisons)
+
+        def note(p: UserProfile) -> UserProfile:
+            p.settings["adapter"] = {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"], "kind": "imported"}
+            return p
+
+        return self.profiles.update(user, note, create=False)
+
     def profile(self, user: str) -> UserProfile:
         """The stored profile (``UnknownUserError`` if the user was never enrolled)."""
         return self.profiles.get(user)

@@ -282,6 +282,78 @@ class AdapterManager:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def validate_folder(self, folder: Path, label: str = "adapter") -> dict[str, Any]:
+        """Check a PEFT LoRA folder against this generator before anything is stored; its config.
+
+        Refused with :class:`AdapterError`: missing, corrupt or truncated files; an adapter for
+        another base model; ``modules_to_save``; tensors whose rank differs from the config's
+        ``r``; LoRA weights for modules the model lacks, outside ``target_modules``, or of the
+        wrong shape. A final trial load into a scratch PEFT adapter catches anything else.
+        """
+        from safetensors.torch import load_file
+
+        fix = "Fix: export the adapter again from PEFT (save_pretrained) for this base model"
+        try:
+            config = json.loads((folder / "adapter_config.json").read_text())
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+        except Exception as err:  # missing, truncated or corrupt files
+            raise AdapterError(f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}") from None
+        base = config.get("base_model_name_or_path")
+        if base not in (None, "", self.generator.model_id):
+            raise AdapterError(f"{label} at {folder} was made for {base!r}, not {self.generator.model_id!r}. {fix}")
+        if config.get("peft_type", "LORA") != "LORA" or config.get("modules_to_save"):
+            raise AdapterError(f"{label} at {folder} is not a plain LoRA (peft_type {config.get('peft_type')!r}, modules_to_save {config.get('modules_to_save')!r}). {fix}")
+        rank = config.get("r")
+        targets = config.get("target_modules") or []
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        modules = dict(self.base_model.named_modules()) if self.peft is None else dict(self.peft.get_base_model().named_modules())
+        found = 0
+        for key, value in tensors.items():
+            if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
+                continue
+            found += 1
+            path = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
+            layer = modules.get(path)
+            weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+            if weight is None:
+                raise AdapterError(f"{label} at {folder} has weights for {path!r}, which {self.generator.model_id!r} does not have. {fix}")
+            if targets and path.rsplit(".", 1)[-1] not in targets:
+                raise AdapterError(f"{label} at {folder} has weights for {path!r}, outside its target_modules {targets}. {fix}")
+            out_f, in_f = weight.shape
+            want = (rank, in_f) if key.endswith(".lora_A.weight") else (out_f, rank)
+            if tuple(value.shape) != want:
+                raise AdapterError(f"{label} at {folder}: {key} has shape {tuple(value.shape)}, expected {want} (rank r={rank}). {fix}")
+        if not found:
+            raise AdapterError(f"{label} at {folder} holds no LoRA weights. {fix}")
+        name = "check_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                self._attach(name, folder=folder)
+        except Exception as err:
+            raise AdapterError(f"{label} at {folder} cannot be loaded ({type(err).__name__}: {err}). {fix}") from None
+        finally:
+            self._drop(name)
+        return config
+
+    def install(self, user: str, folder: Path | str, comparisons: Sequence[Comparison] = ()) -> dict[str, Any]:
+        """Store an adapter trained elsewhere (a PEFT LoRA folder) as ``user``'s, after validating it.
+
+        Nothing changes when validation fails: the user's previous adapter stays in place.
+        """
+        folder = Path(folder)
+        self.validate_folder(folder)
+
+        def write(staging: Path) -> Path:
+            target = staging / "imported"
+            target.mkdir()
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                shutil.copyfile(folder / name, target / name)
+            return target
+
+        meta = self._publish(user, write, comparisons, {"imported_from": str(folder.resolve())})
+        self.unload(user)  # the next request loads the new weights
+        return meta
+
     def install_bank(self, user: str, bank: Any, comparisons: Sequence[Comparison], method: str = "linear") -> dict[str, Any]:
         """Fit the user's weights over ``bank``'s bases and store the combined adapter as theirs.
 
