@@ -95,6 +95,7 @@ def test_disabled_adapter_equals_base_and_mixed_batch_equals_individual_runs(apz
         {"user": "cam", "messages": ASK, "max_new_tokens": 6},
     ]
     batch = apz.respond_batch(requests)
+    assert apz.chat_batch(requests) == [r.text for r in batch]
     for request, result in zip(requests, batch, strict=True):
         options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
         assert result == apz.respond(request["user"], request["messages"], steer=request.get("steer"), **options)

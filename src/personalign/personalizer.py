@@ -471,6 +471,10 @@ class Personalizer:
                 results[index] = result
         return [r for r in results if r is not None]
 
+    def chat_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[str]:
+        """The reply texts for several requests generated together (see :meth:`respond_batch`)."""
+        return [result.text for result in self.respond_batch(requests)]
+
     def chat(
         self,
         user: str | None,
