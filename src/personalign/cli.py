@@ -411,6 +411,121 @@ def export(
         _fail(err)
 
 
+eval_app = typer.Typer(help="Evaluation harnesses (they read external data in place; nothing is copied).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+def _split_list(text: str, name: str) -> list[str]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    if not items:
+        raise ValidationError(name, "is empty", f"give a comma-separated list, e.g. {name} a,b")
+    return items
+
+
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(p) for p in _split_list(text, name)]
+    except ValueError:
+        raise ValidationError(name, f"cannot read {text!r}", f"write integers separated by commas, e.g. {name} 1,2,4,8", text) from None
+
+
+@eval_app.command("enroll")
+def eval_enroll(
+    data: Annotated[str, typer.Option(help="Source name(s): psoups, hh, popquorn, prefeval, synthetic, or a .jsonl; comma-separated.")] = "synthetic",
+    fit_data: Annotated[str | None, typer.Option(help="Fit the population models on this source instead of a user split of --data.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: bt, meandiff, pal, vpl, oracle, lora, bank.")] = "bt,meandiff,pal,vpl,oracle",
+    shots: Annotated[str | None, typer.Option(help="Shot counts, e.g. 1,2,4,8 (default: 1,2,4 on psoups, 1,2,4,8 elsewhere).")] = None,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeded user splits per source.")] = 3,
+    test_fraction: Annotated[float, typer.Option(help="Share of users held out for testing.")] = 0.2,
+    features: Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style, hidden (the generator's).")] = "response,prompt_x_response,log_length",
+    active: Annotated[bool, typer.Option("--active", help="Add active vs random questioning curves (synthetic sources).")] = False,
+    adapter_users: Annotated[int, typer.Option(min=1, help="Test users for the slow lora/bank methods.")] = 20,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the accuracy-vs-shots plot (PNG) here.")] = None,
+    encoder: EncoderOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Held-out pairwise accuracy of each enrollment method per shot count, with 95% intervals."""
+    from personalign.eval.enroll import EnrollConfig, format_table, plot_enroll, run_enroll
+    from personalign.models import load_encoder, load_generator
+
+    try:
+        config = EnrollConfig(
+            data=_split_list(data, "--data"),
+            methods=_split_list(methods, "--methods"),
+            shots=_int_list(shots, "--shots") if shots else None,
+            seeds=seeds,
+            fit_data=fit_data,
+            test_fraction=test_fraction,
+            features=tuple(_split_list(features, "--features")),
+            active=active,
+            adapter_users=adapter_users,
+        )
+        enc = load_encoder(encoder, device=device)
+        generator = load_generator(model, device=device) if {"lora", "bank"} & set(config.methods) or "hidden" in config.features else None
+        result = run_enroll(config, enc, generator, progress=lambda msg: typer.echo(msg, err=True))
+    except PersonalignError as err:
+        _fail(err)
+        return
+    typer.echo(format_table(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        typer.echo(f"json -> {json_out}")
+    if plot is not None:
+        typer.echo(f"plot -> {plot_enroll(result, plot)}")
+
+
+def _train_embedder(method: str, data: str, out: Path, seed: int, features: str, encoder: str | None, device: str | None) -> None:
+    from personalign.eval.populations import load_population
+    from personalign.models import load_encoder, load_generator
+    from personalign.persona import EMBEDDER_CLASSES, save_embedder
+    from personalign.persona.base import Featurizer, FeaturizerConfig
+
+    try:
+        population = load_population(data, seed=seed)
+        parts = tuple(_split_list(features, "--features"))
+        generator = load_generator(None, device=device) if "hidden" in parts else None
+        featurizer = Featurizer(load_encoder(encoder, device=device), FeaturizerConfig(parts=parts), generator)
+        started = time.perf_counter()
+        embedder = EMBEDDER_CLASSES[method](featurizer).fit(population.population(), seed=seed)
+        save_embedder(embedder, out, provenance={"data": data, "seed": seed, "users": len(population.users)})
+        typer.echo(f"{method} fitted on {len(population.users)} users of {data} in {time.perf_counter() - started:.1f} s -> {out}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+TrainDataOpt = Annotated[str, typer.Option(help="Population: synthetic (project-made, redistributable), psoups, hh, popquorn, or a .jsonl with a user column.")]
+FeaturesOpt = Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style.")]
+
+
+@train_app.command("pal")
+def train_pal(
+    out: Annotated[Path, typer.Option(help="Output folder (pal_config.json + pal.safetensors).")],
+    data: TrainDataOpt = "synthetic",
+    seed: Annotated[int, typer.Option()] = 0,
+    features: FeaturesOpt = "response,prompt_x_response,log_length",
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Fit a PAL population model (K prototype rewards) for enrolling users."""
+    _train_embedder("pal", data, out, seed, features, encoder, device)
+
+
+@train_app.command("vpl")
+def train_vpl(
+    out: Annotated[Path, typer.Option(help="Output folder (vpl_config.json + vpl.safetensors).")],
+    data: TrainDataOpt = "synthetic",
+    seed: Annotated[int, typer.Option()] = 0,
+    features: FeaturesOpt = "response,prompt_x_response,log_length",
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Fit a VPL model (pair-set encoder to a Gaussian user latent, latent-conditioned reward)."""
+    _train_embedder("vpl", data, out, seed, features, encoder, device)
+
+
 # --- bench -------------------------------------------------------------------------------
 
 

@@ -113,7 +113,7 @@ def eval_lora(generator: Generator, test: EvalPopulation, shots: Sequence[int], 
         correct = total = 0
         started = time.perf_counter()
         for user in test.users:
-            if len(user.shots) < n or not user.held_out:
+            if not user.shots or not user.held_out:  # a shorter pool: enrolled from all of it
                 continue
             torch.manual_seed(seed)
             lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules))
@@ -160,7 +160,7 @@ def eval_bank(
         correct = total = 0
         t0 = time.perf_counter()
         for user in test.users:
-            if len(user.shots) < n or not user.held_out:
+            if not user.shots or not user.held_out:  # a shorter pool: enrolled from all of it
                 continue
             if user.user not in cache:  # basis margins of every shot and held-out pair, once per user
                 cache[user.user] = bank.basis_margins([*user.shots, *user.held_out], max_length=config.max_length)

@@ -24,7 +24,11 @@ import torch
 from torch import nn
 
 from personalign.errors import ValidationError
-from personalign.functional.preference import bradley_terry_loss, pal_mixture_scores
+from personalign.functional.preference import (
+    bradley_terry_loss,
+    expected_information_gain,
+    pal_mixture_scores,
+)
 from personalign.persona.base import (
     Featurizer,
     Population,
@@ -72,6 +76,7 @@ class PALConfig:
     init: str = "kmeans"
     init_logit: float = 2.0
     init_restarts: int = 5
+    prior_std: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("n_prototypes", "pref_dim", "epochs", "batch_size", "infer_steps", "init_restarts"):
@@ -79,7 +84,7 @@ class PALConfig:
                 raise ValidationError(f"pal.{name}", "must be >= 1", "use a positive integer", getattr(self, name))
         if self.init not in ("kmeans", "random"):
             raise ValidationError("pal.init", "must be 'kmeans' or 'random'", "use 'kmeans'", self.init)
-        for name in ("lr", "user_lr", "infer_lr"):
+        for name in ("lr", "user_lr", "infer_lr", "prior_std"):
             if not getattr(self, name) > 0:
                 raise ValidationError(f"pal.{name}", "must be > 0", "use e.g. 5e-3 (infer_lr: 1.0)", getattr(self, name))
         for name in ("weight_decay", "infer_l2", "user_init_std", "proj_lr"):
@@ -215,8 +220,9 @@ class PAL:
             raise ValidationError("pal", "is not fitted", "call fit(population) or load(dir) first")
 
     def prior(self) -> UserState:
-        """The uniform mixture (all logits 0)."""
-        return UserState(self.name, np.zeros(self.config.n_prototypes, np.float32))
+        """The uniform mixture (all logits 0), with the prior variance ``prior_std**2``."""
+        k = self.config.n_prototypes
+        return UserState(self.name, np.zeros(k, np.float32), np.full(k, self.config.prior_std**2, np.float32))
 
     def infer(self, comparisons: Sequence[Comparison]) -> UserState:
         """Fit only this user's K mixture logits on their comparisons (deterministic)."""
@@ -238,8 +244,27 @@ class PAL:
             return loss
 
         optimizer.step(closure)
-        mixture = torch.softmax(logits.detach(), dim=0)
-        return UserState(self.name, logits.detach().numpy(), n_comparisons=len(items), extra={"mixture": [float(w) for w in mixture]})
+        mode = logits.detach()
+        variance = self._laplace_variance(rc, rr, weight, mode)
+        mixture = torch.softmax(mode, dim=0)
+        return UserState(self.name, mode.numpy(), variance, n_comparisons=len(items), extra={"mixture": [float(w) for w in mixture]})
+
+    def _laplace_variance(self, rc: torch.Tensor, rr: torch.Tensor, weight: torch.Tensor, mode: torch.Tensor) -> np.ndarray:
+        """Diagonal of the Laplace posterior covariance of the K logits at ``mode``.
+
+        The Hessian of the summed Bradley-Terry negative log-likelihood plus the prior
+        N(0, prior_std^2 I); inverted as a K x K matrix, its diagonal kept.
+        """
+
+        def nll(z: torch.Tensor) -> torch.Tensor:
+            margin = pal_mixture_scores(rc, z) - pal_mixture_scores(rr, z)
+            return -(weight * torch.nn.functional.logsigmoid(margin)).sum()
+
+        hessian = torch.autograd.functional.hessian(nll, mode)  # (K, K)
+        precision = hessian.double() + torch.eye(len(mode), dtype=torch.float64) / self.config.prior_std**2
+        eigvals, eigvecs = torch.linalg.eigh((precision + precision.T) / 2)
+        covariance = eigvecs @ torch.diag(1.0 / eigvals.clamp_min(1.0 / self.config.prior_std**2)) @ eigvecs.T
+        return covariance.diagonal().clamp(1e-6, self.config.prior_std**2).float().numpy()
 
     def reward(self, prompts: Sequence[str], responses: Sequence[str], state: UserState) -> np.ndarray:
         """``(n,)`` rewards of the user's mixture."""
@@ -252,6 +277,32 @@ class PAL:
     def prob(self, prompt: str, a: str, b: str, state: UserState) -> float:
         r = self.reward([prompt, prompt], [a, b], state)
         return float(torch.sigmoid(torch.tensor(float(r[0]) - float(r[1]))))
+
+    def information_gain(
+        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], state: UserState, n_samples: int = 256, seed: int = 0
+    ) -> np.ndarray:
+        """``(B,)`` expected information gain (nats) about the user's mixture of asking "a or b?".
+
+        Monte Carlo over logits drawn from the state's Laplace posterior N(vector, diag(variance)):
+        I(y; w) = H[E_w p(a > b | w)] - E_w H[p(a > b | w)].
+        """
+        self._check_fitted()
+        check_state(state, self.name, self.config.n_prototypes)
+        if not (len(prompts) == len(a) == len(b)):
+            raise ValidationError("candidates", f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items", "pass one prompt, a and b per candidate")
+        if len(prompts) == 0:
+            raise ValidationError("candidates", "is empty", "pass at least one candidate comparison")
+        variance = state.variance if state.variance is not None else np.full(state.dim, self.config.prior_std**2, np.float32)
+        phi_a = torch.from_numpy(self.featurizer.features(prompts, a))  # (B, D)
+        phi_b = torch.from_numpy(self.featurizer.features(prompts, b))  # (B, D)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            noise = torch.randn(n_samples, state.dim, generator=generator)  # (S, K)
+            logits = torch.from_numpy(state.vector)[None] + noise * torch.from_numpy(variance).sqrt()[None]  # (S, K)
+            mix = torch.softmax(logits, dim=-1)  # (S, K)
+            proto = self.model.prototype_rewards(phi_a) - self.model.prototype_rewards(phi_b)  # (B, K)
+            margins = mix @ proto.T  # (S, B)
+            return expected_information_gain(margins).numpy()
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
