@@ -429,6 +429,28 @@ def _int_list(text: str, name: str) -> list[int]:
         raise ValidationError(name, f"cannot read {text!r}", f"write integers separated by commas, e.g. {name} 1,2,4,8", text) from None
 
 
+@eval_app.command("merge")
+def eval_merge(
+    inputs: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="JSON files written by `eval enroll --json`.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the merged result here.")],
+    plot: Annotated[Path | None, typer.Option(help="Write the merged plot (PNG) here.")] = None,
+) -> None:
+    """Merge enrollment results (e.g. each source run with its own features) into one JSON and one plot."""
+    from personalign.eval.enroll import format_table, merge_results, plot_enroll
+
+    try:
+        merged = merge_results([json.loads(p.read_text(encoding="utf-8")) for p in inputs])
+    except PersonalignError as err:
+        _fail(err)
+        return
+    json_out.parent.mkdir(parents=True, exist_ok=True)
+    json_out.write_text(json.dumps(merged, indent=1) + "\n")
+    typer.echo(format_table(merged))
+    typer.echo(f"json -> {json_out}")
+    if plot is not None:
+        typer.echo(f"plot -> {plot_enroll(merged, plot)}")
+
+
 @eval_app.command("enroll")
 def eval_enroll(
     data: Annotated[str, typer.Option(help="Source name(s): psoups, hh, popquorn, prefeval, synthetic, or a .jsonl; comma-separated.")] = "synthetic",

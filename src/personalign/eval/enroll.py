@@ -73,6 +73,9 @@ class EnrollConfig:
     active_steps: int = 8
     adapter_users: int = 20
     adapter_seeds: int = 1
+    bank_k: int = 4
+    bank_pairs: int = 32
+    synthetic_users: int = 200
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -264,7 +267,7 @@ def _make_embedder(method: str, featurizer: Featurizer) -> PreferenceEmbedder:
 
 def _load(source: str, config: EnrollConfig, seed: int) -> tuple[EvalPopulation, SyntheticPopulation | None]:
     if source == "synthetic":
-        synth = SyntheticPopulation(SyntheticConfig(seed=seed))
+        synth = SyntheticPopulation(SyntheticConfig(n_users=config.synthetic_users, seed=seed))
         return synth.population(), synth
     return load_population(source, config.data_root, seed=seed), None
 
@@ -292,6 +295,12 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
             else:
                 fit, test = population.split(config.test_fraction, seed, exclude="pair" if source == "synthetic" else "prompt")
                 split = dict(test.meta["split"])
+            if not fit.users:
+                raise ValidationError(
+                    "data",
+                    f"{source}: no fit user keeps a comparison once those sharing a prompt with a test user's held-out items are removed",
+                    "use more users or more distinct prompts, or fit on another source with --fit-data",
+                )
             split.update(fit_users=len(fit.users), test_users_count=len(test.users))
             splits.setdefault(source, []).append(split)
             say(f"{source} seed {seed}: {len(fit.users)} fit users, {len(test.users)} test users")
@@ -325,7 +334,7 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
     return {
         "package_version": __version__,
         "encoder": encoder.name,
-        "features": list(config.features),
+        "features": {source: list(config.features) for source in config.data},
         "config": {k: v for k, v in config.__dict__.items() if k != "data_root"},
         "splits": splits,
         "records": records,
@@ -349,12 +358,47 @@ def _adapter_cells(
     if method == "lora":
         rows = eval_lora(generator, subset, shots, LoraTrainConfig(epochs=4, seed=seed), seed, progress=say)
     else:
-        rows, _info = eval_bank(generator, encoder, fit, subset, shots, LoraTrainConfig(epochs=2, seed=seed), seed, progress=say)
+        rows, _info = eval_bank(
+            generator, encoder, fit, subset, shots, LoraTrainConfig(epochs=2, seed=seed), seed, k=config.bank_k, max_pairs=config.bank_pairs, progress=say
+        )
     out = {}
     for row in rows:
         eligible = sum(1 for u in users if u.shots)
         out[row["shots"]] = (float(row["correct"]), int(row["n"]), eligible)
     return out
+
+
+def merge_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One result from several runs (e.g. each source with its best features): rows concatenated, summary recomputed.
+
+    Two runs with rows for the same (data, method, shots, seed) cell are refused: the merged
+    table would count that cell twice.
+    """
+    if not results:
+        raise ValidationError("results", "is empty", "pass at least one result JSON")
+    merged: dict[str, Any] = {"package_version": results[0].get("package_version"), "encoder": results[0].get("encoder"), "features": {}, "configs": [], "splits": {}, "records": [], "active": {}, "notes": []}
+    seen: set[tuple[Any, ...]] = set()
+    for index, result in enumerate(results):
+        for key in ("records", "splits", "features"):
+            if key not in result:
+                raise ValidationError(f"results[{index}].{key}", "is missing", "pass JSON files written by `personalign eval enroll --json`")
+        for row in result["records"]:
+            cell = (row["data"], row["method"], row["shots"], row["seed"])
+            if cell in seen:
+                raise ValidationError(f"results[{index}]", f"repeats the cell {cell}", "merge runs that cover different sources or methods")
+            seen.add(cell)
+            merged["records"].append(dict(row))
+        features = result["features"]
+        if isinstance(features, Mapping):
+            merged["features"].update(features)
+        merged["configs"].append(result.get("config", result.get("configs")))
+        for source, splits in result["splits"].items():
+            merged["splits"].setdefault(source, splits)
+        for source, by_method in result.get("active", {}).items():
+            merged["active"].setdefault(source, {}).update(by_method)
+        merged["notes"].extend(result.get("notes", []))
+    merged["summary"] = summarise(merged["records"])
+    return merged
 
 
 # --- plot ---------------------------------------------------------------------------------------
