@@ -55,3 +55,12 @@ def test_adapters_example_runs(tiny_model_dir, tmp_path):
     assert "enrolled terse" in out.stdout and "enrolled thorough" in out.stdout
     assert "[terse]" in out.stdout and "[thorough]" in out.stdout and "[generic]" in out.stdout
     assert "enrolled newcomer through the bank: weights (terse, thorough) = (" in out.stdout and "[newcomer]" in out.stdout
+
+
+def test_enrollment_example_runs(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, str(EXAMPLES / "enrollment.py"), "--model", str(tiny_model_dir), "--device", "cpu", "--store", str(tmp_path / "store")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    for marker in ("embedder: pal", "== cold start", "stored state: method=pal n_comparisons=3", "p(kim prefers the short basil answer)", "== the next question for kim", "short-answer preference learned: yes"):
+        assert marker in out, f"{marker!r} missing from:\n{out}"

@@ -208,24 +208,29 @@ def test_memory_first_user_and_enrol_all_or_nothing(http):
     assert http.get("/v1/users/dan").json()["n_comparisons"] == 0  # nothing of the batch was stored
 
 
-def test_next_question_is_501_until_the_personalizer_has_it(http, personalizer):
-    error = _is_openai_error(http.post("/v1/users/ana/next-question"), 501)
-    assert "enrollment embedders" in error["message"]
+DOOR = {"prompt": "How do I fix a squeaky door?", "a": "Oil the hinges.", "b": "Lift each hinge pin, clean off old grease and rust, coat it in silicone lubricant, tap it back in and swing the door to spread it."}
+BOOK = {"prompt": "Name a sci-fi book.", "a": "Dune.", "b": "Hyperion."}
 
-    class WithNextQuestion:
-        def __init__(self, inner):
-            self._inner = inner
 
-        def __getattr__(self, name):
-            return getattr(self._inner, name)
-
-        def next_question(self, user, candidates=None):
-            return {"user": user, "question": (candidates or ["default"])[0]}
-
-    with ServerThread(create_app(WithNextQuestion(personalizer), CONFIG)) as other:
-        answer = httpx.post(f"{other.url}/v1/users/ana/next-question", json={"candidates": ["Tea or coffee?"]})
-        assert answer.json() == {"user": "ana", "question": "Tea or coffee?"}
-        _is_openai_error(httpx.post(f"{other.url}/v1/users/ana/next-question", json={"nope": 1}), 400)
+def test_next_question_ranks_candidates_by_information_gain(http, personalizer):
+    http.delete("/v1/users/quinn")
+    cold = http.post("/v1/users/quinn/next-question", json={"candidates": [BOOK, DOOR]})
+    assert cold.status_code == 200, cold.text
+    body = cold.json()
+    assert body["user"] == "quinn" and body["embedder"] == "pal"
+    gains = [q["gain"] for q in body["questions"]]
+    assert gains == sorted(gains, reverse=True) and {q["index"] for q in body["questions"]} == {0, 1}
+    # The same ranking as the Python API; asking created no user.
+    direct = personalizer.next_question("quinn", [BOOK, DOOR])
+    assert [q["index"] for q in direct] == [q["index"] for q in body["questions"]]
+    assert http.get("/v1/users/quinn").status_code == 404
+    assert len(http.post("/v1/users/quinn/next-question", json={"candidates": [BOOK, DOOR], "top_k": 1}).json()["questions"]) == 1
+    for bad in ({"candidates": []}, {"candidates": [{"prompt": "p", "a": "x"}]}, {"candidates": [BOOK], "nope": 1}, {"candidates": [BOOK], "top_k": 0}, None):
+        response = http.post("/v1/users/quinn/next-question", json=bad)
+        assert 400 <= response.status_code < 500, (bad, response.text)
+        assert "error" in response.json()
+    same = _is_openai_error(http.post("/v1/users/quinn/next-question", json={"candidates": [{"prompt": "p", "a": "x", "b": "x"}]}), 422)
+    assert same["param"] == "candidates[0]"
 
 
 # --- bad input: always 4xx in OpenAI's shape, never 500 ----------------------------------------------

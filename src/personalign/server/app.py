@@ -11,7 +11,6 @@ mapped into the caller's tenant (see :mod:`personalign.server.config`).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import time
@@ -21,9 +20,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import pydantic
-from fastapi import Body, Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.encoders import jsonable_encoder
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 
@@ -50,8 +48,11 @@ from personalign.server.schemas import (
     MemoryList,
     ModelCard,
     ModelList,
+    NextQuestionRequest,
+    NextQuestionResponse,
     Personalisation,
     ProfileResponse,
+    RankedQuestion,
     RememberRequest,
     Usage,
 )
@@ -315,24 +316,14 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     # --- active enrolment ------------------------------------------------------------------------
 
-    @app.post("/v1/users/{user_id}/next-question", tags=["users"], responses={501: {"model": ErrorBody, "description": "Not installed"}})
-    def next_question(user_id: str, who: Reader, body: Annotated[dict[str, Any] | None, Body()] = None) -> Any:
-        """The comparison that would teach the most about this user (needs the VPL/PAL embedders)."""
+    @app.post("/v1/users/{user_id}/next-question", response_model=NextQuestionResponse, tags=["users"])
+    def next_question(user_id: str, who: Reader, body: NextQuestionRequest | None = None) -> NextQuestionResponse:
+        """Rank candidate comparisons by how much this user's answer would teach (expected information gain)."""
         store_id = who.store_id(user_id, "user_id")
-        method = getattr(pz, "next_question", None)
-        if method is None:
-            raise ApiError(
-                501,
-                "next-question needs the enrollment embedders (VPL/PAL), which are not installed in this version of "
-                "personalign yet. Fix: upgrade personalign; enrolment with POST /v1/users/{id}/comparisons works meanwhile",
-                "not_implemented",
-            )
-        kwargs = body or {}
-        try:
-            inspect.signature(method).bind(store_id, **kwargs)
-        except TypeError as err:
-            raise ApiError(400, f"next-question does not accept this body: {err}", "invalid_value") from None
-        return jsonable_encoder(method(store_id, **kwargs))
+        if body is None:
+            raise ApiError(400, 'the body must be {"candidates": [{"prompt": ..., "a": ..., "b": ...}], "top_k": n}', "invalid_value", "candidates")
+        ranked = pz.next_question(store_id, [c.model_dump() for c in body.candidates], top_k=body.top_k)
+        return NextQuestionResponse(user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked])
 
     return app
 

@@ -159,6 +159,40 @@ class EnrollResponse(BaseModel):
     default_steer: dict[str, float]
 
 
+class Candidate(BaseModel):
+    """One question a user could be asked: which of ``a`` and ``b`` they prefer for ``prompt``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: StrictStr
+    a: StrictStr
+    b: StrictStr
+
+
+class NextQuestionRequest(BaseModel):
+    """``POST /v1/users/{id}/next-question``: candidates to rank (a user not enrolled yet is ranked under the prior)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[Candidate] = Field(min_length=1, max_length=512)
+    top_k: int | None = Field(default=None, ge=1)
+
+
+class RankedQuestion(BaseModel):
+    prompt: str
+    a: str
+    b: str
+    gain: float = Field(description="Expected information gain about the user, in nats (at most ln 2).")
+    p_a: float = Field(description="Current probability that the user prefers a.")
+    index: int = Field(description="Position of this candidate in the request.")
+
+
+class NextQuestionResponse(BaseModel):
+    user: str
+    embedder: str
+    questions: list[RankedQuestion]
+
+
 class RememberRequest(BaseModel):
     """``POST /v1/users/{id}/memories``: one fact or a list, with optional flat metadata."""
 
