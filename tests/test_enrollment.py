@@ -251,3 +251,13 @@ def test_eval_enroll_cli_on_a_jsonl_population(tmp_path):
     write_preferences(data, tiny.rows())
     empty = CliRunner().invoke(app, ["eval", "enroll", "--data", str(data), "--methods", "bt", "--seeds", "1"])
     assert empty.exit_code == 2 and "--fit-data" in empty.output
+
+
+def test_bench_enroll_reports_ratios(pz):
+    from personalign.bench.enroll import format_enroll_report, run_enroll_bench
+
+    result = run_enroll_bench(pz, users=3, shots=2)
+    assert result["users"] == 2 and set(result["ratio_to_encode"]) == {"infer", "infer_warm", "enroll"}
+    assert all(v > 0 for v in result["median_ms"].values())
+    assert "x encode" in format_enroll_report(result)
+    assert set(pz.users()) == {"bench-0", "bench-1"}

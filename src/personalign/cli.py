@@ -574,6 +574,34 @@ def bench_adapters(
         json_out.write_text(json.dumps(result, indent=1))
 
 
+@bench_app.command("enroll")
+def bench_enroll(
+    users: Annotated[int, typer.Option(min=2, help="Fresh synthetic users to enroll.")] = 20,
+    shots: Annotated[int, typer.Option(min=1, help="Comparisons per user.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    embedder: Annotated[Path | None, typer.Option(help="Embedder folder (default: the shipped PAL).")] = None,
+    encoder: EncoderOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Inferring a user from their comparisons, as a ratio to encoding those comparisons' texts."""
+    from personalign.bench.enroll import bench_store, format_enroll_report, run_enroll_bench
+    from personalign.personalizer import Personalizer
+
+    store = bench_store()
+    try:
+        with Personalizer.load(model=model, encoder=encoder, device=device, store=store, embedder=embedder) as pz:
+            result = run_enroll_bench(pz, users=users + 1, shots=shots)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)
+    typer.echo(format_enroll_report(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 @bench_app.command("memory")
 def bench_memory(
     users: Annotated[int, typer.Option(min=1)] = 100,
