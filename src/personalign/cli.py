@@ -462,6 +462,7 @@ def eval_enroll(
     features: Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style, hidden (the generator's).")] = "response,prompt_x_response,log_length",
     active: Annotated[bool, typer.Option("--active", help="Add active vs random questioning curves (synthetic sources).")] = False,
     adapter_users: Annotated[int, typer.Option(min=1, help="Test users for the slow lora/bank methods.")] = 20,
+    item_effects: Annotated[bool, typer.Option("--item-effects", help="bt and pal also learn an offset per item seen in fitting (sources where users judge the same items).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the accuracy-vs-shots plot (PNG) here.")] = None,
     encoder: EncoderOpt = None,
@@ -483,6 +484,7 @@ def eval_enroll(
             features=tuple(_split_list(features, "--features")),
             active=active,
             adapter_users=adapter_users,
+            item_effects=item_effects,
         )
         enc = load_encoder(encoder, device=device)
         generator = load_generator(model, device=device) if {"lora", "bank"} & set(config.methods) or "hidden" in config.features else None

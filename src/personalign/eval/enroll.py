@@ -43,15 +43,18 @@ from personalign.eval.populations import (
 )
 from personalign.models import Encoder
 from personalign.persona.base import Featurizer, FeaturizerConfig, PreferenceEmbedder, UserState
-from personalign.persona.bt import BradleyTerry
+from personalign.persona.bt import BradleyTerry, BradleyTerryConfig
 from personalign.persona.meandiff import MeanDiff
-from personalign.persona.pal import PAL
+from personalign.persona.pal import PAL, PALConfig
 from personalign.persona.vpl import VPL
 
 EMBEDDERS: dict[str, type] = {"bt": BradleyTerry, "meandiff": MeanDiff, "pal": PAL, "vpl": VPL}
 METHODS = (*EMBEDDERS, "oracle", *ADAPTER_METHODS)
 SOURCES = ("psoups", "hh", "popquorn", "prefeval", "synthetic")
 ACTIVE_METHODS = ("pal", "vpl")
+# What a fit user loses when it overlaps a test user's held-out items: the prompt, except where
+# every item shares one prompt by construction (POPQUORN's single question, synthetic's pool).
+EXCLUDE = {"synthetic": "pair", "popquorn": "pair"}
 
 Progress = Callable[[str], None]
 
@@ -76,6 +79,7 @@ class EnrollConfig:
     bank_k: int = 4
     bank_pairs: int = 32
     synthetic_users: int = 200
+    item_effects: bool = False
     data_root: str | None = None
 
     def __post_init__(self) -> None:
@@ -261,7 +265,12 @@ def active_curve(
 # --- the run --------------------------------------------------------------------------------------
 
 
-def _make_embedder(method: str, featurizer: Featurizer) -> PreferenceEmbedder:
+def _make_embedder(method: str, featurizer: Featurizer, item_effects: bool = False) -> PreferenceEmbedder:
+    """An unfitted embedder; ``item_effects`` turns on per-item offsets where the method has them (bt, pal)."""
+    if item_effects and method == "bt":
+        return BradleyTerry(featurizer, BradleyTerryConfig(item_effects=True))
+    if item_effects and method == "pal":
+        return PAL(featurizer, PALConfig(item_effects=True))
     return EMBEDDERS[method](featurizer)
 
 
@@ -293,7 +302,7 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
                 test = population
                 split = {"seed": seed, "fit_data": config.fit_data, "test_users": [u.user for u in test.users]}
             else:
-                fit, test = population.split(config.test_fraction, seed, exclude="pair" if source == "synthetic" else "prompt")
+                fit, test = population.split(config.test_fraction, seed, exclude=EXCLUDE.get(source, "prompt"))
                 split = dict(test.meta["split"])
             if not fit.users:
                 raise ValidationError(
@@ -307,7 +316,7 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
             for method in config.methods:
                 started = time.perf_counter()
                 if method in EMBEDDERS:
-                    embedder = _make_embedder(method, featurizer).fit(fit.population(), seed=seed)
+                    embedder = _make_embedder(method, featurizer, config.item_effects).fit(fit.population(), seed=seed)
                     cells = evaluate_embedder(embedder, test, shots)
                     if config.active and synth is not None and method in ACTIVE_METHODS:
                         active.setdefault(source, {}).setdefault(method, []).append(

@@ -22,7 +22,9 @@ Mappings (one per source; see each source's README for its licence and caveats):
     are non-tied pairs within the first half, held-out pairs within the second, so held-out
     comments are never seen at enrolment. prompt = :data:`POPQUORN_PROMPT`; chosen = the
     comment the annotator rated *more* offensive (the reward is their perceived
-    offensiveness). No type (the population ordering agrees with a user 78.2% of the time).
+    offensiveness). Up to 8 shot pairs and 128 held-out pairs per user (the held-out pairs of
+    fit users are what population models learn item orderings from). No type (the population
+    ordering agrees with a user 78.2% of the time).
 ``prefeval`` (PrefEval MCQ options): one item = one user; the question with the aligned
     option (option 0) preferred over each of the 3 violating ones. shots = the first two such
     pairs, held out = the third; they share the question, so it tests option ranking, not
@@ -236,7 +238,7 @@ def load_relabeled_hh(
 
 
 def load_popquorn(
-    root: str | Path | None = None, shots: int = 8, held_out: int = 32, seed: int = 0
+    root: str | Path | None = None, shots: int = 8, held_out: int = 128, seed: int = 0
 ) -> EvalPopulation:
     """POPQUORN offensiveness: annotators' ratings turned into within-user pairs (see module doc)."""
     folder = _source_dir(root, "popquorn")

@@ -371,7 +371,10 @@ def save_artefact(
         "featurizer": featurizer.config.to_dict(),
         "config": dict(config),
     }
-    cpu = {k: torch.as_tensor(v).detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    cpu = {}
+    for key, value in tensors.items():
+        tensor = torch.as_tensor(value).detach().to("cpu")
+        cpu[key] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()  # integer keys stay exact
     metadata = {"method": name, "package_version": __version__, "encoder": featurizer.encoder_name}
     tmp_weights = weights_path.with_name(weights_path.name + ".tmp")
     save_file(cpu, str(tmp_weights), metadata=metadata)
@@ -442,6 +445,16 @@ class PairArrays:
         order = np.argsort(self.user, kind="stable")
         bounds = np.searchsorted(self.user[order], np.arange(len(self.users) + 1))
         return [order[bounds[u] : bounds[u + 1]] for u in range(len(self.users))]
+
+
+def population_item_keys(population: Population | Iterable[tuple[str | None, Comparison]]) -> tuple[np.ndarray, np.ndarray]:
+    """``(chosen, rejected)`` item keys in the row order of :func:`population_arrays`."""
+    from personalign.persona.items import item_keys
+
+    pop = as_population(population)
+    flat = [c for u in pop for c in pop[u]]
+    prompts = [c.prompt_text for c in flat]
+    return item_keys(prompts, [c.chosen for c in flat]), item_keys(prompts, [c.rejected for c in flat])
 
 
 def population_arrays(featurizer: Featurizer, population: Population | Iterable[tuple[str | None, Comparison]]) -> PairArrays:

@@ -26,17 +26,23 @@ from personalign.persona.base import (
     feature_stats,
     load_artefact,
     population_arrays,
+    population_item_keys,
     save_artefact,
 )
+from personalign.persona.items import ItemEffects
 from personalign.types import Comparison
 
 
 @dataclass(frozen=True)
 class BradleyTerryConfig:
-    """``l2``: weight of ||w||^2 in the loss; ``max_iter``: L-BFGS iterations."""
+    """``l2``: weight of ||w||^2 in the loss; ``max_iter``: L-BFGS iterations; ``item_effects``:
+    also learn an offset per (prompt, response) seen in fitting, penalised by ``item_l2``
+    (:mod:`personalign.persona.items`)."""
 
     l2: float = 1e-1
     max_iter: int = 200
+    item_effects: bool = False
+    item_l2: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.l2 >= 0:
@@ -85,6 +91,7 @@ class BradleyTerry:
         self.weight = torch.zeros(dim)
         self.mean = torch.zeros(dim)
         self.std = torch.ones(dim)
+        self.items = ItemEffects.empty()
         self.fitted = False
 
     def fit(self, population: Population, seed: int = 0) -> BradleyTerry:
@@ -94,6 +101,9 @@ class BradleyTerry:
         self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
         diff = (torch.from_numpy(arrays.chosen) - torch.from_numpy(arrays.rejected)) / self.std  # (N, D)
         self.weight = fit_linear_bt(diff, torch.from_numpy(arrays.weight), self.config.l2, self.config.max_iter)
+        if self.config.item_effects:
+            keys_c, keys_r = population_item_keys(population)
+            self.items = ItemEffects.fit(keys_c, keys_r, (diff @ self.weight).numpy(), arrays.weight, self.config.item_l2)
         self.fitted = True
         return self
 
@@ -113,7 +123,7 @@ class BradleyTerry:
         self._check_fitted()
         check_state(state, self.name, 0)
         phi = torch.from_numpy(self.featurizer.features(prompts, responses))  # (n, D)
-        return (((phi - self.mean) / self.std) @ self.weight).numpy()
+        return (((phi - self.mean) / self.std) @ self.weight).numpy() + self.items.offsets(prompts, responses)
 
     def prob(self, prompt: str, a: str, b: str, state: UserState) -> float:
         r = self.reward([prompt, prompt], [a, b], state)
@@ -121,7 +131,7 @@ class BradleyTerry:
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        tensors = {"weight": self.weight, "mean": self.mean, "std": self.std}
+        tensors = {"weight": self.weight, "mean": self.mean, "std": self.std, **self.items.tensors()}
         return save_artefact(directory, self.name, self.featurizer, asdict(self.config), tensors)
 
     @classmethod
@@ -131,5 +141,6 @@ class BradleyTerry:
         check_tensor_shapes(tensors, {"weight": (dim,), "mean": (dim,), "std": (dim,)}, cls.name)
         model = cls(featurizer, BradleyTerryConfig(**config))
         model.weight, model.mean, model.std = tensors["weight"], tensors["mean"], tensors["std"]
+        model.items = ItemEffects.from_tensors(tensors)
         model.fitted = True
         return model

@@ -39,10 +39,12 @@ from personalign.persona.base import (
     feature_stats,
     load_artefact,
     population_arrays,
+    population_item_keys,
     save_artefact,
     seeded,
 )
 from personalign.persona.bt import fit_linear_bt
+from personalign.persona.items import ItemEffects
 from personalign.types import Comparison
 
 
@@ -59,6 +61,9 @@ class PALConfig:
     ``init``: ``"kmeans"`` starts the prototypes at clusters of the fit users' mean-difference
     directions (see :func:`init_from_user_directions`; ``init_logit`` is the starting logit of a
     fit user's own cluster, ``init_restarts`` the k-means restarts), ``"random"`` at random as in the paper.
+    ``prior_std``: the N(0, prior_std^2) prior on a user's logits behind the Laplace posterior.
+    ``item_effects``: after the fit, learn an offset per (prompt, response) seen in fitting
+    (penalty ``item_l2``; see :mod:`personalign.persona.items`), shared by all users.
     """
 
     n_prototypes: int = 4
@@ -77,6 +82,8 @@ class PALConfig:
     init_logit: float = 2.0
     init_restarts: int = 5
     prior_std: float = 2.0
+    item_effects: bool = False
+    item_l2: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("n_prototypes", "pref_dim", "epochs", "batch_size", "infer_steps", "init_restarts"):
@@ -176,6 +183,7 @@ class PAL:
         self.featurizer = featurizer
         self.config = config or PALConfig()
         self.model = PALModel(featurizer.dim, self.config)
+        self.items = ItemEffects.empty()
         self.fitted = False
 
     def fit(self, population: Population, seed: int = 0) -> PAL:
@@ -212,6 +220,13 @@ class PAL:
                     loss.backward()
                     optimizer.step()
         self.model = model.eval()
+        self.items = ItemEffects.empty()
+        if cfg.item_effects:
+            with torch.no_grad():
+                logits = user_logits.detach()[user]  # (N, K)
+                margin = pal_mixture_scores(model.prototype_rewards(chosen), logits) - pal_mixture_scores(model.prototype_rewards(rejected), logits)
+            keys_c, keys_r = population_item_keys(population)
+            self.items = ItemEffects.fit(keys_c, keys_r, margin.numpy(), arrays.weight, cfg.item_l2)
         self.fitted = True
         return self
 
@@ -230,6 +245,8 @@ class PAL:
         items = check_comparisons(comparisons)
         chosen, rejected = self.featurizer.pair_features(items)
         weight = torch.tensor([c.weight for c in items])
+        prompts = [c.prompt_text for c in items]
+        offset = torch.from_numpy(self.items.offsets(prompts, [c.chosen for c in items]) - self.items.offsets(prompts, [c.rejected for c in items]))  # (n,)
         with torch.no_grad():
             rc = self.model.prototype_rewards(torch.from_numpy(chosen))  # (n, K)
             rr = self.model.prototype_rewards(torch.from_numpy(rejected))  # (n, K)
@@ -238,18 +255,18 @@ class PAL:
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = bradley_terry_loss(pal_mixture_scores(rc, logits), pal_mixture_scores(rr, logits), weight)
+            loss = bradley_terry_loss(pal_mixture_scores(rc, logits) + offset, pal_mixture_scores(rr, logits), weight)
             loss = loss + self.config.infer_l2 * logits.pow(2).sum()
             loss.backward()
             return loss
 
         optimizer.step(closure)
         mode = logits.detach()
-        variance = self._laplace_variance(rc, rr, weight, mode)
+        variance = self._laplace_variance(rc, rr, weight, mode, offset)
         mixture = torch.softmax(mode, dim=0)
         return UserState(self.name, mode.numpy(), variance, n_comparisons=len(items), extra={"mixture": [float(w) for w in mixture]})
 
-    def _laplace_variance(self, rc: torch.Tensor, rr: torch.Tensor, weight: torch.Tensor, mode: torch.Tensor) -> np.ndarray:
+    def _laplace_variance(self, rc: torch.Tensor, rr: torch.Tensor, weight: torch.Tensor, mode: torch.Tensor, offset: torch.Tensor) -> np.ndarray:
         """Diagonal of the Laplace posterior covariance of the K logits at ``mode``.
 
         The Hessian of the summed Bradley-Terry negative log-likelihood plus the prior
@@ -257,7 +274,7 @@ class PAL:
         """
 
         def nll(z: torch.Tensor) -> torch.Tensor:
-            margin = pal_mixture_scores(rc, z) - pal_mixture_scores(rr, z)
+            margin = pal_mixture_scores(rc, z) - pal_mixture_scores(rr, z) + offset
             return -(weight * torch.nn.functional.logsigmoid(margin)).sum()
 
         hessian = torch.autograd.functional.hessian(nll, mode)  # (K, K)
@@ -272,7 +289,8 @@ class PAL:
         check_state(state, self.name, self.config.n_prototypes)
         phi = torch.from_numpy(self.featurizer.features(prompts, responses))
         with torch.no_grad():
-            return pal_mixture_scores(self.model.prototype_rewards(phi), torch.from_numpy(state.vector)).numpy()
+            scores = pal_mixture_scores(self.model.prototype_rewards(phi), torch.from_numpy(state.vector)).numpy()
+        return scores + self.items.offsets(prompts, responses)
 
     def prob(self, prompt: str, a: str, b: str, state: UserState) -> float:
         r = self.reward([prompt, prompt], [a, b], state)
@@ -301,12 +319,13 @@ class PAL:
             logits = torch.from_numpy(state.vector)[None] + noise * torch.from_numpy(variance).sqrt()[None]  # (S, K)
             mix = torch.softmax(logits, dim=-1)  # (S, K)
             proto = self.model.prototype_rewards(phi_a) - self.model.prototype_rewards(phi_b)  # (B, K)
-            margins = mix @ proto.T  # (S, B)
+            offset = torch.from_numpy(self.items.offsets(prompts, a) - self.items.offsets(prompts, b))  # (B,)
+            margins = mix @ proto.T + offset[None]  # (S, B)
             return expected_information_gain(margins).numpy()
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        return save_artefact(directory, self.name, self.featurizer, asdict(self.config), self.model.state_dict())
+        return save_artefact(directory, self.name, self.featurizer, asdict(self.config), {**self.model.state_dict(), **self.items.tensors()})
 
     @classmethod
     def load(cls, directory: str | Path, featurizer: Featurizer) -> PAL:
@@ -314,7 +333,8 @@ class PAL:
         pal = cls(featurizer, PALConfig(**config))
         expected = {k: tuple(v.shape) for k, v in pal.model.state_dict().items()}
         check_tensor_shapes(tensors, expected, cls.name)
-        pal.model.load_state_dict(tensors)
+        pal.items = ItemEffects.from_tensors(tensors)
+        pal.model.load_state_dict({k: v for k, v in tensors.items() if k in expected})
         pal.model.eval()
         pal.fitted = True
         return pal
