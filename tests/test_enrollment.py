@@ -261,3 +261,33 @@ def test_bench_enroll_reports_ratios(pz):
     assert all(v > 0 for v in result["median_ms"].values())
     assert "x encode" in format_enroll_report(result)
     assert set(pz.users()) == {"bench-0", "bench-1"}
+
+
+def test_item_effects_golden_value_and_round_trip(encoder, tmp_path):
+    """Three wins of a over b and one loss, no prior: the offset gap is log 3 (sigma(d) = 3/4)."""
+    from personalign.persona.base import Featurizer, FeaturizerConfig
+    from personalign.persona.bt import BradleyTerry, BradleyTerryConfig
+    from personalign.persona.items import ItemEffects, item_keys
+
+    ka, kb = item_keys(["q", "q"], ["a", "b"])
+    chosen = np.array([ka, ka, ka, kb])
+    rejected = np.array([kb, kb, kb, ka])
+    effects = ItemEffects.fit(chosen, rejected, np.zeros(4), np.ones(4), l2=1e-8)
+    a, b = effects.lookup(np.array([ka, kb]))
+    assert a - b == pytest.approx(math.log(3), abs=1e-3)
+    # With a prior worth l2 comparisons the gap shrinks; unseen items get 0.
+    shrunk = ItemEffects.fit(chosen, rejected, np.zeros(4), np.ones(4), l2=2.0)
+    assert 0 < shrunk.lookup(np.array([ka]))[0] - shrunk.lookup(np.array([kb]))[0] < math.log(3)
+    assert effects.offsets(["q"], ["never seen"])[0] == 0.0
+    # A BT with item effects saves its 63-bit keys exactly.
+    population = {
+        "u1": [Comparison(prompt="Rate it", chosen="You are an idiot.", rejected="Nice weather today.")] * 3,
+        "u2": [Comparison(prompt="Rate it", chosen="Go away, loser.", rejected="Thanks for sharing!")] * 2,
+    }
+    bt = BradleyTerry(Featurizer(encoder, FeaturizerConfig(parts=("log_length",))), BradleyTerryConfig(item_effects=True)).fit(population)
+    assert len(bt.items) == 4
+    bt.save(tmp_path / "bt")
+    loaded = BradleyTerry.load(tmp_path / "bt", bt.featurizer)
+    np.testing.assert_array_equal(loaded.items.keys, bt.items.keys)
+    np.testing.assert_array_equal(loaded.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], loaded.prior()), bt.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], bt.prior()))
+    assert bt.prob("Rate it", "You are an idiot.", "Nice weather today.", bt.prior()) > 0.5
