@@ -10,8 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +28,7 @@ from personalign.errors import ValidationError
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
+from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors, validate_steer
 from personalign.steering.objectives import infer_weights
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
@@ -137,37 +136,6 @@ def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {**summary, "kind": "lora", "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
 
 
-def _check_text(value: Any, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValidationError(field, "must be a non-empty string", f"pass the {field} text", value if not isinstance(value, str) else None)
-    return value
-
-
-def _parse_candidates(candidates: Any) -> list[tuple[str, str, str]]:
-    """``[(prompt, a, b)]`` from mappings or tuples; an empty or malformed list raises ``ValidationError``."""
-    if isinstance(candidates, str | Mapping) or not isinstance(candidates, Sequence):
-        raise ValidationError("candidates", "must be a list", 'pass [{"prompt": ..., "a": ..., "b": ...}, ...]')
-    if not candidates:
-        raise ValidationError("candidates", "is empty", "pass at least one candidate comparison {prompt, a, b}")
-    rows = []
-    for i, item in enumerate(candidates):
-        if isinstance(item, Mapping):
-            extra = set(item) - {"prompt", "a", "b"}
-            if extra:
-                raise ValidationError(f"candidates[{i}]", f"has unknown field(s) {sorted(extra)}", "use only prompt, a and b")
-            values = (item.get("prompt"), item.get("a"), item.get("b"))
-        elif isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 3:
-            values = tuple(item)
-        else:
-            raise ValidationError(f"candidates[{i}]", "is not a {prompt, a, b} mapping or a (prompt, a, b) tuple", 'pass {"prompt": ..., "a": ..., "b": ...}')
-        for name, value in zip(("prompt", "a", "b"), values, strict=True):
-            _check_text(value, f"candidates[{i}].{name}")
-        if values[1].strip() == values[2].strip():
-            raise ValidationError(f"candidates[{i}]", "has a == b", "offer two different responses")
-        rows.append((values[0], values[1], values[2]))
-    return rows
-
-
 def _params(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:
     try:
         return model.model_validate(dict(values))
@@ -195,16 +163,13 @@ class Personalizer:
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
         ``None`` for the shipped PAL (fitted on the project's synthetic population only)."""
         self.generator = generator
-        self._embedder_spec = embedder
-        self._embedder: Any = None
-        self._embedder_id = ""
-        self._embedder_lock = threading.Lock()
         self.encoder = encoder
         self.store = UserStore(store, encoder, memory_client)
         self.store_path = self.store.root
         self.profiles = self.store.profiles
         self.memory = self.store.memory
         self.adapters = AdapterManager(generator, self.profiles.users_dir, max_resident=max_resident)
+        self.preferences = Preferences(self.profiles, encoder, generator, embedder)
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -269,14 +234,14 @@ class Personalizer:
                     meta = self.adapters.train(user, [*existing, *stamped], config)
             summary = _adapter_summary(meta)
 
-        embedder, embedder_id = self._usable_embedder()
+        embedder, embedder_id = self.preferences.usable_embedder()
 
         def add(profile: UserProfile) -> UserProfile:
             profile.comparisons.extend(stamped)
             # Derived, recomputable from the comparisons: the user's inferred objective weights and preference state.
             profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
             if embedder is not None:
-                profile.settings["state"] = {"embedder": embedder_id, **embedder.infer(profile.comparisons).to_dict()}
+                profile.settings[STATE_KEY] = {"embedder": embedder_id, **embedder.infer(profile.comparisons).to_dict()}
             if summary is not None:
                 profile.settings["adapter"] = summary
             return profile
@@ -345,41 +310,12 @@ class Personalizer:
             self.adapters.unload(user)
         return self.store.forget(user)
 
-    # --- preferences: reward, predict, next question -----------------------------------------
-
-    def _embedder_and_id(self) -> tuple[Any, str]:
-        """The preference embedder (loaded on first use) and an id that changes when it does."""
-        with self._embedder_lock:
-            if self._embedder is None:
-                from personalign.persona import default_embedder_dir, load_embedder
-
-                spec = self._embedder_spec
-                if spec is None or isinstance(spec, str | Path):
-                    folder = Path(spec) if spec is not None else default_embedder_dir()
-                    self._embedder = load_embedder(folder, self.encoder, self.generator)
-                    config = folder / f"{self._embedder.name}_config.json"
-                    digest = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
-                    self._embedder_id = f"{self._embedder.name}:{digest}"
-                else:
-                    self._embedder = spec
-                    self._embedder_id = f"{spec.name}:{id(spec):x}"
-            return self._embedder, self._embedder_id
-
-    def _usable_embedder(self) -> tuple[Any, str]:
-        """The embedder for enrollment; ``(None, "")`` when the shipped default does not fit this
-        encoder (another encoder was loaded): enrollment then stores comparisons only, and
-        :meth:`reward` and friends raise the loading error."""
-        try:
-            return self._embedder_and_id()
-        except ValidationError:
-            if self._embedder_spec is not None:
-                raise
-            return None, ""
+    # --- preferences: reward, predict, next question (see personalign/preferences.py) -----------
 
     @property
     def embedder(self) -> Any:
         """The preference embedder behind :meth:`reward`, :meth:`predict` and :meth:`next_question`."""
-        return self._embedder_and_id()[0]
+        return self.preferences.embedder
 
     def state(self, user: str) -> Any:
         """``user``'s :class:`~personalign.persona.base.UserState` under the current embedder.
@@ -389,85 +325,29 @@ class Personalizer:
         has the embedder's prior. A stored state that is corrupt (NaN, wrong shape) raises
         ``ValidationError`` naming ``settings.state``; call :meth:`refresh_state` to rebuild it.
         """
-        embedder, embedder_id = self._embedder_and_id()
-        profile = self.profiles.get(user)
-        return self._state_of(profile, embedder, embedder_id)
-
-    def _state_of(self, profile: UserProfile, embedder: Any, embedder_id: str) -> Any:
-        from personalign.persona.base import UserState, check_state
-
-        stored = profile.settings.get("state")
-        if isinstance(stored, Mapping) and stored.get("embedder") == embedder_id:
-            try:
-                state = UserState.from_dict(stored)
-                return check_state(state, embedder.name, embedder.prior().dim)
-            except ValidationError as err:
-                raise ValidationError(
-                    f"users/{profile.user_id}/profile.json: settings.state", f"is unusable ({err.problem})", f"call refresh_state({profile.user_id!r}) to re-infer it from the comparisons"
-                ) from None
-        return embedder.infer(profile.comparisons) if profile.comparisons else embedder.prior()
+        return self.preferences.state(user)
 
     def refresh_state(self, user: str) -> Any:
         """Re-infer ``user``'s state from their stored comparisons and store it (replacing a corrupt one)."""
-        embedder, embedder_id = self._embedder_and_id()
-        profile = self.profiles.get(user)
-        state = embedder.infer(profile.comparisons) if profile.comparisons else embedder.prior()
-
-        def put(p: UserProfile) -> UserProfile:
-            p.settings["state"] = {"embedder": embedder_id, **state.to_dict()}
-            return p
-
-        self.profiles.update(user, put, create=False)
-        return state
+        return self.preferences.refresh_state(user)
 
     def reward(self, user: str, prompt: str, responses: Sequence[str]) -> list[float]:
-        """The user's reward of each response to ``prompt`` (higher = more to their taste).
-
-        Rewards of one user are comparable with each other; use :meth:`predict` for a probability.
-        """
-        _check_text(prompt, "prompt")
-        if isinstance(responses, str) or not isinstance(responses, Sequence) or not responses:
-            raise ValidationError("responses", "must be a non-empty list of strings", 'pass e.g. ["answer one", "answer two"]', responses)
-        for i, r in enumerate(responses):
-            _check_text(r, f"responses[{i}]")
-        embedder, embedder_id = self._embedder_and_id()
-        state = self._state_of(self.profiles.get(user), embedder, embedder_id)
-        return [float(r) for r in embedder.reward([prompt] * len(responses), list(responses), state)]
+        """The user's reward of each response to ``prompt`` (higher = more to their taste; comparable within a user)."""
+        return self.preferences.reward(user, prompt, responses)
 
     def predict(self, user: str, prompt: str, a: str, b: str) -> float:
         """Probability that ``user`` prefers response ``a`` over ``b`` for ``prompt``."""
-        for value, name in ((prompt, "prompt"), (a, "a"), (b, "b")):
-            _check_text(value, name)
-        embedder, embedder_id = self._embedder_and_id()
-        state = self._state_of(self.profiles.get(user), embedder, embedder_id)
-        return float(embedder.prob(prompt, a, b, state))
+        return self.preferences.predict(user, prompt, a, b)
 
     def next_question(self, user: str, candidates: Sequence[Any], top_k: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
         """Rank candidate comparisons by how much ``user``'s answer would teach about them.
 
         ``candidates``: ``{"prompt", "a", "b"}`` mappings or ``(prompt, a, b)`` tuples. Returns
         them best first, each with ``gain`` (expected information gain in nats about the user's
-        state, at most ln 2 = 0.693) and ``p_a`` (the current probability they pick ``a``). A user
-        not enrolled yet is ranked under the embedder's prior (cold start); nothing is stored.
+        state, at most ln 2), ``p_a`` (the current probability they pick ``a``) and ``index``. A
+        user not enrolled yet is ranked under the embedder's prior (cold start); nothing is stored.
         """
-        rows = _parse_candidates(candidates)
-        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValidationError("top_k", "must be a positive integer", "omit it to rank every candidate", top_k)
-        embedder, embedder_id = self._embedder_and_id()
-        if not hasattr(embedder, "information_gain"):
-            raise ValidationError("embedder", f"{embedder.name!r} has no posterior to rank questions by", "use a PAL or VPL embedder")
-        validate_user_id(user)
-        state = self._state_of(self.profiles.get(user), embedder, embedder_id) if self.profiles.exists(user) else embedder.prior()
-        prompts, a, b = ([r[i] for r in rows] for i in range(3))
-        gains = embedder.information_gain(prompts, a, b, state, seed=seed)
-        rewards = embedder.reward(prompts + prompts, a + b, state)
-        n = len(rows)
-        order = sorted(range(n), key=lambda i: (-float(gains[i]), i))[: top_k or n]
-        out = []
-        for i in order:
-            margin = float(rewards[i]) - float(rewards[n + i])
-            out.append({"prompt": prompts[i], "a": a[i], "b": b[i], "gain": float(gains[i]), "p_a": 1.0 / (1.0 + math.exp(-max(min(margin, 50.0), -50.0))), "index": i})
-        return out
+        return self.preferences.next_question(user, candidates, top_k=top_k, seed=seed)
 
     # --- memory ----------------------------------------------------------------------------
 
