@@ -291,3 +291,35 @@ def test_item_effects_golden_value_and_round_trip(encoder, tmp_path):
     np.testing.assert_array_equal(loaded.items.keys, bt.items.keys)
     np.testing.assert_array_equal(loaded.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], loaded.prior()), bt.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], bt.prior()))
     assert bt.prob("Rate it", "You are an idiot.", "Nice weather today.", bt.prior()) > 0.5
+
+
+def test_train_pal_recipe_and_pal_item_effects_round_trip(encoder, tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+    from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
+    from personalign.persona import load_embedder
+    from personalign.persona.base import Featurizer, FeaturizerConfig
+    from personalign.persona.pal import PAL, PALConfig
+    from personalign.types import write_preferences
+
+    population = SyntheticPopulation(SyntheticConfig(n_users=16, n_prompts=8, candidates_per_prompt=6)).population(shots=4, held_out=2)
+    data = tmp_path / "users.jsonl"
+    write_preferences(data, population.rows())
+    result = CliRunner().invoke(app, ["train", "pal", "--data", str(data), "--features", "response,log_length", "--out", str(tmp_path / "pal")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "pal" / "embedder.json").read_text())
+    assert manifest["method"] == "pal" and manifest["provenance"]["users"] == 16
+    assert load_embedder(tmp_path / "pal", encoder).featurizer.config.parts == ("response", "log_length")
+    # PAL with item effects: offsets are saved and loaded exactly, rewards unchanged by the round trip.
+    featurizer = Featurizer(encoder, FeaturizerConfig(parts=("log_length",)))
+    pal = PAL(featurizer, PALConfig(n_prototypes=2, pref_dim=1, epochs=1, item_effects=True)).fit(population.population())
+    assert len(pal.items) > 0
+    pal.save(tmp_path / "pal_items")
+    loaded = PAL.load(tmp_path / "pal_items", featurizer)
+    user = population.users[0]
+    state = pal.infer(user.shots)
+    np.testing.assert_array_equal(loaded.items.values, pal.items.values)
+    texts = [c.chosen for c in user.held_out]
+    prompts = [c.prompt_text for c in user.held_out]
+    np.testing.assert_allclose(loaded.reward(prompts, texts, state), pal.reward(prompts, texts, state), rtol=1e-6)
