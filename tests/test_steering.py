@@ -67,7 +67,7 @@ def test_structure_golden(text, expected):
 
 
 def test_measure_names_every_objective():
-    assert set(measure("a b")) == set(OBJECTIVES) == {"verbosity", "structure"}
+    assert set(measure("a b")) == set(OBJECTIVES) >= {"verbosity", "structure", "reading_level", "formality", "sentiment", "politeness"}
     assert measure("a b")["verbosity"] == pytest.approx(math.log(3))
 
 
@@ -86,14 +86,14 @@ def test_infer_weights_golden():
     c1 = Comparison(prompt="p", chosen="- " + " ".join(["w"] * 20), rejected=" ".join(["w"] * 20))
     c2 = Comparison(prompt="q", chosen="one", rejected="one two three", weight=3)
     weights = infer_weights([c1, c2])
-    assert set(weights) == {"verbosity", "structure"}
+    assert set(weights) == set(OBJECTIVES)
     assert weights["verbosity"] == pytest.approx(-7 / 9, abs=1e-12)
     assert weights["structure"] == pytest.approx(0.5545997223493823, abs=1e-12)
     assert weights["structure"] == pytest.approx(math.tanh(0.625), abs=1e-15)
 
 
 def test_infer_weights_edges():
-    assert infer_weights([]) == {"verbosity": 0.0, "structure": 0.0}
+    assert infer_weights([]) == dict.fromkeys(OBJECTIVES, 0.0)
     # swapping chosen and rejected flips the sign
     short = Comparison(prompt="p", chosen="Nine minutes.", rejected="It depends on a great many things.")
     long = Comparison(prompt="p", chosen=short.rejected, rejected=short.chosen)
@@ -168,7 +168,7 @@ def test_validate_steer_accepts():
 @pytest.mark.parametrize(
     ("steer", "field", "words"),
     [
-        ({"helpfulness": 1.0}, "steer.helpfulness", "is not a steerable objective"),
+        ({"helpfulness": 1.0}, "steer.helpfulness", "is not a known objective"),
         ({"verbosity": math.nan}, "steer.verbosity", "finite number"),
         ({"verbosity": -math.inf}, "steer.verbosity", "finite number"),
         ({"verbosity": True}, "steer.verbosity", "finite number"),
@@ -191,3 +191,44 @@ def test_unknown_objective_lists_allowed_names():
         validate_steer({"helpfulness": 1.0}, field="body.steer")
     assert info.value.field == "body.steer.helpfulness"
     assert all(name in info.value.fix for name in STEERABLE)
+
+
+def test_measurable_objectives_golden_values():
+    """Hand-computed values of the measurable objectives on fixed texts."""
+    from personalign.steering.objectives import formality, politeness, reading_level, score, sentiment
+
+    # 2 sentences, 6 words, syllables 1+1+1 + 1+1+2 = 7: 0.39 * 3 + 11.8 * 7/6 - 15.59
+    assert reading_level("The cat sat. The dog barked.") == pytest.approx(0.39 * 3 + 11.8 * 7 / 6 - 15.59)
+    assert reading_level("") == 0.0
+    # "Furthermore" formal (+1); "don't" contraction and "!" informal (-2); 6 words -> 100 * (1 - 2) / 6
+    assert formality("Furthermore, we don't stop here now!") == pytest.approx(100 * (1 - 2) / 7)
+    assert sentiment("A great and fun day. A bad one.") == pytest.approx((2 - 1) / 2)
+    assert politeness("Thanks! I hope this helps.") == pytest.approx(2 / 2)
+    scored = score("q", "Please read it. Thank you.")
+    assert set(scored) == set(OBJECTIVES) and scored["politeness"] == pytest.approx(1.0)
+    assert set(score("q", "x", ["verbosity"])) == {"verbosity"}
+
+
+def test_objective_registry_errors_list_the_known_objectives():
+    from personalign.errors import ValidationError
+    from personalign.steering.decoding import validate_steer
+    from personalign.steering.objectives import Objective, register, score
+
+    with pytest.raises(ValidationError) as err:
+        score("q", "a", ["humour"])
+    assert "verbosity" in err.value.fix
+    with pytest.raises(ValidationError) as err:
+        validate_steer({"formality": 0.5})
+    assert "no decode-time steering method" in str(err.value) and "formality" in err.value.fix
+    with pytest.raises(ValidationError) as err:
+        validate_steer({"humour": 0.5})
+    assert "not a known objective" in str(err.value)
+    with pytest.raises(ValidationError):
+        register(Objective("verbosity", len, 1.0, "dup"))
+    with pytest.raises(ValidationError):
+        register(Objective("Bad Name", len, 1.0, "x"))
+    custom = register(Objective("exclamations", lambda t: float(t.count("!")), 1.0, "'!' count"), replace=True)
+    try:
+        assert score("q", "Wow! Yes!", ["exclamations"]) == {"exclamations": 2.0}
+    finally:
+        OBJECTIVES.pop(custom.name)

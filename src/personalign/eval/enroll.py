@@ -265,6 +265,13 @@ def active_curve(
 # --- the run --------------------------------------------------------------------------------------
 
 
+def _warm_features(featurizer: Featurizer, population: EvalPopulation) -> None:
+    """Featurize every comparison of ``population`` in one batched call, so per-user calls hit the caches."""
+    items = [c for u in population.users for c in u.comparisons]
+    if items:
+        featurizer.pair_features(items)
+
+
 def _make_embedder(method: str, featurizer: Featurizer, item_effects: bool = False) -> PreferenceEmbedder:
     """An unfitted embedder; ``item_effects`` turns on per-item offsets where the method has them (bt, pal)."""
     if item_effects and method == "bt":
@@ -313,6 +320,7 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
             split.update(fit_users=len(fit.users), test_users_count=len(test.users))
             splits.setdefault(source, []).append(split)
             say(f"{source} seed {seed}: {len(fit.users)} fit users, {len(test.users)} test users")
+            _warm_features(featurizer, test)
             for method in config.methods:
                 started = time.perf_counter()
                 if method in EMBEDDERS:
