@@ -82,7 +82,7 @@ def validate_steer(steer: Mapping[str, Any] | None, field: str = "steer") -> dic
             from personalign.steering.objectives import OBJECTIVES
 
             problem = "is measured but has no decode-time steering method yet" if name in OBJECTIVES else "is not a known objective"
-            raise ValidationError(f"{field}.{name}", problem, f"steer one of {list(STEERABLE)} (objectives known: {sorted(OBJECTIVES)})", name)
+            raise ValidationError(f"{field}.{name}", problem, f"use a steerable objective, one of {list(STEERABLE)} (known objectives: {sorted(OBJECTIVES)})", name)
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise ValidationError(f"{field}.{name}", "must be a finite number", "pass a weight such as -0.5 or 1.0", value)
         if abs(value) > MAX_WEIGHT:
