@@ -235,13 +235,23 @@ class Personalizer:
             summary = _adapter_summary(meta)
 
         embedder, embedder_id = self.preferences.usable_embedder()
+        # The state is inferred outside the store lock (it runs the encoder), from the profile as
+        # read now; if another write to this user lands in between, it is inferred again inside.
+        base, state = (-1, -1), None
+        if embedder is not None:
+            current = self.profiles.get(user) if self.profiles.exists(user) else None
+            before = current.comparisons if current is not None else []
+            base = (current.version if current is not None else 0, len(before))
+            state = embedder.infer([*before, *stamped])
 
         def add(profile: UserProfile) -> UserProfile:
             profile.comparisons.extend(stamped)
             # Derived, recomputable from the comparisons: the user's inferred objective weights and preference state.
             profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
             if embedder is not None:
-                profile.settings[STATE_KEY] = {"embedder": embedder_id, **embedder.infer(profile.comparisons).to_dict()}
+                unchanged = (profile.version, len(profile.comparisons) - len(stamped)) == base
+                fresh = state if unchanged and state is not None else embedder.infer(profile.comparisons)
+                profile.settings[STATE_KEY] = {"embedder": embedder_id, **fresh.to_dict()}
             if summary is not None:
                 profile.settings["adapter"] = summary
             return profile
