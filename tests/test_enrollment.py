@@ -323,3 +323,25 @@ def test_train_pal_recipe_and_pal_item_effects_round_trip(encoder, tmp_path):
     texts = [c.chosen for c in user.held_out]
     prompts = [c.prompt_text for c in user.held_out]
     np.testing.assert_allclose(loaded.reward(prompts, texts, state), pal.reward(prompts, texts, state), rtol=1e-6)
+
+
+def test_a_write_between_inference_and_storing_is_not_lost_from_the_state(pz, monkeypatch):
+    pz.enroll("race", SHORT_FIRST[:1])
+    embedder = pz.embedder
+    real_infer = embedder.infer
+    calls = []
+
+    def infer_with_interleaved_write(comparisons):
+        if not calls:  # another request stores a comparison while this one infers outside the lock
+            def add(profile):
+                profile.comparisons.append(LONG_FIRST[1].stamped(1.0))
+                return profile
+
+            pz.profiles.update("race", add)
+        calls.append(len(comparisons))
+        return real_infer(comparisons)
+
+    monkeypatch.setattr(embedder, "infer", infer_with_interleaved_write)
+    profile = pz.enroll("race", SHORT_FIRST[1:])
+    assert len(profile.comparisons) == 3 and calls == [2, 3]  # inferred again, inside the lock, on all three
+    assert profile.settings["state"]["n_comparisons"] == 3
