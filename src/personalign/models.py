@@ -203,6 +203,20 @@ class Encoder:
         self._lock = threading.Lock()  # the cache is shared by server threads
 
     @property
+    def cache_size(self) -> int:
+        """Most texts kept in the LRU cache."""
+        return self._cache_size
+
+    @cache_size.setter
+    def cache_size(self, size: int) -> None:
+        if not isinstance(size, int) or size < 0:
+            raise ValidationError("cache_size", "must be a non-negative integer", "use e.g. 4096", size)
+        with self._lock:
+            self._cache_size = size
+            while len(self._cache) > size:
+                self._cache.popitem(last=False)
+
+    @property
     def dim(self) -> int:
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         return int(getter())

@@ -294,6 +294,17 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
     if "hidden" in config.features and generator is None:
         raise ValidationError("features", "include 'hidden' but no generator was given", "pass the generator whose hidden states are the features")
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None)
+    # Every text of a population is featurized several times (fit, each test user, each method):
+    # keep them all cached for the run, then restore the encoder's own limit.
+    previous_cache = encoder.cache_size
+    encoder.cache_size = max(previous_cache, 500_000)
+    try:
+        return _run(config, encoder, generator, featurizer, say)
+    finally:
+        encoder.cache_size = previous_cache
+
+
+def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Featurizer, say: Progress) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     splits: dict[str, list[dict[str, Any]]] = {}
     active: dict[str, dict[str, Any]] = {}
