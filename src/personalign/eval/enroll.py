@@ -57,6 +57,7 @@ ACTIVE_METHODS = ("pal", "vpl")
 EXCLUDE = {"synthetic": "pair", "popquorn": "pair"}
 
 Progress = Callable[[str], None]
+METHOD_COLORS = {"bt": "tab:gray", "meandiff": "tab:orange", "pal": "tab:red", "vpl": "tab:purple", "oracle": "tab:green", "lora": "tab:blue", "bank": "tab:brown"}
 
 
 @dataclass
@@ -440,7 +441,8 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     summary = result["summary"]
-    sources = list(dict.fromkeys(r["data"] for r in summary))
+    found = list(dict.fromkeys(r["data"] for r in summary))
+    sources = [s for s in SOURCES if s in found] + [s for s in found if s not in SOURCES]
     active = [(s, m, curves) for s, by_method in result.get("active", {}).items() for m, curves in by_method.items()]
     panels = len(sources) + len(active)
     if panels == 0:
@@ -450,15 +452,17 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
     flat = axes.ravel()
     for ax, source in zip(flat, sources, strict=False):
-        for method in dict.fromkeys(r["method"] for r in summary if r["data"] == source):
+        present = {r["method"] for r in summary if r["data"] == source}
+        for method in [m for m in METHODS if m in present]:
             rs = sorted((r for r in summary if r["data"] == source and r["method"] == method), key=lambda r: r["shots"])
             x = [r["shots"] for r in rs]
             y = [r["accuracy"] for r in rs]
             lo = [r["ci95"][0] for r in rs]
             hi = [r["ci95"][1] for r in rs]
-            style = "--" if method in ("oracle", "bt") else "-"
-            ax.plot(x, y, style, marker="o", label=method)
-            ax.fill_between(x, lo, hi, alpha=0.12)
+            style = "--" if method in ("oracle", "bt") else ":" if method == "bank" else "-"
+            color = METHOD_COLORS.get(method)
+            ax.plot(x, y, style, marker="o", label=method, color=color)
+            ax.fill_between(x, lo, hi, alpha=0.12, color=color)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["shots"] for r in summary if r["data"] == source}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -502,7 +506,8 @@ def format_table(result: Mapping[str, Any]) -> str:
         shots = sorted({r["shots"] for r in summary if r["data"] == source})
         lines.append(f"{source}: held-out pairwise accuracy [95% CI], seeds pooled")
         lines.append("  method     " + "".join(f"{n} shot(s)".rjust(24) for n in shots))
-        for method in dict.fromkeys(r["method"] for r in summary if r["data"] == source):
+        present = {r["method"] for r in summary if r["data"] == source}
+        for method in [m for m in METHODS if m in present]:
             cells = {r["shots"]: r for r in summary if r["data"] == source and r["method"] == method}
             text = "".join(_cell(cells.get(n)) for n in shots)
             lines.append(f"  {method:10s} {text}")
