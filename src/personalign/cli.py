@@ -524,30 +524,27 @@ TrainDataOpt = Annotated[str, typer.Option(help="Population: synthetic (project-
 FeaturesOpt = Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style.")]
 
 
-@train_app.command("pal")
-def train_pal(
-    out: Annotated[Path, typer.Option(help="Output folder (pal_config.json + pal.safetensors).")],
-    data: TrainDataOpt = "synthetic",
-    seed: Annotated[int, typer.Option()] = 0,
-    features: FeaturesOpt = "response,prompt_x_response,log_length",
-    encoder: EncoderOpt = None,
-    device: DeviceOpt = None,
-) -> None:
-    """Fit a PAL population model (K prototype rewards) for enrolling users."""
-    _train_embedder("pal", data, out, seed, features, encoder, device)
+EmbedderOutOpt = Annotated[Path, typer.Option(help="Output folder (<method>_config.json + <method>.safetensors + embedder.json).")]
 
 
-@train_app.command("vpl")
-def train_vpl(
-    out: Annotated[Path, typer.Option(help="Output folder (vpl_config.json + vpl.safetensors).")],
-    data: TrainDataOpt = "synthetic",
-    seed: Annotated[int, typer.Option()] = 0,
-    features: FeaturesOpt = "response,prompt_x_response,log_length",
-    encoder: EncoderOpt = None,
-    device: DeviceOpt = None,
-) -> None:
-    """Fit a VPL model (pair-set encoder to a Gaussian user latent, latent-conditioned reward)."""
-    _train_embedder("vpl", data, out, seed, features, encoder, device)
+def _embedder_recipe(method: str, doc: str) -> Any:
+    def recipe(
+        out: EmbedderOutOpt,
+        data: TrainDataOpt = "synthetic",
+        seed: Annotated[int, typer.Option()] = 0,
+        features: FeaturesOpt = "response,prompt_x_response,log_length",
+        encoder: EncoderOpt = None,
+        device: DeviceOpt = None,
+    ) -> None:
+        _train_embedder(method, data, out, seed, features, encoder, device)
+
+    recipe.__doc__ = doc
+    recipe.__name__ = f"train_{method}"
+    return recipe
+
+
+train_app.command("pal")(_embedder_recipe("pal", "Fit a PAL population model (K prototype rewards) for enrolling users."))
+train_app.command("vpl")(_embedder_recipe("vpl", "Fit a VPL model (pair-set encoder to a Gaussian user latent, latent-conditioned reward)."))
 
 
 # --- bench -------------------------------------------------------------------------------

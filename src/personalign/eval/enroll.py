@@ -42,13 +42,12 @@ from personalign.eval.populations import (
     load_population,
 )
 from personalign.models import Encoder
+from personalign.persona import EMBEDDER_CLASSES
 from personalign.persona.base import Featurizer, FeaturizerConfig, PreferenceEmbedder, UserState
 from personalign.persona.bt import BradleyTerry, BradleyTerryConfig
-from personalign.persona.meandiff import MeanDiff
 from personalign.persona.pal import PAL, PALConfig
-from personalign.persona.vpl import VPL
 
-EMBEDDERS: dict[str, type] = {"bt": BradleyTerry, "meandiff": MeanDiff, "pal": PAL, "vpl": VPL}
+EMBEDDERS = EMBEDDER_CLASSES
 METHODS = (*EMBEDDERS, "oracle", *ADAPTER_METHODS)
 SOURCES = ("psoups", "hh", "popquorn", "prefeval", "synthetic")
 ACTIVE_METHODS = ("pal", "vpl")

@@ -138,6 +138,14 @@ class UserState:
             raise ValidationError("state", f"is malformed ({err})", "re-infer the state from the user's comparisons") from None
 
 
+def check_candidate_arrays(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> None:
+    """One prompt, ``a`` and ``b`` per candidate, and at least one candidate."""
+    if not (len(prompts) == len(a) == len(b)):
+        raise ValidationError("candidates", f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items", "pass one prompt, a and b per candidate")
+    if len(prompts) == 0:
+        raise ValidationError("candidates", "is empty", "pass at least one candidate comparison")
+
+
 def check_state(state: UserState, method: str, dim: int) -> UserState:
     """Check that ``state`` was produced by embedder ``method`` with a ``dim``-sized vector."""
     if not isinstance(state, UserState):

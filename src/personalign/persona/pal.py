@@ -33,6 +33,7 @@ from personalign.persona.base import (
     Featurizer,
     Population,
     UserState,
+    check_candidate_arrays,
     check_comparisons,
     check_state,
     check_tensor_shapes,
@@ -306,10 +307,7 @@ class PAL:
         """
         self._check_fitted()
         check_state(state, self.name, self.config.n_prototypes)
-        if not (len(prompts) == len(a) == len(b)):
-            raise ValidationError("candidates", f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items", "pass one prompt, a and b per candidate")
-        if len(prompts) == 0:
-            raise ValidationError("candidates", "is empty", "pass at least one candidate comparison")
+        check_candidate_arrays(prompts, a, b)
         variance = state.variance if state.variance is not None else np.full(state.dim, self.config.prior_std**2, np.float32)
         phi_a = torch.from_numpy(self.featurizer.features(prompts, a))  # (B, D)
         phi_b = torch.from_numpy(self.featurizer.features(prompts, b))  # (B, D)

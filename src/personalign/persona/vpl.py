@@ -43,6 +43,7 @@ from personalign.persona.base import (
     Featurizer,
     Population,
     UserState,
+    check_candidate_arrays,
     check_comparisons,
     check_state,
     check_tensor_shapes,
@@ -279,10 +280,7 @@ class VPL:
         """
         self._check_fitted()
         check_state(state, self.name, self.config.latent_dim)
-        if not (len(prompts) == len(a) == len(b)):
-            raise ValidationError("candidates", f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items", "pass one prompt, a and b per candidate")
-        if len(prompts) == 0:
-            raise ValidationError("candidates", "is empty", "pass at least one candidate comparison")
+        check_candidate_arrays(prompts, a, b)
         assert state.variance is not None  # VPL states always carry one
         samples = n_samples or self.config.info_gain_samples
         phi_a = torch.from_numpy(self.featurizer.features(prompts, a))  # (B, D)
