@@ -1,0 +1,52 @@
+"""Which decode-time steering methods exist and which objectives each one can steer.
+
+``logit`` (hand-written logits processors, no training), ``prompt`` (an instruction in the
+system prompt), ``vas`` (value heads that guide the top-k logits), ``mix`` (objective
+adapters mixed at the logit level, MODPO-style). ``vas`` and ``mix`` steer the objectives
+whose artefacts are installed: the package ships defaults under ``personalign/data/steering``
+and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+METHODS = ("auto", "logit", "prompt", "vas", "mix")
+LOGIT_STEERABLE = ("verbosity",)
+VAS_DIR = "vas"
+MIX_DIR = "mix"
+# ``auto`` tries these in order and uses the first that steers every requested objective.
+AUTO_ORDER = ("mix", "vas", "logit", "prompt")
+
+
+def steering_dir() -> Path:
+    """Folder holding the trained steering artefacts (``vas/``, ``mix/``)."""
+    override = os.environ.get("PERSONALIGN_STEERING_DIR")
+    if override:
+        return Path(override)
+    return Path(str(resources.files("personalign") / "data" / "steering"))
+
+
+def _installed(kind: str) -> tuple[str, ...]:
+    """Objectives with a trained artefact: one sub-folder per objective holding a config JSON."""
+    folder = steering_dir() / kind
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*_config.json"))))
+
+
+def steerable_by_method() -> dict[str, tuple[str, ...]]:
+    """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded)."""
+    from personalign.steering.prompting import PROMPTABLE
+
+    return {"logit": LOGIT_STEERABLE, "prompt": PROMPTABLE, "vas": _installed(VAS_DIR), "mix": _installed(MIX_DIR)}
+
+
+def resolve_method(method: str, objectives: list[str]) -> str | None:
+    """The concrete method for ``method`` and the requested objectives (``None``: none can)."""
+    table = steerable_by_method()
+    if method != "auto":
+        return method if set(objectives) <= set(table.get(method, ())) else None
+    return next((m for m in AUTO_ORDER if set(objectives) <= set(table[m])), None)
