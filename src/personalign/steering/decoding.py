@@ -8,7 +8,6 @@ unsteered decoding is exactly plain ``generate``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -71,24 +70,13 @@ class VerbosityProcessor(LogitsProcessor):
 
 
 def validate_steer(steer: Mapping[str, Any] | None, field: str = "steer") -> dict[str, float]:
-    """Check a ``{objective: weight}`` request: known steerable names, finite numbers."""
+    """The weights of a steering request (any form :func:`~personalign.steering.schema.parse_steering`
+    reads); ``None`` is no steering."""
     if steer is None:
         return {}
-    if not isinstance(steer, Mapping):
-        raise ValidationError(field, "must be a mapping of objective name to weight", 'pass e.g. {"verbosity": -0.5}', steer)
-    clean: dict[str, float] = {}
-    for name, value in steer.items():
-        if name not in STEERABLE:
-            from personalign.steering.objectives import OBJECTIVES
+    from personalign.steering.schema import parse_steering
 
-            problem = "is measured but has no decode-time steering method yet" if name in OBJECTIVES else "is not a known objective"
-            raise ValidationError(f"{field}.{name}", problem, f"use a steerable objective, one of {list(STEERABLE)} (known objectives: {sorted(OBJECTIVES)})", name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValidationError(f"{field}.{name}", "must be a finite number", "pass a weight such as -0.5 or 1.0", value)
-        if abs(value) > MAX_WEIGHT:
-            raise ValidationError(f"{field}.{name}", f"must be within [-{MAX_WEIGHT}, {MAX_WEIGHT}]", "use a smaller weight", value)
-        clean[name] = float(value)
-    return clean
+    return parse_steering(steer, field).weights
 
 
 def steering_processors(
@@ -108,3 +96,149 @@ def steering_processors(
     if any(w != 0.0 for w in weights):
         processors.append(VerbosityProcessor(eos_token_ids(tokenizer, model_config), weights))
     return processors
+
+
+def top_p_sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """One token per row: greedy where ``temperature == 0``, else nucleus sampling.
+
+    Args:
+        logits: ``(B, V)``; temperature, top_p: ``(B,)``.
+    Returns:
+        ``(B,)`` token ids.
+    """
+    greedy = logits.argmax(dim=-1)  # (B,)
+    if bool((temperature <= 0).all()):
+        return greedy
+    scaled = logits / temperature.clamp(min=1e-6).unsqueeze(-1)  # (B, V)
+    probs = torch.softmax(scaled.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p.unsqueeze(-1)  # always keeps the first
+    sorted_probs = sorted_probs * keep
+    choice = order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)  # (B,)
+    return torch.where(temperature > 0, choice, greedy)
+
+
+class HiddenCapture:
+    """Keeps the generator's last hidden state at the newest position (the input of its LM head).
+
+    A forward pre-hook on the output embedding: the trunk value heads read ``last`` ``(B, H)``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        base = getattr(model, "get_base_model", lambda: model)()
+        self.last: torch.Tensor | None = None
+        self._handle = base.get_output_embeddings().register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, inputs: tuple[Any, ...]) -> None:
+        self.last = inputs[0][:, -1, :]
+
+    def close(self) -> None:
+        self._handle.remove()
+
+
+class SteeringProcessor(LogitsProcessor):
+    """Mixing, VAS guidance and EOS shift for a batch whose requests may span several rows.
+
+    Request ``i`` owns rows ``groups[i]``: its primary row first, then (for logit mixing) the
+    plain base row when the primary runs a user's adapter, then one row per objective adapter.
+    Per step, for each request: ``l = log pi_primary + sum_k w_k (log pi_k - log pi_base)``
+    (:func:`mix_logprobs`), then ``l += sum_j beta_j (Q_j - mean_topk Q_j)`` on the top-k
+    (:func:`vas_logits`), then the EOS shift. When any request has extra rows, the token is
+    chosen here (``temperature``/``top_p`` per request) and every row of the group is forced
+    to it, so ``generate`` must run greedy; otherwise the steered logits are returned.
+    """
+
+    def __init__(
+        self,
+        groups: list[list[int]],
+        mix_weights: list[list[float]] | None = None,
+        base_rows: list[int | None] | None = None,
+        value_models: list[Any] | None = None,
+        betas: list[list[float]] | None = None,
+        capture: HiddenCapture | None = None,
+        prompt_ids: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        eos_ids: list[int] | None = None,
+        eos_shift: list[float] | None = None,
+        temperature: list[float] | None = None,
+        top_p: list[float] | None = None,
+        top_k: int = 20,
+    ) -> None:
+        self.groups = groups
+        self.primary = torch.tensor([g[0] for g in groups])  # (R,)
+        self.expanded = any(len(g) > 1 for g in groups)
+        self.mix_weights = mix_weights
+        self.base_rows = base_rows
+        self.value_models = value_models or []
+        self.betas = torch.tensor(betas, dtype=torch.float32) if betas else None  # (R, n_value)
+        self.capture = capture
+        self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
+        self.eos_ids = eos_ids or []
+        self.eos_shift = torch.tensor(eos_shift, dtype=torch.float32) if eos_shift and any(eos_shift) else None  # (R,)
+        self.temperature = torch.tensor(temperature or [0.0] * len(groups), dtype=torch.float32)
+        self.top_p = torch.tensor(top_p or [1.0] * len(groups), dtype=torch.float32)
+        self.top_k = top_k
+        self._states: list[torch.Tensor | None] = [None] * len(self.value_models)
+        self._prompt_width: int | None = None
+
+    def _mixed(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(R, V)`` per-request logits after mixing (the primary rows when nothing mixes)."""
+        from personalign.functional.steering import mix_logprobs
+
+        out = scores[self.primary.to(scores.device)].float()  # (R, V)
+        if self.mix_weights is None:
+            return out
+        rows = []
+        for i, group in enumerate(self.groups):
+            weights = self.mix_weights[i]
+            if not any(weights):
+                rows.append(out[i])
+                continue
+            objective_rows = group[len(group) - len(weights) :]
+            base_row = self.base_rows[i] if self.base_rows else None
+            base = scores[base_row if base_row is not None else group[0]]
+            mixed = mix_logprobs(base.unsqueeze(0).float(), scores[objective_rows].unsqueeze(0).float(), torch.tensor([weights], device=scores.device))[0]
+            if base_row is not None:
+                # A user's adapter on the primary row: l = log pi_user + sum_k w_k (log pi_k - log pi_base).
+                mixed = mixed - torch.log_softmax(base.float(), -1) + torch.log_softmax(scores[group[0]].float(), -1)
+            rows.append(mixed)
+        return torch.stack(rows)
+
+    def _values(self, input_ids: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``(R, k, n)`` centred values of the top-k candidates under each value model."""
+        from personalign.adapters.value import TrunkValueHead
+
+        out = []
+        primary = self.primary.to(input_ids.device)
+        for j, model in enumerate(self.value_models):
+            if isinstance(model, TrunkValueHead):
+                if self.capture is None or self.capture.last is None:
+                    raise RuntimeError("a trunk value head needs the HiddenCapture of this generate call")
+                q = model.q_all(self.capture.last[primary]).gather(-1, ids)  # (R, k)
+            else:
+                if self._states[j] is None:
+                    self._states[j] = model.start(self.prompt_ids[primary.cpu()].to(input_ids.device), self.prompt_mask[primary.cpu()].to(input_ids.device))
+                elif input_ids.shape[1] > (self._prompt_width or 0):
+                    self._states[j] = model.step(self._states[j], input_ids[primary, -1])
+                q = model.q_candidates(self._states[j], ids)  # (R, k)
+            out.append(q - q.mean(dim=-1, keepdim=True))
+        return torch.stack(out, dim=-1)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        from personalign.functional.steering import vas_logits
+
+        if self._prompt_width is None:
+            self._prompt_width = input_ids.shape[1]
+        logits = self._mixed(scores)  # (R, V)
+        if self.value_models:
+            ids = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices  # (R, k)
+            logits = vas_logits(logits, ids, self._values(input_ids, ids), self.betas.to(logits.device))
+        if self.eos_shift is not None:
+            logits = eos_shift(logits, self.eos_ids, self.eos_shift.to(logits.device))
+        if not self.expanded:
+            return logits.to(scores.dtype)
+        tokens = top_p_sample(logits, self.temperature.to(logits.device), self.top_p.to(logits.device))  # (R,)
+        forced = torch.full_like(scores, -float("inf"))
+        for i, group in enumerate(self.groups):
+            forced[group, tokens[i]] = 0.0
+        return forced

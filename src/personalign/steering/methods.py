@@ -1,7 +1,8 @@
 """Which decode-time steering methods exist and which objectives each one can steer.
 
 ``logit`` (hand-written logits processors, no training), ``prompt`` (an instruction in the
-system prompt), ``vas`` (value heads that guide the top-k logits), ``mix`` (objective
+system prompt), ``vas`` (value heads on the generator's hidden state that guide the top-k logits),
+``vas-model`` (the same guidance from a separate small value model), ``mix`` (objective
 adapters mixed at the logit level, MODPO-style). ``vas`` and ``mix`` steer the objectives
 whose artefacts are installed: the package ships defaults under ``personalign/data/steering``
 and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
@@ -13,9 +14,10 @@ import os
 from importlib import resources
 from pathlib import Path
 
-METHODS = ("auto", "logit", "prompt", "vas", "mix")
+METHODS = ("auto", "logit", "prompt", "vas", "vas-model", "mix")
 LOGIT_STEERABLE = ("verbosity",)
 VAS_DIR = "vas"
+VAS_MODEL_DIR = "vas_model"
 MIX_DIR = "mix"
 # ``auto`` tries these in order and uses the first that steers every requested objective.
 AUTO_ORDER = ("mix", "vas", "logit", "prompt")
@@ -41,7 +43,7 @@ def steerable_by_method() -> dict[str, tuple[str, ...]]:
     """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded)."""
     from personalign.steering.prompting import PROMPTABLE
 
-    return {"logit": LOGIT_STEERABLE, "prompt": PROMPTABLE, "vas": _installed(VAS_DIR), "mix": _installed(MIX_DIR)}
+    return {"logit": LOGIT_STEERABLE, "prompt": PROMPTABLE, "vas": _installed(VAS_DIR), "vas-model": _installed(VAS_MODEL_DIR), "mix": _installed(MIX_DIR)}
 
 
 def resolve_method(method: str, objectives: list[str]) -> str | None:

@@ -1,0 +1,169 @@
+"""Turns each request's steering into one ``generate`` call: rows, adapter names and processors.
+
+``prompt`` steering changes the conversation (see :func:`steer_system`); the others act on
+logits. ``mix`` adds rows: for a request with objective adapters ``k_1..k_n`` the batch gets
+``[primary, (plain base if the primary runs a user's adapter), k_1, ..., k_n]``, all with the
+same tokens, and the :class:`SteeringProcessor` forces them to the same next token.
+``vas`` loads value models (``vas``: trunk heads on the generator's hidden state;
+``vas-model``: a separate small GRU value model). A batch without any non-zero steering gets
+no processor and no extra rows, so it decodes exactly as plain ``generate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+
+from personalign.adapters.store import BASE
+from personalign.errors import ValidationError
+from personalign.steering.decoding import (
+    DEFAULT_VERBOSITY_STRENGTH,
+    HiddenCapture,
+    SteeringProcessor,
+    eos_token_ids,
+)
+from personalign.steering.methods import MIX_DIR, VAS_DIR, VAS_MODEL_DIR, resolve_method, steering_dir
+from personalign.steering.prompting import instruction
+
+
+def steer_system(messages: list[dict[str, Any]], weights: Mapping[str, float]) -> list[dict[str, Any]]:
+    """``messages`` with the prompting baseline's instruction added to the system message."""
+    text = instruction(weights)
+    if not text:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+@dataclass
+class Plan:
+    """One ``generate`` call: rows (request rows first), adapter names, processors."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    names: list[str] | None
+    processors: LogitsProcessorList
+    primary: list[int]
+    greedy: bool = False
+    capture: HiddenCapture | None = None
+    methods: list[str] = field(default_factory=list)
+
+
+class SteeringRuntime:
+    """Loads steering artefacts on first use and plans steered batches for one generator."""
+
+    def __init__(self, generator: Any, adapters: Any = None, folder: Path | str | None = None) -> None:
+        self.generator = generator
+        self.adapters = adapters
+        self.folder = Path(folder) if folder is not None else None
+        self._values: dict[tuple[str, str], Any] = {}
+
+    def root(self) -> Path:
+        return self.folder if self.folder is not None else steering_dir()
+
+    def method(self, requested: str, weights: Mapping[str, float]) -> str | None:
+        names = [k for k, v in weights.items() if v != 0.0]
+        if not names:
+            return None
+        method = resolve_method(requested, names)
+        if method is None:
+            raise ValidationError("steer.method", f"{requested!r} cannot steer {names}", "choose another method or objective (see personalign.steering.methods.steerable_by_method())", requested)
+        return method
+
+    def value_model(self, kind: str, objective: str) -> Any:
+        from personalign.adapters.value import load_value_model
+
+        key = (kind, objective)
+        if key not in self._values:
+            self._values[key] = load_value_model(self.root() / kind / objective, self.generator)
+        return self._values[key]
+
+    def mix_adapter(self, objective: str) -> str:
+        """The objective adapter's name in the adapter manager's PEFT model (loaded once)."""
+        name = f"steer_{objective}"
+        manager = self.adapters
+        if manager is None:
+            raise ValidationError("steer.method", "mix needs the adapter manager", "use a Personalizer, or another method")
+        if manager.peft is None or name not in manager.peft.peft_config:
+            with torch.inference_mode(False), torch.no_grad():
+                manager._attach(name, self.root() / MIX_DIR / objective)
+        return name
+
+    def plan(
+        self,
+        rows: Sequence[list[int]],
+        adapter_names: Sequence[str] | None,
+        steers: Sequence[tuple[Mapping[str, float], str]],
+        temperature: Sequence[float],
+        top_p: Sequence[float],
+        pad: int,
+    ) -> Plan:
+        """The batch for requests ``rows`` (prompt ids) with per-request ``(weights, method)``."""
+        methods = [self.method(m, w) if w else None for w, m in steers]
+        tokenizer = self.generator.tokenizer
+        eos_ids = eos_token_ids(tokenizer, getattr(self.generator.model, "generation_config", None))
+        names = list(adapter_names) if adapter_names is not None else None
+        groups: list[list[int]] = []
+        all_rows: list[list[int]] = []
+        all_names: list[str] = []
+        mix_weights: list[list[float]] = []
+        base_rows: list[int | None] = []
+        mix_objectives = sorted({k for (w, _), m in zip(steers, methods, strict=True) if m == "mix" for k, v in w.items() if v != 0.0})
+        for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
+            own = names[i] if names is not None else BASE
+            group = [len(all_rows)]
+            all_rows.append(row)
+            all_names.append(own)
+            base_row: int | None = None
+            if method == "mix":
+                if own != BASE:
+                    base_row = len(all_rows)
+                    group.append(base_row)
+                    all_rows.append(row)
+                    all_names.append(BASE)
+                for objective in mix_objectives:
+                    group.append(len(all_rows))
+                    all_rows.append(row)
+                    all_names.append(self.mix_adapter(objective))
+                mix_weights.append([float(weights.get(k, 0.0)) for k in mix_objectives])
+            else:
+                mix_weights.append([0.0] * len(mix_objectives))
+            base_rows.append(base_row)
+            groups.append(group)
+        width = max(len(r) for r in all_rows)
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in all_rows])  # (N, T)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in all_rows])  # (N, T)
+        processors = LogitsProcessorList()
+        plan = Plan(input_ids, mask, all_names if (names is not None or mix_objectives) else None, processors, [g[0] for g in groups], methods=[m or "" for m in methods])
+        if not any(methods):
+            return plan
+        value_keys = sorted({(VAS_DIR if m == "vas" else VAS_MODEL_DIR, k) for (w, _), m in zip(steers, methods, strict=True) if m in ("vas", "vas-model") for k, v in w.items() if v != 0.0})
+        value_models = [self.value_model(kind, k) for kind, k in value_keys]
+        betas = [[float(w.get(k, 0.0)) * model.config.default_beta if m in ("vas", "vas-model") and (VAS_DIR if m == "vas" else VAS_MODEL_DIR) == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)] for (w, _), m in zip(steers, methods, strict=True)]
+        eos = [-DEFAULT_VERBOSITY_STRENGTH * float(w.get("verbosity", 0.0)) if m == "logit" else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
+        if any(kind == VAS_DIR for kind, _ in value_keys):
+            plan.capture = HiddenCapture(self.generator.model)
+        processors.append(
+            SteeringProcessor(
+                groups,
+                mix_weights=mix_weights if mix_objectives else None,
+                base_rows=base_rows,
+                value_models=value_models,
+                betas=betas if value_models else None,
+                capture=plan.capture,
+                prompt_ids=input_ids,
+                prompt_mask=mask,
+                eos_ids=eos_ids,
+                eos_shift=eos,
+                temperature=list(temperature),
+                top_p=list(top_p),
+            )
+        )
+        plan.greedy = len(all_rows) > len(rows)
+        return plan

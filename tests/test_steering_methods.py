@@ -1,0 +1,200 @@
+"""Decode-time steering methods: golden values of the math, and contracts on a tiny model.
+
+The tiny generator is built here (not the session fixture) because MODPO wraps it in PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from personalign.functional.dpo import dpo_loss
+from personalign.functional.steering import centred_topk, mix_logprobs, modpo_loss, td_lambda_returns, vas_logits
+from personalign.steering.decoding import SteeringProcessor, top_p_sample
+
+
+# --- golden values ---------------------------------------------------------------------------
+
+
+def test_td_lambda_golden():
+    """rewards (0, 0, 1), values (0.5, 0.2, 0.4), gamma 1.
+
+    lambda 1: the Monte-Carlo return, 1 everywhere. lambda 0: r_t + V_{t+1} = (0.2, 0.4, 1).
+    lambda 0.5: deltas (-0.3, 0.2, 0.6); A = (-0.3 + 0.5 * 0.5, 0.2 + 0.5 * 0.6, 0.6) =
+    (-0.05, 0.5, 0.6); R = A + V = (0.45, 0.7, 1.0).
+    """
+    r = torch.tensor([[0.0, 0.0, 1.0]])
+    v = torch.tensor([[0.5, 0.2, 0.4]])
+    m = torch.ones(1, 3)
+    assert_close(td_lambda_returns(r, v, m, 1.0, 1.0), torch.tensor([[1.0, 1.0, 1.0]]))
+    assert_close(td_lambda_returns(r, v, m, 1.0, 0.0), torch.tensor([[0.2, 0.4, 1.0]]))
+    assert_close(td_lambda_returns(r, v, m, 1.0, 0.5), torch.tensor([[0.45, 0.7, 1.0]]))
+
+
+def test_td_lambda_masks_padding():
+    """A 2-step row padded to 3: rewards (0, 1), values (0.3, 0.6) (the 9 is padding).
+
+    deltas (0.3, 0.4); lambda 0.5: A = (0.3 + 0.2, 0.4); R = (0.8, 1.0, 0).
+    """
+    out = td_lambda_returns(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.3, 0.6, 9.0]]), torch.tensor([[1, 1, 0]]), 1.0, 0.5)
+    assert_close(out, torch.tensor([[0.8, 1.0, 0.0]]))
+
+
+def test_vas_logits_golden():
+    """scores (1, 3, 2, 0): top-2 ids (1, 2); Q there (1, 3) centred (-1, 1); beta 2: (1, 1, 4, 0)."""
+    scores = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    ids, q = centred_topk(scores, torch.tensor([[0.0, 1.0, 3.0, 5.0]]), 2)
+    assert ids.tolist() == [[1, 2]]
+    assert_close(vas_logits(scores, ids, q, 2.0), torch.tensor([[1.0, 1.0, 4.0, 0.0]]))
+    # two objectives with per-row betas: the bonuses add
+    two = torch.stack([q, -q], dim=-1)  # (1, 2, 2)
+    assert_close(vas_logits(scores, ids, two, torch.tensor([[2.0, 1.0]])), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
+
+
+def test_mix_logprobs_golden():
+    """base logits (0, ln 3): log p = (ln .25, ln .75); objective (ln 3, 0): (ln .75, ln .25).
+
+    w = 0 gives the base; w = 1 the objective; w = 0.5 the mean, 0.5 ln(0.1875) for both tokens.
+    """
+    base = torch.tensor([[0.0, math.log(3.0)]])
+    obj = torch.tensor([[[math.log(3.0), 0.0]]])
+    assert_close(mix_logprobs(base, obj, torch.tensor([[0.0]])), torch.log(torch.tensor([[0.25, 0.75]])))
+    assert_close(mix_logprobs(base, obj, torch.tensor([[1.0]])), torch.log(torch.tensor([[0.75, 0.25]])))
+    half = 0.5 * math.log(0.1875)
+    assert_close(mix_logprobs(base, obj, torch.tensor([[0.5]])), torch.tensor([[half, half]]))
+
+
+def test_modpo_loss_golden_and_dpo_parity():
+    """beta 0.1; logratio h = (-1 + 1.5) - (-2 + 1.5) = 1; margin (1 - 0) * 0.05; w_k 0.5:
+    rho_w - rho_l = (0.1 - 0.05) / 0.5 = 0.1, loss = log(1 + e^-0.1) = 0.64439666."""
+    one = torch.tensor
+    loss = modpo_loss(one([-1.0]), one([-2.0]), one([-1.5]), one([-1.5]), one([[1.0]]), one([[0.0]]), 0.5, one([0.05]), beta=0.1)
+    assert_close(loss, torch.tensor([0.6443966600735709]))
+    # w_k = 1 and zero margin weights: exactly DPO
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (torch.randn(6, generator=g) for _ in range(4))
+    margins = torch.randn(6, 2, generator=g)
+    assert_close(modpo_loss(pc, pr, rc, rr, margins, margins.flip(0), 1.0, torch.zeros(2), beta=0.2), dpo_loss(pc, pr, rc, rr, beta=0.2))
+
+
+def test_top_p_sample_greedy_and_nucleus():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    assert top_p_sample(logits, torch.zeros(2), torch.ones(2)).tolist() == [1, 0]
+    torch.manual_seed(0)
+    # top_p tiny keeps only the most likely token even when sampling
+    assert top_p_sample(logits, torch.ones(2), torch.full((2,), 1e-3)).tolist() == [1, 0]
+
+
+# --- processor contracts on a tiny model -------------------------------------------------------
+
+
+@pytest.fixture()
+def fresh_generator():
+    from conftest import build_tiny_llama, build_tokenizer
+
+    from personalign.models import Generator
+
+    tokenizer = build_tokenizer()
+    model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, seed=3)
+    return Generator(model, tokenizer, "tiny-llama-test")
+
+
+def _greedy(model, ids, mask, processors=None, n=8):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, logits_processor=processors, pad_token_id=0)
+
+
+def test_processor_without_methods_is_identity(fresh_generator):
+    from personalign.steering.samples import chat_ids, left_pad
+
+    tok = fresh_generator.tokenizer
+    ids, mask = left_pad([chat_ids(tok, "Question one"), chat_ids(tok, "Task")], tok.pad_token_id)
+    plain = _greedy(fresh_generator.model, ids, mask)
+    same = _greedy(fresh_generator.model, ids, mask, [SteeringProcessor([[0], [1]])])
+    assert torch.equal(plain, same)
+
+
+def test_vas_trunk_and_gru_train_and_guide(fresh_generator, tmp_path):
+    """Both value models learn from samples, survive save/load, and beta 0 changes nothing."""
+    from personalign.adapters.value import GruValueModel, TrunkValueHead, load_value_model, save_value_model
+    from personalign.steering.decoding import HiddenCapture
+    from personalign.steering.loop import LoopConfig
+    from personalign.steering.samples import chat_ids, left_pad, sample_responses
+    from personalign.steering.vas import VasTrainConfig, train_vas
+
+    samples = sample_responses(fresh_generator, ["Question one", "Task two", "Preferred"], n_per_prompt=4, max_new_tokens=12, batch_size=6)
+    tok = fresh_generator.tokenizer
+    ids, mask = left_pad([chat_ids(tok, "Question one")], tok.pad_token_id)
+    plain = _greedy(fresh_generator.model, ids, mask)
+    for kind, cls in (("trunk", TrunkValueHead), ("gru", GruValueModel)):
+        config = VasTrainConfig(objective="verbosity", kind=kind, rank=4, hidden=16, loop=LoopConfig(epochs=6, learning_rate=1e-2, batch_size=4))
+        model, report = train_vas(fresh_generator, samples, config)
+        assert isinstance(model, cls) and report.epochs_run == 6
+        assert report.epoch_loss[-1] < report.epoch_loss[0], report.epoch_loss
+        loaded = load_value_model(save_value_model(model, tmp_path / kind), fresh_generator)
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, loaded.state_dict()[name]), name
+        capture = HiddenCapture(fresh_generator.model)
+        try:
+            zero = SteeringProcessor([[0]], value_models=[loaded], betas=[[0.0]], capture=capture, prompt_ids=ids, prompt_mask=mask)
+            assert torch.equal(_greedy(fresh_generator.model, ids, mask, [zero]), plain)
+            strong = SteeringProcessor([[0]], value_models=[loaded], betas=[[50.0]], capture=capture, prompt_ids=ids, prompt_mask=mask)
+            _greedy(fresh_generator.model, ids, mask, [strong])  # runs; the effect is measured in eval steer
+        finally:
+            capture.close()
+
+
+def test_gru_scores_candidates_in_one_batched_call(fresh_generator):
+    from personalign.adapters.value import ValueConfig, build_value_model
+
+    model = build_value_model(ValueConfig(objective="verbosity", kind="gru", hidden=8, proj=8), fresh_generator.model)
+    state = torch.randn(2, 8)
+    calls = []
+    handle = model.cell.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    q = model.q_candidates(state, torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    handle.remove()
+    assert q.shape == (2, 3) and calls == [torch.Size([6, 8])]
+    one = model.value(model.step(state[:1], torch.tensor([2])))
+    assert_close(q[0, 1], one[0])
+
+
+def test_value_model_for_another_base_is_refused(fresh_generator, tmp_path):
+    from personalign.adapters.value import ValueConfig, ValueModelError, build_value_model, load_value_model, save_value_model
+
+    model = build_value_model(ValueConfig(objective="verbosity", base_model="some/other-model"), fresh_generator.model)
+    folder = save_value_model(model, tmp_path / "v")
+    with pytest.raises(ValueModelError, match="other-model"):
+        load_value_model(folder, fresh_generator)
+    (folder / "value.safetensors").write_bytes(b"broken")
+    with pytest.raises(ValueModelError, match="unreadable"):
+        load_value_model(folder, fresh_generator)
+
+
+def test_mix_rows_match_single_adapter_runs(fresh_generator, tmp_path):
+    """Mixing with weight 0 is the base policy; weight 1 on one objective is that adapter alone."""
+    from personalign.adapters.batched import gathered_lora
+    from personalign.adapters.store import BASE
+    from personalign.steering.loop import LoopConfig
+    from personalign.steering.modpo import ModpoConfig, train_modpo
+    from personalign.steering.samples import chat_ids, left_pad, sample_responses
+
+    samples = sample_responses(fresh_generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=10, batch_size=8)
+    config = ModpoConfig(objective="verbosity", margin_objectives=["structure"], margin_weights=[0.1], min_gap=0.0, rank=2, loop=LoopConfig(epochs=2, learning_rate=5e-2, batch_size=4))
+    peft, name, report, pairs = train_modpo(fresh_generator, samples, config)
+    assert pairs > 0 and report.epochs_run == 2
+    tok = fresh_generator.tokenizer
+    ids, mask = left_pad([chat_ids(tok, "Question one")], tok.pad_token_id)
+    with peft.disable_adapter():
+        base = _greedy(peft, ids, mask)
+    peft.set_adapter(name)
+    adapter_only = _greedy(peft, ids, mask)
+    assert not torch.equal(base, adapter_only), "the trained adapter should change greedy output"
+    rows, rmask = ids.repeat(2, 1), mask.repeat(2, 1)
+    for weight, expected in ((0.0, base), (1.0, adapter_only)):
+        proc = SteeringProcessor([[0, 1]], mix_weights=[[weight]], base_rows=[None])
+        with peft.disable_adapter(), gathered_lora(peft, [BASE, name]):
+            out = _greedy(peft, rows, rmask, [proc])
+        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], out[0]), weight
