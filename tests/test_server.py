@@ -248,7 +248,7 @@ BAD_REQUESTS = [
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": "1"}}).encode(), 400),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": "1"}}).encode(), 422),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": [1]}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": 7}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": 1e9}}).encode(), 422),

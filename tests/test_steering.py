@@ -217,9 +217,10 @@ def test_objective_registry_errors_list_the_known_objectives():
     with pytest.raises(ValidationError) as err:
         score("q", "a", ["humour"])
     assert "verbosity" in err.value.fix
+    assert validate_steer({"formality": 0.5}) == {"formality": 0.5}  # auto: the prompting baseline steers it
     with pytest.raises(ValidationError) as err:
-        validate_steer({"formality": 0.5})
-    assert "no decode-time steering method" in str(err.value) and "formality" in err.value.fix
+        validate_steer({"weights": {"formality": 0.5}, "method": "logit"})
+    assert "cannot be steered by method 'logit'" in str(err.value) and "formality" in err.value.fix
     with pytest.raises(ValidationError) as err:
         validate_steer({"humour": 0.5})
     assert "not a known objective" in str(err.value)
@@ -230,5 +231,8 @@ def test_objective_registry_errors_list_the_known_objectives():
     custom = register(Objective("exclamations", lambda t: float(t.count("!")), 1.0, "'!' count"), replace=True)
     try:
         assert score("q", "Wow! Yes!", ["exclamations"]) == {"exclamations": 2.0}
+        with pytest.raises(ValidationError) as err:
+            validate_steer({"exclamations": 0.5})  # measured, but no method steers it
+        assert "no decode-time steering method" in str(err.value) and err.value.field == "steer.exclamations"
     finally:
         OBJECTIVES.pop(custom.name)

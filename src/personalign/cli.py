@@ -12,11 +12,15 @@ import time
 from importlib import resources
 from itertools import zip_longest
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from personalign.errors import PersonalignError, ValidationError
+from personalign.steering.methods import METHODS
+
+if TYPE_CHECKING:
+    from personalign.steering.schema import Steering
 
 app = typer.Typer(help="Personalised alignment for chat apps.", no_args_is_help=True, add_completion=False)
 bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline run side by side.", no_args_is_help=True)
@@ -40,11 +44,20 @@ def _open(store: Path, model: str | None = None, encoder: str | None = None, dev
     return Personalizer.load(model=model, encoder=encoder, device=device, store=store)
 
 
-def parse_steer(text: str | None) -> dict[str, float] | None:
-    """``"verbosity=-0.5,structure=1"`` -> ``{"verbosity": -0.5, "structure": 1.0}``."""
+def parse_steer(text: str | None) -> dict[str, Any] | None:
+    """``--steer``'s text as a request: ``"verbosity=-0.5,structure=1"`` -> ``{"verbosity": -0.5,
+    "structure": 1.0}``, or a JSON object in any form ``parse_steering`` reads."""
     if text is None:
         return None
-    steer: dict[str, float] = {}
+    if text.lstrip().startswith("{"):
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValidationError("--steer", f"is not valid JSON ({err.msg} at character {err.pos})", 'quote the object, e.g. --steer \'{"direction": {"verbosity": 1}}\'', text) from None
+        if not isinstance(loaded, dict):
+            raise ValidationError("--steer", "is not a JSON object", 'pass e.g. {"weights": {"verbosity": -0.5}}', text)
+        return loaded
+    steer: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         try:
@@ -52,8 +65,30 @@ def parse_steer(text: str | None) -> dict[str, float] | None:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValidationError("--steer", f"cannot read {part!r}", "write name=weight pairs, e.g. verbosity=-0.5", text)
+            raise ValidationError("--steer", f"cannot read {part!r}", "write name=weight pairs, e.g. verbosity=-0.5, or a JSON object", text)
     return steer
+
+
+def steering_option(text: str | None, method: str | None) -> Steering | None:
+    """The ``Steering`` for ``--steer`` and ``--steer-method`` (``None``: the user's default).
+
+    Checked here, before any model loads, with the same ``ValidationError`` as the Python API.
+    """
+    from personalign.steering.schema import NESTED_KEYS, parse_steering
+
+    request = parse_steer(text)
+    if request is None:
+        if method is not None:
+            raise ValidationError("--steer-method", "needs --steer", "add --steer, e.g. --steer verbosity=-0.5", method)
+        return None
+    if method is not None:
+        if not any(key in NESTED_KEYS for key in request):
+            request = {"weights": request, "method": method}  # an empty --steer stays an (invalid) empty request
+        elif request.get("method", method) != method:
+            raise ValidationError("--steer-method", f"disagrees with --steer's method {request['method']!r}", "give the method in one place", method)
+        else:
+            request = {**request, "method": method}
+    return parse_steering(request)
 
 
 @app.command()
@@ -110,7 +145,11 @@ def remember(
 def chat(
     user: Annotated[str | None, typer.Option("--user", "-u", help="User id (omit for a generic answer).")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="One message; omit for an interactive session.")] = None,
-    steer: Annotated[str | None, typer.Option(help="Steering, e.g. verbosity=-0.5 (default: the user's own).")] = None,
+    steer: Annotated[
+        str | None,
+        typer.Option(help='Steering: verbosity=-0.5,structure=0.3 or JSON, e.g. \'{"direction": {"verbosity": 1}}\' (default: the user\'s own).'),
+    ] = None,
+    steer_method: Annotated[str | None, typer.Option(help=f"Steering method, one of {', '.join(METHODS)} (default: auto).")] = None,
     memory: Annotated[bool, typer.Option(help="Retrieve the user's memories.")] = True,
     shots: Annotated[bool, typer.Option(help="Put the user's comparisons in the prompt (FSPO).")] = True,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 256,
@@ -122,7 +161,7 @@ def chat(
 ) -> None:
     """Chat as a user: one message with --message, else an interactive session (empty line or EOF ends)."""
     try:
-        steering = parse_steer(steer)
+        steering = steering_option(steer, steer_method)
         with _open(store, model, encoder, device) as pz:
             history: list[dict[str, str]] = []
             options = {"memory": memory, "shots": shots, "max_new_tokens": max_new_tokens, "temperature": temperature}

@@ -29,8 +29,9 @@ from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
 from personalign.preferences import STATE_KEY, Preferences
-from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors, validate_steer
+from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors
 from personalign.steering.objectives import infer_weights
+from personalign.steering.schema import Steering, parse_steering
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
 from personalign.types import (
     ChatMessage,
@@ -96,6 +97,7 @@ class _Prepared:
     steer: dict[str, float]
     input_ids: list[int]
     adapter_user: str | None = None
+    steer_method: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,14 @@ def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
         worker.join()
 
 
-def _default_steer(profile: UserProfile) -> dict[str, float]:
+def _default_steering(profile: UserProfile) -> Steering:
+    """The user's stored steering (the old flat ``{objective: weight}`` or the nested form), else
+    the inferred weights of the objectives decoding can steer."""
     settings = profile.settings
     if "steer" in settings:
-        return dict(settings["steer"])
+        return parse_steering(settings["steer"], field="settings.steer")
     inferred = settings.get("inferred_steer", {})
-    return {k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0}
+    return Steering({k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0})
 
 
 def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,9 +297,10 @@ class Personalizer:
         """The stored profile (``UnknownUserError`` if the user was never enrolled)."""
         return self.profiles.get(user)
 
-    def set_steering(self, user: str, steer: Mapping[str, float] | None) -> UserProfile:
-        """Store ``user``'s default steering (``None`` clears it, falling back to the inferred weights)."""
-        clean = validate_steer(steer) if steer is not None else None
+    def set_steering(self, user: str, steer: Mapping[str, Any] | Steering | None) -> UserProfile:
+        """Store ``user``'s default steering, in any form ``parse_steering`` reads (``None`` clears
+        it, falling back to the inferred weights). It is saved as ``Steering.to_json()``."""
+        clean = parse_steering(steer).to_json() if steer is not None else None
 
         def apply(profile: UserProfile) -> UserProfile:
             if clean is None:
@@ -309,7 +314,7 @@ class Personalizer:
     def default_steer(self, user: str | None) -> dict[str, float]:
         """The steering applied when a request gives none: the user's stored setting, else the
         weights inferred from their comparisons (steerable objectives only), else nothing."""
-        return {} if user is None else _default_steer(self.profiles.get(user))
+        return {} if user is None else _default_steering(self.profiles.get(user)).weights
 
     def users(self) -> list[str]:
         return self.profiles.list_users()
@@ -403,7 +408,7 @@ class Personalizer:
         tokenizer = self.generator.tokenizer
         return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
 
-    def _prepare(self, user: str | None, messages: Any, steer: Mapping[str, float] | None, options: Mapping[str, Any]) -> _Prepared:
+    def _prepare(self, user: str | None, messages: Any, steer: Mapping[str, Any] | Steering | None, options: Mapping[str, Any]) -> _Prepared:
         gen_fields = set(GenerationParams.model_fields)
         cond_fields = set(ConditioningParams.model_fields)
         unknown = set(options) - gen_fields - cond_fields
@@ -414,10 +419,14 @@ class Personalizer:
         conditioning = _params(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
         profile = self.profiles.get(user) if user is not None else None  # read once per request
         cond = self.condition(user, messages, params.max_new_tokens, conditioning, profile)
-        applied = validate_steer(steer) if steer is not None else ({} if profile is None else _default_steer(profile))
+        if steer is not None:
+            applied = parse_steering(steer)
+        else:
+            applied = Steering({}) if profile is None else _default_steering(profile)
         encoded = self.generator.tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
-        return _Prepared(user, cond, params, applied, list(encoded["input_ids"]), user if use_adapter else None)
+        adapter_user = user if use_adapter else None
+        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=applied.method)
 
     def _generate_kwargs(self, batch: Sequence[_Prepared]) -> dict[str, Any]:
         """Left-padded inputs, decoding settings and per-row steering for one ``generate`` call."""
@@ -495,11 +504,13 @@ class Personalizer:
         return results
 
     def respond(
-        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, float] | None = None, **options: Any
+        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, Any] | Steering | None = None, **options: Any
     ) -> ChatResult:
         """Generate a reply for ``user`` (``None``: generic) with what conditioned it.
 
-        ``steer``: ``{objective: weight}`` for this request; ``None`` uses the user's default
+        ``steer``: this request's steering, ``{objective: weight}`` or a nested form
+        (``{"weights"|"direction": {...}, "method": ...}``, ``{"angle": deg, "objectives": [a, b]}``,
+        see :func:`personalign.steering.schema.parse_steering`); ``None`` uses the user's default
         (see :meth:`default_steer`), ``{}`` turns steering off. Options: generation
         (``max_new_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``, ``seed``) and
         conditioning (``memory``, ``shots``, ``n_memories``, ``n_shots``, ``memory_threshold``).
@@ -544,7 +555,7 @@ class Personalizer:
         self,
         user: str | None,
         messages: Sequence[ChatMessage | dict[str, Any]],
-        steer: Mapping[str, float] | None = None,
+        steer: Mapping[str, Any] | Steering | None = None,
         stream: bool = False,
         **options: Any,
     ) -> Any:
@@ -554,7 +565,7 @@ class Personalizer:
         return self.respond(user, messages, steer=steer, **options).text
 
     def stream(
-        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, float] | None = None, **options: Any
+        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, Any] | Steering | None = None, **options: Any
     ) -> Iterator[str]:
         """An iterator over the reply as it is generated (same tokens as :meth:`respond`).
 

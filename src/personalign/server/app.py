@@ -56,7 +56,7 @@ from personalign.server.schemas import (
     RememberRequest,
     Usage,
 )
-from personalign.steering.decoding import validate_steer
+from personalign.steering.schema import parse_steering
 from personalign.streaming import TokenStream
 from personalign.types import convert_pydantic_error, parse_messages
 
@@ -186,7 +186,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         """Everything ``respond_batch`` would reject, checked before the request joins a batch."""
         parse_messages(request["messages"])
         if "steer" in request:
-            validate_steer(request["steer"])
+            parse_steering(request["steer"])
         for model, name in ((GenerationParams, "generation"), (ConditioningParams, "conditioning")):
             values = {k: v for k, v in request.items() if k in model.model_fields}
             try:

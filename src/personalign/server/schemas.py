@@ -77,7 +77,14 @@ class ChatCompletionRequest(BaseModel):
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
     # personalign's extra body fields
-    steer: dict[str, Number] | None = None
+    # Any form parse_steering reads: {"verbosity": -0.5}, {"weights"|"direction": {...}, "method": ...},
+    # {"angle": 30, "objectives": [a, b]}; checked by parse_steering so errors match the Python API.
+    steer: dict[str, Any] | None = Field(
+        default=None,
+        description='Steering: {"verbosity": -0.5} (weights), {"weights": {...}, "method": "auto"}, '
+        '{"direction": {...}} (normalised to a unit vector) or {"angle": 30, "objectives": ["verbosity", "structure"]}; '
+        "{} turns steering off, null uses the user's default.",
+    )
     memory: StrictBool | None = None
     shots: StrictBool | None = None
     n_shots: StrictInt | None = None
