@@ -12,9 +12,14 @@ import torch
 from torch.testing import assert_close
 
 from personalign.functional.dpo import dpo_loss
-from personalign.functional.steering import centred_topk, mix_logprobs, modpo_loss, td_lambda_returns, vas_logits
+from personalign.functional.steering import (
+    centred_topk,
+    mix_logprobs,
+    modpo_loss,
+    td_lambda_returns,
+    vas_logits,
+)
 from personalign.steering.decoding import SteeringProcessor, top_p_sample
-
 
 # --- golden values ---------------------------------------------------------------------------
 
@@ -94,7 +99,6 @@ def test_top_p_sample_greedy_and_nucleus():
 @pytest.fixture()
 def fresh_generator():
     from conftest import build_tiny_llama, build_tokenizer
-
     from personalign.models import Generator
 
     tokenizer = build_tokenizer()
@@ -162,7 +166,13 @@ def test_gru_scores_candidates_in_one_batched_call(fresh_generator):
 
 
 def test_value_model_for_another_base_is_refused(fresh_generator, tmp_path):
-    from personalign.adapters.value import ValueConfig, ValueModelError, build_value_model, load_value_model, save_value_model
+    from personalign.adapters.value import (
+        ValueConfig,
+        ValueModelError,
+        build_value_model,
+        load_value_model,
+        save_value_model,
+    )
 
     model = build_value_model(ValueConfig(objective="verbosity", base_model="some/other-model"), fresh_generator.model)
     folder = save_value_model(model, tmp_path / "v")

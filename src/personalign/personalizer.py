@@ -29,8 +29,9 @@ from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
 from personalign.preferences import STATE_KEY, Preferences
-from personalign.steering.decoding import STEERABLE, eos_token_ids, steering_processors
+from personalign.steering.decoding import STEERABLE, eos_token_ids
 from personalign.steering.objectives import infer_weights
+from personalign.steering.runtime import Plan, SteeringRuntime, steer_system
 from personalign.steering.schema import Steering, parse_steering
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
 from personalign.types import (
@@ -52,6 +53,7 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(default=256, ge=1, le=8192)
+    min_new_tokens: int = Field(default=0, ge=0, le=8192, description="suppress end-of-turn before this many tokens (benchmarks)")
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
@@ -60,8 +62,8 @@ class GenerationParams(BaseModel):
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one ``generate`` call."""
         if self.temperature == 0:
-            return ("greedy", self.repetition_penalty)
-        return ("sample", self.temperature, self.top_p, self.repetition_penalty, self.seed)
+            return ("greedy", self.repetition_penalty, self.min_new_tokens)
+        return ("sample", self.temperature, self.top_p, self.repetition_penalty, self.seed, self.min_new_tokens)
 
     def generate_kwargs(self, pad_token_id: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_token_id}
@@ -71,6 +73,8 @@ class GenerationParams(BaseModel):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = min(self.min_new_tokens, self.max_new_tokens)
         return kwargs
 
 
@@ -174,6 +178,7 @@ class Personalizer:
         self.memory = self.store.memory
         self.adapters = AdapterManager(generator, self.profiles.users_dir, max_resident=max_resident)
         self.preferences = Preferences(self.profiles, encoder, generator, embedder)
+        self.steering = SteeringRuntime(generator, self.adapters)
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -423,36 +428,44 @@ class Personalizer:
             applied = parse_steering(steer)
         else:
             applied = Steering({}) if profile is None else _default_steering(profile)
-        encoded = self.generator.tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+        method = self.steering.method(applied.method, applied.weights)
+        conversation = steer_system(cond.conversation, applied.weights) if method == "prompt" else cond.conversation
+        encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
-        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=applied.method)
+        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method)
 
-    def _generate_kwargs(self, batch: Sequence[_Prepared]) -> dict[str, Any]:
-        """Left-padded inputs, decoding settings and per-row steering for one ``generate`` call."""
-        import torch
-
-        tokenizer = self.generator.tokenizer
-        width = max(len(p.input_ids) for p in batch)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(p.input_ids)) + p.input_ids for p in batch])  # (B, T)
-        mask = torch.tensor([[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in batch])  # (B, T)
+    def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
+        """The planned rows, the batch's decoding settings and the steering processors."""
         first = batch[0].params.model_copy(update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)})
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(self.generator.device), "attention_mask": mask.to(self.generator.device)}
-        kwargs.update(first.generate_kwargs(pad))
-        processors = steering_processors([p.steer for p in batch], tokenizer, self.generator.model.generation_config)
-        if processors:
-            kwargs["logits_processor"] = processors
+        kwargs: dict[str, Any] = {"input_ids": plan.input_ids.to(self.generator.device), "attention_mask": plan.attention_mask.to(self.generator.device)}
+        kwargs.update(first.generate_kwargs(self.generator.tokenizer.pad_token_id))
+        if plan.greedy:
+            # The steering processor picks each group's token (sampling included) and forces it.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if plan.processors:
+            kwargs["logits_processor"] = plan.processors
         return kwargs
 
-    def _generate(self, batch: Sequence[_Prepared], kwargs: dict[str, Any], streamer: Any = None) -> Any:
+    def _plan(self, batch: Sequence[_Prepared]) -> Plan:
+        """Rows, adapter names and steering for one ``generate`` call (caller holds the generate lock)."""
+        names = self.adapters.adapter_names([p.adapter_user for p in batch])
+        return self.steering.plan(
+            [p.input_ids for p in batch],
+            names,
+            [(p.steer, p.steer_method) for p in batch],
+            [p.params.temperature for p in batch],
+            [p.params.top_p for p in batch],
+            self.generator.tokenizer.pad_token_id,
+        )
+
+    def _generate(self, names: list[str] | None, kwargs: dict[str, Any], streamer: Any = None) -> Any:
         """``generate`` with each row's adapter (caller holds the generate lock).
 
         With no adapter resident the model is the plain base model. Otherwise rows without an
         adapter run with adapters disabled, which computes exactly the base layers.
         """
         extra = {"streamer": streamer} if streamer is not None else {}
-        names = self.adapters.adapter_names([p.adapter_user for p in batch])
         if names is None:
             return self.generator.model.generate(**kwargs, **extra)
         peft = self.adapters.peft
@@ -478,26 +491,34 @@ class Personalizer:
         import torch
         from transformers import StoppingCriteriaList
 
-        kwargs = self._generate_kwargs(batch)
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
-        streamer = None
-        if streams is not None and any(s is not None for s in streams):
-            limits = [p.params.max_new_tokens for p in batch]
-            streamer = BatchStreamer(self.generator.tokenizer, streams, limits, stops, lambda i, tokens: self._result(batch[i], tokens, stops))
-            kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows(streams)])
         seed = batch[0].params.seed
         try:
             with self._generate_lock, torch.inference_mode():
+                plan = self._plan(batch)
+                kwargs = self._generate_kwargs(batch, plan)
+                streamer = None
+                if streams is not None and any(s is not None for s in streams):
+                    primary = set(plan.primary)
+                    row_streams = [streams[i] if r in primary else None for r, i in enumerate(plan.owner)]
+                    limits = [batch[i].params.max_new_tokens for i in plan.owner]
+                    streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, lambda r, tokens: self._result(batch[plan.owner[r]], tokens, stops))
+                    # a cancelled request stops all of its rows
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows([streams[i] for i in plan.owner])])
                 if seed is not None:
                     torch.manual_seed(seed)
-                output = self._generate(batch, kwargs, streamer)
+                try:
+                    output = self._generate(plan.names, kwargs, streamer)
+                finally:
+                    if plan.capture is not None:
+                        plan.capture.close()
         except BaseException as err:
             for stream in streams or []:
                 if stream is not None:
                     stream.fail(err)
             raise
         width = kwargs["input_ids"].shape[1]
-        results = [self._result(prepared, row[width:].tolist(), stops) for row, prepared in zip(output, batch, strict=True)]
+        results = [self._result(prepared, output[row, width:].tolist(), stops) for row, prepared in zip(plan.primary, batch, strict=True)]
         for stream, result in zip(streams or [], results, strict=False):
             if stream is not None:
                 stream.finish(result)  # rows the streamer has not closed (a no-op for the others)

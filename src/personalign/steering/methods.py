@@ -10,6 +10,7 @@ and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
 
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from pathlib import Path
@@ -31,24 +32,42 @@ def steering_dir() -> Path:
     return Path(str(resources.files("personalign") / "data" / "steering"))
 
 
-def _installed(kind: str) -> tuple[str, ...]:
-    """Objectives with a trained artefact: one sub-folder per objective holding a config JSON."""
+ARTEFACT_CONFIG = {VAS_DIR: "value_config.json", VAS_MODEL_DIR: "value_config.json", MIX_DIR: "mix_config.json"}
+
+
+def _base_model(folder: Path, kind: str) -> str | None:
+    try:
+        return json.loads((folder / ARTEFACT_CONFIG[kind]).read_text()).get("base_model")
+    except (OSError, ValueError):
+        return None
+
+
+def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
+    """Objectives with a trained artefact (one sub-folder per objective), for ``model_id`` if given."""
     folder = steering_dir() / kind
     if not folder.is_dir():
         return ()
-    return tuple(sorted(p.name for p in folder.iterdir() if p.is_dir() and any(p.glob("*_config.json"))))
+    found = [p for p in folder.iterdir() if p.is_dir() and (p / ARTEFACT_CONFIG[kind]).is_file()]
+    return tuple(sorted(p.name for p in found if model_id is None or _base_model(p, kind) == model_id))
 
 
-def steerable_by_method() -> dict[str, tuple[str, ...]]:
-    """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded)."""
+def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...]]:
+    """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded); with
+    ``model_id``, only artefacts trained for that generator count."""
     from personalign.steering.prompting import PROMPTABLE
 
-    return {"logit": LOGIT_STEERABLE, "prompt": PROMPTABLE, "vas": _installed(VAS_DIR), "vas-model": _installed(VAS_MODEL_DIR), "mix": _installed(MIX_DIR)}
+    return {
+        "logit": LOGIT_STEERABLE,
+        "prompt": PROMPTABLE,
+        "vas": _installed(VAS_DIR, model_id),
+        "vas-model": _installed(VAS_MODEL_DIR, model_id),
+        "mix": _installed(MIX_DIR, model_id),
+    }
 
 
-def resolve_method(method: str, objectives: list[str]) -> str | None:
+def resolve_method(method: str, objectives: list[str], model_id: str | None = None) -> str | None:
     """The concrete method for ``method`` and the requested objectives (``None``: none can)."""
-    table = steerable_by_method()
+    table = steerable_by_method(model_id)
     if method != "auto":
         return method if set(objectives) <= set(table.get(method, ())) else None
     return next((m for m in AUTO_ORDER if set(objectives) <= set(table[m])), None)

@@ -27,7 +27,14 @@ from personalign.steering.decoding import (
     SteeringProcessor,
     eos_token_ids,
 )
-from personalign.steering.methods import MIX_DIR, VAS_DIR, VAS_MODEL_DIR, resolve_method, steering_dir
+from personalign.steering.methods import (
+    MIX_DIR,
+    VAS_DIR,
+    VAS_MODEL_DIR,
+    resolve_method,
+    steerable_by_method,
+    steering_dir,
+)
 from personalign.steering.prompting import instruction
 
 
@@ -50,6 +57,7 @@ class Plan:
     names: list[str] | None
     processors: LogitsProcessorList
     primary: list[int]
+    owner: list[int] = field(default_factory=list)  # the request each row belongs to
     greedy: bool = False
     capture: HiddenCapture | None = None
     methods: list[str] = field(default_factory=list)
@@ -71,9 +79,15 @@ class SteeringRuntime:
         names = [k for k, v in weights.items() if v != 0.0]
         if not names:
             return None
-        method = resolve_method(requested, names)
+        method = resolve_method(requested, names, self.generator.model_id)
         if method is None:
-            raise ValidationError("steer.method", f"{requested!r} cannot steer {names}", "choose another method or objective (see personalign.steering.methods.steerable_by_method())", requested)
+            table = steerable_by_method(self.generator.model_id)
+            raise ValidationError(
+                "steer.method",
+                f"{requested!r} cannot steer {names} on {self.generator.model_id!r}",
+                f"choose a method that can (here: {table}), or train one (personalign train vas|modpo)",
+                requested,
+            )
         return method
 
     def value_model(self, kind: str, objective: str) -> Any:
@@ -114,6 +128,7 @@ class SteeringRuntime:
         all_names: list[str] = []
         mix_weights: list[list[float]] = []
         base_rows: list[int | None] = []
+        owner: list[int] = []
         mix_objectives = sorted({k for (w, _), m in zip(steers, methods, strict=True) if m == "mix" for k, v in w.items() if v != 0.0})
         for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
             own = names[i] if names is not None else BASE
@@ -136,12 +151,13 @@ class SteeringRuntime:
                 mix_weights.append([0.0] * len(mix_objectives))
             base_rows.append(base_row)
             groups.append(group)
+            owner += [i] * (len(all_rows) - len(owner))
         width = max(len(r) for r in all_rows)
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in all_rows])  # (N, T)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in all_rows])  # (N, T)
         processors = LogitsProcessorList()
-        plan = Plan(input_ids, mask, all_names if (names is not None or mix_objectives) else None, processors, [g[0] for g in groups], methods=[m or "" for m in methods])
-        if not any(methods):
+        plan = Plan(input_ids, mask, all_names if (names is not None or mix_objectives) else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
+        if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods):
             return plan
         value_keys = sorted({(VAS_DIR if m == "vas" else VAS_MODEL_DIR, k) for (w, _), m in zip(steers, methods, strict=True) if m in ("vas", "vas-model") for k, v in w.items() if v != 0.0})
         value_models = [self.value_model(kind, k) for kind, k in value_keys]

@@ -1,0 +1,215 @@
+"""Steering harness: does each method move what was asked, and only that?
+
+For every method, on held-out prompts (topics no recipe trained on):
+
+- **sweep**: the first objective's weight over ``sweep`` values in ``[-1, 1]`` (others 0); the
+  mean measured score per value, Spearman's rank correlation between requested and measured
+  (over the sweep means, and over all answers), and how far every other objective moves from
+  its unsteered mean (relative change).
+- **front**: two objectives steered together along directions ``(cos t, sin t)`` for ``t`` in
+  ``[0, 90]`` degrees (a leading ``-`` on an objective name means "less of it" is better);
+  the measured points, each method's Pareto front, and whether it dominates the prompting
+  baseline's points.
+
+Every answer is generated through ``Personalizer.chat_batch`` with the same seeded sampling
+settings, so methods differ only in their steering.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalign.errors import ValidationError
+from personalign.steering.objectives import OBJECTIVES
+from personalign.steering.prompts import split
+
+Progress = Callable[[str], None]
+
+
+class SteerEvalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    objectives: list[str] = Field(default_factory=lambda: ["verbosity", "-structure"])
+    methods: list[str] = Field(default_factory=lambda: ["prompt", "logit", "vas", "vas-model", "mix"])
+    sweep: int = Field(default=7, ge=3, le=41)
+    directions: int = Field(default=5, ge=2, le=41)
+    prompts: int = Field(default=16, ge=1, le=200)
+    max_new_tokens: int = Field(default=128, ge=8, le=2048)
+    temperature: float = Field(default=0.7, ge=0.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+    seed: int = 0
+    front: bool = True
+
+
+def _name(signed: str) -> tuple[str, float]:
+    sign = -1.0 if signed.startswith("-") else 1.0
+    name = signed.lstrip("-+")
+    if name not in OBJECTIVES:
+        raise ValidationError("objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", signed)
+    return name, sign
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rho with average ranks for ties (nan when either side is constant)."""
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
+    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
+    if sx == 0 or sy == 0:
+        return float("nan")
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point dominates (both coordinates: more is better)."""
+    return [i for i, p in enumerate(points) if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+
+
+def dominates(front: Sequence[tuple[float, float]], points: Sequence[tuple[float, float]]) -> bool:
+    """Whether every point is weakly dominated by some point of ``front``."""
+    return all(any(f[0] >= p[0] and f[1] >= p[1] for f in front) for p in points)
+
+
+def _generate(pz: Any, prompts: Sequence[str], steer: dict[str, Any], config: SteerEvalConfig) -> list[str]:
+    requests = [
+        {"user": None, "messages": [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}
+        for p in prompts
+    ]
+    return [r.text for r in pz.chat_batch(requests)]
+
+
+def _scores(texts: Sequence[str]) -> dict[str, list[float]]:
+    return {name: [o.measure(t) for t in texts] for name, o in OBJECTIVES.items()}
+
+
+def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None = None) -> dict[str, Any]:
+    """Run the sweep (and the front) for every method; a JSON-ready dict."""
+    say = progress or (lambda _: None)
+    (first, _), *rest = [_name(o) for o in config.objectives]
+    prompts = split()[1][: config.prompts]
+    values = [round(-1.0 + 2.0 * i / (config.sweep - 1), 6) for i in range(config.sweep)]
+    started = time.perf_counter()
+    unsteered = _scores(_generate(pz, prompts, {}, config))
+    base_means = {k: statistics.fmean(v) for k, v in unsteered.items()}
+    result: dict[str, Any] = {"config": config.model_dump(), "prompts": prompts, "unsteered": base_means, "sweep": {}, "front": {}}
+    for method in config.methods:
+        points = []
+        for w in values:
+            steer = {"weights": {first: w}, "method": method} if w != 0.0 else {}
+            scores = _scores(_generate(pz, prompts, steer, config))
+            points.append({"weight": w, "mean": {k: statistics.fmean(v) for k, v in scores.items()}, first: scores[first]})
+            say(f"sweep {method} {first}={w:+.2f}: {statistics.fmean(scores[first]):.3f}")
+        means = [p["mean"][first] for p in points]
+        per_answer_w = [p["weight"] for p in points for _ in p[first]]
+        per_answer = [s for p in points for s in p[first]]
+        drift = {
+            k: max(abs(p["mean"][k] - base_means[k]) / abs(base_means[k]) if base_means[k] else float("inf") for p in points)
+            for k in OBJECTIVES
+            if k != first
+        }
+        result["sweep"][method] = {
+            "values": values,
+            "means": means,
+            "spearman_means": spearman(values, means),
+            "spearman_answers": spearman(per_answer_w, per_answer),
+            "max_relative_drift": drift,
+            "points": [{"weight": p["weight"], "mean": p["mean"]} for p in points],
+        }
+    if config.front and rest:
+        (a, sa), (b, sb) = _name(config.objectives[0]), rest[0]
+        angles = [90.0 * i / (config.directions - 1) for i in range(config.directions)]
+        for method in config.methods:
+            pts = []
+            for t in angles:
+                weights = {a: sa * math.cos(math.radians(t)), b: sb * math.sin(math.radians(t))}
+                weights = {k: round(v, 6) for k, v in weights.items() if abs(v) > 1e-9}
+                scores = _scores(_generate(pz, prompts, {"weights": weights, "method": method}, config))
+                pts.append({"angle": t, "weights": weights, "x": sa * statistics.fmean(scores[a]), "y": sb * statistics.fmean(scores[b])})
+                say(f"front {method} angle {t:.0f}: {pts[-1]['x']:.3f}, {pts[-1]['y']:.3f}")
+            xy = [(p["x"], p["y"]) for p in pts]
+            result["front"][method] = {"points": pts, "front": pareto_front(xy)}
+        if "prompt" in result["front"]:
+            prompt_xy = [(p["x"], p["y"]) for p in result["front"]["prompt"]["points"]]
+            for entry in result["front"].values():
+                xy = [(p["x"], p["y"]) for p in entry["points"]]
+                entry["dominates_prompt"] = dominates([xy[i] for i in entry["front"]], prompt_xy)
+        result["front_axes"] = [config.objectives[0], config.objectives[1]]
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def format_steer(result: dict[str, Any]) -> str:
+    first = result["config"]["objectives"][0].lstrip("-+")
+    lines = [f"sweep of {first}: Spearman(requested, measured) over the sweep means and over all answers; largest drift of the other objectives", ""]
+    lines.append("| method | " + " | ".join(f"{v:+.2f}" for v in next(iter(result["sweep"].values()))["values"]) + " | rho (means) | rho (answers) | drift structure | drift reading_level |")
+    lines.append("|---" * (len(next(iter(result["sweep"].values()))["values"]) + 5) + "|")
+    for method, s in result["sweep"].items():
+        drift = s["max_relative_drift"]
+        lines.append(
+            f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {drift.get('structure', float('nan')):.0%} | {drift.get('reading_level', float('nan')):.0%} |"
+        )
+    if result.get("front"):
+        ax = result["front_axes"]
+        lines += ["", f"front over ({ax[0]}, {ax[1]}) (signed: more is better on both axes)", "", "| method | points (x, y) | dominates prompt |", "|---|---|---|"]
+        for method, f in result["front"].items():
+            pts = ", ".join(f"({p['x']:.2f}, {p['y']:.2f})" for p in f["points"])
+            lines.append(f"| {method} | {pts} | {f.get('dominates_prompt', '')} |")
+    return "\n".join(lines)
+
+
+def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
+    """Two panels: the sweep (requested vs measured) and the two-objective fronts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = result["config"]["objectives"][0].lstrip("-+")
+    fig, axes = plt.subplots(1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False)
+    ax = axes[0][0]
+    for method, s in result["sweep"].items():
+        ax.plot(s["values"], s["means"], marker="o", label=f"{method} (rho {s['spearman_means']:.2f})")
+    ax.axhline(result["unsteered"][first], color="grey", lw=0.8, ls="--", label="unsteered")
+    ax.set_xlabel(f"requested {first} weight")
+    ax.set_ylabel(f"measured {first}")
+    ax.set_title(f"Sweep: {first}")
+    ax.legend(fontsize=7)
+    if result.get("front"):
+        ax = axes[0][1]
+        for method, f in result["front"].items():
+            xs = [p["x"] for p in f["points"]]
+            ys = [p["y"] for p in f["points"]]
+            line = ax.scatter(xs, ys, label=method, s=18)
+            front = sorted((xs[i], ys[i]) for i in f["front"])
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=line.get_facecolor()[0], lw=1)
+        ax.set_xlabel(result["front_axes"][0] + " (signed)")
+        ax.set_ylabel(result["front_axes"][1] + " (signed)")
+        ax.set_title("Two-objective fronts (up and right is better)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
