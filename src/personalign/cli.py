@@ -586,6 +586,114 @@ train_app.command("pal")(_embedder_recipe("pal", "Fit a PAL population model (K 
 train_app.command("vpl")(_embedder_recipe("vpl", "Fit a VPL model (pair-set encoder to a Gaussian user latent, latent-conditioned reward)."))
 
 
+SteerOutOpt = Annotated[Path | None, typer.Option(help="Artefact root (vas/, vas_model/, mix/ under it); default: the installed steering folder.")]
+ObjectivesOpt = Annotated[str, typer.Option(help="Comma-separated objectives, e.g. verbosity,structure.")]
+
+
+def _steer_samples(generator: Any, out: Path, samples: Path | None, per_prompt: int, max_new_tokens: int, seed: int) -> Any:
+    from personalign.steering.recipes import get_samples
+
+    out.mkdir(parents=True, exist_ok=True)
+    return get_samples(generator, out, samples, n_per_prompt=per_prompt, max_new_tokens=max_new_tokens, seed=seed)
+
+
+@train_app.command("vas")
+def train_vas_cmd(
+    out: SteerOutOpt = None,
+    objectives: ObjectivesOpt = "verbosity,structure",
+    kinds: Annotated[str, typer.Option(help="trunk (head on the generator's hidden state), gru (separate small value model), or both.")] = "trunk,gru",
+    samples: Annotated[Path | None, typer.Option(help="Reuse a samples.jsonl (default: OUT/samples.jsonl, sampled when missing).")] = None,
+    per_prompt: Annotated[int, typer.Option(min=1, help="Samples per training prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 160,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """VAS value models per objective, trained only on the frozen generator's own samples (TD(lambda))."""
+    from personalign.models import load_generator
+    from personalign.steering.methods import steering_dir
+    from personalign.steering.recipes import train_vas_recipe, write_report
+
+    try:
+        root = out or steering_dir()
+        generator = load_generator(model, device=device)
+        data = _steer_samples(generator, root, samples, per_prompt, max_new_tokens, seed)
+        report = train_vas_recipe(generator, root, _split_list(objectives, "--objectives"), kinds=_split_list(kinds, "--kinds"), samples=data, epochs=epochs, seed=seed)
+        write_report(root, "vas", report)
+        for name, r in report.items():
+            typer.echo(f"{name}: loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {r['folder']}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@train_app.command("modpo")
+def train_modpo_cmd(
+    out: SteerOutOpt = None,
+    objectives: ObjectivesOpt = "verbosity,structure",
+    margin_weight: Annotated[float, typer.Option(help="Weight of the other objectives' rewards in each adapter's MODPO margin.")] = 0.1,
+    samples: Annotated[Path | None, typer.Option(help="Reuse a samples.jsonl (default: OUT/samples.jsonl, sampled when missing).")] = None,
+    per_prompt: Annotated[int, typer.Option(min=2, help="Samples per training prompt (pairs come from the same prompt).")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 160,
+    max_pairs: Annotated[int, typer.Option(min=1)] = 128,
+    epochs: Annotated[int, typer.Option(min=1)] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """MODPO objective adapters (one LoRA per objective) for multi-objective logit mixing."""
+    from personalign.models import load_generator
+    from personalign.steering.methods import steering_dir
+    from personalign.steering.recipes import train_modpo_recipe, write_report
+
+    try:
+        root = out or steering_dir()
+        generator = load_generator(model, device=device)
+        data = _steer_samples(generator, root, samples, per_prompt, max_new_tokens, seed)
+        report = train_modpo_recipe(generator, root, _split_list(objectives, "--objectives"), samples=data, margin_weight=margin_weight, epochs=epochs, max_pairs=max_pairs, seed=seed)
+        write_report(root, "modpo", report)
+        for name, r in report.items():
+            typer.echo(f"{name}: {r['pairs']} pairs, loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {r['folder']}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@eval_app.command("steer")
+def eval_steer(
+    objectives: Annotated[str, typer.Option(help="Swept objective first; a second one adds the two-objective front. A leading - means less is better.")] = "verbosity,-structure",
+    methods: Annotated[str, typer.Option(help="Comma-separated: prompt, logit, vas, vas-model, mix.")] = "prompt,logit,vas,vas-model,mix",
+    sweep: Annotated[int, typer.Option(min=3, help="Requested weights, evenly over [-1, 1].")] = 7,
+    directions: Annotated[int, typer.Option(min=2, help="Directions over [0, 90] degrees for the front.")] = 5,
+    prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts per point.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 128,
+    no_front: Annotated[bool, typer.Option("--no-front", help="Only the sweep.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the sweep and front plot (PNG) here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Controllability (Spearman of requested vs measured), drift of the other objectives, and Pareto fronts per method."""
+    from personalign.eval.steer import SteerEvalConfig, format_steer, plot_steer, run_steer_eval
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-eval-steer-"))
+    try:
+        config = SteerEvalConfig(
+            objectives=_split_list(objectives, "--objectives"), methods=_split_list(methods, "--methods"), sweep=sweep, directions=directions, prompts=prompts, max_new_tokens=max_new_tokens, front=not no_front
+        )
+        with _open(root, model, None, device) as pz:
+            result = run_steer_eval(config, pz, progress=typer.echo)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_steer(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        typer.echo(f"plot: {plot_steer(result, plot)}")
+
+
 # --- bench -------------------------------------------------------------------------------
 
 
@@ -608,6 +716,32 @@ def bench_adapters(
     finally:
         shutil.rmtree(root, ignore_errors=True)
     typer.echo(format_report(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+@bench_app.command("steer")
+def bench_steer(
+    max_new_tokens: Annotated[int, typer.Option(min=4)] = 48,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    batch: Annotated[int, typer.Option(min=2, help="Requests in the batched setting.")] = 4,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Tokens per second of plain generate vs VAS (trunk head, separate model) and two-adapter logit mixing."""
+    from personalign.bench.steer import format_steer_bench, run_steer_bench
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-bench-"))
+    try:
+        with _open(root, model, None, device) as pz:
+            result = run_steer_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats, batch=batch)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_steer_bench(result))
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1))
 

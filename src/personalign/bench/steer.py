@@ -30,9 +30,9 @@ TARGETS = {"VAS, trunk head": 1.15, "mix, 2 objective adapters": 1.6}
 
 
 def _timed(pz: Any, prompts: list[str], steer: dict[str, Any], max_new_tokens: int) -> tuple[float, int]:
-    requests = [{"user": None, "messages": [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "temperature": 0.0} for p in prompts]
+    requests = [{"user": None, "messages": [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "temperature": 0.0, "memory": False, "shots": False} for p in prompts]
     start = time.perf_counter()
-    results = pz.chat_batch(requests)
+    results = pz.respond_batch(requests)
     return time.perf_counter() - start, sum(r.completion_tokens for r in results)
 
 

@@ -2,6 +2,10 @@
 
 For every method, on held-out prompts (topics no recipe trained on):
 
+Every request carries the same system prompt (``system``, by default "Answer in two or three
+sentences."), so unsteered answers end well inside ``max_new_tokens`` and length can move both
+ways.
+
 - **sweep**: the first objective's weight over ``sweep`` values in ``[-1, 1]`` (others 0); the
   mean measured score per value, Spearman's rank correlation between requested and measured
   (over the sweep means, and over all answers), and how far every other objective moves from
@@ -27,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import ValidationError
+from personalign.steering.methods import steerable_by_method
 from personalign.steering.objectives import OBJECTIVES
 from personalign.steering.prompts import split
 
@@ -36,12 +41,13 @@ Progress = Callable[[str], None]
 class SteerEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    objectives: list[str] = Field(default_factory=lambda: ["verbosity", "-structure"])
+    objectives: list[str] = Field(default_factory=lambda: ["-verbosity", "structure"])
     methods: list[str] = Field(default_factory=lambda: ["prompt", "logit", "vas", "vas-model", "mix"])
     sweep: int = Field(default=7, ge=3, le=41)
     directions: int = Field(default=5, ge=2, le=41)
-    prompts: int = Field(default=16, ge=1, le=200)
-    max_new_tokens: int = Field(default=128, ge=8, le=2048)
+    prompts: int = Field(default=12, ge=1, le=200)
+    max_new_tokens: int = Field(default=192, ge=8, le=2048)
+    system: str = Field(default="Answer in two or three sentences.", description="the operating point every method starts from")
     temperature: float = Field(default=0.7, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     seed: int = 0
@@ -93,10 +99,10 @@ def dominates(front: Sequence[tuple[float, float]], points: Sequence[tuple[float
 
 def _generate(pz: Any, prompts: Sequence[str], steer: dict[str, Any], config: SteerEvalConfig) -> list[str]:
     requests = [
-        {"user": None, "messages": [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed}
+        {"user": None, "messages": ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed, "memory": False, "shots": False}
         for p in prompts
     ]
-    return [r.text for r in pz.chat_batch(requests)]
+    return [r.text for r in pz.respond_batch(requests)]
 
 
 def _scores(texts: Sequence[str]) -> dict[str, list[float]]:
@@ -107,6 +113,7 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
     """Run the sweep (and the front) for every method; a JSON-ready dict."""
     say = progress or (lambda _: None)
     (first, _), *rest = [_name(o) for o in config.objectives]
+    steerable = steerable_by_method(pz.generator.model_id)
     prompts = split()[1][: config.prompts]
     values = [round(-1.0 + 2.0 * i / (config.sweep - 1), 6) for i in range(config.sweep)]
     started = time.perf_counter()
@@ -114,10 +121,12 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
     base_means = {k: statistics.fmean(v) for k, v in unsteered.items()}
     result: dict[str, Any] = {"config": config.model_dump(), "prompts": prompts, "unsteered": base_means, "sweep": {}, "front": {}}
     for method in config.methods:
+        if first not in steerable.get(method, ()):
+            say(f"sweep: {method} cannot steer {first} here, skipped")
+            continue
         points = []
         for w in values:
-            steer = {"weights": {first: w}, "method": method} if w != 0.0 else {}
-            scores = _scores(_generate(pz, prompts, steer, config))
+            scores = _scores(_generate(pz, prompts, {"weights": {first: w}, "method": method}, config)) if w != 0.0 else unsteered
             points.append({"weight": w, "mean": {k: statistics.fmean(v) for k, v in scores.items()}, first: scores[first]})
             say(f"sweep {method} {first}={w:+.2f}: {statistics.fmean(scores[first]):.3f}")
         means = [p["mean"][first] for p in points]
@@ -140,6 +149,9 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
         (a, sa), (b, sb) = _name(config.objectives[0]), rest[0]
         angles = [90.0 * i / (config.directions - 1) for i in range(config.directions)]
         for method in config.methods:
+            if not {a, b} <= set(steerable.get(method, ())):
+                say(f"front: {method} cannot steer both {a} and {b}, skipped")
+                continue
             pts = []
             for t in angles:
                 weights = {a: sa * math.cos(math.radians(t)), b: sb * math.sin(math.radians(t))}

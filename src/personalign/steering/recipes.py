@@ -49,7 +49,7 @@ def train_vas_recipe(generator: Any, out: Path, objectives: Sequence[str], kinds
     return report
 
 
-def train_modpo_recipe(generator: Any, out: Path, objectives: Sequence[str], samples: Sequence[Sample] = (), margin_weight: float = 0.1, epochs: int = 3, max_pairs: int = 128, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def train_modpo_recipe(generator: Any, out: Path, objectives: Sequence[str], samples: Sequence[Sample] = (), margin_weight: float = 0.1, epochs: int = 3, max_pairs: int = 128, min_gap: float = 0.5, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """One MODPO objective adapter per objective under ``out/mix/<objective>``; each uses the
     other listed objectives as margin rewards with weight ``margin_weight``."""
     report: dict[str, Any] = {}
@@ -58,7 +58,7 @@ def train_modpo_recipe(generator: Any, out: Path, objectives: Sequence[str], sam
         others = [o for o in objectives if o != objective]
         folder = out / MIX_DIR / objective
         loop = LoopConfig(epochs=epochs, learning_rate=5e-4, batch_size=4, seed=seed, progress=progress, checkpoint_dir=str(folder.with_name(folder.name + ".ckpt")), name=f"modpo {objective}")
-        config = ModpoConfig(objective=objective, margin_objectives=others, margin_weights=[margin_weight] * len(others), max_pairs=max_pairs, loop=loop)
+        config = ModpoConfig(objective=objective, margin_objectives=others, margin_weights=[margin_weight] * len(others), max_pairs=max_pairs, min_gap=min_gap, loop=loop)
         model, name, run, pairs = train_modpo(generator, samples, config)
         save_objective_adapter(model, name, folder, config, generator.model_id, run, pairs)
         report[objective] = {"epoch_loss": run.epoch_loss, "pairs": pairs, "seconds": time.perf_counter() - start, "folder": str(folder)}

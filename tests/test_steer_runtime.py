@@ -1,0 +1,155 @@
+"""Steering through ``Personalizer`` on a tiny model: trained VAS and MODPO artefacts in a
+temporary steering folder, the zero-steering contract, mixed batches, errors, the harness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from personalign.errors import ValidationError
+
+ASK = [{"role": "user", "content": "Question one"}]
+
+
+@pytest.fixture(scope="module")
+def steering_root(tmp_path_factory, tiny_model_dir):
+    """VAS heads (trunk and GRU) and MODPO adapters for the tiny model, trained on its samples."""
+    from personalign.models import load_generator
+    from personalign.steering.recipes import train_modpo_recipe, train_vas_recipe
+    from personalign.steering.samples import sample_responses
+
+    root = tmp_path_factory.mktemp("steering")
+    generator = load_generator(str(tiny_model_dir), device="cpu")
+    samples = sample_responses(generator, ["Question one", "Task two", "Preferred", "Given the examples"], n_per_prompt=4, max_new_tokens=12, batch_size=16)
+    train_vas_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=2, progress=False)
+    train_modpo_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=1, max_pairs=8, min_gap=0.0, progress=False)
+    return root
+
+
+@pytest.fixture()
+def spz(tiny_model_dir, encoder, tmp_path, steering_root, monkeypatch):
+    from personalign.models import load_generator
+    from personalign.personalizer import Personalizer
+
+    monkeypatch.setenv("PERSONALIGN_STEERING_DIR", str(steering_root))
+    with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / "store") as pz:
+        yield pz
+
+
+def _reply(pz, steer, **options):
+    return pz.respond(None, ASK, steer=steer, max_new_tokens=8, memory=False, shots=False, **options)
+
+
+def test_installed_artefacts_are_found_for_their_model_only(spz, steering_root):
+    from personalign.steering.methods import steerable_by_method
+
+    mine = steerable_by_method(spz.generator.model_id)
+    assert mine["vas"] == mine["vas-model"] == mine["mix"] == ("reading_level", "verbosity")
+    other = steerable_by_method("someone/else")
+    assert other["vas"] == () and other["mix"] == ()
+
+
+@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "logit", "prompt"])
+def test_zero_weights_reproduce_plain_decoding(spz, method):
+    plain = _reply(spz, {})
+    zero = _reply(spz, {"weights": {"verbosity": 0.0}, "method": method})
+    assert zero.text == plain.text and zero.completion_tokens == plain.completion_tokens
+
+
+@pytest.mark.parametrize("method", ["vas", "vas-model", "mix"])
+def test_trained_methods_run_and_sample_reproducibly(spz, method):
+    steer = {"weights": {"verbosity": -2.0, "reading_level": 1.0}, "method": method}
+    first = _reply(spz, steer, temperature=0.9, seed=5)
+    again = _reply(spz, steer, temperature=0.9, seed=5)
+    assert first.text == again.text
+    assert first.steer == {"verbosity": -2.0, "reading_level": 1.0}
+
+
+def test_mixed_methods_batch_equals_single_runs(spz):
+    """One batch with plain, vas, mix and logit requests (mix adds rows): each equals its own run."""
+    steers = [{}, {"weights": {"verbosity": 3.0}, "method": "vas"}, {"weights": {"verbosity": 1.0, "reading_level": -1.0}, "method": "mix"}, {"weights": {"verbosity": -1.0}, "method": "logit"}]
+    asks = [[{"role": "user", "content": q}] for q in ("Question one", "Task two", "Preferred", "Given the examples")]
+    requests = [{"user": None, "messages": a, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False} for a, s in zip(asks, steers, strict=True)]
+    batch = spz.respond_batch(requests)
+    for request, result in zip(requests, batch, strict=True):
+        single = spz.respond(None, request["messages"], steer=request["steer"], max_new_tokens=8, memory=False, shots=False)
+        assert result.text == single.text, request["steer"]
+
+
+def test_mix_composes_with_a_users_adapter(spz):
+    from personalign.adapters.lora import LoraTrainConfig
+    from personalign.types import Comparison
+
+    pairs = [Comparison(prompt="Question one", chosen="Task", rejected="Preferred Response Dispreferred")] * 4
+    spz.enroll("ana", pairs, adapter=True, adapter_config=LoraTrainConfig(epochs=1, rank=2, holdout_fraction=0.0))
+    own = spz.respond("ana", ASK, steer={}, max_new_tokens=8, memory=False, shots=False)
+    zero = spz.respond("ana", ASK, steer={"weights": {"verbosity": 0.0}, "method": "mix"}, max_new_tokens=8, memory=False, shots=False)
+    assert own.text == zero.text
+    mixed = spz.respond("ana", ASK, steer={"weights": {"verbosity": 1.0}, "method": "mix"}, max_new_tokens=8, memory=False, shots=False)
+    assert isinstance(mixed.text, str)
+
+
+def test_stream_with_mix_rows_matches_respond(spz):
+    steer = {"weights": {"verbosity": 1.0}, "method": "mix"}
+    streamed = "".join(spz.stream(None, ASK, steer=steer, max_new_tokens=8, memory=False, shots=False))
+    assert streamed.strip() == _reply(spz, steer).text
+
+
+def test_method_without_artefact_for_this_model_is_refused(spz, monkeypatch, tmp_path):
+    monkeypatch.setenv("PERSONALIGN_STEERING_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ValidationError) as err:
+        _reply(spz, {"weights": {"verbosity": 1.0}, "method": "vas"})
+    assert err.value.field.startswith("steer")
+
+
+def test_prompt_method_adds_the_instruction(spz):
+    from personalign.steering.prompting import instruction, phrase
+    from personalign.steering.runtime import steer_system
+
+    assert phrase("verbosity", -1.0) == "Answer in one short sentence." and phrase("verbosity", 0.0) == ""
+    assert phrase("verbosity", 0.34) == "Give a fairly detailed answer."
+    messages = steer_system([{"role": "system", "content": "Be kind."}, *ASK], {"verbosity": -1.0})
+    assert messages[0]["content"] == "Be kind.\n\n" + instruction({"verbosity": -1.0}) and messages[1:] == ASK
+    plain = spz._prepare(None, ASK, {}, {"memory": False, "shots": False})
+    prompted = spz._prepare(None, ASK, {"weights": {"verbosity": -1.0}, "method": "prompt"}, {"memory": False, "shots": False})
+    assert len(prompted.input_ids) > len(plain.input_ids) and prompted.steer_method == "prompt"
+
+
+def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
+    from personalign.eval.steer import (
+        SteerEvalConfig,
+        dominates,
+        format_steer,
+        pareto_front,
+        plot_steer,
+        run_steer_eval,
+        spearman,
+    )
+
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.894427, abs=1e-6)  # ties get average ranks
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert pareto_front([(0, 0), (1, 2), (2, 1), (1, 1)]) == [1, 2]
+    assert dominates([(1, 2), (2, 1)], [(1, 1), (0.5, 2)]) and not dominates([(1, 2)], [(2, 0)])
+    config = SteerEvalConfig(objectives=["-verbosity", "reading_level"], methods=["prompt", "logit", "vas", "mix"], sweep=3, directions=2, prompts=2, max_new_tokens=8)
+    result = run_steer_eval(config, spz)
+    assert set(result["sweep"]) == {"prompt", "logit", "vas", "mix"}
+    assert set(result["front"]) == {"prompt", "vas", "mix"}  # logit steers verbosity only
+    assert all(len(s["means"]) == 3 for s in result["sweep"].values())
+    assert "dominates_prompt" in result["front"]["vas"]
+    assert "| vas |" in format_steer(result)
+    assert plot_steer(result, tmp_path / "steer.png").stat().st_size > 1000
+
+
+def test_bench_steer_on_tiny_model(spz, monkeypatch):
+    from personalign.bench import steer as bench
+
+    monkeypatch.setitem(bench.CASES, "mix, 2 objective adapters", {"weights": {"verbosity": 0.5, "reading_level": 0.5}, "method": "mix"})
+    result = bench.run_steer_bench(spz, max_new_tokens=4, repeats=1, batch=2)
+    assert set(result["settings"]) == {"batch 1", "batch 2"}
+    for cases in result["settings"].values():
+        assert cases["plain generate"]["ratio_to_plain"] == 1.0
+        assert all(c["tokens_per_second"] > 0 for c in cases.values())
+    assert "VAS, trunk head" in bench.format_steer_bench(result)
