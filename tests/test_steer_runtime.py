@@ -16,7 +16,7 @@ ASK = [{"role": "user", "content": "Question one"}]
 def steering_root(tmp_path_factory, tiny_model_dir):
     """VAS heads (trunk and GRU) and MODPO adapters for the tiny model, trained on its samples."""
     from personalign.models import load_generator
-    from personalign.steering.recipes import train_modpo_recipe, train_vas_recipe
+    from personalign.steering.recipes import train_dpa_recipe, train_modpo_recipe, train_vas_recipe
     from personalign.steering.samples import sample_responses
 
     root = tmp_path_factory.mktemp("steering")
@@ -24,6 +24,8 @@ def steering_root(tmp_path_factory, tiny_model_dir):
     samples = sample_responses(generator, ["Question one", "Task two", "Preferred", "Given the examples"], n_per_prompt=4, max_new_tokens=12, batch_size=16)
     train_vas_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=2, progress=False)
     train_modpo_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=1, max_pairs=8, min_gap=0.0, progress=False)
+    report = train_dpa_recipe(generator, root, ["verbosity", "reading_level"], iterations=2, samples_per_prompt=2, max_new_tokens=8, epochs=1, prompts=["Question one", "Task two"])
+    assert [r["iteration"] for r in report["iterations"]] == [1, 2] and all(r["front"] for r in report["iterations"])
     return root
 
 
@@ -46,18 +48,19 @@ def test_installed_artefacts_are_found_for_their_model_only(spz, steering_root):
 
     mine = steerable_by_method(spz.generator.model_id)
     assert mine["vas"] == mine["vas-model"] == mine["mix"] == ("reading_level", "verbosity")
+    assert mine["dpa"] == ("verbosity", "reading_level")
     other = steerable_by_method("someone/else")
     assert other["vas"] == () and other["mix"] == ()
 
 
-@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "logit", "prompt"])
+@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "logit", "prompt", "dpa"])
 def test_zero_weights_reproduce_plain_decoding(spz, method):
     plain = _reply(spz, {})
     zero = _reply(spz, {"weights": {"verbosity": 0.0}, "method": method})
     assert zero.text == plain.text and zero.completion_tokens == plain.completion_tokens
 
 
-@pytest.mark.parametrize("method", ["vas", "vas-model", "mix"])
+@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "dpa"])
 def test_trained_methods_run_and_sample_reproducibly(spz, method):
     steer = {"weights": {"verbosity": -2.0, "reading_level": 1.0}, "method": method}
     first = _reply(spz, steer, temperature=0.9, seed=5)
@@ -68,8 +71,14 @@ def test_trained_methods_run_and_sample_reproducibly(spz, method):
 
 def test_mixed_methods_batch_equals_single_runs(spz):
     """One batch with plain, vas, mix and logit requests (mix adds rows): each equals its own run."""
-    steers = [{}, {"weights": {"verbosity": 3.0}, "method": "vas"}, {"weights": {"verbosity": 1.0, "reading_level": -1.0}, "method": "mix"}, {"weights": {"verbosity": -1.0}, "method": "logit"}]
-    asks = [[{"role": "user", "content": q}] for q in ("Question one", "Task two", "Preferred", "Given the examples")]
+    steers = [
+        {},
+        {"weights": {"verbosity": 3.0}, "method": "vas"},
+        {"weights": {"verbosity": 1.0, "reading_level": -1.0}, "method": "mix"},
+        {"weights": {"verbosity": -1.0}, "method": "logit"},
+        {"direction": {"verbosity": 1.0, "reading_level": 1.0}, "method": "dpa"},
+    ]
+    asks = [[{"role": "user", "content": q}] for q in ("Question one", "Task two", "Preferred", "Given the examples", "Question")]
     requests = [{"user": None, "messages": a, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False} for a, s in zip(asks, steers, strict=True)]
     batch = spz.respond_batch(requests)
     for request, result in zip(requests, batch, strict=True):

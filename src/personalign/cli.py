@@ -658,6 +658,34 @@ def train_modpo_cmd(
         _fail(err)
 
 
+@train_app.command("dpa")
+def train_dpa_cmd(
+    out: SteerOutOpt = None,
+    objectives: Annotated[str, typer.Option(help="The two objectives of the direction, e.g. verbosity,structure.")] = "verbosity,structure",
+    iterations: Annotated[int, typer.Option(min=1, help="Rejection-sampling fine-tuning rounds.")] = 2,
+    per_prompt: Annotated[int, typer.Option(min=2, help="Answers generated per prompt and direction; the best is kept.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 160,
+    epochs: Annotated[int, typer.Option(min=1, help="SFT epochs per round.")] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """A DPA direction-conditioned adapter: sample directions, keep the best of n answers, fine-tune, repeat."""
+    from personalign.models import load_generator
+    from personalign.steering.methods import steering_dir
+    from personalign.steering.recipes import train_dpa_recipe, write_report
+
+    try:
+        root = out or steering_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        generator = load_generator(model, device=device)
+        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, seed=seed, progress=typer.echo)
+        write_report(root, "dpa", report)
+        typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {report['folder']}")
+    except PersonalignError as err:
+        _fail(err)
+
+
 @eval_app.command("steer")
 def eval_steer(
     objectives: Annotated[str, typer.Option(help="Swept objective first; a second one adds the two-objective front. A leading - means less is better.")] = "verbosity,-structure",

@@ -30,8 +30,10 @@ from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids
+from personalign.steering.dpa import dpa_messages
+from personalign.steering.methods import steerable_by_method
 from personalign.steering.objectives import infer_weights
-from personalign.steering.runtime import Plan, SteeringRuntime, steer_system
+from personalign.steering.runtime import Plan, SteeringRuntime, dpa_direction, steer_system
 from personalign.steering.schema import Steering, parse_steering
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
 from personalign.types import (
@@ -429,7 +431,11 @@ class Personalizer:
         else:
             applied = Steering({}) if profile is None else _default_steering(profile)
         method = self.steering.method(applied.method, applied.weights)
-        conversation = steer_system(cond.conversation, applied.weights) if method == "prompt" else cond.conversation
+        conversation = cond.conversation
+        if method == "prompt":
+            conversation = steer_system(conversation, applied.weights)
+        elif method == "dpa":
+            conversation = dpa_messages(conversation, dpa_direction(applied.weights, steerable_by_method(self.generator.model_id)["dpa"]))
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None

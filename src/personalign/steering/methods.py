@@ -3,7 +3,8 @@
 ``logit`` (hand-written logits processors, no training), ``prompt`` (an instruction in the
 system prompt), ``vas`` (value heads on the generator's hidden state that guide the top-k logits),
 ``vas-model`` (the same guidance from a separate small value model), ``mix`` (objective
-adapters mixed at the logit level, MODPO-style). ``vas`` and ``mix`` steer the objectives
+adapters mixed at the logit level, MODPO-style), ``dpa`` (one direction-conditioned adapter,
+the direction written into the system prompt). ``vas`` and ``mix`` steer the objectives
 whose artefacts are installed: the package ships defaults under ``personalign/data/steering``
 and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
 """
@@ -15,11 +16,12 @@ import os
 from importlib import resources
 from pathlib import Path
 
-METHODS = ("auto", "logit", "prompt", "vas", "vas-model", "mix")
+METHODS = ("auto", "logit", "prompt", "vas", "vas-model", "mix", "dpa")
 LOGIT_STEERABLE = ("verbosity",)
 VAS_DIR = "vas"
 VAS_MODEL_DIR = "vas_model"
 MIX_DIR = "mix"
+DPA_DIR = "dpa"
 # ``auto`` tries these in order and uses the first that steers every requested objective.
 AUTO_ORDER = ("mix", "vas", "logit", "prompt")
 
@@ -51,6 +53,17 @@ def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
     return tuple(sorted(p.name for p in found if model_id is None or _base_model(p, kind) == model_id))
 
 
+def _dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
+    """The objectives the installed DPA adapter was trained on (one adapter for all of them)."""
+    try:
+        meta = json.loads((steering_dir() / DPA_DIR / "dpa_config.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    if model_id is not None and meta.get("base_model") != model_id:
+        return ()
+    return tuple(meta.get("objectives", ()))
+
+
 def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...]]:
     """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded); with
     ``model_id``, only artefacts trained for that generator count."""
@@ -62,6 +75,7 @@ def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...
         "vas": _installed(VAS_DIR, model_id),
         "vas-model": _installed(VAS_MODEL_DIR, model_id),
         "mix": _installed(MIX_DIR, model_id),
+        "dpa": _dpa_objectives(model_id),
     }
 
 

@@ -28,6 +28,7 @@ from personalign.steering.decoding import (
     eos_token_ids,
 )
 from personalign.steering.methods import (
+    DPA_DIR,
     MIX_DIR,
     VAS_DIR,
     VAS_MODEL_DIR,
@@ -36,6 +37,12 @@ from personalign.steering.methods import (
     steering_dir,
 )
 from personalign.steering.prompting import instruction
+
+
+def dpa_direction(weights: Mapping[str, float], objectives: Sequence[str]) -> dict[str, float]:
+    """The unit direction over the DPA adapter's objectives (missing ones 0)."""
+    norm = sum(weights.get(o, 0.0) ** 2 for o in objectives) ** 0.5 or 1.0
+    return {o: weights.get(o, 0.0) / norm for o in objectives}
 
 
 def steer_system(messages: list[dict[str, Any]], weights: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -109,6 +116,18 @@ class SteeringRuntime:
                 manager._attach(name, self.root() / MIX_DIR / objective)
         return name
 
+    def dpa_adapter(self) -> str:
+        """The DPA adapter's name in the adapter manager's PEFT model (loaded once)."""
+        from personalign.steering.dpa import ADAPTER_NAME
+
+        manager = self.adapters
+        if manager is None:
+            raise ValidationError("steer.method", "dpa needs the adapter manager", "use a Personalizer, or another method")
+        if manager.peft is None or ADAPTER_NAME not in manager.peft.peft_config:
+            with torch.inference_mode(False), torch.no_grad():
+                manager._attach(ADAPTER_NAME, self.root() / DPA_DIR)
+        return ADAPTER_NAME
+
     def plan(
         self,
         rows: Sequence[list[int]],
@@ -132,6 +151,8 @@ class SteeringRuntime:
         mix_objectives = sorted({k for (w, _), m in zip(steers, methods, strict=True) if m == "mix" for k, v in w.items() if v != 0.0})
         for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
             own = names[i] if names is not None else BASE
+            if method == "dpa":
+                own = self.dpa_adapter()  # the direction-conditioned adapter replaces the user's own
             group = [len(all_rows)]
             all_rows.append(row)
             all_names.append(own)
@@ -156,7 +177,8 @@ class SteeringRuntime:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in all_rows])  # (N, T)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in all_rows])  # (N, T)
         processors = LogitsProcessorList()
-        plan = Plan(input_ids, mask, all_names if (names is not None or mix_objectives) else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
+        uses_adapters = names is not None or bool(mix_objectives) or "dpa" in methods
+        plan = Plan(input_ids, mask, all_names if uses_adapters else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
         if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods):
             return plan
         value_keys = sorted({(VAS_DIR if m == "vas" else VAS_MODEL_DIR, k) for (w, _), m in zip(steers, methods, strict=True) if m in ("vas", "vas-model") for k, v in w.items() if v != 0.0})

@@ -1,0 +1,167 @@
+"""DPA recipe: a direction-conditioned adapter by iterated rejection-sampling fine-tuning.
+
+The direction ``v`` (a unit vector over the objectives) is written into the system prompt
+(:func:`direction_text`). Each iteration: draw a direction per training prompt, generate ``n``
+answers with the current adapter, keep the answer with the best direction-weighted score
+``v . z(answer)`` (``z``: objective scores standardised over the iteration's answers), and
+fine-tune the adapter on the kept answers (SFT on response tokens). Each iteration's front
+(mean measured scores per direction) is recorded. Decoding uses the adapter as the request's
+row and the direction in the system prompt. Wang et al. 2024, "Arithmetic Control of LLMs
+for Diverse User Preferences: Directional Preference Alignment".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from personalign.errors import ValidationError
+from personalign.functional.dpo import sequence_logps
+from personalign.steering.loop import LoopConfig, train_loop
+from personalign.steering.objectives import OBJECTIVES
+from personalign.steering.samples import chat_ids, left_pad
+
+DPA_CONFIG = "dpa_config.json"
+ADAPTER_NAME = "steer_dpa"
+
+
+def direction_text(direction: Mapping[str, float]) -> str:
+    """The system-prompt line that conditions the DPA adapter on a direction."""
+    return "Preference direction: " + ", ".join(f"{name} {value:+.2f}" for name, value in direction.items()) + "."
+
+
+def dpa_messages(messages: list[dict[str, Any]], direction: Mapping[str, float]) -> list[dict[str, Any]]:
+    """``messages`` with the direction line first in the system message."""
+    line = direction_text(direction)
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{line}\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": line}, *messages]
+
+
+def unit_direction(objectives: Sequence[str], angle_degrees: float) -> dict[str, float]:
+    """The unit vector at ``angle`` in the plane of two objectives (``cos``, ``sin``)."""
+    t = math.radians(angle_degrees)
+    return {objectives[0]: round(math.cos(t), 4), objectives[1]: round(math.sin(t), 4)}
+
+
+class DpaConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    objectives: list[str] = Field(default_factory=lambda: ["verbosity", "structure"], min_length=2, max_length=2)
+    iterations: int = Field(default=2, ge=1, le=100)
+    samples_per_prompt: int = Field(default=4, ge=2, le=64)
+    directions: int = Field(default=8, ge=2, le=360, description="evenly spaced angles a direction is drawn from")
+    max_new_tokens: int = Field(default=160, ge=8)
+    temperature: float = Field(default=1.0, gt=0.0)
+    rank: int = Field(default=8, ge=1, le=256)
+    alpha: float = Field(default=16.0, gt=0.0)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    loop: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=2, learning_rate=5e-4, batch_size=4, name="dpa sft"))
+
+
+def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Sequence[dict[str, float]], config: DpaConfig, batch_size: int = 32) -> list[tuple[list[int], list[int], str]]:
+    """``samples_per_prompt`` answers per (prompt, direction): (prompt ids, response ids, text)."""
+    from personalign.steering.decoding import eos_token_ids
+
+    stops = set(eos_token_ids(tokenizer, model.generation_config))
+    jobs = [(p, d) for p, d in zip(prompts, directions, strict=True) for _ in range(config.samples_per_prompt)]
+    out = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        encoded = [chat_ids(tokenizer, p, system=direction_text(d)) for p, d in chunk]
+        ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=config.temperature, top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        for prompt_ids, row in zip(encoded, gen[:, ids.shape[1] :].tolist(), strict=True):
+            end = next((i + 1 for i, t in enumerate(row) if t in stops), None)
+            response = row[:end] if end is not None else row
+            out.append((prompt_ids, response, tokenizer.decode(response, skip_special_tokens=True).strip()))
+    return out
+
+
+def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: int = 0, progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
+    """Add and train ``steer_dpa`` on ``generator``; returns (peft model, per-iteration records)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    for name in config.objectives:
+        if name not in OBJECTIVES:
+            raise ValidationError("objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", name)
+    say = progress or (lambda _: None)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
+    model = generator.model
+    if isinstance(model, PeftModel):
+        model.add_adapter(ADAPTER_NAME, lora)
+    else:
+        model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
+    generator.model = model
+    model.set_adapter(ADAPTER_NAME)
+    model.eval()
+    tokenizer, pad = generator.tokenizer, generator.tokenizer.pad_token_id
+    angles = [360.0 * i / config.directions for i in range(config.directions)]
+    rng = random.Random(seed)
+    records = []
+    for iteration in range(config.iterations):
+        drawn = [rng.choice(angles) for _ in prompts]
+        directions = [unit_direction(config.objectives, a) for a in drawn]
+        answers = _generate(model, tokenizer, prompts, directions, config)
+        raw = {o: [OBJECTIVES[o].measure(text) for _, _, text in answers] for o in config.objectives}
+        stats = {o: (statistics.fmean(v), statistics.pstdev(v) or 1.0) for o, v in raw.items()}
+        kept = []
+        n = config.samples_per_prompt
+        for j, direction in enumerate(directions):
+            group = range(j * n, (j + 1) * n)
+            score = [sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives) for i in group]
+            kept.append(answers[j * n + max(range(n), key=lambda k: score[k])])
+        front = {}
+        for angle in angles:
+            idx = [j * n + k for j, a in enumerate(drawn) if a == angle for k in range(n)]
+            if idx:
+                front[f"{angle:g}"] = {o: statistics.fmean(raw[o][i] for i in idx) for o in config.objectives}
+        rows = [p + r for p, r, _ in kept]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        completion = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r, _ in kept])
+        for name, p in model.named_parameters():
+            p.requires_grad_(f".{ADAPTER_NAME}." in name and "lora_" in name)
+        params = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
+
+        def batch_loss(idx: list[int], ids: torch.Tensor = ids, attention: torch.Tensor = attention, completion: torch.Tensor = completion) -> torch.Tensor:
+            logits = model(input_ids=ids[idx], attention_mask=attention[idx]).logits  # (B, T, V)
+            tokens = completion[idx][:, 1:].sum().clamp(min=1)
+            return -sequence_logps(logits, ids[idx], completion[idx]).sum() / tokens
+
+        model.train()
+        loop = config.loop.model_copy(update={"seed": seed + iteration, "name": f"dpa sft {iteration + 1}"})
+        report = train_loop(params, len(kept), batch_loss, loop)
+        model.eval()
+        for p in params.values():
+            p.requires_grad_(False)
+        records.append({"iteration": iteration + 1, "answers": len(answers), "kept": len(kept), "front": front, "sft_loss": report.epoch_loss})
+        say(f"dpa iteration {iteration + 1}: front {front}")
+    return model, records
+
+
+def save_dpa(model: Any, folder: Path | str, config: DpaConfig, generator_id: str, records: list[dict[str, Any]], prompts: int) -> Path:
+    """A plain PEFT folder for ``steer_dpa`` plus ``dpa_config.json`` (objectives, iterations' fronts)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
+    inner = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
+    meta = {"objectives": config.objectives, "base_model": generator_id, "config": config.model_dump(), "prompts": prompts, "iterations": records, "data": "the generator's own answers on project-written prompts"}
+    (inner / DPA_CONFIG).write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    inner.replace(folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder
