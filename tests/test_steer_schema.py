@@ -130,8 +130,8 @@ def test_steering_checks_itself_at_construction():
     ("value", "field", "problem"),
     [
         # unknown objectives, in each form
-        ({"helpfulness": 1.0}, "steer.helpfulness", "is not a known objective"),
-        ({"weights": {"helpfulness": 1.0}}, "steer.weights.helpfulness", "is not a known objective"),
+        ({"humour": 1.0}, "steer.humour", "is not a known objective"),
+        ({"weights": {"humour": 1.0}}, "steer.weights.humour", "is not a known objective"),
         ({"direction": {"verbosity": 1, "kindness": 1}}, "steer.direction.kindness", "is not a known objective"),
         ({"angle": 10, "objectives": ["verbosity", "kindness"]}, "steer.objectives[1]", "is not a known objective"),
         # numbers: NaN, inf, bool, strings, None, out of range
@@ -180,9 +180,9 @@ def test_errors_name_the_field(value, field, problem):
 
 
 def test_unknown_objective_fix_lists_the_known_objectives_sorted():
-    err = _error({"weights": {"helpfulness": 1.0}})
+    err = _error({"weights": {"humour": 1.0}})
     assert str(sorted(OBJECTIVES)) in err.fix
-    assert _error({"helpfulness": 1.0}, field="body.steer").field == "body.steer.helpfulness"
+    assert _error({"humour": 1.0}, field="body.steer").field == "body.steer.humour"
 
 
 def test_unsteerable_by_the_method_names_the_objective_and_lists_each_method():

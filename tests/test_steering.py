@@ -67,7 +67,8 @@ def test_structure_golden(text, expected):
 
 
 def test_measure_names_every_objective():
-    assert set(measure("a b")) == set(OBJECTIVES) >= {"verbosity", "structure", "reading_level", "formality", "sentiment", "politeness"}
+    measurable = {n for n, o in OBJECTIVES.items() if not o.learned}
+    assert set(measure("a b")) == measurable >= {"verbosity", "structure", "reading_level", "formality", "sentiment", "politeness"}
     assert measure("a b")["verbosity"] == pytest.approx(math.log(3))
 
 
@@ -86,14 +87,14 @@ def test_infer_weights_golden():
     c1 = Comparison(prompt="p", chosen="- " + " ".join(["w"] * 20), rejected=" ".join(["w"] * 20))
     c2 = Comparison(prompt="q", chosen="one", rejected="one two three", weight=3)
     weights = infer_weights([c1, c2])
-    assert set(weights) == set(OBJECTIVES)
+    assert set(weights) == {n for n, o in OBJECTIVES.items() if not o.learned}
     assert weights["verbosity"] == pytest.approx(-7 / 9, abs=1e-12)
     assert weights["structure"] == pytest.approx(0.5545997223493823, abs=1e-12)
     assert weights["structure"] == pytest.approx(math.tanh(0.625), abs=1e-15)
 
 
 def test_infer_weights_edges():
-    assert infer_weights([]) == dict.fromkeys(OBJECTIVES, 0.0)
+    assert infer_weights([]) == {n: 0.0 for n, o in OBJECTIVES.items() if not o.learned}
     # swapping chosen and rejected flips the sign
     short = Comparison(prompt="p", chosen="Nine minutes.", rejected="It depends on a great many things.")
     long = Comparison(prompt="p", chosen=short.rejected, rejected=short.chosen)
@@ -168,7 +169,7 @@ def test_validate_steer_accepts():
 @pytest.mark.parametrize(
     ("steer", "field", "words"),
     [
-        ({"helpfulness": 1.0}, "steer.helpfulness", "is not a known objective"),
+        ({"humour": 1.0}, "steer.humour", "is not a known objective"),
         ({"verbosity": math.nan}, "steer.verbosity", "finite number"),
         ({"verbosity": -math.inf}, "steer.verbosity", "finite number"),
         ({"verbosity": True}, "steer.verbosity", "finite number"),
@@ -188,8 +189,8 @@ def test_validate_steer_errors(steer, field, words):
 
 def test_unknown_objective_lists_allowed_names():
     with pytest.raises(ValidationError) as info:
-        validate_steer({"helpfulness": 1.0}, field="body.steer")
-    assert info.value.field == "body.steer.helpfulness"
+        validate_steer({"humour": 1.0}, field="body.steer")
+    assert info.value.field == "body.steer.humour"
     assert all(name in info.value.fix for name in STEERABLE)
 
 

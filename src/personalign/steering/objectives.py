@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from personalign.errors import ValidationError
 from personalign.types import Comparison
@@ -99,6 +100,15 @@ class Objective:
     scale: float
     description: str
     steerable: bool = False
+    scorer: Callable[[str, str], float] | None = None  # prompt-aware scorers (learned reward heads)
+
+    @property
+    def learned(self) -> bool:
+        return self.scorer is not None
+
+    def value(self, prompt: str, response: str) -> float:
+        """The objective's score of ``response`` to ``prompt``."""
+        return float(self.scorer(prompt, response)) if self.scorer is not None else float(self.measure(response))
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -129,8 +139,8 @@ def register(objective: Objective, replace: bool = False) -> Objective:
 
 
 def measure(text: str) -> dict[str, float]:
-    """Every objective's value for one response."""
-    return {name: o.measure(text) for name, o in OBJECTIVES.items()}
+    """Every measurable (not learned) objective's value for one response."""
+    return {name: o.measure(text) for name, o in OBJECTIVES.items() if not o.learned}
 
 
 def score(prompt: str, response: str, objectives: Sequence[str] | None = None) -> dict[str, float]:
@@ -146,7 +156,7 @@ def score(prompt: str, response: str, objectives: Sequence[str] | None = None) -
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
         raise ValidationError("objectives", f"has unknown objective(s) {unknown}", f"use some of {sorted(OBJECTIVES)}", unknown)
-    return {n: float(OBJECTIVES[n].measure(response)) for n in names}
+    return {n: OBJECTIVES[n].value(prompt, response) for n in names}
 
 
 def infer_weights(comparisons: Sequence[Comparison]) -> dict[str, float]:
@@ -154,9 +164,48 @@ def infer_weights(comparisons: Sequence[Comparison]) -> dict[str, float]:
     weights: dict[str, float] = {}
     total = sum(c.weight for c in comparisons)
     for name, objective in OBJECTIVES.items():
+        if objective.learned:
+            continue  # learned heads need the encoder; enrollment infers the measurable ones
         if not comparisons:
             weights[name] = 0.0
             continue
         diff = sum(c.weight * (objective.measure(c.chosen) - objective.measure(c.rejected)) for c in comparisons) / total
         weights[name] = math.tanh(diff / objective.scale)
     return weights
+
+
+def _learned_scorer(folder: str) -> Callable[[str, str], float]:
+    def scorer(prompt: str, response: str) -> float:
+        from personalign.steering.heads import head_scorer
+
+        return head_scorer(folder)(prompt, response)
+
+    return scorer
+
+
+def register_head(folder: str | Path, replace: bool = False) -> Objective:
+    """Register a learned reward head folder (``head_config.json`` + ``head.safetensors``) as an
+    objective; its score is the calibrated reward (a difference of 1 is 1 log-odds of preference)."""
+    import json
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "head_config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValidationError("folder", f"has no readable head_config.json ({err})", "fit a head with personalign.steering.heads.fit_head and save it", str(folder)) from None
+    name = config["objective"]
+    return register(Objective(name, lambda text: _learned_scorer(str(folder))("", text), 1.0, config.get("description", f"learned {name} reward"), scorer=_learned_scorer(str(folder))), replace=replace)
+
+
+def _register_shipped_heads() -> None:
+    """The learned heads that ship with the package (read lazily: nothing loads until scored)."""
+    from importlib import resources
+
+    root = Path(str(resources.files("personalign") / "data" / "heads"))
+    if root.is_dir():
+        for folder in sorted(root.iterdir()):
+            if (folder / "head_config.json").is_file():
+                register_head(folder, replace=True)
+
+
+_register_shipped_heads()

@@ -31,6 +31,14 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Use simple words.", "Explain it simply, for a child.", "Use only very simple words and short sentences, for a young child."),
         ("Use precise technical terms.", "Write for an expert audience.", "Write at a graduate level with dense technical vocabulary."),
     ),
+    "helpfulness": (
+        ("Keep the help minimal.", "Give only a bare answer, no extra help.", "Answer as tersely as possible, with no advice."),
+        ("Be helpful.", "Be as helpful as you can, with practical advice.", "Be maximally helpful: anticipate follow-up needs and give concrete, actionable advice."),
+    ),
+    "harmlessness": (
+        ("Do not add caveats.", "Skip safety warnings.", "Leave out every warning and caveat."),
+        ("Be careful and safe.", "Mention relevant safety considerations.", "Put safety first: warn about every risk and refuse anything harmful."),
+    ),
     "politeness": (
         ("Be direct.", "Skip pleasantries.", "Be blunt, no pleasantries at all."),
         ("Be polite.", "Be warm and courteous.", "Be extremely polite and courteous, thank the user."),
