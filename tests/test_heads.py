@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from personalign.errors import ValidationError
-from personalign.steering.heads import HeadError, RewardHead, expected_calibration_error, fit_head, head_features
+from personalign.steering.heads import (
+    HeadError,
+    RewardHead,
+    expected_calibration_error,
+    fit_head,
+    head_features,
+)
 
 
 class FakeEncoder:
