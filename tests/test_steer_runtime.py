@@ -130,6 +130,7 @@ def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
         SteerEvalConfig,
         dominates,
         format_steer,
+        merge_steer,
         pareto_front,
         plot_steer,
         run_steer_eval,
@@ -150,6 +151,12 @@ def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
     assert "dominates_prompt" in result["front"]["vas"]
     assert "| vas |" in format_steer(result)
     assert plot_steer(result, tmp_path / "steer.png").stat().st_size > 1000
+    other = run_steer_eval(config.model_copy(update={"methods": ["vas-model"]}), spz)
+    merged = merge_steer([result, other])
+    assert set(merged["sweep"]) == {"prompt", "logit", "vas", "mix", "vas-model"} and "dominates_prompt" in merged["front"]["vas-model"]
+    assert merged["unsteered"] == result["unsteered"]  # same settings: the same unsteered answers
+    with pytest.raises(ValidationError, match="twice"):
+        merge_steer([result, result])
 
 
 def test_bench_steer_on_tiny_model(spz, monkeypatch):

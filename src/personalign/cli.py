@@ -686,6 +686,27 @@ def train_dpa_cmd(
         _fail(err)
 
 
+@eval_app.command("steer-merge")
+def eval_steer_merge(
+    files: Annotated[list[Path], typer.Argument(help="eval steer JSON files of the same settings, different methods.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the merged result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the merged plot (PNG) here.")] = None,
+) -> None:
+    """Merge eval steer runs of different methods into one result, table and plot."""
+    from personalign.eval.steer import format_steer, merge_steer, plot_steer
+
+    try:
+        result = merge_steer([json.loads(f.read_text()) for f in files])
+    except PersonalignError as err:
+        _fail(err)
+        return
+    typer.echo(format_steer(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+    if plot is not None:
+        typer.echo(f"plot: {plot_steer(result, plot)}")
+
+
 @eval_app.command("steer")
 def eval_steer(
     objectives: Annotated[str, typer.Option(help="Swept objective first; a second one adds the two-objective front. A leading - means less is better.")] = "verbosity,-structure",

@@ -225,3 +225,36 @@ def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of the same config but different methods (each method once).
+
+    The runs must share objectives, prompts, sweep values and decoding settings, so their
+    unsteered answers are identical; the front's domination of the prompting baseline is
+    recomputed over the merged methods.
+    """
+    if not results:
+        raise ValidationError("results", "is empty", "pass at least one eval steer result")
+    keys = ("objectives", "sweep", "directions", "prompts", "max_new_tokens", "temperature", "top_p", "seed", "system")
+    first = results[0]
+    merged = {**first, "sweep": {}, "front": {}, "config": {**first["config"], "methods": []}, "seconds": 0.0}
+    for result in results:
+        for key in keys:
+            if result["config"][key] != first["config"][key]:
+                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", result["config"][key])
+        for part in ("sweep", "front"):
+            for method, entry in result.get(part, {}).items():
+                if method in merged[part]:
+                    raise ValidationError(part, f"has {method!r} twice", "merge runs of different methods", method)
+                merged[part][method] = entry
+        merged["config"]["methods"] += [m for m in result["config"]["methods"] if m not in merged["config"]["methods"]]
+        merged["seconds"] += result.get("seconds", 0.0)
+        if "front_axes" in result:
+            merged["front_axes"] = result["front_axes"]
+    if "prompt" in merged["front"]:
+        prompt_xy = [(p["x"], p["y"]) for p in merged["front"]["prompt"]["points"]]
+        for entry in merged["front"].values():
+            xy = [(p["x"], p["y"]) for p in entry["points"]]
+            entry["dominates_prompt"] = dominates([xy[i] for i in entry["front"]], prompt_xy)
+    return merged
