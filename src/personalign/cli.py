@@ -501,6 +501,7 @@ def eval_enroll(
     features: Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style, hidden (the generator's).")] = "response,prompt_x_response,log_length",
     active: Annotated[bool, typer.Option("--active", help="Add active vs random questioning curves (synthetic sources).")] = False,
     adapter_users: Annotated[int, typer.Option(min=1, help="Test users for the slow lora/bank methods.")] = 20,
+    bank_pairs: Annotated[int, typer.Option(min=1, help="Comparisons each basis LoRA of the bank is trained on.")] = 32,
     item_effects: Annotated[bool, typer.Option("--item-effects", help="bt and pal also learn an offset per item seen in fitting (sources where users judge the same items).")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the accuracy-vs-shots plot (PNG) here.")] = None,
@@ -523,6 +524,7 @@ def eval_enroll(
             features=tuple(_split_list(features, "--features")),
             active=active,
             adapter_users=adapter_users,
+            bank_pairs=bank_pairs,
             item_effects=item_effects,
         )
         enc = load_encoder(encoder, device=device)
