@@ -47,9 +47,9 @@ def main() -> None:
     from personalign.steering.methods import steerable_by_method
     from personalign.steering.objectives import score
 
-    methods = [m for m, objectives in steerable_by_method().items() if "verbosity" in objectives]
-    print("methods that steer verbosity here:", methods)
     with Personalizer.load(model=args.model, device="cpu", store=Path(tempfile.mkdtemp(prefix="personalign-store-"))) as pz:
+        methods = [m for m, objectives in steerable_by_method(pz.generator.model_id).items() if "verbosity" in objectives]
+        print("methods that steer verbosity here:", methods)
         for method in methods:
             print(f"== {method}")
             for weight in (-1.0, -0.5, 0.0, 0.5, 1.0):

@@ -64,3 +64,17 @@ def test_enrollment_example_runs(tiny_model_dir, tmp_path):
     out = done.stdout
     for marker in ("embedder: pal", "== cold start", "stored state: method=pal n_comparisons=3", "p(kim prefers the short basil answer)", "== the next question for kim", "short-answer preference learned: yes"):
         assert marker in out, f"{marker!r} missing from:\n{out}"
+
+
+def test_steering_example_runs(tiny_model_dir, tmp_path):
+    example = EXAMPLES / "steering.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--model", str(tiny_model_dir), "--train", "--max-new-tokens", "6"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "trained a VAS verbosity head on 12 samples" in out
+    assert "methods that steer verbosity here: ['logit', 'prompt', 'vas']" in out
+    for marker in ("== vas", "== logit", "== prompt", "verbosity -1.0:", "verbosity +1.0:", "done in"):
+        assert marker in out, f"{marker!r} missing from:\n{out}"
