@@ -41,7 +41,7 @@ Progress = Callable[[str], None]
 class SteerEvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    objectives: list[str] = Field(default_factory=lambda: ["-verbosity", "structure"])
+    objectives: list[str] = Field(default_factory=lambda: ["verbosity", "-structure"])
     methods: list[str] = Field(default_factory=lambda: ["prompt", "logit", "vas", "vas-model", "mix"])
     sweep: int = Field(default=7, ge=3, le=41)
     directions: int = Field(default=5, ge=2, le=41)
