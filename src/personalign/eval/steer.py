@@ -174,19 +174,20 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
 def format_steer(result: dict[str, Any]) -> str:
     first = result["config"]["objectives"][0].lstrip("-+")
     lines = [f"sweep of {first}: Spearman(requested, measured) over the sweep means and over all answers; largest drift of the other objectives", ""]
-    lines.append("| method | " + " | ".join(f"{v:+.2f}" for v in next(iter(result["sweep"].values()))["values"]) + " | rho (means) | rho (answers) | drift structure | drift reading_level |")
+    lines.append("| method | " + " | ".join(f"{v:+.2f}" for v in next(iter(result["sweep"].values()))["values"]) + " | rho (means) | rho (answers) | max drift reading_level | max drift structure |")
     lines.append("|---" * (len(next(iter(result["sweep"].values()))["values"]) + 5) + "|")
     for method, s in result["sweep"].items():
         drift = s["max_relative_drift"]
         lines.append(
-            f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {drift.get('structure', float('nan')):.0%} | {drift.get('reading_level', float('nan')):.0%} |"
+            f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {drift.get('reading_level', float('nan')):.0%} | {drift.get('structure', float('nan')):.0%} |"
         )
     if result.get("front"):
         ax = result["front_axes"]
         lines += ["", f"front over ({ax[0]}, {ax[1]}) (signed: more is better on both axes)", "", "| method | points (x, y) | dominates prompt |", "|---|---|---|"]
         for method, f in result["front"].items():
             pts = ", ".join(f"({p['x']:.2f}, {p['y']:.2f})" for p in f["points"])
-            lines.append(f"| {method} | {pts} | {f.get('dominates_prompt', '')} |")
+            verdict = "(the baseline)" if method == "prompt" else f.get("dominates_prompt", "")
+            lines.append(f"| {method} | {pts} | {verdict} |")
     return "\n".join(lines)
 
 
