@@ -169,3 +169,10 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
         assert cases["plain generate"]["ratio_to_plain"] == 1.0
         assert all(c["tokens_per_second"] > 0 for c in cases.values())
     assert "VAS, trunk head" in bench.format_steer_bench(result)
+
+
+@pytest.mark.parametrize("method", ["mix", "vas", "vas-model", "logit"])
+def test_min_new_tokens_holds_under_steering(spz, method):
+    """min_new_tokens bans end-of-turn (-inf); steering must keep it banned (mixing once made it nan)."""
+    reply = _reply(spz, {"weights": {"verbosity": -3.0}, "method": method}, min_new_tokens=8)
+    assert reply.completion_tokens == 8

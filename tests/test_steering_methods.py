@@ -70,6 +70,10 @@ def test_mix_logprobs_golden():
     assert_close(mix_logprobs(base, obj, torch.tensor([[1.0]])), torch.log(torch.tensor([[0.75, 0.25]])))
     half = 0.5 * math.log(0.1875)
     assert_close(mix_logprobs(base, obj, torch.tensor([[0.5]])), torch.tensor([[half, half]]))
+    # a banned token (-inf, e.g. EOS under min_new_tokens) stays banned, never nan
+    inf = float("-inf")
+    banned = mix_logprobs(torch.tensor([[0.0, inf, 1.0]]), torch.tensor([[[1.0, inf, 0.0]]]), torch.tensor([[2.0]]))
+    assert torch.isneginf(banned[0, 1]) and not banned.isnan().any()
 
 
 def test_modpo_loss_golden_and_dpo_parity():

@@ -86,11 +86,15 @@ def mix_logprobs(base_logits: torch.Tensor, objective_logits: torch.Tensor, weig
         weights: ``(batch, n)`` mixing weights (any real numbers; 0 leaves the base unchanged).
     Returns:
         ``(batch, vocab)`` unnormalised mixed log-probabilities; with all weights 0 this is
-        ``log_softmax(base_logits)`` exactly.
+        ``log_softmax(base_logits)`` exactly. Tokens that are ``-inf`` in any input stay ``-inf``.
     """
     base = F.log_softmax(base_logits.float(), dim=-1)  # (B, V)
     objectives = F.log_softmax(objective_logits.float(), dim=-1)  # (B, n, V)
-    return base + (weights.float().unsqueeze(-1) * (objectives - base.unsqueeze(1))).sum(dim=1)
+    # A token some processor banned (-inf, e.g. end-of-turn under min_new_tokens) stays banned
+    # instead of becoming -inf - -inf = nan.
+    banned = torch.isneginf(base) | torch.isneginf(objectives).any(dim=1)  # (B, V)
+    mixed = base + (weights.float().unsqueeze(-1) * (objectives - base.unsqueeze(1)).nan_to_num(0.0)).sum(dim=1)
+    return mixed.masked_fill(banned, -float("inf"))
 
 
 def modpo_loss(
