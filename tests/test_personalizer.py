@@ -374,7 +374,7 @@ def test_stream_validates_before_returning(pz):
 @pytest.mark.parametrize(
     ("steer", "field", "words"),
     [
-        ({"helpfulness": 1.0}, "steer.helpfulness", "verbosity"),
+        ({"humour": 1.0}, "steer.humour", "verbosity"),
         ({"verbosity": math.nan}, "steer.verbosity", "weight"),
         ({"verbosity": 100.0}, "steer.verbosity", "smaller"),
         ({"verbosity": "more"}, "steer.verbosity", "weight"),
