@@ -97,6 +97,16 @@ def dominates(front: Sequence[tuple[float, float]], points: Sequence[tuple[float
     return all(any(f[0] >= p[0] and f[1] >= p[1] for f in front) for p in points)
 
 
+def _mark_domination(fronts: dict[str, Any]) -> None:
+    """Set each method's ``dominates_prompt``: its Pareto front weakly dominates every prompting point."""
+    if "prompt" not in fronts:
+        return
+    prompt_xy = [(p["x"], p["y"]) for p in fronts["prompt"]["points"]]
+    for entry in fronts.values():
+        xy = [(p["x"], p["y"]) for p in entry["points"]]
+        entry["dominates_prompt"] = dominates([xy[i] for i in entry["front"]], prompt_xy)
+
+
 def _generate(pz: Any, prompts: Sequence[str], steer: dict[str, Any], config: SteerEvalConfig) -> list[str]:
     requests = [
         {"user": None, "messages": ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed, "memory": False, "shots": False}
@@ -161,11 +171,7 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
                 say(f"front {method} angle {t:.0f}: {pts[-1]['x']:.3f}, {pts[-1]['y']:.3f}")
             xy = [(p["x"], p["y"]) for p in pts]
             result["front"][method] = {"points": pts, "front": pareto_front(xy)}
-        if "prompt" in result["front"]:
-            prompt_xy = [(p["x"], p["y"]) for p in result["front"]["prompt"]["points"]]
-            for entry in result["front"].values():
-                xy = [(p["x"], p["y"]) for p in entry["points"]]
-                entry["dominates_prompt"] = dominates([xy[i] for i in entry["front"]], prompt_xy)
+        _mark_domination(result["front"])
         result["front_axes"] = [config.objectives[0], config.objectives[1]]
     result["seconds"] = time.perf_counter() - started
     return result
@@ -253,9 +259,5 @@ def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         merged["seconds"] += result.get("seconds", 0.0)
         if "front_axes" in result:
             merged["front_axes"] = result["front_axes"]
-    if "prompt" in merged["front"]:
-        prompt_xy = [(p["x"], p["y"]) for p in merged["front"]["prompt"]["points"]]
-        for entry in merged["front"].values():
-            xy = [(p["x"], p["y"]) for p in entry["points"]]
-            entry["dominates_prompt"] = dominates([xy[i] for i in entry["front"]], prompt_xy)
+    _mark_domination(merged["front"])
     return merged

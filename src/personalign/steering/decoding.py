@@ -15,8 +15,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from personalign.errors import ValidationError
+from personalign.steering.methods import LOGIT_STEERABLE
 
-STEERABLE = ("verbosity",)
+STEERABLE = LOGIT_STEERABLE  # what the end-of-turn shift steers (one list, in methods.py)
 MAX_WEIGHT = 10.0
 DEFAULT_VERBOSITY_STRENGTH = 4.0
 

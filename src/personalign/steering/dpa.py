@@ -12,10 +12,8 @@ for Diverse User Preferences: Directional Preference Alignment".
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import shutil
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import ValidationError
 from personalign.functional.dpo import sequence_logps
+from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, train_loop
 from personalign.steering.objectives import OBJECTIVES
 from personalign.steering.samples import chat_ids, left_pad
@@ -90,21 +89,12 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Se
 
 def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: int = 0, progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
     """Add and train ``steer_dpa`` on ``generator``; returns (peft model, per-iteration records)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     for name in config.objectives:
         if name not in OBJECTIVES:
             raise ValidationError("objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", name)
     say = progress or (lambda _: None)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(seed)
-    model = generator.model
-    if isinstance(model, PeftModel):
-        model.add_adapter(ADAPTER_NAME, lora)
-    else:
-        model = get_peft_model(model, lora, adapter_name=ADAPTER_NAME)
-    generator.model = model
-    model.set_adapter(ADAPTER_NAME)
+    model = add_lora(generator, ADAPTER_NAME, config.rank, config.alpha, config.target_modules)
     model.eval()
     tokenizer, pad = generator.tokenizer, generator.tokenizer.pad_token_id
     angles = [360.0 * i / config.directions for i in range(config.directions)]
@@ -154,14 +144,5 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
 
 def save_dpa(model: Any, folder: Path | str, config: DpaConfig, generator_id: str, records: list[dict[str, Any]], prompts: int) -> Path:
     """A plain PEFT folder for ``steer_dpa`` plus ``dpa_config.json`` (objectives, iterations' fronts)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), selected_adapters=[ADAPTER_NAME])
-    inner = tmp / ADAPTER_NAME if (tmp / ADAPTER_NAME).is_dir() else tmp
     meta = {"objectives": config.objectives, "base_model": generator_id, "config": config.model_dump(), "prompts": prompts, "iterations": records, "data": "the generator's own answers on project-written prompts"}
-    (inner / DPA_CONFIG).write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    inner.replace(folder)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return save_adapter(model, ADAPTER_NAME, folder, DPA_CONFIG, meta)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -44,24 +45,44 @@ def _base_model(folder: Path, kind: str) -> str | None:
         return None
 
 
-def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
-    """Objectives with a trained artefact (one sub-folder per objective), for ``model_id`` if given."""
-    folder = steering_dir() / kind
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+@lru_cache(maxsize=64)
+def _scan(folder: Path, kind: str, model_id: str | None, mtime: float) -> tuple[str, ...]:
+    """The artefact scan behind :func:`_installed`; ``mtime`` keys the cache (an install or
+    removal changes the folder's modification time)."""
     if not folder.is_dir():
         return ()
     found = [p for p in folder.iterdir() if p.is_dir() and (p / ARTEFACT_CONFIG[kind]).is_file()]
     return tuple(sorted(p.name for p in found if model_id is None or _base_model(p, kind) == model_id))
 
 
-def _dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
-    """The objectives the installed DPA adapter was trained on (one adapter for all of them)."""
+def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
+    """Objectives with a trained artefact (one sub-folder per objective), for ``model_id`` if given."""
+    folder = steering_dir() / kind
+    return _scan(folder, kind, model_id, _mtime(folder))
+
+
+@lru_cache(maxsize=16)
+def _dpa_scan(config: Path, model_id: str | None, mtime: float) -> tuple[str, ...]:
     try:
-        meta = json.loads((steering_dir() / DPA_DIR / "dpa_config.json").read_text())
+        meta = json.loads(config.read_text())
     except (OSError, ValueError):
         return ()
     if model_id is not None and meta.get("base_model") != model_id:
         return ()
     return tuple(meta.get("objectives", ()))
+
+
+def _dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
+    """The objectives the installed DPA adapter was trained on (one adapter for all of them)."""
+    config = steering_dir() / DPA_DIR / "dpa_config.json"
+    return _dpa_scan(config, model_id, _mtime(config))
 
 
 def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...]]:

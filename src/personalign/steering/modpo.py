@@ -12,7 +12,6 @@ with the adapter disabled, computed once). Save: a plain PEFT LoRA folder plus
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalign.errors import ValidationError
 from personalign.functional.dpo import sequence_logps
 from personalign.functional.steering import modpo_loss
+from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, LoopReport, train_loop
 from personalign.steering.objectives import OBJECTIVES
 from personalign.steering.samples import Sample
@@ -90,8 +90,6 @@ def _logps(model: Any, samples: Sequence[Sample], pairs: Sequence[Pair], pad: in
 
 def train_modpo(generator: Any, samples: Sequence[Sample], config: ModpoConfig, adapter_name: str | None = None) -> tuple[Any, str, LoopReport, int]:
     """Add and train adapter ``steer_<objective>`` on ``generator``; returns (peft model, name, report, pairs)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     for name in [config.objective, *config.margin_objectives]:
         if name not in OBJECTIVES:
             raise ValidationError("objective", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", name)
@@ -101,14 +99,8 @@ def train_modpo(generator: Any, samples: Sequence[Sample], config: ModpoConfig, 
     if not pairs:
         raise ValidationError("samples", f"give no pair with a {config.objective} gap of {config.min_gap} scales", "sample more answers per prompt or lower min_gap", len(samples))
     name = adapter_name or f"steer_{config.objective}"
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
     torch.manual_seed(config.loop.seed)
-    model = generator.model
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, lora)
-    else:
-        model = get_peft_model(model, lora, adapter_name=name)
-    model.set_adapter(name)
+    model = add_lora(generator, name, config.rank, config.alpha, config.target_modules)
     pad = generator.tokenizer.pad_token_id
     margins = {m: [OBJECTIVES[m].measure(s.text) for s in samples] for m in config.margin_objectives}
     stats = {m: (sum(v) / len(v), (sum((x - sum(v) / len(v)) ** 2 for x in v) / len(v)) ** 0.5 or 1.0) for m, v in margins.items()}
@@ -134,25 +126,10 @@ def train_modpo(generator: Any, samples: Sequence[Sample], config: ModpoConfig, 
     model.eval()
     for p in params.values():
         p.requires_grad_(False)
-    generator.model = model
     return model, name, report, len(pairs)
 
 
 def save_objective_adapter(model: Any, name: str, folder: Path | str, config: ModpoConfig, generator_id: str, report: LoopReport, pairs: int) -> Path:
     """Write the adapter as a plain PEFT folder (``adapter_config.json`` + weights) and ``mix_config.json``."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    model.save_pretrained(str(tmp), selected_adapters=[name])
-    inner = tmp / name if (tmp / name).is_dir() else tmp
     meta = {"objective": config.objective, "base_model": generator_id, "config": config.model_dump(), "pairs": pairs, "epoch_loss": report.epoch_loss, "data": "pairs of the frozen generator's samples on project-written prompts"}
-    (inner / MIX_CONFIG).write_text(json.dumps(meta, indent=1))
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    inner.replace(folder)
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    return folder
+    return save_adapter(model, name, folder, MIX_CONFIG, meta)

@@ -38,6 +38,8 @@ from personalign.steering.methods import (
 )
 from personalign.steering.prompting import instruction
 
+VALUE_KINDS = {"vas": VAS_DIR, "vas-model": VAS_MODEL_DIR}  # method -> artefact folder of its value models
+
 
 def dpa_direction(weights: Mapping[str, float], objectives: Sequence[str]) -> dict[str, float]:
     """The unit direction over the DPA adapter's objectives (missing ones 0)."""
@@ -105,28 +107,25 @@ class SteeringRuntime:
             self._values[key] = load_value_model(self.root() / kind / objective, self.generator)
         return self._values[key]
 
-    def mix_adapter(self, objective: str) -> str:
-        """The objective adapter's name in the adapter manager's PEFT model (loaded once)."""
-        name = f"steer_{objective}"
+    def _adapter(self, name: str, folder: Path, method: str) -> str:
+        """Adapter ``name`` from ``folder`` in the adapter manager's PEFT model (loaded once)."""
         manager = self.adapters
         if manager is None:
-            raise ValidationError("steer.method", "mix needs the adapter manager", "use a Personalizer, or another method")
+            raise ValidationError("steer.method", f"{method} needs the adapter manager", "use a Personalizer, or another method")
         if manager.peft is None or name not in manager.peft.peft_config:
             with torch.inference_mode(False), torch.no_grad():
-                manager._attach(name, self.root() / MIX_DIR / objective)
+                manager._attach(name, folder)
         return name
 
+    def mix_adapter(self, objective: str) -> str:
+        """The MODPO objective adapter's name (loaded once)."""
+        return self._adapter(f"steer_{objective}", self.root() / MIX_DIR / objective, "mix")
+
     def dpa_adapter(self) -> str:
-        """The DPA adapter's name in the adapter manager's PEFT model (loaded once)."""
+        """The DPA adapter's name (loaded once)."""
         from personalign.steering.dpa import ADAPTER_NAME
 
-        manager = self.adapters
-        if manager is None:
-            raise ValidationError("steer.method", "dpa needs the adapter manager", "use a Personalizer, or another method")
-        if manager.peft is None or ADAPTER_NAME not in manager.peft.peft_config:
-            with torch.inference_mode(False), torch.no_grad():
-                manager._attach(ADAPTER_NAME, self.root() / DPA_DIR)
-        return ADAPTER_NAME
+        return self._adapter(ADAPTER_NAME, self.root() / DPA_DIR, "dpa")
 
     def plan(
         self,
@@ -181,9 +180,12 @@ class SteeringRuntime:
         plan = Plan(input_ids, mask, all_names if uses_adapters else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
         if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods):
             return plan
-        value_keys = sorted({(VAS_DIR if m == "vas" else VAS_MODEL_DIR, k) for (w, _), m in zip(steers, methods, strict=True) if m in ("vas", "vas-model") for k, v in w.items() if v != 0.0})
+        value_keys = sorted({(VALUE_KINDS[m], k) for (w, _), m in zip(steers, methods, strict=True) if m in VALUE_KINDS for k, v in w.items() if v != 0.0})
         value_models = [self.value_model(kind, k) for kind, k in value_keys]
-        betas = [[float(w.get(k, 0.0)) * model.config.default_beta if m in ("vas", "vas-model") and (VAS_DIR if m == "vas" else VAS_MODEL_DIR) == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)] for (w, _), m in zip(steers, methods, strict=True)]
+        betas = [
+            [float(w.get(k, 0.0)) * model.config.default_beta if VALUE_KINDS.get(m) == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)]
+            for (w, _), m in zip(steers, methods, strict=True)
+        ]
         eos = [-DEFAULT_VERBOSITY_STRENGTH * float(w.get("verbosity", 0.0)) if m == "logit" else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
         if any(kind == VAS_DIR for kind, _ in value_keys):
             plan.capture = HiddenCapture(self.generator.model)
