@@ -688,6 +688,95 @@ def train_dpa_cmd(
         _fail(err)
 
 
+@train_app.command("fspo")
+def train_fspo_cmd(
+    out: Annotated[Path | None, typer.Option(help="Adapter folder (default: the installed data/fspo, which chat uses when present).")] = None,
+    data: Annotated[str, typer.Option(help="synthetic (the evaluation split's training users) or a .jsonl with a user column.")] = "synthetic",
+    shots: Annotated[int, typer.Option(min=1, max=16, help="N: shots per task.")] = 4,
+    sft_tasks: Annotated[int, typer.Option(min=1, help="Tasks in the SFT stage.")] = 128,
+    ipo_tasks: Annotated[int, typer.Option(min=0, help="Tasks in the IPO stage (0 skips it).")] = 48,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per stage.")] = 1,
+    beta: Annotated[float, typer.Option(help="IPO beta (target margin 1 / (2 beta)).")] = 0.01,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Resume from / checkpoint to this folder each epoch.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """FSPO meta-training: a LoRA that answers a user from N of their comparisons in the prompt (SFT, then IPO)."""
+    from personalign.eval.generate import generation_split
+    from personalign.models import load_generator
+    from personalign.persona.fspo import FspoTrainConfig, fspo_dir, save_fspo, train_fspo
+    from personalign.steering.loop import LoopConfig
+
+    try:
+        if data == "synthetic":
+            users = generation_split(seed=0, shots=shots).train
+            source = "synthetic population (project-made), training users and topics of eval generate's split"
+        else:
+            from personalign.types import read_preferences
+
+            users = {}
+            for index, (owner, comparison) in enumerate(read_preferences(Path(data))):
+                if owner is None:
+                    raise ValidationError(f"{Path(data).name}:{index + 1}.user", "has no user", "FSPO learns per-user tasks: add a user column")
+                users.setdefault(owner, []).append(comparison)
+            source = str(data)
+        ckpt = str(checkpoint_dir) if checkpoint_dir else None
+        config = FspoTrainConfig(
+            shots=shots,
+            sft_tasks=sft_tasks,
+            ipo_tasks=ipo_tasks,
+            beta=beta,
+            seed=seed,
+            sft=LoopConfig(epochs=epochs, learning_rate=5e-4, batch_size=2, name="fspo-sft", progress=True, checkpoint_dir=ckpt and ckpt + "/sft"),
+            ipo=LoopConfig(epochs=epochs, learning_rate=1e-4, batch_size=2, name="fspo-ipo", progress=True, checkpoint_dir=ckpt and ckpt + "/ipo"),
+        )
+        generator = load_generator(model, device=device)
+        started = time.perf_counter()
+        peft_model, report = train_fspo(generator, users, config)
+        folder = save_fspo(peft_model, out or fspo_dir(), generator.model_id, config, report, source)
+        ipo = report.ipo.epoch_loss if report.ipo else []
+        typer.echo(f"fspo: {report.tasks} tasks, SFT loss {report.sft.epoch_loss}, IPO loss {ipo}, {time.perf_counter() - started:.0f} s -> {folder}")
+    except PersonalignError as err:
+        _fail(err)
+
+
+@eval_app.command("generate")
+def eval_generate_cmd(
+    methods: Annotated[str, typer.Option(help="Comma list of memory, fspo-prompt, fspo-trained, fspo-shuffled, pplug, all.")] = "memory,fspo-prompt,fspo-trained,fspo-shuffled,pplug,all",
+    population: Annotated[str, typer.Option(help="Only 'synthetic' (users with hidden rewards that judge the answers).")] = "synthetic",
+    users: Annotated[int, typer.Option(min=1, help="Test users (unseen in training).")] = 16,
+    prompts_per_user: Annotated[int, typer.Option(min=1, help="Held-out-topic prompts per user.")] = 4,
+    shots: Annotated[int, typer.Option(min=1, max=16, help="Enrolment comparisons per user.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 128,
+    fspo: Annotated[Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")] = None,
+    pplug: Annotated[Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the win-rate plot (PNG) here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Win rates of personalised answers over the generic answer, judged by synthetic users' hidden rewards."""
+    from personalign.eval.generate import GenerateConfig, format_generate, run_generate, write_generate
+
+    if population != "synthetic":
+        _fail(ValidationError("--population", f"{population!r} has no judge here", "use synthetic; real data: personalign eval prefeval / eval rewrite"))
+    try:
+        config = GenerateConfig(methods=_split_list(methods, "--methods"), users=users, prompts_per_user=prompts_per_user, shots=shots, seed=seed, max_new_tokens=max_new_tokens)
+        with tempfile.TemporaryDirectory(prefix="personalign-eval-generate-") as store:
+            from personalign.models import load_encoder, load_generator
+            from personalign.personalizer import Personalizer
+
+            pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), store, fspo=fspo, **({"pplug": pplug} if pplug else {}))
+            with pz:
+                result = run_generate(pz, config, progress=lambda line: typer.echo(line, err=True))
+        write_generate(result, json_out, plot)
+        typer.echo(format_generate(result))
+    except PersonalignError as err:
+        _fail(err)
+
+
 @eval_app.command("steer-merge")
 def eval_steer_merge(
     files: Annotated[list[Path], typer.Argument(help="eval steer JSON files of the same settings, different methods.")],

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,11 +24,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalign.adapters.bank import LoraBank
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
-from personalign.adapters.store import BASE, AdapterManager
+from personalign.adapters.store import BASE, AdapterError, AdapterManager
 from personalign.errors import ValidationError
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
-from personalign.persona.fspo import Conditioning, Shot, fit_to_context, query_of, rank_shots
+from personalign.persona.fspo import ADAPTER_NAME as FSPO_ADAPTER
+from personalign.persona.fspo import (
+    FSPO_CONFIG,
+    Conditioning,
+    Shot,
+    fit_to_context,
+    fspo_adapter_meta,
+    fspo_dir,
+    query_of,
+    rank_shots,
+)
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids
 from personalign.steering.dpa import dpa_messages
@@ -91,6 +102,7 @@ class ConditioningParams(BaseModel):
     n_shots: int = Field(default=4, ge=0, le=64)
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
     adapter: bool = True
+    fspo: bool = Field(default=True, description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)")
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,7 @@ class _Prepared:
     input_ids: list[int]
     adapter_user: str | None = None
     steer_method: str = "auto"
+    fspo: bool = False  # the row runs the FSPO adapter
 
 
 @dataclass(frozen=True)
@@ -168,10 +181,16 @@ class Personalizer:
         memory_client: Any = None,
         max_resident: int = 8,
         embedder: Any = None,
+        fspo: str | Path | None = None,
     ) -> None:
         """``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
-        ``None`` for the shipped PAL (fitted on the project's synthetic population only)."""
+        ``None`` for the shipped PAL (fitted on the project's synthetic population only).
+
+        ``fspo``: the folder of an FSPO adapter (``personalign train fspo``) that requests with
+        shots run through; it must be trained for this generator (``AdapterError`` otherwise).
+        ``None`` looks in ``$PERSONALIGN_FSPO_DIR``, else the package's ``data/fspo``, and uses
+        an adapter there only when it was trained for this generator."""
         self.generator = generator
         self.encoder = encoder
         self.store = UserStore(store, encoder, memory_client)
@@ -181,6 +200,7 @@ class Personalizer:
         self.adapters = AdapterManager(generator, self.profiles.users_dir, max_resident=max_resident)
         self.preferences = Preferences(self.profiles, encoder, generator, embedder)
         self.steering = SteeringRuntime(generator, self.adapters)
+        self.fspo_folder = self._fspo_folder(fspo)
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -193,9 +213,27 @@ class Personalizer:
         store: str | Path = DEFAULT_STORE,
         memory_client: Any = None,
         embedder: Any = None,
+        fspo: str | Path | None = None,
     ) -> Personalizer:
         """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
-        return cls(load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device), store, memory_client, embedder=embedder)
+        return cls(load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device), store, memory_client, embedder=embedder, fspo=fspo)
+
+    def _fspo_folder(self, folder: str | Path | None) -> Path | None:
+        """The FSPO adapter folder to use, or ``None`` when there is none for this generator."""
+        if folder is None:
+            default = fspo_dir()
+            return default if fspo_adapter_meta(default, self.generator.model_id) is not None else None
+        folder = Path(folder)
+        if not (folder / FSPO_CONFIG).is_file():
+            raise AdapterError(f"fspo: {folder} has no {FSPO_CONFIG}. Fix: pass the --out folder of `personalign train fspo`")
+        if fspo_adapter_meta(folder, self.generator.model_id) is None:
+            trained = json.loads((folder / FSPO_CONFIG).read_text()).get("base_model")
+            raise AdapterError(
+                f"fspo: the adapter in {folder} was trained for base model {trained!r}, this generator is {self.generator.model_id!r}. "
+                f"Fix: train one for it with `personalign train fspo --model {self.generator.model_id}`"
+            )
+        self.adapters.validate_folder(folder, label="fspo adapter")
+        return folder
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -439,7 +477,8 @@ class Personalizer:
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
-        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method)
+        fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
+        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo)
 
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
@@ -456,6 +495,9 @@ class Personalizer:
     def _plan(self, batch: Sequence[_Prepared]) -> Plan:
         """Rows, adapter names and steering for one ``generate`` call (caller holds the generate lock)."""
         names = self.adapters.adapter_names([p.adapter_user for p in batch])
+        if any(p.fspo for p in batch):
+            fspo = self.steering._adapter(FSPO_ADAPTER, self.fspo_folder, "fspo")  # type: ignore[arg-type]  # loaded once
+            names = [fspo if p.fspo else (names[i] if names is not None else BASE) for i, p in enumerate(batch)]
         return self.steering.plan(
             [p.input_ids for p in batch],
             names,

@@ -314,6 +314,7 @@ _TOPICS = (
     "caring for a houseplant", "learning to swim", "editing a podcast", "choosing a laptop",
 )
 _PROMPTS = ("How do I get started with {t}?", "Any advice on {t}?", "What should I know about {t}?")
+PHRASINGS = len(_PROMPTS)  # synthetic prompts per topic
 _OPENERS = {
     "formal": "Certainly. Regarding {t}, the following approach is recommended.",
     "informal": "Hey, {t} is super fun stuff, yeah!",
