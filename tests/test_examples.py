@@ -78,3 +78,21 @@ def test_steering_example_runs(tiny_model_dir, tmp_path):
     assert "methods that steer verbosity here: ['logit', 'prompt', 'vas']" in out
     for marker in ("== vas", "== logit", "== prompt", "verbosity -1.0:", "verbosity +1.0:", "done in"):
         assert marker in out, f"{marker!r} missing from:\n{out}"
+
+
+def test_generation_example_runs(tmp_path):
+    from conftest import build_tiny_llama, build_tokenizer
+
+    tokenizer = build_tokenizer()  # a longer context than the shared tiny model: FSPO prompts hold whole answers
+    model_dir = tmp_path / "tiny-long"
+    build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions=2048).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    example = EXAMPLES / "generation.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--model", str(model_dir), "--shots", "1", "--tasks", "4", "--max-new-tokens", "6"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    for marker in ("== trained FSPO on", "== enrolled synth-", "--- generic (hidden reward", "--- shots only (hidden reward", "--- FSPO adapter (hidden reward", "done in"):
+        assert marker in out, f"{marker!r} missing from:\n{out}"

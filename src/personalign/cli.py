@@ -886,6 +886,36 @@ def bench_steer(
         json_out.write_text(json.dumps(result, indent=1))
 
 
+@bench_app.command("generate")
+def bench_generate(
+    max_new_tokens: Annotated[int, typer.Option(min=4)] = 48,
+    repeats: Annotated[int, typer.Option(min=1, help="Prompts (each runs every case once).")] = 3,
+    fspo: Annotated[Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")] = None,
+    pplug: Annotated[Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Tokens per second of chat with memory, FSPO shots, the FSPO adapter and the Persona-Plug token vs plain generate."""
+    from personalign.bench.generate import format_generate_bench, run_generate_bench
+    from personalign.models import load_encoder, load_generator
+    from personalign.personalizer import Personalizer
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-bench-"))
+    try:
+        pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), root, fspo=fspo, **({"pplug": pplug} if pplug else {}))
+        with pz:
+            result = run_generate_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_generate_bench(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 @bench_app.command("enroll")
 def bench_enroll(
     users: Annotated[int, typer.Option(min=2, help="Fresh synthetic users to enroll.")] = 20,
