@@ -146,3 +146,22 @@ def test_eval_generate_reports_win_rates(fspo_folder, tiny_model_dir, encoder, t
     for r in result["methods"].values():
         assert r["n"] == 2 and 0.0 <= r["win_rate"] <= 1.0 and r["ci"][0] <= r["win_rate"] <= r["ci"][1]
     assert set(result["generic"]["mean_attributes"]) >= {"length", "structure"}
+
+
+def test_user_description_is_cached_per_version_and_forgotten(pz):
+    from personalign.persona.fspo import DESCRIPTION_PREFIX, first_sentence, with_description
+
+    assert first_sentence("\n  Likes short answers. Also dogs.\nmore") == "Likes short answers."
+    assert with_description([{"role": "user", "content": "q"}], "Likes X.")[0] == {"role": "system", "content": DESCRIPTION_PREFIX + "Likes X."}
+    pz.enroll("ann", _users()["u0"][:2])
+    first = pz.describe("ann")
+    assert first == pz.describe("ann") and pz._descriptions["ann"][1] == first
+    msgs = [{"role": "user", "content": "Question 9 about eggs?"}]
+    result = pz.respond("ann", msgs, describe=True, max_new_tokens=6, memory=False)
+    assert result.description == first and pz.respond("ann", msgs, max_new_tokens=6, memory=False).description is None
+    pz.enroll("ann", _users()["u1"][:1])
+    assert pz._descriptions["ann"][0] != (pz.profile("ann").version, 3)  # stale until asked again
+    pz.describe("ann")
+    assert pz._descriptions["ann"][0] == (pz.profile("ann").version, 3)
+    pz.forget("ann")
+    assert "ann" not in pz._descriptions

@@ -33,11 +33,15 @@ from personalign.persona.fspo import (
     FSPO_CONFIG,
     Conditioning,
     Shot,
+    count_prompt_tokens,
+    describe_conversation,
+    first_sentence,
     fit_to_context,
     fspo_adapter_meta,
     fspo_dir,
     query_of,
     rank_shots,
+    with_description,
 )
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids
@@ -103,6 +107,7 @@ class ConditioningParams(BaseModel):
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
     adapter: bool = True
     fspo: bool = Field(default=True, description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)")
+    describe: bool = Field(default=False, description="FSPO user-description step: a one-line description of the user, written by the generator from their comparisons, goes into the system prompt")
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class _Prepared:
     adapter_user: str | None = None
     steer_method: str = "auto"
     fspo: bool = False  # the row runs the FSPO adapter
+    description: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,7 @@ class ChatResult:
     steer: dict[str, float]
     prompt_tokens: int
     completion_tokens: int
+    description: str | None = None  # the user description, when the request asked for it
 
 
 def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
@@ -201,6 +208,7 @@ class Personalizer:
         self.preferences = Preferences(self.profiles, encoder, generator, embedder)
         self.steering = SteeringRuntime(generator, self.adapters)
         self.fspo_folder = self._fspo_folder(fspo)
+        self._descriptions: dict[str, tuple[tuple[int, int], str]] = {}
         self._generate_lock = threading.Lock()
 
     @classmethod
@@ -368,6 +376,7 @@ class Personalizer:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         with self._generate_lock:
             self.adapters.unload(user)
+        self._descriptions.pop(user, None)
         return self.store.forget(user)
 
     # --- preferences: reward, predict, next question (see personalign/preferences.py) -----------
@@ -453,6 +462,28 @@ class Personalizer:
         tokenizer = self.generator.tokenizer
         return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
 
+    def describe(self, user: str, n_shots: int = 4, profile: UserProfile | None = None, max_new_tokens: int = 48) -> str:
+        """A one-line description of what ``user`` prefers, written by the generator from their
+        ``n_shots`` most recent comparisons (FSPO's user-description step; greedy).
+
+        Cached per user until their comparisons change.
+        """
+        profile = profile if profile is not None else self.profiles.get(user)
+        key = (profile.version, len(profile.comparisons))
+        cached = self._descriptions.get(user)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        shots = [Shot(c, 1.0) for c in profile.comparisons[-n_shots:]]
+        conversation = describe_conversation(shots)
+        tokens = count_prompt_tokens(self.generator.tokenizer, conversation)
+        while len(shots) > 1 and tokens + max_new_tokens > self.generator.context_length:
+            shots = shots[1:]
+            conversation = describe_conversation(shots)
+            tokens = count_prompt_tokens(self.generator.tokenizer, conversation)
+        text = first_sentence(self.respond(None, conversation, max_new_tokens=max_new_tokens, temperature=0.0).text)
+        self._descriptions[user] = (key, text)
+        return text
+
     def _prepare(self, user: str | None, messages: Any, steer: Mapping[str, Any] | Steering | None, options: Mapping[str, Any]) -> _Prepared:
         gen_fields = set(GenerationParams.model_fields)
         cond_fields = set(ConditioningParams.model_fields)
@@ -470,6 +501,10 @@ class Personalizer:
             applied = Steering({}) if profile is None else _default_steering(profile)
         method = self.steering.method(applied.method, applied.weights)
         conversation = cond.conversation
+        description = None
+        if conditioning.describe and profile is not None and profile.comparisons:
+            description = self.describe(user, conditioning.n_shots or 4, profile)  # type: ignore[arg-type]
+            conversation = with_description(conversation, description)
         if method == "prompt":
             conversation = steer_system(conversation, applied.weights)
         elif method == "dpa":
@@ -478,7 +513,7 @@ class Personalizer:
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
         fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
-        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo)
+        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo, description=description)
 
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
@@ -533,7 +568,7 @@ class Personalizer:
         new_tokens = new_tokens[:end]
         text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         cond = prepared.conditioning
-        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens))
+        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens), prepared.description)
 
     def _run(self, batch: Sequence[_Prepared], streams: Sequence[TokenStream | None] | None = None) -> list[ChatResult]:
         import torch

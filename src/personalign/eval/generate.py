@@ -69,12 +69,13 @@ def generation_split(
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "fspo-prompt", "fspo-trained", "fspo-shuffled", "pplug", "all")
+METHODS = ("generic", "memory", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all")
 # Chat options per method; every conditioner is named so "off" is explicit.
 _OFF = {"memory": False, "shots": False, "fspo": False}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "memory": {**_OFF, "memory": True},
     "fspo-prompt": {**_OFF, "shots": True},
+    "fspo-describe": {**_OFF, "shots": True, "describe": True},  # the user-description step, base model
     "fspo-trained": {**_OFF, "shots": True, "fspo": True},
     "fspo-shuffled": {**_OFF, "shots": True, "fspo": True},  # another user's shots: the control
     "pplug": {**_OFF, "pplug": True},

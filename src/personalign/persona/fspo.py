@@ -89,6 +89,42 @@ def build_conversation(messages: Sequence[ChatMessage], shots: Sequence[Shot], m
     return conversation
 
 
+DESCRIBE_LINE = (
+    "# Task\nGiven the examples above, describe in one sentence what kind of answers this user prefers "
+    "(length, tone, level of detail, formality). Answer with the sentence only."
+)
+DESCRIPTION_PREFIX = "What this user prefers: "
+
+
+def describe_conversation(shots: Sequence[Shot]) -> list[dict[str, str]]:
+    """The FSPO user-description step (RAT): the shots, then a request for a one-line description."""
+    blocks = [
+        SHOT_TEMPLATE.format(question=s.comparison.prompt_text, chosen=s.comparison.chosen, rejected=s.comparison.rejected)
+        for s in shots
+    ]
+    return [{"role": "user", "content": "\n".join(blocks) + "\n" + DESCRIBE_LINE}]
+
+
+def first_sentence(text: str, limit: int = 300) -> str:
+    """The description as used: the first non-empty line, cut after its first sentence."""
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    for end in (". ", "! ", "? "):
+        if end in line:
+            line = line.split(end, 1)[0] + end.strip()
+            break
+    return line[:limit]
+
+
+def with_description(conversation: list[dict[str, str]], description: str) -> list[dict[str, str]]:
+    """``conversation`` with the user description added to (or as) the system message."""
+    if not description:
+        return conversation
+    text = DESCRIPTION_PREFIX + description
+    if conversation and conversation[0]["role"] == "system":
+        return [{**conversation[0], "content": f"{conversation[0]['content']}\n\n{text}".strip()}, *conversation[1:]]
+    return [{"role": "system", "content": text}, *conversation]
+
+
 def count_prompt_tokens(tokenizer: Any, conversation: list[dict[str, str]]) -> int:
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "keys"):
