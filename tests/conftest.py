@@ -110,3 +110,28 @@ def smollm():
     from personalign.models import load_generator
 
     return load_generator(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def fspo_folder(tiny_model_dir, tmp_path_factory):
+    """An FSPO adapter for the tiny model, trained for a few steps on toy users (SFT only)."""
+    from personalign.models import load_generator
+    from personalign.persona.fspo import FspoTrainConfig, save_fspo, train_fspo
+    from personalign.steering.loop import LoopConfig
+    from personalign.types import Comparison
+
+    users = {f"u{u}": [Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(6)] for u in range(3)}
+    generator = load_generator(str(tiny_model_dir), device="cpu")  # training wraps the model: never the shared fixture
+    config = FspoTrainConfig(shots=2, sft_tasks=4, ipo_tasks=0, max_length=400, sft=LoopConfig(epochs=2, learning_rate=1e-2, batch_size=2))
+    model, report = train_fspo(generator, users, config)
+    return save_fspo(model, tmp_path_factory.mktemp("fspo") / "adapter", generator.model_id, config, report, "test users")
+
+
+@pytest.fixture(scope="session")
+def pplug_folder(tiny_model_dir, encoder, tmp_path_factory):
+    """A seeded, untrained Persona-Plug projector for the tiny model and the embedded encoder."""
+    from personalign.models import load_generator
+    from personalign.persona.pplug import build_plug, save_plug
+
+    generator = load_generator(str(tiny_model_dir), device="cpu")
+    return save_plug(build_plug(generator, encoder, seed=0), tmp_path_factory.mktemp("pplug") / "projector")

@@ -90,14 +90,6 @@ def test_empty_training_data_is_a_typed_error(tiny_model_dir):
         train_fspo(_fresh(tiny_model_dir), {"u0": _users()["u0"][:1]}, _config())
 
 
-@pytest.fixture(scope="module")
-def fspo_folder(tiny_model_dir, tmp_path_factory):
-    generator = _fresh(tiny_model_dir)
-    config = _config(epochs=2, ipo_tasks=0)
-    model, report = train_fspo(generator, _users(), config)
-    return save_fspo(model, tmp_path_factory.mktemp("fspo") / "adapter", generator.model_id, config, report, "test users")
-
-
 def test_chat_uses_the_fspo_adapter_only_with_shots(fspo_folder, tiny_model_dir, encoder, tmp_path):
     meta = json.loads((fspo_folder / FSPO_CONFIG).read_text())
     assert meta["recipe"] == "fspo" and meta["sft_epoch_loss"]

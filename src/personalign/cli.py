@@ -741,6 +741,65 @@ def train_fspo_cmd(
         _fail(err)
 
 
+@train_app.command("pplug")
+def train_pplug_cmd(
+    out: Annotated[Path | None, typer.Option(help="Projector folder (default: the installed data/pplug, which chat uses when present).")] = None,
+    data: Annotated[str, typer.Option(help="synthetic (the evaluation split's training users) or a .jsonl with a user column.")] = "synthetic",
+    items: Annotated[int, typer.Option(min=1, help="History items per task: the preferred responses of this many of the user's comparisons.")] = 4,
+    per_user: Annotated[int, typer.Option(min=1, help="Tasks per user (each a different target comparison).")] = 2,
+    max_tasks: Annotated[int, typer.Option(min=2, help="Tasks at most (seeded subsample).")] = 320,
+    epochs: Annotated[int, typer.Option(min=1)] = 2,
+    learning_rate: Annotated[float, typer.Option()] = 1e-3,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Resume from / checkpoint to this folder each epoch.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Persona-Plug: a projector from a user's history to one soft token for the frozen generator."""
+    import random
+
+    from personalign.eval.generate import generation_split
+    from personalign.models import load_encoder, load_generator
+    from personalign.persona.pplug import pplug_dir, save_plug
+    from personalign.persona.pplug_train import PlugTask, PlugTrainConfig, train_plug
+
+    try:
+        if data == "synthetic":
+            users = generation_split(seed=0, shots=items).train
+            source = "synthetic population (project-made), training users and topics of eval generate's split"
+        else:
+            from personalign.types import read_preferences
+
+            users = {}
+            for index, (owner, comparison) in enumerate(read_preferences(Path(data))):
+                if owner is None:
+                    raise ValidationError(f"{Path(data).name}:{index + 1}.user", "has no user", "Persona-Plug learns from users' histories: add a user column")
+                users.setdefault(owner, []).append(comparison)
+            source = str(data)
+        rng = random.Random(seed)
+        tasks = []
+        for owner in sorted(users):
+            comparisons = users[owner]
+            if len(comparisons) <= items:
+                continue
+            history = tuple(c.chosen for c in comparisons[:items])
+            for target in rng.sample(comparisons[items:], min(per_user, len(comparisons) - items)):
+                tasks.append(PlugTask(history, target.prompt_text, target.chosen))
+        rng.shuffle(tasks)
+        tasks = tasks[:max_tasks]
+        if len(tasks) < 2:
+            raise ValidationError("--data", f"gives {len(tasks)} tasks", f"give users more than --items {items} comparisons each")
+        generator, enc = load_generator(model, device=device), load_encoder(encoder, device=device)
+        config = PlugTrainConfig(epochs=epochs, learning_rate=learning_rate, seed=seed, progress=True, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None)
+        plug, report = train_plug(generator, enc, tasks, config)
+        folder = save_plug(plug, out or pplug_dir(), {"data": source, "tasks": len(tasks), "report": report.to_dict()})
+        held = f"held-out NLL {report.val_nll_base:.3f} (no token) -> {report.val_nll[-1]:.3f}, " if report.gain is not None else ""
+        typer.echo(f"pplug: {len(tasks)} tasks, {held}{report.seconds:.0f} s -> {folder}")
+    except PersonalignError as err:
+        _fail(err)
+
+
 @eval_app.command("generate")
 def eval_generate_cmd(
     methods: Annotated[str, typer.Option(help="Comma list of memory, fspo-prompt, fspo-trained, fspo-shuffled, pplug, all.")] = "memory,fspo-prompt,fspo-trained,fspo-shuffled,pplug,all",
@@ -775,6 +834,115 @@ def eval_generate_cmd(
         typer.echo(format_generate(result))
     except PersonalignError as err:
         _fail(err)
+
+
+@eval_app.command("prefeval")
+def eval_prefeval(
+    split: Annotated[str, typer.Option(help="test (the 4 travel_* topics), dev (the 16 others) or both.")] = "both",
+    conditions: Annotated[str, typer.Option(help="Comma list of none, no-memory, memory, oracle.")] = "none,no-memory,memory,oracle",
+    filler_turns: Annotated[int, typer.Option(min=0, help="Filler (user, assistant) exchanges between the preference and the question.")] = 3,
+    test_items: Annotated[int, typer.Option(min=0, help="Items per test topic, seeded sample (0: all).")] = 10,
+    dev_items: Annotated[int, typer.Option(min=0, help="Items per dev topic, seeded sample (0: all).")] = 2,
+    n_memories: Annotated[int, typer.Option(min=1, max=100, help="Memories retrieved in the memory condition.")] = 5,
+    memory_threshold: Annotated[float, typer.Option(min=-1.0, max=1.0, help="Least cosine similarity of a retrieved memory.")] = 0.2,
+    memory_unit: Annotated[str, typer.Option(help="user (one memory per user turn) or exchange (per user+assistant exchange).")] = "user",
+    topics: Annotated[str | None, typer.Option(help="Only these topics, comma-separated.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the accuracy plot (PNG) here.")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding prefeval/ (default: $PERSONALIGN_DATA, else ../shared/data).")] = None,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """PrefEval MCQ accuracy when the preference is in a long context, in memory, absent, or right before the question."""
+    from personalign.eval.prefeval import PrefEvalConfig, format_prefeval, plot_prefeval, run_prefeval
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-eval-prefeval-"))
+    try:
+        config = PrefEvalConfig(
+            split=split,
+            conditions=_split_list(conditions, "--conditions"),
+            filler_turns=filler_turns,
+            test_items=test_items or None,
+            dev_items=dev_items or None,
+            n_memories=n_memories,
+            memory_threshold=memory_threshold,
+            memory_unit=memory_unit,
+            topics=_split_list(topics, "--topics") if topics else None,
+            seed=seed,
+            data_root=str(data_root) if data_root else None,
+        )
+        with _open(root, model, encoder, device) as pz:
+            result = run_prefeval(config, pz, progress=lambda line: typer.echo(line, err=True))
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_prefeval(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        typer.echo(f"json -> {json_out}")
+    if plot is not None:
+        typer.echo(f"plot -> {plot_prefeval(result, plot)}")
+
+
+@eval_app.command("rewrite")
+def eval_rewrite(
+    split: Annotated[str, typer.Option(help="test (the seeded 20% held-out users) or dev (the others).")] = "test",
+    arms: Annotated[str, typer.Option(help="Comma list: generic plus fspo-prompt, fspo-trained (needs an installed FSPO adapter), memory.")] = "generic,fspo-prompt",
+    k: Annotated[int, typer.Option(min=1, help="Target emails per user.")] = 2,
+    users: Annotated[int, typer.Option(min=0, help="Most users (0: all of the split).")] = 0,
+    n_shots: Annotated[int, typer.Option(min=1, max=64, help="Most of the user's other emails put in the prompt (the most similar first).")] = 3,
+    n_memories: Annotated[int, typer.Option(min=1, max=100, help="Memories retrieved in the memory arm.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per generate call.")] = 8,
+    seed: Annotated[int, typer.Option()] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here (scores only, no email text).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the plot (PNG) here.")] = None,
+    texts: Annotated[Path | None, typer.Option(help="Write the emails, references and outputs here as JSONL (they quote the data: keep it out of the repository).")] = None,
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding popquorn/ (default: $PERSONALIGN_DATA, else ../shared/data).")] = None,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """POPQUORN email rewriting: ROUGE-L and embedding similarity to the user's own rewrite, personalised vs generic."""
+    from personalign.eval.rewrite import RewriteConfig, format_rewrite, plot_rewrite, run_rewrite, split_texts
+
+    root = Path(tempfile.mkdtemp(prefix="personalign-eval-rewrite-"))
+    try:
+        config = RewriteConfig(
+            split=split,
+            arms=_split_list(arms, "--arms"),
+            k=k,
+            users=users or None,
+            n_shots=n_shots,
+            n_memories=n_memories,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            seed=seed,
+            data_root=str(data_root) if data_root else None,
+        )
+        with _open(root, model, encoder, device) as pz:
+            result, rows = split_texts(run_rewrite(config, pz, progress=lambda line: typer.echo(line, err=True)))
+    except PersonalignError as err:
+        _fail(err)
+        return
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    typer.echo(format_rewrite(result))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=1) + "\n")
+        typer.echo(f"json -> {json_out}")
+    if texts is not None:
+        texts.parent.mkdir(parents=True, exist_ok=True)
+        texts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        typer.echo(f"texts -> {texts}")
+    if plot is not None:
+        typer.echo(f"plot -> {plot_rewrite(result, plot)}")
 
 
 @eval_app.command("steer-merge")

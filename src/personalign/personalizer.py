@@ -43,6 +43,19 @@ from personalign.persona.fspo import (
     rank_shots,
     with_description,
 )
+from personalign.persona.pplug import (
+    CONFIG_FILE as PLUG_CONFIG,
+)
+from personalign.persona.pplug import (
+    PersonaPlug,
+    embed_user,
+    input_embedding_dim,
+    load_plug,
+    plug_input_ids,
+    plug_inputs,
+    pplug_dir,
+    read_plug_config,
+)
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids
 from personalign.steering.dpa import dpa_messages
@@ -107,6 +120,7 @@ class ConditioningParams(BaseModel):
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
     adapter: bool = True
     fspo: bool = Field(default=True, description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)")
+    pplug: bool = Field(default=True, description="prepend the user's Persona-Plug soft token (when a projector is installed for this generator and the user has history)")
     describe: bool = Field(default=False, description="FSPO user-description step: a one-line description of the user, written by the generator from their comparisons, goes into the system prompt")
 
 
@@ -123,6 +137,7 @@ class _Prepared:
     steer_method: str = "auto"
     fspo: bool = False  # the row runs the FSPO adapter
     description: str | None = None
+    plug: Any = None  # the Persona-Plug soft token, (model_dim,)
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,7 @@ class Personalizer:
         max_resident: int = 8,
         embedder: Any = None,
         fspo: str | Path | None = None,
+        pplug: str | Path | None = None,
     ) -> None:
         """``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
@@ -197,7 +213,11 @@ class Personalizer:
         ``fspo``: the folder of an FSPO adapter (``personalign train fspo``) that requests with
         shots run through; it must be trained for this generator (``AdapterError`` otherwise).
         ``None`` looks in ``$PERSONALIGN_FSPO_DIR``, else the package's ``data/fspo``, and uses
-        an adapter there only when it was trained for this generator."""
+        an adapter there only when it was trained for this generator.
+
+        ``pplug``: the folder of a Persona-Plug projector (``personalign train pplug``) whose soft
+        token requests carry; it must match this generator and encoder (``PlugMismatchError``).
+        ``None`` looks in ``$PERSONALIGN_PPLUG_DIR``, else the package's ``data/pplug``."""
         self.generator = generator
         self.encoder = encoder
         self.store = UserStore(store, encoder, memory_client)
@@ -208,6 +228,7 @@ class Personalizer:
         self.preferences = Preferences(self.profiles, encoder, generator, embedder)
         self.steering = SteeringRuntime(generator, self.adapters)
         self.fspo_folder = self._fspo_folder(fspo)
+        self.plug = self._load_plug(pplug)
         self._descriptions: dict[str, tuple[tuple[int, int], str]] = {}
         self._generate_lock = threading.Lock()
 
@@ -222,9 +243,28 @@ class Personalizer:
         memory_client: Any = None,
         embedder: Any = None,
         fspo: str | Path | None = None,
+        pplug: str | Path | None = None,
     ) -> Personalizer:
         """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
-        return cls(load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device), store, memory_client, embedder=embedder, fspo=fspo)
+        generator, enc = load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device)
+        return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug)
+
+    def _load_plug(self, folder: str | Path | None) -> PersonaPlug | None:
+        """The Persona-Plug projector to use, or ``None`` when there is none for this generator."""
+        dims = (self.generator.model_id, self.encoder.name, input_embedding_dim(self.generator), self.encoder.dim)
+        if folder is None:
+            default = pplug_dir()
+            if not (default / PLUG_CONFIG).is_file() or read_plug_config(default).get("config", {}).get("base_model") != self.generator.model_id:
+                return None
+            folder = default
+        return load_plug(folder, *dims, device=self.generator.device)
+
+    def history_items(self, user: str, profile: UserProfile | None = None) -> list[str]:
+        """What Persona-Plug pools for ``user``, oldest first: the preferred responses of their
+        comparisons, then their memories."""
+        profile = profile if profile is not None else self.profiles.get(user)
+        memories = [r["memory"] for r in self.memory.get_all(user)["results"]]
+        return [c.chosen for c in profile.comparisons] + memories
 
     def _fspo_folder(self, folder: str | Path | None) -> Path | None:
         """The FSPO adapter folder to use, or ``None`` when there is none for this generator."""
@@ -512,8 +552,13 @@ class Personalizer:
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
+        plug = None
+        if conditioning.pplug and self.plug is not None and profile is not None:
+            items = self.history_items(user, profile)  # type: ignore[arg-type]
+            if items:
+                plug = embed_user(self.plug, self.encoder, items, query_of(parse_messages(messages)))
         fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
-        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo, description=description)
+        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo, description=description, plug=plug)
 
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
@@ -525,6 +570,14 @@ class Personalizer:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if plan.processors:
             kwargs["logits_processor"] = plan.processors
+        if any(p.plug is not None for p in batch):
+            # Each row's soft token before its first prompt token; rows without one get a masked
+            # column instead and decode exactly as without it. ``input_ids`` keeps the same layout
+            # so logits processors see the prompt and the output slicing is unchanged.
+            softs = [batch[i].plug for i in plan.owner]
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+            kwargs["inputs_embeds"], kwargs["attention_mask"] = plug_inputs(self.generator.model, ids, mask, softs)
+            kwargs["input_ids"] = plug_input_ids(ids, mask, softs)
         return kwargs
 
     def _plan(self, batch: Sequence[_Prepared]) -> Plan:

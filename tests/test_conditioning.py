@@ -1,0 +1,101 @@
+"""Conditioners compose per request: memory, FSPO shots, the FSPO adapter, the Persona-Plug token."""
+
+from __future__ import annotations
+
+import pytest
+
+from personalign.personalizer import Personalizer
+from personalign.types import Comparison
+
+SHOTS = [Comparison(prompt=f"Question {i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(3)]
+MSGS = [{"role": "user", "content": "Question 9 about eggs?"}]
+ALL_OFF = {"memory": False, "shots": False, "fspo": False, "pplug": False, "adapter": False, "steer": {}}
+
+
+def _fresh(tiny_model_dir):
+    from personalign.models import load_generator
+
+    return load_generator(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture()
+def both(tiny_model_dir, encoder, fspo_folder, pplug_folder, tmp_path):
+    """A Personalizer with the FSPO adapter and the projector, and a plain one; ann enrolled in both."""
+    with Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "a", fspo=fspo_folder, pplug=pplug_folder) as pz, Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "b") as plain:
+        for p in (pz, plain):
+            p.enroll("ann", SHOTS)
+            p.remember("ann", "I boil my eggs for nine minutes, about eggs.")
+        yield pz, plain
+
+
+def test_all_off_reproduces_plain_generate(both):
+    pz, plain = both
+    reference = plain.chat(None, MSGS, max_new_tokens=10)
+    assert pz.chat("ann", MSGS, max_new_tokens=10, **ALL_OFF) == reference
+    assert pz.chat(None, MSGS, max_new_tokens=10) == reference  # no user: nothing to condition on
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"memory": True},
+        {"shots": True},
+        {"shots": True, "fspo": True},
+        {"pplug": True},
+        {"memory": True, "shots": True, "fspo": True, "pplug": True},
+    ],
+)
+def test_each_conditioner_alone_and_together_changes_the_answer_and_batches_exactly(both, options):
+    pz, plain = both
+    opts = {**ALL_OFF, **options, "max_new_tokens": 10, "memory_threshold": None}
+    single = pz.respond("ann", MSGS, **opts)
+    assert single.text != plain.chat(None, MSGS, max_new_tokens=10)
+    # in a batch with plain rows and other conditioners, each row gives what it gives alone
+    batch = pz.chat_batch([{"user": "ann", "messages": MSGS, **opts}, {"user": None, "messages": MSGS, "max_new_tokens": 10}, {"user": "ann", "messages": MSGS, **ALL_OFF, "pplug": True, "max_new_tokens": 10}])
+    assert batch[0] == single.text
+    assert batch[1] == plain.chat(None, MSGS, max_new_tokens=10)
+    assert batch[2] == pz.chat("ann", MSGS, **{**ALL_OFF, "pplug": True}, max_new_tokens=10)
+    if options.get("memory"):
+        assert single.memories == ["I boil my eggs for nine minutes, about eggs."]
+
+
+def test_plug_streams_the_same_tokens(both):
+    pz, _ = both
+    opts = {**ALL_OFF, "pplug": True, "max_new_tokens": 10}
+    assert "".join(pz.stream("ann", MSGS, **opts)).strip() == pz.chat("ann", MSGS, **opts)
+
+
+def test_plug_history_is_the_users_own(both):
+    pz, _ = both
+    pz.enroll("bob", [Comparison(prompt="Hi?", chosen="Hello there, friend.", rejected="Go away.")])
+    assert pz.history_items("bob") == ["Hello there, friend."]
+    assert pz.history_items("ann") == [c.chosen for c in SHOTS] + ["I boil my eggs for nine minutes, about eggs."]
+    opts = {k: v for k, v in ALL_OFF.items() if k != "steer"} | {"pplug": True}
+    bob, ann = (pz._prepare(u, MSGS, {}, opts).plug for u in ("bob", "ann"))
+    assert bob.shape == ann.shape and not bool((bob - ann).abs().max() < 1e-4)
+    assert pz._prepare("ann", MSGS, {}, {**opts, "pplug": False}).plug is None
+
+
+def test_plug_for_another_generator_is_refused(tiny_generator, encoder, tmp_path):
+    from conftest import build_tiny_llama, build_tokenizer
+
+    from personalign.models import load_generator
+    from personalign.persona.pplug import PlugMismatchError, build_plug, save_plug
+
+    tokenizer = build_tokenizer()
+    other = tmp_path / "wide"
+    model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    model.config.hidden_size = 32
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    folder = save_plug(build_plug(load_generator(str(other), device="cpu"), encoder), tmp_path / "p")
+    with pytest.raises(PlugMismatchError, match="projector.base_model.*personalign train pplug"):
+        Personalizer(tiny_generator, encoder, tmp_path / "s", pplug=folder)
+
+
+def test_history_too_long_for_the_context_is_a_typed_error(pz):
+    from personalign.errors import ContextLengthError
+
+    pz.enroll("ann", SHOTS)
+    with pytest.raises(ContextLengthError, match="messages: the conversation takes .* Fix: shorten"):
+        pz.chat("ann", [{"role": "user", "content": "eggs " * 600}], max_new_tokens=10)
