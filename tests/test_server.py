@@ -100,6 +100,8 @@ def test_chat_personalised_with_memory_shots_and_steering(client, http, personal
     assert steered.choices[0].message.content == personalizer.respond("ana", messages, steer={"verbosity": 1.5}, memory=False, n_shots=1, max_new_tokens=6).text
     off = client.chat.completions.create(model="personalign", messages=messages, user="ana", max_tokens=4, extra_body={"steer": {}, "shots": False})
     assert off.model_extra["personalign"]["steer"] == {} and off.model_extra["personalign"]["shots"] == 0
+    described = client.chat.completions.create(model="personalign", messages=messages, user="ana", max_tokens=4, extra_body={"describe": True, "fspo": False, "pplug": False})
+    assert described.choices[0].message.content == personalizer.respond("ana", messages, describe=True, fspo=False, pplug=False, max_new_tokens=4).text
     generic = client.chat.completions.create(model="personalign", messages=messages, max_tokens=4)
     assert generic.model_extra["personalign"]["user"] is None and generic.model_extra["personalign"]["memories"] == []
 

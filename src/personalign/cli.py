@@ -152,6 +152,9 @@ def chat(
     steer_method: Annotated[str | None, typer.Option(help=f"Steering method, one of {', '.join(METHODS)} (default: auto).")] = None,
     memory: Annotated[bool, typer.Option(help="Retrieve the user's memories.")] = True,
     shots: Annotated[bool, typer.Option(help="Put the user's comparisons in the prompt (FSPO).")] = True,
+    fspo: Annotated[bool, typer.Option(help="Run the FSPO adapter with the shots (when one is installed: PERSONALIGN_FSPO_DIR).")] = True,
+    pplug: Annotated[bool, typer.Option(help="Prepend the user's Persona-Plug token (when a projector is installed: PERSONALIGN_PPLUG_DIR).")] = True,
+    describe: Annotated[bool, typer.Option(help="Put a one-line description of the user, written by the model, in the system prompt.")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=8192)] = 256,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     store: StoreOpt = Path(".personalign"),
@@ -164,7 +167,7 @@ def chat(
         steering = steering_option(steer, steer_method)
         with _open(store, model, encoder, device) as pz:
             history: list[dict[str, str]] = []
-            options = {"memory": memory, "shots": shots, "max_new_tokens": max_new_tokens, "temperature": temperature}
+            options = {"memory": memory, "shots": shots, "fspo": fspo, "pplug": pplug, "describe": describe, "max_new_tokens": max_new_tokens, "temperature": temperature}
             pending = [message] if message is not None else None
             while True:
                 if pending is not None:

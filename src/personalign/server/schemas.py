@@ -2,7 +2,7 @@
 
 Chat requests accept OpenAI's fields and personalign's extra fields (what the ``openai``
 client sends with ``extra_body``): ``steer``, ``memory``, ``shots``, ``n_shots``,
-``n_memories``, ``memory_threshold``, ``repetition_penalty``. Unknown fields are accepted and
+``n_memories``, ``memory_threshold``, ``repetition_penalty``, ``fspo``, ``pplug``, ``describe``. Unknown fields are accepted and
 logged (as vLLM does), but OpenAI options we cannot honour (``n > 1``, ``stop``, tools,
 penalties, logprobs, JSON mode) are refused rather than silently ignored.
 """
@@ -91,10 +91,13 @@ class ChatCompletionRequest(BaseModel):
     n_memories: StrictInt | None = None
     memory_threshold: Number | None = None
     repetition_penalty: Number | None = None
+    fspo: StrictBool | None = None
+    pplug: StrictBool | None = None
+    describe: StrictBool | None = None
 
     def options(self) -> dict[str, Any]:
         """The SDK options this request sets (``max_new_tokens`` is filled in by the app)."""
-        names = ("temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold", "repetition_penalty")
+        names = ("temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold", "repetition_penalty", "fspo", "pplug", "describe")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
