@@ -157,3 +157,14 @@ def test_user_description_is_cached_per_version_and_forgotten(pz):
     assert pz._descriptions["ann"][0] == (pz.profile("ann").version, 3)
     pz.forget("ann")
     assert "ann" not in pz._descriptions
+
+
+def test_merge_generate_refuses_runs_of_other_settings():
+    from personalign.eval.generate import merge_generate
+
+    base = {"split": {"seed": 0}, "config": {"users": 2, "prompts_per_user": 1, "shots": 1, "seed": 0, "max_new_tokens": 6, "methods": ["a"]}, "generic": {"x": 1}, "methods": {"a": {"win_rate": 0.5}}, "seconds": {"a": 1.0}}
+    other = {**base, "methods": {"b": {"win_rate": 0.7}}, "seconds": {"b": 2.0}}
+    merged = merge_generate([base, other])
+    assert list(merged["methods"]) == ["a", "b"] and merged["config"]["methods"] == ["a", "b"]
+    with pytest.raises(ValidationError, match=r"results\[1\]"):
+        merge_generate([base, {**other, "generic": {"x": 2}}])

@@ -803,6 +803,23 @@ def train_pplug_cmd(
         _fail(err)
 
 
+@eval_app.command("generate-merge")
+def eval_generate_merge(
+    files: Annotated[list[Path], typer.Argument(help="eval generate JSON files of the same settings, different methods.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the merged result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the merged plot (PNG) here.")] = None,
+) -> None:
+    """Merge eval generate runs of different methods into one result, table and plot."""
+    from personalign.eval.generate import format_generate, merge_generate, write_generate
+
+    try:
+        result = merge_generate([json.loads(f.read_text()) for f in files])
+        write_generate(result, json_out, plot)
+        typer.echo(format_generate(result))
+    except PersonalignError as err:
+        _fail(err)
+
+
 @eval_app.command("generate")
 def eval_generate_cmd(
     methods: Annotated[str, typer.Option(help="Comma list of memory, fspo-prompt, fspo-trained, fspo-shuffled, pplug, all.")] = "memory,fspo-prompt,fspo-trained,fspo-shuffled,pplug,all",

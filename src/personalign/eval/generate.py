@@ -239,3 +239,23 @@ def write_generate(result: dict[str, Any], json_path: str | Path | None, plot_pa
         Path(json_path).write_text(json.dumps(result, indent=1, default=float))
     if plot_path:
         plot_generate(result, plot_path)
+
+
+def merge_generate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of different methods on the same split, prompts and settings.
+
+    Greedy decoding makes the generic answers of every run the same; runs whose split,
+    users, prompts or generic answers differ are refused.
+    """
+    if not results:
+        raise ValidationError("results", "is empty", "pass at least one eval generate result")
+    first = results[0]
+    keys = ("users", "prompts_per_user", "shots", "seed", "max_new_tokens")
+    merged = {**first, "methods": {}, "seconds": {}}
+    for index, r in enumerate(results):
+        if r["split"] != first["split"] or any(r["config"][k] != first["config"][k] for k in keys) or r["generic"] != first["generic"]:
+            raise ValidationError(f"results[{index}]", "was run with another split, settings or generic answers", "merge runs of the same eval generate settings")
+        merged["methods"].update(r["methods"])
+        merged["seconds"].update(r["seconds"])
+    merged["config"] = {**first["config"], "methods": list(merged["methods"])}
+    return merged
