@@ -849,7 +849,7 @@ def eval_generate_cmd(
 
             pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), store, fspo=fspo, **({"pplug": pplug} if pplug else {}))
             with pz:
-                result = run_generate(pz, config, progress=lambda line: typer.echo(line, err=True))
+                result = run_generate(pz, config, progress=lambda line: typer.echo(line, err=True), on_method=lambda partial: write_generate(partial, json_out, None))
         write_generate(result, json_out, plot)
         typer.echo(format_generate(result))
     except PersonalignError as err:

@@ -129,12 +129,15 @@ def _generate(pz: Any, requests: list[dict[str, Any]], batch_size: int, progress
     return texts
 
 
-def run_generate(pz: Any, config: GenerateConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_generate(
+    pz: Any, config: GenerateConfig, progress: Callable[[str], None] | None = None, on_method: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Win rates of each method's answers over the generic answers, judged by hidden rewards.
 
     ``pz`` is an open :class:`~personalign.Personalizer` on an empty store (test users and
     their decoys are enrolled into it) with the FSPO adapter and the Persona-Plug projector
-    it should use.
+    it should use. ``on_method(result)`` runs after each method with the result so far (e.g. to
+    save partial results of a long run).
     """
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
@@ -193,6 +196,9 @@ def run_generate(pz: Any, config: GenerateConfig, progress: Callable[[str], None
             "seconds": timings[method],
             "example": {"user": pairs[0][0].user, "prompt": pairs[0][1], "answer": texts[0], "generic": generic[pairs[0][1]]},
         }
+        result["seconds"] = timings
+        if on_method is not None:
+            on_method(result)
     result["seconds"] = timings
     return result
 
