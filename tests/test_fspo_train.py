@@ -168,3 +168,14 @@ def test_merge_generate_refuses_runs_of_other_settings():
     assert list(merged["methods"]) == ["a", "b"] and merged["config"]["methods"] == ["a", "b"]
     with pytest.raises(ValidationError, match=r"results\[1\]"):
         merge_generate([base, {**other, "generic": {"x": 2}}])
+
+
+def test_saved_adapter_names_its_base_by_id_not_by_local_path(tiny_model_dir, encoder, tmp_path):
+    generator = _fresh(tiny_model_dir)
+    generator.model_id = "embedded:tiny"  # the embedded model loads from a converted local folder
+    config = _config(ipo_tasks=0)
+    model, report = train_fspo(generator, _users(), config)
+    folder = save_fspo(model, tmp_path / "adapter", generator.model_id, config, report, "test")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:tiny"
+    with Personalizer(generator, encoder, tmp_path / "s", fspo=folder) as pz:
+        assert pz.fspo_folder == folder

@@ -356,7 +356,10 @@ def save_fspo(model: Any, folder: Path | str, generator_id: str, config: FspoTra
         "ipo_epoch_loss": report.ipo.epoch_loss if report.ipo else [],
         "data": data,
     }
-    return save_adapter(model, ADAPTER_NAME, folder, FSPO_CONFIG, meta)
+    folder = save_adapter(model, ADAPTER_NAME, folder, FSPO_CONFIG, meta)
+    adapter_config = folder / "adapter_config.json"  # name the base by its id, not the local path it was loaded from
+    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": generator_id}, indent=1))
+    return folder
 
 
 def fspo_dir() -> Path:
