@@ -177,5 +177,7 @@ def test_saved_adapter_names_its_base_by_id_not_by_local_path(tiny_model_dir, en
     model, report = train_fspo(generator, _users(), config)
     folder = save_fspo(model, tmp_path / "adapter", generator.model_id, config, report, "test")
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:tiny"
-    with Personalizer(generator, encoder, tmp_path / "s", fspo=folder) as pz:
+    serving = _fresh(tiny_model_dir)  # training wrapped the first one in PEFT
+    serving.model_id = "embedded:tiny"
+    with Personalizer(serving, encoder, tmp_path / "s", fspo=folder) as pz:
         assert pz.fspo_folder == folder
