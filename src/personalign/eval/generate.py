@@ -69,11 +69,12 @@ def generation_split(
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all")
+METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all")
 # Chat options per method; every conditioner is named so "off" is explicit.
 _OFF = {"memory": False, "shots": False, "fspo": False}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "memory": {**_OFF, "memory": True},
+    "memory-shuffled": {**_OFF, "memory": True},  # another user's memories: the control
     "fspo-prompt": {**_OFF, "shots": True},
     "fspo-describe": {**_OFF, "shots": True, "describe": True},  # the user-description step, base model
     "fspo-trained": {**_OFF, "shots": True, "fspo": True},
@@ -173,7 +174,7 @@ def run_generate(
         options = METHOD_OPTIONS[method]
         requests = []
         for u, p in pairs:
-            owner = f"decoy-{u.user}" if method == "fspo-shuffled" else u.user
+            owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
             requests.append({"user": owner, "messages": messages[p], **base, **options})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started
