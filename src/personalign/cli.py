@@ -830,6 +830,7 @@ def eval_generate_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=8)] = 128,
     fspo: Annotated[Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")] = None,
     pplug: Annotated[Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")] = None,
+    user_steering: Annotated[bool, typer.Option(help="Keep each user's inferred steering default on, as chat does (--no-user-steering isolates the conditioners).")] = True,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the win-rate plot (PNG) here.")] = None,
@@ -842,7 +843,7 @@ def eval_generate_cmd(
     if population != "synthetic":
         _fail(ValidationError("--population", f"{population!r} has no judge here", "use synthetic; real data: personalign eval prefeval / eval rewrite"))
     try:
-        config = GenerateConfig(methods=_split_list(methods, "--methods"), users=users, prompts_per_user=prompts_per_user, shots=shots, seed=seed, max_new_tokens=max_new_tokens)
+        config = GenerateConfig(methods=_split_list(methods, "--methods"), users=users, prompts_per_user=prompts_per_user, shots=shots, seed=seed, max_new_tokens=max_new_tokens, user_steering=user_steering)
         with tempfile.TemporaryDirectory(prefix="personalign-eval-generate-") as store:
             from personalign.models import load_encoder, load_generator
             from personalign.personalizer import Personalizer

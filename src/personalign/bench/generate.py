@@ -42,7 +42,8 @@ def _available(pz: Any, name: str) -> bool:
 def _timed(pz: Any, prompt: str, options: dict[str, Any], max_new_tokens: int) -> tuple[float, int, int]:
     user = None if not options else USER
     start = time.perf_counter()
-    result = pz.respond(user, [{"role": "user", "content": prompt}], max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0, **options)
+    # steer={}: the user's inferred steering default would add its own rows and processors
+    result = pz.respond(user, [{"role": "user", "content": prompt}], steer={}, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0, **options)
     return time.perf_counter() - start, result.completion_tokens, result.prompt_tokens
 
 

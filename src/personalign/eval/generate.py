@@ -6,6 +6,10 @@ prompts, and nothing on them is used for training or enrolment. Training users' 
 (the rest) are what ``personalign train fspo|pplug --data synthetic`` learns from. Each test
 user is enrolled with ``shots`` of their own comparisons.
 
+Every personalised request also carries the user's stored steering default (the verbosity
+weight inferred from their comparisons at enrolment), as ``chat`` does, unless
+``user_steering=False``; the ``-shuffled`` controls carry the other user's.
+
 Judge: the test user's hidden reward. For each (user, prompt) the personalised answer of a
 method is compared with the generic answer (plain ``generate``, no user) to the same prompt:
 a win if its reward is higher, half a win on a tie. The win rate per method is over all
@@ -95,6 +99,7 @@ class GenerateConfig:
     seed: int = 0
     max_new_tokens: int = 128
     batch_size: int = 8
+    user_steering: bool = True  # as chat does by default: the user's inferred verbosity steering rides along
 
 
 def memory_items(user: EvalUser) -> list[str]:
@@ -175,7 +180,8 @@ def run_generate(
         requests = []
         for u, p in pairs:
             owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
-            requests.append({"user": owner, "messages": messages[p], **base, **options})
+            steer = {} if config.user_steering else {"steer": {}}
+            requests.append({"user": owner, "messages": messages[p], **base, **options, **steer})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started
         scores = []
