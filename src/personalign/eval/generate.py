@@ -198,7 +198,7 @@ def run_generate(
             "ci": [low, high],
             "n": len(scores),
             "per_user": {k: float(np.mean(v)) for k, v in per_user.items()},
-            "users_above_half": sum(np.mean(v) > 0.5 for v in per_user.values()),
+            "users_above_half": int(sum(np.mean(v) > 0.5 for v in per_user.values())),
             "mean_attributes": _mean_attributes(population, texts),
             "seconds": timings[method],
             "example": {"user": pairs[0][0].user, "prompt": pairs[0][1], "answer": texts[0], "generic": generic[pairs[0][1]]},
@@ -218,7 +218,7 @@ def _mean_attributes(population: SyntheticPopulation, texts: Sequence[str]) -> d
 def format_generate(result: dict[str, Any]) -> str:
     lines = ["| method | win rate over generic | 95% CI | n | users above 0.5 |", "|---|---|---|---|---|"]
     for method, r in result["methods"].items():
-        lines.append(f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {r['users_above_half']}/{len(r['per_user'])} |")
+        lines.append(f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {int(r['users_above_half'])}/{len(r['per_user'])} |")
     return "\n".join(lines)
 
 
