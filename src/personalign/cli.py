@@ -691,6 +691,22 @@ def train_dpa_cmd(
         _fail(err)
 
 
+def _training_users(data: str, shots: int, why: str) -> tuple[dict[str, list[Any]], str]:
+    """Users' comparisons for the FSPO and Persona-Plug recipes, and where they came from."""
+    if data == "synthetic":
+        from personalign.eval.generate import generation_split
+
+        return generation_split(seed=0, shots=shots).train, "synthetic population (project-made), training users and topics of eval generate's split"
+    from personalign.types import read_preferences
+
+    users: dict[str, list[Any]] = {}
+    for index, (owner, comparison) in enumerate(read_preferences(Path(data))):
+        if owner is None:
+            raise ValidationError(f"{Path(data).name}:{index + 1}.user", "has no user", f"{why}: add a user column")
+        users.setdefault(owner, []).append(comparison)
+    return users, str(data)
+
+
 @train_app.command("fspo")
 def train_fspo_cmd(
     out: Annotated[Path | None, typer.Option(help="Adapter folder (default: the installed data/fspo, which chat uses when present).")] = None,
@@ -706,24 +722,12 @@ def train_fspo_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """FSPO meta-training: a LoRA that answers a user from N of their comparisons in the prompt (SFT, then IPO)."""
-    from personalign.eval.generate import generation_split
     from personalign.models import load_generator
     from personalign.persona.fspo import FspoTrainConfig, fspo_dir, save_fspo, train_fspo
     from personalign.steering.loop import LoopConfig
 
     try:
-        if data == "synthetic":
-            users = generation_split(seed=0, shots=shots).train
-            source = "synthetic population (project-made), training users and topics of eval generate's split"
-        else:
-            from personalign.types import read_preferences
-
-            users = {}
-            for index, (owner, comparison) in enumerate(read_preferences(Path(data))):
-                if owner is None:
-                    raise ValidationError(f"{Path(data).name}:{index + 1}.user", "has no user", "FSPO learns per-user tasks: add a user column")
-                users.setdefault(owner, []).append(comparison)
-            source = str(data)
+        users, source = _training_users(data, shots, "FSPO learns per-user tasks")
         ckpt = str(checkpoint_dir) if checkpoint_dir else None
         config = FspoTrainConfig(
             shots=shots,
@@ -762,24 +766,12 @@ def train_pplug_cmd(
     """Persona-Plug: a projector from a user's history to one soft token for the frozen generator."""
     import random
 
-    from personalign.eval.generate import generation_split
     from personalign.models import load_encoder, load_generator
     from personalign.persona.pplug import pplug_dir, save_plug
     from personalign.persona.pplug_train import PlugTask, PlugTrainConfig, train_plug
 
     try:
-        if data == "synthetic":
-            users = generation_split(seed=0, shots=items).train
-            source = "synthetic population (project-made), training users and topics of eval generate's split"
-        else:
-            from personalign.types import read_preferences
-
-            users = {}
-            for index, (owner, comparison) in enumerate(read_preferences(Path(data))):
-                if owner is None:
-                    raise ValidationError(f"{Path(data).name}:{index + 1}.user", "has no user", "Persona-Plug learns from users' histories: add a user column")
-                users.setdefault(owner, []).append(comparison)
-            source = str(data)
+        users, source = _training_users(data, items, "Persona-Plug learns from users' histories")
         rng = random.Random(seed)
         tasks = []
         for owner in sorted(users):

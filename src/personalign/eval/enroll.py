@@ -41,6 +41,7 @@ from personalign.eval.populations import (
     SyntheticPopulation,
     load_population,
 )
+from personalign.eval.stats import save_figure
 from personalign.models import Encoder
 from personalign.persona import EMBEDDER_CLASSES
 from personalign.persona.base import Featurizer, FeaturizerConfig, PreferenceEmbedder, UserState
@@ -482,12 +483,7 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
         ax.legend(fontsize=8)
     for ax in flat[panels:]:
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _cell(row: Mapping[str, Any] | None) -> str:

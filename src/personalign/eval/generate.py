@@ -30,6 +30,7 @@ import numpy as np
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
 from personalign.eval.populations import ATTRIBUTES, PHRASINGS, EvalUser, SyntheticConfig, SyntheticPopulation
+from personalign.eval.stats import save_figure
 from personalign.types import Comparison
 
 
@@ -242,9 +243,7 @@ def plot_generate(result: dict[str, Any], path: str | Path) -> None:
     ax.set_title(f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_generate(result: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None) -> None:

@@ -54,7 +54,7 @@ import torch
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
 from personalign.eval.populations import _source_dir
-from personalign.eval.stats import bootstrap_mean_ci
+from personalign.eval.stats import bootstrap_mean_ci, save_figure
 
 CONDITIONS = ("none", "no-memory", "memory", "oracle")
 SPLITS = ("test", "dev", "both")
@@ -557,9 +557,4 @@ def plot_prefeval(result: Mapping[str, Any], path: str | Path) -> Path:
     bars(ax, topics, lambda topic, c: find(focus, topic, c))
     ax.set_xticks(range(len(topics)), [t.replace("_", "\n", 1) for t in topics], fontsize=8)
     ax.set_title(f"{focus} split per topic")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -51,7 +51,7 @@ import numpy as np
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
 from personalign.eval.populations import _source_dir
-from personalign.eval.stats import bootstrap_mean_ci, win_rate
+from personalign.eval.stats import bootstrap_mean_ci, save_figure, win_rate
 
 INSTRUCTION = "Rewrite this email to be more polite and professional."
 ARMS = ("generic", "fspo-prompt", "fspo-trained", "memory")
@@ -395,12 +395,7 @@ def plot_rewrite(result: Mapping[str, Any], path: str | Path) -> Path:
     ax.set_title(f"{summary['n']} emails of {summary['users']} {result['config']['split']} users (95% bootstrap CI)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def split_texts(result: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

@@ -6,6 +6,8 @@ Both functions are pure: arrays in, numbers out, seeded, no IO.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,3 +59,15 @@ def win_rate(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     if x.shape != y.shape:
         raise ValidationError("b", f"has shape {y.shape}, not {x.shape}", "pass paired scores")
     return float((x > y).sum() + 0.5 * (x == y).sum()), int(x.size)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; the path written."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
