@@ -86,6 +86,28 @@ def test_mixed_methods_batch_equals_single_runs(spz):
         assert result.text == single.text, request["steer"]
 
 
+@pytest.mark.parametrize("weights", [{"verbosity": 1.5, "reading_level": -0.5}, {"verbosity": 0.8}, {"verbosity": 2.0, "reading_level": 1.0}])
+def test_mixing_before_the_head_decodes_as_mixing_logits(spz, monkeypatch, weights):
+    """The default (mix the hidden states, one head row per request, no row whose coefficient
+    is 0: here the base row for weights summing to 1) gives the same tokens as mixing every
+    row's log-probabilities, alone and in a batch next to a plain request."""
+    import personalign.steering.runtime as runtime
+
+    assert runtime.head_mixable(spz.generator.model)
+    steer = {"weights": weights, "method": "mix"}
+    requests = [{"user": None, "messages": ASK, "steer": s, "max_new_tokens": 12, "memory": False, "shots": False} for s in ({}, steer)]
+
+    def run() -> list[str]:
+        alone = spz.respond(None, ASK, steer=steer, max_new_tokens=12, memory=False, shots=False)
+        return [alone.text, *(r.text for r in spz.respond_batch(requests))]
+
+    premixed = run()
+    monkeypatch.setattr(runtime, "head_mixable", lambda model: False)
+    logits = run()
+    assert premixed == logits
+    assert premixed[0] == premixed[2]  # alone or next to a plain request
+
+
 def test_mix_composes_with_a_users_adapter(spz):
     from personalign.adapters.lora import LoraTrainConfig
     from personalign.types import Comparison
@@ -163,6 +185,7 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
     from personalign.bench import steer as bench
 
     monkeypatch.setitem(bench.CASES, "mix, 2 objective adapters", {"weights": {"verbosity": 0.5, "reading_level": 0.5}, "method": "mix"})
+    monkeypatch.setitem(bench.CASES, "mix, 2 adapters + base", {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "mix"})
     result = bench.run_steer_bench(spz, max_new_tokens=4, repeats=1, batch=2)
     assert set(result["settings"]) == {"batch 1", "batch 2"}
     for cases in result["settings"].values():

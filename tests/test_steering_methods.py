@@ -19,7 +19,13 @@ from personalign.functional.steering import (
     td_lambda_returns,
     vas_logits,
 )
-from personalign.steering.decoding import SteeringProcessor, top_p_sample
+from personalign.steering.decoding import (
+    MixedHead,
+    SteeringProcessor,
+    head_mixable,
+    mix_terms,
+    top_p_sample,
+)
 
 # --- golden values ---------------------------------------------------------------------------
 
@@ -207,8 +213,67 @@ def test_mix_rows_match_single_adapter_runs(fresh_generator, tmp_path):
     adapter_only = _greedy(peft, ids, mask)
     assert not torch.equal(base, adapter_only), "the trained adapter should change greedy output"
     rows, rmask = ids.repeat(2, 1), mask.repeat(2, 1)
-    for weight, expected in ((0.0, base), (1.0, adapter_only)):
-        proc = SteeringProcessor([[0, 1]], mix_weights=[[weight]], base_rows=[None])
-        with peft.disable_adapter(), gathered_lora(peft, [BASE, name]):
-            out = _greedy(peft, rows, rmask, [proc])
-        assert torch.equal(out[0], expected[0]) and torch.equal(out[1], out[0]), weight
+    for premixed in (False, True):
+        for weight, expected in ((0.0, base), (1.0, adapter_only)):
+            # premixed: the rows' hidden states mixed before the head, 1 - w on the base row and w on the adapter's
+            proc = SteeringProcessor([[0, 1]], mix_weights=None if premixed else [[weight]], base_rows=[None])
+            head = MixedHead(peft, torch.tensor([[1.0 - weight, weight]]), [0, 0]) if premixed else None
+            try:
+                with peft.disable_adapter(), gathered_lora(peft, [BASE, name]):
+                    out = _greedy(peft, rows, rmask, [proc])
+            finally:
+                if head is not None:
+                    head.close()
+            assert torch.equal(out[0], expected[0]) and torch.equal(out[1], out[0]), (weight, premixed)
+
+
+def test_mix_terms_golden():
+    """The rows a mixing request runs, with their logit coefficients (zero ones left out)."""
+    assert mix_terms("__base__", [("v", 0.5), ("s", -1.0)]) == [("__base__", 1.5), ("v", 0.5), ("s", -1.0)]
+    assert mix_terms("ana", [("v", 2.0), ("s", 0.25)]) == [("ana", 1.0), ("__base__", -2.25), ("v", 2.0), ("s", 0.25)]
+    assert mix_terms("__base__", [("v", 0.5), ("s", 0.5)]) == [("v", 0.5), ("s", 0.5)]  # on the simplex: no base row
+    assert mix_terms("__base__", [("v", 1.0), ("s", 0.0)]) == [("v", 1.0)]  # weight 1: the adapter alone
+    assert mix_terms("ana", [("v", 0.5), ("s", -0.5)]) == [("ana", 1.0), ("v", 0.5), ("s", -0.5)]  # sum 0: no base row
+    assert mix_terms("__base__", [("v", 0.0)]) == [("__base__", 1.0)]
+    for own, objectives in (("__base__", [("v", 0.3), ("s", -1.7)]), ("ana", [("v", 0.1), ("s", 0.2), ("t", 0.7)])):
+        assert math.isclose(sum(c for _, c in mix_terms(own, objectives)), 1.0)  # so a head bias passes through
+
+
+def test_mixing_before_the_head_equals_mixing_log_probs():
+    """head(C @ h) and mix_logprobs(head(h)) give the same distribution (they differ by a constant per row)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(6, 11)  # with a bias
+    hidden = torch.randn(4, 1, 6)  # rows: primary, objective a, objective b, another request's row
+    weights = [[0.7, -1.3]]
+    model = _HeadOnly(head)
+    coefficients = torch.tensor([[1.0 - sum(weights[0]), *weights[0], 0.0], [0.0, 0.0, 0.0, 1.0]])  # (R, N) as mix_terms gives them
+    mixer = MixedHead(model, coefficients, [0, 0, 0, 1])
+    try:
+        premixed = head(hidden)[:, -1]  # (4, V): rows 0-2 carry request 0's mix, row 3 request 1's logits
+    finally:
+        mixer.close()
+    logits = head(hidden)[:, -1]
+    reference = mix_logprobs(logits[0:1], logits[1:3].unsqueeze(0), torch.tensor([weights[0]]))
+    assert_close(torch.log_softmax(premixed[0:1], -1), torch.log_softmax(reference, -1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(premixed[0], premixed[1]) and torch.equal(premixed[0], premixed[2])
+    assert_close(premixed[3], logits[3])
+    assert_close(head(hidden)[:, -1], logits)  # closed: the head is plain again
+
+
+def test_head_mixable_only_for_an_affine_head():
+    assert head_mixable(_HeadOnly(torch.nn.Linear(6, 11)))
+    capped = _HeadOnly(torch.nn.Linear(6, 11))
+    capped.config = type("Config", (), {"final_logit_softcapping": 30.0})()
+    assert not head_mixable(capped)
+    assert not head_mixable(_HeadOnly(torch.nn.Sequential(torch.nn.Linear(6, 11))))
+
+
+class _HeadOnly(torch.nn.Module):
+    """A stand-in model that only has an output head."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head

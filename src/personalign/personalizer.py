@@ -646,8 +646,9 @@ class Personalizer:
                 try:
                     output = self._generate(plan.names, kwargs, streamer)
                 finally:
-                    if plan.capture is not None:
-                        plan.capture.close()
+                    for hook in (plan.capture, plan.mixer):
+                        if hook is not None:
+                            hook.close()
         except BaseException as err:
             for stream in streams or []:
                 if stream is not None:

@@ -24,9 +24,12 @@ CASES: dict[str, dict[str, Any]] = {
     "plain generate": {},
     "VAS, trunk head": {"weights": {"verbosity": 0.5}, "method": "vas"},
     "VAS, separate value model": {"weights": {"verbosity": 0.5}, "method": "vas-model"},
+    # weights on the simplex (sum 1): the base policy's coefficient is 0, so 2 rows per request
     "mix, 2 objective adapters": {"weights": {"verbosity": 0.5, "structure": 0.5}, "method": "mix"},
+    # off the simplex: the base row is needed too, 3 rows per request
+    "mix, 2 adapters + base": {"weights": {"verbosity": 0.5, "structure": 0.25}, "method": "mix"},
 }
-TARGETS = {"VAS, trunk head": 1.15, "mix, 2 objective adapters": 1.6}
+TARGETS = {"VAS, trunk head": 1.15, "mix, 2 objective adapters": 1.6, "mix, 2 adapters + base": 1.6}
 
 
 def _timed(pz: Any, prompts: list[str], steer: dict[str, Any], max_new_tokens: int) -> tuple[float, int]:

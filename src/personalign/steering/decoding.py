@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from personalign.adapters.store import BASE
 from personalign.errors import ValidationError
 from personalign.steering.methods import LOGIT_STEERABLE
 
@@ -137,13 +138,87 @@ class HiddenCapture:
         self._handle.remove()
 
 
+def mix_terms(own: str, objectives: Sequence[tuple[str, float]], tolerance: float = 1e-9) -> list[tuple[str, float]]:
+    """The rows one mixing request needs, as ``(adapter, coefficient)``, zero coefficients left out.
+
+    ``log pi_own + sum_k w_k (log pi_k - log pi_base)`` is, before normalisation, the same
+    combination of the rows' raw logits: the request's own row (its user's adapter, or the
+    base) weighs 1, each objective adapter ``w_k``, the base ``-sum_k w_k``; when the own row
+    is the base, the two base terms add up to ``1 - sum_k w_k``. The log-softmax normalisers
+    only add one constant per request, which no softmax, top-k or top-p sees.
+
+    Coefficients sum to 1, so a head bias passes through, and at least one row remains. A
+    row whose coefficient is 0 is not run: weights on the simplex (MODPO's ``sum_k w_k = 1``)
+    need no base row, and weight 1 on one objective is that adapter's row alone.
+
+    Args:
+        own: the request's adapter (``"__base__"`` for none).
+        objectives: ``(objective adapter, weight)`` pairs.
+        tolerance: coefficients at most this far from 0 count as 0.
+    Returns:
+        ``(adapter, coefficient)`` per row to run, the own row first when it is kept.
+    """
+    total = sum(w for _, w in objectives)
+    terms = [(own, 1.0 - total)] if own == BASE else [(own, 1.0), (BASE, -total)]
+    terms += list(objectives)
+    return [(name, c) for name, c in terms if abs(c) > tolerance]
+
+
+def head_mixable(model: Any) -> bool:
+    """Whether logits are an affine map of the last hidden state, so mixing can precede the head.
+
+    True for a plain ``nn.Linear`` output head (tied or not, with or without bias) and no
+    final logit soft-capping (Gemma 2's ``tanh`` cap is not linear). A LoRA on the head makes
+    it differ per row, so that is excluded too.
+    """
+    base = getattr(model, "get_base_model", lambda: model)()
+    head = base.get_output_embeddings()
+    config = getattr(base, "config", None)
+    return type(head) is torch.nn.Linear and getattr(config, "final_logit_softcapping", None) is None
+
+
+class MixedHead:
+    """Mixes the rows' last hidden states before the output head, which then runs once per request.
+
+    The head is affine (:func:`head_mixable`), so ``head(sum_n C[i, n] h_n)`` equals
+    ``sum_n C[i, n] head(h_n)``: the mixed logits of :class:`SteeringProcessor`, for the price
+    of one head row per request instead of one per batch row (the head is the largest matmul
+    of a small model: 49152 x 576 for SmolLM2). Every row of request ``i`` then receives its
+    mixed logits, so the processor reads them on the primary row. Register it after a
+    :class:`HiddenCapture`, which must see the unmixed rows.
+    """
+
+    def __init__(self, model: Any, coefficients: torch.Tensor, owner: list[int]) -> None:
+        base = getattr(model, "get_base_model", lambda: model)()
+        head = base.get_output_embeddings()
+        self.coefficients = coefficients.to(head.weight.device)  # (R, N)
+        self.owner = torch.tensor(owner, device=head.weight.device)  # (N,) request of each row
+        self._handles = [head.register_forward_pre_hook(self._mix), head.register_forward_hook(self._expand)]
+
+    def _mix(self, module: Any, inputs: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = inputs[0]  # (N, T, H)
+        n, *rest = hidden.shape
+        if n != self.coefficients.shape[1]:
+            raise RuntimeError(f"MixedHead was set up for a batch of {self.coefficients.shape[1]} rows, got {n}")
+        mixed = self.coefficients.to(hidden.dtype) @ hidden.reshape(n, -1)  # (R, T * H)
+        return (mixed.reshape(self.coefficients.shape[0], *rest), *inputs[1:])
+
+    def _expand(self, module: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        return output[self.owner]  # (N, T, V): each row gets its request's mixed logits
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 class SteeringProcessor(LogitsProcessor):
     """Mixing, VAS guidance and EOS shift for a batch whose requests may span several rows.
 
     Request ``i`` owns rows ``groups[i]``: its primary row first, then (for logit mixing) the
     plain base row when the primary runs a user's adapter, then one row per objective adapter.
     Per step, for each request: ``l = log pi_primary + sum_k w_k (log pi_k - log pi_base)``
-    (:func:`mix_logprobs`), then ``l += sum_j beta_j (Q_j - mean_topk Q_j)`` on the top-k
+    (:func:`mix_logprobs`; without ``mix_weights`` the primary row's logits are used as they
+    are, which is where a :class:`MixedHead` puts the mix), then ``l += sum_j beta_j (Q_j - mean_topk Q_j)`` on the top-k
     (:func:`vas_logits`), then the EOS shift. When any request has extra rows, the token is
     chosen here (``temperature``/``top_p`` per request) and every row of the group is forced
     to it, so ``generate`` must run greedy; otherwise the steered logits are returned.

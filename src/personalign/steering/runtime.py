@@ -24,8 +24,11 @@ from personalign.errors import ValidationError
 from personalign.steering.decoding import (
     DEFAULT_VERBOSITY_STRENGTH,
     HiddenCapture,
+    MixedHead,
     SteeringProcessor,
     eos_token_ids,
+    head_mixable,
+    mix_terms,
 )
 from personalign.steering.methods import (
     DPA_DIR,
@@ -69,6 +72,7 @@ class Plan:
     owner: list[int] = field(default_factory=list)  # the request each row belongs to
     greedy: bool = False
     capture: HiddenCapture | None = None
+    mixer: MixedHead | None = None
     methods: list[str] = field(default_factory=list)
 
 
@@ -148,10 +152,27 @@ class SteeringRuntime:
         base_rows: list[int | None] = []
         owner: list[int] = []
         mix_objectives = sorted({k for (w, _), m in zip(steers, methods, strict=True) if m == "mix" for k, v in w.items() if v != 0.0})
+        # With an affine head the mix happens before it (MixedHead), and a request runs only the
+        # rows whose coefficient is nonzero; otherwise every request has the fixed row layout
+        # that SteeringProcessor mixes log-probabilities over.
+        premixed = bool(mix_objectives) and head_mixable(self.generator.model)
+        terms: list[list[tuple[int, float]]] = []  # per request: (row, coefficient) when premixed
         for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
             own = names[i] if names is not None else BASE
             if method == "dpa":
                 own = self.dpa_adapter()  # the direction-conditioned adapter replaces the user's own
+            if premixed:
+                objectives = [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives] if method == "mix" else []
+                group, request_terms = [], []
+                for name, coefficient in mix_terms(own, objectives):
+                    group.append(len(all_rows))
+                    request_terms.append((len(all_rows), coefficient))
+                    all_rows.append(row)
+                    all_names.append(name)
+                terms.append(request_terms)
+                groups.append(group)
+                owner += [i] * (len(all_rows) - len(owner))
+                continue
             group = [len(all_rows)]
             all_rows.append(row)
             all_names.append(own)
@@ -189,10 +210,16 @@ class SteeringRuntime:
         eos = [-DEFAULT_VERBOSITY_STRENGTH * float(w.get("verbosity", 0.0)) if m == "logit" else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
         if any(kind == VAS_DIR for kind, _ in value_keys):
             plan.capture = HiddenCapture(self.generator.model)
+        if premixed and len(all_rows) > len(rows):  # after the capture, whose value heads read the unmixed rows
+            coefficients = torch.zeros(len(rows), len(all_rows))  # (R, N)
+            for i, request_terms in enumerate(terms):
+                for r, coefficient in request_terms:
+                    coefficients[i, r] = coefficient
+            plan.mixer = MixedHead(self.generator.model, coefficients, owner)
         processors.append(
             SteeringProcessor(
                 groups,
-                mix_weights=mix_weights if mix_objectives else None,
+                mix_weights=mix_weights if mix_objectives and not premixed else None,
                 base_rows=base_rows,
                 value_models=value_models,
                 betas=betas if value_models else None,
