@@ -275,3 +275,21 @@ def test_bad_line_reports_file_and_line(tmp_path, bad_line, field, words):
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ") and words in str(info.value)
     assert "Fix: " in str(info.value)
+
+
+def test_read_preferences_names_a_missing_file_or_a_folder(tmp_path):
+    for path, words in ((tmp_path / "missing.jsonl", "does not exist"), (tmp_path, "is a folder")):
+        with pytest.raises(ValidationError) as err:
+            read_preferences(path)
+        assert err.value.field == "data" and words in str(err.value) and "JSONL file" in str(err.value)
+
+
+def test_train_recipes_refuse_a_missing_data_file_with_a_typed_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    for recipe in ("fspo", "pplug"):
+        result = CliRunner().invoke(app, ["train", recipe, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / recipe)])
+        assert result.exit_code != 0 and "does not exist" in result.output, (recipe, result.output)
+        assert not (tmp_path / recipe).exists()

@@ -248,6 +248,9 @@ def read_preferences(path: str | Path) -> list[tuple[str | None, Comparison]]:
     """
     rows: list[tuple[str | None, Comparison]] = []
     path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise ValidationError("data", f"{str(path)!r} {what}", "give the path of a JSONL file of comparisons (prompt, chosen, rejected, optional user)", str(path))
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
