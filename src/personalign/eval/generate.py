@@ -240,7 +240,8 @@ def plot_generate(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate over the generic answer")
     split = result["split"]
-    ax.set_title(f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics", fontsize=9)
+    steering = "" if result.get("config", {}).get("user_steering", True) else "; the users' inferred steering off"
+    ax.set_title(f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics{steering}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     save_figure(fig, path, dpi=120)
