@@ -179,6 +179,25 @@ def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
     assert merged["unsteered"] == result["unsteered"]  # same settings: the same unsteered answers
     with pytest.raises(ValidationError, match="twice"):
         merge_steer([result, result])
+    two_seeds = run_steer_eval(config.model_copy(update={"methods": ["logit"], "seeds": 2, "front": False}), spz)
+    assert len(two_seeds["sweep"]["logit"]["points"]) == 3 and "reading_level" in two_seeds["sweep"]["logit"]["max_drift_interval"]
+    low_point = two_seeds["sweep"]["logit"]["points"][0]
+    estimate, low, high = low_point["drift"]["reading_level"]
+    assert low <= estimate <= high
+    with pytest.raises(ValidationError, match="seeds"):
+        merge_steer([result, two_seeds])
+
+
+def test_paired_drift_golden():
+    from personalign.eval.steer import paired_drift
+
+    # differences 1, 1, 4: mean 2, sd sqrt(3), half-width 1.96 * sqrt(3) / sqrt(3) = 1.96; base mean 10
+    estimate, low, high = paired_drift([11.0, 21.0, 4.0], [10.0, 20.0, 0.0])
+    assert estimate == pytest.approx(0.2) and low == pytest.approx(0.004) and high == pytest.approx(0.396)
+    assert paired_drift([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0, 0.0)
+    assert paired_drift([0.0, 0.0], [0.0, 0.0])[0] == 0.0 and paired_drift([1.0, 1.0], [0.0, 0.0])[0] == math.inf
+    with pytest.raises(ValidationError, match="pair every"):
+        paired_drift([1.0], [1.0, 2.0])
 
 
 def test_bench_steer_on_tiny_model(spz, monkeypatch):

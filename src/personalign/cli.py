@@ -987,6 +987,7 @@ def eval_steer(
     directions: Annotated[int, typer.Option(min=2, help="Directions over [0, 90] degrees for the front.")] = 5,
     prompts: Annotated[int, typer.Option(min=1, help="Held-out prompts per point.")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=8)] = 128,
+    seeds: Annotated[int, typer.Option(min=1, max=16, help="Answers per prompt and point (seeds 0, 1, ...): more answers, tighter drift intervals.")] = 1,
     no_front: Annotated[bool, typer.Option("--no-front", help="Only the sweep.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the sweep and front plot (PNG) here.")] = None,
@@ -999,7 +1000,7 @@ def eval_steer(
     root = Path(tempfile.mkdtemp(prefix="personalign-eval-steer-"))
     try:
         config = SteerEvalConfig(
-            objectives=_split_list(objectives, "--objectives"), methods=_split_list(methods, "--methods"), sweep=sweep, directions=directions, prompts=prompts, max_new_tokens=max_new_tokens, front=not no_front
+            objectives=_split_list(objectives, "--objectives"), methods=_split_list(methods, "--methods"), sweep=sweep, directions=directions, prompts=prompts, max_new_tokens=max_new_tokens, seeds=seeds, front=not no_front
         )
         with _open(root, model, None, device) as pz:
             result = run_steer_eval(config, pz, progress=typer.echo)

@@ -51,6 +51,7 @@ class SteerEvalConfig(BaseModel):
     temperature: float = Field(default=0.7, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     seed: int = 0
+    seeds: int = Field(default=1, ge=1, le=16, description="answers per prompt and point, with seeds seed, seed + 1, ...")
     front: bool = True
 
 
@@ -108,11 +109,33 @@ def _mark_domination(fronts: dict[str, Any]) -> None:
 
 
 def _generate(pz: Any, prompts: Sequence[str], steer: dict[str, Any], config: SteerEvalConfig) -> list[str]:
-    requests = [
-        {"user": None, "messages": ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed, "memory": False, "shots": False}
-        for p in prompts
-    ]
-    return [r.text for r in pz.respond_batch(requests)]
+    """Answers seed-major: ``seeds`` rounds over ``prompts``, round ``j`` sampled with ``seed + j``."""
+    texts: list[str] = []
+    for j in range(config.seeds):
+        requests = [
+            {"user": None, "messages": ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed + j, "memory": False, "shots": False}
+            for p in prompts
+        ]
+        texts += [r.text for r in pz.respond_batch(requests)]
+    return texts
+
+
+def paired_drift(steered: Sequence[float], unsteered: Sequence[float]) -> tuple[float, float, float]:
+    """Relative change of a mean, ``(mean(s) - mean(u)) / |mean(u)|``, with a 95% interval.
+
+    The answers are paired (same prompt and seed), so the interval is the normal one of the
+    mean paired difference, ``1.96 * sd(d) / sqrt(n)``, over ``|mean(u)|``. With ``n < 2`` or a
+    zero unsteered mean the interval is infinite.
+    """
+    if len(steered) != len(unsteered) or not steered:
+        raise ValidationError("steered", f"has {len(steered)} answers, unsteered {len(unsteered)}", "pair every steered answer with its unsteered one")
+    base = abs(statistics.fmean(unsteered))
+    diffs = [a - b for a, b in zip(steered, unsteered, strict=True)]
+    mean = statistics.fmean(diffs)
+    if base == 0.0:
+        return (0.0 if mean == 0.0 else math.copysign(math.inf, mean)), -math.inf, math.inf
+    half = 1.96 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
+    return mean / base, (mean - half) / base, (mean + half) / base
 
 
 def _scores(texts: Sequence[str]) -> dict[str, list[float]]:
@@ -137,7 +160,8 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
         points = []
         for w in values:
             scores = _scores(_generate(pz, prompts, {"weights": {first: w}, "method": method}, config)) if w != 0.0 else unsteered
-            points.append({"weight": w, "mean": {k: statistics.fmean(v) for k, v in scores.items()}, first: scores[first]})
+            drift = {k: paired_drift(scores[k], unsteered[k]) for k in OBJECTIVES if k != first}
+            points.append({"weight": w, "mean": {k: statistics.fmean(v) for k, v in scores.items()}, first: scores[first], "drift": drift})
             say(f"sweep {method} {first}={w:+.2f}: {statistics.fmean(scores[first]):.3f}")
         means = [p["mean"][first] for p in points]
         per_answer_w = [p["weight"] for p in points for _ in p[first]]
@@ -147,13 +171,16 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
             for k in OBJECTIVES
             if k != first
         }
+        # the point of largest drift of each other objective, with its paired 95% interval
+        worst = {k: max((p["drift"][k] for p in points), key=lambda d: abs(d[0])) for k in OBJECTIVES if k != first}
         result["sweep"][method] = {
             "values": values,
             "means": means,
             "spearman_means": spearman(values, means),
             "spearman_answers": spearman(per_answer_w, per_answer),
             "max_relative_drift": drift,
-            "points": [{"weight": p["weight"], "mean": p["mean"]} for p in points],
+            "max_drift_interval": {k: list(v) for k, v in worst.items()},
+            "points": [{"weight": p["weight"], "mean": p["mean"], "drift": {k: list(v) for k, v in p["drift"].items()}} for p in points],
         }
     if config.front and rest:
         (a, sa), (b, sb) = _name(config.objectives[0]), rest[0]
@@ -184,9 +211,16 @@ def format_steer(result: dict[str, Any]) -> str:
     lines.append("|---" * (len(next(iter(result["sweep"].values()))["values"]) + 5) + "|")
     for method, s in result["sweep"].items():
         drift = s["max_relative_drift"]
-        lines.append(
-            f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {drift.get('reading_level', float('nan')):.0%} | {drift.get('structure', float('nan')):.0%} |"
-        )
+        interval = s.get("max_drift_interval", {})
+
+        def cell(name: str, drift: dict[str, float] = drift, interval: dict[str, list[float]] = interval) -> str:
+            text = f"{drift.get(name, float('nan')):.0%}"
+            if name in interval:
+                _, low, high = interval[name]
+                text += f" [{low:+.0%}, {high:+.0%}]"
+            return text
+
+        lines.append(f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {cell('reading_level')} | {cell('structure')} |")
     if result.get("front"):
         ax = result["front_axes"]
         lines += ["", f"front over ({ax[0]}, {ax[1]}) (signed: more is better on both axes)", "", "| method | points (x, y) | dominates prompt |", "|---|---|---|"]
@@ -247,9 +281,9 @@ def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     first = results[0]
     merged = {**first, "sweep": {}, "front": {}, "config": {**first["config"], "methods": []}, "seconds": 0.0}
     for result in results:
-        for key in keys:
-            if result["config"][key] != first["config"][key]:
-                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", result["config"][key])
+        for key in (*keys, "seeds"):
+            if result["config"].get(key, 1 if key == "seeds" else None) != first["config"].get(key, 1 if key == "seeds" else None):
+                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", result["config"].get(key))
         for part in ("sweep", "front"):
             for method, entry in result.get(part, {}).items():
                 if method in merged[part]:
