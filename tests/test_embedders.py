@@ -79,11 +79,18 @@ def test_beats_chance_on_unseen_users(name, fitted, synthetic):
     assert accuracy > 0.5 + 2 * math.sqrt(0.25 / n_pairs), (name, accuracy)
 
 
-def test_personalised_methods_beat_the_population_baseline(fitted, synthetic):
-    _, _, test = synthetic
-    baseline = held_out_accuracy(fitted["bt"], test.users, SHOTS)
-    best = max(held_out_accuracy(fitted[name], test.users, 8) for name in ("meandiff", "pal", "vpl"))
-    assert best > baseline
+def test_personalised_methods_beat_the_population_baseline(featurizer):
+    """Where users disagree (a shared taste half the size of their own), 8 shots must beat one
+    population reward by a margin. (On the module's population, whose shared taste dominates,
+    the best personal method was within a pair or two of Bradley-Terry, and which side won
+    depended on the number of threads.)"""
+    config = SyntheticConfig(n_users=60, n_types=3, shared_scale=0.5, candidates_per_prompt=5, n_prompts=12, seed=0)
+    fit, test = SyntheticPopulation(config).population(shots=8, held_out=16, seed=1).split(0.3, seed=0, exclude="pair")
+    models = {name: build(name, featurizer).fit(fit.population(), seed=0) for name in ("bt", "meandiff", "pal")}
+    baseline = held_out_accuracy(models["bt"], test.users, SHOTS)
+    best = max(held_out_accuracy(models[name], test.users, 8) for name in ("meandiff", "pal"))
+    # measured: bt 0.608; meandiff 0.677, pal 0.674-0.684 (1 or 2 threads), over 288 held-out pairs
+    assert best > baseline + 0.03, (best, baseline)
 
 
 @pytest.mark.parametrize("name", ["bt", "meandiff", "pal", "vpl"])
@@ -250,3 +257,5 @@ def test_psoups_loader():
         keys = [(c.prompt_text, c.chosen, c.rejected) for c in user.shots]
         assert len(set(keys)) == len(keys)
         assert user.held_out[0].prompt_text not in {c.prompt_text for c in user.shots}
+
+
