@@ -70,7 +70,9 @@ def data_root(root: str | Path | None = None) -> Path:
     return Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
-def _source_dir(root: str | Path | None, name: str) -> Path:
+def source_dir(root: str | Path | None, name: str) -> Path:
+    """The folder of external data source ``name`` under :func:`data_root` (a ``ValidationError``
+    that says to set ``$PERSONALIGN_DATA`` when it is missing)."""
     folder = data_root(root) / name
     if not folder.is_dir():
         raise ValidationError(
@@ -174,7 +176,7 @@ def _comparison(prompt: str, chosen: str, rejected: str) -> Comparison | None:
 
 def load_psoups(root: str | Path | None = None, files: Sequence[str] = PSOUPS_FILES) -> EvalPopulation:
     """P-SOUPS (AlignX packaging): one user per item, de-duplicated shots, one held-out pair."""
-    folder = _source_dir(root, "psoups_alignx")
+    folder = source_dir(root, "psoups_alignx")
     users: list[EvalUser] = []
     dropped = {"test_prompt_in_history": 0, "duplicate_shots": 0, "invalid_pairs": 0}
     for name in files:
@@ -212,7 +214,7 @@ def load_relabeled_hh(
     root: str | Path | None = None, shots: int = 8, held_out: int = 8, seed: int = 0
 ) -> EvalPopulation:
     """Relabeled HH-RLHF: disjoint users of ``shots + held_out`` pairs of one objective each."""
-    folder = _source_dir(root, "relabeled_hh_rlhf")
+    folder = source_dir(root, "relabeled_hh_rlhf")
     by_objective: dict[str, list[Comparison]] = {}
     invalid = 0
     with gzip.open(folder / "both" / "test.jsonl.gz", "rt", encoding="utf-8") as handle:
@@ -241,7 +243,7 @@ def load_popquorn(
     root: str | Path | None = None, shots: int = 8, held_out: int = 128, seed: int = 0
 ) -> EvalPopulation:
     """POPQUORN offensiveness: annotators' ratings turned into within-user pairs (see module doc)."""
-    folder = _source_dir(root, "popquorn")
+    folder = source_dir(root, "popquorn")
     ratings: dict[str, list[tuple[str, float]]] = {}
     with (folder / "offensiveness" / "raw_data.csv").open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
@@ -278,7 +280,7 @@ def load_popquorn(
 
 def load_prefeval(root: str | Path | None = None, topics: Sequence[str] | None = None) -> EvalPopulation:
     """PrefEval MCQ: the aligned option over each violating option, per (topic, item) user."""
-    folder = _source_dir(root, "prefeval") / "benchmark_dataset" / "mcq_options"
+    folder = source_dir(root, "prefeval") / "benchmark_dataset" / "mcq_options"
     names = sorted(p.stem for p in folder.glob("*.json") if " " not in p.stem) if topics is None else list(topics)
     users: list[EvalUser] = []
     for topic in names:

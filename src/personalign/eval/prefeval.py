@@ -53,7 +53,7 @@ import torch
 
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
-from personalign.eval.populations import _source_dir
+from personalign.eval.populations import source_dir
 from personalign.eval.stats import bootstrap_mean_ci, save_figure
 
 CONDITIONS = ("none", "no-memory", "memory", "oracle")
@@ -132,7 +132,7 @@ class PrefEvalItem:
 
 
 def benchmark_dir(root: str | Path | None = None) -> Path:
-    return _source_dir(root, "prefeval") / "benchmark_dataset"
+    return source_dir(root, "prefeval") / "benchmark_dataset"
 
 
 def list_topics(root: str | Path | None = None) -> list[str]:

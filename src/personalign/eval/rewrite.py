@@ -50,7 +50,7 @@ import numpy as np
 
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
-from personalign.eval.populations import _source_dir
+from personalign.eval.populations import source_dir
 from personalign.eval.stats import bootstrap_mean_ci, save_figure, win_rate
 
 INSTRUCTION = "Rewrite this email to be more polite and professional."
@@ -143,7 +143,7 @@ class EmailPair:
 
 def load_email_rewrites(root: str | Path | None = None) -> dict[str, list[EmailPair]]:
     """``{user_id: [EmailPair, ...]}`` in file order; unattributed rows (empty ``user_id``) are dropped."""
-    path = _source_dir(root, "popquorn") / "email_rewriting" / "raw_data.csv"
+    path = source_dir(root, "popquorn") / "email_rewriting" / "raw_data.csv"
     users: dict[str, list[EmailPair]] = {}
     with path.open(encoding="utf-8", newline="") as handle:
         for row in csv.DictReader(handle):
