@@ -902,6 +902,29 @@ def eval_prefeval(
         typer.echo(f"plot -> {plot_prefeval(result, plot)}")
 
 
+@eval_app.command("popquorn-reference")
+def eval_popquorn_reference(
+    seeds: Annotated[int, typer.Option(min=1, max=100, help="Seeded splits for the fit-users-only reference.")] = 3,
+    held_out: Annotated[float, typer.Option(min=0.01, max=0.99, help="Share of annotators held out.")] = 0.2,
+    data_root: Annotated[Path | None, typer.Option(help="Folder that holds popquorn/ (default: $PERSONALIGN_DATA or ../shared/data).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+) -> None:
+    """How often POPQUORN's item means order a user's own pairs: the README's leave-one-out
+    reference recomputed, and item means of the fit users only (what a deployed model knows)."""
+    from personalign.eval.reference import popquorn_reference
+
+    try:
+        result = popquorn_reference(data_root, seeds=seeds, held_out=held_out)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    loo, fit = result["leave_one_out"], result["fit_users_only"]
+    typer.echo(f"leave-one-out item means (all other annotators): {loo['ties_dropped']:.4f} over {loo['pairs']} pairs (ties dropped), {loo['ties_half']:.4f} over {loo['all_pairs']} (ties half)")
+    typer.echo(f"item means of the fit users only ({held_out:.0%} held out, ties half): {fit['mean']:.4f} (per seed {', '.join(f'{a:.4f}' for a in fit['per_seed'])})")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
 @eval_app.command("rewrite")
 def eval_rewrite(
     split: Annotated[str, typer.Option(help="test (the seeded 20% held-out users) or dev (the others).")] = "test",
