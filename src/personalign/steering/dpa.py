@@ -4,7 +4,11 @@ The direction ``v`` (a unit vector over the objectives) is written into the syst
 (:func:`direction_text`). Each iteration: draw a direction per training prompt, generate ``n``
 answers with the current adapter, keep the answer with the best direction-weighted score
 ``v . z(answer)`` (``z``: objective scores standardised over the iteration's answers), and
-fine-tune the adapter on the kept answers (SFT on response tokens). Each iteration's front
+fine-tune the adapter on the kept answers (SFT on response tokens). With ``every_direction``
+(the default) each of the ``directions`` angles keeps its own best of a prompt's ``n``
+answers, taught under its own direction line: opposite directions then get opposite answers
+to the same prompt, which is what makes the adapter read the line (with one drawn direction
+per prompt, the adapter trained here learned only to shorten answers, whatever the line). Each iteration's front
 (mean measured scores per direction) is recorded. Decoding uses the adapter as the request's
 row and the direction in the system prompt. Wang et al. 2024, "Arithmetic Control of LLMs
 for Diverse User Preferences: Directional Preference Alignment".
@@ -61,6 +65,10 @@ class DpaConfig(BaseModel):
     directions: int = Field(default=8, ge=2, le=360, description="evenly spaced angles a direction is drawn from")
     max_new_tokens: int = Field(default=160, ge=8)
     temperature: float = Field(default=1.0, gt=0.0)
+    every_direction: bool = Field(
+        default=True,
+        description="train every direction on its best answer per prompt, not only the drawn one: the direction line is then the only thing that tells a prompt's kept answers apart",
+    )
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -108,10 +116,15 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
         stats = {o: (statistics.fmean(v), statistics.pstdev(v) or 1.0) for o, v in raw.items()}
         kept = []
         n = config.samples_per_prompt
-        for j, direction in enumerate(directions):
+        for j, (prompt, drawn_direction) in enumerate(zip(prompts, directions, strict=True)):
             group = range(j * n, (j + 1) * n)
-            score = [sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives) for i in group]
-            kept.append(answers[j * n + max(range(n), key=lambda k: score[k])])
+            targets = [unit_direction(config.objectives, a) for a in angles] if config.every_direction else [drawn_direction]
+            for direction in targets:
+                score = [sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives) for i in group]
+                prompt_ids, response, text = answers[j * n + max(range(n), key=lambda k: score[k])]
+                if direction != drawn_direction:  # the same answer, taught under this direction's line
+                    prompt_ids = chat_ids(tokenizer, prompt, system=direction_text(direction))
+                kept.append((prompt_ids, response, text))
         front = {}
         for angle in angles:
             idx = [j * n + k for j, a in enumerate(drawn) if a == angle for k in range(n)]
