@@ -6,9 +6,11 @@ answers with the current adapter, keep the answer with the best direction-weight
 ``v . z(answer)`` (``z``: objective scores standardised over the iteration's answers), and
 fine-tune the adapter on the kept answers (SFT on response tokens). With ``every_direction``
 (the default) each of the ``directions`` angles keeps its own best of a prompt's ``n``
-answers, taught under its own direction line: opposite directions then get opposite answers
-to the same prompt, which is what makes the adapter read the line (with one drawn direction
-per prompt, the adapter trained here learned only to shorten answers, whatever the line). Each iteration's front
+answers, taught under its own direction line, so opposite directions get opposite answers to
+the same prompt and only the line tells them apart. On SmolLM2-135M neither form learned to
+follow the line: with one drawn direction per prompt (2 iterations) the adapter shortened
+answers whatever the direction, and with every direction (1 iteration, 384 kept answers)
+likewise (mean verbosity 4.08 for negative and 4.10 for positive weights; docs/steering.md). Each iteration's front
 (mean measured scores per direction) is recorded. Decoding uses the adapter as the request's
 row and the direction in the system prompt. Wang et al. 2024, "Arithmetic Control of LLMs
 for Diverse User Preferences: Directional Preference Alignment".
@@ -67,7 +69,7 @@ class DpaConfig(BaseModel):
     temperature: float = Field(default=1.0, gt=0.0)
     every_direction: bool = Field(
         default=True,
-        description="train every direction on its best answer per prompt, not only the drawn one: the direction line is then the only thing that tells a prompt's kept answers apart",
+        description="train every direction on its best answer per prompt, not only the drawn one (the direction line is then the only thing that tells a prompt's kept answers apart)",
     )
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0.0)
