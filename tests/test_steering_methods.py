@@ -277,3 +277,12 @@ class _HeadOnly(torch.nn.Module):
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.head
+
+
+def test_dpa_every_direction_keeps_one_answer_per_prompt_and_direction(fresh_generator):
+    from personalign.steering.dpa import DpaConfig, train_dpa
+    from personalign.steering.loop import LoopConfig
+
+    config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=2, directions=4, max_new_tokens=8, every_direction=True, loop=LoopConfig(epochs=1, batch_size=4))
+    _, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
+    assert records[0]["answers"] == 4 and records[0]["kept"] == 8  # 2 prompts x 4 directions (the drawn one only: 2)

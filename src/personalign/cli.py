@@ -671,6 +671,7 @@ def train_dpa_cmd(
     per_prompt: Annotated[int, typer.Option(min=2, help="Answers generated per prompt and direction; the best is kept.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=8)] = 160,
     epochs: Annotated[int, typer.Option(min=1, help="SFT epochs per round.")] = 2,
+    every_direction: Annotated[bool, typer.Option("--every-direction", help="Teach every direction its own best answer per prompt, not only the drawn direction.")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -684,7 +685,7 @@ def train_dpa_cmd(
         root = out or steering_dir()
         root.mkdir(parents=True, exist_ok=True)
         generator = load_generator(model, device=device)
-        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, seed=seed, progress=typer.echo)
+        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, every_direction=every_direction, seed=seed, progress=typer.echo)
         write_report(root, "dpa", report)
         typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {report['folder']}")
     except PersonalignError as err:

@@ -5,7 +5,7 @@ The direction ``v`` (a unit vector over the objectives) is written into the syst
 answers with the current adapter, keep the answer with the best direction-weighted score
 ``v . z(answer)`` (``z``: objective scores standardised over the iteration's answers), and
 fine-tune the adapter on the kept answers (SFT on response tokens). With ``every_direction``
-(the default) each of the ``directions`` angles keeps its own best of a prompt's ``n``
+(``--every-direction``) each of the ``directions`` angles keeps its own best of a prompt's ``n``
 answers, taught under its own direction line, so opposite directions get opposite answers to
 the same prompt and only the line tells them apart. On SmolLM2-135M neither form learned to
 follow the line: with one drawn direction per prompt (2 iterations) the adapter shortened
@@ -68,7 +68,7 @@ class DpaConfig(BaseModel):
     max_new_tokens: int = Field(default=160, ge=8)
     temperature: float = Field(default=1.0, gt=0.0)
     every_direction: bool = Field(
-        default=True,
+        default=False,
         description="train every direction on its best answer per prompt, not only the drawn one (the direction line is then the only thing that tells a prompt's kept answers apart)",
     )
     rank: int = Field(default=8, ge=1, le=256)
