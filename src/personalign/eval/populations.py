@@ -81,6 +81,28 @@ def source_dir(root: str | Path | None, name: str) -> Path:
     return folder
 
 
+def held_out_indices(n: int, fraction: float, seed: int) -> set[int]:
+    """The seeded test share of ``n`` items: the first ``round(fraction * n)`` (at least 1, at
+    most ``n - 1``) of ``default_rng(seed).permutation(n)``. Every split by user uses it."""
+    order = np.random.default_rng(seed).permutation(n)
+    return set(order[: max(1, min(n - 1, round(fraction * n)))].tolist())
+
+
+def user_order(user_id: str) -> tuple[int, float | str]:
+    """Sort key of raw user ids: numbers numerically, then the rest as text."""
+    try:
+        return (0, float(user_id))
+    except ValueError:
+        return (1, user_id)
+
+
+def heldout_users(user_ids: Sequence[str], fraction: float = 0.2, seed: int = 0) -> list[str]:
+    """The seeded held-out users of raw data: ids sorted (numerically where they are numbers),
+    then :func:`held_out_indices`, as ``EvalPopulation.split`` does for its users."""
+    ordered = sorted(set(user_ids), key=user_order)
+    return sorted((ordered[i] for i in held_out_indices(len(ordered), fraction, seed)), key=user_order)
+
+
 # --- the population type -----------------------------------------------------------------------
 
 
@@ -138,9 +160,7 @@ class EvalPopulation:
             raise ValidationError("test_fraction", "must be in (0, 1)", "use e.g. 0.2", test_fraction)
         if exclude not in ("prompt", "pair", "none"):
             raise ValidationError("exclude", "must be 'prompt', 'pair' or 'none'", "use 'prompt' for external data", exclude)
-        order = np.random.default_rng(seed).permutation(len(self.users))
-        n_test = max(1, min(len(self.users) - 1, round(test_fraction * len(self.users))))
-        test_idx = set(order[:n_test].tolist())
+        test_idx = held_out_indices(len(self.users), test_fraction, seed)
         test = [u for i, u in enumerate(self.users) if i in test_idx]
         fit = [u for i, u in enumerate(self.users) if i not in test_idx]
 

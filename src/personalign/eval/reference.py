@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from personalign.errors import ValidationError
-from personalign.eval.populations import source_dir
+from personalign.eval.populations import heldout_users, source_dir
 
 Rating = tuple[str, str, float]  # (user, item, rating)
 
@@ -46,6 +46,16 @@ def _by_user(ratings: Iterable[Rating]) -> dict[str, list[tuple[str, float]]]:
     for user, item, rating in ratings:
         users.setdefault(user, []).append((item, rating))
     return users
+
+
+def _item_sums(ratings: Iterable[Rating]) -> tuple[dict[str, float], dict[str, int]]:
+    """Per item: the sum and the number of its ratings."""
+    total: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for _, item, rating in ratings:
+        total[item] = total.get(item, 0.0) + rating
+        count[item] = count.get(item, 0) + 1
+    return total, count
 
 
 def _agreement(users: Mapping[str, Sequence[tuple[str, float]]], reference: Mapping[str, Mapping[str, float]], ties: str) -> tuple[float, int]:
@@ -73,11 +83,7 @@ def leave_one_out_agreement(ratings: Sequence[Rating], ties: str = "drop") -> tu
 
     Returns ``(agreement, pairs)``. An item no one else rated gets the global mean rating.
     """
-    total: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for _, item, rating in ratings:
-        total[item] = total.get(item, 0.0) + rating
-        count[item] = count.get(item, 0) + 1
+    total, count = _item_sums(ratings)
     mean = sum(total.values()) / max(sum(count.values()), 1)
     users = _by_user(ratings)
     reference = {
@@ -87,7 +93,8 @@ def leave_one_out_agreement(ratings: Sequence[Rating], ties: str = "drop") -> tu
 
 
 def fit_only_agreement(ratings: Sequence[Rating], held_out: float = 0.2, seed: int = 0, prior: float = 1.0, ties: str = "half") -> tuple[float, int]:
-    """Item means of a seeded ``1 - held_out`` share of the users, scored on the other users' pairs.
+    """Item means of a seeded ``1 - held_out`` share of the users (:func:`heldout_users`, the
+    split every harness uses), scored on the other users' pairs.
 
     Each mean is shrunk to the fit users' global mean by ``prior`` pseudo-ratings; an item no
     fit user rated gets the global mean. Returns ``(agreement, pairs)``.
@@ -95,19 +102,12 @@ def fit_only_agreement(ratings: Sequence[Rating], held_out: float = 0.2, seed: i
     if not 0.0 < held_out < 1.0:
         raise ValidationError("held_out", f"is {held_out}", "give a fraction between 0 and 1, e.g. 0.2", held_out)
     users = _by_user(ratings)
-    names = sorted(users)
-    order = np.random.default_rng(seed).permutation(len(names))
-    n_test = max(1, int(held_out * len(names)))
-    test = {names[k] for k in order[:n_test]}
+    if len(users) < 2:
+        raise ValidationError("ratings", f"has {len(users)} user", "give at least two users: one to fit the item means on, one to test")
+    test = set(heldout_users(list(users), held_out, seed))
     fit = [(u, i, r) for u, i, r in ratings if u not in test]
-    if not fit:
-        raise ValidationError("held_out", "leaves no user to fit the item means on", "lower held_out", held_out)
     mean = float(np.mean([r for _, _, r in fit]))
-    total: dict[str, float] = {}
-    count: dict[str, int] = {}
-    for _, item, rating in fit:
-        total[item] = total.get(item, 0.0) + rating
-        count[item] = count.get(item, 0) + 1
+    total, count = _item_sums(fit)
     item_mean = {item: (total[item] + prior * mean) / (count[item] + prior) for item in total}
     held = {u: users[u] for u in sorted(test)}
     reference = {u: {item: item_mean.get(item, mean) for item, _ in items} for u, items in held.items()}

@@ -50,7 +50,7 @@ import numpy as np
 
 from personalign.errors import ValidationError
 from personalign.eval.adapters import wilson
-from personalign.eval.populations import source_dir
+from personalign.eval.populations import heldout_users, source_dir, user_order
 from personalign.eval.stats import bootstrap_mean_ci, save_figure, win_rate
 
 INSTRUCTION = "Rewrite this email to be more polite and professional."
@@ -153,22 +153,6 @@ def load_email_rewrites(root: str | Path | None = None) -> dict[str, list[EmailP
     return users
 
 
-def _user_order(user_id: str) -> tuple[int, float | str]:
-    try:
-        return (0, float(user_id))
-    except ValueError:
-        return (1, user_id)
-
-
-def heldout_users(user_ids: Sequence[str], fraction: float = 0.2, seed: int = 0) -> list[str]:
-    """The seeded held-out users: ids sorted (numerically where they are numbers), permuted by
-    ``default_rng(seed)``, the first ``round(fraction * n)`` taken (as ``EvalPopulation.split``)."""
-    ordered = sorted(set(user_ids), key=_user_order)
-    order = np.random.default_rng(seed).permutation(len(ordered))
-    n_test = max(1, min(len(ordered) - 1, round(fraction * len(ordered))))
-    return sorted((ordered[i] for i in order[:n_test]), key=_user_order)
-
-
 def task_message(original: str) -> str:
     return f"{INSTRUCTION}\n\n{original}"
 
@@ -232,7 +216,7 @@ def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None
     started = time.perf_counter()
     emails = load_email_rewrites(config.data_root)
     test = heldout_users(list(emails), config.test_fraction, config.seed)
-    users = test if config.split == "test" else [u for u in sorted(emails, key=_user_order) if u not in set(test)]
+    users = test if config.split == "test" else [u for u in sorted(emails, key=user_order) if u not in set(test)]
     users = users[: config.users] if config.users is not None else users
     # A target needs a history to condition on (a user whose other rewrites all equal the email has none).
     candidates = [(u, t) for u in users for t in targets_of(emails[u], config.k, config.seed)]
