@@ -171,7 +171,7 @@ def run_generate(
     generic = dict(zip(dict.fromkeys(p for _, p in pairs), _generate(pz, generic_requests, config.batch_size, progress, GENERIC), strict=True))
     timings = {GENERIC: time.perf_counter() - started}
     population = split.population
-    result: dict[str, Any] = {"config": config.__dict__, "split": split.meta, "judge": "the test user's hidden reward (synthetic population)", "methods": {}}
+    result: dict[str, Any] = {"config": config.__dict__, "split": split.meta, "judge": "the test user's hidden reward (synthetic population)", "methods": {}, "seconds": timings}
     result["generic"] = {"mean_attributes": _mean_attributes(population, list(generic.values()))}
     for method in config.methods:
         if method == GENERIC:
@@ -204,10 +204,8 @@ def run_generate(
             "seconds": timings[method],
             "example": {"user": pairs[0][0].user, "prompt": pairs[0][1], "answer": texts[0], "generic": generic[pairs[0][1]]},
         }
-        result["seconds"] = timings
         if on_method is not None:
             on_method(result)
-    result["seconds"] = timings
     return result
 
 

@@ -166,13 +166,9 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
         means = [p["mean"][first] for p in points]
         per_answer_w = [p["weight"] for p in points for _ in p[first]]
         per_answer = [s for p in points for s in p[first]]
-        drift = {
-            k: max(abs(p["mean"][k] - base_means[k]) / abs(base_means[k]) if base_means[k] else float("inf") for p in points)
-            for k in OBJECTIVES
-            if k != first
-        }
         # the point of largest drift of each other objective, with its paired 95% interval
         worst = {k: max((p["drift"][k] for p in points), key=lambda d: abs(d[0])) for k in OBJECTIVES if k != first}
+        drift = {k: abs(d[0]) if base_means[k] else float("inf") for k, d in worst.items()}
         result["sweep"][method] = {
             "values": values,
             "means": means,
@@ -280,10 +276,12 @@ def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = ("objectives", "sweep", "directions", "prompts", "max_new_tokens", "temperature", "top_p", "seed", "system")
     first = results[0]
     merged = {**first, "sweep": {}, "front": {}, "config": {**first["config"], "methods": []}, "seconds": 0.0}
+    defaults = {"seeds": 1}  # runs written before the option existed
     for result in results:
         for key in (*keys, "seeds"):
-            if result["config"].get(key, 1 if key == "seeds" else None) != first["config"].get(key, 1 if key == "seeds" else None):
-                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", result["config"].get(key))
+            value = result["config"].get(key, defaults.get(key))
+            if value != first["config"].get(key, defaults.get(key)):
+                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", value)
         for part in ("sweep", "front"):
             for method, entry in result.get(part, {}).items():
                 if method in merged[part]:

@@ -127,9 +127,8 @@ class HiddenCapture:
     """
 
     def __init__(self, model: Any) -> None:
-        base = getattr(model, "get_base_model", lambda: model)()
         self.last: torch.Tensor | None = None
-        self._handle = base.get_output_embeddings().register_forward_pre_hook(self._hook)
+        self._handle = output_head(model).register_forward_pre_hook(self._hook)
 
     def _hook(self, module: Any, inputs: tuple[Any, ...]) -> None:
         self.last = inputs[0][:, -1, :]
@@ -164,6 +163,11 @@ def mix_terms(own: str, objectives: Sequence[tuple[str, float]], tolerance: floa
     return [(name, c) for name, c in terms if abs(c) > tolerance]
 
 
+def output_head(model: Any) -> Any:
+    """The output embedding (LM head) of ``model``, under a PEFT wrapper if there is one."""
+    return getattr(model, "get_base_model", lambda: model)().get_output_embeddings()
+
+
 def head_mixable(model: Any) -> bool:
     """Whether logits are an affine map of the last hidden state, so mixing can precede the head.
 
@@ -171,10 +175,8 @@ def head_mixable(model: Any) -> bool:
     final logit soft-capping (Gemma 2's ``tanh`` cap is not linear). A LoRA on the head makes
     it differ per row, so that is excluded too.
     """
-    base = getattr(model, "get_base_model", lambda: model)()
-    head = base.get_output_embeddings()
-    config = getattr(base, "config", None)
-    return type(head) is torch.nn.Linear and getattr(config, "final_logit_softcapping", None) is None
+    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
+    return type(output_head(model)) is torch.nn.Linear and getattr(config, "final_logit_softcapping", None) is None
 
 
 class MixedHead:
@@ -189,8 +191,7 @@ class MixedHead:
     """
 
     def __init__(self, model: Any, coefficients: torch.Tensor, owner: list[int]) -> None:
-        base = getattr(model, "get_base_model", lambda: model)()
-        head = base.get_output_embeddings()
+        head = output_head(model)
         self.coefficients = coefficients.to(head.weight.device)  # (R, N)
         self.owner = torch.tensor(owner, device=head.weight.device)  # (N,) request of each row
         self._handles = [head.register_forward_pre_hook(self._mix), head.register_forward_hook(self._expand)]
