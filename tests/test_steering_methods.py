@@ -261,7 +261,12 @@ def test_mixing_before_the_head_equals_mixing_log_probs():
 
 
 def test_head_mixable_only_for_an_affine_head():
+    from personalign.packed_linear import pack_linears
+
     assert head_mixable(_HeadOnly(torch.nn.Linear(6, 11)))
+    packed = torch.nn.Linear(6, 11)
+    pack_linears(packed, enabled=True)
+    assert head_mixable(_HeadOnly(packed))  # the packed head is the same affine map
     capped = _HeadOnly(torch.nn.Linear(6, 11))
     capped.config = type("Config", (), {"final_logit_softcapping": 30.0})()
     assert not head_mixable(capped)
@@ -286,3 +291,17 @@ def test_dpa_every_direction_keeps_one_answer_per_prompt_and_direction(fresh_gen
     config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=2, directions=4, max_new_tokens=8, every_direction=True, loop=LoopConfig(epochs=1, batch_size=4))
     _, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
     assert records[0]["answers"] == 4 and records[0]["kept"] == 8  # 2 prompts x 4 directions (the drawn one only: 2)
+
+
+def test_dpa_dpo_trains_on_best_and_worst_pairs(fresh_generator):
+    from personalign.steering.dpa import DpaConfig, train_dpa
+    from personalign.steering.loop import LoopConfig
+
+    config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=3, directions=4, max_new_tokens=8, every_direction=True, loss="dpo", loop=LoopConfig(epochs=2, batch_size=4))
+    model, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
+    record = records[0]
+    assert record["kept"] == 8 and 0 < record["pairs"] <= 8
+    loss = record["dpo_loss"]
+    assert len(loss) == 2 and loss[0] == pytest.approx(math.log(2), abs=0.05)  # the adapter starts as the reference
+    assert loss[1] < loss[0]
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "steer_dpa" in n and "lora_B" in n)

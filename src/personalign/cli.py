@@ -672,6 +672,8 @@ def train_dpa_cmd(
     max_new_tokens: Annotated[int, typer.Option(min=8)] = 160,
     epochs: Annotated[int, typer.Option(min=1, help="SFT epochs per round.")] = 2,
     every_direction: Annotated[bool, typer.Option("--every-direction", help="Teach every direction its own best answer per prompt, not only the drawn direction.")] = False,
+    loss: Annotated[str, typer.Option(help="sft (the paper: fine-tune on the best answers) or dpo (DPO on best vs worst under the same direction line).")] = "sft",
+    beta: Annotated[float, typer.Option(help="DPO's beta (--loss dpo).")] = 0.1,
     seed: Annotated[int, typer.Option()] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -682,10 +684,14 @@ def train_dpa_cmd(
     from personalign.steering.recipes import train_dpa_recipe, write_report
 
     try:
+        if loss not in ("sft", "dpo"):
+            raise ValidationError("--loss", "is not a DPA loss", "use sft or dpo", loss)
+        if not beta > 0.0:
+            raise ValidationError("--beta", "must be positive", "use e.g. 0.1", beta)
         root = out or steering_dir()
         root.mkdir(parents=True, exist_ok=True)
         generator = load_generator(model, device=device)
-        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, every_direction=every_direction, seed=seed, progress=typer.echo)
+        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, every_direction=every_direction, loss=loss, beta=beta, seed=seed, progress=typer.echo)
         write_report(root, "dpa", report)
         typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {report['folder']}")
     except PersonalignError as err:
@@ -1071,6 +1077,7 @@ def bench_steer(
     max_new_tokens: Annotated[int, typer.Option(min=4)] = 48,
     repeats: Annotated[int, typer.Option(min=1)] = 3,
     batch: Annotated[int, typer.Option(min=2, help="Requests in the batched setting.")] = 4,
+    stock_too: Annotated[bool, typer.Option("--stock-too", help="Also run every case with stock F.linear (packing off), side by side.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -1081,13 +1088,37 @@ def bench_steer(
     root = Path(tempfile.mkdtemp(prefix="personalign-bench-"))
     try:
         with _open(root, model, None, device) as pz:
-            result = run_steer_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats, batch=batch)
+            result = run_steer_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats, batch=batch, stock_too=stock_too)
     except PersonalignError as err:
         _fail(err)
         return
     finally:
         shutil.rmtree(root, ignore_errors=True)
     typer.echo(format_steer_bench(result))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+@bench_app.command("linear")
+def bench_linear(
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
+    model: ModelOpt = None,
+) -> None:
+    """One decoding step's projections on the generator's weights: stock F.linear vs packed oneDNN, per row count."""
+    from personalign.bench.linear import format_linear_bench, run_linear_bench
+    from personalign.models import load_generator
+
+    try:
+        generator = load_generator(model, device="cpu", dtype="float32")
+        result = run_linear_bench(generator.model, repeats=repeats)
+    except PersonalignError as err:
+        _fail(err)
+        return
+    except RuntimeError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(format_linear_bench(result))
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=1))
 

@@ -172,6 +172,8 @@ def load_generator(model: str | None = None, device: str | None = None, dtype: s
     set_offline()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from personalign.packed_linear import pack_linears
+
     model_id = model or EMBEDDED_GENERATOR
     path = convert_embedded_generator() if model_id == EMBEDDED_GENERATOR else model_id
     torch_device = resolve_device(device)
@@ -189,6 +191,7 @@ def load_generator(model: str | None = None, device: str | None = None, dtype: s
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     lm.to(torch_device).eval()
+    pack_linears(lm)  # few-row CPU decoding steps on packed oneDNN weights; single rows unchanged
     return Generator(model=lm, tokenizer=tokenizer, model_id=model_id, source=str(path))
 
 

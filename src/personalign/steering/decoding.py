@@ -171,12 +171,14 @@ def output_head(model: Any) -> Any:
 def head_mixable(model: Any) -> bool:
     """Whether logits are an affine map of the last hidden state, so mixing can precede the head.
 
-    True for a plain ``nn.Linear`` output head (tied or not, with or without bias) and no
+    True for a plain ``nn.Linear`` output head (tied or not, with or without bias, packed or not) and no
     final logit soft-capping (Gemma 2's ``tanh`` cap is not linear). A LoRA on the head makes
     it differ per row, so that is excluded too.
     """
+    from personalign.packed_linear import PackedLinear
+
     config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    return type(output_head(model)) is torch.nn.Linear and getattr(config, "final_logit_softcapping", None) is None
+    return type(output_head(model)) in (torch.nn.Linear, PackedLinear) and getattr(config, "final_logit_softcapping", None) is None
 
 
 class MixedHead:

@@ -23,13 +23,13 @@ import random
 import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import ValidationError
-from personalign.functional.dpo import sequence_logps
+from personalign.functional.dpo import dpo_loss, sequence_logps
 from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, train_loop
 from personalign.steering.objectives import OBJECTIVES
@@ -71,6 +71,11 @@ class DpaConfig(BaseModel):
         default=False,
         description="train every direction on its best answer per prompt, not only the drawn one (the direction line is then the only thing that tells a prompt's kept answers apart)",
     )
+    loss: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="sft: fine-tune on the kept (best) answers, as in the paper; dpo: DPO on (best, worst) of the same answers under the same direction line, against the base model",
+    )
+    beta: float = Field(default=0.1, gt=0.0, description="DPO's beta (loss='dpo')")
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -97,6 +102,45 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Se
     return out
 
 
+def _rows(seqs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + response`` rows: ids, attention mask, response mask, each ``(N, T)``."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    ids = torch.tensor([p + r + [pad] * (width - len(p) - len(r)) for p, r in seqs])
+    attention = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in seqs])
+    completion = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in seqs])
+    return ids, attention, completion
+
+
+def _sft_batch_loss(model: Any, kept: Sequence[tuple[list[int], list[int]]], pad: int) -> Any:
+    """Mean negative log-likelihood per response token of the kept answers."""
+    ids, attention, completion = _rows(kept, pad)
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        logits = model(input_ids=ids[idx], attention_mask=attention[idx]).logits  # (B, T, V)
+        tokens = completion[idx][:, 1:].sum().clamp(min=1)
+        return -sequence_logps(logits, ids[idx], completion[idx]).sum() / tokens
+
+    return batch_loss
+
+
+def _dpo_batch_loss(model: Any, pairs: Sequence[tuple[list[int], list[int], list[int]]], pad: int, beta: float) -> Any:
+    """DPO on (best, worst) under the same direction line; the reference is the base model."""
+    if not pairs:
+        raise ValidationError("samples_per_prompt", "gave no (best, worst) pair that scores apart", "sample more answers per prompt or use loss='sft'")
+    ids, attention, completion = _rows([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad)  # chosen rows, then rejected
+    n = len(pairs)
+    with torch.no_grad(), model.disable_adapter():
+        ref = torch.cat([sequence_logps(model(input_ids=ids[i : i + 8], attention_mask=attention[i : i + 8]).logits, ids[i : i + 8], completion[i : i + 8]) for i in range(0, 2 * n, 8)])  # (2n,)
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        rows = idx + [n + i for i in idx]
+        logps = sequence_logps(model(input_ids=ids[rows], attention_mask=attention[rows]).logits, ids[rows], completion[rows])  # (2B,)
+        chosen, rejected = logps.chunk(2)
+        return dpo_loss(chosen, rejected, ref[idx], ref[[n + i for i in idx]], beta).mean()
+
+    return batch_loss
+
+
 def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: int = 0, progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
     """Add and train ``steer_dpa`` on ``generator``; returns (peft model, per-iteration records)."""
     for name in config.objectives:
@@ -116,43 +160,40 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
         answers = _generate(model, tokenizer, prompts, directions, config)
         raw = {o: [OBJECTIVES[o].measure(text) for _, _, text in answers] for o in config.objectives}
         stats = {o: (statistics.fmean(v), statistics.pstdev(v) or 1.0) for o, v in raw.items()}
-        kept = []
+        kept = []  # (prompt ids, best response, text) per prompt and taught direction
+        pairs = []  # (prompt ids, best response, worst response) where they score apart
         n = config.samples_per_prompt
         for j, (prompt, drawn_direction) in enumerate(zip(prompts, directions, strict=True)):
             group = range(j * n, (j + 1) * n)
             targets = [unit_direction(config.objectives, a) for a in angles] if config.every_direction else [drawn_direction]
             for direction in targets:
                 score = [sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives) for i in group]
-                prompt_ids, response, text = answers[j * n + max(range(n), key=lambda k: score[k])]
+                best, worst = max(range(n), key=lambda k: score[k]), min(range(n), key=lambda k: score[k])
+                prompt_ids, response, text = answers[j * n + best]
                 if direction != drawn_direction:  # the same answer, taught under this direction's line
                     prompt_ids = chat_ids(tokenizer, prompt, system=direction_text(direction))
                 kept.append((prompt_ids, response, text))
+                if score[best] > score[worst]:
+                    pairs.append((prompt_ids, response, answers[j * n + worst][1]))
         front = {}
         for angle in angles:
             idx = [j * n + k for j, a in enumerate(drawn) if a == angle for k in range(n)]
             if idx:
                 front[f"{angle:g}"] = {o: statistics.fmean(raw[o][i] for i in idx) for o in config.objectives}
-        rows = [p + r for p, r, _ in kept]
-        width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-        attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        completion = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r, _ in kept])
         for name, p in model.named_parameters():
             p.requires_grad_(f".{ADAPTER_NAME}." in name and "lora_" in name)
         params = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
-
-        def batch_loss(idx: list[int], ids: torch.Tensor = ids, attention: torch.Tensor = attention, completion: torch.Tensor = completion) -> torch.Tensor:
-            logits = model(input_ids=ids[idx], attention_mask=attention[idx]).logits  # (B, T, V)
-            tokens = completion[idx][:, 1:].sum().clamp(min=1)
-            return -sequence_logps(logits, ids[idx], completion[idx]).sum() / tokens
-
+        if config.loss == "dpo":
+            batch_loss, items = _dpo_batch_loss(model, pairs, pad, config.beta), len(pairs)
+        else:
+            batch_loss, items = _sft_batch_loss(model, [(p, r) for p, r, _ in kept], pad), len(kept)
         model.train()
-        loop = config.loop.model_copy(update={"seed": seed + iteration, "name": f"dpa sft {iteration + 1}"})
-        report = train_loop(params, len(kept), batch_loss, loop)
+        loop = config.loop.model_copy(update={"seed": seed + iteration, "name": f"dpa {config.loss} {iteration + 1}"})
+        report = train_loop(params, items, batch_loss, loop)
         model.eval()
         for p in params.values():
             p.requires_grad_(False)
-        records.append({"iteration": iteration + 1, "answers": len(answers), "kept": len(kept), "front": front, "sft_loss": report.epoch_loss})
+        records.append({"iteration": iteration + 1, "answers": len(answers), "kept": len(kept), "pairs": len(pairs), "front": front, f"{config.loss}_loss": report.epoch_loss})
         say(f"dpa iteration {iteration + 1}: front {front}")
     return model, records
 

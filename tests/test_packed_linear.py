@@ -1,0 +1,160 @@
+"""Packed oneDNN weights for few-row decoding steps: same numbers as F.linear, stock path elsewhere."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from personalign.packed_linear import (
+    MAX_ROWS,
+    PackedLinear,
+    clear_packed,
+    pack_linears,
+    packing_available,
+    step_rows,
+    unpack_linears,
+)
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="this PyTorch build has no oneDNN linear ops")
+
+
+def _layer(bias: bool = True, seed: int = 0) -> PackedLinear:
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(48, 40, bias=bias)
+    assert pack_linears(layer, enabled=True) == 1
+    return layer
+
+
+def test_step_rows_counts_only_decoding_steps():
+    assert step_rows(torch.zeros(3, 8)) == 3
+    assert step_rows(torch.zeros(3, 1, 8)) == 3
+    assert step_rows(torch.zeros(1, 5, 8)) == 0  # a prefill: stock path
+    assert step_rows(torch.zeros(2, 2, 1, 8)) == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [2, 3, 4, MAX_ROWS])
+def test_packed_rows_equal_f_linear_to_rounding(bias, rows):
+    layer = _layer(bias)
+    x = torch.randn(rows, 1, 48)
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._packed is not None  # the packed path ran
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (1, 7, 48), (3, 7, 48), (MAX_ROWS + 1, 48)])
+def test_single_rows_prefills_and_large_batches_take_the_stock_path_bit_for_bit(shape):
+    layer = _layer()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None
+
+
+def test_autograd_takes_the_stock_path():
+    layer = _layer()
+    x = torch.randn(3, 48, requires_grad=True)
+    out = layer(x)
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and layer._packed is None
+
+
+def test_the_packed_copy_follows_weight_changes():
+    layer = _layer()
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.mul_(2.0)  # in place through the parameter: its version moves
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight.data = layer.weight.data + 1.0  # new storage
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+        layer.weight.data += 1.0  # in place through .data: not seen until clear_packed (documented)
+        assert not torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias))
+        clear_packed(layer)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
+def test_copies_drop_the_packed_cache_and_keep_the_state_dict():
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(3, 48))
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert isinstance(clone, PackedLinear) and clone._packed is None
+        assert torch.equal(clone.weight, layer.weight)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+
+
+def test_pack_only_plain_cpu_float32_linears_and_unpack(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    monkeypatch.setenv("PERSONALIGN_PACKED_LINEAR", "0")
+    assert pack_linears(model) == 0
+    monkeypatch.delenv("PERSONALIGN_PACKED_LINEAR")
+    assert pack_linears(model) == linears > 0
+    assert pack_linears(model) == 0  # already packed
+    assert unpack_linears(model) == linears
+    assert all(type(m) is not PackedLinear for m in model.modules())
+    assert pack_linears(model.to(torch.bfloat16)) == 0
+
+
+def test_batched_decoding_matches_the_unpacked_model(tiny_generator, tiny_model_dir):
+    """The loaded generator is packed; greedy batched decoding gives the unpacked model's tokens,
+    and one row gives its logits bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    packed = tiny_generator.model
+    assert any(isinstance(m, PackedLinear) for m in packed.modules())
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    tokenizer = tiny_generator.tokenizer
+    asks = ["how do I cook rice", "tell me about cats", "why is the sky blue"]
+    rows = [tokenizer.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True, tokenize=True) for a in asks]
+    rows = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rows]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": pad, "output_scores": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        a = packed.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        b = stock.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        assert torch.equal(a.sequences, b.sequences)
+        for sa, sb in zip(a.scores, b.scores, strict=True):
+            torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
+        one_a = packed.generate(input_ids=ids[:1, -len(rows[0]) :], **kwargs)
+        one_b = stock.generate(input_ids=ids[:1, -len(rows[0]) :], **kwargs)
+    assert all(torch.equal(sa, sb) for sa, sb in zip(one_a.scores, one_b.scores, strict=True))
+
+
+def test_lora_layers_wrap_packed_layers(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    packed = copy.deepcopy(stock)
+    pack_linears(packed, enabled=True)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    stock, packed = get_peft_model(stock, config), get_peft_model(packed, copy.deepcopy(config))
+    packed.load_state_dict(stock.state_dict())
+    ids = torch.randint(3, 50, (3, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bench_linear_on_tiny_model(tiny_generator):
+    from personalign.bench.linear import format_linear_bench, run_linear_bench
+
+    result = run_linear_bench(tiny_generator.model, rows=(1, 2, 3), repeats=1)
+    assert [r["rows"] for r in result["rows"]] == [1, 2, 3]
+    assert result["rows"][0]["stock_vs_1_row"] == 1.0 and result["rows"][0]["used"] == "stock"
+    assert result["rows"][1]["used"] == "packed" and result["max_abs_difference"] < 1e-4
+    assert all(r["stock_ms"] > 0 and r["packed_ms"] > 0 for r in result["rows"])
+    assert "| 3 |" in format_linear_bench(result)
