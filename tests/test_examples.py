@@ -96,3 +96,11 @@ def test_generation_example_runs(tmp_path):
     out = done.stdout
     for marker in ("== trained FSPO on", "== enrolled synth-", "--- generic (hidden reward", "--- shots only (hidden reward", "--- FSPO adapter (hidden reward", "done in"):
         assert marker in out, f"{marker!r} missing from:\n{out}"
+
+
+def test_batched_cpu_example_runs(tiny_model_dir):
+    example = EXAMPLES / "batched_cpu.py"
+    done = subprocess.run([sys.executable, str(example), "--model", str(tiny_model_dir), "--rows", "3", "--max-new-tokens", "6", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "packed layers: 15" in done.stdout  # 2 layers x 7 projections + the head
+    assert "same tokens: True" in done.stdout and "packed / stock:" in done.stdout
