@@ -17,7 +17,7 @@ import time
 import torch
 
 from personalign.models import load_generator
-from personalign.packed_linear import PackedLinear, pack_linears, unpack_linears
+from personalign.packed_linear import PackedLinear, pack_modules, packing_available, unpack_linears
 
 PROMPTS = ["How do I cook rice on the stove?", "Why is the sky blue?", "What is a password manager?", "How can I sleep better?"]
 
@@ -40,18 +40,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    if not packing_available():
+        raise SystemExit("this PyTorch build has no oneDNN linear ops: nothing is packed")
     generator = load_generator(args.model, device="cpu", dtype="float32")
     model = generator.model
     print(f"packed layers: {sum(isinstance(m, PackedLinear) for m in model.modules())}")
     runs = {}
-    for label in ("packed", "stock", "packed", "stock")[: 2 * args.repeats]:
-        if label == "stock":
-            unpack_linears(model)
-        else:
-            pack_linears(model, enabled=True)
-        sequences, scores, seconds = decode(generator, args.rows, args.max_new_tokens)
-        best = runs.get(label, (None, None, float("inf")))[2]
-        runs[label] = (sequences, scores, min(seconds, best))
+    for _ in range(args.repeats):
+        for label in ("packed", "stock"):
+            layers = unpack_linears(model) if label == "stock" else []
+            sequences, scores, seconds = decode(generator, args.rows, args.max_new_tokens)
+            pack_modules(layers)
+            best = runs.get(label, (None, None, float("inf")))[2]
+            runs[label] = (sequences, scores, min(seconds, best))
     (seq_p, scores_p, t_p), (seq_s, scores_s, t_s) = runs["packed"], runs["stock"]
     difference = max((a - b).abs().max().item() for a, b in zip(scores_p, scores_s, strict=True))
     print(f"{args.rows} rows x {args.max_new_tokens} tokens, {torch.get_num_threads()} threads")

@@ -14,6 +14,7 @@ from personalign.packed_linear import (
     PackedLinear,
     clear_packed,
     pack_linears,
+    pack_modules,
     packing_available,
     step_rows,
     unpack_linears,
@@ -29,9 +30,50 @@ def _layer(bias: bool = True, seed: int = 0) -> PackedLinear:
     return layer
 
 
+def test_a_refusing_op_turns_packing_off_for_the_layer_and_a_memory_error_does_not(monkeypatch, caplog):
+    layer = _layer()
+    x = torch.randn(3, 1, 48)
+    expected = F.linear(x, layer.weight, layer.bias)
+
+    def refuse(self):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(PackedLinear, "_packed_weight", refuse)
+    message = "DefaultCPUAllocator: can't allocate memory"
+    with torch.no_grad():
+        assert torch.equal(layer(x), expected)
+    assert not layer._packing_failed and not caplog.records
+    message = "mkldnn: unsupported shape"
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        assert torch.equal(layer(x), expected)
+        assert torch.equal(layer(x), expected)
+    assert layer._packing_failed and len(caplog.records) == 1
+
+
+def test_a_wrong_width_raises_the_stock_error_and_keeps_packing():
+    layer = _layer()
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        layer(torch.randn(3, 1, 47))
+    assert not layer._packing_failed
+
+
+def test_moving_or_casting_drops_the_packed_copy_and_a_size_limit_skips_packing():
+    layer = _layer()
+    with torch.no_grad():
+        layer(torch.randn(3, 1, 48))
+    assert layer._packed is not None
+    layer.double()
+    assert layer._packed is None
+    with torch.no_grad():  # float64 now: the stock path
+        x = torch.randn(3, 1, 48, dtype=torch.float64)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert pack_linears(torch.nn.Linear(48, 40), enabled=True, max_bytes=1000) == 0
+    assert pack_linears(torch.nn.Linear(48, 40), enabled=True, max_bytes=48 * 40 * 4) == 1
+
+
 def test_step_rows_counts_only_decoding_steps():
-    assert step_rows(torch.zeros(3, 8)) == 3
     assert step_rows(torch.zeros(3, 1, 8)) == 3
+    assert step_rows(torch.zeros(3, 8)) == 0  # may be a flattened (B * T, H) prefill: stock path
     assert step_rows(torch.zeros(1, 5, 8)) == 0  # a prefill: stock path
     assert step_rows(torch.zeros(2, 2, 1, 8)) == 0
 
@@ -47,7 +89,7 @@ def test_packed_rows_equal_f_linear_to_rounding(bias, rows):
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (1, 1, 48), (1, 7, 48), (3, 7, 48), (MAX_ROWS + 1, 48)])
+@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (1, 1, 48), (1, 7, 48), (3, 7, 48), (MAX_ROWS + 1, 1, 48)])
 def test_single_rows_prefills_and_large_batches_take_the_stock_path_bit_for_bit(shape):
     layer = _layer()
     x = torch.randn(*shape)
@@ -58,7 +100,7 @@ def test_single_rows_prefills_and_large_batches_take_the_stock_path_bit_for_bit(
 
 def test_autograd_takes_the_stock_path():
     layer = _layer()
-    x = torch.randn(3, 48, requires_grad=True)
+    x = torch.randn(3, 1, 48, requires_grad=True)
     out = layer(x)
     assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
     out.sum().backward()
@@ -67,7 +109,7 @@ def test_autograd_takes_the_stock_path():
 
 def test_the_packed_copy_follows_weight_changes():
     layer = _layer()
-    x = torch.randn(3, 48)
+    x = torch.randn(3, 1, 48)
     with torch.no_grad():
         layer(x)
         layer.weight.mul_(2.0)  # in place through the parameter: its version moves
@@ -83,7 +125,7 @@ def test_the_packed_copy_follows_weight_changes():
 def test_copies_drop_the_packed_cache_and_keep_the_state_dict():
     layer = _layer()
     with torch.no_grad():
-        layer(torch.randn(3, 48))
+        layer(torch.randn(3, 1, 48))
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert isinstance(clone, PackedLinear) and clone._packed is None
         assert torch.equal(clone.weight, layer.weight)
@@ -100,8 +142,12 @@ def test_pack_only_plain_cpu_float32_linears_and_unpack(monkeypatch, tiny_model_
     monkeypatch.delenv("PERSONALIGN_PACKED_LINEAR")
     assert pack_linears(model) == linears > 0
     assert pack_linears(model) == 0  # already packed
-    assert unpack_linears(model) == linears
+    layers = unpack_linears(model)
+    assert len(layers) == linears and all(type(m) is torch.nn.Linear for m in layers)
     assert all(type(m) is not PackedLinear for m in model.modules())
+    pack_modules(layers[:2])  # exactly these
+    assert sum(type(m) is PackedLinear for m in model.modules()) == 2
+    unpack_linears(model)
     assert pack_linears(model.to(torch.bfloat16)) == 0
 
 
@@ -158,3 +204,36 @@ def test_bench_linear_on_tiny_model(tiny_generator):
     assert result["rows"][1]["used"] == "packed" and result["max_abs_difference"] < 1e-4
     assert all(r["stock_ms"] > 0 and r["packed_ms"] > 0 for r in result["rows"])
     assert "| 3 |" in format_linear_bench(result)
+
+
+def test_gathered_lora_rows_on_a_packed_base_match_a_stock_base(tiny_model_dir):
+    """The mixed-adapter batch (one gathered matmul per LoRA layer) adds its deltas to packed base outputs."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from personalign.adapters.batched import gathered_lora
+    from personalign.adapters.store import BASE
+
+    torch.manual_seed(0)
+    stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    packed = copy.deepcopy(stock)
+    pack_linears(packed, enabled=True)
+    models = []
+    for model in (stock, packed):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        torch.manual_seed(1)
+        peft = get_peft_model(model, config, adapter_name="first")
+        torch.manual_seed(2)
+        peft.add_adapter("second", config)
+        models.append(peft.eval())
+    names = ["first", BASE, "second"]
+    ids = torch.randint(3, 50, (3, 6))
+    outs = []
+    with torch.no_grad():
+        for model in models:
+            with model.disable_adapter(), gathered_lora(model, names):
+                out = model(input_ids=ids, use_cache=True)
+                step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)  # (3, 1): a decoding step
+            outs.append(step.logits)
+    assert any(type(m) is PackedLinear and m._packed is not None for m in models[1].modules())  # the step ran packed
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

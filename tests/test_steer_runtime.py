@@ -206,9 +206,10 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
 
     monkeypatch.setitem(bench.CASES, "mix, 2 objective adapters", {"weights": {"verbosity": 0.5, "reading_level": 0.5}, "method": "mix"})
     monkeypatch.setitem(bench.CASES, "mix, 2 adapters + base", {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "mix"})
+    packed_before = [m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)]
     result = bench.run_steer_bench(spz, max_new_tokens=4, repeats=1, batch=2, stock_too=True)
     assert set(result["settings"]) == {"batch 1", "batch 2", "batch 1, stock linear", "batch 2, stock linear"}
-    assert result["packed_linear"] and any(isinstance(m, PackedLinear) for m in spz.generator.model.modules())  # packed again after
+    assert result["packed_linear"] and packed_before == [m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)]  # the same layers packed again
     for cases in result["settings"].values():
         assert cases["plain generate"]["ratio_to_plain"] == 1.0
         assert all(c["tokens_per_second"] > 0 for c in cases.values())

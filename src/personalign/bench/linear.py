@@ -1,7 +1,7 @@
 """``personalign bench linear``: one decoding step's projections, stock ``F.linear`` vs packed.
 
 For each row count (the batch of one decoding step), every ``nn.Linear`` of the generator's
-decoder layers (the LM head apart, timed on its own) is run on a random ``(rows, in)`` input,
+decoder layers (not the LM head, whose shape is reported) is run on a random ``(rows, in)`` input,
 once through the stock ``F.linear`` (MKL on x86 builds) and once through the packed oneDNN
 weight of :mod:`personalign.packed_linear`, interleaved, median of ``repeats``. The ratios say
 what a step of ``rows`` costs against one row on the stock path, which is what single-request
@@ -46,6 +46,8 @@ def run_linear_bench(model: torch.nn.Module, rows: tuple[int, ...] = ROWS, repea
     """Milliseconds per step for stock and packed weights per row count; ratios to stock at 1 row."""
     if not packing_available():
         raise RuntimeError("this PyTorch build has no oneDNN linear ops; nothing to compare")
+    if 1 not in rows:
+        raise ValueError(f"rows {rows} must include 1, the baseline")
     weights, head = _weights(model)
     weights = [w.float().cpu() for w in weights]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]

@@ -43,7 +43,7 @@ def _timed(pz: Any, prompts: list[str], steer: dict[str, Any], max_new_tokens: i
 
 def run_steer_bench(pz: Any, max_new_tokens: int = 48, repeats: int = 3, batch: int = 4, stock_too: bool = False) -> dict[str, Any]:
     """Seconds and tokens per second per case, for batch 1 and batch ``batch``; ratios to plain."""
-    from personalign.packed_linear import PackedLinear, pack_linears, unpack_linears
+    from personalign.packed_linear import PackedLinear, pack_modules, unpack_linears
 
     prompts = split()[1]
     model = pz.generator.model
@@ -53,13 +53,11 @@ def run_steer_bench(pz: Any, max_new_tokens: int = 48, repeats: int = 3, batch: 
     if stock_too and packed:
         settings += [("batch 1, stock linear", 1, False), (f"batch {batch}, stock linear", batch, False)]
     for label, size, use_packed in settings:
-        if not use_packed:
-            unpack_linears(model)
+        unpacked = [] if use_packed else unpack_linears(model)
         try:
             out["settings"][label] = _setting(pz, prompts, size, max_new_tokens, repeats)
         finally:
-            if not use_packed:
-                pack_linears(model, enabled=True)
+            pack_modules(unpacked)  # exactly the layers that were packed
     return out
 
 
