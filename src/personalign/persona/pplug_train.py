@@ -9,9 +9,9 @@ clipping, seeded). After every epoch: the held-out NLL, and a checkpoint when
 epoch). The held-out NLL of the frozen base without any soft token is reported too, so the gain
 is visible. Save: :func:`~personalign.persona.pplug.save_plug`.
 
-The steering loop (:mod:`personalign.steering.loop`) has no gradient clipping and no
-after-epoch hook for validation, so this recipe keeps its own small loop with the same
-checkpoint contract.
+The loop is the shared one (:mod:`personalign.steering.loop`): gradient clipping, the
+validation pass as its ``after_epoch`` metric, and a fingerprint (task count, plug and
+training settings) that a resumed run must match.
 
 Cost (measured): the embedded SmolLM2-135M with MiniLM, 200 synthetic tasks (180 train, 20
 held out) and the defaults took 14.4 min on one shared CPU thread (OMP_NUM_THREADS=1, 2 epochs,
@@ -20,8 +20,6 @@ validation included; fewer on 2 free cores); held-out NLL 3.67 (frozen base, no 
 
 from __future__ import annotations
 
-import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -42,8 +40,7 @@ from personalign.persona.pplug import (
     encode_histories,
     plug_inputs,
 )
-
-STATE_FILE = "pplug_loop_state.pt"
+from personalign.steering.loop import STATE_FILE, LoopConfig, train_loop
 
 
 class PlugTrainConfig(BaseModel):
@@ -318,8 +315,6 @@ def train_plug(
     ``requires_grad`` flags and train/eval mode are restored afterwards. Train on a generator
     without resident LoRA adapters (they would be active in the forward passes).
     """
-    from tqdm.auto import tqdm
-
     config = config or PlugTrainConfig()
     tasks = as_tasks(tasks)
     model = generator.model
@@ -332,104 +327,67 @@ def train_plug(
     data = _encode(generator, encoder, tasks, config, plug.config.max_items)
     pad = _pad_id(generator.tokenizer)
     train_rows, val_rows = split_tasks(len(tasks), config.val_fraction, config.seed)
-    report = PlugReport(n_train=len(train_rows), n_val=len(val_rows))
-    optimizer = torch.optim.AdamW(
-        plug.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    loop = LoopConfig(
+        epochs=config.epochs,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        progress=config.progress,
+        checkpoint_dir=config.checkpoint_dir,
+        name="pplug",
     )
-    state_path = Path(config.checkpoint_dir) / STATE_FILE if config.checkpoint_dir else None
     fingerprint = {
         "tasks": len(tasks),
         "plug": plug.config.model_dump(),
         "train": config.model_dump(exclude={"epochs", "progress", "checkpoint_dir"}),
     }
-    if state_path is not None and state_path.is_file():
-        _resume(state_path, fingerprint, plug, optimizer, report)
+    extra: dict[str, Any] = {"val_nll_base": None, "val_nll_start": None, "seconds": 0.0}
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        nll, n = _nll(model, plug, data, [train_rows[i] for i in idx], pad)
+        return nll / n.clamp_min(1.0)
+
+    clock = {"epoch": 0.0}
+
+    def start_epoch(_epoch: int) -> None:
+        plug.train()
+        clock["epoch"] = time.perf_counter()
+
+    def validate(_epoch: int) -> dict[str, float]:
+        plug.eval()
+        metrics = {"val_nll": _mean_nll(model, plug, data, val_rows, pad, config.batch_size)} if val_rows else {}
+        extra["seconds"] += time.perf_counter() - clock["epoch"]
+        return metrics
+
     flags = [p.requires_grad for p in model.parameters()]
-    started, seconds_before = time.perf_counter(), report.seconds
     was_training = model.training
     try:
         model.requires_grad_(False)
         model.eval()
-        if val_rows and report.val_nll_base is None:
-            report.val_nll_base = _mean_nll(model, None, data, val_rows, pad, config.batch_size)
+        state_file = Path(config.checkpoint_dir) / STATE_FILE if config.checkpoint_dir else None
+        if val_rows and not (state_file is not None and state_file.is_file()):  # a resumed run has them in extra
+            started = time.perf_counter()
+            extra["val_nll_base"] = _mean_nll(model, None, data, val_rows, pad, config.batch_size)
             plug.eval()
-            report.val_nll_start = _mean_nll(model, plug, data, val_rows, pad, config.batch_size)
-        for epoch in tqdm(range(report.epochs_run, config.epochs), desc="pplug", disable=not config.progress):
-            plug.train()
-            order = list(train_rows)
-            random.Random(config.seed * 1000 + epoch).shuffle(order)
-            total, batches = 0.0, 0
-            for start in range(0, len(order), config.batch_size):
-                nll, n = _nll(model, plug, data, order[start : start + config.batch_size], pad)
-                loss = nll / n.clamp_min(1.0)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(plug.parameters(), config.max_grad_norm)
-                optimizer.step()
-                total, batches = total + float(loss.detach()), batches + 1
-            report.train_nll.append(total / max(batches, 1))
-            plug.eval()
-            if val_rows:
-                report.val_nll.append(_mean_nll(model, plug, data, val_rows, pad, config.batch_size))
-            report.epochs_run = epoch + 1
-            report.seconds = seconds_before + time.perf_counter() - started
-            if not all(math.isfinite(v) for v in report.train_nll[-1:] + report.val_nll[-1:]):
-                raise ValidationError(
-                    "learning_rate",
-                    f"made the loss diverge in epoch {epoch + 1}",
-                    "lower the learning rate",
-                    config.learning_rate,
-                )
-            if state_path is not None:
-                _checkpoint(state_path, fingerprint, plug, optimizer, report)
+            extra["val_nll_start"] = _mean_nll(model, plug, data, val_rows, pad, config.batch_size)
+            extra["seconds"] = time.perf_counter() - started
+        params = dict(plug.named_parameters())
+        report = train_loop(params, len(train_rows), batch_loss, loop, on_epoch=start_epoch, after_epoch=validate, fingerprint=fingerprint, extra=extra)
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         model.train(was_training)
-    report.seconds = seconds_before + time.perf_counter() - started
-    return plug.eval(), report
-
-
-def _checkpoint(
-    path: Path,
-    fingerprint: dict[str, Any],
-    plug: PersonaPlug,
-    optimizer: torch.optim.Optimizer,
-    report: PlugReport,
-) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    state = {k: v.detach().cpu().clone() for k, v in plug.state_dict().items()}
-    torch.save(
-        {
-            "fingerprint": fingerprint,
-            "plug": state,
-            "optimizer": optimizer.state_dict(),
-            "report": asdict(report),
-        },
-        tmp,
+    out = PlugReport(
+        train_nll=report.epoch_loss,
+        val_nll=report.metrics.get("val_nll", []),
+        val_nll_start=extra["val_nll_start"],
+        val_nll_base=extra["val_nll_base"],
+        n_train=len(train_rows),
+        n_val=len(val_rows),
+        epochs_run=report.epochs_run,
+        resumed_from=report.resumed_from,
+        seconds=extra["seconds"],
     )
-    os.replace(tmp, path)
-
-
-def _resume(
-    path: Path,
-    fingerprint: dict[str, Any],
-    plug: PersonaPlug,
-    optimizer: torch.optim.Optimizer,
-    report: PlugReport,
-) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state["fingerprint"] != fingerprint:
-        raise ValidationError(
-            "checkpoint_dir",
-            f"holds a run with other tasks or settings ({path})",
-            "use a new checkpoint_dir, or delete the old one to start over",
-            str(path.parent),
-        )
-    plug.load_state_dict(state["plug"])
-    optimizer.load_state_dict(state["optimizer"])
-    saved = state["report"]
-    for key in ("train_nll", "val_nll", "val_nll_start", "val_nll_base", "epochs_run", "seconds"):
-        setattr(report, key, saved[key])
-    report.resumed_from = report.epochs_run
+    return plug.eval(), out

@@ -1,0 +1,82 @@
+"""The shared training loop: resume, metrics and extra state, fingerprints, clipping, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from personalign.errors import ValidationError
+from personalign.steering.loop import LoopConfig, train_loop
+
+TARGET = torch.tensor([1.0, -2.0, 3.0])
+
+
+def _problem() -> tuple[dict[str, torch.nn.Parameter], object]:
+    """Least squares towards TARGET over 6 noisy items; returns (params, batch_loss)."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    items = TARGET + 0.1 * torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+
+    def batch_loss(idx: list[int]) -> torch.Tensor:
+        return ((items[idx] - w) ** 2).sum(-1).mean()
+
+    return {"w": w}, batch_loss
+
+
+def test_resume_equals_an_uninterrupted_run_and_keeps_metrics_and_extra(tmp_path):
+    params, loss = _problem()
+    straight = train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=2, learning_rate=0.1), after_epoch=lambda e: {"val": float(e)})
+    expected = params["w"].detach().clone()
+
+    params, loss = _problem()
+    folder = str(tmp_path / "ckpt")
+    extra = {"note": "first"}
+    train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=2, learning_rate=0.1, checkpoint_dir=folder), after_epoch=lambda e: {"val": float(e)}, fingerprint={"data": 6}, extra=extra)
+    params, loss = _problem()  # a fresh process: new parameters, the checkpoint on disk
+    restored = {"note": None}
+    resumed = train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=2, learning_rate=0.1, checkpoint_dir=folder), after_epoch=lambda e: {"val": float(e)}, fingerprint={"data": 6}, extra=restored)
+    assert (resumed.resumed_from, resumed.epochs_run) == (2, 3)
+    torch.testing.assert_close(params["w"].detach(), expected)
+    assert resumed.epoch_loss == pytest.approx(straight.epoch_loss)
+    assert resumed.metrics == straight.metrics == {"val": [0.0, 1.0, 2.0]}
+    assert restored == {"note": "first"}
+
+
+def test_a_checkpoint_of_another_run_is_refused(tmp_path):
+    folder = str(tmp_path / "ckpt")
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=1, checkpoint_dir=folder), fingerprint={"data": 6})
+    params, loss = _problem()
+    with pytest.raises(ValidationError, match="checkpoint_dir") as err:
+        train_loop(params, 6, loss, LoopConfig(epochs=2, checkpoint_dir=folder), fingerprint={"data": 5})
+    assert "new checkpoint_dir" in str(err.value)
+
+
+def test_gradients_are_clipped_to_max_grad_norm(monkeypatch):
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(tensors, max_norm, *args, **kwargs):
+        tensors = list(tensors)
+        out = real(tensors, max_norm, *args, **kwargs)
+        seen.append((max_norm, float(torch.linalg.vector_norm(torch.stack([t.grad.norm() for t in tensors])))))
+        return out
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=1, batch_size=2, max_grad_norm=0.5))
+    assert len(seen) == 3 and all(limit == 0.5 and norm <= 0.5 + 1e-6 for limit, norm in seen)
+    seen.clear()
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=1, batch_size=2))
+    assert seen == []
+
+
+def test_a_diverging_loss_is_a_typed_error():
+    w = torch.nn.Parameter(torch.zeros(1))
+    with pytest.raises(ValidationError, match="lower the learning rate") as err:
+        train_loop({"w": w}, 2, lambda idx: (w * math.inf).sum(), LoopConfig(epochs=1))
+    assert err.value.field == "learning_rate"
+    with pytest.raises(ValidationError, match="diverge"):
+        train_loop({"w": w}, 2, lambda idx: (w - 1).pow(2).sum(), LoopConfig(epochs=1), after_epoch=lambda e: {"val": math.nan})
