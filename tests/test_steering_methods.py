@@ -305,3 +305,31 @@ def test_dpa_dpo_trains_on_best_and_worst_pairs(fresh_generator):
     assert len(loss) == 2 and loss[0] == pytest.approx(math.log(2), abs=0.05)  # the adapter starts as the reference
     assert loss[1] < loss[0]
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "steer_dpa" in n and "lora_B" in n)
+
+
+def test_direction_lines_golden_and_the_installed_form_is_read_back(tmp_path, monkeypatch):
+    import json
+
+    from personalign.steering.dpa import direction_text, dpa_messages
+    from personalign.steering.methods import dpa_line, steerable_by_method
+
+    v = {"verbosity": 0.7071, "structure": -0.7071}
+    assert direction_text(v) == "Preference direction: verbosity +0.71, structure -0.71."
+    assert direction_text(v, "numbers+words") == (
+        "Preference direction: verbosity +0.71, structure -0.71. Give a detailed, thorough answer. Write flowing paragraphs, no lists."
+    )
+    assert direction_text({"verbosity": -1.0, "structure": 0.0}, "numbers+words").endswith("+0.00. Answer in one short sentence.")
+    messages = dpa_messages([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}], v, "numbers+words")
+    assert messages[0]["content"].startswith("Preference direction: verbosity +0.71") and messages[0]["content"].endswith("\nBe kind.")
+    (tmp_path / "dpa").mkdir()
+    meta = {"objectives": ["verbosity", "structure"], "base_model": "m", "config": {"line": "numbers+words"}}
+    (tmp_path / "dpa" / "dpa_config.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("PERSONALIGN_STEERING_DIR", str(tmp_path))
+    assert dpa_line("m") == "numbers+words" and steerable_by_method("m")["dpa"] == ("verbosity", "structure")
+    assert dpa_line("another model") == "numbers"
+    meta["config"] = {}  # adapters saved before the option: the paper's form
+    (tmp_path / "dpa" / "dpa_config.json").write_text(json.dumps(meta))
+    import os
+
+    os.utime(tmp_path / "dpa" / "dpa_config.json", (1, 1))  # a new mtime, so the cached scan is redone
+    assert dpa_line("m") == "numbers"

@@ -674,6 +674,7 @@ def train_dpa_cmd(
     every_direction: Annotated[bool, typer.Option("--every-direction", help="Teach every direction its own best answer per prompt, not only the drawn direction.")] = False,
     loss: Annotated[str, typer.Option(help="sft (the paper: fine-tune on the best answers) or dpo (DPO on best vs worst under the same direction line).")] = "sft",
     beta: Annotated[float, typer.Option(help="DPO's beta (--loss dpo).")] = 0.1,
+    line: Annotated[str, typer.Option(help="How the direction is written: numbers (the paper) or numbers+words (adds the prompting phrases).")] = "numbers",
     seed: Annotated[int, typer.Option()] = 0,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -688,10 +689,12 @@ def train_dpa_cmd(
             raise ValidationError("--loss", "is not a DPA loss", "use sft or dpo", loss)
         if not beta > 0.0:
             raise ValidationError("--beta", "must be positive", "use e.g. 0.1", beta)
+        if line not in ("numbers", "numbers+words"):
+            raise ValidationError("--line", "is not a direction line form", "use numbers or numbers+words", line)
         root = out or steering_dir()
         root.mkdir(parents=True, exist_ok=True)
         generator = load_generator(model, device=device)
-        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, every_direction=every_direction, loss=loss, beta=beta, seed=seed, progress=typer.echo)
+        report = train_dpa_recipe(generator, root, _split_list(objectives, "--objectives"), iterations=iterations, samples_per_prompt=per_prompt, max_new_tokens=max_new_tokens, epochs=epochs, every_direction=every_direction, loss=loss, beta=beta, line=line, seed=seed, progress=typer.echo)
         write_report(root, "dpa", report)
         typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {report['folder']}")
     except PersonalignError as err:

@@ -59,7 +59,7 @@ from personalign.persona.pplug import (
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.decoding import STEERABLE, eos_token_ids
 from personalign.steering.dpa import dpa_messages
-from personalign.steering.methods import steerable_by_method
+from personalign.steering.methods import dpa_line, steerable_by_method
 from personalign.steering.objectives import infer_weights
 from personalign.steering.runtime import Plan, SteeringRuntime, dpa_direction, steer_system
 from personalign.steering.schema import Steering, parse_steering
@@ -548,7 +548,8 @@ class Personalizer:
         if method == "prompt":
             conversation = steer_system(conversation, applied.weights)
         elif method == "dpa":
-            conversation = dpa_messages(conversation, dpa_direction(applied.weights, steerable_by_method(self.generator.model_id)["dpa"]))
+            model_id = self.generator.model_id
+            conversation = dpa_messages(conversation, dpa_direction(applied.weights, steerable_by_method(model_id)["dpa"]), dpa_line(model_id))  # type: ignore[arg-type]
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None

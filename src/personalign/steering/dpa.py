@@ -39,14 +39,28 @@ DPA_CONFIG = "dpa_config.json"
 ADAPTER_NAME = "steer_dpa"
 
 
-def direction_text(direction: Mapping[str, float]) -> str:
-    """The system-prompt line that conditions the DPA adapter on a direction."""
-    return "Preference direction: " + ", ".join(f"{name} {value:+.2f}" for name, value in direction.items()) + "."
+DirectionLine = Literal["numbers", "numbers+words"]
 
 
-def dpa_messages(messages: list[dict[str, Any]], direction: Mapping[str, float]) -> list[dict[str, Any]]:
+def direction_text(direction: Mapping[str, float], line: DirectionLine = "numbers") -> str:
+    """The system-prompt line that conditions the DPA adapter on a direction.
+
+    ``numbers`` (the paper's form): "Preference direction: verbosity +0.71, structure -0.71.";
+    ``numbers+words`` adds the prompting baseline's phrase for each component
+    (:func:`personalign.steering.prompting.instruction`), which a small model can read.
+    """
+    text = "Preference direction: " + ", ".join(f"{name} {value:+.2f}" for name, value in direction.items()) + "."
+    if line == "numbers+words":
+        from personalign.steering.prompting import instruction
+
+        words = instruction({k: v for k, v in direction.items() if abs(v) >= 1e-3})
+        text = f"{text} {words}" if words else text
+    return text
+
+
+def dpa_messages(messages: list[dict[str, Any]], direction: Mapping[str, float], line: DirectionLine = "numbers") -> list[dict[str, Any]]:
     """``messages`` with the direction line first in the system message."""
-    line = direction_text(direction)
+    line = direction_text(direction, line)
     if messages and messages[0]["role"] == "system":
         return [{**messages[0], "content": f"{line}\n{messages[0]['content']}"}, *messages[1:]]
     return [{"role": "system", "content": line}, *messages]
@@ -67,6 +81,7 @@ class DpaConfig(BaseModel):
     directions: int = Field(default=8, ge=2, le=360, description="evenly spaced angles a direction is drawn from")
     max_new_tokens: int = Field(default=160, ge=8)
     temperature: float = Field(default=1.0, gt=0.0)
+    line: DirectionLine = Field(default="numbers", description="how the direction is written in the system prompt (direction_text)")
     every_direction: bool = Field(
         default=False,
         description="train every direction on its best answer per prompt, not only the drawn one (the direction line is then the only thing that tells a prompt's kept answers apart)",
@@ -91,7 +106,7 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Se
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
-        encoded = [chat_ids(tokenizer, p, system=direction_text(d)) for p, d in chunk]
+        encoded = [chat_ids(tokenizer, p, system=direction_text(d, config.line)) for p, d in chunk]
         ids, mask = left_pad(encoded, tokenizer.pad_token_id)
         with torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=config.temperature, top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
@@ -171,7 +186,7 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
                 best, worst = max(range(n), key=lambda k: score[k]), min(range(n), key=lambda k: score[k])
                 prompt_ids, response, text = answers[j * n + best]
                 if direction != drawn_direction:  # the same answer, taught under this direction's line
-                    prompt_ids = chat_ids(tokenizer, prompt, system=direction_text(direction))
+                    prompt_ids = chat_ids(tokenizer, prompt, system=direction_text(direction, config.line))
                 kept.append((prompt_ids, response, text))
                 if score[best] > score[worst]:
                     pairs.append((prompt_ids, response, answers[j * n + worst][1]))

@@ -69,20 +69,26 @@ def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=16)
-def _dpa_scan(config: Path, model_id: str | None, mtime: float) -> tuple[str, ...]:
+def _dpa_scan(config: Path, model_id: str | None, mtime: float) -> tuple[tuple[str, ...], str]:
     try:
         meta = json.loads(config.read_text())
     except (OSError, ValueError):
-        return ()
+        return (), "numbers"
     if model_id is not None and meta.get("base_model") != model_id:
-        return ()
-    return tuple(meta.get("objectives", ()))
+        return (), "numbers"
+    return tuple(meta.get("objectives", ())), str(meta.get("config", {}).get("line", "numbers"))
 
 
 def _dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
     """The objectives the installed DPA adapter was trained on (one adapter for all of them)."""
     config = steering_dir() / DPA_DIR / "dpa_config.json"
-    return _dpa_scan(config, model_id, _mtime(config))
+    return _dpa_scan(config, model_id, _mtime(config))[0]
+
+
+def dpa_line(model_id: str | None = None) -> str:
+    """How the installed DPA adapter was taught the direction (``DpaConfig.line``; older ones: numbers)."""
+    config = steering_dir() / DPA_DIR / "dpa_config.json"
+    return _dpa_scan(config, model_id, _mtime(config))[1]
 
 
 def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...]]:

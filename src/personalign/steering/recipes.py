@@ -69,7 +69,7 @@ def write_report(out: Path, name: str, report: dict[str, Any]) -> None:
     (out / f"{name}_report.json").write_text(json.dumps(report, indent=1))
 
 
-def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], iterations: int = 2, samples_per_prompt: int = 4, max_new_tokens: int = 160, epochs: int = 2, prompts: Sequence[str] | None = None, seed: int = 0, progress: Any = None, every_direction: bool = False, loss: str = "sft", beta: float = 0.1) -> dict[str, Any]:
+def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], iterations: int = 2, samples_per_prompt: int = 4, max_new_tokens: int = 160, epochs: int = 2, prompts: Sequence[str] | None = None, seed: int = 0, progress: Any = None, every_direction: bool = False, loss: str = "sft", beta: float = 0.1, line: str = "numbers") -> dict[str, Any]:
     """The DPA adapter under ``out/dpa`` (iterated rejection-sampling fine-tuning on the training prompts)."""
     from personalign.steering.dpa import DpaConfig, save_dpa, train_dpa
     from personalign.steering.methods import DPA_DIR
@@ -77,7 +77,7 @@ def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], itera
     start = time.perf_counter()
     chosen = list(prompts) if prompts is not None else split()[0]
     loop = LoopConfig(epochs=epochs, learning_rate=5e-4, batch_size=4, seed=seed, name=f"dpa {loss}")
-    config = DpaConfig(objectives=list(objectives), iterations=iterations, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, every_direction=every_direction, loss=loss, beta=beta, loop=loop)
+    config = DpaConfig(objectives=list(objectives), iterations=iterations, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, every_direction=every_direction, loss=loss, beta=beta, line=line, loop=loop)
     model, records = train_dpa(generator, chosen, config, seed=seed, progress=progress)
     folder = save_dpa(model, out / DPA_DIR, config, generator.model_id, records, len(chosen))
     return {"iterations": records, "seconds": time.perf_counter() - start, "folder": str(folder)}
