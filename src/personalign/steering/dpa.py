@@ -10,7 +10,10 @@ answers, taught under its own direction line, so opposite directions get opposit
 the same prompt and only the line tells them apart. On SmolLM2-135M neither form learned to
 follow the line: with one drawn direction per prompt (2 iterations) the adapter shortened
 answers whatever the direction, and with every direction (1 iteration, 384 kept answers)
-likewise (mean verbosity 4.08 for negative and 4.10 for positive weights; docs/steering.md). Each iteration's front
+likewise (mean verbosity 4.08 for negative and 4.10 for positive weights; docs/steering.md).
+``loss="dpo"`` instead trains DPO on each prompt's best against its worst answer under the same
+line (its loss stayed above ln 2 on SmolLM2-135M), and ``line="numbers+words"`` adds the
+prompting baseline's phrases to the line (:func:`direction_text`). Each iteration's front
 (mean measured scores per direction) is recorded. Decoding uses the adapter as the request's
 row and the direction in the system prompt. Wang et al. 2024, "Arithmetic Control of LLMs
 for Diverse User Preferences: Directional Preference Alignment".
