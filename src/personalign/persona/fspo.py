@@ -29,6 +29,7 @@ from personalign.functional.dpo import ipo_loss, sequence_logps
 from personalign.models import Encoder
 from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, LoopReport, train_loop
+from personalign.steering.samples import right_pad
 from personalign.types import ChatMessage, Comparison, messages_text
 
 SHOT_TEMPLATE = "## Question\n{question}\n## Preferred Response\n{chosen}\n## Dispreferred Response\n{rejected}\n"
@@ -272,18 +273,9 @@ def _encode(tokenizer: Any, tasks: Sequence[FspoTask], max_length: int) -> list[
     return out
 
 
-def _batch(rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``(B, T)`` ids, attention mask and response mask of (prompt, response) rows."""
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.tensor([p + r + [pad] * (width - len(p) - len(r)) for p, r in rows])
-    attention = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in rows])
-    response = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in rows])
-    return ids, attention, response
-
-
 def _logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs ``(B,)`` and response token counts ``(B,)``."""
-    ids, attention, response = _batch(rows, pad)
+    ids, attention, response = right_pad(rows, pad)
     device = next(model.parameters()).device
     logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (B, T, V)
     return sequence_logps(logits, ids.to(device), response.to(device)), response[:, 1:].sum(dim=-1).to(device)

@@ -36,7 +36,7 @@ from personalign.functional.dpo import dpo_loss, sequence_logps
 from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, train_loop
 from personalign.steering.objectives import OBJECTIVES
-from personalign.steering.samples import chat_ids, left_pad
+from personalign.steering.samples import chat_ids, left_pad, right_pad
 
 DPA_CONFIG = "dpa_config.json"
 ADAPTER_NAME = "steer_dpa"
@@ -120,18 +120,9 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Se
     return out
 
 
-def _rows(seqs: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``prompt + response`` rows: ids, attention mask, response mask, each ``(N, T)``."""
-    width = max(len(p) + len(r) for p, r in seqs)
-    ids = torch.tensor([p + r + [pad] * (width - len(p) - len(r)) for p, r in seqs])
-    attention = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in seqs])
-    completion = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in seqs])
-    return ids, attention, completion
-
-
 def _sft_batch_loss(model: Any, kept: Sequence[tuple[list[int], list[int]]], pad: int) -> Any:
     """Mean negative log-likelihood per response token of the kept answers."""
-    ids, attention, completion = _rows(kept, pad)
+    ids, attention, completion = right_pad(kept, pad)
 
     def batch_loss(idx: list[int]) -> torch.Tensor:
         logits = model(input_ids=ids[idx], attention_mask=attention[idx]).logits  # (B, T, V)
@@ -145,7 +136,7 @@ def _dpo_batch_loss(model: Any, pairs: Sequence[tuple[list[int], list[int], list
     """DPO on (best, worst) under the same direction line; the reference is the base model."""
     if not pairs:
         raise ValidationError("samples_per_prompt", "gave no (best, worst) pair that scores apart", "sample more answers per prompt or use loss='sft'")
-    ids, attention, completion = _rows([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad)  # chosen rows, then rejected
+    ids, attention, completion = right_pad([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad)  # chosen rows, then rejected
     n = len(pairs)
     with torch.no_grad(), model.disable_adapter():
         ref = torch.cat([sequence_logps(model(input_ids=ids[i : i + 8], attention_mask=attention[i : i + 8]).logits, ids[i : i + 8], completion[i : i + 8]) for i in range(0, 2 * n, 8)])  # (2n,)

@@ -26,7 +26,7 @@ from personalign.functional.steering import modpo_loss
 from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, LoopReport, train_loop
 from personalign.steering.objectives import OBJECTIVES
-from personalign.steering.samples import Sample
+from personalign.steering.samples import Sample, right_pad
 
 MIX_CONFIG = "mix_config.json"
 
@@ -73,12 +73,7 @@ def objective_pairs(samples: Sequence[Sample], config: ModpoConfig) -> list[Pair
 def _rows(samples: Sequence[Sample], pairs: Sequence[Pair], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chosen rows then rejected rows: ids, attention mask and response mask, each ``(2B, T)``."""
     order = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    seqs = [samples[i].prompt_ids + samples[i].response_ids for i in order]
-    width = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
-    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    completion = torch.tensor([[0] * len(samples[i].prompt_ids) + [1] * len(samples[i].response_ids) + [0] * (width - len(seqs[j])) for j, i in enumerate(order)])
-    return ids, attention, completion
+    return right_pad([(samples[i].prompt_ids, samples[i].response_ids) for i in order], pad)
 
 
 def _logps(model: Any, samples: Sequence[Sample], pairs: Sequence[Pair], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,6 +41,15 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def right_pad(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + response`` rows: ids, attention mask, response mask, each ``(N, T)``."""
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.tensor([[*p, *r] + [pad] * (width - len(p) - len(r)) for p, r in rows])
+    attention = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(p) - len(r)) for p, r in rows])
+    response = torch.tensor([[0] * len(p) + [1] * len(r) + [0] * (width - len(p) - len(r)) for p, r in rows])
+    return ids, attention, response
+
+
 def sample_responses(
     generator: Any,
     prompts: Sequence[str],
