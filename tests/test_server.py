@@ -428,7 +428,13 @@ def test_stream_usage_chunk_and_concurrent_streams_share_batches(client, server,
         t.start()
     for t in threads:
         t.join(60)
+    # A streamed batch is counted when its generate call returns, which can be just after the
+    # clients have read their last chunk: wait briefly for the count.
+    deadline = time.monotonic() + 10
     after = http.get("/v1/server/stats").json()
+    while after["requests"] - before["requests"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = http.get("/v1/server/stats").json()
     assert all(text.strip() == whole.choices[0].message.content for text in texts.values()) and len(texts) == 6
     assert after["requests"] - before["requests"] == 6 and after["batches"] - before["batches"] < 6  # streams were batched
 
