@@ -833,6 +833,9 @@ def eval_generate_cmd(
     fspo: Annotated[Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")] = None,
     pplug: Annotated[Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")] = None,
     user_steering: Annotated[bool, typer.Option(help="Keep each user's inferred steering default on, as chat does (--no-user-steering isolates the conditioners).")] = True,
+    comparisons: Annotated[str, typer.Option(help="What users compare to enrol: onpolicy (the generator's own answers, as a chat app collects them) or templated.")] = "onpolicy",
+    rerank: Annotated[int, typer.Option(min=2, max=16, help="Candidates per answer for user-rerank.")] = 4,
+    embedder: Annotated[str, typer.Option(help="'fit': fit PAL on this split's training users (same comparisons kind); 'shipped': the installed one; or an embedder folder.")] = "fit",
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the win-rate plot (PNG) here.")] = None,
@@ -845,16 +848,76 @@ def eval_generate_cmd(
     if population != "synthetic":
         _fail(ValidationError("--population", f"{population!r} has no judge here", "use synthetic; real data: personalign eval prefeval / eval rewrite"))
     try:
-        config = GenerateConfig(methods=_split_list(methods, "--methods"), users=users, prompts_per_user=prompts_per_user, shots=shots, seed=seed, max_new_tokens=max_new_tokens, user_steering=user_steering)
+        config = GenerateConfig(
+            methods=_split_list(methods, "--methods"),
+            users=users,
+            prompts_per_user=prompts_per_user,
+            shots=shots,
+            seed=seed,
+            max_new_tokens=max_new_tokens,
+            user_steering=user_steering,
+            comparisons=comparisons,
+            rerank=rerank,
+        )
         with tempfile.TemporaryDirectory(prefix="personalign-eval-generate-") as store:
+            from personalign.eval.onpolicy import fit_split_embedder
             from personalign.models import load_encoder, load_generator
             from personalign.personalizer import Personalizer
 
-            pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), store, fspo=fspo, **({"pplug": pplug} if pplug else {}))
+            generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
+            chosen: Any = None if embedder == "shipped" else fit_split_embedder(generator, encoder, config.seed, config.shots, config.comparisons) if embedder == "fit" else Path(embedder)
+            pz = Personalizer(generator, encoder, store, fspo=fspo, embedder=chosen, **({"pplug": pplug} if pplug else {}))
             with pz:
                 result = run_generate(pz, config, progress=lambda line: typer.echo(line, err=True), on_method=lambda partial: write_generate(partial, json_out, None))
         write_generate(result, json_out, plot)
         typer.echo(format_generate(result))
+    except PersonalignError as err:
+        _fail(err)
+
+
+@eval_app.command("onpolicy")
+def eval_onpolicy_cmd(
+    embedders: Annotated[str, typer.Option(help="Comma list of pal, bt, meandiff, vpl.")] = "pal,bt,meandiff,vpl",
+    data: Annotated[str, typer.Option(help="Comma list of what the embedders are fitted and users enrolled on: templated, onpolicy.")] = "templated,onpolicy",
+    seeds: Annotated[str, typer.Option(help="Comma list of split seeds.")] = "0,1",
+    users: Annotated[int, typer.Option(min=1, help="Test users per seed.")] = 16,
+    prompts_per_user: Annotated[int, typer.Option(min=1)] = 3,
+    shots: Annotated[int, typer.Option(min=1, max=8, help="Enrolment comparisons per test user.")] = 4,
+    best_of: Annotated[int, typer.Option(min=2, max=16)] = 8,
+    features: FeaturesOpt = "response,prompt_x_response,log_length",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """The reward side on the generator's own answers: on-policy ranking accuracy and best-of-N picks vs the generic answer."""
+    from personalign.eval.onpolicy import (
+        PoolConfig,
+        RankingConfig,
+        format_ranking,
+        format_summary,
+        run_ranking,
+    )
+    from personalign.models import load_encoder, load_generator
+
+    try:
+        config = RankingConfig(
+            embedders=_split_list(embedders, "--embedders"),
+            data=_split_list(data, "--data"),
+            seeds=_int_list(seeds, "--seeds"),
+            shots=shots,
+            users=users,
+            prompts_per_user=prompts_per_user,
+            best_of=best_of,
+            features=tuple(_split_list(features, "--features")),
+            pool=PoolConfig(n_per_prompt=max(8, best_of)),
+        )
+        result = run_ranking(load_generator(model, device=device), load_encoder(None, device=device), config, progress=lambda line: typer.echo(line, err=True))
+        if json_out is not None:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=1) + "\n")
+        typer.echo(format_ranking(result))
+        typer.echo("\nmeans over seeds:")
+        typer.echo(format_summary(result))
     except PersonalignError as err:
         _fail(err)
 

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -57,6 +57,7 @@ from personalign.persona.pplug import (
     read_plug_config,
 )
 from personalign.preferences import STATE_KEY, Preferences
+from personalign.steering import rerank as rerank_method
 from personalign.steering.decoding import STEERABLE, eos_token_ids
 from personalign.steering.dpa import dpa_messages
 from personalign.steering.methods import dpa_line, steerable_by_method
@@ -122,6 +123,13 @@ class ConditioningParams(BaseModel):
     fspo: bool = Field(default=True, description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)")
     pplug: bool = Field(default=True, description="prepend the user's Persona-Plug soft token (when a projector is installed for this generator and the user has history)")
     describe: bool = Field(default=False, description="FSPO user-description step: a one-line description of the user, written by the generator from their comparisons, goes into the system prompt")
+    rerank: int = Field(
+        default=0,
+        ge=0,
+        le=16,
+        description="personal reranking: sample this many candidates as rows of one batch and return the one the user's inferred reward scores highest (0 or 1: off; a user with no comparisons gets the plain answer)",
+    )
+    rerank_temperature: float = Field(default=rerank_method.DEFAULT_TEMPERATURE, gt=0.0, le=5.0, description="sampling temperature of the rerank candidates when the request itself is greedy")
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,10 @@ class _Prepared:
     fspo: bool = False  # the row runs the FSPO adapter
     description: str | None = None
     plug: Any = None  # the Persona-Plug soft token, (model_dim,)
+    query: str = ""  # the user's last message: the prompt the reward scores candidates for
+    rerank: int = 0  # candidates to sample and rerank by the user's reward (0: off)
+    rerank_temperature: float = rerank_method.DEFAULT_TEMPERATURE
+    personalization: dict[str, Any] | None = None  # set when a requested guidance cannot run
 
 
 @dataclass(frozen=True)
@@ -152,6 +164,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     description: str | None = None  # the user description, when the request asked for it
+    personalization: dict[str, Any] | None = None  # decode-time guidance that ran (e.g. user-rerank: candidates, scores, pick)
 
 
 def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
@@ -559,7 +572,30 @@ class Personalizer:
             if items:
                 plug = embed_user(self.plug, self.encoder, items, query_of(parse_messages(messages)))
         fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
-        return _Prepared(user, cond, params, applied.weights, list(encoded["input_ids"]), adapter_user, steer_method=method or applied.method, fspo=fspo, description=description, plug=plug)
+        rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
+        if rerank and profile is None:
+            rerank, guidance = 0, rerank_method.skipped("no user: the generic answer")
+        elif rerank and not profile.comparisons:  # type: ignore[union-attr]
+            rerank, guidance = 0, rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer")
+        elif rerank:
+            self.preferences.state_of(profile, *self.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
+        query = query_of(parse_messages(messages))
+        return _Prepared(
+            user,
+            cond,
+            params,
+            applied.weights,
+            list(encoded["input_ids"]),
+            adapter_user,
+            steer_method=method or applied.method,
+            fspo=fspo,
+            description=description,
+            plug=plug,
+            query=query,
+            rerank=rerank,
+            rerank_temperature=conditioning.rerank_temperature,
+            personalization=guidance,
+        )
 
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
@@ -622,7 +658,7 @@ class Personalizer:
         new_tokens = new_tokens[:end]
         text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         cond = prepared.conditioning
-        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens), prepared.description)
+        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens), prepared.description, prepared.personalization)
 
     def _run(self, batch: Sequence[_Prepared], streams: Sequence[TokenStream | None] | None = None) -> list[ChatResult]:
         import torch
@@ -674,7 +710,8 @@ class Personalizer:
         (``max_new_tokens``, ``temperature``, ``top_p``, ``repetition_penalty``, ``seed``) and
         conditioning (``memory``, ``shots``, ``n_memories``, ``n_shots``, ``memory_threshold``).
         """
-        return self._run([self._prepare(user, messages, steer, options)])[0]
+        prepared = self._prepare(user, messages, steer, options)
+        return self._run_prepared([prepared], [None])[0]
 
     def respond_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ChatResult]:
         """Replies for several requests, generated together: one ``generate`` call per group of
@@ -697,14 +734,55 @@ class Personalizer:
             options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer", "stream")}
             prepared.append(self._prepare(request.get("user"), request["messages"], request.get("steer"), options))
             streams.append(stream)
-        groups: dict[tuple[Any, ...], list[int]] = {}
+        return self._run_prepared(prepared, streams)
+
+    def _run_prepared(self, prepared: Sequence[_Prepared], streams: Sequence[TokenStream | None]) -> list[ChatResult]:
+        """Generate validated requests: one ``generate`` call per group of equal sampling settings.
+
+        A request with ``rerank=N`` becomes N sampled rows (at ``rerank_temperature`` when it is
+        greedy); the user's reward picks one (:mod:`personalign.steering.rerank`), and its stream,
+        if any, gets the picked reply whole.
+        """
+        rows: list[_Prepared] = []
+        owner: list[int] = []
         for index, item in enumerate(prepared):
-            groups.setdefault(item.params.batch_key(), []).append(index)
-        results: list[ChatResult | None] = [None] * len(prepared)
-        for indices in groups.values():
-            for index, result in zip(indices, self._run([prepared[i] for i in indices], [streams[i] for i in indices]), strict=True):
-                results[index] = result
-        return [r for r in results if r is not None]
+            if item.rerank:
+                params = item.params if item.params.temperature > 0 else item.params.model_copy(update={"temperature": item.rerank_temperature})
+                rows += [dataclasses.replace(item, params=params)] * item.rerank
+                owner += [index] * item.rerank
+            else:
+                rows.append(item)
+                owner.append(index)
+        row_streams = [None if prepared[i].rerank else streams[i] for i in owner]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for row, item in enumerate(rows):
+            groups.setdefault(item.params.batch_key(), []).append(row)
+        outputs: list[ChatResult | None] = [None] * len(rows)
+        for group in groups.values():
+            for row, result in zip(group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True):
+                outputs[row] = result
+        results: list[ChatResult] = []
+        for index, item in enumerate(prepared):
+            mine = [outputs[r] for r, o in enumerate(owner) if o == index]
+            if not item.rerank:
+                results.append(mine[0])  # type: ignore[arg-type]
+                continue
+            results.append(self._rerank(item, mine, streams[index]))  # type: ignore[arg-type]
+        return results
+
+    def _rerank(self, item: _Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None) -> ChatResult:
+        """The candidate the user's reward scores highest, with the scores in ``personalization``."""
+        texts = [c.text or " " for c in candidates]  # an empty reply still gets a score
+        embedder, embedder_id = self.preferences.embedder_and_id()
+        scores = self.preferences.reward(item.user, item.query or " ", texts)  # type: ignore[arg-type]
+        best = rerank_method.pick(scores)
+        temperature = item.params.temperature if item.params.temperature > 0 else item.rerank_temperature
+        chosen = dataclasses.replace(candidates[best], personalization=rerank_method.report(len(texts), scores, best, embedder_id, temperature))
+        if stream is not None:
+            if chosen.text:
+                stream.put(chosen.text)
+            stream.finish(chosen)
+        return chosen
 
     def chat_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[str]:
         """The reply texts for several requests generated together (see :meth:`respond_batch`)."""
@@ -738,5 +816,9 @@ class Personalizer:
         return _consume(stream, worker)
 
     def _run_quietly(self, batch: Sequence[_Prepared], streams: Sequence[TokenStream | None]) -> None:
-        with contextlib.suppress(BaseException):  # the error reaches the consumer through its stream
-            self._run(batch, streams)
+        try:
+            self._run_prepared(batch, streams)
+        except BaseException as err:  # the error reaches the consumer through its stream
+            for stream in streams:
+                if stream is not None:
+                    stream.fail(err)  # a no-op for streams already finished

@@ -51,15 +51,27 @@ def generation_split(
     test_fraction: float = 0.2,
     held_out_topics: int = 5,
     config: SyntheticConfig | None = None,
+    pool: dict[str, list[str]] | None = None,
 ) -> GenerationSplit:
-    """The seeded split by user and by topic that training and evaluation share."""
+    """The seeded split by user and by topic that training and evaluation share.
+
+    With ``pool`` (the generator's answers per prompt, :func:`~personalign.eval.onpolicy.answer_pool`)
+    every comparison is on-policy: the same users, labelling pairs of pooled answers to the
+    training prompts (:func:`~personalign.eval.onpolicy.onpolicy_population`); otherwise the
+    templated candidates.
+    """
     population = SyntheticPopulation(config)
     per_topic = PHRASINGS  # prompts are topic-major: every topic's phrasings in a row
     if not 0 < held_out_topics * per_topic < len(population.prompts):
         raise ValidationError("held_out_topics", f"must leave training prompts among {len(population.prompts) // per_topic} topics", "use e.g. 5", held_out_topics)
     prompts = population.prompts[-held_out_topics * per_topic :]
     banned = set(prompts)
-    everyone = population.population(shots=8, held_out=16, seed=seed)
+    if pool is None:
+        everyone = population.population(shots=8, held_out=16, seed=seed)
+    else:
+        from personalign.eval.onpolicy import onpolicy_population
+
+        everyone = onpolicy_population(population, pool, [p for p in population.prompts if p not in banned], seed=seed)
     fit, test = everyone.split(test_fraction, seed, exclude="none")
     train = {u.user: [c for c in u.comparisons if c.prompt_text not in banned] for u in fit.users}
     enrolled = []
@@ -67,14 +79,14 @@ def generation_split(
         own = [c for c in u.comparisons if c.prompt_text not in banned]
         if len(own) >= shots:
             enrolled.append(EvalUser(u.user, own[:shots], [], u.group, u.weights))
-    meta = {"seed": seed, "shots": shots, "test_fraction": test_fraction, "held_out_topics": held_out_topics, "train_users": len(train), "test_users": len(enrolled), "prompts": prompts}
+    meta = {"comparisons": "templated" if pool is None else "onpolicy", "seed": seed, "shots": shots, "test_fraction": test_fraction, "held_out_topics": held_out_topics, "train_users": len(train), "test_users": len(enrolled), "prompts": prompts}
     return GenerationSplit(population, train, enrolled, prompts, meta)
 
 
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all")
+METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled")
 # Chat options per method; every conditioner is named so "off" is explicit.
 _OFF = {"memory": False, "shots": False, "fspo": False}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
@@ -86,7 +98,11 @@ METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "fspo-shuffled": {**_OFF, "shots": True, "fspo": True},  # another user's shots: the control
     "pplug": {**_OFF, "pplug": True},
     "all": {"memory": True, "shots": True, "fspo": True, "pplug": True},
+    # decode-time guidance by the user's inferred reward; conditioners off, so the candidates are plain samples
+    "user-rerank": {**_OFF, "pplug": False},
+    "user-rerank-shuffled": {**_OFF, "pplug": False},  # another user's reward picks from the same candidates
 }
+RERANK = ("user-rerank", "user-rerank-shuffled")
 NEEDS_FSPO = ("fspo-trained", "fspo-shuffled", "all")
 NEEDS_PPLUG = ("pplug", "all")
 
@@ -101,6 +117,14 @@ class GenerateConfig:
     max_new_tokens: int = 128
     batch_size: int = 8
     user_steering: bool = True  # as chat does by default: the user's inferred verbosity steering rides along
+    comparisons: str = "templated"  # what users compared to enrol: templated texts, or the generator's own answers ("onpolicy")
+    rerank: int = 4  # candidates per answer for the user-rerank methods
+
+    def __post_init__(self) -> None:
+        if self.comparisons not in ("templated", "onpolicy"):
+            raise ValidationError("comparisons", f"is {self.comparisons!r}", "use templated or onpolicy", self.comparisons)
+        if not 2 <= self.rerank <= 16:
+            raise ValidationError("rerank", "must be in [2, 16]", "use e.g. 4", self.rerank)
 
 
 def memory_items(user: EvalUser) -> list[str]:
@@ -108,7 +132,7 @@ def memory_items(user: EvalUser) -> list[str]:
     return [f"An answer I liked to '{c.prompt_text}': {c.chosen}" for c in user.shots]
 
 
-def _decoys(users: Sequence[EvalUser]) -> dict[str, EvalUser]:
+def decoys(users: Sequence[EvalUser]) -> dict[str, EvalUser]:
     """For each user, another test user of a different type (the shuffled-shots control)."""
     out = {}
     for i, u in enumerate(users):
@@ -117,13 +141,13 @@ def _decoys(users: Sequence[EvalUser]) -> dict[str, EvalUser]:
     return out
 
 
-def _plan_requests(split: GenerationSplit, config: GenerateConfig) -> list[tuple[EvalUser, str]]:
-    rng = np.random.default_rng(config.seed)
-    users = split.test[: config.users]
+def plan_prompts(users: Sequence[EvalUser], prompts: Sequence[str], per_user: int, seed: int) -> list[tuple[EvalUser, str]]:
+    """``per_user`` distinct evaluation prompts for each user (seeded): the (user, prompt) pairs judged."""
+    rng = np.random.default_rng(seed)
     pairs = []
     for u in users:
-        for j in rng.choice(len(split.prompts), size=min(config.prompts_per_user, len(split.prompts)), replace=False):
-            pairs.append((u, split.prompts[int(j)]))
+        for j in rng.choice(len(prompts), size=min(per_user, len(prompts)), replace=False):
+            pairs.append((u, prompts[int(j)]))
     return pairs
 
 
@@ -153,15 +177,20 @@ def run_generate(
         raise ValidationError("methods", "fspo-trained, fspo-shuffled and all need an FSPO adapter for this generator", "train one: personalign train fspo --out DIR, then pass --fspo DIR", config.methods)
     if any(m in NEEDS_PPLUG for m in config.methods) and getattr(pz, "plug", None) is None:
         raise ValidationError("methods", "pplug and all need a Persona-Plug projector for this generator", "train one: personalign train pplug --out DIR, then pass --pplug DIR", config.methods)
-    split = generation_split(seed=config.seed, shots=config.shots)
-    pairs = _plan_requests(split, config)
+    pool = None
+    if config.comparisons == "onpolicy":
+        from personalign.eval.onpolicy import answer_pool
+
+        pool = answer_pool(pz.generator, SyntheticPopulation(SyntheticConfig(seed=0)).prompts)
+    split = generation_split(seed=config.seed, shots=config.shots, pool=pool)
+    pairs = plan_prompts(split.test[: config.users], split.prompts, config.prompts_per_user, config.seed)
     users = list(dict.fromkeys(u.user for u, _ in pairs))
     test = [u for u in split.test if u.user in users]
-    decoys = _decoys(test)
+    others = decoys(test)
     for u in test:
         pz.enroll(u.user, u.shots)
         pz.remember(u.user, memory_items(u))
-        decoy = decoys[u.user]
+        decoy = others[u.user]
         pz.enroll(f"decoy-{u.user}", decoy.shots)
         pz.remember(f"decoy-{u.user}", memory_items(decoy))
     started = time.perf_counter()
@@ -178,10 +207,12 @@ def run_generate(
             continue
         started = time.perf_counter()
         options = METHOD_OPTIONS[method]
+        if method in RERANK:  # the same seed for own and shuffled: both pick from the same candidates
+            options = {**options, "rerank": config.rerank, "seed": config.seed}
         requests = []
         for u, p in pairs:
             owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
-            steer = {} if config.user_steering else {"steer": {}}
+            steer = {} if config.user_steering and method not in RERANK else {"steer": {}}
             requests.append({"user": owner, "messages": messages[p], **base, **options, **steer})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started
@@ -202,11 +233,44 @@ def run_generate(
             "users_above_half": int(sum(np.mean(v) > 0.5 for v in per_user.values())),
             "mean_attributes": _mean_attributes(population, texts),
             "seconds": timings[method],
+            "scores": scores,
+            "toward_user": _toward_user(population, pairs, texts, generic),
             "example": {"user": pairs[0][0].user, "prompt": pairs[0][1], "answer": texts[0], "generic": generic[pairs[0][1]]},
         }
+        result["margins"] = personal_margins(result["methods"], [u.user for u, _ in pairs])
         if on_method is not None:
             on_method(result)
+    result["seconds_per_answer"] = {m: t / (len(generic) if m == GENERIC else len(pairs)) for m, t in timings.items()}
     return result
+
+
+def _toward_user(population: SyntheticPopulation, pairs: Sequence[tuple[EvalUser, str]], texts: Sequence[str], generic: dict[str, str]) -> dict[str, float]:
+    """Per attribute: the mean of ``sign(w_u,k) * (a_k(answer) - a_k(generic))`` over the judged pairs.
+
+    Positive: the answers moved, relative to the generic answer, the way the users' hidden weights
+    point (a judge-side number; nothing here reaches the method).
+    """
+    answers = population.attributes(list(texts))  # (n, 6)
+    generics = population.attributes([generic[p] for _, p in pairs])  # (n, 6)
+    signs = np.stack([np.sign(population.user_weights[population.user_ids.index(u.user)]) for u, _ in pairs])  # (n, 6)
+    moved = (signs * (answers - generics)).mean(axis=0)
+    return {name: round(float(v), 4) for name, v in zip(ATTRIBUTES, moved, strict=True)}
+
+
+def personal_margins(methods: dict[str, Any], users: Sequence[str]) -> dict[str, Any]:
+    """For each method with a ``-shuffled`` control in ``methods``: own minus shuffled win rate, with a
+    95% paired bootstrap interval clustered by user (the same (user, prompt) pairs in both)."""
+    from personalign.eval.stats import bootstrap_mean_ci
+
+    out = {}
+    for name, r in methods.items():
+        control = methods.get(f"{name}-shuffled") or methods.get(name.replace("-trained", "-shuffled") if name.endswith("-trained") else "")
+        if name.endswith("-shuffled") or not control or "scores" not in r or "scores" not in control:
+            continue
+        diff = np.asarray(r["scores"]) - np.asarray(control["scores"])
+        low, high = bootstrap_mean_ci(diff, groups=list(users))
+        out[name] = {"margin": float(diff.mean()), "ci": [low, high], "n": int(diff.size)}
+    return out
 
 
 def _mean_attributes(population: SyntheticPopulation, texts: Sequence[str]) -> dict[str, float]:
@@ -215,9 +279,17 @@ def _mean_attributes(population: SyntheticPopulation, texts: Sequence[str]) -> d
 
 
 def format_generate(result: dict[str, Any]) -> str:
-    lines = ["| method | win rate over generic | 95% CI | n | users above 0.5 |", "|---|---|---|---|---|"]
+    lines = ["| method | win rate over generic | 95% CI | n | users above 0.5 | attributes toward the users | s per answer |", "|---|---|---|---|---|---|---|"]
+    per_answer = result.get("seconds_per_answer", {})
     for method, r in result["methods"].items():
-        lines.append(f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {int(r['users_above_half'])}/{len(r['per_user'])} |")
+        toward = r.get("toward_user", {})
+        moved = ", ".join(k for k, v in toward.items() if v > 0) or "-"
+        seconds = f"{per_answer[method]:.2f}" if method in per_answer else "-"
+        lines.append(f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {int(r['users_above_half'])}/{len(r['per_user'])} | {moved} | {seconds} |")
+    if GENERIC in per_answer:
+        lines.append(f"(generic: {per_answer[GENERIC]:.2f} s per answer)")
+    for method, m in result.get("margins", {}).items():
+        lines.append(f"personal margin {method}: {m['margin']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] (own minus shuffled, n={m['n']}, paired bootstrap by user)")
     return "\n".join(lines)
 
 

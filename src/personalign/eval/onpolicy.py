@@ -1,0 +1,290 @@
+"""On-policy synthetic comparisons: the generator's own answers, labelled by synthetic users.
+
+A chat app collects comparisons between *its model's* answers. The templated population
+(:class:`~personalign.eval.populations.SyntheticPopulation`) compares template texts, which a
+reward fitted on them ranks well but the generator's answers only weakly. Here the same
+synthetic users (same hidden weights, same attribute functions, same Bradley-Terry labels)
+compare answers the generator itself sampled:
+
+- :func:`answer_pool`: ``n_per_prompt`` plain samples of the generator per prompt (no user, no
+  steering; temperature 0.8 by default), cached on disk per model, prompts and settings, since
+  they do not depend on the user.
+- :func:`onpolicy_population`: every user answers random pairs of pooled answers to the given
+  prompts; the result has the templated population's shape (``shots`` then ``held_out``).
+- :func:`run_ranking`: for each embedder and each kind of fitting data (templated, on-policy),
+  fitted on the split's training users only: accuracy on the test users' templated held-out
+  comparisons, on-policy ranking accuracy (every pair of pooled answers to held-out-topic
+  prompts, ordered by the user's hidden reward), and best-of-N selection: the answer the user's
+  inferred reward picks from N samples against the generic greedy answer, judged by the hidden
+  reward, beside the same pick made with another user's state and with the hidden reward itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from personalign.errors import ValidationError
+from personalign.eval.adapters import wilson
+from personalign.eval.populations import EvalPopulation, EvalUser, SyntheticPopulation
+from personalign.types import Comparison
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How the generator's answers are sampled: ``n_per_prompt`` per prompt, plain sampling."""
+
+    n_per_prompt: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_per_prompt < 2:
+            raise ValidationError("pool.n_per_prompt", "must be at least 2 (pairs are drawn from it)", "use e.g. 8", self.n_per_prompt)
+        if self.max_new_tokens < 1:
+            raise ValidationError("pool.max_new_tokens", "must be at least 1", "use e.g. 128", self.max_new_tokens)
+        if not self.temperature > 0:
+            raise ValidationError("pool.temperature", "must be > 0 (the pool is sampled)", "use e.g. 0.8", self.temperature)
+
+
+def _cache_path(kind: str, model_id: str, prompts: Sequence[str], settings: dict[str, Any]) -> Path:
+    from personalign.models import cache_root
+
+    key = hashlib.sha256(json.dumps([kind, model_id, list(prompts), settings], sort_keys=True).encode()).hexdigest()[:16]
+    return cache_root() / "onpolicy" / f"{kind}-{key}.json"
+
+
+def _cached(path: Path, make: Callable[[], dict[str, Any]], cache: bool) -> dict[str, Any]:
+    if cache and path.is_file():
+        return json.loads(path.read_text())
+    value = make()
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    return value
+
+
+def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | None = None, cache: bool = True, progress: bool = False) -> dict[str, list[str]]:
+    """``{prompt: answers}``: distinct non-empty samples of the plain generator (at most ``n_per_prompt``).
+
+    Cached under ``$PERSONALIGN_CACHE/onpolicy`` by model id, prompts and settings.
+    """
+    from personalign.steering.samples import sample_responses
+
+    config = config or PoolConfig()
+    prompts = list(dict.fromkeys(prompts))
+
+    def make() -> dict[str, Any]:
+        samples = sample_responses(generator, prompts, config.n_per_prompt, config.max_new_tokens, config.temperature, seed=config.seed, batch_size=16, progress=progress)
+        pool: dict[str, list[str]] = {p: [] for p in prompts}
+        for s in samples:
+            if s.text and s.text not in pool[s.prompt]:
+                pool[s.prompt].append(s.text)
+        return pool
+
+    pool = _cached(_cache_path("pool", generator.model_id, prompts, asdict(config)), make, cache)
+    short = [p for p, answers in pool.items() if len(answers) < 2]
+    if short:
+        raise ValidationError("pool", f"has fewer than 2 distinct answers for {len(short)} prompts", "sample more per prompt (n_per_prompt) or at a higher temperature", short[:3])
+    return pool
+
+
+def greedy_answers(generator: Any, prompts: Sequence[str], max_new_tokens: int = 128, cache: bool = True) -> dict[str, str]:
+    """``{prompt: the generic answer}``: plain greedy ``generate`` with no user (cached like the pool)."""
+    import torch
+
+    from personalign.steering.decoding import eos_token_ids
+    from personalign.steering.samples import chat_ids, left_pad
+
+    prompts = list(dict.fromkeys(prompts))
+
+    def make() -> dict[str, Any]:
+        tokenizer, model = generator.tokenizer, generator.model
+        stops = set(eos_token_ids(tokenizer, model.generation_config))
+        out = {}
+        for start in range(0, len(prompts), 8):
+            chunk = prompts[start : start + 8]
+            ids, mask = left_pad([chat_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
+            with torch.inference_mode():
+                rows = model.generate(input_ids=ids.to(generator.device), attention_mask=mask.to(generator.device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            for prompt, row in zip(chunk, rows[:, ids.shape[1] :].tolist(), strict=True):
+                end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+                out[prompt] = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+        return out
+
+    return _cached(_cache_path("greedy", generator.model_id, prompts, {"max_new_tokens": max_new_tokens}), make, cache)
+
+
+def onpolicy_comparisons(population: SyntheticPopulation, user: str, pool: dict[str, list[str]], prompts: Sequence[str], n: int, rng: np.random.Generator) -> list[Comparison]:
+    """``n`` of ``user``'s labelled comparisons between two pooled answers to a random prompt of ``prompts``."""
+    out = []
+    for _ in range(n):
+        prompt = prompts[int(rng.integers(len(prompts)))]
+        answers = pool[prompt]
+        i, j = rng.choice(len(answers), size=2, replace=False)
+        out.append(population.answer(user, prompt, answers[int(i)], answers[int(j)], rng))
+    return out
+
+
+def onpolicy_population(population: SyntheticPopulation, pool: dict[str, list[str]], prompts: Sequence[str], shots: int = 8, held_out: int = 16, seed: int = 0) -> EvalPopulation:
+    """Every synthetic user answers ``shots + held_out`` on-policy comparisons on ``prompts`` (seeded)."""
+    missing = [p for p in prompts if p not in pool]
+    if missing:
+        raise ValidationError("prompts", f"has {len(missing)} prompts with no pooled answers", "build the pool with answer_pool over these prompts", missing[:3])
+    rng = np.random.default_rng(1_000_003 + seed)
+    users = []
+    for i, user in enumerate(population.user_ids):
+        answered = onpolicy_comparisons(population, user, pool, list(prompts), shots + held_out, rng)
+        users.append(EvalUser(user, answered[:shots], answered[shots:], f"type-{population.user_types[i]}", population.user_weights[i].copy()))
+    meta = {"source": "synthetic-onpolicy", "config": population.config.__dict__, "shots": shots, "held_out": held_out, "prompts": len(prompts)}
+    return EvalPopulation("synthetic-onpolicy", users, meta)
+
+
+# --- the ranking report -------------------------------------------------------------------------
+
+
+@dataclass
+class RankingConfig:
+    embedders: list[str] = field(default_factory=lambda: ["pal", "bt", "meandiff", "vpl"])
+    data: list[str] = field(default_factory=lambda: ["templated", "onpolicy"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    shots: int = 4
+    users: int = 16
+    prompts_per_user: int = 3
+    best_of: int = 8
+    features: tuple[str, ...] = ("response", "prompt_x_response", "log_length")
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+def _pairwise_accuracy(hidden: np.ndarray, inferred: np.ndarray) -> tuple[int, int]:
+    """Pairs ordered the same way by both score vectors ``(n,)`` (hidden ties skipped): (agree, n)."""
+    i, j = np.triu_indices(len(hidden), k=1)
+    keep = hidden[i] != hidden[j]
+    same = np.sign(hidden[i] - hidden[j]) == np.sign(inferred[i] - inferred[j])
+    return int((same & keep).sum()), int(keep.sum())
+
+
+def best_of_n(population: SyntheticPopulation, user: str, prompt: str, candidates: Sequence[str], scores: np.ndarray, generic: str) -> float:
+    """1 / 0.5 / 0: does the candidate with the highest ``scores`` beat ``generic`` under ``user``'s hidden reward?"""
+    pick = candidates[int(np.argmax(scores))]
+    mine, theirs = population.true_reward(user, [pick, generic])
+    return 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
+
+
+def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The reward side on the generator's own answers, per embedder, fitting data and seed."""
+    from personalign.eval.generate import decoys, generation_split, plan_prompts
+    from personalign.persona import EMBEDDER_CLASSES
+    from personalign.persona.base import Featurizer, FeaturizerConfig
+
+    unknown = [e for e in config.embedders if e not in EMBEDDER_CLASSES]
+    if unknown:
+        raise ValidationError("embedders", f"{unknown} are not embedders", f"use some of {sorted(EMBEDDER_CLASSES)}", unknown)
+    bad = [d for d in config.data if d not in ("templated", "onpolicy")]
+    if bad:
+        raise ValidationError("data", f"{bad} are not kinds of fitting data", "use templated and/or onpolicy", bad)
+    population = SyntheticPopulation()
+    pool = answer_pool(generator, population.prompts, config.pool, progress=progress is not None)
+    generic = greedy_answers(generator, population.prompts, config.pool.max_new_tokens)
+    featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None)
+    result: dict[str, Any] = {"config": {**asdict(config), "features": list(config.features)}, "rows": []}
+    for seed in config.seeds:
+        templated = generation_split(seed=seed, shots=config.shots)
+        for data in config.data:
+            split = generation_split(seed=seed, shots=config.shots, pool=pool if data == "onpolicy" else None)
+            test = split.test[: config.users]
+            pairs = plan_prompts(test, split.prompts, config.prompts_per_user, seed)
+            other = decoys(test)
+            held = {u.user: u.held_out for u in templated.test}
+            for method in config.embedders:
+                started = time.perf_counter()
+                embedder = EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
+                fit_seconds = time.perf_counter() - started
+                states = {u.user: embedder.infer(u.shots) for u in test}
+                agree = total = 0
+                for u in test:
+                    for p in split.prompts:
+                        a, n = _pairwise_accuracy(population.true_reward(u.user, pool[p]), embedder.reward([p] * len(pool[p]), pool[p], states[u.user]))
+                        agree, total = agree + a, total + n
+                templ = [embedder.prob(c.prompt_text, c.chosen, c.rejected, states[u.user]) > 0.5 for u in test for c in held.get(u.user, [])]
+                own, shuffled, oracle = [], [], []
+                for u, p in pairs:
+                    candidates = pool[p][: config.best_of]
+                    prompts = [p] * len(candidates)
+                    own.append(best_of_n(population, u.user, p, candidates, embedder.reward(prompts, candidates, states[u.user]), generic[p]))
+                    shuffled.append(best_of_n(population, u.user, p, candidates, embedder.reward(prompts, candidates, states[other[u.user].user]), generic[p]))
+                    oracle.append(best_of_n(population, u.user, p, candidates, population.true_reward(u.user, candidates), generic[p]))
+                row = {
+                    "seed": seed,
+                    "data": data,
+                    "embedder": method,
+                    "templated_accuracy": float(np.mean(templ)) if templ else None,
+                    "onpolicy_accuracy": agree / max(total, 1),
+                    "onpolicy_pairs": total,
+                    "best_of_n_win": float(np.mean(own)),
+                    "best_of_n_win_ci": list(wilson(float(sum(own)), len(own))),
+                    "best_of_n_shuffled": float(np.mean(shuffled)),
+                    "best_of_n_oracle": float(np.mean(oracle)),
+                    "best_of_n_margin": float(np.mean(own) - np.mean(shuffled)),
+                    "n": len(own),
+                    "fit_seconds": fit_seconds,
+                }
+                result["rows"].append(row)
+                if progress is not None:
+                    progress(format_ranking({"rows": [row]}).splitlines()[-1])
+    result["summary"] = _summarise(result["rows"])
+    return result
+
+
+def _summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows averaged over seeds, per (data, embedder)."""
+    keys = list(dict.fromkeys((r["data"], r["embedder"]) for r in rows))
+    out = []
+    for data, method in keys:
+        group = [r for r in rows if (r["data"], r["embedder"]) == (data, method)]
+        mean = {k: float(np.mean([r[k] for r in group if r[k] is not None])) for k in ("templated_accuracy", "onpolicy_accuracy", "best_of_n_win", "best_of_n_shuffled", "best_of_n_oracle", "best_of_n_margin")}
+        out.append({"data": data, "embedder": method, "seeds": [r["seed"] for r in group], "n": sum(r["n"] for r in group), **mean})
+    return out
+
+
+def format_ranking(result: dict[str, Any]) -> str:
+    lines = ["| fitted on | embedder | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        templ = "-" if r["templated_accuracy"] is None else f"{r['templated_accuracy']:.3f}"
+        lines.append(
+            f"| {r['data']} | {r['embedder']} | {r['seed']} | {templ} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = ["| fitted on | embedder | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["summary"]:
+        lines.append(
+            f"| {r['data']} | {r['embedder']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int = 4, comparisons: str = "onpolicy", method: str = "pal", features: Sequence[str] | None = None) -> Any:
+    """An embedder fitted on the training users of :func:`~personalign.eval.generate.generation_split`
+    (seed ``seed``) only, on their on-policy or templated comparisons: what ``eval generate`` guides by."""
+    from personalign.eval.generate import generation_split
+    from personalign.persona import EMBEDDER_CLASSES
+    from personalign.persona.base import DEFAULT_PARTS, Featurizer, FeaturizerConfig
+
+    parts = tuple(features or DEFAULT_PARTS)
+    pool = answer_pool(generator, SyntheticPopulation().prompts) if comparisons == "onpolicy" else None
+    split = generation_split(seed=seed, shots=shots, pool=pool)
+    featurizer = Featurizer(encoder, FeaturizerConfig(parts=parts), generator if "hidden" in parts else None)
+    return EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
