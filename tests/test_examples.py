@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,13 @@ def test_batched_cpu_example_runs(tiny_model_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "packed layers: 15" in done.stdout  # 2 layers x 7 projections + the head
     assert "same tokens: True" in done.stdout and "packed / stock:" in done.stdout
+
+
+def test_personal_rerank_example_runs(tiny_model_dir, tmp_path):
+    example = EXAMPLES / "personal_rerank.py"
+    cmd = [sys.executable, str(example), "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--per-prompt", "3", "--rerank", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    out = done.stdout
+    assert "PAL fitted on 160 users' comparisons" in out and "--- generic" in out
+    assert out.count("picked candidate") == 2 and out.count("hidden reward: this answer") == 2 and "done in" in out

@@ -12,12 +12,17 @@ import torch
 from personalign.errors import ValidationError
 from personalign.eval import generate as generate_mod
 from personalign.eval.generate import GenerateConfig, personal_margins, run_generate
-from personalign.eval.onpolicy import PoolConfig, _pairwise_accuracy, answer_pool, best_of_n, onpolicy_population
+from personalign.eval.onpolicy import (
+    PoolConfig,
+    _pairwise_accuracy,
+    answer_pool,
+    best_of_n,
+    onpolicy_population,
+)
 from personalign.eval.populations import SyntheticPopulation
 from personalign.models import Generator
 from personalign.personalizer import Personalizer
 from personalign.steering.rerank import pick
-from personalign.streaming import TokenStream
 
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg, and here is a long story."}
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
