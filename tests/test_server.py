@@ -75,7 +75,10 @@ def test_models_and_openapi(client, http):
         assert path in schema["paths"]
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"steer", "memory", "shots", "n_shots", "n_memories", "user", "max_tokens"} <= set(chat)
-    assert "HTTPValidationError" not in schema["components"]["schemas"]  # 422s use our error shape
+    assert {"safety_identifier"} <= set(chat)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # validation errors answer 400 in our error shape
+    assert not [op for path in schema["paths"].values() for op in path.values() if "422" in op["responses"]]
+    assert "X-Personalign-User" in [p["name"] for p in schema["paths"]["/v1/chat/completions"]["post"]["parameters"]]
     assert schema["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
 
 
@@ -144,17 +147,19 @@ def test_streaming_wire_format(http):
     first = json.loads(events[0][6:])
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     # A stream that cannot start answers with a status, not with a broken event stream.
-    bad = http.post("/v1/chat/completions", json={**body, "user": "nobody-here"})
-    assert _is_openai_error(bad, 404)["code"] == "user_not_found"
+    bad = http.post("/v1/chat/completions", json={**body, "model": "gpt-4o"})
+    assert _is_openai_error(bad, 404)["code"] == "model_not_found"
+    # The finish chunk says what conditioned the answer, as a completion's personalign object does.
+    assert json.loads(events[-2][6:])["personalign"] == {
+        "user": None, "user_source": None, "user_known": False, "memories": [], "shots": 0, "steer": {"verbosity": -1.0}, "note": None
+    }
 
 
 def test_openai_client_errors(client, server):
     messages = [{"role": "user", "content": "Hi"}]
-    with pytest.raises(openai.NotFoundError, match="not enrolled"):
-        client.chat.completions.create(model="personalign", messages=messages, user="nobody")
     with pytest.raises(openai.NotFoundError, match="not served"):
         client.chat.completions.create(model="gpt-4o", messages=messages)
-    with pytest.raises(openai.UnprocessableEntityError, match="steerable"):
+    with pytest.raises(openai.BadRequestError, match="steerable"):
         client.chat.completions.create(model="personalign", messages=messages, extra_body={"steer": {"kindness": 1}})
     with pytest.raises(openai.BadRequestError, match="cap of 64"):
         client.chat.completions.create(model="personalign", messages=messages, max_tokens=65)
@@ -164,11 +169,11 @@ def test_openai_client_errors(client, server):
         client.chat.completions.create(model="personalign", messages=messages, stop=["\n"])
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="personalign", messages=[])
-    with pytest.raises(openai.UnprocessableEntityError, match="last message"):
+    with pytest.raises(openai.BadRequestError, match="last message"):
         client.chat.completions.create(model="personalign", messages=[{"role": "assistant", "content": "Hi"}])
-    with pytest.raises(openai.UnprocessableEntityError, match="user"):
-        client.chat.completions.create(model="personalign", messages=messages, user="../etc/passwd")
-    with pytest.raises(openai.UnprocessableEntityError, match="n_shots"):
+    with pytest.raises(openai.BadRequestError, match="user: contains a character that is not printable"):
+        client.chat.completions.create(model="personalign", messages=messages, user="bob\n")
+    with pytest.raises(openai.BadRequestError, match="n_shots"):
         client.chat.completions.create(model="personalign", messages=messages, extra_body={"n_shots": 1000})
 
 
@@ -205,7 +210,7 @@ def test_memory_first_user_and_enrol_all_or_nothing(http):
     assert http.post("/v1/users/dan/memories", json={"text": "I like tea."}).status_code == 200
     assert http.get("/v1/users/dan").json()["n_comparisons"] == 0
     bad = http.post("/v1/users/dan/comparisons", json={"comparisons": [EGG, {"prompt": "x", "chosen": "same", "rejected": "same"}]})
-    error = _is_openai_error(bad, 422)
+    error = _is_openai_error(bad, 400)
     assert error["param"] == "comparisons[1]" and "differ" in error["message"]
     assert http.get("/v1/users/dan").json()["n_comparisons"] == 0  # nothing of the batch was stored
 
@@ -231,7 +236,7 @@ def test_next_question_ranks_candidates_by_information_gain(http, personalizer):
         response = http.post("/v1/users/quinn/next-question", json=bad)
         assert 400 <= response.status_code < 500, (bad, response.text)
         assert "error" in response.json()
-    same = _is_openai_error(http.post("/v1/users/quinn/next-question", json={"candidates": [{"prompt": "p", "a": "x", "b": "x"}]}), 422)
+    same = _is_openai_error(http.post("/v1/users/quinn/next-question", json={"candidates": [{"prompt": "p", "a": "x", "b": "x"}]}), 400)
     assert same["param"] == "candidates[0]"
 
 
@@ -250,36 +255,35 @@ BAD_REQUESTS = [
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).encode(), 400),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": "1"}}).encode(), 422),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": "1"}}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": [1]}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": 7}).encode(), 400),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": 1e9}}).encode(), 422),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": "a" * 129}).encode(), 422),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": -1}).encode(), 422),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": 1e9}}).encode(), 400),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": "a" * 257}).encode(), 400),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "repetition_penalty": -1}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x" * 70_000}]}).encode(), 413),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "word " * 12_000}]}).encode(), 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}).encode(), 400),
     ("POST", CHAT, b'{"model": "personalign", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}', 400),
-    ("POST", CHAT, b'{"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": Infinity}}', 422),
+    ("POST", CHAT, b'{"model": "personalign", "messages": [{"role": "user", "content": "x"}], "steer": {"verbosity": Infinity}}', 400),
     ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(), 400),
-    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": "bob\n"}).encode(), 422),
+    ("POST", CHAT, json.dumps({"model": "personalign", "messages": [{"role": "user", "content": "x"}], "user": "bob\n"}).encode(), 400),
     ("POST", "/v1/users/eve/comparisons", b"{}", 400),
     ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": []}).encode(), 400),
     ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": "x"}).encode(), 400),
-    ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": [{"prompt": "p", "chosen": "a"}]}).encode(), 422),
-    ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": [{**EGG, "weight": -1}]}).encode(), 422),
+    ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": [{"prompt": "p", "chosen": "a"}]}).encode(), 400),
+    ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": [{**EGG, "weight": -1}]}).encode(), 400),
     ("POST", "/v1/users/eve/comparisons", json.dumps({"comparisons": [EGG], "extra": 1}).encode(), 400),
-    ("POST", "/v1/users/eve/memories", json.dumps({"text": ""}).encode(), 422),
+    ("POST", "/v1/users/eve/memories", json.dumps({"text": ""}).encode(), 400),
     ("POST", "/v1/users/eve/memories", json.dumps({"text": 3}).encode(), 400),
-    ("POST", "/v1/users/eve/memories", json.dumps({"text": "x", "metadata": {"user_id": "mallory"}}).encode(), 422),
+    ("POST", "/v1/users/eve/memories", json.dumps({"text": "x", "metadata": {"user_id": "mallory"}}).encode(), 400),
     ("POST", "/v1/users/eve/memories", json.dumps({"text": "x", "metadata": {"a": [1]}}).encode(), 400),
-    ("POST", "/v1/users/eve/memories", json.dumps({"text": "x" * 9000}).encode(), 422),
+    ("POST", "/v1/users/eve/memories", json.dumps({"text": "x" * 9000}).encode(), 400),
     ("POST", "/v1/users/..%2F..%2Fetc/memories", json.dumps({"text": "x"}).encode(), 404),
     ("POST", "/v1/users/../memories", json.dumps({"text": "x"}).encode(), 404),
-    ("POST", "/v1/users/a..b/memories", json.dumps({"text": "x"}).encode(), 422),
-    ("POST", "/v1/users/.hidden/memories", json.dumps({"text": "x"}).encode(), 422),
-    ("POST", f"/v1/users/{'a' * 129}/memories", json.dumps({"text": "x"}).encode(), 422),
-    ("POST", "/v1/users/%C3%A9ve/memories", json.dumps({"text": "x"}).encode(), 422),
+    ("POST", f"/v1/users/{'a' * 257}/memories", json.dumps({"text": "x"}).encode(), 400),
+    ("POST", "/v1/users/%20eve/memories", json.dumps({"text": "x"}).encode(), 400),
+    ("POST", "/v1/users/eve%09/memories", json.dumps({"text": "x"}).encode(), 400),
     ("GET", "/v1/users/nobody-at-all", b"", 404),
     ("GET", "/v1/users/nobody-at-all/memories", b"", 404),
     ("GET", "/v1/users/ana/memories?top_k=0", b"", 400),
@@ -353,8 +357,11 @@ def test_api_key_file_and_principal(tmp_path):
     acme = Principal("acme")
     assert acme.store_id("bob") == "acme.bob" and acme.external_id("acme.bob") == "bob"
     assert not acme.owns("acmex.bob") and not acme.owns("globex.acme.bob")
-    with pytest.raises(ValueError, match="at most 123"):
-        acme.store_id("b" * 124)
+    # An id too long for the store with the tenant prefix is hashed, not refused; the request's principal still names it.
+    assert acme.store_id("b" * 123) == "acme." + "b" * 123 and acme.store_id("b" * 124).startswith("acme.sha+")
+    assert acme.external_id(acme.store_id("b" * 124)) == "b" * 124
+    with pytest.raises(ValueError, match="1-256 characters"):
+        acme.store_id("b" * 257)
     assert Principal(None).store_id("acme.bob") == "acme.bob"
 
 

@@ -4,8 +4,11 @@
     app = create_app(Personalizer.load(store="./store"), ServerConfig(max_batch=16))
 
 Non-streaming chats go through a :class:`Batcher` into ``Personalizer.respond_batch``;
-streams call ``Personalizer.stream``. Every user id in a path or body is validated and
-mapped into the caller's tenant (see :mod:`personalign.server.config`).
+streams join the same batches. Every user id in a path or body is checked and mapped to a
+stored id in the caller's tenant (see :mod:`personalign.server.config` and
+:mod:`personalign.server.ids`). A chat names its user by ``user``, ``safety_identifier``, the
+``X-Personalign-User`` header or ``metadata.user_id``, in that order; a user with no profile
+gets the generic answer, and nothing is stored for them.
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import pydantic
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
@@ -32,7 +35,7 @@ from personalign.server import errors
 from personalign.server.batcher import Batcher
 from personalign.server.config import Principal, ServerConfig, hash_key
 from personalign.server.errors import ApiError
-from personalign.server.limits import BodyLimit
+from personalign.server.limits import BodyLimit, json_problem
 from personalign.server.schemas import (
     IGNORED,
     UNSUPPORTED,
@@ -69,8 +72,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         401: "Missing or unknown API key",
         403: "The key may not write",
         404: "Unknown user, memory, model or route",
-        413: "Request body too large",
-        422: "Input our validation rejects",
+        413: "Request body too large, or too many comparisons or memories in one request",
     }.items()
 }
 
@@ -101,6 +103,54 @@ def writer(who: Annotated[Principal, Depends(principal)]) -> Principal:
 
 Reader = Annotated[Principal, Depends(principal)]
 Writer = Annotated[Principal, Depends(writer)]
+USER_HEADER = "X-Personalign-User"
+# Chroma refuses these metadata keys (a 500 from deep inside it if they got that far).
+_CHROMA_KEY_PREFIXES = ("$", "#", "chroma:")
+_INT64 = range(-(2**63), 2**63)
+
+
+async def sane_json(request: Request) -> None:
+    """Refuse, naming the field, a JSON body with text no encoder can take or a number too large for a float."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    try:
+        payload = await request.json()  # cached: FastAPI has parsed the body already
+    except ValueError:
+        return  # not JSON: the body's own validation answers
+    problem = json_problem(payload)
+    if problem is not None:
+        where, what = problem
+        raise ApiError(400, f"{where}: {what}. Fix: send valid text and numbers", "invalid_value", where)
+
+
+def chat_user(body: ChatCompletionRequest, header: str | None) -> tuple[str | None, str | None]:
+    """The chat's user id and where it came from: ``user``, ``safety_identifier``, the header, then ``metadata.user_id``."""
+    if body.user is not None:
+        return body.user, "user"
+    if body.safety_identifier is not None:
+        return body.safety_identifier, "safety_identifier"
+    if header is not None:
+        return header, USER_HEADER
+    metadata = (body.model_extra or {}).get("metadata")
+    if isinstance(metadata, dict) and "user_id" in metadata:
+        if not isinstance(metadata["user_id"], str):
+            raise ApiError(400, "metadata.user_id must be a string", "invalid_value", "metadata.user_id")
+        return metadata["user_id"], "metadata.user_id"
+    return None, None
+
+
+def check_memory_write(body: RememberRequest, limit: int) -> None:
+    """What the memory store would fail on deep inside Chroma, refused before anything is written."""
+    texts = [body.text] if isinstance(body.text, str) else body.text
+    if len(texts) > limit:
+        raise ApiError(413, f"{len(texts)} memories in one request; the limit is {limit}. Fix: send them in parts", "request_too_large", "text")
+    for key, value in (body.metadata or {}).items():
+        if not key or key.startswith(_CHROMA_KEY_PREFIXES) or key == "chroma:document":
+            fix = "use a non-empty key that does not start with '$', '#' or 'chroma:'"
+            raise ApiError(400, f"metadata key {key!r} is reserved by the memory database. Fix: {fix}", "invalid_value", f"metadata.{key}")
+        if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
+            fix = "send integers within the signed 64-bit range, or the number as a string"
+            raise ApiError(400, f"metadata.{key}: {value} does not fit in 64 bits. Fix: {fix}", "invalid_value", f"metadata.{key}")
 
 
 def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI:
@@ -126,6 +176,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         description="OpenAI-compatible chat with per-user personalisation, plus user, comparison and memory endpoints.",
         lifespan=lifespan,
         responses=_ERRORS,
+        dependencies=[Depends(sane_json)],
     )
     app.state.personalizer = pz
     app.state.config = config
@@ -157,7 +208,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def sdk_request(body: ChatCompletionRequest, who: Principal) -> dict[str, Any]:
+    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> dict[str, Any]:
         if body.model not in model_names:
             raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
         for name, allowed in UNSUPPORTED.items():
@@ -173,7 +224,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         if max_new > config.max_tokens_cap:
             raise ApiError(400, f"max_tokens={max_new} exceeds this server's cap of {config.max_tokens_cap}. Fix: ask for fewer", "invalid_value", "max_tokens")
         request: dict[str, Any] = {
-            "user": None if body.user is None else who.store_id(body.user),
+            "user": None if user is None else who.store_id(user, source or "user"),
             "messages": [m.as_sdk() for m in body.messages],
             "max_new_tokens": max_new,
             **body.options(),
@@ -182,8 +233,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             request["steer"] = body.steer
         return request
 
-    def prevalidate(request: Mapping[str, Any]) -> None:
-        """Everything ``respond_batch`` would reject, checked before the request joins a batch."""
+    def prevalidate(request: dict[str, Any]) -> str | None:
+        """Everything ``respond_batch`` would reject, checked before the request joins a batch.
+
+        A user with no profile is answered generically (``request["user"]`` becomes ``None``);
+        the return value says why, for the response's ``personalign.note``.
+        """
         parse_messages(request["messages"])
         if "steer" in request:
             parse_steering(request["steer"])
@@ -193,8 +248,10 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
                 model.model_validate(values)
             except pydantic.ValidationError as err:
                 raise convert_pydantic_error(name, err) from None
-        if request["user"] is not None and not pz.profiles.exists(request["user"]):
-            raise UnknownUserError(request["user"])
+        if request["user"] is None or pz.profiles.exists(request["user"]):
+            return None
+        request["user"] = None  # nothing is read or written for this user
+        return "no profile for this user (no comparisons or memories yet): the generic answer, and nothing was stored"
 
     @app.post(
         "/v1/chat/completions",
@@ -202,11 +259,16 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         tags=["openai"],
         responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or SSE chunks with stream=true"}},
     )
-    async def chat_completions(body: ChatCompletionRequest, who: Reader) -> Any:
-        request = sdk_request(body, who)
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        who: Reader,
+        x_personalign_user: Annotated[str | None, Header(alias=USER_HEADER, description="The user, when the body names none")] = None,
+    ) -> Any:
+        user, source = chat_user(body, x_personalign_user)
+        request = sdk_request(body, who, user, source)
         stream = TokenStream() if body.stream else None
         with batcher.arriving():
-            await run_in_threadpool(prevalidate, request)
+            note = await run_in_threadpool(prevalidate, request)
             # Streams join batches too: their tokens are routed out of the shared generate call.
             future = batcher.submit(request if stream is None else {**request, "stream": stream})
         if stream is not None:
@@ -214,9 +276,21 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             future.add_done_callback(lambda f: stream.fail(f.exception()) if f.exception() is not None else None)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
+
+        def personalisation(result: Any) -> Personalisation:
+            return Personalisation(
+                user=user,
+                user_source=source,
+                user_known=request["user"] is not None,
+                memories=result.memories,
+                shots=len(result.shots),
+                steer=result.steer,
+                note=note,
+            )
+
         if stream is not None:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _sse(stream, completion_id, now, config.served_model, request["max_new_tokens"], usage)
+            chunks = _sse(stream, completion_id, now, config.served_model, request["max_new_tokens"], usage, personalisation)
             return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         result = await asyncio.wrap_future(future)
         finish = "length" if result.completion_tokens >= request["max_new_tokens"] else "stop"
@@ -230,7 +304,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
                 completion_tokens=result.completion_tokens,
                 total_tokens=result.prompt_tokens + result.completion_tokens,
             ),
-            personalign=Personalisation(user=body.user, memories=result.memories, shots=len(result.shots), steer=result.steer),
+            personalign=personalisation(result),
         )
 
     # --- users -----------------------------------------------------------------------------------
@@ -282,6 +356,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     def remember(user_id: str, body: RememberRequest, who: Writer) -> MemoryList:
         """Store one fact or several (creating the user if new); mem0-shaped results."""
         store_id = who.store_id(user_id, "user_id")
+        check_memory_write(body, config.max_memories_per_request)
         return external(pz.remember(store_id, body.text, body.metadata), who)
 
     @app.get("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
@@ -328,18 +403,29 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     return app
 
 
-def _sse(stream: TokenStream, completion_id: str, created: int, model: str, max_new_tokens: int, include_usage: bool) -> Iterator[str]:
+def _sse(
+    stream: TokenStream,
+    completion_id: str,
+    created: int,
+    model: str,
+    max_new_tokens: int,
+    include_usage: bool,
+    personalisation: Callable[[Any], Personalisation],
+) -> Iterator[str]:
     """OpenAI ``chat.completion.chunk`` events for a stream, ending in ``data: [DONE]``.
 
-    With ``include_usage`` a last chunk with empty ``choices`` carries the token counts. If the
-    client disconnects, the response stops iterating this generator and the row is cancelled.
+    The finish chunk carries the ``personalign`` object. With ``include_usage`` a last chunk
+    with empty ``choices`` carries the token counts. If the client disconnects, the response
+    stops iterating this generator and the row is cancelled.
     """
 
-    def event(delta: dict[str, str] | None, finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+    def event(delta: dict[str, str] | None, finish: str | None = None, usage: dict[str, int] | None = None, extra: dict[str, Any] | None = None) -> str:
         chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
         chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
         if usage is not None:
             chunk["usage"] = usage
+        if extra is not None:
+            chunk.update(extra)
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
     try:
@@ -358,7 +444,8 @@ def _sse(stream: TokenStream, completion_id: str, created: int, model: str, max_
             yield "data: [DONE]\n\n"
             return
         result = stream.result
-        yield event({}, "length" if result.completion_tokens >= max_new_tokens else "stop")
+        finish = "length" if result.completion_tokens >= max_new_tokens else "stop"
+        yield event({}, finish, extra={"personalign": personalisation(result).model_dump()})
         if include_usage:
             tokens = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
             yield event(None, usage={**tokens, "total_tokens": result.prompt_tokens + result.completion_tokens})
@@ -368,18 +455,13 @@ def _sse(stream: TokenStream, completion_id: str, created: int, model: str, max_
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema, with the default 422 replaced by our error shape (schema errors answer 400)."""
+    """FastAPI's schema without its default 422 (every validation error answers 400 in our error shape)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     for path in schema.get("paths", {}).values():
         for operation in path.values():
-            responses = operation.get("responses", {})
-            if "422" in responses:
-                responses["422"] = {
-                    "description": "Input our validation rejects",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
-                }
+            operation.get("responses", {}).pop("422", None)
     components = schema.get("components", {}).get("schemas", {})
     text = json.dumps(schema.get("paths", {}))
     for name in ("HTTPValidationError", "ValidationError"):

@@ -1,7 +1,8 @@
 """Server settings, API keys and tenants.
 
-With no key file the server is open and user ids are stored as given (the same users the
-Python API and CLI see in that store). With a key file every request needs
+With no key file the server is open and user ids are stored as given when the store accepts
+them (the same users the Python API and CLI see in that store; other ids are escaped or hashed,
+see :mod:`personalign.server.ids`). With a key file every request needs
 ``Authorization: Bearer <key>``; each key is bound to a tenant, and a tenant's user ``bob``
 is stored as ``<tenant>.bob``. Tenant names contain no dot, so the first dot always
 separates tenant from user and no two (tenant, user) pairs share a stored id: a key can
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from personalign.errors import ValidationError
+from personalign.server import ids
 from personalign.types import USER_ID_MAX_LEN, validate_user_id
 
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
@@ -75,6 +77,7 @@ class ServerConfig(BaseModel):
     default_max_tokens: int = Field(default=256, ge=1, le=8192)
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
     max_comparisons_per_request: int = Field(default=1000, ge=1)
+    max_memories_per_request: int = Field(default=256, ge=1)
     api_keys: tuple[ApiKey, ...] = ()
 
     @model_validator(mode="after")
@@ -120,33 +123,38 @@ def load_api_keys(path: str | Path) -> tuple[ApiKey, ...]:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: their tenant (``None`` on an open server) and whether they may write."""
+    """Who is calling: their tenant (``None`` on an open server) and whether they may write.
+
+    A request's principal also remembers the ids it mapped (``names``), so responses and errors
+    name users as the caller did, hashed ids included.
+    """
 
     tenant: str | None
     read_only: bool = False
+    names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def max_user_len(self) -> int:
         return USER_ID_MAX_LEN if self.tenant is None else USER_ID_MAX_LEN - len(self.tenant) - len(TENANT_SEP)
 
     def store_id(self, user: Any, field: str = "user") -> str:
-        """The id under which this caller's ``user`` is stored (validated; never another tenant's)."""
-        validate_user_id(user, field)
-        if self.tenant is None:
-            return user
-        if len(user) > self.max_user_len:
-            raise ValidationError(
-                field, f"must be at most {self.max_user_len} characters for tenant {self.tenant!r}", "use a shorter id (hash long ids first)", user
-            )
-        return f"{self.tenant}{TENANT_SEP}{user}"
+        """The id under which this caller's ``user`` is stored (checked, mapped by :mod:`personalign.server.ids`; never another tenant's)."""
+        ids.check_external_id(user, field)
+        stored = ids.stored_form(user, self.max_user_len)
+        full = stored if self.tenant is None else f"{self.tenant}{TENANT_SEP}{stored}"
+        validate_user_id(full, field)  # always passes: the mapping only makes safe ids
+        self.names[full] = user
+        return full
 
     def external_id(self, store_id: str) -> str:
         """The id this caller knows a stored user by."""
-        if self.tenant is None:
-            return store_id
-        prefix = f"{self.tenant}{TENANT_SEP}"
-        assert store_id.startswith(prefix), "a stored id outside the caller's tenant reached a response"
-        return store_id[len(prefix) :]
+        if store_id in self.names:
+            return self.names[store_id]
+        if self.tenant is not None:
+            prefix = f"{self.tenant}{TENANT_SEP}"
+            assert store_id.startswith(prefix), "a stored id outside the caller's tenant reached a response"
+            store_id = store_id[len(prefix) :]
+        return ids.external_form(store_id) or store_id
 
     def owns(self, store_id: str) -> bool:
         return self.tenant is None or store_id.startswith(f"{self.tenant}{TENANT_SEP}")

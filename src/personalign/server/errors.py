@@ -3,16 +3,18 @@
 | status | when | type / code |
 |---|---|---|
 | 400 | malformed JSON, wrong types, missing fields, unsupported OpenAI options | invalid_request_error |
+| 400 | well-formed input our validation rejects (``personalign.errors.ValidationError``), an unpaired UTF-16 surrogate, a number too large for a float | invalid_request_error / invalid_value |
 | 400 | the conversation does not fit the context | invalid_request_error / context_length_exceeded |
 | 401 | missing or unknown API key | authentication_error / invalid_api_key |
 | 403 | a read-only key asks for a write | permission_error / read_only_key |
 | 404 | unknown user, memory, model or route | not_found_error / user_not_found, memory_not_found, model_not_found |
-| 413 | request body over the limit | invalid_request_error / request_too_large |
-| 422 | well-formed input our validation rejects (``personalign.errors.ValidationError``) | invalid_request_error |
+| 413 | request body over the limit, too many comparisons or memories in one request | invalid_request_error / request_too_large |
 | 501 | an endpoint whose backing feature is not installed | not_implemented_error |
 | 503 | the store is held by another process | service_unavailable |
 
-A 500 only ever means a bug; bad input never produces one.
+A 500 only ever means a bug; bad input never produces one. Nothing answers 422: OpenAI answers
+semantic errors with 400, and the ``openai`` client raises ``BadRequestError`` for it
+(``UnprocessableEntityError`` for a 422).
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
-    422: "invalid_request_error",
     501: "not_implemented_error",
     503: "service_unavailable",
 }
@@ -53,8 +54,14 @@ class ApiError(Exception):
         self.param = param
 
 
+def _encodable(text: str | None) -> str | None:
+    """``text`` with anything UTF-8 cannot encode (an unpaired surrogate echoed from the input) escaped."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param, "code": code}}
+    error = {"message": _encodable(message), "type": _TYPES.get(status, "server_error"), "param": _encodable(param), "code": code}
+    return {"error": error}
 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -98,7 +105,7 @@ def _api(request: Request, exc: ApiError) -> JSONResponse:
 
 
 def _validation(request: Request, exc: ValidationError) -> JSONResponse:
-    return error_response(422, str(exc), "invalid_value", exc.field)
+    return error_response(400, str(exc), "invalid_value", exc.field)
 
 
 def _context(request: Request, exc: ContextLengthError) -> JSONResponse:

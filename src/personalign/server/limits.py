@@ -1,4 +1,5 @@
-"""A request-body size limit as plain ASGI middleware (declared and chunked bodies alike)."""
+"""Request limits: a body size limit as plain ASGI middleware (declared and chunked bodies alike),
+and the JSON values no endpoint can take (:func:`json_problem`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from starlette.exceptions import HTTPException
 from personalign.server.errors import error_body
 
 Scope = dict[str, Any]
+_SURROGATES = range(0xD800, 0xE000)
 Message = dict[str, Any]
 
 
@@ -70,3 +72,37 @@ class BodyLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+
+def _unpaired_surrogate(text: str) -> bool:
+    # A JSON "\\ud800" escape parses to a lone surrogate, which cannot be encoded as UTF-8.
+    return any(ord(ch) in _SURROGATES for ch in text)
+
+
+def json_problem(payload: Any) -> tuple[str, str] | None:
+    """The first value in a parsed JSON body that no endpoint can take, as ``(field, problem)``.
+
+    Strings (keys included) must be encodable as UTF-8 (no unpaired UTF-16 surrogate) and
+    integers must fit in a float. ``field`` is the value's path (``messages[0].content``);
+    walked with a stack, so deep nesting cannot overflow the interpreter's stack.
+    """
+    stack: list[tuple[str, Any]] = [("", payload)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, str):
+            if _unpaired_surrogate(value):
+                return where or "body", "contains an unpaired UTF-16 surrogate (not valid Unicode text)"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                return where or "body", "is an integer too large for a number"
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                path = f"{where}.{key}" if where else str(key)
+                if _unpaired_surrogate(key):
+                    return (where or "body"), f"has a key with an unpaired UTF-16 surrogate ({key.encode('utf-8', 'backslashreplace').decode()})"
+                stack.append((path, item))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+    return None

@@ -62,13 +62,15 @@ IGNORED = {"metadata", "store", "parallel_tool_calls", "service_tier", "modaliti
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``. ``user`` selects the profile (omit it for a generic answer)."""
+    """``POST /v1/chat/completions``. ``user`` (else ``safety_identifier``, the ``X-Personalign-User``
+    header or ``metadata.user_id``) selects the profile; omit them all for a generic answer."""
 
     model_config = ConfigDict(extra="allow")
 
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
-    user: StrictStr | None = None
+    user: StrictStr | None = Field(default=None, description="The user to personalise for: any printable id of 1-256 characters")
+    safety_identifier: StrictStr | None = Field(default=None, description="OpenAI's successor to `user`; used as the user when `user` is absent")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
@@ -122,10 +124,13 @@ class Usage(BaseModel):
 class Personalisation(BaseModel):
     """What conditioned a reply (an extra field; the ``openai`` client keeps it in ``model_extra``)."""
 
-    user: str | None
+    user: str | None = Field(description="The user id as the request gave it (null: no user named)")
+    user_source: str | None = Field(default=None, description="Where the id came from: user, safety_identifier, X-Personalign-User or metadata.user_id")
+    user_known: bool = Field(default=False, description="Whether the user's profile conditioned the reply (false: the generic answer)")
     memories: list[str]
     shots: int
     steer: dict[str, float]
+    note: str | None = Field(default=None, description="Why nothing personal was applied, when a named user was not known")
 
 
 class ChatCompletion(BaseModel):
