@@ -4,7 +4,8 @@
 """Talk to a running `personalign serve` with the official openai client.
 
 Enrolls a user from two comparisons and a memory over plain HTTP, then asks the same question
-generically, personalised, steered through `extra_body`, and streamed.
+generically, for a user the server has never seen, personalised, steered through `extra_body`,
+and streamed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def main() -> None:
 
     generic = client.chat.completions.create(model=model, messages=question, max_tokens=args.max_tokens)
     print(f"\ngeneric: {generic.choices[0].message.content}")
+
+    # A user the server has never seen gets the generic answer, and the response says so (nothing is stored).
+    # safety_identifier is OpenAI's successor to `user`; LiteLLM forwards it (it drops `user`).
+    stranger = client.chat.completions.create(model=model, messages=question, safety_identifier="auth0|never-seen", max_tokens=args.max_tokens)
+    print(f"new user: user_known={stranger.model_extra['personalign']['user_known']} ({stranger.model_extra['personalign']['note']})")
 
     personal = client.chat.completions.create(model=model, messages=question, user=args.user, max_tokens=args.max_tokens)
     used = personal.model_extra["personalign"]

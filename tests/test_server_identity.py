@@ -222,3 +222,18 @@ def test_memory_write_at_the_cap_and_safe_metadata_pass(http):
     added = http.post("/v1/users/capped/memories", json={"text": texts, "metadata": {"source": "chat", "n": 2**63 - 1, "tag:x": True}}).json()
     assert [r["memory"] for r in added["results"]] == texts and added["results"][0]["metadata"] == {"source": "chat", "n": 2**63 - 1, "tag:x": True}
     assert ServerConfig().max_memories_per_request == 256
+
+
+def test_litellm_carries_the_user_by_safety_identifier_extra_body_or_header(server, http):
+    """LiteLLM drops `user` for OpenAI-compatible models; the three documented ways through it work (skipped without litellm)."""
+    litellm = pytest.importorskip("litellm")
+    http.delete("/v1/users/ll-user")
+    http.post("/v1/users/ll-user/comparisons", json={"comparisons": [EGG]})
+    http.post("/v1/users/ll-user/memories", json={"text": "I am vegetarian."})
+    ways = {"safety_identifier": {"safety_identifier": "ll-user"}, "user": {"extra_body": {"user": "ll-user"}}, "X-Personalign-User": {"extra_headers": {"X-Personalign-User": "ll-user"}}}
+    for source, kwargs in ways.items():
+        reply = litellm.completion(model="openai/personalign", api_base=server.base_url, api_key="x", messages=HI, max_tokens=4, memory_threshold=-1.0, **kwargs)
+        extra = reply.personalign
+        assert (extra["user"], extra["user_source"], extra["memories"]) == ("ll-user", source, ["I am vegetarian."])
+    dropped = litellm.completion(model="openai/personalign", api_base=server.base_url, api_key="x", messages=HI, max_tokens=4, user="ll-user")
+    assert dropped.personalign["user"] is None  # what the docs warn about
