@@ -11,7 +11,6 @@ from starlette.exceptions import HTTPException
 from personalign.server.errors import error_body
 
 Scope = dict[str, Any]
-_SURROGATES = range(0xD800, 0xE000)
 Message = dict[str, Any]
 
 
@@ -76,7 +75,13 @@ class BodyLimit:
 
 def _unpaired_surrogate(text: str) -> bool:
     # A JSON "\\ud800" escape parses to a lone surrogate, which cannot be encoded as UTF-8.
-    return any(ord(ch) in _SURROGATES for ch in text)
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def json_problem(payload: Any) -> tuple[str, str] | None:
