@@ -144,6 +144,13 @@ def test_user_from_safety_identifier_header_metadata_and_extra_body(client, http
         assert _error(http.post("/v1/chat/completions", json={"model": "personalign", "messages": HI, **body}), 400)["param"] == param
     with pytest.raises(openai.BadRequestError, match="X-Personalign-User"):
         used(extra_headers={"X-Personalign-User": "tab\there"})
+    # Header bytes are read as UTF-8, not as Latin-1 (which would silently name another user).
+    http.delete(f"/v1/users/{quote('ève', safe='')}")
+    http.post(f"/v1/users/{quote('ève', safe='')}/memories", json={"text": "I am ève."})
+    raw = {"model": "personalign", "messages": HI, "max_tokens": 4, "memory_threshold": -1.0}
+    reply = http.post("/v1/chat/completions", json=raw, headers={"X-Personalign-User": "ève".encode()}).json()["personalign"]
+    assert (reply["user"], reply["user_known"], reply["memories"]) == ("ève", True, ["I am ève."])
+    assert _error(http.post("/v1/chat/completions", json=raw, headers={"X-Personalign-User": b"\xff"}), 400)["param"] == "X-Personalign-User"
 
 
 def test_identity_provider_ids_are_accepted_and_stored_safely(client, http, personalizer):

@@ -130,7 +130,10 @@ def chat_user(body: ChatCompletionRequest, header: str | None) -> tuple[str | No
     if body.safety_identifier is not None:
         return body.safety_identifier, "safety_identifier"
     if header is not None:
-        return header, USER_HEADER
+        try:  # HTTP hands header bytes over as Latin-1; clients send UTF-8
+            return header.encode("latin-1").decode("utf-8"), USER_HEADER
+        except UnicodeError:
+            raise ApiError(400, f"the {USER_HEADER} header is not UTF-8 text. Fix: send the id as UTF-8", "invalid_value", USER_HEADER) from None
     metadata = (body.model_extra or {}).get("metadata")
     if isinstance(metadata, dict) and "user_id" in metadata:
         if not isinstance(metadata["user_id"], str):

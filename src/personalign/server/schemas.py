@@ -58,7 +58,7 @@ UNSUPPORTED = {
     "response_format": (None, {"type": "text"}),
 }
 # OpenAI options with no effect on the reply that are accepted and ignored.
-IGNORED = {"metadata", "store", "parallel_tool_calls", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent"}
+IGNORED = {"metadata", "store", "parallel_tool_calls", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent", "prompt_cache_key"}
 
 
 class ChatCompletionRequest(BaseModel):
