@@ -295,7 +295,7 @@ def test_same_error_from_python_cli_and_http(bad, server, tmp_path):
     assert out.exit_code == 2 and f"error: {err}" in out.output  # refused before any model loads
     body = {"model": "personalign", "messages": ASK, "steer": bad}
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
-    assert reply.status_code == 422, reply.text
+    assert reply.status_code == 400, reply.text
     error = reply.json()["error"]
     assert error["param"] == err.field and error["message"] == str(err) and error["code"] == "invalid_value"
 

@@ -878,7 +878,7 @@ def eval_generate_cmd(
 @eval_app.command("onpolicy")
 def eval_onpolicy_cmd(
     embedders: Annotated[str, typer.Option(help="Comma list of pal, bt, meandiff, vpl.")] = "pal,bt,meandiff,vpl",
-    data: Annotated[str, typer.Option(help="Comma list of what the embedders are fitted and users enrolled on: templated, onpolicy.")] = "templated,onpolicy",
+    data: Annotated[str, typer.Option(help="Comma list of what the embedders are fitted and users enrolled on: templated, onpolicy, both (fitted on both, enrolled on-policy).")] = "templated,onpolicy,both",
     seeds: Annotated[str, typer.Option(help="Comma list of split seeds.")] = "0,1",
     users: Annotated[int, typer.Option(min=1, help="Test users per seed.")] = 16,
     prompts_per_user: Annotated[int, typer.Option(min=1)] = 3,

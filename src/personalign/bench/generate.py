@@ -4,7 +4,8 @@ next to plain ``generate`` on the same prompts.
 Cases, run interleaved (every case once per repeat) on the same held-out prompts for one
 enrolled synthetic user, one request at a time: plain decoding (no user); memory retrieval
 (search plus the memories in the prompt); FSPO shots in the prompt; the same shots through
-the FSPO adapter; the Persona-Plug soft token; everything together. Every case decodes
+the FSPO adapter; the Persona-Plug soft token; everything together; personal reranking with 2
+and 4 candidates (sampled as rows of one batch, scored by the user's reward). Every case decodes
 exactly ``max_new_tokens`` tokens (end-of-turn suppressed), so ratios compare the same
 decoding work and the differences are retrieval, longer prompts, the adapter and the plug.
 "FSPO adapter vs shots" isolates the adapter's own cost: the same prompt with and without it.
@@ -29,6 +30,8 @@ CASES: dict[str, dict[str, Any]] = {
     "FSPO shots + adapter": {**OFF, "shots": True, "fspo": True},
     "Persona-Plug token": {**OFF, "pplug": True},
     "all": {"memory": True, "shots": True, "fspo": True, "pplug": True},
+    "user-rerank N=2": {**OFF, "pplug": False, "rerank": 2},
+    "user-rerank N=4": {**OFF, "pplug": False, "rerank": 4},
 }
 NEEDS = {"FSPO shots + adapter": "fspo", "Persona-Plug token": "pplug", "all": "fspo+pplug"}
 USER = "bench-user"

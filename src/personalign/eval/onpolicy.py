@@ -25,7 +25,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,8 @@ def onpolicy_population(population: SyntheticPopulation, pool: dict[str, list[st
 
 # --- the ranking report -------------------------------------------------------------------------
 
+DATA_KINDS = ("templated", "onpolicy", "both")  # what embedders are fitted on ("both": test users enrol on-policy)
+
 
 @dataclass
 class RankingConfig:
@@ -190,9 +192,9 @@ def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: C
     unknown = [e for e in config.embedders if e not in EMBEDDER_CLASSES]
     if unknown:
         raise ValidationError("embedders", f"{unknown} are not embedders", f"use some of {sorted(EMBEDDER_CLASSES)}", unknown)
-    bad = [d for d in config.data if d not in ("templated", "onpolicy")]
+    bad = [d for d in config.data if d not in DATA_KINDS]
     if bad:
-        raise ValidationError("data", f"{bad} are not kinds of fitting data", "use templated and/or onpolicy", bad)
+        raise ValidationError("data", f"{bad} are not kinds of fitting data", f"use some of {list(DATA_KINDS)}", bad)
     population = SyntheticPopulation()
     pool = answer_pool(generator, population.prompts, config.pool, progress=progress is not None)
     generic = greedy_answers(generator, population.prompts, config.pool.max_new_tokens)
@@ -200,12 +202,15 @@ def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: C
     result: dict[str, Any] = {"config": {**asdict(config), "features": list(config.features)}, "rows": []}
     for seed in config.seeds:
         templated = generation_split(seed=seed, shots=config.shots)
+        everyone = population.population(shots=8, held_out=16, seed=seed)  # the templated comparisons generation_split draws from
+        held = {u.user: u.held_out for u in everyone.users}
         for data in config.data:
-            split = generation_split(seed=seed, shots=config.shots, pool=pool if data == "onpolicy" else None)
+            split = generation_split(seed=seed, shots=config.shots, pool=None if data == "templated" else pool)
+            if data == "both":  # fitted on both kinds; test users enrol on-policy
+                split = replace(split, train={u: [*templated.train[u], *cs] for u, cs in split.train.items()})
             test = split.test[: config.users]
             pairs = plan_prompts(test, split.prompts, config.prompts_per_user, seed)
             other = decoys(test)
-            held = {u.user: u.held_out for u in templated.test}
             for method in config.embedders:
                 started = time.perf_counter()
                 embedder = EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)

@@ -85,8 +85,20 @@ def train_vas(generator: Any, samples: Sequence[Sample], config: VasTrainConfig)
         raise ValidationError("objective", "is not a known objective", f"use one of {sorted(OBJECTIVES)}", config.objective)
     if len(samples) < 2:
         raise ValidationError("samples", "needs at least 2 samples", "sample more answers (n_per_prompt, prompts)", len(samples))
-    base = getattr(generator.model, "get_base_model", lambda: generator.model)()
     scores, mean, std = objective_rewards(samples, config.objective)
+    return train_value_model(generator, samples, scores, config, mean, std)
+
+
+def train_value_model(
+    generator: Any, samples: Sequence[Sample], scores: torch.Tensor, config: VasTrainConfig, mean: float = 0.0, std: float = 1.0, provenance: dict[str, Any] | None = None
+) -> tuple[ValueModel, LoopReport]:
+    """Train a value model whose return is ``scores`` ``(N,)`` (one per sample, on its last token).
+
+    ``mean``/``std``: what the scores were standardised with (stored in the config).
+    """
+    if len(samples) < 2 or scores.shape != (len(samples),):
+        raise ValidationError("scores", f"must be one score per sample ({len(samples)}, at least 2)", "score every sample once", tuple(scores.shape))
+    base = getattr(generator.model, "get_base_model", lambda: generator.model)()
     embeddings = base.get_output_embeddings().weight if config.kind == "trunk" else base.get_input_embeddings().weight
     value_config = ValueConfig(
         objective=config.objective,
@@ -99,14 +111,21 @@ def train_vas(generator: Any, samples: Sequence[Sample], config: VasTrainConfig)
         score_mean=mean,
         score_std=std,
         default_beta=config.default_beta,
-        provenance={"samples": len(samples), "prompts": len({s.prompt for s in samples}), "data": "sampled from the frozen generator on project-written prompts", "gamma": config.gamma, "lam": config.lam},
+        provenance={
+            "samples": len(samples),
+            "prompts": len({s.prompt for s in samples}),
+            "data": "sampled from the frozen generator on project-written prompts",
+            "gamma": config.gamma,
+            "lam": config.lam,
+            **(provenance or {}),
+        },
     )
     torch.manual_seed(config.loop.seed)
     model = build_value_model(value_config, base)
     actions, mask = _padded_right([s.response_ids for s in samples], generator.tokenizer.pad_token_id)  # (N, T)
     lengths = mask.sum(1)
     rewards = torch.zeros(mask.shape, dtype=torch.float32)
-    rewards[torch.arange(len(samples)), lengths - 1] = scores  # the score lands on the last token
+    rewards[torch.arange(len(samples)), lengths - 1] = scores.float()  # the score lands on the last token
     if isinstance(model, TrunkValueHead):
         hidden = response_hidden_states(generator, samples)
 
