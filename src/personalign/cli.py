@@ -632,6 +632,43 @@ def train_vas_cmd(
         _fail(err)
 
 
+@train_app.command("user-vas")
+def train_user_vas_cmd(
+    out: Annotated[Path, typer.Option(help="Output folder (user_vas_config.json + head-<k>/).")],
+    embedder: Annotated[Path | None, typer.Option(help="The PAL embedder folder the heads follow (default: the shipped one).")] = None,
+    per_prompt: Annotated[int, typer.Option(min=2, max=64, help="Sampled answers per training prompt.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=8)] = 128,
+    epochs: Annotated[int, typer.Option(min=1)] = 12,
+    beta: Annotated[float, typer.Option(help="Default guidance strength.")] = 3.0,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Train user-conditioned value heads: one VAS head per PAL prototype, on the frozen generator's own samples."""
+    from personalign.eval.generate import generation_split
+    from personalign.eval.onpolicy import PoolConfig, answer_pool
+    from personalign.eval.populations import SyntheticPopulation
+    from personalign.models import load_encoder, load_generator
+    from personalign.persona import default_embedder_dir, load_embedder
+    from personalign.steering.loop import LoopConfig
+    from personalign.steering.uservas import UserVasConfig, samples_from_pool, train_user_heads
+
+    try:
+        started = time.perf_counter()
+        generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
+        folder = embedder or default_embedder_dir()
+        pal = load_embedder(folder, encoder, generator)
+        prompts = SyntheticPopulation().prompts
+        held_out = set(generation_split().prompts)  # the evaluation topics: never trained on
+        pool = answer_pool(generator, prompts, PoolConfig(n_per_prompt=per_prompt, max_new_tokens=max_new_tokens), progress=True)
+        samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
+        config = UserVasConfig(default_beta=beta, loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
+        heads = train_user_heads(generator, samples, pal, config, provenance={"embedder_folder": str(folder.name), "data": "synthetic prompts, training topics only"})
+        heads.save(out)
+        typer.echo(f"{len(heads.heads)} heads on {len(samples)} samples in {time.perf_counter() - started:.0f} s, final losses {heads.meta['final_losses']} -> {out}")
+    except PersonalignError as err:
+        _fail(err)
+
+
 @train_app.command("modpo")
 def train_modpo_cmd(
     out: SteerOutOpt = None,
@@ -884,6 +921,7 @@ def eval_onpolicy_cmd(
     prompts_per_user: Annotated[int, typer.Option(min=1)] = 3,
     shots: Annotated[int, typer.Option(min=1, max=8, help="Enrolment comparisons per test user.")] = 4,
     best_of: Annotated[int, typer.Option(min=2, max=16)] = 8,
+    enrol: Annotated[str, typer.Option(help="Comma list: random (the split's on-policy shots), active (chosen by information gain from pairs of the generator's answers).")] = "random,active",
     features: FeaturesOpt = "response,prompt_x_response,log_length",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
     model: ModelOpt = None,
@@ -908,6 +946,7 @@ def eval_onpolicy_cmd(
             users=users,
             prompts_per_user=prompts_per_user,
             best_of=best_of,
+            enrol=_split_list(enrol, "--enrol"),
             features=tuple(_split_list(features, "--features")),
             pool=PoolConfig(n_per_prompt=max(8, best_of)),
         )

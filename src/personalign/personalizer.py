@@ -129,6 +129,12 @@ class ConditioningParams(BaseModel):
         le=16,
         description="personal reranking: sample this many candidates as rows of one batch and return the one the user's inferred reward scores highest (0 or 1: off; a user with no comparisons gets the plain answer)",
     )
+    user_vas: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=100.0,
+        description="user-conditioned value heads: guidance strength beta (0: off; None: on at the heads' default strength when heads are installed and the user has comparisons)",
+    )
     rerank_temperature: float = Field(default=rerank_method.DEFAULT_TEMPERATURE, gt=0.0, le=5.0, description="sampling temperature of the rerank candidates when the request itself is greedy")
 
 
@@ -149,7 +155,8 @@ class _Prepared:
     query: str = ""  # the user's last message: the prompt the reward scores candidates for
     rerank: int = 0  # candidates to sample and rerank by the user's reward (0: off)
     rerank_temperature: float = rerank_method.DEFAULT_TEMPERATURE
-    personalization: dict[str, Any] | None = None  # set when a requested guidance cannot run
+    personalization: dict[str, Any] | None = None  # what guidance runs, or why a requested one cannot
+    guide: list[float] | None = None  # user-vas: per-head strengths beta * pi_u
 
 
 @dataclass(frozen=True)
@@ -218,6 +225,7 @@ class Personalizer:
         embedder: Any = None,
         fspo: str | Path | None = None,
         pplug: str | Path | None = None,
+        user_vas: str | Path | None = None,
     ) -> None:
         """``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
@@ -242,6 +250,8 @@ class Personalizer:
         self.steering = SteeringRuntime(generator, self.adapters)
         self.fspo_folder = self._fspo_folder(fspo)
         self.plug = self._load_plug(pplug)
+        self._user_vas_spec = user_vas
+        self._user_heads: Any = None  # loaded on first use (they need the embedder)
         self._descriptions: dict[str, tuple[tuple[int, int], str]] = {}
         self._generate_lock = threading.Lock()
 
@@ -257,10 +267,32 @@ class Personalizer:
         embedder: Any = None,
         fspo: str | Path | None = None,
         pplug: str | Path | None = None,
+        user_vas: str | Path | None = None,
     ) -> Personalizer:
         """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
         generator, enc = load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device)
-        return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug)
+        return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas)
+
+    def user_heads(self) -> Any:
+        """The user-conditioned value heads (``user-vas``) for this generator and embedder, or ``None``.
+
+        From the ``user_vas`` folder given at construction (an error if they do not fit), else the
+        package's ``data/user_vas`` when they were trained for this generator and embedder.
+        """
+        from personalign.steering.uservas import UserHeads, UserHeadsError, default_heads_dir
+
+        if self._user_heads is None:
+            embedder, _ = self.preferences.usable_embedder()
+            if self._user_vas_spec is not None:
+                self._user_heads = UserHeads.load(self._user_vas_spec, self.generator, embedder)
+            elif embedder is not None and getattr(embedder, "name", None) == "pal" and default_heads_dir().is_dir():
+                try:
+                    self._user_heads = UserHeads.load(default_heads_dir(), self.generator, embedder)
+                except UserHeadsError:
+                    self._user_heads = False  # shipped for another generator or embedder: not used
+            else:
+                self._user_heads = False
+        return self._user_heads or None
 
     def _load_plug(self, folder: str | Path | None) -> PersonaPlug | None:
         """The Persona-Plug projector to use, or ``None`` when there is none for this generator."""
@@ -580,6 +612,9 @@ class Personalizer:
         elif rerank:
             self.preferences.state_of(profile, *self.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
         query = query_of(parse_messages(messages))
+        guide, vas_report = self._user_guide(profile, conditioning.user_vas)
+        if vas_report is not None:
+            guidance = vas_report if guidance is None else {**guidance, "user_vas": vas_report}
         return _Prepared(
             user,
             cond,
@@ -595,7 +630,31 @@ class Personalizer:
             rerank=rerank,
             rerank_temperature=conditioning.rerank_temperature,
             personalization=guidance,
+            guide=guide,
         )
+
+    def _user_guide(self, profile: UserProfile | None, strength: float | None) -> tuple[list[float] | None, dict[str, Any] | None]:
+        """``user-vas`` for one request: per-head strengths and the report, or ``(None, why not)``."""
+        from personalign.steering.uservas import METHOD, mixture
+
+        if strength == 0.0:
+            return None, None
+        heads = self.user_heads() if profile is not None or strength is not None else None
+        if heads is None:
+            if strength is not None:
+                raise ValidationError(
+                    "user_vas", "needs user-vas heads for this generator and embedder", "train them: personalign train user-vas --out DIR, then Personalizer(user_vas=DIR)", strength
+                )
+            return None, None
+        if profile is None or not profile.comparisons:
+            if not strength:
+                return None, None
+            reason = "no user: the generic answer" if profile is None else "the user has no comparisons: the plain answer"
+            return None, {"method": None, "requested": METHOD, "reason": reason}
+        state = self.preferences.state_of(profile, *self.preferences.embedder_and_id())
+        betas = heads.betas(state, strength)
+        report = {"method": METHOD, "strength": heads.default_beta if strength is None else strength, "weights": [round(float(w), 4) for w in mixture(state)], "heads": heads.fingerprint}
+        return betas, report
 
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
@@ -623,6 +682,8 @@ class Personalizer:
         if any(p.fspo for p in batch):
             fspo = self.steering._adapter(FSPO_ADAPTER, self.fspo_folder, "fspo")  # type: ignore[arg-type]  # loaded once
             names = [fspo if p.fspo else (names[i] if names is not None else BASE) for i, p in enumerate(batch)]
+        guides = [p.guide for p in batch]
+        heads = self.user_heads() if any(g is not None for g in guides) else None
         return self.steering.plan(
             [p.input_ids for p in batch],
             names,
@@ -630,6 +691,8 @@ class Personalizer:
             [p.params.temperature for p in batch],
             [p.params.top_p for p in batch],
             self.generator.tokenizer.pad_token_id,
+            guides=guides if heads is not None else None,
+            guide_models=heads.heads if heads is not None else (),
         )
 
     def _generate(self, names: list[str] | None, kwargs: dict[str, Any], streamer: Any = None) -> Any:

@@ -150,6 +150,26 @@ def onpolicy_population(population: SyntheticPopulation, pool: dict[str, list[st
     return EvalPopulation("synthetic-onpolicy", users, meta)
 
 
+def active_shots(
+    embedder: Any, population: SyntheticPopulation, user: str, pool: dict[str, list[str]], prompts: Sequence[str], k: int, rng: np.random.Generator, candidates: int = 128
+) -> list[Comparison]:
+    """``k`` on-policy comparisons chosen one at a time by expected information gain about the user
+    (what ``Personalizer.next_question`` ranks), each answered by the synthetic user, the state
+    re-inferred after each answer. The candidates are random pairs of pooled answers to ``prompts``."""
+    shots: list[Comparison] = []
+    for _ in range(k):
+        state = embedder.infer(shots) if shots else embedder.prior()
+        pairs = []
+        for _ in range(candidates):
+            prompt = prompts[int(rng.integers(len(prompts)))]
+            i, j = rng.choice(len(pool[prompt]), size=2, replace=False)
+            pairs.append((prompt, pool[prompt][int(i)], pool[prompt][int(j)]))
+        gain = embedder.information_gain([p for p, _, _ in pairs], [a for _, a, _ in pairs], [b for _, _, b in pairs], state)
+        prompt, a, b = pairs[int(np.argmax(gain))]
+        shots.append(population.answer(user, prompt, a, b, rng))
+    return shots
+
+
 # --- the ranking report -------------------------------------------------------------------------
 
 DATA_KINDS = ("templated", "onpolicy", "both")  # what embedders are fitted on ("both": test users enrol on-policy)
@@ -164,6 +184,7 @@ class RankingConfig:
     users: int = 16
     prompts_per_user: int = 3
     best_of: int = 8
+    enrol: list[str] = field(default_factory=lambda: ["random"])  # "random": the split's on-policy shots; "active": chosen by information gain
     features: tuple[str, ...] = ("response", "prompt_x_response", "log_length")
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -215,68 +236,91 @@ def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: C
                 started = time.perf_counter()
                 embedder = EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
                 fit_seconds = time.perf_counter() - started
-                states = {u.user: embedder.infer(u.shots) for u in test}
-                agree = total = 0
-                for u in test:
-                    for p in split.prompts:
-                        a, n = _pairwise_accuracy(population.true_reward(u.user, pool[p]), embedder.reward([p] * len(pool[p]), pool[p], states[u.user]))
-                        agree, total = agree + a, total + n
-                templ = [embedder.prob(c.prompt_text, c.chosen, c.rejected, states[u.user]) > 0.5 for u in test for c in held.get(u.user, [])]
-                own, shuffled, oracle = [], [], []
-                for u, p in pairs:
-                    candidates = pool[p][: config.best_of]
-                    prompts = [p] * len(candidates)
-                    own.append(best_of_n(population, u.user, p, candidates, embedder.reward(prompts, candidates, states[u.user]), generic[p]))
-                    shuffled.append(best_of_n(population, u.user, p, candidates, embedder.reward(prompts, candidates, states[other[u.user].user]), generic[p]))
-                    oracle.append(best_of_n(population, u.user, p, candidates, population.true_reward(u.user, candidates), generic[p]))
-                row = {
-                    "seed": seed,
-                    "data": data,
-                    "embedder": method,
-                    "templated_accuracy": float(np.mean(templ)) if templ else None,
-                    "onpolicy_accuracy": agree / max(total, 1),
-                    "onpolicy_pairs": total,
-                    "best_of_n_win": float(np.mean(own)),
-                    "best_of_n_win_ci": list(wilson(float(sum(own)), len(own))),
-                    "best_of_n_shuffled": float(np.mean(shuffled)),
-                    "best_of_n_oracle": float(np.mean(oracle)),
-                    "best_of_n_margin": float(np.mean(own) - np.mean(shuffled)),
-                    "n": len(own),
-                    "fit_seconds": fit_seconds,
-                }
-                result["rows"].append(row)
-                if progress is not None:
-                    progress(format_ranking({"rows": [row]}).splitlines()[-1])
+                for enrol in config.enrol:
+                    if enrol == "active" and data == "templated":
+                        continue
+                    if enrol == "active":
+                        rng = np.random.default_rng(seed)
+                        train_prompts = [p for p in population.prompts if p not in set(split.prompts)]
+                        shots = {u.user: active_shots(embedder, population, u.user, pool, train_prompts, config.shots, rng) for u in test}
+                    else:
+                        shots = {u.user: u.shots for u in test}
+                    row = _rank_row(population, embedder, test, shots, pairs, other, held, pool, generic, split.prompts, config.best_of)
+                    row = {"seed": seed, "data": data, "embedder": method, "enrol": enrol, **row, "fit_seconds": fit_seconds}
+                    result["rows"].append(row)
+                    if progress is not None:
+                        progress(format_ranking({"rows": [row]}).splitlines()[-1])
     result["summary"] = _summarise(result["rows"])
     return result
 
 
+def _rank_row(
+    population: SyntheticPopulation,
+    embedder: Any,
+    test: Sequence[EvalUser],
+    shots: dict[str, list[Comparison]],
+    pairs: Sequence[tuple[EvalUser, str]],
+    other: dict[str, EvalUser],
+    held: dict[str, list[Comparison]],
+    pool: dict[str, list[str]],
+    generic: dict[str, str],
+    prompts: Sequence[str],
+    best_of: int,
+) -> dict[str, Any]:
+    """One embedder's numbers for test users enrolled on ``shots``."""
+    states = {u.user: embedder.infer(shots[u.user]) for u in test}
+    agree = total = 0
+    for u in test:
+        for p in prompts:
+            a, n = _pairwise_accuracy(population.true_reward(u.user, pool[p]), embedder.reward([p] * len(pool[p]), pool[p], states[u.user]))
+            agree, total = agree + a, total + n
+    templ = [embedder.prob(c.prompt_text, c.chosen, c.rejected, states[u.user]) > 0.5 for u in test for c in held.get(u.user, [])]
+    own, shuffled, oracle = [], [], []
+    for u, p in pairs:
+        candidates = pool[p][:best_of]
+        scored = [p] * len(candidates)
+        own.append(best_of_n(population, u.user, p, candidates, embedder.reward(scored, candidates, states[u.user]), generic[p]))
+        shuffled.append(best_of_n(population, u.user, p, candidates, embedder.reward(scored, candidates, states[other[u.user].user]), generic[p]))
+        oracle.append(best_of_n(population, u.user, p, candidates, population.true_reward(u.user, candidates), generic[p]))
+    return {
+        "templated_accuracy": float(np.mean(templ)) if templ else None,
+        "onpolicy_accuracy": agree / max(total, 1),
+        "onpolicy_pairs": total,
+        "best_of_n_win": float(np.mean(own)),
+        "best_of_n_win_ci": list(wilson(float(sum(own)), len(own))),
+        "best_of_n_shuffled": float(np.mean(shuffled)),
+        "best_of_n_oracle": float(np.mean(oracle)),
+        "best_of_n_margin": float(np.mean(own) - np.mean(shuffled)),
+        "n": len(own),
+    }
+
+
 def _summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows averaged over seeds, per (data, embedder)."""
-    keys = list(dict.fromkeys((r["data"], r["embedder"]) for r in rows))
+    keys = list(dict.fromkeys((r["data"], r["embedder"], r["enrol"]) for r in rows))
     out = []
-    for data, method in keys:
-        group = [r for r in rows if (r["data"], r["embedder"]) == (data, method)]
+    for data, method, enrol in keys:
+        group = [r for r in rows if (r["data"], r["embedder"], r["enrol"]) == (data, method, enrol)]
         mean = {k: float(np.mean([r[k] for r in group if r[k] is not None])) for k in ("templated_accuracy", "onpolicy_accuracy", "best_of_n_win", "best_of_n_shuffled", "best_of_n_oracle", "best_of_n_margin")}
-        out.append({"data": data, "embedder": method, "seeds": [r["seed"] for r in group], "n": sum(r["n"] for r in group), **mean})
+        out.append({"data": data, "embedder": method, "enrol": enrol, "seeds": [r["seed"] for r in group], "n": sum(r["n"] for r in group), **mean})
     return out
 
 
 def format_ranking(result: dict[str, Any]) -> str:
-    lines = ["| fitted on | embedder | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| fitted on | embedder | enrolled | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         templ = "-" if r["templated_accuracy"] is None else f"{r['templated_accuracy']:.3f}"
         lines.append(
-            f"| {r['data']} | {r['embedder']} | {r['seed']} | {templ} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['seed']} | {templ} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
         )
     return "\n".join(lines)
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    lines = ["| fitted on | embedder | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| fitted on | embedder | enrolled | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["summary"]:
         lines.append(
-            f"| {r['data']} | {r['embedder']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
         )
     return "\n".join(lines)
 

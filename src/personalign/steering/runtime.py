@@ -139,8 +139,16 @@ class SteeringRuntime:
         temperature: Sequence[float],
         top_p: Sequence[float],
         pad: int,
+        guides: Sequence[Sequence[float] | None] | None = None,
+        guide_models: Sequence[Any] = (),
     ) -> Plan:
-        """The batch for requests ``rows`` (prompt ids) with per-request ``(weights, method)``."""
+        """The batch for requests ``rows`` (prompt ids) with per-request ``(weights, method)``.
+
+        ``guides``: per request, ``None`` or one guidance strength per model of ``guide_models``
+        (trunk value heads; for ``user-vas`` the user's ``beta * pi_u`` over the prototype heads),
+        added to the VAS guidance of that request's row.
+        """
+        guided = guides is not None and any(g is not None and any(g) for g in guides)
         methods = [self.method(m, w) if w else None for w, m in steers]
         tokenizer = self.generator.tokenizer
         eos_ids = eos_token_ids(tokenizer, getattr(self.generator.model, "generation_config", None))
@@ -199,7 +207,7 @@ class SteeringRuntime:
         processors = LogitsProcessorList()
         uses_adapters = names is not None or bool(mix_objectives) or "dpa" in methods
         plan = Plan(input_ids, mask, all_names if uses_adapters else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
-        if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods):
+        if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods) and not guided:
             return plan
         value_keys = sorted({(VALUE_KINDS[m], k) for (w, _), m in zip(steers, methods, strict=True) if m in VALUE_KINDS for k, v in w.items() if v != 0.0})
         value_models = [self.value_model(kind, k) for kind, k in value_keys]
@@ -207,8 +215,11 @@ class SteeringRuntime:
             [float(w.get(k, 0.0)) * model.config.default_beta if VALUE_KINDS.get(m) == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)]
             for (w, _), m in zip(steers, methods, strict=True)
         ]
+        if guided:
+            value_models = [*value_models, *guide_models]
+            betas = [b + (list(g) if g is not None else [0.0] * len(guide_models)) for b, g in zip(betas, guides or [], strict=True)]
         eos = [-DEFAULT_VERBOSITY_STRENGTH * float(w.get("verbosity", 0.0)) if m == "logit" else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
-        if any(kind == VAS_DIR for kind, _ in value_keys):
+        if any(kind == VAS_DIR for kind, _ in value_keys) or guided:
             plan.capture = HiddenCapture(self.generator.model)
         if premixed and len(all_rows) > len(rows):  # after the capture, whose value heads read the unmixed rows
             coefficients = torch.zeros(len(rows), len(all_rows))  # (R, N)
