@@ -873,6 +873,8 @@ def eval_generate_cmd(
     comparisons: Annotated[str, typer.Option(help="What users compare to enrol: onpolicy (the generator's own answers, as a chat app collects them) or templated.")] = "onpolicy",
     rerank: Annotated[int, typer.Option(min=2, max=16, help="Candidates per answer for user-rerank.")] = 4,
     embedder: Annotated[str, typer.Option(help="'fit': fit PAL on this split's training users (same comparisons kind); 'shipped': the installed one; or an embedder folder.")] = "fit",
+    user_vas: Annotated[str, typer.Option("--user-vas", help="Heads for the user-vas methods: 'fit' (trained for the embedder on the generator's samples, cached) or a heads folder.")] = "fit",
+    user_vas_beta: Annotated[float, typer.Option(help="Guidance strength of the user-vas methods.")] = 3.0,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write the win-rate plot (PNG) here.")] = None,
@@ -895,15 +897,24 @@ def eval_generate_cmd(
             user_steering=user_steering,
             comparisons=comparisons,
             rerank=rerank,
+            user_vas=user_vas_beta,
         )
         with tempfile.TemporaryDirectory(prefix="personalign-eval-generate-") as store:
-            from personalign.eval.onpolicy import fit_split_embedder
+            from personalign.eval.generate import USER_VAS
+            from personalign.eval.onpolicy import fit_split_embedder, fit_user_heads
             from personalign.models import load_encoder, load_generator
+            from personalign.persona import default_embedder_dir, load_embedder
             from personalign.personalizer import Personalizer
 
             generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
-            chosen: Any = None if embedder == "shipped" else fit_split_embedder(generator, encoder, config.seed, config.shots, config.comparisons) if embedder == "fit" else Path(embedder)
-            pz = Personalizer(generator, encoder, store, fspo=fspo, embedder=chosen, **({"pplug": pplug} if pplug else {}))
+            if embedder == "fit":
+                chosen: Any = fit_split_embedder(generator, encoder, config.seed, config.shots, config.comparisons)
+            else:
+                chosen = load_embedder(default_embedder_dir() if embedder == "shipped" else Path(embedder), encoder, generator)
+            heads = None
+            if any(m in USER_VAS for m in config.methods):
+                heads = fit_user_heads(generator, chosen) if user_vas == "fit" else Path(user_vas)
+            pz = Personalizer(generator, encoder, store, fspo=fspo, embedder=chosen, user_vas=heads, **({"pplug": pplug} if pplug else {}))
             with pz:
                 result = run_generate(pz, config, progress=lambda line: typer.echo(line, err=True), on_method=lambda partial: write_generate(partial, json_out, None))
         write_generate(result, json_out, plot)

@@ -86,9 +86,9 @@ def generation_split(
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled")
+METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled", "user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")
 # Chat options per method; every conditioner is named so "off" is explicit.
-_OFF = {"memory": False, "shots": False, "fspo": False}
+_OFF = {"memory": False, "shots": False, "fspo": False, "user_vas": 0.0}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "memory": {**_OFF, "memory": True},
     "memory-shuffled": {**_OFF, "memory": True},  # another user's memories: the control
@@ -97,12 +97,15 @@ METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "fspo-trained": {**_OFF, "shots": True, "fspo": True},
     "fspo-shuffled": {**_OFF, "shots": True, "fspo": True},  # another user's shots: the control
     "pplug": {**_OFF, "pplug": True},
-    "all": {"memory": True, "shots": True, "fspo": True, "pplug": True},
+    "all": {"memory": True, "shots": True, "fspo": True, "pplug": True, "user_vas": 0.0},
     # decode-time guidance by the user's inferred reward; conditioners off, so the candidates are plain samples
     "user-rerank": {**_OFF, "pplug": False},
     "user-rerank-shuffled": {**_OFF, "pplug": False},  # another user's reward picks from the same candidates
 }
-RERANK = ("user-rerank", "user-rerank-shuffled")
+RERANK = ("user-rerank", "user-rerank-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")
+USER_VAS = ("user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")  # guided by the user's value heads
+for _name in USER_VAS:
+    METHOD_OPTIONS[_name] = {**_OFF, "pplug": False}
 NEEDS_FSPO = ("fspo-trained", "fspo-shuffled", "all")
 NEEDS_PPLUG = ("pplug", "all")
 
@@ -119,6 +122,7 @@ class GenerateConfig:
     user_steering: bool = True  # as chat does by default: the user's inferred verbosity steering rides along
     comparisons: str = "templated"  # what users compared to enrol: templated texts, or the generator's own answers ("onpolicy")
     rerank: int = 4  # candidates per answer for the user-rerank methods
+    user_vas: float = 3.0  # guidance strength of the user-vas methods
 
     def __post_init__(self) -> None:
         if self.comparisons not in ("templated", "onpolicy"):
@@ -175,6 +179,8 @@ def run_generate(
         raise ValidationError("methods", f"{unknown} are not generation methods", f"use some of {list(METHODS)}", unknown)
     if any(m in NEEDS_FSPO for m in config.methods) and getattr(pz, "fspo_folder", None) is None:
         raise ValidationError("methods", "fspo-trained, fspo-shuffled and all need an FSPO adapter for this generator", "train one: personalign train fspo --out DIR, then pass --fspo DIR", config.methods)
+    if any(m in USER_VAS for m in config.methods) and pz.user_heads() is None:
+        raise ValidationError("methods", "user-vas methods need value heads for this generator and embedder", "train them: personalign train user-vas, then pass --user-vas DIR (eval generate trains them with --user-vas fit)", config.methods)
     if any(m in NEEDS_PPLUG for m in config.methods) and getattr(pz, "plug", None) is None:
         raise ValidationError("methods", "pplug and all need a Persona-Plug projector for this generator", "train one: personalign train pplug --out DIR, then pass --pplug DIR", config.methods)
     pool = None
@@ -209,10 +215,12 @@ def run_generate(
         options = METHOD_OPTIONS[method]
         if method in RERANK:  # the same seed for own and shuffled: both pick from the same candidates
             options = {**options, "rerank": config.rerank, "seed": config.seed}
+        if method in USER_VAS:
+            options = {**options, "user_vas": config.user_vas}
         requests = []
         for u, p in pairs:
             owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
-            steer = {} if config.user_steering and method not in RERANK else {"steer": {}}
+            steer = {} if config.user_steering and method not in (*RERANK, *USER_VAS) else {"steer": {}}
             requests.append({"user": owner, "messages": messages[p], **base, **options, **steer})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started

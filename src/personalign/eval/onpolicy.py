@@ -337,3 +337,28 @@ def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int =
     split = generation_split(seed=seed, shots=shots, pool=pool)
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=parts), generator if "hidden" in parts else None)
     return EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
+
+
+def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
+    """User-vas heads for ``embedder``, trained on the pooled answers to the training topics' prompts
+    (never the evaluation topics), cached under ``$PERSONALIGN_CACHE/user_vas/<embedder fingerprint>``."""
+    from personalign.eval.generate import generation_split
+    from personalign.models import cache_root
+    from personalign.steering.loop import LoopConfig
+    from personalign.steering.uservas import (
+        CONFIG_FILE,
+        UserVasConfig,
+        embedder_fingerprint,
+        samples_from_pool,
+        train_user_heads,
+    )
+
+    folder = cache_root() / "user_vas" / f"{generator.model_id.replace('/', '_').replace(':', '_')}-{embedder_fingerprint(embedder).replace(':', '-')}-e{epochs}"
+    if (folder / CONFIG_FILE).is_file():
+        return folder
+    held_out = set(generation_split().prompts)
+    pool = answer_pool(generator, SyntheticPopulation().prompts)
+    samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
+    config = UserVasConfig(loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
+    train_user_heads(generator, samples, embedder, config, provenance={"data": "synthetic prompts, training topics only"}).save(folder)
+    return folder
