@@ -75,7 +75,8 @@ def test_models_and_openapi(client, http):
         assert path in schema["paths"]
     chat = schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"steer", "memory", "shots", "n_shots", "n_memories", "user", "max_tokens"} <= set(chat)
-    assert {"safety_identifier"} <= set(chat)
+    assert {"safety_identifier", "n", "stop", "rerank", "rerank_temperature"} <= set(chat)
+    assert "/v1/models/{model_id}" in schema["paths"]
     assert "HTTPValidationError" not in schema["components"]["schemas"]  # validation errors answer 400 in our error shape
     assert not [op for path in schema["paths"].values() for op in path.values() if "422" in op["responses"]]
     assert "X-Personalign-User" in [p["name"] for p in schema["paths"]["/v1/chat/completions"]["post"]["parameters"]]
@@ -151,7 +152,8 @@ def test_streaming_wire_format(http):
     assert _is_openai_error(bad, 404)["code"] == "model_not_found"
     # The finish chunk says what conditioned the answer, as a completion's personalign object does.
     assert json.loads(events[-2][6:])["personalign"] == {
-        "user": None, "user_source": None, "user_known": False, "memories": [], "shots": 0, "steer": {"verbosity": -1.0}, "note": None
+        "user": None, "user_source": None, "user_known": False, "memories": [], "shots": 0, "steer": {"verbosity": -1.0}, "note": None,
+        "personalization": None, "personalization_by_choice": None, "max_tokens_clamped": None,
     }
 
 
@@ -161,12 +163,12 @@ def test_openai_client_errors(client, server):
         client.chat.completions.create(model="gpt-4o", messages=messages)
     with pytest.raises(openai.BadRequestError, match="steerable"):
         client.chat.completions.create(model="personalign", messages=messages, extra_body={"steer": {"kindness": 1}})
-    with pytest.raises(openai.BadRequestError, match="cap of 64"):
-        client.chat.completions.create(model="personalign", messages=messages, max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="cap of 8 choices"):
+        client.chat.completions.create(model="personalign", messages=messages, n=9)
+    with pytest.raises(openai.BadRequestError, match="at most 4"):
+        client.chat.completions.create(model="personalign", messages=messages, stop=["a", "b", "c", "d", "e"])
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.chat.completions.create(model="personalign", messages=messages, n=2)
-    with pytest.raises(openai.BadRequestError, match="stop"):
-        client.chat.completions.create(model="personalign", messages=messages, stop=["\n"])
+        client.chat.completions.create(model="personalign", messages=messages, logprobs=True)
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="personalign", messages=[])
     with pytest.raises(openai.BadRequestError, match="last message"):
@@ -343,6 +345,36 @@ def test_batcher_groups_concurrent_requests_and_isolates_a_bad_one():
     assert results == [i * 10 for i in range(12) if i != 3]
     assert max(calls) == 8 and batcher.stats.retried_alone == 1
     assert batcher.stats.snapshot()["max_batch_size"] >= 4
+
+
+def test_batcher_groups_stay_together_in_order():
+    """A group (a chat's n choices) runs in one run_batch call with other jobs, and is retried as a whole."""
+    calls = []
+
+    def run_batch(requests):
+        calls.append([r["n"] for r in requests])
+        if any(r["bad"] for r in requests):
+            raise ValueError("bad request in batch")
+        return [r["n"] * 10 for r in requests]
+
+    batcher = Batcher(run_batch, max_batch=4, max_wait_s=0.05)
+    with batcher.arriving():
+        single = batcher.submit({"n": 0, "bad": False})
+        group = batcher.submit_group([{"n": i, "bad": False} for i in (1, 2, 3)])
+        big = batcher.submit_group([{"n": i, "bad": False} for i in range(10, 16)])  # over max_batch: a batch of its own
+    assert (single.result(10), group.result(10), big.result(10)) == (0, [10, 20, 30], [100, 110, 120, 130, 140, 150])
+    assert calls == [[0, 1, 2, 3], list(range(10, 16))]
+    calls.clear()
+    with batcher.arriving():
+        bad = batcher.submit_group([{"n": 1, "bad": False}, {"n": 2, "bad": True}])
+        good = batcher.submit_group([{"n": 3, "bad": False}, {"n": 4, "bad": False}])
+    with pytest.raises(ValueError):
+        bad.result(10)
+    assert good.result(10) == [30, 40] and calls == [[1, 2, 3, 4], [1, 2], [3, 4]]
+    batcher.stop()
+    assert batcher.stats.snapshot()["batch_sizes"] == {"2": 2, "4": 1, "6": 1}  # the failed batch of 4 counts as its retries
+    with pytest.raises(ValueError, match="at least one"):
+        batcher.submit_group([])
 
 
 def test_api_key_file_and_principal(tmp_path):

@@ -8,7 +8,8 @@ streams join the same batches. Every user id in a path or body is checked and ma
 stored id in the caller's tenant (see :mod:`personalign.server.config` and
 :mod:`personalign.server.ids`). A chat names its user by ``user``, ``safety_identifier``, the
 ``X-Personalign-User`` header or ``metadata.user_id``, in that order; a user with no profile
-gets the generic answer, and nothing is stored for them.
+gets the generic answer, and nothing is stored for them. The answers themselves (``n`` choices,
+``stop``, server-sent events) are built in :mod:`personalign.server.chat`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -29,10 +29,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import StreamingResponse
 
 from personalign import __version__
-from personalign.errors import PersonalignError, UnknownUserError
+from personalign.errors import UnknownUserError, ValidationError
 from personalign.personalizer import ConditioningParams, GenerationParams
 from personalign.server import errors
 from personalign.server.batcher import Batcher
+from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.config import Principal, ServerConfig, hash_key
 from personalign.server.errors import ApiError
 from personalign.server.limits import BodyLimit, json_problem
@@ -41,8 +42,6 @@ from personalign.server.schemas import (
     UNSUPPORTED,
     ChatCompletion,
     ChatCompletionRequest,
-    ChatMessageOut,
-    Choice,
     DeletedMemories,
     EnrollRequest,
     EnrollResponse,
@@ -189,6 +188,10 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
+    def count_tokens(text: str) -> int:
+        """Tokens in ``text`` (a reply cut at a stop string counts what it kept)."""
+        return len(pz.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def known(store_id: str) -> None:
         """Raise ``UnknownUserError`` unless the user has a profile or memories."""
         if not pz.profiles.exists(store_id) and pz.memory.count(store_id) == 0:
@@ -204,6 +207,13 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     def models(who: Reader) -> ModelList:
         return ModelList(data=[ModelCard(id=config.served_model, created=created)])
 
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"])
+    def model(model_id: str, who: Reader) -> ModelCard:
+        """The served model (also under the generator's own id, which chats accept too)."""
+        if model_id not in model_names:
+            raise ApiError(404, f"the model {model_id!r} does not exist here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
+        return ModelCard(id=model_id, created=created)
+
     @app.get("/v1/server/stats", tags=["server"])
     def stats(who: Reader) -> dict[str, Any]:
         """Batching statistics: how many chat batches ran and of which sizes."""
@@ -211,7 +221,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> dict[str, Any]:
+    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> tuple[dict[str, Any], dict[str, int] | None]:
+        """The ``respond_batch`` request, and ``{"requested", "applied"}`` when ``max_tokens`` was lowered to the cap."""
         if body.model not in model_names:
             raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
         for name, allowed in UNSUPPORTED.items():
@@ -223,9 +234,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             log.warning("ignoring unknown chat request field %r", name)
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens disagree. Fix: send one of them", "invalid_value", "max_tokens")
+        if body.n is not None and body.n > config.max_choices:
+            raise ApiError(400, f"n={body.n} exceeds this server's cap of {config.max_choices} choices. Fix: ask for fewer", "invalid_value", "n")
         max_new = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
-        if max_new > config.max_tokens_cap:
-            raise ApiError(400, f"max_tokens={max_new} exceeds this server's cap of {config.max_tokens_cap}. Fix: ask for fewer", "invalid_value", "max_tokens")
+        clamped = None
+        if max_new > config.max_tokens_cap:  # as OpenAI-compatible servers do: answer, and say so
+            clamped, max_new = {"requested": max_new, "applied": config.max_tokens_cap}, config.max_tokens_cap
         request: dict[str, Any] = {
             "user": None if user is None else who.store_id(user, source or "user"),
             "messages": [m.as_sdk() for m in body.messages],
@@ -234,7 +248,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         }
         if body.steer is not None:
             request["steer"] = body.steer
-        return request
+        return request, clamped
 
     def prevalidate(request: dict[str, Any]) -> str | None:
         """Everything ``respond_batch`` would reject, checked before the request joins a batch.
@@ -250,7 +264,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             try:
                 model.model_validate(values)
             except pydantic.ValidationError as err:
-                raise convert_pydantic_error(name, err) from None
+                bad = convert_pydantic_error(name, err)  # named as the body names it: "rerank", not "conditioning.rerank"
+                raise ValidationError(bad.field.removeprefix(f"{name}."), bad.problem, bad.fix, bad.value) from None
         if request["user"] is None or pz.profiles.exists(request["user"]):
             return None
         request["user"] = None  # nothing is read or written for this user
@@ -268,46 +283,54 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         x_personalign_user: Annotated[str | None, Header(alias=USER_HEADER, description="The user, when the body names none")] = None,
     ) -> Any:
         user, source = chat_user(body, x_personalign_user)
-        request = sdk_request(body, who, user, source)
-        stream = TokenStream() if body.stream else None
+        request, clamped = sdk_request(body, who, user, source)
+        stops = parse_stop(body.stop)
+        n = body.n or 1
         with batcher.arriving():
             note = await run_in_threadpool(prevalidate, request)
+            # n choices are n rows of one respond_batch call; greedy with nothing sampled gives n equal rows, so one is run.
+            greedy = not request.get("temperature") and request.get("rerank", 0) < 2
+            rows = 1 if greedy else n
+            streams = [TokenStream() for _ in range(rows)] if body.stream else []
             # Streams join batches too: their tokens are routed out of the shared generate call.
-            future = batcher.submit(request if stream is None else {**request, "stream": stream})
-        if stream is not None:
+            # A whole reply with stop strings is streamed unread, to stop generating at the first one.
+            quiet = [EarlyStop(stops) for _ in range(rows)] if stops and not streams and request.get("rerank", 0) < 2 else []
+            future = batcher.submit_group([{**request, "stream": s} for s in streams or quiet] or [request] * rows)
+        for stream in streams:
             # A request its batch rejected before generating never reaches the streamer: end its stream too.
-            future.add_done_callback(lambda f: stream.fail(f.exception()) if f.exception() is not None else None)
+            future.add_done_callback(lambda f, stream=stream: stream.fail(f.exception()) if f.exception() is not None else None)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
 
-        def personalisation(result: Any) -> Personalisation:
+        def personalisation(results: list[Any]) -> Personalisation:
+            first = results[0]
             return Personalisation(
                 user=user,
                 user_source=source,
                 user_known=request["user"] is not None,
-                memories=result.memories,
-                shots=len(result.shots),
-                steer=result.steer,
+                memories=first.memories,
+                shots=len(first.shots),
+                steer=first.steer,
                 note=note,
+                personalization=first.personalization,
+                personalization_by_choice=[r.personalization for r in results] if len(results) > 1 else None,
+                max_tokens_clamped=clamped,
             )
 
-        if stream is not None:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = _sse(stream, completion_id, now, config.served_model, request["max_new_tokens"], usage, personalisation)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        result = await asyncio.wrap_future(future)
-        finish = "length" if result.completion_tokens >= request["max_new_tokens"] else "stop"
+        max_new = request["max_new_tokens"]
+        if streams:
+            plan = StreamPlan(streams, n, stops, max_new, bool(body.stream_options and body.stream_options.include_usage), count_tokens, personalisation)
+            return StreamingResponse(sse(plan, completion_id, now, config.served_model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results = await asyncio.wrap_future(future)
+        results = results * n if len(results) < n else results
+        answers = [answer(r, max_new, stops, count_tokens) for r in results]
         return ChatCompletion(
             id=completion_id,
             created=now,
             model=config.served_model,
-            choices=[Choice(message=ChatMessageOut(content=result.text), finish_reason=finish)],
-            usage=Usage(
-                prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens,
-                total_tokens=result.prompt_tokens + result.completion_tokens,
-            ),
-            personalign=personalisation(result),
+            choices=choices(answers),
+            usage=Usage(**usage(results, answers)),
+            personalign=personalisation(results),
         )
 
     # --- users -----------------------------------------------------------------------------------
@@ -404,57 +427,6 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         return NextQuestionResponse(user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked])
 
     return app
-
-
-def _sse(
-    stream: TokenStream,
-    completion_id: str,
-    created: int,
-    model: str,
-    max_new_tokens: int,
-    include_usage: bool,
-    personalisation: Callable[[Any], Personalisation],
-) -> Iterator[str]:
-    """OpenAI ``chat.completion.chunk`` events for a stream, ending in ``data: [DONE]``.
-
-    The finish chunk carries the ``personalign`` object. With ``include_usage`` a last chunk
-    with empty ``choices`` carries the token counts. If the client disconnects, the response
-    stops iterating this generator and the row is cancelled.
-    """
-
-    def event(delta: dict[str, str] | None, finish: str | None = None, usage: dict[str, int] | None = None, extra: dict[str, Any] | None = None) -> str:
-        chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-        if usage is not None:
-            chunk["usage"] = usage
-        if extra is not None:
-            chunk.update(extra)
-        return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
-
-    try:
-        yield event({"role": "assistant", "content": ""})
-        try:
-            for piece in stream:
-                yield event({"content": piece})
-        except Exception as err:
-            if isinstance(err, PersonalignError):  # rejected when its batch was prepared (e.g. the user was forgotten meanwhile)
-                status, kind = (404, "not_found") if isinstance(err, UnknownUserError) else (400, "invalid_request_error")
-                body = errors.error_body(status, str(err), kind)
-            else:
-                log.exception("stream %s failed", completion_id)
-                body = errors.error_body(500, "generation failed mid-stream (the server log has the traceback)", "internal_error")
-            yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
-            return
-        result = stream.result
-        finish = "length" if result.completion_tokens >= max_new_tokens else "stop"
-        yield event({}, finish, extra={"personalign": personalisation(result).model_dump()})
-        if include_usage:
-            tokens = {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens}
-            yield event(None, usage={**tokens, "total_tokens": result.prompt_tokens + result.completion_tokens})
-        yield "data: [DONE]\n\n"
-    finally:
-        stream.cancel()  # a no-op once the row is done; stops generating for a client that left
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

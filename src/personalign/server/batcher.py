@@ -7,9 +7,11 @@ load batches fill by themselves and the wait window only matters when traffic is
 Requests the server has received but not yet validated (:meth:`Batcher.arriving`) extend
 the window up to ``max_hold_s``, so a batch does not close on half of a wave of clients.
 
-If a batch fails as a whole (one bad request fails ``respond_batch``'s up-front validation,
-e.g. a user forgotten while their request waited), each request is retried alone so only
-the bad one gets the error.
+A job is one request or a group of requests that must run in the same ``respond_batch`` call
+(the ``n`` choices of one chat: sampled rows of one ``generate`` call, so one seed gives them
+different samples). If a batch fails as a whole (one bad request fails ``respond_batch``'s
+up-front validation, e.g. a user forgotten while their request waited), each job is retried
+alone so only the bad one gets the error.
 """
 
 from __future__ import annotations
@@ -32,13 +34,17 @@ RunBatch = Callable[[Sequence[Mapping[str, Any]]], list[Any]]
 
 @dataclass
 class _Job:
-    request: Mapping[str, Any]
+    requests: list[Mapping[str, Any]]
+    grouped: bool  # the future resolves to the list of results, not to the one result
     future: Future = field(default_factory=Future)
+
+    def resolve(self, results: list[Any]) -> None:
+        self.future.set_result(results if self.grouped else results[0])
 
 
 @dataclass
 class BatchStats:
-    """How many batches ran, of which sizes: the evidence that batching happens."""
+    """How many batches ran, of which sizes (in requests to ``run_batch``): the evidence that batching happens."""
 
     sizes: Counter = field(default_factory=Counter)
     retried_alone: int = 0
@@ -105,17 +111,29 @@ class Batcher:
 
     def submit(self, request: Mapping[str, Any]) -> Future:
         """Queue one ``respond_batch`` request; the future resolves to its ``ChatResult``."""
+        return self._put(_Job([request], grouped=False))
+
+    def submit_group(self, requests: Sequence[Mapping[str, Any]]) -> Future:
+        """Queue requests that run in the same ``respond_batch`` call; the future resolves to their results, in order.
+
+        A group larger than ``max_batch`` runs as a batch of its own.
+        """
+        if not requests:
+            raise ValueError("submit_group needs at least one request")
+        return self._put(_Job(list(requests), grouped=True))
+
+    def _put(self, job: _Job) -> Future:
         if self._thread is None:
             self.start()
-        job = _Job(request)
         self._queue.put(job)
         return job.future
 
     def _collect(self, first: _Job) -> tuple[list[_Job], bool]:
         jobs = [first]
+        rows = len(first.requests)
         started = time.monotonic()
         deadline, hold = started + self.max_wait_s, started + self.max_hold_s
-        while len(jobs) < self.max_batch:
+        while rows < self.max_batch:
             limit = hold if self._arriving > 0 else deadline
             remaining = limit - time.monotonic()
             try:
@@ -128,6 +146,7 @@ class Batcher:
             if job is None:
                 return jobs, True
             jobs.append(job)
+            rows += len(job.requests)
         return jobs, False
 
     def _loop(self) -> None:
@@ -144,21 +163,24 @@ class Batcher:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not live:
             return
+        requests = [r for j in live for r in j.requests]
         try:
-            results = self.run_batch([j.request for j in live])
+            results = self.run_batch(requests)
         except Exception as err:
             if len(live) == 1:
                 live[0].future.set_exception(err)
-                self.stats.sizes[1] += 1
+                self.stats.sizes[len(requests)] += 1
                 return
             self.stats.retried_alone += 1
             for job in live:
                 try:
-                    job.future.set_result(self.run_batch([job.request])[0])
+                    job.resolve(self.run_batch(job.requests))
                 except Exception as single:
                     job.future.set_exception(single)
-                self.stats.sizes[1] += 1
+                self.stats.sizes[len(job.requests)] += 1
             return
-        self.stats.sizes[len(live)] += 1
-        for job, result in zip(live, results, strict=True):
-            job.future.set_result(result)
+        self.stats.sizes[len(requests)] += 1
+        start = 0
+        for job in live:
+            job.resolve(results[start : start + len(job.requests)])
+            start += len(job.requests)

@@ -20,6 +20,7 @@ semantic errors with 400, and the ``openai`` client raises ``BadRequestError`` f
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,17 +70,37 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
+# How pydantic tags the members of a union in an error's location (``stop: str | list[str]``): not field names.
+_UNION_TAG = re.compile(r"(str|int|float|bool|none)|(list|dict|tuple|set)\[.*\]|function-[a-z-]+\[.*\]")
+
+
+def _is_tag(part: Any) -> bool:
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
+
+
 def _loc_text(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in loc if p not in ("body", "query", "path", "header") and not _is_tag(p)]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
     return text
 
 
-def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+def _first_problem(errors: list[Any]) -> tuple[dict[str, Any], int]:
+    """The first error, or for a value that matched no member of a union the most specific of its members' errors
+    (``stop: [5]`` is ``stop[0]``, not ``stop.str``); and how many other problems there are."""
     first = errors[0] if errors else {}
+    loc = tuple(first.get("loc", ()))
+    tag = next((i for i, part in enumerate(loc) if _is_tag(part)), None)
+    if tag is None:
+        return first, len(errors) - 1
+    same = [e for e in errors if tuple(e.get("loc", ()))[:tag] == loc[:tag] and len(e.get("loc", ())) > tag and _is_tag(e["loc"][tag])]
+    return max(same, key=lambda e: len(e.get("loc", ()))), len(errors) - len(same)
+
+
+def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = list(exc.errors())
+    first, others = _first_problem(errors)
     kind = first.get("type", "")
     if kind == "json_invalid":
         ctx = first.get("ctx") or {}
@@ -89,7 +110,7 @@ def _request_validation(request: Request, exc: RequestValidationError) -> JSONRe
     if kind == "missing" and not where:
         message = "the request needs a JSON body"
     text = f"{where}: {message}" if where else message
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    more = f" (and {others} more problems)" if others > 0 else ""
     return error_response(400, text + more, kind or None, where or None)
 
 

@@ -2,9 +2,10 @@
 
 Chat requests accept OpenAI's fields and personalign's extra fields (what the ``openai``
 client sends with ``extra_body``): ``steer``, ``memory``, ``shots``, ``n_shots``,
-``n_memories``, ``memory_threshold``, ``repetition_penalty``, ``fspo``, ``pplug``, ``describe``. Unknown fields are accepted and
-logged (as vLLM does), but OpenAI options we cannot honour (``n > 1``, ``stop``, tools,
-penalties, logprobs, JSON mode) are refused rather than silently ignored.
+``n_memories``, ``memory_threshold``, ``repetition_penalty``, ``fspo``, ``pplug``, ``describe``,
+``rerank``, ``rerank_temperature``. Unknown fields are accepted and logged (as vLLM does), but
+OpenAI options we cannot honour (tools, penalties, logprobs, JSON mode) are refused rather than
+silently ignored.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ class StreamOptions(BaseModel):
 
 # OpenAI options that change the answer and that this server cannot honour: refused unless at their no-op value.
 UNSUPPORTED = {
-    "n": (None, 1),
-    "stop": (None, [], ""),
     "tools": (None, []),
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
@@ -78,6 +77,10 @@ class ChatCompletionRequest(BaseModel):
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
+    n: StrictInt | None = Field(default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)")
+    stop: StrictStr | list[StrictStr] | None = Field(
+        default=None, description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'"
+    )
     # personalign's extra body fields
     # Any form parse_steering reads: {"verbosity": -0.5}, {"weights"|"direction": {...}, "method": ...},
     # {"angle": 30, "objectives": [a, b]}; checked by parse_steering so errors match the Python API.
@@ -96,10 +99,17 @@ class ChatCompletionRequest(BaseModel):
     fspo: StrictBool | None = None
     pplug: StrictBool | None = None
     describe: StrictBool | None = None
+    rerank: StrictInt | None = Field(
+        default=None, description="Personal reranking: sample this many candidates (2-16; 0 or 1: off) and answer with the one the user's inferred reward scores highest"
+    )
+    rerank_temperature: Number | None = Field(default=None, description="Sampling temperature of the rerank candidates when the request is greedy (default 0.8)")
 
     def options(self) -> dict[str, Any]:
         """The SDK options this request sets (``max_new_tokens`` is filled in by the app)."""
-        names = ("temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold", "repetition_penalty", "fspo", "pplug", "describe")
+        names = (
+            "temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold",
+            "repetition_penalty", "fspo", "pplug", "describe", "rerank", "rerank_temperature",
+        )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -131,6 +141,15 @@ class Personalisation(BaseModel):
     shots: int
     steer: dict[str, float]
     note: str | None = Field(default=None, description="Why nothing personal was applied, when a named user was not known")
+    personalization: dict[str, Any] | None = Field(
+        default=None,
+        description='Decode-time guidance that ran for the (first) choice: {"method": "user-rerank", "candidates", "scores", "picked", "embedder", '
+        '"temperature"}, or {"method": null, "requested", "reason"} when it was asked for and could not run; null when none was asked for',
+    )
+    personalization_by_choice: list[dict[str, Any] | None] | None = Field(default=None, description="With n > 1: each choice's personalization, in choice order")
+    max_tokens_clamped: dict[str, int] | None = Field(
+        default=None, description='{"requested": ..., "applied": ...} when max_tokens was over the server\'s cap and was lowered to it'
+    )
 
 
 class ChatCompletion(BaseModel):
