@@ -552,19 +552,40 @@ def _train_embedder(method: str, data: str, out: Path, seed: int, features: str,
     from personalign.persona.base import Featurizer, FeaturizerConfig
 
     try:
-        population = load_population(data, seed=seed)
         parts = tuple(_split_list(features, "--features"))
-        generator = load_generator(None, device=device) if "hidden" in parts else None
-        featurizer = Featurizer(load_encoder(encoder, device=device), FeaturizerConfig(parts=parts), generator)
+        onpolicy = data in ("synthetic-onpolicy", "synthetic-both")
+        generator = load_generator(None, device=device) if "hidden" in parts or onpolicy else None
+        if onpolicy:
+            from personalign.eval.onpolicy import answer_pool, onpolicy_population
+            from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
+
+            synthetic = SyntheticPopulation(SyntheticConfig(seed=seed))
+            population = onpolicy_population(synthetic, answer_pool(generator, synthetic.prompts), synthetic.prompts, seed=seed)
+            rows = population.population()
+            if data == "synthetic-both":  # the generator's own answers and the templated candidates, the same users
+                templated = synthetic.population(seed=seed).population()
+                rows = {u: [*templated[u], *cs] for u, cs in rows.items()}
+        else:
+            population = load_population(data, seed=seed)
+            rows = population.population()
+        featurizer = Featurizer(load_encoder(encoder, device=device), FeaturizerConfig(parts=parts), generator if "hidden" in parts else None)
         started = time.perf_counter()
-        embedder = EMBEDDER_CLASSES[method](featurizer).fit(population.population(), seed=seed)
-        save_embedder(embedder, out, provenance={"data": data, "seed": seed, "users": len(population.users)})
+        embedder = EMBEDDER_CLASSES[method](featurizer).fit(rows, seed=seed)
+        provenance = {"data": data, "seed": seed, "users": len(population.users)}
+        if onpolicy:
+            provenance["generator"] = generator.model_id  # type: ignore[union-attr]
+        save_embedder(embedder, out, provenance=provenance)
         typer.echo(f"{method} fitted on {len(population.users)} users of {data} in {time.perf_counter() - started:.1f} s -> {out}")
     except PersonalignError as err:
         _fail(err)
 
 
-TrainDataOpt = Annotated[str, typer.Option(help="Population: synthetic (project-made, redistributable), psoups, hh, popquorn, or a .jsonl with a user column.")]
+TrainDataOpt = Annotated[
+    str,
+    typer.Option(
+        help="Population: synthetic (project-made, templated answers), synthetic-onpolicy (the same users comparing the generator's own answers), synthetic-both, psoups, hh, popquorn, or a .jsonl with a user column."
+    ),
+]
 FeaturesOpt = Annotated[str, typer.Option(help="Featurizer parts: response, prompt_x_response, log_length, style.")]
 
 
