@@ -1266,6 +1266,7 @@ def bench_generate(
     repeats: Annotated[int, typer.Option(min=1, help="Prompts (each runs every case once).")] = 3,
     fspo: Annotated[Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")] = None,
     pplug: Annotated[Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")] = None,
+    user_vas: Annotated[Path | None, typer.Option("--user-vas", help="User-vas heads folder (default: the installed ones, if any fit).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the full result as JSON here.")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
@@ -1277,7 +1278,7 @@ def bench_generate(
 
     root = Path(tempfile.mkdtemp(prefix="personalign-bench-"))
     try:
-        pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), root, fspo=fspo, **({"pplug": pplug} if pplug else {}))
+        pz = Personalizer(load_generator(model, device=device), load_encoder(None, device=device), root, fspo=fspo, user_vas=user_vas, **({"pplug": pplug} if pplug else {}))
         with pz:
             result = run_generate_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats)
     except PersonalignError as err:
