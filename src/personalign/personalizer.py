@@ -229,7 +229,11 @@ class Personalizer:
     ) -> None:
         """``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
-        ``None`` for the shipped PAL (fitted on the project's synthetic population only).
+        ``None`` for the shipped PAL (fitted on the project's synthetic population only, on templated
+        candidates and the embedded generator's own answers).
+
+        ``user_vas``: the folder of user-conditioned value heads (``personalign train user-vas``)
+        for this generator and embedder; ``None`` uses the package's ``data/user_vas`` when they fit.
 
         ``fspo``: the folder of an FSPO adapter (``personalign train fspo``) that requests with
         shots run through; it must be trained for this generator (``AdapterError`` otherwise).
