@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -839,9 +840,13 @@ class Personalizer:
 
     def _rerank(self, item: _Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None) -> ChatResult:
         """The candidate the user's reward scores highest, with the scores in ``personalization``."""
-        texts = [c.text or " " for c in candidates]  # an empty reply still gets a score
-        embedder, embedder_id = self.preferences.embedder_and_id()
-        scores = self.preferences.reward(item.user, item.query or " ", texts)  # type: ignore[arg-type]
+        texts = [c.text for c in candidates]
+        _, embedder_id = self.preferences.embedder_and_id()
+        scored = [i for i, t in enumerate(texts) if t.strip()]  # an empty reply (the model ended at once) is never picked over a real one
+        scores = [-math.inf] * len(texts)
+        if scored:
+            for i, s in zip(scored, self.preferences.reward(item.user, item.query or "?", [texts[i] for i in scored]), strict=True):  # type: ignore[arg-type]
+                scores[i] = s
         best = rerank_method.pick(scores)
         temperature = item.params.temperature if item.params.temperature > 0 else item.rerank_temperature
         chosen = dataclasses.replace(candidates[best], personalization=rerank_method.report(len(texts), scores, best, embedder_id, temperature))

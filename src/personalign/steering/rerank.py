@@ -46,7 +46,7 @@ def report(candidates: int, scores: Sequence[float], picked: int, embedder: str,
         "method": METHOD,
         "candidates": candidates,
         "temperature": temperature,
-        "scores": [round(float(s), 4) for s in scores],
+        "scores": [round(float(s), 4) if math.isfinite(s) else None for s in scores],  # None: an empty candidate
         "picked": picked,
         "embedder": embedder,
     }
