@@ -164,17 +164,18 @@ def samples_from_pool(generator: Any, pool: dict[str, list[str]]) -> list[Sample
 
 def train_user_heads(generator: Any, samples: Sequence[Sample], embedder: Any, config: UserVasConfig | None = None, provenance: dict[str, Any] | None = None) -> UserHeads:
     """One value head per prototype of ``embedder`` on ``samples`` of the frozen generator."""
-    from personalign.steering.vas import VasTrainConfig, train_value_model
+    from personalign.steering.vas import VasTrainConfig, response_hidden_states, train_value_model
 
     config = config or UserVasConfig()
     if len(samples) < 2:
         raise ValidationError("samples", "needs at least 2 samples", "sample more answers (answer_pool)", len(samples))
     targets = prototype_targets(embedder, [s.prompt for s in samples], [s.text for s in samples])  # (N, K)
     scale = float(targets.std()) or 1.0  # one scale for all heads keeps sum_k pi_k Q_k the user's value
+    hidden = response_hidden_states(generator, samples)  # (N, T, H), read by every head
     heads, losses = [], []
     for k in range(targets.shape[1]):
         vas = VasTrainConfig(objective=f"prototype-{k}", rank=config.rank, gamma=config.gamma, lam=config.lam, default_beta=config.default_beta, loop=config.loop)
-        head, report = train_value_model(generator, samples, targets[:, k] / scale, vas, 0.0, scale, {"method": METHOD, "prototype": k})
+        head, report = train_value_model(generator, samples, targets[:, k] / scale, vas, 0.0, scale, {"method": METHOD, "prototype": k}, hidden=hidden)
         heads.append(head)
         losses.append(report.epoch_loss[-1] if report.epoch_loss else None)
     from personalign import __version__

@@ -90,11 +90,20 @@ def train_vas(generator: Any, samples: Sequence[Sample], config: VasTrainConfig)
 
 
 def train_value_model(
-    generator: Any, samples: Sequence[Sample], scores: torch.Tensor, config: VasTrainConfig, mean: float = 0.0, std: float = 1.0, provenance: dict[str, Any] | None = None
+    generator: Any,
+    samples: Sequence[Sample],
+    scores: torch.Tensor,
+    config: VasTrainConfig,
+    mean: float = 0.0,
+    std: float = 1.0,
+    provenance: dict[str, Any] | None = None,
+    hidden: torch.Tensor | None = None,
 ) -> tuple[ValueModel, LoopReport]:
     """Train a value model whose return is ``scores`` ``(N,)`` (one per sample, on its last token).
 
-    ``mean``/``std``: what the scores were standardised with (stored in the config).
+    ``mean``/``std``: what the scores were standardised with (stored in the config). ``hidden``:
+    :func:`response_hidden_states` of ``samples`` when the caller has them (several heads on the
+    same samples read the same states).
     """
     if len(samples) < 2 or scores.shape != (len(samples),):
         raise ValidationError("scores", f"must be one score per sample ({len(samples)}, at least 2)", "score every sample once", tuple(scores.shape))
@@ -127,10 +136,10 @@ def train_value_model(
     rewards = torch.zeros(mask.shape, dtype=torch.float32)
     rewards[torch.arange(len(samples)), lengths - 1] = scores.float()  # the score lands on the last token
     if isinstance(model, TrunkValueHead):
-        hidden = response_hidden_states(generator, samples)
+        states = hidden if hidden is not None else response_hidden_states(generator, samples)
 
         def q_of(idx: list[int]) -> torch.Tensor:
-            return model.q_taken(hidden[idx], actions[idx])
+            return model.q_taken(states[idx], actions[idx])
     else:
         assert isinstance(model, GruValueModel)
         prompt_ids, prompt_mask = left_pad([s.prompt_ids for s in samples], generator.tokenizer.pad_token_id)
