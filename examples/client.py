@@ -5,7 +5,7 @@
 
 Enrolls a user from two comparisons and a memory over plain HTTP, then asks the same question
 generically, for a user the server has never seen, personalised, steered through `extra_body`,
-cut at a stop string, sampled twice (`n=2`), and streamed.
+cut at a stop string, sampled twice (`n=2`), personally reranked, and streamed.
 """
 
 from __future__ import annotations
@@ -61,12 +61,16 @@ def main() -> None:
     )
     print(f"\nsteered towards longer answers: {longer.choices[0].message.content}")
 
-    # OpenAI's stop and n.
+    # OpenAI's stop and n (n sampled choices are rows of one batch).
     cut = client.chat.completions.create(model=model, messages=question, user=args.user, max_tokens=args.max_tokens, stop=["."])
     print(f"\nup to the first full stop ({cut.choices[0].finish_reason}): {cut.choices[0].message.content}")
     samples = client.chat.completions.create(model=model, messages=question, user=args.user, max_tokens=args.max_tokens, n=2, temperature=0.8, seed=1)
     for choice in samples.choices:
         print(f"sample {choice.index}: {choice.message.content}")
+    # Personal reranking: four sampled candidates, the user's inferred reward picks one.
+    picked = client.chat.completions.create(model=model, messages=question, user=args.user, max_tokens=args.max_tokens, extra_body={"rerank": 4})
+    report = picked.model_extra["personalign"]["personalization"]
+    print(f"reranked (picked {report['picked']} of {report['candidates']}, scores {report['scores']}): {picked.choices[0].message.content}")
 
     print("\nstreamed: ", end="", flush=True)
     for chunk in client.chat.completions.create(model=model, messages=question, user=args.user, max_tokens=args.max_tokens, stream=True):

@@ -97,7 +97,8 @@ def test_rerank_over_http_picks_as_the_python_api_and_reports_it(client, http, p
     report = reply.model_extra["personalign"]["personalization"]
     assert reply.choices[0].message.content == alone.text and report == alone.personalization
     assert report["method"] == "user-rerank" and report["candidates"] == 4 and len(report["scores"]) == 4
-    assert report["picked"] == max(range(4), key=lambda i: (report["scores"][i], -i)) and report["temperature"] == 0.8
+    scored = [i for i in range(4) if report["scores"][i] is not None]  # None: an empty candidate
+    assert report["picked"] == max(scored, key=lambda i: (report["scores"][i], -i)) and report["temperature"] == 0.8
     # Streamed: the picked reply, and the report on the last chunk.
     chunks = _events(http, {"messages": ASK, "user": "ana", "max_tokens": 8, **SAMPLED, "rerank": 4, **PLAIN})
     texts, finishes = _texts(chunks)
@@ -123,7 +124,8 @@ def test_rerank_with_an_empty_candidate_answers(client, personalizer, monkeypatc
 
     monkeypatch.setattr(personalizer.generator.model, "generate", one_empty)
     reply = client.chat.completions.create(model="personalign", messages=ASK, user="ana", max_tokens=6, **SAMPLED, extra_body={"rerank": 3, **PLAIN})
-    assert reply.model_extra["personalign"]["personalization"]["candidates"] == 3
+    report = reply.model_extra["personalign"]["personalization"]
+    assert report["candidates"] == 3 and report["scores"][1] is None and report["picked"] != 1  # the empty one is not scored, nor picked
 
 
 @pytest.mark.parametrize(("field", "value"), [("rerank", 17), ("rerank", -1), ("rerank", "four"), ("rerank", 2.5), ("rerank_temperature", 0), ("rerank_temperature", 9), ("rerank_temperature", "hot")])

@@ -71,7 +71,7 @@ def error_response(status: int, message: str, code: str | None = None, param: st
 
 
 # How pydantic tags the members of a union in an error's location (``stop: str | list[str]``): not field names.
-_UNION_TAG = re.compile(r"(str|int|float|bool|none)|(list|dict|tuple|set)\[.*\]|function-[a-z-]+\[.*\]")
+_UNION_TAG = re.compile(r"(constrained-)?(str|int|float|bool|none)|(list|dict|tuple|set)\[.*\]|function-[a-z-]+\[.*\]")
 
 
 def _is_tag(part: Any) -> bool:
@@ -88,14 +88,16 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
 
 def _first_problem(errors: list[Any]) -> tuple[dict[str, Any], int]:
     """The first error, or for a value that matched no member of a union the most specific of its members' errors
-    (``stop: [5]`` is ``stop[0]``, not ``stop.str``); and how many other problems there are."""
+    (``stop: [5]`` is ``stop[0]``, not ``stop.str``; five stop strings are "too long", not "not a string");
+    and how many other problems there are."""
     first = errors[0] if errors else {}
     loc = tuple(first.get("loc", ()))
     tag = next((i for i, part in enumerate(loc) if _is_tag(part)), None)
     if tag is None:
         return first, len(errors) - 1
     same = [e for e in errors if tuple(e.get("loc", ()))[:tag] == loc[:tag] and len(e.get("loc", ())) > tag and _is_tag(e["loc"][tag])]
-    return max(same, key=lambda e: len(e.get("loc", ()))), len(errors) - len(same)
+    # the deepest, and of equally deep ones a broken rule (too long, too short) over "not of this member's type"
+    return max(same, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type"))), len(errors) - len(same)
 
 
 def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -10,11 +10,14 @@ silently ignored.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from personalign.server.stops import MAX_STOP_CHARS, MAX_STOPS
+
 Number = StrictInt | StrictFloat
+StopText = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
 class TextPart(BaseModel):
@@ -78,8 +81,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
     n: StrictInt | None = Field(default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)")
-    stop: StrictStr | list[StrictStr] | None = Field(
-        default=None, description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'"
+    stop: StopText | Annotated[list[Annotated[StopText, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = Field(
+        default=None, description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'. \"\" and [] are no stop"
     )
     # personalign's extra body fields
     # Any form parse_steering reads: {"verbosity": -0.5}, {"weights"|"direction": {...}, "method": ...},
