@@ -305,6 +305,25 @@ def test_bad_input_is_4xx_in_openai_shape(http, method, path, body, status):
     _is_openai_error(response, status)
 
 
+def test_trailing_slash_is_404_never_a_redirect_to_the_wider_delete(server):
+    with httpx.Client(base_url=server.url, timeout=60, follow_redirects=True) as following:
+        _user(following, "sly", [EGG], ["I keep my memories."])
+        for method, path in (("DELETE", "/v1/users/sly/memories/"), ("DELETE", "/v1/users/sly/"), ("GET", "/v1/users/sly/"), ("GET", "/v1/models/personalign/x")):
+            response = following.request(method, path)
+            assert not response.history and _is_openai_error(response, 404)["code"] in ("route_not_found", "model_not_found"), (method, path)
+        assert following.get("/v1/users/sly").json()["n_memories"] == 1  # nothing was deleted
+
+
+def test_unknown_fields_are_logged_once_and_boundedly(http, caplog):
+    body = {"model": "personalign", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    with caplog.at_level("WARNING", logger="personalign.server"):
+        for start in range(0, 300, 100):
+            assert http.post(CHAT, json={**body, **{f"made_up_{start + i}": 1 for i in range(100)}}).status_code == 200
+        assert http.post(CHAT, json={**body, "made_up_0": 1}).status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "unknown chat request field" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].count("'made_up_") <= 64 and "ignored silently" in lines[0]
+
+
 def test_oversize_bodies_declared_and_chunked(http):
     big = json.dumps({"text": "x" * 100_000}).encode()
     _is_openai_error(http.post("/v1/users/ana/memories", content=big, headers={"content-type": "application/json"}), 413)

@@ -106,6 +106,7 @@ USER_HEADER = "X-Personalign-User"
 # Chroma refuses these metadata keys (a 500 from deep inside it if they got that far).
 _CHROMA_KEY_PREFIXES = ("$", "#", "chroma:")
 _INT64 = range(-(2**63), 2**63)
+_MAX_WARNED = 64  # distinct unknown chat fields ever named in the log
 
 
 async def sane_json(request: Request) -> None:
@@ -179,6 +180,9 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         lifespan=lifespan,
         responses=_ERRORS,
         dependencies=[Depends(sane_json)],
+        # No 307 to the path without its trailing slash: a redirect-following client's DELETE /v1/users/u/memories/
+        # (an empty memory id) would become the wider DELETE of all of u's memories. A 404 instead.
+        redirect_slashes=False,
     )
     app.state.personalizer = pz
     app.state.config = config
@@ -187,6 +191,16 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+
+    def warn_unknown(names: set[str]) -> None:
+        """One log line per request naming its new unknown fields; at most ``_MAX_WARNED`` names are ever logged (a
+        client sending thousands of made-up fields neither floods the log nor grows this set)."""
+        new = sorted(names - warned)[: max(0, _MAX_WARNED - len(warned))]
+        if not new:
+            return
+        warned.update(new)
+        full = " (the last one logged: further unknown fields are ignored silently)" if len(warned) >= _MAX_WARNED else ""
+        log.warning("ignoring unknown chat request field(s) %s%s", ", ".join(repr(n[:64]) for n in new), full)
 
     def count_tokens(text: str) -> int:
         """Tokens in ``text`` (a reply cut at a stop string counts what it kept)."""
@@ -229,9 +243,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             value = (body.model_extra or {}).get(name)
             if value not in allowed:
                 raise ApiError(400, f"{name}={value!r} is not supported by this server. Fix: leave it out", "unsupported_parameter", name)
-        for name in set(body.model_extra or {}) - set(UNSUPPORTED) - IGNORED - warned:
-            warned.add(name)
-            log.warning("ignoring unknown chat request field %r", name)
+        warn_unknown(set(body.model_extra or {}) - set(UNSUPPORTED) - IGNORED)
         if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens disagree. Fix: send one of them", "invalid_value", "max_tokens")
         if body.n is not None and body.n > config.max_choices:
