@@ -210,6 +210,11 @@ REFUSED = [
     ("/v1/users/new-user/memories", {"text": "x", "metadata": {"huge": 10**400}}, "metadata.huge", 400),
     ("/v1/users/new-user/memories", {"text": ["one", "two", "three", "four", "five"]}, "text", 413),
     ("/v1/users/new-user/next-question", {"candidates": [{"prompt": SURROGATE, "a": "x", "b": "y"}]}, "candidates[0].prompt", 400),
+    # json.dumps writes these as the bare NaN and Infinity that Python's parser accepts and JSON does not
+    ("/v1/users/new-user/comparisons", {"comparisons": [{**EGG, "created_at": float("nan")}]}, "comparisons[0].created_at", 400),
+    ("/v1/users/new-user/comparisons", {"comparisons": [{**EGG, "created_at": float("inf")}]}, "comparisons[0].created_at", 400),
+    ("/v1/users/new-user/memories", {"text": "x", "metadata": {"score": float("-inf")}}, "metadata.score", 400),
+    ("/v1/chat/completions", {**CHAT, "temperature": float("nan")}, "temperature", 400),
 ]
 
 

@@ -4,6 +4,7 @@ and the JSON values no endpoint can take (:func:`json_problem`)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -87,8 +88,9 @@ def _unpaired_surrogate(text: str) -> bool:
 def json_problem(payload: Any) -> tuple[str, str] | None:
     """The first value in a parsed JSON body that no endpoint can take, as ``(field, problem)``.
 
-    Strings (keys included) must be encodable as UTF-8 (no unpaired UTF-16 surrogate) and
-    integers must fit in a float. ``field`` is the value's path (``messages[0].content``);
+    Strings (keys included) must be encodable as UTF-8 (no unpaired UTF-16 surrogate),
+    integers must fit in a float, and numbers must be finite (``NaN``, ``Infinity``: not JSON,
+    and a profile storing one would no longer be valid JSON). ``field`` is the value's path (``messages[0].content``);
     walked with a stack, so deep nesting cannot overflow the interpreter's stack.
     """
     stack: list[tuple[str, Any]] = [("", payload)]
@@ -102,6 +104,8 @@ def json_problem(payload: Any) -> tuple[str, str] | None:
                 float(value)
             except OverflowError:
                 return where or "body", "is an integer too large for a number"
+        elif isinstance(value, float) and not math.isfinite(value):
+            return where or "body", f"is {value!r}, which JSON does not allow (Python's parser accepts NaN and Infinity)"
         elif isinstance(value, dict):
             for key, item in reversed(list(value.items())):
                 path = f"{where}.{key}" if where else str(key)
