@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from personalign.errors import ValidationError
+from personalign.errors import ContextLengthError, ValidationError
 from personalign.eval import generate as generate_mod
 from personalign.eval.generate import GenerateConfig, personal_margins, run_generate
 from personalign.eval.onpolicy import (
@@ -195,3 +195,18 @@ def test_guidance_never_reads_the_hidden_weights(lively, encoder, tmp_path, monk
         answers.append([result["methods"][m]["example"]["answer"] for m in config.methods])
         assert set(result["margins"]) == {"user-rerank"}
     assert answers[0] == answers[1]
+
+
+def test_a_long_or_blank_last_message_still_chats(lively_pz):
+    """The memory search reads at most a memory's length of the message, and nothing of a blank one."""
+    pz = lively_pz
+    pz.remember("ana", "I like eggs.")
+    long = [{"role": "user", "content": "How long should I boil an egg? " * 400}]  # about 12,800 characters
+    searched = []
+    real = pz.memory.search
+    pz.memory.search = lambda user, query, **kw: searched.append(query) or real(user, query, **kw)
+    with pytest.raises(ContextLengthError):  # the tiny model's 512-token context, not the memory search, refuses it
+        pz.respond("ana", long, max_new_tokens=3)
+    assert len(searched[0]) == 8000
+    blank = [{"role": "user", "content": "   "}]
+    assert pz.respond("ana", blank, max_new_tokens=3).memories == []

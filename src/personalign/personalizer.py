@@ -27,6 +27,7 @@ from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import BASE, AdapterError, AdapterManager
 from personalign.errors import ValidationError
+from personalign.memory.chroma import MAX_MEMORY_CHARS
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.persona.fspo import ADAPTER_NAME as FSPO_ADAPTER
@@ -544,8 +545,10 @@ class Personalizer:
             if profile is None:
                 profile = self.profiles.get(user)  # validates the id; UnknownUserError if absent
             query = query_of(parsed)
-            if conditioning.memory and conditioning.n_memories:
-                found = self.memory.search(user, query, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold)
+            # The search reads at most a memory's length of the message; an empty message retrieves nothing.
+            search = query[:MAX_MEMORY_CHARS]
+            if conditioning.memory and conditioning.n_memories and search.strip():
+                found = self.memory.search(user, search, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold)
                 memories = [r["memory"] for r in found["results"]]
             if conditioning.shots and conditioning.n_shots:
                 shots = rank_shots(profile.comparisons, query, self.encoder, conditioning.n_shots)
