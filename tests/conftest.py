@@ -135,3 +135,22 @@ def pplug_folder(tiny_model_dir, encoder, tmp_path_factory):
 
     generator = load_generator(str(tiny_model_dir), device="cpu")
     return save_plug(build_plug(generator, encoder, seed=0), tmp_path_factory.mktemp("pplug") / "projector")
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_generator):
+    """The tiny Llama with weights redrawn at std 0.5 (seeded), so greedy output depends on the
+    prompt and samples differ from each other."""
+    import copy
+
+    import torch
+
+    from personalign.models import Generator
+
+    model = copy.deepcopy(tiny_generator.model)
+    draw = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
+    return Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")

@@ -44,18 +44,6 @@ VEGETARIAN = "I am vegetarian and I cook for two."
 # --- fixtures and helpers ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lively(tiny_generator):
-    """The tiny Llama with weights redrawn at std 0.5 (seeded), so greedy output depends on the prompt."""
-    model = copy.deepcopy(tiny_generator.model)
-    draw = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
-    return Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")
-
-
 @pytest.fixture()
 def lively_pz(lively, encoder, tmp_path):
     with Personalizer(lively, encoder, store=tmp_path / "lively-store") as personalizer:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
-import torch
 
 from personalign.errors import ContextLengthError, ValidationError
 from personalign.eval import generate as generate_mod
@@ -20,24 +18,11 @@ from personalign.eval.onpolicy import (
     onpolicy_population,
 )
 from personalign.eval.populations import SyntheticPopulation
-from personalign.models import Generator
 from personalign.personalizer import Personalizer
 from personalign.steering.rerank import pick
 
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg, and here is a long story."}
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_generator):
-    """The tiny Llama with weights redrawn at std 0.5 (seeded), so samples differ from each other."""
-    model = copy.deepcopy(tiny_generator.model)
-    draw = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
-    return Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")
 
 
 @pytest.fixture()

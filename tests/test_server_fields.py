@@ -9,15 +9,12 @@ give for the same request.
 
 from __future__ import annotations
 
-import copy
 import json
 
 import httpx
 import openai
 import pytest
-import torch
 
-from personalign.models import Generator
 from personalign.personalizer import Personalizer
 from personalign.server import ServerConfig, ServerThread, create_app
 from personalign.server.stops import StopScanner, cut
@@ -30,14 +27,7 @@ SAMPLED = {"temperature": 0.8, "seed": 3}
 
 
 @pytest.fixture(scope="module")
-def personalizer(tiny_generator, encoder, tmp_path_factory):
-    model = copy.deepcopy(tiny_generator.model)
-    draw = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
-    lively = Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")
+def personalizer(lively, encoder, tmp_path_factory):
     with Personalizer(lively, encoder, store=tmp_path_factory.mktemp("fields-store")) as pz:
         pz.enroll("ana", [EGG])
         yield pz

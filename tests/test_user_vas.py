@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -31,17 +30,6 @@ from personalign.steering.uservas import (
 )
 
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_generator):
-    model = copy.deepcopy(tiny_generator.model)
-    draw = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
-    return Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")
 
 
 @pytest.fixture(scope="module")
