@@ -154,3 +154,31 @@ def lively(tiny_generator):
             if param.dim() > 1:
                 param.copy_(torch.randn(param.shape, generator=draw) * 0.5)
     return Generator(model=model, tokenizer=tiny_generator.tokenizer, model_id="tiny-lively")
+
+
+# --- a real server on loopback: a test module defines ``personalizer`` and ``CONFIG`` -----------
+
+
+@pytest.fixture(scope="module")
+def server(request, personalizer):
+    """``personalign serve``'s app on loopback for the module's ``personalizer`` and ``CONFIG``."""
+    from personalign.server import ServerThread, create_app
+
+    with ServerThread(create_app(personalizer, request.module.CONFIG)) as running:
+        yield running
+
+
+@pytest.fixture()
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture()
+def client(server):
+    """The official ``openai`` client against the module's server."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)

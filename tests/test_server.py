@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from personalign.personalizer import Personalizer
-from personalign.server import ServerConfig, ServerThread, create_app
+from personalign.server import ServerConfig
 from personalign.server.batcher import Batcher
 from personalign.server.config import Principal, load_api_keys
 
@@ -32,23 +32,6 @@ SKY = {"prompt": "Why is the sky blue?", "chosen": "Because air scatters blue li
 def personalizer(tiny_generator, encoder, tmp_path_factory):
     with Personalizer(tiny_generator, encoder, store=tmp_path_factory.mktemp("server-store")) as pz:
         yield pz
-
-
-@pytest.fixture(scope="module")
-def server(personalizer):
-    with ServerThread(create_app(personalizer, CONFIG)) as running:
-        yield running
-
-
-@pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def _user(http, name, comparisons=(EGG,), memories=()):

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 
 from personalign.personalizer import Personalizer
-from personalign.server import ServerConfig, ServerThread, create_app
+from personalign.server import ServerConfig
 from personalign.server.stops import StopScanner, cut
 
 CONFIG = ServerConfig(max_tokens_cap=16, default_max_tokens=12, max_body_bytes=64_000, batch_wait_ms=20, max_choices=4)
@@ -31,23 +30,6 @@ def personalizer(lively, encoder, tmp_path_factory):
     with Personalizer(lively, encoder, store=tmp_path_factory.mktemp("fields-store")) as pz:
         pz.enroll("ana", [EGG])
         yield pz
-
-
-@pytest.fixture(scope="module")
-def server(personalizer):
-    with ServerThread(create_app(personalizer, CONFIG)) as running:
-        yield running
-
-
-@pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def _events(http, body):

@@ -15,12 +15,11 @@ import json
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import openai
 import pytest
 
 from personalign.personalizer import Personalizer
-from personalign.server import ServerConfig, ServerThread, create_app
+from personalign.server import ServerConfig
 from personalign.server.ids import (
     EXTERNAL_ID_MAX_LEN,
     check_external_id,
@@ -41,23 +40,6 @@ FOREIGN_IDS = ["auth0|5f7c8ec7c33c6c004bbafe82", "org:42", "google-oauth2|1043",
 def personalizer(tiny_generator, encoder, tmp_path_factory):
     with Personalizer(tiny_generator, encoder, store=tmp_path_factory.mktemp("identity-store")) as pz:
         yield pz
-
-
-@pytest.fixture(scope="module")
-def server(personalizer):
-    with ServerThread(create_app(personalizer, CONFIG)) as running:
-        yield running
-
-
-@pytest.fixture()
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture()
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def _stored(personalizer) -> list[str]:
