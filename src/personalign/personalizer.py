@@ -606,11 +606,12 @@ class Personalizer:
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
+        query = query_of(parse_messages(messages))
         plug = None
         if conditioning.pplug and self.plug is not None and profile is not None:
             items = self.history_items(user, profile)  # type: ignore[arg-type]
             if items:
-                plug = embed_user(self.plug, self.encoder, items, query_of(parse_messages(messages)))
+                plug = embed_user(self.plug, self.encoder, items, query)
         fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
         rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
         if rerank and profile is None:
@@ -619,7 +620,6 @@ class Personalizer:
             rerank, guidance = 0, rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer")
         elif rerank:
             self.preferences.state_of(profile, *self.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
-        query = query_of(parse_messages(messages))
         guide, vas_report = self._user_guide(profile, conditioning.user_vas)
         if vas_report is not None:
             guidance = vas_report if guidance is None else {**guidance, "user_vas": vas_report}
@@ -658,7 +658,7 @@ class Personalizer:
             if not strength:
                 return None, None
             reason = "no user: the generic answer" if profile is None else "the user has no comparisons: the plain answer"
-            return None, {"method": None, "requested": METHOD, "reason": reason}
+            return None, rerank_method.skipped(reason, requested=METHOD)
         state = self.preferences.state_of(profile, *self.preferences.embedder_and_id())
         betas = heads.betas(state, strength)
         report = {"method": METHOD, "strength": heads.default_beta if strength is None else strength, "weights": [round(float(w), 4) for w in mixture(state)], "heads": heads.fingerprint}
@@ -832,14 +832,10 @@ class Personalizer:
         for group in groups.values():
             for row, result in zip(group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True):
                 outputs[row] = result
-        results: list[ChatResult] = []
-        for index, item in enumerate(prepared):
-            mine = [outputs[r] for r, o in enumerate(owner) if o == index]
-            if not item.rerank:
-                results.append(mine[0])  # type: ignore[arg-type]
-                continue
-            results.append(self._rerank(item, mine, streams[index]))  # type: ignore[arg-type]
-        return results
+        mine: dict[int, list[ChatResult]] = {}
+        for row, index in enumerate(owner):
+            mine.setdefault(index, []).append(outputs[row])  # type: ignore[arg-type]
+        return [self._rerank(item, mine[i], streams[i]) if item.rerank else mine[i][0] for i, item in enumerate(prepared)]
 
     def _rerank(self, item: _Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None) -> ChatResult:
         """The candidate the user's reward scores highest, with the scores in ``personalization``."""

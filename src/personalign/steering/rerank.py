@@ -52,6 +52,6 @@ def report(candidates: int, scores: Sequence[float], picked: int, embedder: str,
     }
 
 
-def skipped(reason: str) -> dict[str, Any]:
-    """``ChatResult.personalization`` when reranking was asked for and did not run (and why)."""
-    return {"method": None, "requested": METHOD, "reason": reason}
+def skipped(reason: str, requested: str = METHOD) -> dict[str, Any]:
+    """``ChatResult.personalization`` when a guidance (reranking by default) was asked for and did not run, and why."""
+    return {"method": None, "requested": requested, "reason": reason}
