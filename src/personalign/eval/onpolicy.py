@@ -101,26 +101,12 @@ def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | Non
 
 def greedy_answers(generator: Any, prompts: Sequence[str], max_new_tokens: int = 128, cache: bool = True) -> dict[str, str]:
     """``{prompt: the generic answer}``: plain greedy ``generate`` with no user (cached like the pool)."""
-    import torch
-
-    from personalign.steering.decoding import eos_token_ids
-    from personalign.steering.samples import chat_ids, left_pad
+    from personalign.steering.samples import sample_responses
 
     prompts = list(dict.fromkeys(prompts))
 
     def make() -> dict[str, Any]:
-        tokenizer, model = generator.tokenizer, generator.model
-        stops = set(eos_token_ids(tokenizer, model.generation_config))
-        out = {}
-        for start in range(0, len(prompts), 8):
-            chunk = prompts[start : start + 8]
-            ids, mask = left_pad([chat_ids(tokenizer, p) for p in chunk], tokenizer.pad_token_id)
-            with torch.inference_mode():
-                rows = model.generate(input_ids=ids.to(generator.device), attention_mask=mask.to(generator.device), do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            for prompt, row in zip(chunk, rows[:, ids.shape[1] :].tolist(), strict=True):
-                end = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
-                out[prompt] = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-        return out
+        return {s.prompt: s.text for s in sample_responses(generator, prompts, 1, max_new_tokens, temperature=0.0, batch_size=8)}
 
     return _cached(_cache_path("greedy", generator.model_id, prompts, {"max_new_tokens": max_new_tokens}), make, cache)
 

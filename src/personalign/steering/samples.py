@@ -61,7 +61,10 @@ def sample_responses(
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[Sample]:
-    """``n_per_prompt`` samples of every prompt from the generator as it is (no adapter, no steering)."""
+    """``n_per_prompt`` samples of every prompt from the generator as it is (no adapter, no steering).
+
+    ``temperature=0`` decodes greedily (one answer per prompt is then enough).
+    """
     if n_per_prompt < 1:
         raise ValidationError("n_per_prompt", "must be at least 1", "sample one or more answers per prompt", n_per_prompt)
     from tqdm.auto import tqdm
@@ -81,10 +84,7 @@ def sample_responses(
             output = model.generate(
                 input_ids=ids.to(generator.device),
                 attention_mask=mask.to(generator.device),
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=0,
+                **({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {"do_sample": False}),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )
