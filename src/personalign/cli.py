@@ -665,27 +665,21 @@ def train_user_vas_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Train user-conditioned value heads: one VAS head per PAL prototype, on the frozen generator's own samples."""
-    from personalign.eval.generate import generation_split
-    from personalign.eval.onpolicy import PoolConfig, answer_pool
-    from personalign.eval.populations import SyntheticPopulation
+    from personalign.eval.onpolicy import PoolConfig, train_heads_on_pool
     from personalign.models import load_encoder, load_generator
     from personalign.persona import default_embedder_dir, load_embedder
     from personalign.steering.loop import LoopConfig
-    from personalign.steering.uservas import UserVasConfig, samples_from_pool, train_user_heads
+    from personalign.steering.uservas import UserVasConfig
 
     try:
         started = time.perf_counter()
         generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
         folder = embedder or default_embedder_dir()
         pal = load_embedder(folder, encoder, generator)
-        prompts = SyntheticPopulation().prompts
-        held_out = set(generation_split().prompts)  # the evaluation topics: never trained on
-        pool = answer_pool(generator, prompts, PoolConfig(n_per_prompt=per_prompt, max_new_tokens=max_new_tokens), progress=True)
-        samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
         config = UserVasConfig(default_beta=beta, loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
-        heads = train_user_heads(generator, samples, pal, config, provenance={"embedder_folder": str(folder.name), "data": "synthetic prompts, training topics only"})
+        heads = train_heads_on_pool(generator, pal, PoolConfig(n_per_prompt=per_prompt, max_new_tokens=max_new_tokens), config, provenance={"embedder_folder": str(folder.name)})
         heads.save(out)
-        typer.echo(f"{len(heads.heads)} heads on {len(samples)} samples in {time.perf_counter() - started:.0f} s, final losses {heads.meta['final_losses']} -> {out}")
+        typer.echo(f"{len(heads.heads)} heads on {heads.meta['samples']} samples in {time.perf_counter() - started:.0f} s, final losses {heads.meta['final_losses']} -> {out}")
     except PersonalignError as err:
         _fail(err)
 

@@ -325,26 +325,26 @@ def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int =
     return EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
 
 
-def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
-    """User-vas heads for ``embedder``, trained on the pooled answers to the training topics' prompts
-    (never the evaluation topics), cached under ``$PERSONALIGN_CACHE/user_vas/<embedder fingerprint>``."""
+def train_heads_on_pool(generator: Any, embedder: Any, pool_config: PoolConfig | None = None, config: Any = None, provenance: dict[str, Any] | None = None) -> Any:
+    """User-vas heads for ``embedder`` (:func:`~personalign.steering.uservas.train_user_heads`) on the
+    generator's pooled answers to the synthetic training topics' prompts, never the evaluation topics."""
     from personalign.eval.generate import generation_split
+    from personalign.steering.uservas import samples_from_pool, train_user_heads
+
+    held_out = set(generation_split().prompts)
+    pool = answer_pool(generator, SyntheticPopulation().prompts, pool_config, progress=True)
+    samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
+    return train_user_heads(generator, samples, embedder, config, provenance={"data": "synthetic prompts, training topics only", **(provenance or {})})
+
+
+def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
+    """:func:`train_heads_on_pool` cached under ``$PERSONALIGN_CACHE/user_vas/<generator>-<embedder fingerprint>``."""
     from personalign.models import cache_root
     from personalign.steering.loop import LoopConfig
-    from personalign.steering.uservas import (
-        CONFIG_FILE,
-        UserVasConfig,
-        embedder_fingerprint,
-        samples_from_pool,
-        train_user_heads,
-    )
+    from personalign.steering.uservas import CONFIG_FILE, UserVasConfig, embedder_fingerprint
 
     folder = cache_root() / "user_vas" / f"{generator.model_id.replace('/', '_').replace(':', '_')}-{embedder_fingerprint(embedder).replace(':', '-')}-e{epochs}"
-    if (folder / CONFIG_FILE).is_file():
-        return folder
-    held_out = set(generation_split().prompts)
-    pool = answer_pool(generator, SyntheticPopulation().prompts)
-    samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
-    config = UserVasConfig(loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
-    train_user_heads(generator, samples, embedder, config, provenance={"data": "synthetic prompts, training topics only"}).save(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        config = UserVasConfig(loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
+        train_heads_on_pool(generator, embedder, config=config).save(folder)
     return folder
