@@ -125,3 +125,21 @@ def test_user_vas_without_heads_or_with_a_broken_state_is_a_typed_error(pal, liv
             pz.respond(user.user, ASK, user_vas=3.0, max_new_tokens=4)
         with pytest.raises(ValidationError, match="user_vas"):
             pz.respond(user.user, ASK, user_vas=-1.0, max_new_tokens=4)
+
+
+def test_train_user_vas_command_writes_heads_that_load(tiny_model_dir, encoder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+    from personalign.models import load_generator
+    from personalign.persona import default_embedder_dir, load_embedder
+
+    monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "heads"
+    args = ["train", "user-vas", "--out", str(out), "--model", str(tiny_model_dir), "--per-prompt", "2", "--max-new-tokens", "8", "--epochs", "1", "--device", "cpu"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "4 heads on" in done.output
+    generator = load_generator(str(tiny_model_dir), device="cpu")
+    heads = UserHeads.load(out, generator, load_embedder(default_embedder_dir(), encoder, generator))
+    assert len(heads.heads) == 4 and heads.meta["prompts"] == 45  # the 5 held-out topics' 15 prompts never trained on
