@@ -435,10 +435,9 @@ def merge_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     """One panel per source (accuracy vs shots, 95% intervals) plus one per active-querying curve."""
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from personalign.eval.stats import new_figure
 
     summary = result["summary"]
     found = list(dict.fromkeys(r["data"] for r in summary))
@@ -449,7 +448,7 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
         raise ValidationError("result", "has no rows to plot", "run at least one method on one source")
     cols = min(panels, 3)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
     flat = axes.ravel()
     for ax, source in zip(flat, sources, strict=False):
         present = {r["method"] for r in summary if r["data"] == source}

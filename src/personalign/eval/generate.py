@@ -302,16 +302,13 @@ def format_generate(result: dict[str, Any]) -> str:
 
 
 def plot_generate(result: dict[str, Any], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from personalign.eval.stats import new_figure
 
     methods = list(result["methods"])
     rates = [result["methods"][m]["win_rate"] for m in methods]
     lows = [r - result["methods"][m]["ci"][0] for m, r in zip(methods, rates, strict=True)]
     highs = [result["methods"][m]["ci"][1] - r for m, r in zip(methods, rates, strict=True)]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = new_figure(figsize=(7, 3.8))
     ax.bar(methods, rates, yerr=[lows, highs], capsize=4, color="#4c72b0")
     ax.axhline(0.5, color="grey", linestyle=":", label="no better than generic")
     ax.axhline(0.75, color="#c44e52", linestyle="--", label="target 0.75")
@@ -321,7 +318,9 @@ def plot_generate(result: dict[str, Any], path: str | Path) -> None:
     steering = "" if result.get("config", {}).get("user_steering", True) else "; the users' inferred steering off"
     ax.set_title(f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics{steering}", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.tick_params(axis="x", labelrotation=20)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     save_figure(fig, path, dpi=120)
 
 

@@ -508,17 +508,14 @@ def format_prefeval(result: Mapping[str, Any]) -> str:
 
 def plot_prefeval(result: Mapping[str, Any], path: str | Path) -> Path:
     """Left: accuracy per condition and split (95% Wilson intervals); right: test accuracy per topic."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from personalign.eval.stats import new_figure
 
     summary = result["summary"]
     splits = list(dict.fromkeys(r["split"] for r in summary))
     conditions = [c for c in CONDITIONS if any(r["condition"] == c for r in summary)]
     if not conditions:
         raise ValidationError("result", "has no rows to plot", "run at least one condition")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    fig, axes = new_figure(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 1.4]})
 
     def bars(ax: Any, groups: Sequence[str], rows_of: Callable[[str, str], Mapping[str, Any] | None]) -> None:
         width = 0.8 / len(conditions)

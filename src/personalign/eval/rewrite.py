@@ -342,16 +342,13 @@ def format_rewrite(result: Mapping[str, Any]) -> str:
 
 def plot_rewrite(result: Mapping[str, Any], path: str | Path) -> Path:
     """Left: ROUGE-L of each personalised arm vs generic per email; right: means with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from personalign.eval.stats import new_figure
 
     records, summary = result["records"], result["summary"]
     arms = list(summary["arms"])
     if not records:
         raise ValidationError("result", "has no records to plot", "run at least one target email")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = new_figure(1, 2, figsize=(11, 4.3))
     ax = axes[0]
     generic = [r["generic"]["rouge_l"] for r in records]
     for arm in [a for a in arms if a != "generic"]:

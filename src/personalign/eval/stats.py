@@ -61,13 +61,20 @@ def win_rate(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return float((x > y).sum() + 0.5 * (x == y).sum()), int(x.size)
 
 
-def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure; the path written."""
-    import matplotlib.pyplot as plt
+def new_figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Any, Any]:
+    """``(figure, axes)`` as ``pyplot.subplots`` gives them, without pyplot: the figure is not
+    registered with pyplot and the caller's backend (a notebook's, say) is left as it is.
+    ``figsize`` goes to the figure, the rest (``squeeze``, ``gridspec_kw``, ...) to ``subplots``."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=kwargs.pop("figsize", None))
+    return fig, fig.subplots(nrows, ncols, **kwargs)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out and write a matplotlib figure (creating the folder); the path written."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path

@@ -229,13 +229,10 @@ def format_steer(result: dict[str, Any]) -> str:
 
 def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
     """Two panels: the sweep (requested vs measured) and the two-objective fronts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from personalign.eval.stats import new_figure
 
     first = result["config"]["objectives"][0].lstrip("-+")
-    fig, axes = plt.subplots(1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False)
+    fig, axes = new_figure(1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False)
     ax = axes[0][0]
     for method, s in result["sweep"].items():
         ax.plot(s["values"], s["means"], marker="o", label=f"{method} (rho {s['spearman_means']:.2f})")
@@ -260,7 +257,6 @@ def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
