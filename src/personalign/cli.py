@@ -887,7 +887,8 @@ def eval_generate_cmd(
     user_steering: Annotated[bool, typer.Option(help="Keep each user's inferred steering default on, as chat does (--no-user-steering isolates the conditioners).")] = True,
     comparisons: Annotated[str, typer.Option(help="What users compare to enrol: onpolicy (the generator's own answers, as a chat app collects them) or templated.")] = "onpolicy",
     rerank: Annotated[int, typer.Option(min=2, max=16, help="Candidates per answer for user-rerank.")] = 4,
-    embedder: Annotated[str, typer.Option(help="'fit': fit PAL on this split's training users (same comparisons kind); 'shipped': the installed one; or an embedder folder.")] = "fit",
+    embedder: Annotated[str, typer.Option(help="'fit': fit PAL on this split's training users (see --fit-on); 'shipped': the installed one; or an embedder folder.")] = "fit",
+    fit_on: Annotated[str, typer.Option(help="With --embedder fit: the training users' templated, onpolicy or both kinds of comparisons.")] = "both",
     user_vas: Annotated[str, typer.Option("--user-vas", help="Heads for the user-vas methods: 'fit' (trained for the embedder on the generator's samples, cached) or a heads folder.")] = "fit",
     user_vas_beta: Annotated[float, typer.Option(help="Guidance strength of the user-vas methods.")] = 3.0,
     seed: Annotated[int, typer.Option()] = 0,
@@ -923,7 +924,7 @@ def eval_generate_cmd(
 
             generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
             if embedder == "fit":
-                chosen: Any = fit_split_embedder(generator, encoder, config.seed, config.shots, config.comparisons)
+                chosen: Any = fit_split_embedder(generator, encoder, config.seed, config.shots, fit_on)
             else:
                 chosen = load_embedder(default_embedder_dir() if embedder == "shipped" else Path(embedder), encoder, generator)
             heads = None

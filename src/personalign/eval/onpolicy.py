@@ -313,14 +313,21 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int = 4, comparisons: str = "onpolicy", method: str = "pal", features: Sequence[str] | None = None) -> Any:
     """An embedder fitted on the training users of :func:`~personalign.eval.generate.generation_split`
-    (seed ``seed``) only, on their on-policy or templated comparisons: what ``eval generate`` guides by."""
+    (seed ``seed``) only: what ``eval generate`` guides by. ``comparisons``: ``templated``,
+    ``onpolicy``, or ``both`` (each training user's templated and on-policy comparisons, as the
+    shipped PAL is fitted; the best on-policy ranking in ``eval onpolicy``)."""
     from personalign.eval.generate import generation_split
     from personalign.persona import EMBEDDER_CLASSES
     from personalign.persona.base import DEFAULT_PARTS, Featurizer, FeaturizerConfig
 
     parts = tuple(features or DEFAULT_PARTS)
-    pool = answer_pool(generator, SyntheticPopulation().prompts) if comparisons == "onpolicy" else None
+    if comparisons not in DATA_KINDS:
+        raise ValidationError("comparisons", f"is {comparisons!r}", f"use one of {list(DATA_KINDS)}", comparisons)
+    pool = answer_pool(generator, SyntheticPopulation().prompts) if comparisons != "templated" else None
     split = generation_split(seed=seed, shots=shots, pool=pool)
+    if comparisons == "both":
+        templated = generation_split(seed=seed, shots=shots)
+        split = replace(split, train={u: [*templated.train[u], *cs] for u, cs in split.train.items()})
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=parts), generator if "hidden" in parts else None)
     return EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
 
