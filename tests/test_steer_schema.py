@@ -308,3 +308,13 @@ def test_http_accepts_the_nested_forms_and_answers_with_the_weights(server):
     body["steer"] = {"angle": 90, "objectives": ["verbosity", "structure"], "method": "prompt"}
     steer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["personalign"]["steer"]
     assert abs(steer["verbosity"]) < 1e-12 and steer["structure"] == 1.0
+
+
+def test_the_request_schema_imports_without_torch():
+    """The schema is what an HTTP layer imports to validate requests: it must not pull in torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, personalign.steering.schema; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr

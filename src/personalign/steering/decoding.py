@@ -16,10 +16,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from personalign.adapters.store import BASE
 from personalign.errors import ValidationError
-from personalign.steering.methods import LOGIT_STEERABLE
+from personalign.steering.methods import LOGIT_STEERABLE, MAX_WEIGHT  # noqa: F401  (MAX_WEIGHT re-exported for callers of decoding)
 
 STEERABLE = LOGIT_STEERABLE  # what the end-of-turn shift steers (one list, in methods.py)
-MAX_WEIGHT = 10.0
 DEFAULT_VERBOSITY_STRENGTH = 4.0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 METHODS = ("auto", "logit", "prompt", "vas", "vas-model", "mix", "dpa")
 LOGIT_STEERABLE = ("verbosity",)
+MAX_WEIGHT = 10.0  # the largest |steering weight|; here, not in decoding.py, so the request schema imports without torch
 VAS_DIR = "vas"
 VAS_MODEL_DIR = "vas_model"
 MIX_DIR = "mix"

@@ -28,8 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from personalign.errors import ValidationError
-from personalign.steering.decoding import MAX_WEIGHT
-from personalign.steering.methods import METHODS, resolve_method, steerable_by_method
+from personalign.steering.methods import MAX_WEIGHT, METHODS, resolve_method, steerable_by_method
 
 FORMS = ("weights", "direction", "angle")
 NESTED_KEYS = (*FORMS, "objectives", "method")
