@@ -103,3 +103,10 @@ def test_demo_measurement_verdict(capsys):
     assert "sam's answers are 0.28x the length of robin's" in capsys.readouterr().out
     assert not _print_measurement(["sam", "robin"], preference, {"sam": [130, 140], "robin": [30, 20], "generic": [125, 135]})
     assert "NO" in capsys.readouterr().out
+
+
+def test_version():
+    from personalign import __version__
+
+    out = runner.invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.output.strip() == f"personalign {__version__}"

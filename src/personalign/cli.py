@@ -26,6 +26,19 @@ app = typer.Typer(help="Personalised alignment for chat apps.", no_args_is_help=
 bench_app = typer.Typer(help="Benchmarks that print ratios against a baseline run side by side.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from personalign import __version__
+
+        typer.echo(f"personalign {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    """Personalised alignment for chat apps."""
+
 StoreOpt = Annotated[Path, typer.Option(help="Store directory (profiles, memories).")]
 ModelOpt = Annotated[str | None, typer.Option(help="Generator: HF id or local path (default: embedded SmolLM2-135M-Instruct).")]
 EncoderOpt = Annotated[str | None, typer.Option(help="Sentence encoder: HF id or local path (default: embedded all-MiniLM-L6-v2).")]
