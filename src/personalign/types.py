@@ -1,7 +1,11 @@
-"""Schemas for everything a caller hands to personalign, and the JSONL preference format.
+"""Schemas for everything a caller hands to personalign, and the preference format.
 
 The preference format is TRL's (``prompt``, ``chosen``, ``rejected``; plain text or chat
-messages) plus a ``user`` column, and optional ``weight`` and ``created_at``.
+messages) plus a ``user`` column, and optional ``weight`` and ``created_at``. Every TRL
+preference layout is read (standard or conversational, explicit or implicit prompt; see
+:func:`comparison_from_row`) by :func:`parse_comparisons` (``enroll`` and HTTP),
+:func:`read_preferences` (JSONL files) and :func:`from_dataset` (``datasets``); rows are written
+in the explicit layout TRL's trainers take (:func:`preference_record`).
 """
 
 from __future__ import annotations
@@ -10,12 +14,12 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from personalign.errors import ValidationError
 
@@ -23,6 +27,11 @@ USER_ID_MAX_LEN = 128
 _USER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$")
 
 Role = Literal["system", "user", "assistant"]
+ExtraColumns = Literal["error", "metadata", "ignore"]
+
+COLUMNS = ("prompt", "chosen", "rejected", "weight", "created_at", "metadata")
+"""The fields of a :class:`Comparison`; a preference row adds ``user``."""
+ROW_COLUMNS = ("user", *COLUMNS)
 
 
 def validate_user_id(user_id: Any, field: str = "user") -> str:
@@ -71,10 +80,12 @@ class Comparison(BaseModel):
     """One labelled preference: for ``prompt`` the user prefers ``chosen`` over ``rejected``.
 
     ``prompt`` is text or a list of chat messages (TRL's conversational format);
-    ``chosen``/``rejected`` are response texts (a single assistant message in TRL's
-    conversational format is read as its text by :func:`read_preferences`).
+    ``chosen``/``rejected`` are response texts (TRL's conversational responses, one assistant
+    message each, are read as their text by :func:`parse_comparisons` and the readers).
     ``weight`` scales the pair in losses (default 1). ``created_at`` is a UNIX time,
-    stamped at enrolment when absent; it breaks relevance ties by recency.
+    stamped at enrolment when absent; it breaks relevance ties by recency. ``metadata`` holds
+    JSON values carried along unused (a dataset's extra columns, such as ``prompt_id`` or
+    ``score_chosen``); it is written back as those columns.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +95,7 @@ class Comparison(BaseModel):
     rejected: str
     weight: float = Field(default=1.0, gt=0.0)
     created_at: float | None = None
+    metadata: dict[str, JsonValue] | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -106,6 +118,14 @@ class Comparison(BaseModel):
     def _weight_finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("weight must be a finite number")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_keys(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+        clash = sorted(set(value or {}) & set(ROW_COLUMNS))
+        if clash:
+            raise ValueError(f"metadata keys {clash} are column names of the preference format; rename them")
         return value
 
     @model_validator(mode="after")
@@ -164,7 +184,7 @@ def _fix_for(error: dict[str, Any], in_message: bool = False) -> str:
     if kind == "extra_forbidden":
         if in_message or _MESSAGES_TAG in loc:
             return "remove this field (allowed in a chat message: role, content)"
-        return "remove this field (allowed: prompt, chosen, rejected, weight, created_at)"
+        return "remove this field, or put it under metadata (allowed: prompt, chosen, rejected, weight, created_at, metadata)"
     if "weight" in loc:
         return "use a finite weight greater than 0"
     if "role" in loc:
@@ -188,21 +208,25 @@ def convert_pydantic_error(prefix: str, err: pydantic.ValidationError) -> Valida
     )
 
 
-def parse_comparisons(items: Iterable[Comparison | dict[str, Any]], field: str = "comparisons") -> list[Comparison]:
-    """Validate every item (all before any is used); raise on the first bad one with its index."""
+def parse_comparisons(
+    items: Iterable[Comparison | Mapping[str, Any]], field: str = "comparisons", extra: ExtraColumns = "error"
+) -> list[Comparison]:
+    """Validate every item (all before any is used); raise on the first bad one with its index.
+
+    Dict items may be in any TRL preference layout (:func:`comparison_from_row`). Unknown keys
+    are refused by default (a typo is not silently dropped); ``extra="metadata"`` keeps them
+    under ``metadata`` and ``extra="ignore"`` drops them.
+    """
     parsed: list[Comparison] = []
     for index, item in enumerate(items):
         if isinstance(item, Comparison):
             parsed.append(item)
             continue
-        if not isinstance(item, dict):
+        if not isinstance(item, Mapping):
             raise ValidationError(
                 f"{field}[{index}]", "must be a Comparison or a dict", "pass Comparison(prompt=..., chosen=..., rejected=...)", item
             )
-        try:
-            parsed.append(Comparison.model_validate(item))
-        except pydantic.ValidationError as err:
-            raise convert_pydantic_error(f"{field}[{index}]", err) from None
+        parsed.append(comparison_from_row(item, f"{field}[{index}]", extra))
     if not parsed:
         raise ValidationError(field, "is empty", "pass at least one comparison")
     return parsed
@@ -228,23 +252,170 @@ def parse_messages(items: Iterable[ChatMessage | dict[str, Any]], field: str = "
     return messages
 
 
-# --- the JSONL preference format -------------------------------------------------------------
+# --- TRL's preference layouts --------------------------------------------------------------
+
+_ONE_RESPONSE_FIX = "keep one assistant message in each of chosen and rejected; earlier turns belong in the prompt"
 
 
-def _response_from_trl(value: Any, field: str) -> Any:
-    """TRL's conversational rows hold ``chosen`` as ``[{"role": "assistant", "content": ...}]``."""
-    if isinstance(value, list):
-        if len(value) == 1 and isinstance(value[0], dict) and value[0].get("role") == "assistant":
-            return value[0].get("content")
-        raise ValidationError(field, "conversational responses must be one assistant message", "use a plain text or one assistant message", value)
-    return value
+def _as_messages(value: Any) -> list[dict[str, Any]] | None:
+    """``value`` as a list of message dicts when it is a conversation (TRL's test: a list of dicts with a role)."""
+    if not isinstance(value, list) or not value:
+        return None
+    messages = [m.model_dump() if isinstance(m, ChatMessage) else m for m in value]
+    if all(isinstance(m, Mapping) and "role" in m for m in messages):
+        return [dict(m) for m in messages]
+    return None
 
 
-def read_preferences(path: str | Path) -> list[tuple[str | None, Comparison]]:
-    """Read a JSONL file in TRL's preference format with an optional ``user`` column.
+def _one_response(value: Any, field: str) -> Any:
+    """A conversational response, one assistant message, as its text; anything else unchanged for validation."""
+    if not isinstance(value, list):
+        return value
+    messages = _as_messages(value)
+    if messages is None or len(messages) != 1 or messages[0].get("role") != "assistant":
+        raise ValidationError(field, "conversational responses must be one assistant message", _ONE_RESPONSE_FIX, value)
+    return messages[0].get("content")
+
+
+def _shared_prefix(chosen: Sequence[Any], rejected: Sequence[Any]) -> int:
+    """Length of the longest common prefix of two sequences (messages or characters)."""
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def split_implicit_text(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit text prompt: ``(prompt, chosen, rejected)`` from the shared leading text.
+
+    As ``trl.extract_prompt``: the prompt is the longest common prefix of the two texts, less
+    one space just before the responses start (the responses keep it).
+    """
+    n = _shared_prefix(chosen, rejected)
+    if 0 < n and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _explicit(row: dict[str, Any], where: str) -> dict[str, Any]:
+    """Bring a row in any TRL preference layout to an explicit prompt and one response text each.
+
+    - conversational ``chosen``/``rejected`` (message lists): the turns both share move to the
+      end of the prompt (the implicit prompt when there is none); what is left must be one
+      assistant message each. A text ``prompt`` beside a conversation that holds the prompt too
+      (``ultrafeedback_binarized``) must equal its last user turn and is replaced by it.
+    - text ``chosen``/``rejected`` without ``prompt``: the shared leading text is the prompt.
+    """
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    chosen_turns, rejected_turns = _as_messages(chosen), _as_messages(rejected)
+    if chosen_turns is not None and rejected_turns is not None:
+        n = _shared_prefix(chosen_turns, rejected_turns)
+        prompt = row.get("prompt")
+        prompt_turns = _as_messages(prompt)
+        if prompt_turns is not None:
+            row["prompt"] = prompt_turns + chosen_turns[:n]
+        elif n:
+            shared = chosen_turns[:n]
+            asked = next((m.get("content") for m in reversed(shared) if m.get("role") == "user"), None)
+            if isinstance(prompt, str) and not (isinstance(asked, str) and prompt.strip() == asked.strip()):
+                raise ValidationError(
+                    f"{where}.prompt", "differs from the prompt turns that chosen and rejected share",
+                    "drop the prompt column, or make it the conversation's last user turn", prompt,
+                )
+            row["prompt"] = shared
+        row["chosen"] = _one_response(chosen_turns[n:], f"{where}.chosen")
+        row["rejected"] = _one_response(rejected_turns[n:], f"{where}.rejected")
+        return row
+    if "prompt" not in row and isinstance(chosen, str) and isinstance(rejected, str):
+        prompt, row["chosen"], row["rejected"] = split_implicit_text(chosen, rejected)
+        if not prompt.strip():
+            raise ValidationError(
+                f"{where}.prompt", "is missing, and chosen and rejected share no leading text to take it from",
+                "add a prompt column (TRL's explicit layout)",
+            )
+        row["prompt"] = prompt
+        return row
+    for key in ("chosen", "rejected"):
+        if key in row:
+            row[key] = _one_response(row[key], f"{where}.{key}")
+    return row
+
+
+def comparison_from_row(row: Mapping[str, Any], where: str = "row", extra: ExtraColumns = "error") -> Comparison:
+    """One :class:`Comparison` from a preference row in any of TRL's layouts; errors name ``where``.
+
+    Layouts read (TRL's "preference" dataset type):
+
+    ======================================  ==========================================================
+    standard, explicit prompt               ``{"prompt": str, "chosen": str, "rejected": str}``
+    standard, implicit prompt               ``{"chosen": str, "rejected": str}`` (shared leading text)
+    conversational, explicit prompt         ``{"prompt": [msgs], "chosen": [assistant], "rejected": [assistant]}``
+    conversational, implicit prompt         ``{"chosen": [msgs..., assistant], "rejected": [...]}`` (shared turns)
+    ======================================  ==========================================================
+
+    Columns other than :data:`COLUMNS` are refused (``extra="error"``), kept under ``metadata``
+    (``"metadata"``, merged into a ``metadata`` column when there is one) or dropped (``"ignore"``).
+    """
+    row = _explicit(dict(row), where)
+    extras = {key: row.pop(key) for key in list(row) if key not in COLUMNS}
+    if extra == "error":
+        row.update(extras)  # pydantic names the first unknown column and the fix
+    elif extra == "metadata" and extras:
+        base = row.get("metadata")
+        if base is not None and not isinstance(base, Mapping):
+            raise ValidationError(f"{where}.metadata", "must be an object", "use a JSON object of extra values", base)
+        clash = sorted(set(base or {}) & set(extras))
+        if clash:
+            raise ValidationError(f"{where}.metadata", f"repeats the columns {clash}", "keep each extra value in one place", clash)
+        row["metadata"] = {**(base or {}), **extras}
+    elif extra not in ("metadata", "ignore"):
+        raise ValidationError("extra", "is not a known policy", "use 'error', 'metadata' or 'ignore'", extra)
+    try:
+        return Comparison.model_validate(row)
+    except pydantic.ValidationError as err:
+        raise convert_pydantic_error(where, err) from None
+
+
+def preference_record(user: str | None, comparison: Comparison) -> dict[str, Any]:
+    """A comparison as a TRL preference row: explicit prompt, plus ``user``, ``weight``, ``created_at``, metadata columns.
+
+    A conversational prompt gets conversational responses (``[{"role": "assistant", ...}]``), so
+    TRL's ``maybe_apply_chat_template`` and trainers take the row as it is. The default weight
+    and a missing time are left out; metadata is written back as its own columns.
+    """
+    record: dict[str, Any] = {} if user is None else {"user": user}
+    if isinstance(comparison.prompt, str):
+        record.update(prompt=comparison.prompt, chosen=comparison.chosen, rejected=comparison.rejected)
+    else:
+        record["prompt"] = [m.model_dump() for m in comparison.prompt]
+        for key in ("chosen", "rejected"):
+            record[key] = [{"role": "assistant", "content": getattr(comparison, key)}]
+    if comparison.weight != 1.0:
+        record["weight"] = comparison.weight
+    if comparison.created_at is not None:
+        record["created_at"] = comparison.created_at
+    record.update(comparison.metadata or {})
+    return record
+
+
+def _row_user(row: dict[str, Any], where: str) -> str | None:
+    user = row.pop("user", None)
+    if user is not None:
+        validate_user_id(user, f"{where}.user")
+    return user
+
+
+# --- JSONL files and datasets ----------------------------------------------------------------
+
+
+def read_preferences(path: str | Path, extra: ExtraColumns = "metadata") -> list[tuple[str | None, Comparison]]:
+    """Read a JSONL file of preference rows (any TRL layout) with an optional ``user`` column.
 
     Returns ``(user, comparison)`` pairs; ``user`` is ``None`` where the column is absent.
-    The whole file is validated before anything is returned.
+    Columns beyond the format's are kept under ``metadata`` (``extra="ignore"`` drops them,
+    ``"error"`` refuses them). The whole file is validated before anything is returned.
     """
     rows: list[tuple[str | None, Comparison]] = []
     path = Path(path)
@@ -262,29 +433,53 @@ def read_preferences(path: str | Path) -> list[tuple[str | None, Comparison]]:
                 raise ValidationError(where, f"is not valid JSON ({err.msg})", "write one JSON object per line") from None
             if not isinstance(row, dict):
                 raise ValidationError(where, "is not a JSON object", "write one JSON object per line", row)
-            user = row.pop("user", None)
-            if user is not None:
-                validate_user_id(user, f"{where}.user")
-            for key in ("chosen", "rejected"):
-                if key in row:
-                    row[key] = _response_from_trl(row[key], f"{where}.{key}")
-            try:
-                rows.append((user, Comparison.model_validate(row)))
-            except pydantic.ValidationError as err:
-                raise convert_pydantic_error(where, err) from None
+            user = _row_user(row, where)
+            rows.append((user, comparison_from_row(row, where, extra)))
     return rows
 
 
 def write_preferences(path: str | Path, rows: Iterable[tuple[str | None, Comparison]]) -> int:
-    """Write ``(user, comparison)`` pairs as JSONL (TRL format plus ``user``); returns the row count."""
+    """Write ``(user, comparison)`` pairs as JSONL rows (:func:`preference_record`); returns the row count."""
     count = 0
     with Path(path).open("w", encoding="utf-8") as handle:
         for user, comparison in rows:
-            record = comparison.model_dump(mode="json", exclude_none=True)
-            if record.get("weight") == 1.0:
-                record.pop("weight")
-            if user is not None:
-                record = {"user": user, **record}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.write(json.dumps(preference_record(user, comparison), ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def to_dataset(rows: Iterable[tuple[str | None, Comparison]]) -> Any:
+    """A ``datasets.Dataset`` of ``(user, comparison)`` pairs, one :func:`preference_record` per row.
+
+    Columns some rows lack (``user``, ``weight``, ``created_at``, metadata) are null there. A
+    column holds one type, so text and conversational prompts cannot be mixed.
+    """
+    try:
+        from datasets import Dataset
+    except ImportError:
+        raise ImportError("to_dataset needs the datasets package. Fix: pip install datasets") from None
+    records = [preference_record(user, comparison) for user, comparison in rows]
+    kinds = {isinstance(r["prompt"], str) for r in records}
+    if len(kinds) > 1:
+        raise ValidationError(
+            "rows", "mix text and conversational prompts", "make one dataset per layout, or give the text prompts as [{'role': 'user', 'content': ...}]"
+        )
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    return Dataset.from_list([{key: record.get(key) for key in columns} for record in records])
+
+
+def from_dataset(dataset: Iterable[Mapping[str, Any]], extra: ExtraColumns = "metadata") -> list[tuple[str | None, Comparison]]:
+    """``(user, comparison)`` pairs from a ``datasets.Dataset`` (or any rows) in any TRL preference layout.
+
+    Null values count as absent columns (a dataset fills the columns a row lacks with nulls);
+    other columns follow ``extra`` as in :func:`read_preferences`. All rows are validated first.
+    """
+    pairs: list[tuple[str | None, Comparison]] = []
+    for index, item in enumerate(dataset):
+        where = f"dataset[{index}]"
+        if not isinstance(item, Mapping):
+            raise ValidationError(where, "is not a row of columns", "pass a datasets.Dataset or dicts", item)
+        row = {key: value for key, value in item.items() if value is not None}
+        user = _row_user(row, where)
+        pairs.append((user, comparison_from_row(row, where, extra)))
+    return pairs

@@ -126,7 +126,7 @@ def data_hash(comparisons: Sequence[Comparison]) -> str:
     """A stable digest of the training pairs (recorded beside the adapter)."""
     digest = hashlib.sha256()
     for c in comparisons:
-        digest.update(json.dumps(c.model_dump(mode="json", exclude={"created_at"}), sort_keys=True).encode())
+        digest.update(json.dumps(c.model_dump(mode="json", exclude={"created_at", "metadata"}), sort_keys=True).encode())
     return digest.hexdigest()
 
 
