@@ -26,6 +26,6 @@ def test_train_user_lora_then_export(tiny_model_dir, tmp_path):
     assert out.exit_code == 0, out.output
     assert out.output.strip().startswith("vllm serve") and (tmp_path / "x" / "ana" / "adapter_model.safetensors").is_file()
     out = runner.invoke(app, ["export", "--engine", "vllm", "--users", "bob", "--out", str(tmp_path / "y"), "--base-model", "m", "--store", str(store)])
-    assert out.exit_code == 2 and "have no adapter" in out.output
+    assert out.exit_code == 1 and "have no adapter" in out.output
     out = runner.invoke(app, ["train", "user-lora", "--user", "nobody", *common])
-    assert out.exit_code == 2 and "not enrolled" in out.output
+    assert out.exit_code == 1 and "not enrolled" in out.output

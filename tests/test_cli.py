@@ -7,7 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from personalign.cli import app, parse_steer
+from personalign.cli import app
+from personalign.cli.core import parse_steer
 from personalign.errors import ValidationError
 
 runner = CliRunner()
@@ -45,7 +46,7 @@ def test_enroll_chat_profile_forget(tiny_model_dir, tmp_path):
     out = runner.invoke(app, ["forget", "--user", "ana", *common])
     assert out.exit_code == 0 and "1 memories deleted, profile deleted" in out.output
     out = runner.invoke(app, ["profile", "--user", "ana", *common])
-    assert out.exit_code == 2 and "not enrolled" in out.output
+    assert out.exit_code == 1 and "not enrolled" in out.output
 
 
 def test_interactive_chat_reads_until_empty_line(tiny_model_dir, tmp_path):
@@ -60,7 +61,7 @@ def test_enroll_rejects_mixed_users_and_stores_nothing(tiny_model_dir, tmp_path)
     store = tmp_path / "store"
     data = _write(tmp_path / "c.jsonl", [*ROWS, {**ROWS[0], "user": "bob"}])
     out = runner.invoke(app, ["enroll", "--user", "ana", "--file", str(data), "--model", str(tiny_model_dir), "--store", str(store)])
-    assert out.exit_code == 2
+    assert out.exit_code == 1
     assert "c.jsonl:3.user" in out.output and "Fix:" in out.output
     assert not (store / "users" / "ana").exists()
 
@@ -68,7 +69,7 @@ def test_enroll_rejects_mixed_users_and_stores_nothing(tiny_model_dir, tmp_path)
 def test_bad_row_is_reported_with_its_line(tiny_model_dir, tmp_path):
     data = _write(tmp_path / "c.jsonl", [ROWS[0], {**ROWS[1], "chosen": "   "}])
     out = runner.invoke(app, ["enroll", "--file", str(data), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")])
-    assert out.exit_code == 2 and "c.jsonl:2.chosen" in out.output
+    assert out.exit_code == 1 and "c.jsonl:2.chosen" in out.output
 
 
 def test_parse_steer():
@@ -96,7 +97,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
 
 
 def test_demo_measurement_verdict(capsys):
-    from personalign.cli import _print_measurement
+    from personalign.cli.demo import _print_measurement
 
     preference = {"sam": (13.0, 107.0), "robin": (107.0, 13.0)}
     assert _print_measurement(["sam", "robin"], preference, {"sam": [30, 40], "robin": [130, 120], "generic": [125, 135]})

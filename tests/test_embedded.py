@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from personalign.cli import demo_comparisons
+from personalign.cli.demo import demo_comparisons
 from personalign.models import (
     EMBEDDED_GENERATOR,
     _gguf_cache_dir,

@@ -11,7 +11,8 @@ import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from personalign.cli import app, steering_option
+from personalign.cli import app
+from personalign.cli.core import steering_option
 from personalign.errors import ValidationError
 from personalign.steering.decoding import MAX_WEIGHT, validate_steer
 from personalign.steering.methods import METHODS, steerable_by_method

@@ -1,0 +1,234 @@
+"""``personalign bench ...``: benchmarks that interleave their cases and print ratios against a
+baseline run side by side (the measuring code lives in ``personalign.bench``)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from personalign.cli._common import (
+    DeviceOpt,
+    EncoderOpt,
+    JsonOpt,
+    ModelOpt,
+    app,
+    failing,
+    int_list,
+    open_personalizer,
+    scratch,
+    write_json,
+)
+
+bench_app = typer.Typer(
+    help="Benchmarks that print ratios against a baseline run side by side.", no_args_is_help=True
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("adapters")
+def bench_adapters(
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    epochs: Annotated[int, typer.Option(min=1)] = 4,
+    json_out: JsonOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Mixed-user batches vs one adapter, activation cost vs adapters resident, enrolment time, bytes per user."""
+    from personalign.bench.adapters import format_report, run_adapter_bench
+
+    with (
+        failing(),
+        scratch(None, "personalign-bench-") as root,
+        open_personalizer(root, model, None, device) as pz,
+    ):
+        result = run_adapter_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats, epochs=epochs)
+    typer.echo(format_report(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("steer")
+def bench_steer(
+    max_new_tokens: Annotated[int, typer.Option(min=4)] = 48,
+    repeats: Annotated[int, typer.Option(min=1)] = 3,
+    batch: Annotated[int, typer.Option(min=2, help="Requests in the batched setting.")] = 4,
+    stock_too: Annotated[
+        bool,
+        typer.Option(
+            "--stock-too", help="Also run every case with stock F.linear (packing off), side by side."
+        ),
+    ] = False,
+    json_out: JsonOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Tokens per second of plain generate vs VAS (trunk head, separate model) and two-adapter logit mixing."""
+    from personalign.bench.steer import format_steer_bench, run_steer_bench
+
+    with (
+        failing(),
+        scratch(None, "personalign-bench-") as root,
+        open_personalizer(root, model, None, device) as pz,
+    ):
+        result = run_steer_bench(
+            pz, max_new_tokens=max_new_tokens, repeats=repeats, batch=batch, stock_too=stock_too
+        )
+    typer.echo(format_steer_bench(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("linear")
+def bench_linear(
+    repeats: Annotated[int, typer.Option(min=1)] = 5,
+    json_out: JsonOpt = None,
+    model: ModelOpt = None,
+) -> None:
+    """One decoding step's projections on the generator's weights: stock F.linear vs packed oneDNN, per row count."""
+    from personalign.bench.linear import format_linear_bench, run_linear_bench
+    from personalign.models import load_generator
+
+    with failing(RuntimeError):  # RuntimeError: no oneDNN packing on this CPU or build
+        generator = load_generator(model, device="cpu", dtype="float32")
+        result = run_linear_bench(generator.model, repeats=repeats)
+    typer.echo(format_linear_bench(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("generate")
+def bench_generate(
+    max_new_tokens: Annotated[int, typer.Option(min=4)] = 48,
+    repeats: Annotated[int, typer.Option(min=1, help="Prompts (each runs every case once).")] = 3,
+    fspo: Annotated[
+        Path | None, typer.Option(help="FSPO adapter folder (default: the installed one, if any).")
+    ] = None,
+    pplug: Annotated[
+        Path | None, typer.Option(help="Persona-Plug projector folder (default: the installed one, if any).")
+    ] = None,
+    user_vas: Annotated[
+        Path | None,
+        typer.Option("--user-vas", help="User-vas heads folder (default: the installed ones, if any fit)."),
+    ] = None,
+    json_out: JsonOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Tokens per second of chat with memory, FSPO shots, the FSPO adapter and the Persona-Plug token vs plain generate."""
+    from personalign.bench.generate import format_generate_bench, run_generate_bench
+    from personalign.models import load_encoder, load_generator
+    from personalign.personalizer import Personalizer
+
+    with failing(), scratch(None, "personalign-bench-") as root:
+        pz = Personalizer(
+            load_generator(model, device=device),
+            load_encoder(None, device=device),
+            root,
+            fspo=fspo,
+            user_vas=user_vas,
+            **({"pplug": pplug} if pplug else {}),
+        )
+        with pz:
+            result = run_generate_bench(pz, max_new_tokens=max_new_tokens, repeats=repeats)
+    typer.echo(format_generate_bench(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("enroll")
+def bench_enroll(
+    users: Annotated[int, typer.Option(min=2, help="Fresh synthetic users to enroll.")] = 20,
+    shots: Annotated[int, typer.Option(min=1, help="Comparisons per user.")] = 8,
+    json_out: JsonOpt = None,
+    embedder: Annotated[Path | None, typer.Option(help="Embedder folder (default: the shipped PAL).")] = None,
+    encoder: EncoderOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Inferring a user from their comparisons, as a ratio to encoding those comparisons' texts."""
+    from personalign.bench.enroll import bench_store, format_enroll_report, run_enroll_bench
+    from personalign.personalizer import Personalizer
+
+    store = bench_store()
+    try:
+        with (
+            failing(),
+            Personalizer.load(
+                model=model, encoder=encoder, device=device, store=store, embedder=embedder
+            ) as pz,
+        ):
+            result = run_enroll_bench(pz, users=users + 1, shots=shots)
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)
+    typer.echo(format_enroll_report(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("memory")
+def bench_memory(
+    users: Annotated[int, typer.Option(min=1)] = 100,
+    memories: Annotated[int, typer.Option(min=1)] = 10_000,
+    queries: Annotated[int, typer.Option(min=1)] = 200,
+    json_out: JsonOpt = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Store directory (default: a temporary one, removed after).")
+    ] = None,
+) -> None:
+    """add/search p50/p95 at N memories for one user among many, next to one encoder call."""
+    from personalign.bench.memory import format_report, run_memory_bench
+
+    with failing(), scratch(store, "personalign-bench-") as root:
+        result = run_memory_bench(root, users=users, memories=memories, queries=queries, adds=queries)
+    typer.echo(format_report(result))
+    write_json(json_out, result)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    clients: Annotated[str, typer.Option(help="Concurrency levels to measure, comma-separated.")] = "1,4,16",
+    requests: Annotated[
+        int, typer.Option(min=1, help="Requests per client at each level (bounded by --seconds too).")
+    ] = 4,
+    seconds: Annotated[
+        float, typer.Option(min=1.0, help="Most seconds of load per level and server.")
+    ] = 60.0,
+    max_tokens: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=2, max=256, help="Batch size of the batched server (the baseline uses 1).")
+    ] = 16,
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+    mixed: Annotated[
+        bool,
+        typer.Option(
+            "--mixed",
+            help="20 users; chats mixed with memory writes and enrollments, all read back at the end.",
+        ),
+    ] = False,
+    json_out: JsonOpt = None,
+) -> None:
+    """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time."""
+    from personalign.bench.serve import format_report, run_serve_bench
+    from personalign.errors import ValidationError
+
+    with failing(usage=True):
+        levels = int_list(clients, "--clients")
+        if min(levels) < 1:
+            raise ValidationError(
+                "--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients
+            )
+    with failing():
+        result = run_serve_bench(
+            levels=levels,
+            requests_per_client=requests,
+            max_seconds=seconds,
+            max_tokens=max_tokens,
+            max_batch=max_batch,
+            model=model,
+            encoder=encoder,
+            device=device,
+            mixed=mixed,
+        )
+    typer.echo(format_report(result))
+    write_json(json_out, result)
