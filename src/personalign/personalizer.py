@@ -511,18 +511,63 @@ class Personalizer:
 
     # --- memory ----------------------------------------------------------------------------
 
-    def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Store fact(s) about ``user`` (creating the user if new); returns mem0-shaped results."""
-        return self.store.remember(user, text, metadata)
+    def remember(
+        self,
+        user: str,
+        text: str | list[str],
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        on_conflict: str = "keep",
+        source: str = "python",
+    ) -> dict[str, Any]:
+        """Store fact(s) about ``user`` (creating the user if new); returns mem0-shaped results.
 
-    def memories(self, user: str) -> dict[str, Any]:
-        return self.memory.get_all(user)
+        A re-stated fact is not stored twice (``event: "NONE"``). With ``key`` (a short identifier
+        such as ``"home_city"``) the new memory supersedes the user's active memory with that key
+        (reported as ``event: "DELETE"``, ``status: "superseded"``; it stays in :meth:`memory_history`).
+        Without a key, close active memories are listed in ``conflicts``; ``on_conflict="supersede"``
+        supersedes them. See :mod:`personalign.memory.lifecycle` and ``docs/memory.md``.
+        """
+        return self.store.remember(user, text, metadata, key=key, on_conflict=on_conflict, source=source)
 
-    def search_memories(self, user: str, query: str, top_k: int = 5, threshold: float | None = None) -> dict[str, Any]:
-        return self.memory.search(user, query, top_k=top_k, threshold=threshold)
+    def memories(self, user: str, filters: Mapping[str, Any] | None = None, status: str = "active", limit: int | None = None) -> dict[str, Any]:
+        """The user's memories, oldest first: active ones (``status="superseded"`` or ``"all"`` for
+        the others), narrowed by metadata ``filters`` (see :mod:`personalign.memory.filters`)."""
+        return self.store.memories.list(user, filters=filters, status=status, limit=limit)
+
+    def search_memories(
+        self, user: str, query: str, top_k: int = 5, threshold: float | None = None, filters: Mapping[str, Any] | None = None, status: str = "active"
+    ) -> dict[str, Any]:
+        """The user's memories closest in meaning to ``query``, best first (active ones by default)."""
+        return self.store.memories.search(user, query, top_k=top_k, threshold=threshold, filters=filters, status=status)
+
+    def get_memory(self, user: str, memory_id: str) -> dict[str, Any]:
+        """One memory of ``user`` by id, any status (``UnknownMemoryError``, a ``KeyError``, if they have none)."""
+        return self.store.memories.get(user, memory_id)
+
+    def update_memory(self, user: str, memory_id: str, text: str, metadata: Mapping[str, Any] | None = None, source: str = "python") -> dict[str, Any]:
+        """Replace a memory's text (and metadata, when given), keeping its id and key; the previous
+        text stays in :meth:`memory_history`. ``UnknownMemoryError`` for an id ``user`` does not have."""
+        return self.store.memories.update(user, memory_id, text, metadata=metadata, source=source)
+
+    def memory_history(self, user: str, memory_id: str) -> dict[str, Any]:
+        """Every version of a memory, oldest first, with its time (``valid_from``/``valid_to``) and source."""
+        return self.store.memories.history(user, memory_id)
 
     def delete_memory(self, user: str, memory_id: str) -> bool:
+        """Delete a memory and its earlier versions. False if ``user`` has no memory with that id."""
         return self.memory.delete(user, memory_id)
+
+    def export(self, user: str) -> dict[str, Any]:
+        """Everything stored about ``user`` as one JSON-ready document: comparisons, memories with
+        their history, the inferred state and steering, adapter metadata and the files on disk
+        (see :mod:`personalign.memory.export`). ``UnknownUserError`` if nothing is stored."""
+        from personalign.memory.export import export_user
+
+        def adapter_meta(u: str) -> dict[str, Any] | None:
+            return self.adapters.metadata(u) if self.adapters.has_adapter(u) else None
+
+        return export_user(user, self.profiles, self.store.memories, adapter_meta, self.default_steer)
 
     # --- generation ------------------------------------------------------------------------
 

@@ -4,6 +4,12 @@ Each user's records live in their own collection, so every read is scoped to one
 construction (no filter to forget) and ``forget`` drops the collection. Embeddings come
 from our own encoder through a registered embedding function: nothing is downloaded.
 Results are shaped like mem0's: ``{"results": [{"id", "memory", "user_id", ...}]}``.
+
+Lifecycle data (a memory's key, status, versions; see :mod:`personalign.memory.lifecycle`) is
+stored in the same collection under metadata keys starting with ``personalign:``: a memory's
+current version is the record under its id, each earlier version a record ``<id>~v<n>`` with
+status ``history``. Listing and search here see current versions only (active ones by default),
+so dropping the collection on ``forget`` removes every version.
 """
 
 from __future__ import annotations
@@ -25,12 +31,17 @@ from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from personalign.errors import ValidationError
+from personalign.memory.filters import check_fields, check_filters, combine
 from personalign.models import Encoder
 from personalign.types import validate_user_id
 
 MAX_MEMORY_CHARS = 8000
 MAX_TOP_K = 1000
 _RESERVED = {"user_id", "created_at"}
+INTERNAL = "personalign:"  # prefix of lifecycle metadata keys (never a caller's metadata)
+STATUS = INTERNAL + "status"  # active | superseded | history (legacy records have none: active)
+STATUSES = ("active", "superseded", "all")
+HISTORY_OF = INTERNAL + "of"  # on an earlier version: the id of its memory
 EF_NAME = "personalign-sentence-encoder"
 _UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Encoders already loaded in this process, by name: Chroma rebuilds the embedding function from
@@ -83,8 +94,9 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         raise ValidationError("metadata", "must be a mapping", "pass a dict of str keys to str/int/float/bool values", metadata)
     clean: dict[str, Any] = {}
     for key, value in metadata.items():
-        if not isinstance(key, str) or key in _RESERVED:
-            raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", f"use string keys other than {sorted(_RESERVED)}", key)
+        if not isinstance(key, str) or key in _RESERVED or key.startswith(INTERNAL):
+            fix = f"use string keys other than {sorted(_RESERVED)} and not starting with {INTERNAL!r}"
+            raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", fix, key)
         if not isinstance(value, str | int | float | bool) or (isinstance(value, float) and not math.isfinite(value)):
             raise ValidationError(f"metadata.{key}", "must be a str, int, finite float or bool", "flatten or stringify the value", value)
         clean[key] = value
@@ -99,8 +111,19 @@ def _check_text(text: Any, field: str) -> str:
     return text
 
 
+def status_where(status: str) -> dict[str, Any]:
+    """Chroma's ``where`` for memories of ``status`` (``all``: every current version, no history)."""
+    if status not in STATUSES:
+        raise ValidationError("status", f"must be one of {STATUSES}", "pass status='active' (the default) or 'all'", status)
+    if status == "active":
+        return {STATUS: {"$nin": ["superseded", "history"]}}  # legacy records without a status are active
+    if status == "superseded":
+        return {STATUS: "superseded"}
+    return {STATUS: {"$ne": "history"}}
+
+
 def _record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
-    extra = {k: v for k, v in metadata.items() if k not in _RESERVED}
+    extra = {k: v for k, v in metadata.items() if k not in _RESERVED and not k.startswith(INTERNAL)}
     return {"id": memory_id, "memory": document, "user_id": user_id, "created_at": metadata.get("created_at"), "metadata": extra}
 
 
@@ -151,17 +174,64 @@ class MemoryStore:
         """Store one or more facts for ``user_id``; all are validated before any is written."""
         docs, extra = self.validate(user_id, texts, metadata)
         now = time.time()
+        metas = [{**extra, "user_id": user_id, "created_at": now, STATUS: "active"} for _ in docs]
+        embeddings = self._ef(docs)  # encode before touching the database
+        ids = self.insert(user_id, docs, metas, embeddings)
+        return {"results": [{**_record(user_id, i, d, m), "event": "ADD"} for i, d, m in zip(ids, docs, metas, strict=True)]}
+
+    def insert(self, user_id: str, docs: list[str], metas: list[dict[str, Any]], embeddings: Any) -> list[str]:
+        """Write checked records under new ids; returns the ids."""
         # Time-ordered ids (nanoseconds, then a random tail): get_all's order is insertion order.
         stamp = time.time_ns()
         ids = [f"{stamp + i:016x}{uuid.uuid4().hex[:16]}" for i in range(len(docs))]
-        metas = [{**extra, "user_id": user_id, "created_at": now} for _ in docs]
-        embeddings = self._ef(docs)  # encode before touching the database
         collection = self._collection(user_id, create=True)
         collection.add(ids=ids, documents=docs, metadatas=metas, embeddings=embeddings)
-        return {"results": [{**_record(user_id, i, d, m), "event": "ADD"} for i, d, m in zip(ids, docs, metas, strict=True)]}
+        return ids
 
-    def search(self, user_id: str, query: str, top_k: int = 5, threshold: float | None = None) -> dict[str, Any]:
-        """The user's memories closest in meaning to ``query``, best first, with cosine ``score``."""
+    def where(self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The checked Chroma ``where`` for ``status`` and metadata ``filters`` (see :mod:`.filters`)."""
+        clauses = [status_where(status), *check_filters(filters)]
+        if filters:
+            check_fields(filters, self.metadata_keys(user_id))
+        where = combine(clauses)
+        assert where is not None
+        return where
+
+    def metadata_keys(self, user_id: str) -> set[str]:
+        """Every caller metadata key some current memory of the user carries."""
+        collection = self._collection(user_id, create=False)
+        if collection is None:
+            return set()
+        found = collection.get(where=status_where("all"), include=["metadatas"])
+        return {k for m in found["metadatas"] for k in m if k not in _RESERVED and not k.startswith(INTERNAL)}
+
+    def search(
+        self,
+        user_id: str,
+        query: str,
+        top_k: int = 5,
+        threshold: float | None = None,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
+    ) -> dict[str, Any]:
+        """The user's memories closest in meaning to ``query``, best first, with cosine ``score``.
+
+        Only active memories unless ``status`` is ``"superseded"`` or ``"all"``; ``filters``
+        narrows by metadata (see :mod:`personalign.memory.filters`).
+        """
+        return {"results": [_record(user_id, i, d, m) | {"score": s} for i, d, m, s, _ in self.query(user_id, query, top_k, threshold, filters, status)]}
+
+    def query(
+        self,
+        user_id: str,
+        query: str,
+        top_k: int = 5,
+        threshold: float | None = None,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
+        embedding: Any = None,
+    ) -> list[tuple[str, str, dict[str, Any], float, Any]]:
+        """``(id, document, metadata, score, embedding)`` of the closest current memories, best first."""
         validate_user_id(user_id)
         _check_text(query, "query")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
@@ -171,36 +241,52 @@ class MemoryStore:
         ):
             raise ValidationError("threshold", "must be a number in [-1, 1] (cosine similarity)", "pass e.g. threshold=0.2, or None", threshold)
         collection = self._collection(user_id, create=False)
+        where = status_where(status) if collection is None else self.where(user_id, status, filters)
         if collection is None:
-            return {"results": []}
+            check_filters(filters)
+            return []
         count = collection.count()
         if count == 0:
-            return {"results": []}
+            return []
+        vector = self._ef([query]) if embedding is None else [embedding]
         found = collection.query(
-            query_embeddings=self._ef([query]), n_results=min(top_k, count), include=["documents", "metadatas", "distances"]
+            query_embeddings=vector, n_results=min(top_k, count), where=where, include=["documents", "metadatas", "distances", "embeddings"]
         )
         results = []
-        for memory_id, doc, meta, dist in zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], strict=True):
+        rows = zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], found["embeddings"][0], strict=True)
+        for memory_id, doc, meta, dist, vec in rows:
             if meta.get("user_id") != user_id:  # defence in depth: collections are per user already
                 continue
             score = 1.0 - float(dist)
             if threshold is not None and score < threshold:
                 continue
-            results.append({**_record(user_id, memory_id, doc, meta), "score": score})
-        return {"results": results}
+            results.append((memory_id, doc, meta, score, vec))
+        return results
 
-    def get_all(self, user_id: str, limit: int | None = None) -> dict[str, Any]:
-        """Every memory of the user, oldest first."""
+    def rows(self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(id, document, metadata)`` of the user's current memories of ``status``, oldest first."""
         validate_user_id(user_id)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValidationError("limit", "must be a positive integer or None", "pass e.g. limit=100, or None for all", limit)
         collection = self._collection(user_id, create=False)
         if collection is None:
-            return {"results": []}
-        found = collection.get(include=["documents", "metadatas"])
-        rows = [_record(user_id, i, d, m) for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)]
-        rows.sort(key=lambda r: r["id"])  # ids are time-ordered
+            status_where(status)
+            check_filters(filters)
+            return []
+        found = collection.get(where=self.where(user_id, status, filters), include=["documents", "metadatas"])
+        rows = [(i, d, m) for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True) if m.get("user_id") == user_id]
+        return sorted(rows, key=lambda r: r[0])  # ids are time-ordered
+
+    def get_all(self, user_id: str, limit: int | None = None, filters: Mapping[str, Any] | None = None, status: str = "active") -> dict[str, Any]:
+        """Every memory of the user, oldest first (active ones unless ``status`` says otherwise)."""
+        validate_user_id(user_id)
+        check_limit(limit)
+        rows = [_record(user_id, i, d, m) for i, d, m in self.rows(user_id, status, filters)]
         return {"results": rows[:limit] if limit else rows}
+
+    def texts(self, user_id: str) -> list[str]:
+        """Every text stored for the user: all memories and all their earlier versions."""
+        validate_user_id(user_id)
+        collection = self._collection(user_id, create=False)
+        return [] if collection is None else list(collection.get(include=["documents"])["documents"])
 
     def delete(self, user_id: str, memory_id: str) -> bool:
         """Delete one memory of this user. False if the user has no memory with that id."""
@@ -208,9 +294,12 @@ class MemoryStore:
         collection = self._collection(user_id, create=False)
         if collection is None or not isinstance(memory_id, str):
             return False
-        if not collection.get(ids=[memory_id])["ids"]:
+        found = collection.get(ids=[memory_id], include=["metadatas"])
+        if not found["ids"] or found["metadatas"][0].get(STATUS) == "history":
             return False
-        collection.delete(ids=[memory_id])
+        with self._lock:
+            collection.delete(where={HISTORY_OF: memory_id})  # its earlier versions
+            collection.delete(ids=[memory_id])
         return True
 
     def delete_all(self, user_id: str) -> int:
@@ -219,7 +308,7 @@ class MemoryStore:
         collection = self._collection(user_id, create=False)
         if collection is None:
             return 0
-        count = collection.count()
+        count = self.count(user_id)
         with self._lock:
             self.client.delete_collection(collection_name(user_id))
             self._collections.pop(collection_name(user_id), None)
@@ -251,4 +340,11 @@ class MemoryStore:
     def count(self, user_id: str) -> int:
         validate_user_id(user_id)
         collection = self._collection(user_id, create=False)
-        return 0 if collection is None else collection.count()
+        if collection is None:
+            return 0
+        return len(collection.get(where=status_where("all"), include=[])["ids"])  # memories, not their earlier versions
+
+
+def check_limit(limit: Any) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValidationError("limit", "must be a positive integer or None", "pass e.g. limit=100, or None for all", limit)

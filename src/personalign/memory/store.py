@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.memory.chroma import MemoryStore
+from personalign.memory.lifecycle import MemoryLifecycle, check_add_options
 from personalign.memory.locking import StoreLock
 from personalign.memory.profiles import ProfileStore
 from personalign.models import Encoder
@@ -31,21 +32,25 @@ class UserStore:
                 self.memory = MemoryStore(encoder, path=self.root / "chroma")
             else:
                 self.memory = MemoryStore(encoder, client=memory_client)
+            self.memories = MemoryLifecycle(self.memory)
         except BaseException:
             self._lock.release()
             raise
 
-    def remember(self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Store fact(s) about ``user``, creating the user's profile if new."""
-        self.memory.validate(user, text, metadata)  # nothing is written for bad input
+    def remember(
+        self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None, key: str | None = None, on_conflict: str = "keep", source: str = "api"
+    ) -> dict[str, Any]:
+        """Store fact(s) about ``user``, creating the user's profile if new (see :meth:`MemoryLifecycle.add`)."""
+        docs, _ = self.memory.validate(user, text, metadata)  # nothing is written for bad input
+        check_add_options(key, on_conflict, source, len(docs))
         if not self.profiles.exists(user):  # profile first: a crash never leaves memories without a user
             self.profiles.update(user, lambda p: p)
-        return self.memory.add(user, text, metadata)
+        return self.memories.add(user, text, metadata, key=key, on_conflict=on_conflict, source=source)
 
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         validate_user_id(user)
-        texts = [r["memory"] for r in self.memory.get_all(user)["results"]]
+        texts = self.memory.texts(user)  # every version of every memory, superseded ones included
         if self.profiles.exists(user):
             texts += [t for c in self.profiles.get(user).comparisons for t in (c.prompt_text, c.chosen, c.rejected)]
         memories = self.memory.delete_all(user)

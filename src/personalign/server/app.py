@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from personalign import __version__
 from personalign.errors import UnknownUserError, ValidationError
 from personalign.personalizer import ConditioningParams, GenerationParams
-from personalign.server import errors
+from personalign.server import errors, memories
 from personalign.server.batcher import Batcher
 from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.config import Principal, ServerConfig, hash_key
@@ -395,7 +395,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         """Store one fact or several (creating the user if new); mem0-shaped results."""
         store_id = who.store_id(user_id, "user_id")
         check_memory_write(body, config.max_memories_per_request)
-        return external(pz.remember(store_id, body.text, body.metadata), who)
+        return external(pz.remember(store_id, body.text, body.metadata, key=body.key, on_conflict=body.on_conflict, source="http"), who)
 
     @app.get("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
     def list_memories(
@@ -405,12 +405,15 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
         threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
         limit: Annotated[int | None, Query(ge=1)] = None,
+        filters: Annotated[str | None, Query(max_length=8000, description='Metadata filter as JSON: {"field": value} or {"field": {"gte": 2}}')] = None,
+        status: Annotated[str, Query(pattern="^(active|superseded|all)$", description="active (the default), superseded or all")] = "active",
     ) -> MemoryList:
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
+        where = memories.parse_filters(filters)
         if query is not None:
-            return external(pz.search_memories(store_id, query, top_k=top_k, threshold=threshold), who)
-        return external(pz.memory.get_all(store_id, limit=limit), who)
+            return external(pz.search_memories(store_id, query, top_k=top_k, threshold=threshold, filters=where, status=status), who)
+        return external(pz.memories(store_id, filters=where, status=status, limit=limit), who)
 
     @app.delete("/v1/users/{user_id}/memories", response_model=DeletedMemories, tags=["memories"])
     def delete_memories(user_id: str, who: Writer) -> DeletedMemories:
@@ -426,6 +429,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         if len(memory_id) > 128 or not pz.delete_memory(store_id, memory_id):
             raise ApiError(404, f"user {user_id!r} has no memory {memory_id[:128]!r}", "memory_not_found", "memory_id")
         return DeletedMemories(user=user_id, deleted=1)
+
+    memories.install(app, pz, Reader, Writer, known, check_memory_write)  # get, update, history, search; export
 
     # --- active enrolment ------------------------------------------------------------------------
 
