@@ -211,6 +211,17 @@ class Generator:
         """What PEFT's ``adapter_config.json`` names as the base: a real model id or folder, never a pseudo-id."""
         return hub_id(self.model_id)
 
+    def is_base(self, name: str | None) -> bool:
+        """Whether an artefact made for base ``name`` fits this model.
+
+        True for this model's id, the hub id it stands for (so the embedded pseudo-id, kept by
+        adapters saved before 0.2, and ``HuggingFaceTB/SmolLM2-135M-Instruct`` name one base), and
+        the folder the weights were loaded from.
+        """
+        if not name:
+            return False
+        return hub_id(name) == self.base_model_name_or_path or name in (self.model_id, self.source)
+
     def fingerprint(self) -> str:
         """:func:`weights_fingerprint` of the base weights, computed once."""
         if self._fingerprint is None:

@@ -216,7 +216,7 @@ class LoraBank:
             manifest = json.loads((folder / BANK_FILE).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise AdapterError(f"no readable bank at {folder} ({err}). Fix: train one with LoraBank.train") from None
-        if manifest.get("base_model") != generator.model_id:
+        if not generator.is_base(manifest.get("base_model")):
             raise AdapterError(f"bank at {folder} was trained on {manifest.get('base_model')!r}, not {generator.model_id!r}. Fix: load the model it was trained on")
         bases = [Basis.load(folder / name, name) for name in manifest["bases"]]
         return cls(generator, bases, beta=manifest["beta"], prior_scale=manifest["prior_scale"], provenance=manifest.get("provenance"))
@@ -264,7 +264,7 @@ class LoraBank:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         targets = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=self.generator.model_id)
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=self.generator.base_model_name_or_path)
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         return folder

@@ -1,10 +1,21 @@
 """Per-user adapters on disk and in memory.
 
 On disk, a user's adapter is a plain PEFT LoRA folder, ``users/<id>/adapter/``
-(``adapter_config.json`` + ``adapter_model.safetensors``, no ``modules_to_save``) that vLLM
-and LoRAX load unchanged, plus ``personalign_adapter.json`` beside those files (base model id,
-package version, training-data hash, training report). A new adapter replaces the old one
+(``adapter_config.json`` + ``adapter_model.safetensors``, no ``modules_to_save``) that vLLM,
+LoRAX and PEFT's ``AutoPeftModelForCausalLM`` load unchanged, plus ``personalign_adapter.json``
+beside those files (base model id, package version, training-data hash, training report).
+``adapter_config.json`` names a real base, ``base_model_name_or_path``: the hub id for the
+embedded model (``HuggingFaceTB/SmolLM2-135M-Instruct``), else the id or folder the generator
+was loaded from; ``personalign_adapter.json`` adds the base weights' fingerprint
+(:func:`personalign.models.weights_fingerprint`). A new adapter replaces the old one
 atomically, so a failed training or a crash leaves the previous adapter usable.
+
+An adapter fits a generator when its base names the same model (:meth:`Generator.is_base`):
+adapters saved with the embedded pseudo-id ``embedded:smollm2-135m-instruct`` (before 0.2)
+and adapters trained with TRL/PEFT on ``HuggingFaceTB/SmolLM2-135M-Instruct`` both fit the
+embedded model. A recorded fingerprint that differs from the loaded weights (the hub's
+bfloat16 weights against the embedded de-quantised copy, or a changed local folder) is logged
+as a warning, not refused.
 
 In memory, at most ``max_resident`` adapters are loaded into one PEFT model (least recently
 used ones are unloaded), and a batch mixes users through PEFT's per-row ``adapter_names``.
@@ -14,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +43,8 @@ from personalign.errors import PersonalignError, ValidationError
 from personalign.memory.locking import atomic_write_json
 from personalign.models import Generator
 from personalign.types import Comparison, validate_user_id
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 META_FILE = "personalign_adapter.json"
@@ -60,6 +74,7 @@ class AdapterManager:
         self.resident: OrderedDict[str, str] = OrderedDict()  # user -> adapter name, oldest first
         self.swaps = 0  # adapters loaded from disk (new slot or in-place refill)
         self._slot_index: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._warned: set[str] = set()  # artefacts already logged for a fingerprint mismatch
 
     # --- disk ------------------------------------------------------------------------------
 
@@ -79,13 +94,27 @@ class AdapterManager:
             config = json.loads((folder / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise AdapterError(f"adapter of {user!r} at {folder} is unreadable ({err}). Fix: retrain it with enroll(..., adapter=True)") from None
-        if meta.get("base_model") != self.generator.model_id:
+        if not self.generator.is_base(meta.get("base_model")):
             raise AdapterError(
                 f"adapter of {user!r} was trained on {meta.get('base_model')!r}, not {self.generator.model_id!r}. "
                 "Fix: retrain it on this model (enroll(..., adapter=True)) or load the model it was trained on"
             )
         if config.get("modules_to_save"):
             raise AdapterError(f"adapter of {user!r} has modules_to_save. Fix: retrain it; personalign adapters are plain LoRA")
+        self._check_fingerprint(meta.get("base_fingerprint"), f"adapter of {user!r} at {folder}")
+
+    def _check_fingerprint(self, recorded: str | None, what: str) -> None:
+        """Log (once per artefact) when the base weights an artefact records differ from the loaded ones."""
+        if recorded is None or what in self._warned:
+            return
+        current = self.generator.fingerprint()
+        if recorded != current:
+            self._warned.add(what)
+            logger.warning(
+                "%s was trained on base weights %s, but %r has %s (another copy or revision of the same model); "
+                "it is used as it is. Retrain it on these weights to match them exactly",
+                what, recorded, self.generator.model_id, current,
+            )  # fmt: skip
 
     # --- memory ----------------------------------------------------------------------------
 
@@ -261,11 +290,14 @@ class AdapterManager:
             saved = write(staging)
             config_path = saved / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text())
-            adapter_config["base_model_name_or_path"] = self.generator.model_id
+            adapter_config["base_model_name_or_path"] = self.generator.base_model_name_or_path
+            adapter_config["revision"] = self.generator.revision
             config_path.write_text(json.dumps(adapter_config, indent=2))
             meta = {
                 "user": user,
                 "base_model": self.generator.model_id,
+                "base_model_name_or_path": self.generator.base_model_name_or_path,
+                "base_fingerprint": self.generator.fingerprint(),
                 "personalign_version": __version__,
                 "data_hash": data_hash(comparisons),
                 "pairs": len(comparisons),
@@ -299,8 +331,8 @@ class AdapterManager:
         except Exception as err:  # missing, truncated or corrupt files
             raise AdapterError(f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}") from None
         base = config.get("base_model_name_or_path")
-        if base not in (None, "", self.generator.model_id):
-            raise AdapterError(f"{label} at {folder} was made for {base!r}, not {self.generator.model_id!r}. {fix}")
+        if base not in (None, "") and not self.generator.is_base(base):
+            raise AdapterError(f"{label} at {folder} was made for {base!r}, not {self.generator.base_model_name_or_path!r}. {fix}")
         if config.get("peft_type", "LORA") != "LORA" or config.get("modules_to_save"):
             raise AdapterError(f"{label} at {folder} is not a plain LoRA (peft_type {config.get('peft_type')!r}, modules_to_save {config.get('modules_to_save')!r}). {fix}")
         rank = config.get("r")
@@ -350,7 +382,8 @@ class AdapterManager:
                 shutil.copyfile(folder / name, target / name)
             return target
 
-        meta = self._publish(user, write, comparisons, {"imported_from": str(folder.resolve())})
+        # The weights it was trained on are unknown here: no fingerprint is recorded for an import.
+        meta = self._publish(user, write, comparisons, {"imported_from": str(folder.resolve()), "base_fingerprint": None})
         self.unload(user)  # the next request loads the new weights
         return meta
 

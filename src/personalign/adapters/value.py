@@ -170,7 +170,7 @@ def load_value_model(folder: Path | str, generator: Any) -> ValueModel:
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as err:  # missing, truncated or malformed files
         raise ValueModelError(f"value model at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain it with `personalign train vas`") from None
-    if config.base_model and config.base_model != generator.model_id:
+    if config.base_model and not generator.is_base(config.base_model):
         raise ValueModelError(
             f"value model at {folder} was trained on {config.base_model!r}, not {generator.model_id!r}. "
             "Fix: train one for this generator with `personalign train vas`"
