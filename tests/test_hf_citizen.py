@@ -40,7 +40,11 @@ def _hub_state(hf_constants):
 
 
 def test_loading_models_leaves_the_host_process_alone(online_host, tiny_model_dir, tmp_path):
-    import sentence_transformers  # noqa: F401  (scikit-learn, under it, sets KMP_* variables when first imported)
+    # Third-party imports set variables once, when first imported: scikit-learn (under
+    # sentence-transformers) KMP_*, torch._dynamo (under transformers) TORCHINDUCTOR_CACHE_DIR.
+    # They are imported before the snapshot; what is checked is what loading does.
+    import sentence_transformers  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     from personalign.personalizer import Personalizer
 

@@ -91,7 +91,7 @@ def _peft_adapter(tiny_model_dir, folder: Path, base_name: str) -> Path:
     model = load_generator(str(tiny_model_dir), device="cpu").model
     model.name_or_path = model.config.name_or_path = base_name  # as if loaded with from_pretrained(base_name)
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
-    peft.save_pretrained(str(folder))
+    peft.save_pretrained(str(folder), save_embedding_layers=False)
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == base_name
     return folder
 
@@ -168,3 +168,12 @@ def test_shipped_adapters_name_a_real_base_and_no_machine_paths():
         text = path.read_text()
         for marker in ("/root/", "/home/", "/tmp/", "/work/", "/Users/", ".cache/personalign"):
             assert marker not in text, (path, marker)
+
+
+def test_a_loaded_revision_is_recorded_for_peft(tiny_model_dir, tmp_path):
+    loaded = load_generator(str(tiny_model_dir), device="cpu")
+    generator = Generator(model=loaded.model, tokenizer=loaded.tokenizer, model_id=EMBEDDED_GENERATOR_HUB_ID, revision="v1.0")
+    manager = AdapterManager(generator, tmp_path / "users")
+    manager.install("kim", _peft_adapter(tiny_model_dir, tmp_path / "trl", EMBEDDED_GENERATOR_HUB_ID))
+    config = json.loads((manager.path("kim") / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (EMBEDDED_GENERATOR_HUB_ID, "v1.0")  # what AutoPeftModel loads
