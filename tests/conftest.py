@@ -182,3 +182,50 @@ def client(server):
     import openai
 
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+
+
+# --- preference embedders, fitted once on a small synthetic population -------------------------
+
+
+@pytest.fixture(scope="session")
+def build_embedder():
+    """``build(name, featurizer)``: an unfitted embedder of the registry at test size. A new
+    embedder needs only its registry line (and, if its defaults are slow, a row here)."""
+    from personalign.persona import EMBEDDER_CLASSES
+    from personalign.persona.pal import PALConfig
+    from personalign.persona.vpl import VPLConfig
+
+    test_size = {"pal": (PALConfig(n_prototypes=3),), "vpl": (VPLConfig(steps=300, hidden_dim=32, latent_dim=4),)}
+
+    def build(name, featurizer):
+        return EMBEDDER_CLASSES[name](featurizer, *test_size.get(name, ()))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """``(world, fit, test)``: 60 synthetic users, 30% held out, test prompts unseen in fitting."""
+    from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
+
+    config = SyntheticConfig(n_users=60, n_types=3, shared_scale=1.0, candidates_per_prompt=5, n_prompts=12, seed=0)
+    world = SyntheticPopulation(config)
+    population = world.population(shots=8, held_out=16, seed=1)
+    fit, test = population.split(0.3, seed=0, exclude="pair")
+    return world, fit, test
+
+
+@pytest.fixture(scope="session")
+def featurizer(encoder):
+    from personalign.persona.base import Featurizer
+
+    return Featurizer(encoder)
+
+
+@pytest.fixture(scope="session")
+def fitted(synthetic, featurizer, build_embedder):
+    """Every registered embedder, fitted on the ``synthetic`` fit users."""
+    from personalign.persona import EMBEDDER_CLASSES
+
+    _, fit, _ = synthetic
+    return {name: build_embedder(name, featurizer).fit(fit.population(), seed=0) for name in EMBEDDER_CLASSES}

@@ -7,9 +7,7 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
-import personalign
 from personalign.errors import ValidationError
 from personalign.eval.populations import SyntheticConfig, SyntheticPopulation, load_psoups, measure_attributes
 from personalign.persona.base import (
@@ -19,43 +17,11 @@ from personalign.persona.base import (
     UserState,
     as_population,
 )
-from personalign.persona.bt import BradleyTerry
-from personalign.persona.meandiff import MeanDiff
-from personalign.persona.pal import PAL, PALConfig
-from personalign.persona.vpl import VPL, VPLConfig
+from personalign.persona.pal import PAL
+from personalign.persona.vpl import VPL
 from personalign.types import Comparison
 
 SHOTS = 4
-
-
-def build(name: str, featurizer: Featurizer) -> PreferenceEmbedder:
-    if name == "bt":
-        return BradleyTerry(featurizer)
-    if name == "meandiff":
-        return MeanDiff(featurizer)
-    if name == "pal":
-        return PAL(featurizer, PALConfig(n_prototypes=3))
-    return VPL(featurizer, VPLConfig(steps=300, hidden_dim=32, latent_dim=4))
-
-
-@pytest.fixture(scope="module")
-def synthetic():
-    config = SyntheticConfig(n_users=60, n_types=3, shared_scale=1.0, candidates_per_prompt=5, n_prompts=12, seed=0)
-    world = SyntheticPopulation(config)
-    population = world.population(shots=8, held_out=16, seed=1)
-    fit, test = population.split(0.3, seed=0, exclude="pair")
-    return world, fit, test
-
-
-@pytest.fixture(scope="module")
-def featurizer(encoder):
-    return Featurizer(encoder)
-
-
-@pytest.fixture(scope="module")
-def fitted(synthetic, featurizer):
-    _, fit, _ = synthetic
-    return {name: build(name, featurizer).fit(fit.population(), seed=0) for name in ("bt", "meandiff", "pal", "vpl")}
 
 
 def held_out_accuracy(model: PreferenceEmbedder, users, shots: int) -> float:
@@ -70,64 +36,18 @@ def held_out_accuracy(model: PreferenceEmbedder, users, shots: int) -> float:
     return float(np.mean(hits))
 
 
-@pytest.mark.parametrize("name", ["bt", "meandiff", "pal", "vpl"])
-def test_beats_chance_on_unseen_users(name, fitted, synthetic):
-    _, _, test = synthetic
-    n_pairs = sum(len(u.held_out) for u in test.users)
-    accuracy = held_out_accuracy(fitted[name], test.users, SHOTS)
-    # Chance is 0.5; with n_pairs held-out pairs 0.5 + 2 standard errors is about 0.56.
-    assert accuracy > 0.5 + 2 * math.sqrt(0.25 / n_pairs), (name, accuracy)
-
-
-def test_personalised_methods_beat_the_population_baseline(featurizer):
+def test_personalised_methods_beat_the_population_baseline(featurizer, build_embedder):
     """Where users disagree (a shared taste half the size of their own), 8 shots must beat one
     population reward by a margin. (On the module's population, whose shared taste dominates,
     the best personal method was within a pair or two of Bradley-Terry, and which side won
     depended on the number of threads.)"""
     config = SyntheticConfig(n_users=60, n_types=3, shared_scale=0.5, candidates_per_prompt=5, n_prompts=12, seed=0)
     fit, test = SyntheticPopulation(config).population(shots=8, held_out=16, seed=1).split(0.3, seed=0, exclude="pair")
-    models = {name: build(name, featurizer).fit(fit.population(), seed=0) for name in ("bt", "meandiff", "pal")}
+    models = {name: build_embedder(name, featurizer).fit(fit.population(), seed=0) for name in ("bt", "meandiff", "pal")}
     baseline = held_out_accuracy(models["bt"], test.users, SHOTS)
     best = max(held_out_accuracy(models[name], test.users, 8) for name in ("meandiff", "pal"))
     # measured: bt 0.608; meandiff 0.677, pal 0.674-0.684 (1 or 2 threads), over 288 held-out pairs
     assert best > baseline + 0.03, (best, baseline)
-
-
-@pytest.mark.parametrize("name", ["bt", "meandiff", "pal", "vpl"])
-def test_protocol_and_prob(name, fitted, synthetic):
-    model = fitted[name]
-    assert isinstance(model, PreferenceEmbedder)
-    _, _, test = synthetic
-    user = test.users[0]
-    state = model.infer(user.shots[:SHOTS])
-    assert state.method == name and state.n_comparisons == SHOTS
-    c = user.held_out[0]
-    p = model.prob(c.prompt_text, c.chosen, c.rejected, state)
-    q = model.prob(c.prompt_text, c.rejected, c.chosen, state)
-    assert 0.0 <= p <= 1.0 and p + q == pytest.approx(1.0, abs=1e-6)
-    assert UserState.from_dict(json.loads(json.dumps(state.to_dict()))).to_dict() == state.to_dict()
-    assert model.reward([c.prompt_text], [c.chosen], model.prior()).shape == (1,)
-
-
-@pytest.mark.parametrize("name", ["bt", "meandiff", "pal", "vpl"])
-def test_save_load_round_trip_is_bit_equal(name, fitted, featurizer, synthetic, tmp_path):
-    model = fitted[name]
-    model.save(tmp_path)
-    config = json.loads((tmp_path / f"{name}_config.json").read_text())
-    assert config["package_version"] == personalign.__version__
-    assert config["encoder"] == featurizer.encoder_name and config["feature_dim"] == featurizer.dim
-    assert (tmp_path / f"{name}.safetensors").is_file()
-    loaded = type(model).load(tmp_path, featurizer)
-    if hasattr(model, "model"):
-        before, after = model.model.state_dict(), loaded.model.state_dict()
-        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    _, _, test = synthetic
-    user = test.users[1]
-    s1, s2 = model.infer(user.shots[:SHOTS]), loaded.infer(user.shots[:SHOTS])
-    assert np.array_equal(s1.vector, s2.vector)
-    prompts = [c.prompt_text for c in user.held_out]
-    responses = [c.chosen for c in user.held_out]
-    assert np.array_equal(model.reward(prompts, responses, s1), loaded.reward(prompts, responses, s2))
 
 
 def test_vpl_posterior_and_information_gain(fitted, synthetic):
@@ -146,13 +66,6 @@ def test_vpl_posterior_and_information_gain(fitted, synthetic):
 
 
 # --- bad input ----------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", ["bt", "meandiff", "pal", "vpl"])
-def test_empty_comparisons_raise(name, fitted):
-    with pytest.raises(ValidationError) as err:
-        fitted[name].infer([])
-    assert err.value.field == "comparisons" and err.value.fix
 
 
 def test_nan_state_raises(fitted):
