@@ -152,6 +152,18 @@ def test_layout_errors_name_the_field(row, field, words):
     assert info.value.field == field and words in str(info.value) and info.value.fix
 
 
+def test_from_dataset_drops_the_null_keys_arrow_adds_to_messages():
+    # One message with a "name" gives every message of the column a "name" key, null where absent.
+    named = {"role": "system", "content": "Be brief.", "name": "rules"}
+    rows = [{"prompt": [named, USER], "chosen": _assistant(YES), "rejected": _assistant(NO)}, {"prompt": [USER], "chosen": _assistant(YES), "rejected": _assistant(NO)}]
+    dataset = to_dataset_raw(rows)
+    assert dataset[1]["prompt"][0]["name"] is None
+    with pytest.raises(ValidationError) as info:  # a key a chat message cannot have is still refused
+        from_dataset(dataset)
+    assert info.value.field == "dataset[0].prompt[0].name"
+    assert from_dataset(dataset.select([1])) == [(None, Comparison(prompt=[ChatMessage(**USER)], chosen=YES, rejected=NO))]
+
+
 def test_to_dataset_refuses_mixed_layouts():
     with pytest.raises(ValidationError, match="mix text and conversational"):
         to_dataset([(None, TEXT), (None, CHAT)])

@@ -468,18 +468,25 @@ def to_dataset(rows: Iterable[tuple[str | None, Comparison]]) -> Any:
     return Dataset.from_list([{key: record.get(key) for key in columns} for record in records])
 
 
+def _drop_null_keys(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m for m in value]
+    return value
+
+
 def from_dataset(dataset: Iterable[Mapping[str, Any]], extra: ExtraColumns = "metadata") -> list[tuple[str | None, Comparison]]:
     """``(user, comparison)`` pairs from a ``datasets.Dataset`` (or any rows) in any TRL preference layout.
 
-    Null values count as absent columns (a dataset fills the columns a row lacks with nulls);
-    other columns follow ``extra`` as in :func:`read_preferences`. All rows are validated first.
+    Null values count as absent: a dataset fills the columns a row lacks with nulls, and the keys
+    a chat message lacks (Arrow gives every message of a column the same keys). Other columns
+    follow ``extra`` as in :func:`read_preferences`. All rows are validated first.
     """
     pairs: list[tuple[str | None, Comparison]] = []
     for index, item in enumerate(dataset):
         where = f"dataset[{index}]"
         if not isinstance(item, Mapping):
             raise ValidationError(where, "is not a row of columns", "pass a datasets.Dataset or dicts", item)
-        row = {key: value for key, value in item.items() if value is not None}
+        row = {key: _drop_null_keys(value) if key in ("prompt", "chosen", "rejected") else value for key, value in item.items() if value is not None}
         user = _row_user(row, where)
         pairs.append((user, comparison_from_row(row, where, extra)))
     return pairs
