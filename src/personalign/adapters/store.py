@@ -11,7 +11,7 @@ was loaded from; ``personalign_adapter.json`` adds the base weights' fingerprint
 atomically, so a failed training or a crash leaves the previous adapter usable.
 
 An adapter fits a generator when its base names the same model (:meth:`Generator.is_base`):
-adapters saved with the embedded pseudo-id ``embedded:smollm2-135m-instruct`` (before 0.2)
+adapters saved with the embedded pseudo-id ``embedded:smollm2-135m-instruct`` (all adapters saved before real base ids)
 and adapters trained with TRL/PEFT on ``HuggingFaceTB/SmolLM2-135M-Instruct`` both fit the
 embedded model. A recorded fingerprint that differs from the loaded weights (the hub's
 bfloat16 weights against the embedded de-quantised copy, or a changed local folder) is logged
