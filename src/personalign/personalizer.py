@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -60,7 +60,15 @@ from personalign.persona.pplug import (
 )
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering import rerank as rerank_method
-from personalign.steering.decoding import STEERABLE, eos_token_ids
+from personalign.steering.decoding import (
+    STEERABLE,
+    RowControls,
+    RowDecoder,
+    TokenLogprob,
+    compile_grammar,
+    derived_seed,
+    eos_token_ids,
+)
 from personalign.steering.dpa import dpa_messages
 from personalign.steering.methods import dpa_line, steerable_by_method
 from personalign.steering.objectives import infer_weights
@@ -90,13 +98,23 @@ class GenerationParams(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="this request's own sampling seed (torch.Generator's range)")
+    # OpenAI's per-row controls, applied by steering.decoding.RowDecoder
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None, description="token id -> value added to its logit")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="record each token's log-probability and this many alternatives (None: none)")
+    grammar: dict[str, Any] | None = Field(default=None, description='constrained decoding: {"json_object": true} or {"json_schema": {...}}')
 
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one ``generate`` call."""
-        if self.temperature == 0:
-            return ("greedy", self.repetition_penalty, self.min_new_tokens)
-        return ("sample", self.temperature, self.top_p, self.repetition_penalty, self.seed, self.min_new_tokens)
+        """Requests with equal keys can share one ``generate`` call (each row samples on its own, see ``RowDecoder``)."""
+        return ("decode", self.repetition_penalty, self.min_new_tokens)
+
+    def row_controls(self, grammar: Any = None) -> RowControls:
+        """This request's row in a :class:`~personalign.steering.decoding.RowDecoder` (``grammar``: the compiled one)."""
+        return RowControls(
+            self.temperature, self.top_p, self.seed, self.logit_bias, self.presence_penalty, self.frequency_penalty, self.top_logprobs, grammar
+        )
 
     def generate_kwargs(self, pad_token_id: int | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad_token_id}
@@ -174,6 +192,7 @@ class ChatResult:
     completion_tokens: int
     description: str | None = None  # the user description, when the request asked for it
     personalization: dict[str, Any] | None = None  # decode-time guidance that ran (e.g. user-rerank: candidates, scores, pick)
+    logprobs: list[TokenLogprob] | None = None  # per completion token, when the request asked for top_logprobs
 
 
 def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
@@ -630,6 +649,7 @@ class Personalizer:
             name = sorted(unknown)[0]
             raise ValidationError(name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}")
         params = _params(GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation")
+        self._check_decoding(params)
         conditioning = _params(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
         profile = self.profiles.get(user) if user is not None else None  # read once per request
         cond = self.condition(user, messages, params.max_new_tokens, conditioning, profile)
@@ -709,6 +729,44 @@ class Personalizer:
         report = {"method": METHOD, "strength": heads.default_beta if strength is None else strength, "weights": [round(float(w), 4) for w in mixture(state)], "heads": heads.fingerprint}
         return betas, report
 
+    def _vocab_size(self) -> int:
+        """The width of the generator's logits (may exceed the tokenizer's length)."""
+        return int(getattr(self.generator.model.config, "vocab_size", None) or len(self.generator.tokenizer))
+
+    def _grammar(self, spec: Mapping[str, Any] | None) -> Any:
+        """The compiled grammar for a request's ``grammar`` (cached by its JSON text), or ``None``."""
+        if spec is None:
+            return None
+        key = json.dumps(spec, sort_keys=True)
+        cache = self.__dict__.setdefault("_grammars", {})
+        if key not in cache:
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            cache[key] = compile_grammar(self.generator.tokenizer, self._vocab_size(), spec, "grammar")
+        return cache[key]
+
+    def _check_decoding(self, params: GenerationParams) -> None:
+        """Token ids in ``logit_bias`` exist and the ``grammar`` compiles (before anything is generated)."""
+        vocab = self._vocab_size()
+        for token in params.logit_bias or {}:
+            if not 0 <= token < vocab:
+                raise ValidationError(f"logit_bias.{token}", f"is not a token id of this model (0 to {vocab - 1})", "use ids from the model's tokenizer", token)
+        self._grammar(params.grammar)
+
+    def _row_decoder(self, batch: Sequence[_Prepared], plan: Plan, prompt_width: int) -> RowDecoder | None:
+        """Per-row sampling and OpenAI's controls for a batch that needs them (``None``: every row is plain greedy)."""
+        controls = [p.params.row_controls(self._grammar(p.params.grammar)) for p in batch]
+        if all(c.plain for c in controls):
+            return None
+        if plan.greedy:  # logit mixing: SteeringProcessor picks each group's token, with the global RNG
+            for c, p in zip(controls, batch, strict=True):
+                extra = c.logit_bias or c.presence_penalty or c.frequency_penalty or c.top_logprobs is not None or c.grammar is not None
+                if extra:
+                    fix = "steer with another method, or leave out logit_bias, penalties, logprobs and response_format"
+                    raise ValidationError("steer", f"logit-mixing steering ({p.steer_method}) cannot be combined with OpenAI's decoding controls", fix)
+            return None
+        return RowDecoder(controls, prompt_width, eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
+
     def _generate_kwargs(self, batch: Sequence[_Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
         first = batch[0].params.model_copy(update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)})
@@ -719,6 +777,12 @@ class Personalizer:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if plan.processors:
             kwargs["logits_processor"] = plan.processors
+        decoder = self._row_decoder(batch, plan, kwargs["input_ids"].shape[1])
+        if decoder is not None:  # it chooses every row's token; generate takes it greedily
+            from transformers import LogitsProcessorList
+
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = LogitsProcessorList([*plan.processors, decoder])
         if any(p.plug is not None for p in batch):
             # Each row's soft token before its first prompt token; rows without one get a masked
             # column instead and decode exactly as without it. ``input_ids`` keeps the same layout
@@ -781,7 +845,7 @@ class Personalizer:
         from transformers import StoppingCriteriaList
 
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
-        seed = batch[0].params.seed
+        seed = next((p.params.seed for p in batch if p.params.seed is not None), None)  # only logit mixing samples with the global RNG
         try:
             with self._generate_lock, torch.inference_mode():
                 plan = self._plan(batch)
@@ -794,7 +858,8 @@ class Personalizer:
                     streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, lambda r, tokens: self._result(batch[plan.owner[r]], tokens, stops))
                     # a cancelled request stops all of its rows
                     kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows([streams[i] for i in plan.owner])])
-                if seed is not None:
+                decoder = next((p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None)
+                if seed is not None and decoder is None:
                     torch.manual_seed(seed)
                 try:
                     output = self._generate(plan.names, kwargs, streamer)
@@ -809,6 +874,11 @@ class Personalizer:
             raise
         width = kwargs["input_ids"].shape[1]
         results = [self._result(prepared, output[row, width:].tolist(), stops) for row, prepared in zip(plan.primary, batch, strict=True)]
+        if decoder is not None:
+            results = [
+                dataclasses.replace(r, logprobs=decoder.logprobs[i][: r.completion_tokens]) if p.params.top_logprobs is not None else r
+                for i, (r, p) in enumerate(zip(results, batch, strict=True))
+            ]
         for stream, result in zip(streams or [], results, strict=False):
             if stream is not None:
                 stream.finish(result)  # rows the streamer has not closed (a no-op for the others)
@@ -864,7 +934,8 @@ class Personalizer:
         for index, item in enumerate(prepared):
             if item.rerank:
                 params = item.params if item.params.temperature > 0 else item.params.model_copy(update={"temperature": item.rerank_temperature})
-                rows += [dataclasses.replace(item, params=params)] * item.rerank
+                seeds = [None if params.seed is None else derived_seed(params.seed, j) for j in range(item.rerank)]  # distinct candidates
+                rows += [dataclasses.replace(item, params=params.model_copy(update={"seed": seed})) for seed in seeds]
                 owner += [index] * item.rerank
             else:
                 rows.append(item)

@@ -35,6 +35,7 @@ from personalign.server import errors, memories
 from personalign.server.batcher import Batcher
 from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.config import Principal, ServerConfig, hash_key
+from personalign.server.controls import decoding_options, seeds, tool_messages
 from personalign.server.errors import ApiError
 from personalign.server.limits import BodyLimit, json_problem
 from personalign.server.schemas import (
@@ -58,6 +59,7 @@ from personalign.server.schemas import (
     RememberRequest,
     Usage,
 )
+from personalign.server.tools import ToolPlan
 from personalign.steering.schema import parse_steering
 from personalign.streaming import TokenStream
 from personalign.types import convert_pydantic_error, parse_messages
@@ -235,8 +237,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> tuple[dict[str, Any], dict[str, int] | None]:
-        """The ``respond_batch`` request, and ``{"requested", "applied"}`` when ``max_tokens`` was lowered to the cap."""
+    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> tuple[dict[str, Any], dict[str, int] | None, ToolPlan | None]:
+        """The ``respond_batch`` request, ``{"requested", "applied"}`` when ``max_tokens`` was lowered to the cap, and the tools' plan."""
         if body.model not in model_names:
             raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
         for name, allowed in UNSUPPORTED.items():
@@ -252,15 +254,17 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         clamped = None
         if max_new > config.max_tokens_cap:  # as OpenAI-compatible servers do: answer, and say so
             clamped, max_new = {"requested": max_new, "applied": config.max_tokens_cap}, config.max_tokens_cap
+        options, tools = decoding_options(body, config.default_temperature)
         request: dict[str, Any] = {
             "user": None if user is None else who.store_id(user, source or "user"),
-            "messages": [m.as_sdk() for m in body.messages],
+            "messages": tool_messages([m.as_sdk() for m in body.messages], tools),
             "max_new_tokens": max_new,
             **body.options(),
+            **options,
         }
         if body.steer is not None:
             request["steer"] = body.steer
-        return request, clamped
+        return request, clamped, tools
 
     def prevalidate(request: dict[str, Any]) -> str | None:
         """Everything ``respond_batch`` would reject, checked before the request joins a batch.
@@ -295,7 +299,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         x_personalign_user: Annotated[str | None, Header(alias=USER_HEADER, description="The user, when the body names none")] = None,
     ) -> Any:
         user, source = chat_user(body, x_personalign_user)
-        request, clamped = sdk_request(body, who, user, source)
+        request, clamped, tools = sdk_request(body, who, user, source)
         stops = parse_stop(body.stop)
         n = body.n or 1
         with batcher.arriving():
@@ -307,7 +311,10 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             # Streams join batches too: their tokens are routed out of the shared generate call.
             # A whole reply with stop strings is streamed unread, to stop generating at the first one.
             quiet = [EarlyStop(stops) for _ in range(rows)] if stops and not streams and request.get("rerank", 0) < 2 else []
-            future = batcher.submit_group([{**request, "stream": s} for s in streams or quiet] or [request] * rows)
+            # each choice samples with its own seed (derived from the request's), whatever shares its batch
+            row_requests = [request if s is None else {**request, "seed": s} for s in seeds(request.get("seed"), rows)]
+            watched = streams or quiet
+            future = batcher.submit_group([{**r, "stream": s} for r, s in zip(row_requests, watched, strict=True)] if watched else row_requests)
         for stream in streams:
             # A request its batch rejected before generating never reaches the streamer: end its stream too.
             future.add_done_callback(lambda f, stream=stream: stream.fail(f.exception()) if f.exception() is not None else None)
@@ -340,7 +347,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             id=completion_id,
             created=now,
             model=config.served_model,
-            choices=choices(answers),
+            choices=choices(answers, results, tools, pz.generator.tokenizer if body.logprobs else None),
             usage=Usage(**usage(results, answers)),
             personalign=personalisation(results),
         )

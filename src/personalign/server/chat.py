@@ -19,9 +19,11 @@ from typing import Any
 
 from personalign.errors import PersonalignError, UnknownUserError
 from personalign.server import errors
+from personalign.server.controls import logprobs_out, tool_calls
 from personalign.server.errors import ApiError
 from personalign.server.schemas import ChatMessageOut, Choice, Personalisation
 from personalign.server.stops import MAX_STOP_CHARS, MAX_STOPS, StopScanner, cut
+from personalign.server.tools import ToolPlan
 from personalign.streaming import TokenStream
 
 log = logging.getLogger("personalign.server")
@@ -93,8 +95,14 @@ def answer(result: Any, max_new_tokens: int, stops: Sequence[str], count_tokens:
     return Answer(text, "length" if result.completion_tokens >= max_new_tokens else "stop", result.completion_tokens)
 
 
-def choices(answers: Sequence[Answer]) -> list[Choice]:
-    return [Choice(index=i, message=ChatMessageOut(content=a.text), finish_reason=a.finish) for i, a in enumerate(answers)]  # type: ignore[arg-type]
+def choices(answers: Sequence[Answer], results: Sequence[Any] = (), tools: ToolPlan | None = None, logprob_tokenizer: Any = None) -> list[Choice]:
+    """The choices of a whole reply: text or tool calls (:func:`tool_calls`), and logprobs when a tokenizer is given."""
+    out = []
+    for i, a in enumerate(answers):
+        content, calls, finish = tool_calls(a.text, a.finish, tools)
+        logprobs = logprobs_out(results[i], a.completion_tokens, logprob_tokenizer) if logprob_tokenizer is not None else None
+        out.append(Choice(index=i, message=ChatMessageOut(content=content, tool_calls=calls), finish_reason=finish, logprobs=logprobs))  # type: ignore[arg-type]
+    return out
 
 
 def usage(results: Sequence[Any], answers: Sequence[Answer]) -> dict[str, int]:

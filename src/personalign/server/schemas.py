@@ -4,15 +4,25 @@ Chat requests accept OpenAI's fields and personalign's extra fields (what the ``
 client sends with ``extra_body``): ``steer``, ``memory``, ``shots``, ``n_shots``,
 ``n_memories``, ``memory_threshold``, ``repetition_penalty``, ``fspo``, ``pplug``, ``describe``,
 ``rerank``, ``rerank_temperature``. Unknown fields are accepted and logged (as vLLM does), but
-OpenAI options we cannot honour (tools, penalties, logprobs, JSON mode) are refused rather than
-silently ignored.
+OpenAI options we cannot honour (the deprecated ``functions``/``function_call``) are refused
+rather than silently ignored. ``logit_bias``, the penalties, ``logprobs``, ``response_format``
+and ``tools`` are decoded per row (:class:`personalign.steering.decoding.RowDecoder`).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
 
 from personalign.server.stops import MAX_STOP_CHARS, MAX_STOPS
 
@@ -27,16 +37,53 @@ class TextPart(BaseModel):
     text: StrictStr
 
 
-class Message(BaseModel):
-    """A chat turn. ``developer`` is read as ``system``; content may be a list of text parts."""
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCall(BaseModel):
+    """A function call the assistant made (OpenAI's ``tool_calls`` item)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class Message(BaseModel):
+    """A chat turn. ``developer`` is read as ``system``; content may be a list of text parts.
+
+    An assistant turn's ``tool_calls`` are written into its text as ``<tool_call>{...}</tool_call>``
+    and a ``tool`` turn becomes a user turn quoting the result (see :mod:`personalign.server.tools`).
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Message:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a 'tool' message needs the tool_call_id of the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return self
 
     def as_sdk(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        from personalign.server.tools import call_text
+
+        text = "" if self.content is None else self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if self.role == "tool":
+            return {"role": "user", "content": f"Result of tool call {self.tool_call_id or ''}: {text}".replace("call : ", "call: ")}
+        if self.tool_calls:
+            text = "\n".join([text, *(call_text(c.function.name, c.function.arguments) for c in self.tool_calls)]).strip()
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -48,19 +95,56 @@ class StreamOptions(BaseModel):
 
 # OpenAI options that change the answer and that this server cannot honour: refused unless at their no-op value.
 UNSUPPORTED = {
-    "tools": (None, []),
     "functions": (None, []),
-    "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
-    "frequency_penalty": (None, 0, 0.0),
-    "presence_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
-    "response_format": (None, {"type": "text"}),
 }
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: StrictStr = Field(default="response", max_length=64)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+    description: StrictStr | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``{"type": "text"}``, ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
 # OpenAI options with no effect on the reply that are accepted and ignored.
-IGNORED = {"metadata", "store", "parallel_tool_calls", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent", "prompt_cache_key"}
+IGNORED = {"metadata", "store", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent", "prompt_cache_key"}
 
 
 class ChatCompletionRequest(BaseModel):
@@ -77,13 +161,24 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: Number | None = Field(default=None, ge=0, le=2)
+    temperature: Number | None = Field(default=None, ge=0, le=2, description="Omitted: the server's default_temperature (1.0, as OpenAI); 0 is greedy")
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
     n: StrictInt | None = Field(default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)")
     stop: StopText | Annotated[list[Annotated[StopText, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = Field(
         default=None, description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'. \"\" and [] are no stop"
     )
+    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
+        default=None, max_length=1024, description="Token id (as a string) -> -100..100 added to its logit at every step"
+    )
+    presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
+    logprobs: StrictBool | None = Field(default=None, description="Return each output token's log-probability (not with stream)")
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token")
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=64)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = Field(default=None, description="Accepted; at most one call is made per choice")
     # personalign's extra body fields
     # Any form parse_steering reads: {"verbosity": -0.5}, {"weights"|"direction": {...}, "method": ...},
     # {"angle": 30, "objectives": [a, b]}; checked by parse_steering so errors match the Python API.
@@ -110,7 +205,7 @@ class ChatCompletionRequest(BaseModel):
     def options(self) -> dict[str, Any]:
         """The SDK options this request sets (``max_new_tokens`` is filled in by the app)."""
         names = (
-            "temperature", "top_p", "seed", "memory", "shots", "n_shots", "n_memories", "memory_threshold",
+            "top_p", "seed", "presence_penalty", "frequency_penalty", "memory", "shots", "n_shots", "n_memories", "memory_threshold",
             "repetition_penalty", "fspo", "pplug", "describe", "rerank", "rerank_temperature",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
@@ -118,14 +213,30 @@ class ChatCompletionRequest(BaseModel):
 
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: None = None
 
 
 class Choice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: Literal["stop", "length", "tool_calls"]
+    logprobs: ChoiceLogprobs | None = None
 
 
 class Usage(BaseModel):
