@@ -34,6 +34,7 @@ from personalign.personalizer import ConditioningParams, GenerationParams
 from personalign.server import errors, memories
 from personalign.server.batcher import Batcher
 from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
+from personalign.server.completions import add_routes as add_completion_routes
 from personalign.server.config import Principal, ServerConfig, hash_key
 from personalign.server.controls import decoding_options, seeds, tool_messages
 from personalign.server.errors import ApiError
@@ -450,6 +451,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         ranked = pz.next_question(store_id, [c.model_dump() for c in body.candidates], top_k=body.top_k)
         return NextQuestionResponse(user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked])
 
+    add_completion_routes(app, pz, config, model_names, principal)
     return app
 
 
