@@ -142,3 +142,27 @@ def test_embedded_pseudo_id_names_its_hub_model(tiny_generator):
     assert hub_id("some/model") == "some/model"
     generator = Generator(model=tiny_generator.model, tokenizer=tiny_generator.tokenizer, model_id="embedded:smollm2-135m-instruct")
     assert generator.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_personalizer_load_passes_the_load_options_through(monkeypatch, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import personalign.personalizer as personalizer_module
+
+    models, tokenizers = _Spy(monkeypatch, AutoModelForCausalLM), _Spy(monkeypatch, AutoTokenizer)
+    encoder_calls = []
+    real_load_encoder = personalizer_module.load_encoder
+
+    def spy_encoder(*args, **kwargs):
+        encoder_calls.append(kwargs)
+        return real_load_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(personalizer_module, "load_encoder", spy_encoder)
+    options = {"torch_dtype": torch.bfloat16, "device_map": "cpu", "attn_implementation": "eager", "revision": "main"}
+    with personalizer_module.Personalizer.load(model=str(tiny_model_dir), store=tmp_path / "store", **options) as pz:
+        assert pz.generator.model.dtype == torch.bfloat16 and pz.generator.revision == "main"
+    [kwargs] = models.calls
+    assert kwargs["device_map"] == "cpu" and kwargs["attn_implementation"] == "eager" and kwargs["revision"] == "main"
+    assert kwargs["dtype"] is torch.bfloat16 and kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True
+    assert tokenizers.calls[0] == {"revision": "main", "trust_remote_code": False, "local_files_only": True}  # then the encoder's
+    assert encoder_calls == [{"device": None, "trust_remote_code": False, "local_files_only": True}]  # the revision is the generator's

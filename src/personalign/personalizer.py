@@ -22,7 +22,6 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalign.adapters.amplify import AmplifyConfig
 from personalign.adapters.bank import LoraBank
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
@@ -294,28 +293,9 @@ class Personalizer:
         fspo: str | Path | None = None,
         pplug: str | Path | None = None,
         user_vas: str | Path | None = None,
-        *,
-        torch_dtype: Any = None,
-        device_map: str | dict[str, Any] | None = None,
-        quantization_config: Any = None,
-        attn_implementation: str | None = None,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
-        local_files_only: bool = True,
     ) -> Personalizer:
-        """Load models (embedded defaults unless given an HF id or local path) and open ``store``.
-
-        The keyword options go to :func:`~personalign.models.load_generator` as they are
-        (``revision`` is the generator's); ``trust_remote_code`` and ``local_files_only`` go to
-        :func:`~personalign.models.load_encoder` too. ``local_files_only=False`` lets hub ids
-        download; by default only local folders and the Hugging Face cache are used.
-        """
-        hub = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-        generator = load_generator(
-            model, device=device, dtype=dtype, torch_dtype=torch_dtype, device_map=device_map, quantization_config=quantization_config,
-            attn_implementation=attn_implementation, revision=revision, **hub,
-        )  # fmt: skip
-        enc = load_encoder(encoder, device=device, **hub)
+        """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
+        generator, enc = load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device)
         return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas)
 
     def user_heads(self) -> Any:
@@ -445,16 +425,10 @@ class Personalizer:
 
         return self.profiles.update(user, add)
 
-    def train_adapter(
-        self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None, extra: Sequence[Comparison] = ()
-    ) -> UserProfile:
-        """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases).
-
-        ``extra``: more comparisons to train on that are not stored in the profile, e.g.
-        :meth:`amplified_comparisons` (the user's inferred reward labelling the generator's answers).
-        """
+    def train_adapter(self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None) -> UserProfile:
+        """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases)."""
         config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        comparisons = [*self.profiles.get(user).comparisons, *parse_comparisons(extra, "extra")]
+        comparisons = self.profiles.get(user).comparisons
         if not comparisons:
             raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
         with self._generate_lock:
@@ -465,23 +439,6 @@ class Personalizer:
             return profile
 
         return self.profiles.update(user, note, create=False)
-
-    def adapter_folder(self, user: str) -> Path:
-        """The PEFT folder of ``user``'s LoRA adapter (loadable by ``AutoPeftModelForCausalLM``, importable
-        by :meth:`import_adapter` for another user); ``ValidationError`` when they have none."""
-        if not self.adapters.has_adapter(user):
-            raise ValidationError("user", f"{user!r} has no adapter", "train one: train_adapter(user) or enroll(..., adapter=True)", user)
-        return self.adapters.path(user)
-
-    def amplified_comparisons(self, user: str, answers: Mapping[str, Sequence[str]], config: AmplifyConfig | Mapping[str, Any] | None = None) -> list[Comparison]:
-        """Pairs of the generator's own ``answers`` (per prompt) labelled by ``user``'s inferred reward,
-        the clearest first (:func:`~personalign.adapters.amplify.amplify`): training data for
-        ``train_adapter(user, extra=...)``. Nothing is stored."""
-        from personalign.adapters.amplify import amplify
-
-        config = config if isinstance(config, AmplifyConfig) else _params(AmplifyConfig, config or {}, "config")
-        rewards = {prompt: self.reward(user, prompt, list(texts)) for prompt, texts in answers.items()}
-        return amplify(answers, rewards, config)
 
     def import_adapter(self, user: str, folder: str | Path) -> UserProfile:
         """Use a LoRA trained elsewhere (a PEFT folder for this base model) as ``user``'s adapter.
