@@ -15,7 +15,16 @@ from personalign.errors import (
     UnknownUserError,
     ValidationError,
 )
-from personalign.types import ChatMessage, Comparison, UserProfile, read_preferences, write_preferences
+from personalign.types import (
+    ChatMessage,
+    Comparison,
+    UserProfile,
+    comparison_from_row,
+    from_dataset,
+    read_preferences,
+    to_dataset,
+    write_preferences,
+)
 
 __version__ = "0.1.0"
 
@@ -34,7 +43,10 @@ __all__ = [
     "UnknownUserError",
     "UserProfile",
     "ValidationError",
+    "comparison_from_row",
+    "from_dataset",
     "read_preferences",
+    "to_dataset",
     "write_preferences",
 ]
 
