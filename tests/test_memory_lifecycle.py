@@ -309,3 +309,37 @@ def test_http_bad_input_is_4xx_and_changes_nothing(server):
         assert [m["memory"] for m in globex.get("/v1/users/dora/export").json()["memories"]] == ["Globex's dora."]
     with _client(server, ACME) as http:
         assert http.get("/v1/users/dora/export").json()["memories"] == before
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def test_cli_memory_commands_match_python(tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    runner, store = CliRunner(), str(tmp_path / "store")
+
+    def run(*args, code=0):
+        out = runner.invoke(app, [*args, "--store", store])
+        assert out.exit_code == code, out.output
+        return json.loads(out.stdout) if code == 0 and out.stdout.lstrip().startswith("{") else out
+
+    paris = run("memory", "add", "--user", "fay", "--key", "home_city", "--metadata", '{"category": "home"}', PARIS)["results"][0]
+    moved = run("memory", "add", "--user", "fay", "--key", "home_city", BERLIN)["results"]
+    assert [r["event"] for r in moved] == ["ADD", "DELETE"] and moved[0]["source"] == "cli"
+    updated = run("memory", "update", "--user", "fay", moved[0]["id"], LISBON)["results"][0]
+    assert updated["event"] == "UPDATE" and updated["previous_memory"] == BERLIN
+    assert [v["memory"] for v in run("memory", "history", "--user", "fay", moved[0]["id"])["versions"]] == [BERLIN, LISBON]
+    assert run("memory", "get", "--user", "fay", paris["id"])["results"][0]["status"] == "superseded"
+    assert [r["memory"] for r in run("memory", "list", "--user", "fay")["results"]] == [LISBON]
+    assert [r["memory"] for r in run("memory", "list", "--user", "fay", "--filters", '{"category": "home"}', "--status", "all")["results"]] == [PARIS]
+    assert run("memory", "search", "--user", "fay", WHERE)["results"][0]["memory"] == LISBON
+    document = run("export-user", "--user", "fay")
+    assert document["user_id"] == "fay" and len(document["memories"]) == 2
+    # errors: an unknown id is 1, a bad option 2; nothing changes
+    assert "has no memory" in run("memory", "update", "--user", "gus", moved[0]["id"], "stolen", code=1).output
+    assert "--filters" in run("memory", "list", "--user", "fay", "--filters", "{oops", code=2).output
+    assert "filters.categry" in run("memory", "list", "--user", "fay", "--filters", '{"categry": "x"}', code=1).output
+    assert run("export-user", "--user", "fay")["memories"] == document["memories"]

@@ -409,7 +409,7 @@ class Personalizer:
             current = self.profiles.get(user) if self.profiles.exists(user) else None
             before = current.comparisons if current is not None else []
             base = (current.version if current is not None else 0, len(before))
-            state = embedder.infer([*before, *stamped])
+            state = self.preferences.infer(embedder, [*before, *stamped])
 
         def add(profile: UserProfile) -> UserProfile:
             profile.comparisons.extend(stamped)
@@ -417,7 +417,7 @@ class Personalizer:
             profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
             if embedder is not None:
                 unchanged = (profile.version, len(profile.comparisons) - len(stamped)) == base
-                fresh = state if unchanged and state is not None else embedder.infer(profile.comparisons)
+                fresh = state if unchanged and state is not None else self.preferences.infer(embedder, profile.comparisons)
                 profile.settings[STATE_KEY] = {"embedder": embedder_id, **fresh.to_dict()}
             if summary is not None:
                 profile.settings["adapter"] = summary

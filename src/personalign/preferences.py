@@ -13,6 +13,7 @@ from typing import Any
 from personalign.errors import ValidationError
 from personalign.memory.profiles import ProfileStore
 from personalign.models import Encoder, Generator
+from personalign.persona.drift import DEFAULT_DRIFT, DriftConfig, infer_state
 from personalign.persona.questions import check_text, parse_candidates
 from personalign.types import UserProfile, validate_user_id
 
@@ -20,9 +21,17 @@ STATE_KEY = "state"
 
 
 class Preferences:
-    """One embedder (loaded on first use) over one profile store."""
+    """One embedder (loaded on first use) over one profile store.
 
-    def __init__(self, profiles: ProfileStore, encoder: Encoder, generator: Generator, embedder: Any = None) -> None:
+    ``drift``: how a user's state follows change (recency half-life, change detector; see
+    :mod:`personalign.persona.drift`). A stored state made under other drift settings is
+    re-inferred when read.
+    """
+
+    def __init__(self, profiles: ProfileStore, encoder: Encoder, generator: Generator, embedder: Any = None, drift: DriftConfig = DEFAULT_DRIFT) -> None:
+        if not isinstance(drift, DriftConfig):
+            raise ValidationError("drift", "must be a DriftConfig", "pass personalign.persona.drift.DriftConfig(...)", drift)
+        self.drift = drift
         self.profiles = profiles
         self.encoder = encoder
         self.generator = generator
@@ -76,11 +85,23 @@ class Preferences:
         profile = self.profiles.get(user)
         return self.state_of(profile, embedder, embedder_id)
 
+    def infer(self, embedder: Any, comparisons: Sequence[Any]) -> Any:
+        """The state of a user with these comparisons (oldest first) under :attr:`drift`."""
+        return infer_state(embedder, comparisons, self.drift)
+
+    def _drift_matches(self, stored: Mapping[str, Any]) -> bool:
+        """Whether a stored state was inferred under the current drift settings (a state without a
+        note was inferred statically)."""
+        note = (stored.get("extra") or {}).get("drift")
+        if note is None:
+            return not self.drift.detect and self.drift.half_life is None
+        return {k: note.get(k) for k in self.drift.to_dict()} == self.drift.to_dict()
+
     def state_of(self, profile: UserProfile, embedder: Any, embedder_id: str) -> Any:
         from personalign.persona.base import UserState, check_state
 
         stored = profile.settings.get(STATE_KEY)
-        if isinstance(stored, Mapping) and stored.get("embedder") == embedder_id:
+        if isinstance(stored, Mapping) and stored.get("embedder") == embedder_id and self._drift_matches(stored):
             try:
                 state = UserState.from_dict(stored)
                 return check_state(state, embedder.name, embedder.prior().dim)
@@ -88,13 +109,13 @@ class Preferences:
                 raise ValidationError(
                     f"users/{profile.user_id}/profile.json: settings.state", f"is unusable ({err.problem})", f"call refresh_state({profile.user_id!r}) to re-infer it from the comparisons"
                 ) from None
-        return embedder.infer(profile.comparisons) if profile.comparisons else embedder.prior()
+        return self.infer(embedder, profile.comparisons) if profile.comparisons else embedder.prior()
 
     def refresh_state(self, user: str) -> Any:
         """Re-infer ``user``'s state from their stored comparisons and store it (replacing a corrupt one)."""
         embedder, embedder_id = self.embedder_and_id()
         profile = self.profiles.get(user)
-        state = embedder.infer(profile.comparisons) if profile.comparisons else embedder.prior()
+        state = self.infer(embedder, profile.comparisons) if profile.comparisons else embedder.prior()
 
         def put(p: UserProfile) -> UserProfile:
             p.settings[STATE_KEY] = {"embedder": embedder_id, **state.to_dict()}

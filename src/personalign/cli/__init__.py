@@ -5,7 +5,8 @@
 - ``core``: ``enroll``, ``remember``, ``chat``, ``profile``, ``forget``, ``export``, ``serve``;
 - ``demo``: ``demo``;
 - ``train`` (and ``train_steer``, the steering recipes), ``eval``, ``bench``: the
-  ``personalign train|eval|bench ...`` groups.
+  ``personalign train|eval|bench ...`` groups;
+- ``memory``: ``memory add|get|update|history|list|search``, ``export-user`` and ``eval drift``.
 
 A new command group is one module here that imports ``app`` from ``_common`` (and, for a
 sub-group, calls ``app.add_typer``), plus its name in ``GROUPS`` below.
@@ -20,7 +21,7 @@ import typer
 
 from personalign.cli._common import app
 
-GROUPS = ("core", "demo", "train", "train_steer", "eval", "bench")
+GROUPS = ("core", "demo", "train", "train_steer", "eval", "bench", "memory")
 for _group in GROUPS:
     import_module(f"personalign.cli.{_group}")
 

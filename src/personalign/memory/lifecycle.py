@@ -12,8 +12,8 @@ the lifecycle fields:
 What ``add`` does with each text, in order (``event`` in the result):
 
 1. **NONE**: the text re-states an active memory with the same key (or both unkeyed): the same
-   text up to case and spacing, or cosine >= ``duplicate_threshold`` (0.95). Nothing is written;
-   the existing memory is returned.
+   text up to case and spacing, or, for unkeyed memories, cosine >= ``duplicate_threshold`` (0.95).
+   Nothing is written; the existing memory is returned.
 2. **ADD**: the text becomes a new active memory. With a ``key``, every active memory with that
    key is superseded by it and reported as **DELETE** with ``status: "superseded"`` and
    ``superseded_by`` (it leaves search, not the store). Without a key, active memories at cosine
@@ -21,6 +21,9 @@ What ``add`` does with each text, in order (``event`` in the result):
    colour is blue" / "... green" 0.84) are listed in the new record's ``conflicts``; with
    ``on_conflict="supersede"`` they are superseded as a key would, with ``"keep"`` (the default)
    both stay active.
+
+A keyed memory is embedded with its key as a topic label in front of the text (see
+:func:`embedded_text`), so a question about ``home city`` finds "My new place is in Lisbon".
 
 ``update(id, text)`` keeps the id, stores the previous text as an earlier version and reports
 **UPDATE** with ``previous_memory``; ``history(id)`` lists every version with its time and source.
@@ -101,6 +104,14 @@ def check_add_options(key: Any, on_conflict: Any, source: Any, n_texts: int) -> 
         raise ValidationError("on_conflict", f"must be one of {CONFLICT_POLICIES}", "use 'keep' (report conflicts) or 'supersede'", on_conflict)
     if key is not None and n_texts > 1:
         raise ValidationError("key", "applies to one memory, but several texts were given", "store keyed facts one at a time", key)
+
+
+def embedded_text(text: str, key: str | None) -> str:
+    """What is embedded for a memory: a keyed memory's text follows its key as a topic label
+    (``home_city`` -> ``"home city: I moved to Lisbon."``), so a question about the topic finds it."""
+    if key is None:
+        return text
+    return f"{key.replace('_', ' ').replace('.', ' ').replace('-', ' ')}: {text}"
 
 
 def _now() -> float:
@@ -225,7 +236,7 @@ class MemoryLifecycle:
         """
         docs, extra = self.store.validate(user_id, texts, metadata)
         check_add_options(key, on_conflict, source, len(docs))
-        vectors = self.store._ef(docs)  # encode before touching the database
+        vectors = self.store._ef([embedded_text(d, key) for d in docs])  # encode before touching the database
         results: list[dict[str, Any]] = []
         with self.store._lock:
             for doc, vector in zip(docs, vectors, strict=True):
@@ -235,7 +246,9 @@ class MemoryLifecycle:
     def _add_one(self, user_id: str, doc: str, vector: Any, extra: dict[str, Any], key: str | None, on_conflict: str, source: str) -> list[dict[str, Any]]:
         neighbours = self.store.query(user_id, doc, _NEIGHBOURS, None, None, "active", embedding=vector)
         for memory_id, old_doc, meta, score, _ in neighbours:
-            if meta.get(KEY) == key and (_same_text(old_doc, doc) or score >= self.duplicate_threshold):
+            # A keyed restatement must be the same text (the key label makes every value of a key look
+            # alike to the encoder); an unkeyed one may be a near-identical paraphrase.
+            if meta.get(KEY) == key and (_same_text(old_doc, doc) or (key is None and score >= self.duplicate_threshold)):
                 return [lifecycle_record(user_id, memory_id, old_doc, meta) | {"event": "NONE"}]
         now = _now()
         meta = {**extra, "user_id": user_id, "created_at": now, STATUS: "active", VERSION: 1, VALID_FROM: now, UPDATED_AT: now, SOURCE: source, EVENT: "ADD"}
@@ -278,7 +291,7 @@ class MemoryLifecycle:
             current = {k: v for k, v in meta.items() if k not in _RESERVED and not k.startswith(INTERNAL)}
             if doc == text and (extra is None or extra == current):
                 return {"results": [lifecycle_record(user_id, memory_id, doc, meta) | {"event": "NONE"}]}
-            [vector] = self.store._ef([text])
+            [vector] = self.store._ef([embedded_text(text, meta.get(KEY))])
             now = _now()
             version = int(meta.get(VERSION, 1))
             old = {**meta, STATUS: "history", HISTORY_OF: memory_id, VERSION: version, VALID_TO: now}
