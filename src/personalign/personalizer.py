@@ -293,9 +293,28 @@ class Personalizer:
         fspo: str | Path | None = None,
         pplug: str | Path | None = None,
         user_vas: str | Path | None = None,
+        *,
+        torch_dtype: Any = None,
+        device_map: str | dict[str, Any] | None = None,
+        quantization_config: Any = None,
+        attn_implementation: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        local_files_only: bool = True,
     ) -> Personalizer:
-        """Load models (embedded defaults unless given an HF id or local path) and open ``store``."""
-        generator, enc = load_generator(model, device=device, dtype=dtype), load_encoder(encoder, device=device)
+        """Load models (embedded defaults unless given an HF id or local path) and open ``store``.
+
+        The keyword options go to :func:`~personalign.models.load_generator` as they are
+        (``revision`` is the generator's); ``trust_remote_code`` and ``local_files_only`` go to
+        :func:`~personalign.models.load_encoder` too. ``local_files_only=False`` lets hub ids
+        download; by default only local folders and the Hugging Face cache are used.
+        """
+        hub = {"trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
+        generator = load_generator(
+            model, device=device, dtype=dtype, torch_dtype=torch_dtype, device_map=device_map, quantization_config=quantization_config,
+            attn_implementation=attn_implementation, revision=revision, **hub,
+        )  # fmt: skip
+        enc = load_encoder(encoder, device=device, **hub)
         return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas)
 
     def user_heads(self) -> Any:
