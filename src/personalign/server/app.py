@@ -26,7 +26,7 @@ import pydantic
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from personalign import __version__
 from personalign.errors import UnknownUserError, ValidationError
@@ -60,6 +60,7 @@ from personalign.server.schemas import (
     RememberRequest,
     Usage,
 )
+from personalign.server.serving import GENERATING, Metrics, Serving
 from personalign.server.tools import ToolPlan
 from personalign.steering.schema import parse_steering
 from personalign.streaming import TokenStream
@@ -75,6 +76,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         403: "The key may not write",
         404: "Unknown user, memory, model or route",
         413: "Request body too large, or too many comparisons or memories in one request",
+        429: "Too many generation requests in flight: retry after the Retry-After header's seconds",
     }.items()
 }
 
@@ -193,6 +195,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     app.state.keys = config.keys_by_digest()
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    metrics = Metrics(batcher)
+    app.add_middleware(Serving, max_pending=config.max_pending, batcher=batcher, metrics=metrics)  # outermost: every answer gets its request id
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     def warn_unknown(names: set[str]) -> None:
@@ -219,6 +223,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     @app.get("/health", tags=["server"])
     def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["server"], response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    def prometheus(who: Reader) -> Response:
+        """Prometheus metrics: requests by route and status, latency, generation in flight, 429s, batches."""
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
     @app.get("/v1/models", response_model=ModelList, tags=["openai"])
     def models(who: Reader) -> ModelList:
@@ -463,6 +473,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     for path in schema.get("paths", {}).values():
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)
+    _security(schema, app.state.config.auth_required)
     components = schema.get("components", {}).get("schemas", {})
     text = json.dumps(schema.get("paths", {}))
     for name in ("HTTPValidationError", "ValidationError"):
@@ -470,3 +481,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             del components[name]
     app.openapi_schema = schema
     return schema
+
+
+def _security(schema: dict[str, Any], required: bool) -> None:
+    """Declare the bearer key (the ``openai`` client's ``api_key``) and which operations take it.
+
+    With API keys every operation but ``/health`` needs it; on an open server it is optional (``{}`` first).
+    """
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key from the server's key file (the openai client's api_key)"}
+    }
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            if path != "/health":
+                operation["security"] = [{"bearerAuth": []}] if required else [{}, {"bearerAuth": []}]
+            if path not in GENERATING:
+                operation.get("responses", {}).pop("429", None)

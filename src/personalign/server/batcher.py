@@ -48,6 +48,12 @@ class BatchStats:
 
     sizes: Counter = field(default_factory=Counter)
     retried_alone: int = 0
+    seconds: float = 0.0  # spent in run_batch, all batches together
+
+    def seconds_per_batch(self, default: float = 1.0) -> float:
+        """The mean time one batch took (``default`` before any ran): what a queued request waits per batch ahead of it."""
+        batches = sum(self.sizes.values())
+        return self.seconds / batches if batches else default
 
     def snapshot(self) -> dict[str, Any]:
         batches = sum(self.sizes.values())
@@ -164,9 +170,11 @@ class Batcher:
         if not live:
             return
         requests = [r for j in live for r in j.requests]
+        started = time.monotonic()
         try:
             results = self.run_batch(requests)
         except Exception as err:
+            self.stats.seconds += time.monotonic() - started
             if len(live) == 1:
                 live[0].future.set_exception(err)
                 self.stats.sizes[len(requests)] += 1
@@ -180,6 +188,7 @@ class Batcher:
                 self.stats.sizes[len(job.requests)] += 1
             return
         self.stats.sizes[len(requests)] += 1
+        self.stats.seconds += time.monotonic() - started
         start = 0
         for job in live:
             job.resolve(results[start : start + len(job.requests)])

@@ -9,6 +9,7 @@
 | 403 | a read-only key asks for a write | permission_error / read_only_key |
 | 404 | unknown user, memory, model or route | not_found_error / user_not_found, memory_not_found, model_not_found |
 | 413 | request body over the limit, too many comparisons or memories in one request | invalid_request_error / request_too_large |
+| 429 | too many chats, completions and embeddings in flight (``Retry-After`` says when to retry) | rate_limit_error / rate_limit_exceeded |
 | 501 | an endpoint whose backing feature is not installed | not_implemented_error |
 | 503 | the store is held by another process | service_unavailable |
 
@@ -39,6 +40,7 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     501: "not_implemented_error",
     503: "service_unavailable",
 }
@@ -148,7 +150,7 @@ def _locked(request: Request, exc: StoreLockedError) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, getattr(request.state, "request_id", "-"))
     return error_response(500, "internal server error (a bug: the server log has the traceback)", "internal_error")
 
 
