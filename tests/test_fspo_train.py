@@ -170,14 +170,29 @@ def test_merge_generate_refuses_runs_of_other_settings():
         merge_generate([base, {**other, "generic": {"x": 2}}])
 
 
-def test_saved_adapter_names_its_base_by_id_not_by_local_path(tiny_model_dir, encoder, tmp_path):
+def test_saved_adapter_names_its_real_base_and_old_pseudo_id_folders_still_load(tiny_model_dir, encoder, tmp_path, monkeypatch):
+    """The embedded model loads from a converted local folder under a pseudo-id: the adapter names
+    the hub id it stands for (what ``AutoPeftModelForCausalLM`` loads), ``fspo_config.json`` keeps
+    personalign's id, and folders written before (naming the pseudo-id) still load."""
+    from personalign import models
+
+    monkeypatch.setitem(models.BASE_ALIASES, "embedded:tiny", "personalign-tests/tiny-llama")
     generator = _fresh(tiny_model_dir)
-    generator.model_id = "embedded:tiny"  # the embedded model loads from a converted local folder
-    config = _config(ipo_tasks=0)
+    generator.model_id = "embedded:tiny"
+    config = _config(ipo_tasks=0).model_copy(update={"sft": LoopConfig(epochs=1, learning_rate=1e-2, batch_size=2, checkpoint_dir=str(tmp_path / "ckpt"))})
     model, report = train_fspo(generator, _users(), config)
     folder = save_fspo(model, tmp_path / "adapter", generator.model_id, config, report, "test")
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "embedded:tiny"
+    adapter_config, meta = (json.loads((folder / name).read_text()) for name in ("adapter_config.json", FSPO_CONFIG))
+    assert adapter_config["base_model_name_or_path"] == meta["base_model_name_or_path"] == "personalign-tests/tiny-llama"
+    assert meta["base_model"] == "embedded:tiny" and str(tmp_path) not in (folder / FSPO_CONFIG).read_text()  # no machine path
     serving = _fresh(tiny_model_dir)  # training wrapped the first one in PEFT
     serving.model_id = "embedded:tiny"
     with Personalizer(serving, encoder, tmp_path / "s", fspo=folder) as pz:
+        assert pz.fspo_folder == folder
+    (folder / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "embedded:tiny"}))  # written before
+    with Personalizer(serving, encoder, tmp_path / "s2", fspo=folder) as pz:
+        assert pz.fspo_folder == folder
+    hub = _fresh(tiny_model_dir)  # the same base loaded by its hub id finds the adapter too
+    hub.model_id = "personalign-tests/tiny-llama"
+    with Personalizer(hub, encoder, tmp_path / "s3", fspo=folder) as pz:
         assert pz.fspo_folder == folder

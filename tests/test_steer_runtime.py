@@ -3,6 +3,7 @@ temporary steering folder, the zero-steering contract, mixed batches, errors, th
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -27,6 +28,40 @@ def steering_root(tmp_path_factory, tiny_model_dir):
     report = train_dpa_recipe(generator, root, ["verbosity", "reading_level"], iterations=2, samples_per_prompt=2, max_new_tokens=8, epochs=1, prompts=["Question one", "Task two"])
     assert [r["iteration"] for r in report["iterations"]] == [1, 2] and all(r["front"] for r in report["iterations"])
     return root
+
+
+def test_retrained_artefacts_name_the_real_base_and_no_machine_path(tiny_model_dir, tmp_path, monkeypatch):
+    """What the recipes write (adapters, recorded configs, reports) names the base by its real id
+    and folders relative to ``out``, so retraining the shipped steering data brings back no path."""
+    from personalign import models
+    from personalign.steering.recipes import (
+        train_dpa_recipe,
+        train_modpo_recipe,
+        train_vas_recipe,
+        write_report,
+    )
+    from personalign.steering.samples import sample_responses
+
+    monkeypatch.setitem(models.BASE_ALIASES, "embedded:tiny", "personalign-tests/tiny-llama")
+    generator = models.load_generator(str(tiny_model_dir), device="cpu")
+    generator.model_id = "embedded:tiny"  # loaded from a local folder, like the embedded model
+    out = tmp_path / "steering"
+    samples = sample_responses(generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=8, batch_size=8)
+    vas = train_vas_recipe(generator, out, ["verbosity"], kinds=("trunk",), samples=samples, epochs=1, progress=False)
+    modpo = train_modpo_recipe(generator, out, ["verbosity", "reading_level"], samples=samples, epochs=1, max_pairs=4, min_gap=0.0, progress=False)
+    dpa = train_dpa_recipe(generator, out, ["verbosity", "reading_level"], iterations=1, samples_per_prompt=2, max_new_tokens=8, epochs=1, prompts=["Question one"])
+    for name, report in (("vas", vas), ("modpo", modpo), ("dpa", dpa)):
+        write_report(out, name, report)
+    assert vas["trunk/verbosity"]["folder"] == "vas/verbosity" and modpo["verbosity"]["folder"] == "mix/verbosity" and dpa["folder"] == "dpa"
+    configs = sorted(out.rglob("adapter_config.json"))
+    assert [c.parent.relative_to(out).as_posix() for c in configs] == ["dpa", "mix/reading_level", "mix/verbosity"]
+    for path in configs:
+        assert json.loads(path.read_text())["base_model_name_or_path"] == "personalign-tests/tiny-llama"
+    mix_config = json.loads((out / "mix" / "verbosity" / "mix_config.json").read_text())
+    assert mix_config["base_model"] == "embedded:tiny" and mix_config["config"]["loop"]["checkpoint_dir"] == "mix/verbosity.ckpt"
+    written = [p for p in out.rglob("*.json") if not p.name.startswith("loop_state")]
+    leaks = [p.relative_to(out).as_posix() for p in written if str(tmp_path) in p.read_text() or str(tiny_model_dir) in p.read_text()]
+    assert leaks == []
 
 
 @pytest.fixture()

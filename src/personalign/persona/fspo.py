@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import ContextLengthError, ValidationError
 from personalign.functional.dpo import ipo_loss, sequence_logps
-from personalign.models import Encoder
+from personalign.models import Encoder, hub_id
 from personalign.steering.adapters import add_lora, save_adapter
 from personalign.steering.loop import LoopConfig, LoopReport, train_loop
 from personalign.steering.samples import right_pad
@@ -338,20 +338,24 @@ def train_fspo(generator: Any, users: Mapping[str, Sequence[Comparison]], config
 
 
 def save_fspo(model: Any, folder: Path | str, generator_id: str, config: FspoTrainConfig, report: FspoReport, data: str) -> Path:
-    """Write the adapter as a plain PEFT folder plus ``fspo_config.json`` (base model, recipe, losses, data)."""
+    """Write the adapter as a plain PEFT folder plus ``fspo_config.json`` (base model, recipe, losses, data).
+
+    ``adapter_config.json`` names the real base (``HuggingFaceTB/SmolLM2-135M-Instruct`` for the
+    embedded model, :func:`personalign.models.hub_id`); ``fspo_config.json`` keeps personalign's
+    id as ``base_model``. Folders written before, naming the pseudo-id, still load (its alias).
+    Where loop checkpoints were kept is not recorded (a machine path, not part of the recipe).
+    """
+    scratch = {"checkpoint_dir"}
     meta = {
         "base_model": generator_id,
         "recipe": "fspo",
-        "config": config.model_dump(),
+        "config": config.model_dump(exclude={"sft": scratch, "ipo": scratch}),
         "tasks": report.tasks,
         "sft_epoch_loss": report.sft.epoch_loss,
         "ipo_epoch_loss": report.ipo.epoch_loss if report.ipo else [],
         "data": data,
     }
-    folder = save_adapter(model, ADAPTER_NAME, folder, FSPO_CONFIG, meta)
-    adapter_config = folder / "adapter_config.json"  # name the base by its id, not the local path it was loaded from
-    adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": generator_id}, indent=1))
-    return folder
+    return save_adapter(model, ADAPTER_NAME, folder, FSPO_CONFIG, meta)
 
 
 def fspo_dir() -> Path:
@@ -361,9 +365,10 @@ def fspo_dir() -> Path:
 
 
 def fspo_adapter_meta(folder: Path | str, model_id: str) -> dict[str, Any] | None:
-    """The adapter's recorded config when ``folder`` holds an FSPO adapter for ``model_id``, else ``None``."""
+    """The adapter's recorded config when ``folder`` holds an FSPO adapter for ``model_id`` (or
+    for the hub model it names, :func:`personalign.models.hub_id`), else ``None``."""
     path = Path(folder) / FSPO_CONFIG
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
-    return meta if meta.get("base_model") == model_id else None
+    return meta if hub_id(meta.get("base_model") or "") == hub_id(model_id) else None

@@ -1,5 +1,11 @@
-"""The LoRA plumbing the MODPO and DPA recipes share: add a trainable adapter to the generator,
-and save one adapter as a plain PEFT folder with a recipe config beside its weights."""
+"""The LoRA plumbing the MODPO, DPA and FSPO recipes share: add a trainable adapter to the
+generator, and save one adapter as a plain PEFT folder with a recipe config beside its weights.
+
+The saved ``adapter_config.json`` names the base by its real id
+(:attr:`personalign.models.Generator.base_model_name_or_path`: the hub id for an embedded
+model), never by the local folder the weights were loaded from, so a shipped adapter carries no
+machine path and PEFT's ``AutoPeftModelForCausalLM`` finds its base.
+"""
 
 from __future__ import annotations
 
@@ -28,12 +34,24 @@ def add_lora(generator: Any, name: str, rank: int, alpha: float, target_modules:
 
 def save_adapter(model: Any, name: str, folder: Path | str, config_file: str, meta: dict[str, Any]) -> Path:
     """Write adapter ``name`` to ``folder`` (``adapter_config.json`` + weights + ``config_file``),
-    replacing what was there only once the new folder is complete."""
+    replacing what was there only once the new folder is complete.
+
+    ``meta["base_model"]`` is personalign's id of the generator (how the runtime matches
+    artefacts to it); ``adapter_config.json`` and ``config_file`` also name the base by its real
+    id (:func:`personalign.models.hub_id`) as ``base_model_name_or_path``.
+    """
+    from personalign.models import hub_id
+
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), selected_adapters=[name])
     inner = tmp / name if (tmp / name).is_dir() else tmp  # PEFT nests non-default adapters
+    if meta.get("base_model"):
+        base = hub_id(meta["base_model"])
+        meta = {**meta, "base_model_name_or_path": base}
+        adapter_config = inner / "adapter_config.json"
+        adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": base}, indent=2))
     (inner / config_file).write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     inner.replace(folder)

@@ -1,6 +1,9 @@
 """Steering recipes: sample once from the frozen generator, then fit VAS value models or MODPO
 objective adapters on those samples, and install them where the runtime finds them.
 
+Reports and recorded configs name folders relative to ``out`` (``vas/verbosity``), so retrained
+artefacts that are shipped carry no machine path.
+
 ``personalign train vas`` and ``personalign train modpo`` call these; the defaults finish on a
 2-core CPU in well under an hour (sampling is most of it) and scale up by flags.
 """
@@ -45,7 +48,7 @@ def train_vas_recipe(generator: Any, out: Path, objectives: Sequence[str], kinds
             loop = LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, seed=seed, progress=progress, checkpoint_dir=str(folder.with_name(folder.name + ".ckpt")), name=f"vas {kind} {objective}")
             model, run = train_vas(generator, samples, VasTrainConfig(objective=objective, kind=kind, loop=loop))
             save_value_model(model, folder)
-            report[f"{kind}/{objective}"] = {"epoch_loss": run.epoch_loss, "seconds": time.perf_counter() - start, "folder": str(folder)}
+            report[f"{kind}/{objective}"] = {"epoch_loss": run.epoch_loss, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
     return report
 
 
@@ -60,9 +63,18 @@ def train_modpo_recipe(generator: Any, out: Path, objectives: Sequence[str], sam
         loop = LoopConfig(epochs=epochs, learning_rate=5e-4, batch_size=4, seed=seed, progress=progress, checkpoint_dir=str(folder.with_name(folder.name + ".ckpt")), name=f"modpo {objective}")
         config = ModpoConfig(objective=objective, margin_objectives=others, margin_weights=[margin_weight] * len(others), max_pairs=max_pairs, min_gap=min_gap, loop=loop)
         model, name, run, pairs = train_modpo(generator, samples, config)
-        save_objective_adapter(model, name, folder, config, generator.model_id, run, pairs)
-        report[objective] = {"epoch_loss": run.epoch_loss, "pairs": pairs, "seconds": time.perf_counter() - start, "folder": str(folder)}
+        recorded = config.model_copy(update={"loop": loop.model_copy(update={"checkpoint_dir": relative(loop.checkpoint_dir, out)})})
+        save_objective_adapter(model, name, folder, recorded, generator.model_id, run, pairs)
+        report[objective] = {"epoch_loss": run.epoch_loss, "pairs": pairs, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
     return report
+
+
+def relative(path: Path | str, out: Path) -> str:
+    """``path`` relative to ``out`` as a POSIX string (``mix/verbosity``), or as given when outside it."""
+    try:
+        return Path(path).resolve().relative_to(Path(out).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def write_report(out: Path, name: str, report: dict[str, Any]) -> None:
@@ -80,4 +92,4 @@ def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], itera
     config = DpaConfig(objectives=list(objectives), iterations=iterations, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, every_direction=every_direction, loss=loss, beta=beta, line=line, loop=loop)
     model, records = train_dpa(generator, chosen, config, seed=seed, progress=progress)
     folder = save_dpa(model, out / DPA_DIR, config, generator.model_id, records, len(chosen))
-    return {"iterations": records, "seconds": time.perf_counter() - start, "folder": str(folder)}
+    return {"iterations": records, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
