@@ -51,3 +51,19 @@ def test_memory_reaches_the_prompt(smollm, encoder, tmp_path):
         result = pz.respond("alice", [{"role": "user", "content": "Plan my dinner for tonight."}], max_new_tokens=8)
     assert result.memories == ["I am vegetarian and I cook for two."]
     assert result.prompt_tokens > 30
+
+
+def test_shipped_user_vas_heads_guide_enrolled_users_by_default(smollm, encoder, tmp_path):
+    """The package's heads fit the embedded generator and the shipped PAL, so an enrolled user's chat
+    is guided by their own mixture of the heads unless switched off; a request without a user is not."""
+    rows = demo_comparisons()
+    question = [{"role": "user", "content": "How do I make my coffee taste better?"}]
+    with Personalizer(smollm, encoder, store=tmp_path / "store") as pz:
+        assert pz.user_heads() is not None
+        pz.enroll("sam", [c for u, c in rows if u == "sam"])
+        guided = pz.respond("sam", question, max_new_tokens=8)
+        assert guided.personalization["method"] == "user-vas" and guided.personalization["strength"] == 3.0
+        assert abs(sum(guided.personalization["weights"]) - 1.0) < 1e-3
+        off = pz.respond("sam", question, max_new_tokens=8, user_vas=0)
+        assert off.personalization is None
+        assert pz.respond(None, question, max_new_tokens=8).personalization is None

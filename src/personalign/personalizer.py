@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from personalign.adapters.amplify import AmplifyConfig
 from personalign.adapters.bank import LoraBank
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.lora import LoraTrainConfig
@@ -444,10 +445,16 @@ class Personalizer:
 
         return self.profiles.update(user, add)
 
-    def train_adapter(self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None) -> UserProfile:
-        """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases)."""
+    def train_adapter(
+        self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None, extra: Sequence[Comparison] = ()
+    ) -> UserProfile:
+        """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases).
+
+        ``extra``: more comparisons to train on that are not stored in the profile, e.g.
+        :meth:`amplified_comparisons` (the user's inferred reward labelling the generator's answers).
+        """
         config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        comparisons = self.profiles.get(user).comparisons
+        comparisons = [*self.profiles.get(user).comparisons, *parse_comparisons(extra, "extra")]
         if not comparisons:
             raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
         with self._generate_lock:
@@ -458,6 +465,23 @@ class Personalizer:
             return profile
 
         return self.profiles.update(user, note, create=False)
+
+    def adapter_folder(self, user: str) -> Path:
+        """The PEFT folder of ``user``'s LoRA adapter (loadable by ``AutoPeftModelForCausalLM``, importable
+        by :meth:`import_adapter` for another user); ``ValidationError`` when they have none."""
+        if not self.adapters.has_adapter(user):
+            raise ValidationError("user", f"{user!r} has no adapter", "train one: train_adapter(user) or enroll(..., adapter=True)", user)
+        return self.adapters.path(user)
+
+    def amplified_comparisons(self, user: str, answers: Mapping[str, Sequence[str]], config: AmplifyConfig | Mapping[str, Any] | None = None) -> list[Comparison]:
+        """Pairs of the generator's own ``answers`` (per prompt) labelled by ``user``'s inferred reward,
+        the clearest first (:func:`~personalign.adapters.amplify.amplify`): training data for
+        ``train_adapter(user, extra=...)``. Nothing is stored."""
+        from personalign.adapters.amplify import amplify
+
+        config = config if isinstance(config, AmplifyConfig) else _params(AmplifyConfig, config or {}, "config")
+        rewards = {prompt: self.reward(user, prompt, list(texts)) for prompt, texts in answers.items()}
+        return amplify(answers, rewards, config)
 
     def import_adapter(self, user: str, folder: str | Path) -> UserProfile:
         """Use a LoRA trained elsewhere (a PEFT folder for this base model) as ``user``'s adapter.

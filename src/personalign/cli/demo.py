@@ -32,6 +32,14 @@ def _steer_text(steer: dict[str, float]) -> str:
     return ", ".join(f"{name} {weight:+.2f}" for name, weight in steer.items()) or "none"
 
 
+def _guidance_text(report: dict[str, Any] | None) -> str:
+    """`, user-vas 3.0 (0.61/0.02/...)`: the decode-time guidance that ran, if any."""
+    if not report or "weights" not in report:
+        return ""
+    weights = "/".join(f"{w:.2f}" for w in report["weights"])
+    return f", {report['method']} {report['strength']:g} (mixture {weights})"
+
+
 def _columns(texts: list[str], width: int) -> str:
     wrapped = [textwrap.wrap(t, width) or [""] for t in texts]
     lines = [" | ".join(cell.ljust(width) for cell in row) for row in zip_longest(*wrapped, fillvalue="")]
@@ -52,6 +60,12 @@ def demo(
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=16, max=1024)] = 128,
     width: Annotated[int, typer.Option(min=20, max=120)] = 38,
+    user_vas: Annotated[
+        float | None,
+        typer.Option(
+            "--user-vas", min=0.0, help="Strength of the user-vas guidance (default: the shipped heads' own; 0: off)."
+        ),
+    ] = None,
     model: ModelOpt = None,
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
@@ -84,6 +98,7 @@ def demo(
                 f"memory: {DEMO_MEMORIES[user]!r}, inferred steer: {_steer_text(pz.default_steer(user))}"
             )
         lengths: dict[str, list[int]] = {u: [] for u in [*users, "generic"]}
+        texts: dict[str, list[str]] = {u: [] for u in [*users, "generic"]}
         for question in DEMO_QUESTIONS:
             typer.echo(f"\n=== {question}")
             answers = []
@@ -93,13 +108,20 @@ def demo(
                     [{"role": "user", "content": question}],
                     max_new_tokens=max_new_tokens,
                     repetition_penalty=1.1,
+                    **({} if user_vas is None or user is None else {"user_vas": user_vas}),
                 )
                 lengths[user or "generic"].append(word_count(result.text))
-                used = f"[{len(result.shots)} shots, {len(result.memories)} memories, steer {_steer_text(result.steer)}]"
+                texts[user or "generic"].append(result.text)
+                used = (
+                    f"[{len(result.shots)} shots, {len(result.memories)} memories, steer {_steer_text(result.steer)}"
+                    f"{_guidance_text(result.personalization)}]"
+                )
                 answers.append(f"{(user or 'generic').upper()} {used} {result.text}")
             typer.echo(_columns(answers, width))
         typer.echo()
         agree = _print_measurement(users, preference, lengths)
+        typer.echo()
+        _print_attributes({u: [c for r, c in rows if r == u] for u in users}, texts)
     typer.echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     if not agree:
         raise typer.Exit(1)
@@ -131,3 +153,47 @@ def _print_measurement(
         f"their comparisons point the same way: {'yes' if agree else 'NO'}"
     )
     return agree
+
+
+def _print_attributes(comparisons: dict[str, list[Any]], texts: dict[str, list[str]]) -> list[str]:
+    """Print, per measured attribute, what each user's comparisons prefer and what their answers
+    show; returns the attributes besides length on which the users' answers are ordered as their
+    comparisons are.
+
+    A user's preference for an attribute is its mean over their chosen answers minus its mean over
+    their rejected ones (``measure_attributes``: list lines, formal vs informal markers, jargon,
+    sentiment and polite phrases per sentence). An attribute counts when the users' preferences
+    point in different directions and the user who prefers more of it got more of it.
+    """
+    import numpy as np
+
+    from personalign.eval.populations import ATTRIBUTES, measure_attributes
+
+    users = list(comparisons)
+    prefer = {
+        u: np.mean([measure_attributes(c.chosen) - measure_attributes(c.rejected) for c in cs], axis=0)
+        for u, cs in comparisons.items()
+    }
+    shown = {u: np.mean([measure_attributes(t) for t in ts], axis=0) for u, ts in texts.items()}
+    typer.echo(
+        f"{'attribute':<13}"
+        + "".join(f"{u + ' prefers':>15}{u + ' answers':>15}" for u in users)
+        + f"{'generic':>10}  ordered as preferred"
+    )
+    moved = []
+    for k, name in enumerate(ATTRIBUTES):
+        row = "".join(f"{prefer[u][k]:>+15.2f}{shown[u][k]:>15.2f}" for u in users)
+        signs = {np.sign(round(float(prefer[u][k]), 2)) for u in users}
+        if len(signs) < 2:
+            typer.echo(f"{name:<13}{row}{shown['generic'][k]:>10.2f}  (the users agree: not a test)")
+            continue
+        by_preference = sorted(users, key=lambda u: prefer[u][k])
+        by_answers = sorted(users, key=lambda u: shown[u][k])
+        ok = by_preference == by_answers and len({round(float(shown[u][k]), 4) for u in users}) == len(users)
+        if ok and name != "length":
+            moved.append(name)
+        typer.echo(f"{name:<13}{row}{shown['generic'][k]:>10.2f}  {'yes' if ok else 'NO'}")
+    typer.echo(
+        f"attributes besides length where the answers follow the users' comparisons: {', '.join(moved) or 'none'}"
+    )
+    return moved

@@ -86,7 +86,7 @@ def generation_split(
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled", "user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")
+METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled", "user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled", "user-lora", "user-lora-raw", "user-lora-shuffled")
 # Chat options per method; every conditioner is named so "off" is explicit.
 _OFF = {"memory": False, "shots": False, "fspo": False, "user_vas": 0.0}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
@@ -106,6 +106,11 @@ RERANK = ("user-rerank", "user-rerank-shuffled", "user-vas-rerank", "user-vas-re
 USER_VAS = ("user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")  # guided by the user's value heads
 for _name in USER_VAS:
     METHOD_OPTIONS[_name] = {**_OFF, "pplug": False}
+# per-user LoRA adapters (the user's own adapter is on by default in chat): each method's adapter
+# sits on its own profile (enrolled with the user's shots) so that it never leaks into another method
+USER_LORA = {"user-lora": "lora", "user-lora-raw": "loraraw", "user-lora-shuffled": "lorashuf"}
+for _name in USER_LORA:
+    METHOD_OPTIONS[_name] = {**_OFF, "pplug": False}
 NEEDS_FSPO = ("fspo-trained", "fspo-shuffled", "all")
 NEEDS_PPLUG = ("pplug", "all")
 
@@ -123,6 +128,8 @@ class GenerateConfig:
     comparisons: str = "templated"  # what users compared to enrol: templated texts, or the generator's own answers ("onpolicy")
     rerank: int = 4  # candidates per answer for the user-rerank methods
     user_vas: float = 3.0  # guidance strength of the user-vas methods
+    lora_pairs: int = 32  # amplified comparisons per user for user-lora
+    lora_epochs: int = 2  # DPO epochs of user-lora on them
 
     def __post_init__(self) -> None:
         if self.comparisons not in ("templated", "onpolicy"):
@@ -199,6 +206,7 @@ def run_generate(
         decoy = others[u.user]
         pz.enroll(f"decoy-{u.user}", decoy.shots)
         pz.remember(f"decoy-{u.user}", memory_items(decoy))
+    lora_report = train_user_loras(pz, config, test, others, split, progress) if any(m in USER_LORA for m in config.methods) else None
     started = time.perf_counter()
     base = {"temperature": 0.0, "max_new_tokens": config.max_new_tokens}
     messages = {p: [{"role": "user", "content": p}] for _, p in pairs}
@@ -220,7 +228,9 @@ def run_generate(
         requests = []
         for u, p in pairs:
             owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
-            steer = {} if config.user_steering and method not in (*RERANK, *USER_VAS) else {"steer": {}}
+            if method in USER_LORA:
+                owner = f"{USER_LORA[method]}-{u.user}"
+            steer = {} if config.user_steering and method not in (*RERANK, *USER_VAS, *USER_LORA) else {"steer": {}}
             requests.append({"user": owner, "messages": messages[p], **base, **options, **steer})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started
@@ -249,7 +259,48 @@ def run_generate(
         if on_method is not None:
             on_method(result)
     result["seconds_per_answer"] = {m: t / (len(generic) if m == GENERIC else len(pairs)) for m, t in timings.items()}
+    if lora_report is not None:
+        result["user_lora"] = lora_report
     return result
+
+
+def train_user_loras(
+    pz: Any, config: GenerateConfig, test: Sequence[EvalUser], others: dict[str, EvalUser], split: GenerationSplit, progress: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """Adapters for the user-lora methods, each on its own profile enrolled with the user's shots.
+
+    ``lora-<u>``: DPO on the user's shots plus ``lora_pairs`` amplified comparisons (pairs of the
+    generator's pooled answers to the training prompts, labelled by the user's inferred reward);
+    ``loraraw-<u>``: the shots alone (the LoRA a user gets without amplification);
+    ``lorashuf-<u>``: the decoy's amplified adapter, imported (the control).
+    """
+    from personalign.adapters.amplify import AmplifyConfig
+    from personalign.adapters.lora import LoraTrainConfig
+    from personalign.eval.onpolicy import answer_pool
+
+    pool = answer_pool(pz.generator, split.population.prompts)
+    banned = set(split.prompts)
+    answers = {p: texts for p, texts in pool.items() if p not in banned}
+    wanted = set(config.methods)
+    amplified_config = LoraTrainConfig(epochs=config.lora_epochs, seed=config.seed)
+    report: dict[str, Any] = {"pairs": {}, "seconds": {}, "train_prompts": len(answers)}
+    for i, u in enumerate(test):
+        started = time.perf_counter()
+        if wanted & {"user-lora", "user-lora-shuffled"}:
+            pz.enroll(f"lora-{u.user}", u.shots)
+            extra = pz.amplified_comparisons(u.user, answers, AmplifyConfig(pairs=config.lora_pairs))
+            pz.train_adapter(f"lora-{u.user}", amplified_config, extra=extra)
+            report["pairs"][u.user] = len(extra)
+        if "user-lora-raw" in wanted:
+            pz.enroll(f"loraraw-{u.user}", u.shots, adapter=True, adapter_config={"seed": config.seed})
+        report["seconds"][u.user] = time.perf_counter() - started
+        if progress is not None:
+            progress(f"user-lora adapters: {i + 1}/{len(test)} ({report['seconds'][u.user]:.0f} s)")
+    if "user-lora-shuffled" in wanted:
+        for u in test:
+            pz.enroll(f"lorashuf-{u.user}", u.shots)
+            pz.import_adapter(f"lorashuf-{u.user}", pz.adapter_folder(f"lora-{others[u.user].user}"))
+    return report
 
 
 def _toward_user(population: SyntheticPopulation, pairs: Sequence[tuple[EvalUser, str]], texts: Sequence[str], generic: dict[str, str]) -> dict[str, float]:
