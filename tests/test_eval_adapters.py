@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -24,15 +26,39 @@ def _population(n_users: int, offset: int = 0) -> EvalPopulation:
 
 
 def test_wilson_interval_golden_values():
+    """8 of 10, z = 1.959964: p = 0.8, denominator 1 + z^2/10 = 1.38415, centre
+    (0.8 + z^2/20) / 1.38415 = 0.71671, half z sqrt(0.016 + z^2/400) / 1.38415 = 0.22653."""
     low, high = wilson(8, 10)
     assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert wilson(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson(10, 10)[1] == pytest.approx(1.0, abs=1e-12)
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0  # exact at the ends (the hand-written form gave -2.8e-17)
+    assert wilson(8.0, 10) == wilson(8, 10)  # counts summed as floats
+    assert all(math.isnan(v) for v in wilson(0, 0))
+    with pytest.raises(ValueError, match="whole number"):
+        wilson(7.5, 10)
+
+
+@pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 3), (5, 10), (17, 40), (99, 100)])
+def test_wilson_matches_the_closed_form(k, n):
+    z = 1.959963984540054  # the 97.5% normal quantile
+    p = k / n
+    denom = 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    assert wilson(k, n) == pytest.approx((max(centre - half, 0.0), min(centre + half, 1.0)), abs=1e-12)
 
 
 def test_kmeans_separates_two_obvious_groups():
     x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.95, 0.05]])
     labels = kmeans(x, 2, seed=0)
     assert labels[0] == labels[1] == labels[4] and labels[2] == labels[3] and labels[0] != labels[2]
+    assert np.array_equal(kmeans(x, 2, seed=0), labels)  # seeded
+
+
+def test_kmeans_finds_three_separated_blobs():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = np.concatenate([c + rng.normal(scale=0.3, size=(20, 2)) for c in centres])
+    labels = kmeans(x, 3, seed=1)
+    assert all(len(set(labels[i * 20 : (i + 1) * 20])) == 1 for i in range(3)) and len(set(labels)) == 3
 
 
 def test_bank_and_lora_records_on_a_toy_population(tiny_model_dir, encoder):

@@ -35,15 +35,22 @@ from personalign.types import Comparison
 ADAPTER_METHODS = ("lora", "bank")
 
 
-def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion."""
+def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of ``correct`` successes in ``n`` trials (95% by default).
+
+    ``scipy.stats.binomtest(correct, n).proportion_ci(method="wilson")``: the closed form
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``z`` the normal quantile,
+    exactly 0 at 0 of ``n`` and 1 at ``n`` of ``n``. ``(nan, nan)`` when ``n`` is 0.
+    """
+    from scipy.stats import binomtest
+
     if n == 0:
         return (math.nan, math.nan)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (centre - half, centre + half)
+    k = int(round(correct))
+    if k != correct:
+        raise ValueError(f"wilson: correct must be a whole number of successes, got {correct!r}")
+    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def user_directions(encoder: Encoder, population: EvalPopulation) -> np.ndarray:
@@ -58,24 +65,12 @@ def user_directions(encoder: Encoder, population: EvalPopulation) -> np.ndarray:
     return np.stack(rows)
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 100) -> np.ndarray:
-    """Cluster labels of the rows of ``x`` (k-means++ initialisation, cosine-friendly for unit rows)."""
-    rng = np.random.default_rng(seed)
-    centres = [x[rng.integers(len(x))]]
-    for _ in range(1, k):
-        d2 = np.min([((x - c) ** 2).sum(axis=1) for c in centres], axis=0)
-        centres.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[rng.integers(len(x))])
-    c = np.stack(centres)
-    labels = np.zeros(len(x), dtype=int)
-    for _ in range(iterations):
-        labels_new = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(axis=2), axis=1)
-        if np.array_equal(labels_new, labels) and _ > 0:
-            break
-        labels = labels_new
-        for j in range(k):
-            if (labels == j).any():
-                c[j] = x[labels == j].mean(axis=0)
-    return labels
+def kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
+    """``(rows,)`` cluster labels of the rows of ``x`` (``sklearn.cluster.KMeans``: k-means++
+    starts, the best of ``n_init`` seeded runs; cosine-friendly for unit rows)."""
+    from sklearn.cluster import KMeans
+
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(np.asarray(x, dtype=np.float64))
 
 
 def basis_groups(encoder: Encoder, fit: EvalPopulation, k: int, max_pairs: int, seed: int) -> dict[str, list[Comparison]]:

@@ -64,28 +64,13 @@ def _name(signed: str) -> tuple[str, float]:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rho with average ranks for ties (nan when either side is constant)."""
+    """Spearman's rho with average ranks for ties (``scipy.stats.spearmanr``); nan when either
+    side is constant (where rho is undefined), without scipy's warning."""
+    from scipy.stats import spearmanr
 
-    def ranks(v: Sequence[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        out = [0.0] * len(v)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2.0
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    if sx == 0 or sy == 0:
+    if len(set(x)) < 2 or len(set(y)) < 2:
         return float("nan")
-    return sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / (sx * sy)
+    return float(spearmanr(x, y).statistic)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
