@@ -155,3 +155,12 @@ def test_run_drift_writes_json_and_png(encoder, tmp_path):
     assert result["memory"]["keys"]["superseded_outranks_current"] == 0.0  # superseded facts are never searched
     with pytest.raises(ValidationError):
         DriftEvalConfig(ks=[0])
+
+
+def test_eval_drift_command_rejects_bad_options(tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    out = CliRunner().invoke(app, ["eval", "drift", "--ks", "1,x", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 2 and "--ks" in out.output and not (tmp_path / "o").exists()

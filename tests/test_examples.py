@@ -115,3 +115,22 @@ def test_personal_rerank_example_runs(tiny_model_dir, tmp_path):
     out = done.stdout
     assert "PAL fitted on 160 users' comparisons" in out and "--- generic" in out
     assert out.count("picked candidate") == 2 and out.count("hidden reward: this answer") == 2 and "done in" in out
+
+
+def test_memory_lifecycle_example_runs(tiny_model_dir, tmp_path):
+    example = EXAMPLES / "memory_lifecycle.py"
+    done = subprocess.run([sys.executable, str(example), "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    out = done.stdout
+    for marker in (
+        "add: [('ADD', 'active', 'I moved to Berlin last spring.'), ('DELETE', 'superseded', 'I live in Paris.')]",
+        "add: [('NONE', 'active', 'I am vegetarian.')]",
+        "v2 UPDATE source=python: I moved to Berlin last spring, to Kreuzberg.",
+        "conflicts: [('My favourite colour is blue.',",
+        "search: ['I moved to Berlin last spring, to Kreuzberg.'",
+        "memories used: ['I moved to Berlin last spring, to Kreuzberg.']",
+        "export: 5 memories, 7 versions",
+        "forget: {'memories_deleted': 5, 'profile_deleted': True}",
+        "done in",
+    ):
+        assert marker in out, f"{marker!r} missing from:\n{out}"

@@ -305,6 +305,17 @@ class MemoryLifecycle:
             collection.update(ids=[memory_id], documents=[text], metadatas=[new], embeddings=[vector])
         return {"results": [lifecycle_record(user_id, memory_id, text, new) | {"event": "UPDATE", "previous_memory": doc}]}
 
+    def texts(self, user_id: str) -> list[str]:
+        """Every text of the user that was encoded: each version as stored, and as embedded (a keyed one with its key)."""
+        validate_user_id(user_id)
+        collection = self.store._collection(user_id, create=False)
+        if collection is None:
+            return []
+        found = collection.get(include=["documents", "metadatas"])
+        out = list(found["documents"])
+        out += [embedded_text(d, m[KEY]) for d, m in zip(found["documents"], found["metadatas"], strict=True) if m.get(KEY) is not None]
+        return out
+
     def export(self, user_id: str) -> list[dict[str, Any]]:
         """Every memory of the user (active and superseded), each with its versions."""
         out = []

@@ -50,7 +50,7 @@ class UserStore:
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         validate_user_id(user)
-        texts = self.memory.texts(user)  # every version of every memory, superseded ones included
+        texts = self.memories.texts(user)  # every version of every memory, as stored and as embedded
         if self.profiles.exists(user):
             texts += [t for c in self.profiles.get(user).comparisons for t in (c.prompt_text, c.chosen, c.rejected)]
         memories = self.memory.delete_all(user)
