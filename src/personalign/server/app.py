@@ -32,6 +32,7 @@ from personalign import __version__
 from personalign.errors import UnknownUserError, ValidationError
 from personalign.personalizer import ConditioningParams, GenerationParams
 from personalign.server import errors, memories
+from personalign.server.asyncstream import AsyncTokenStream
 from personalign.server.batcher import Batcher
 from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.completions import add_routes as add_completion_routes
@@ -63,7 +64,6 @@ from personalign.server.schemas import (
 from personalign.server.serving import GENERATING, Metrics, Serving
 from personalign.server.tools import ToolPlan
 from personalign.steering.schema import parse_steering
-from personalign.streaming import TokenStream
 from personalign.types import convert_pydantic_error, parse_messages
 
 log = logging.getLogger("personalign.server")
@@ -318,7 +318,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             # n choices are n rows of one respond_batch call; greedy with nothing sampled gives n equal rows, so one is run.
             greedy = not request.get("temperature") and request.get("rerank", 0) < 2
             rows = 1 if greedy else n
-            streams = [TokenStream() for _ in range(rows)] if body.stream else []
+            loop = asyncio.get_running_loop()
+            streams = [AsyncTokenStream(loop) for _ in range(rows)] if body.stream else []
             # Streams join batches too: their tokens are routed out of the shared generate call.
             # A whole reply with stop strings is streamed unread, to stop generating at the first one.
             quiet = [EarlyStop(stops) for _ in range(rows)] if stops and not streams and request.get("rerank", 0) < 2 else []
@@ -349,7 +350,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
         max_new = request["max_new_tokens"]
         if streams:
-            plan = StreamPlan(streams, n, stops, max_new, bool(body.stream_options and body.stream_options.include_usage), count_tokens, personalisation)
+            usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
+            plan = StreamPlan(streams, n, stops, max_new, usage_chunk, count_tokens, personalisation, config.keepalive_s)
             return StreamingResponse(sse(plan, completion_id, now, config.served_model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.wrap_future(future)
         results = results * n if len(results) < n else results

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from personalign.errors import PersonalignError, UnknownUserError
 from personalign.server import errors
+from personalign.server.asyncstream import AsyncTokenStream
 from personalign.server.controls import logprobs_out, tool_calls
 from personalign.server.errors import ApiError
 from personalign.server.schemas import ChatMessageOut, Choice, Personalisation
@@ -115,22 +116,27 @@ def usage(results: Sequence[Any], answers: Sequence[Answer]) -> dict[str, int]:
 class StreamPlan:
     """What a streamed chat sends: ``n`` choices from ``streams`` (one stream answers all ``n`` when it is the only one)."""
 
-    streams: list[TokenStream]
+    streams: list[AsyncTokenStream]
     n: int
     stops: list[str]
     max_new_tokens: int
     include_usage: bool
     count_tokens: CountTokens
     personalisation: Callable[[Sequence[Any]], Personalisation]
+    keepalive_s: float = 15.0
 
 
-def sse(plan: StreamPlan, completion_id: str, created: int, model: str) -> Iterator[str]:
+KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it
+
+
+async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) -> AsyncIterator[str]:
     """OpenAI ``chat.completion.chunk`` events for a stream, ending in ``data: [DONE]``.
 
     Each choice gets a role chunk, its text and a finish chunk; the last finish chunk carries
     the ``personalign`` object. With ``include_usage`` a last chunk with empty ``choices``
-    carries the token counts. If the client disconnects, the response stops iterating this
-    generator and every row is cancelled.
+    carries the token counts. While no text arrives for ``keepalive_s`` (queued behind other
+    batches), a ``: keep-alive`` comment is sent. If the client disconnects, the response task
+    is cancelled, and with it every row of the stream.
     """
 
     def event(index: int | None, delta: dict[str, str] | None, finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
@@ -147,10 +153,11 @@ def sse(plan: StreamPlan, completion_id: str, created: int, model: str) -> Itera
             if index < len(plan.streams):
                 scanner = StopScanner(plan.stops)
                 try:
-                    for piece in _cut_stream(plan.streams[index], scanner):
-                        yield event(index, {"content": piece})
+                    async for piece in _cut_stream(plan.streams[index], scanner, plan.keepalive_s):
+                        yield KEEPALIVE if piece is None else event(index, {"content": piece})
                 except Exception as err:
-                    yield from _error_events(err, completion_id)
+                    for line in _error_events(err, completion_id):
+                        yield line
                     return
                 result = plan.streams[index].result
                 if scanner.stopped:
@@ -175,16 +182,20 @@ def sse(plan: StreamPlan, completion_id: str, created: int, model: str) -> Itera
             stream.cancel()  # a no-op once the row is done; stops generating for a client that left
 
 
-def _cut_stream(stream: TokenStream, scanner: StopScanner) -> Iterator[str]:
-    """The stream's pieces up to its first stop string; then its row is cancelled and its result awaited."""
-    for piece in stream:
+async def _cut_stream(stream: AsyncTokenStream, scanner: StopScanner, keepalive_s: float) -> AsyncIterator[str | None]:
+    """The stream's pieces up to its first stop string (``None``: a keep-alive is due); then its row is cancelled and its result awaited."""
+    async for piece in stream.pieces(keepalive_s):
+        if piece is None:
+            yield None
+            continue
         shown = scanner.feed(piece)
         if shown:
             yield shown
         if scanner.stopped:
             stream.cancel()  # generating further is wasted; the row ends with its batch's next step
-            for _ in stream:  # wait for the result (memories, shots, steering) the finish chunk reports
-                pass
+            async for rest in stream.pieces(keepalive_s):  # wait for the result (memories, shots, steering) the finish chunk reports
+                if rest is None:
+                    yield None
             return
     rest = scanner.flush()
     if rest:
