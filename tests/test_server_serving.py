@@ -107,3 +107,22 @@ def test_openapi_requires_the_key_when_keys_are_set(personalizer):
 
     app = create_app(personalizer, CONFIG.model_copy(update={"api_keys": (ApiKey(key="sk-test-123456", tenant="acme"),)}))
     assert app.openapi()["paths"]["/v1/models"]["get"]["security"] == [{"bearerAuth": []}]
+
+
+def test_a_body_that_never_finishes_is_408(personalizer):
+    """A client that declares 100 bytes and sends 10 gets 408 after body_timeout_s, and holds nothing after."""
+    import socket
+
+    from personalign.server import ServerThread, create_app
+
+    with ServerThread(create_app(personalizer, CONFIG.model_copy(update={"body_timeout_s": 0.3}))) as running:
+        host, port = running.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\": ")
+            started = time.perf_counter()
+            reply = sock.recv(65536).decode()
+            waited = time.perf_counter() - started
+        assert reply.startswith("HTTP/1.1 408") and "request_timeout" in reply and "x-request-id" in reply.lower(), reply
+        assert 0.25 < waited < 5
+        # a complete body is unaffected, and so is a slow stream after its body arrived
+        assert httpx.post(f"{running.url}/v1/chat/completions", json=CHAT, timeout=30).status_code == 200

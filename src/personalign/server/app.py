@@ -194,7 +194,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     app.state.batcher = batcher
     app.state.keys = config.keys_by_digest()
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     metrics = Metrics(batcher)
     app.add_middleware(Serving, max_pending=config.max_pending, batcher=batcher, metrics=metrics)  # outermost: every answer gets its request id
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

@@ -77,6 +77,7 @@ class ServerConfig(BaseModel):
     default_max_tokens: int = Field(default=256, ge=1, le=8192)
     max_choices: int = Field(default=8, ge=1, le=64, description="the largest n a chat may ask for")
     max_pending: int = Field(default=256, ge=1, le=100_000, description="chats, completions and embeddings in flight before new ones get 429")
+    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="seconds a request's body may take to arrive in full (else 408)")
     keepalive_s: float = Field(default=15.0, gt=0.0, le=300.0, description="seconds of silence on a stream before a ': keep-alive' comment")
     default_temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="a chat's temperature when it sends none (OpenAI's is 1.0; 0 is greedy)")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)

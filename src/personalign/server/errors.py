@@ -8,6 +8,7 @@
 | 401 | missing or unknown API key | authentication_error / invalid_api_key |
 | 403 | a read-only key asks for a write | permission_error / read_only_key |
 | 404 | unknown user, memory, model or route | not_found_error / user_not_found, memory_not_found, model_not_found |
+| 408 | the body did not arrive in full within ``body_timeout_s`` | invalid_request_error / request_timeout |
 | 413 | request body over the limit, too many comparisons or memories in one request | invalid_request_error / request_too_large |
 | 429 | too many chats, completions and embeddings in flight (``Retry-After`` says when to retry) | rate_limit_error / rate_limit_exceeded |
 | 501 | an endpoint whose backing feature is not installed | not_implemented_error |
@@ -39,6 +40,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_implemented_error",
@@ -121,7 +123,7 @@ def _request_validation(request: Request, exc: RequestValidationError) -> JSONRe
 def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     messages = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
     message = messages.get(exc.status_code, str(exc.detail))
-    codes = {404: "route_not_found", 413: "request_too_large"}
+    codes = {404: "route_not_found", 408: "request_timeout", 413: "request_too_large"}
     return error_response(exc.status_code, message, codes.get(exc.status_code))
 
 

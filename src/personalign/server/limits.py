@@ -1,10 +1,12 @@
-"""Request limits: a body size limit as plain ASGI middleware (declared and chunked bodies alike),
-and the JSON values no endpoint can take (:func:`json_problem`)."""
+"""Request limits: a body size limit and a body read deadline as plain ASGI middleware (declared
+and chunked bodies alike), and the JSON values no endpoint can take (:func:`json_problem`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
+import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -19,12 +21,22 @@ class BodyTooLarge(HTTPException):
     """Raised while the body is read; FastAPI passes HTTP exceptions through to the 413 handler."""
 
 
-class BodyLimit:
-    """Answer 413 when a body is declared or turns out to be larger than ``max_bytes``."""
+class BodyTimeout(HTTPException):
+    """Raised when the body has not arrived in full by the deadline (a slow or stalled client)."""
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+class BodyLimit:
+    """Answer 413 when a body is declared or turns out to be larger than ``max_bytes``, and 408
+    when it has not arrived in full ``timeout_s`` seconds after the request started.
+
+    The deadline only covers the body: once it is complete, ``receive`` waits as long as the
+    response needs (a stream listens on it for the client's disconnect).
+    """
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -41,12 +53,20 @@ class BodyLimit:
                 return
         seen = 0
         started = False
+        complete = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise BodyTimeout(408, self.late) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if seen > self.max_bytes:
                     raise BodyTooLarge(413, self.message)
             return message
@@ -62,15 +82,22 @@ class BodyLimit:
         except BodyTooLarge:
             if not started:
                 await self._reject(send)
+        except BodyTimeout:
+            if not started:
+                await self._reject(send, 408, self.late, "request_timeout")
 
     @property
     def message(self) -> str:
         return f"the request body is larger than the limit of {self.max_bytes} bytes. Fix: send less per request"
 
-    async def _reject(self, send: Any) -> None:
-        body = json.dumps(error_body(413, self.message, "request_too_large")).encode()
+    @property
+    def late(self) -> str:
+        return f"the request body did not arrive in full within {self.timeout_s:g} s. Fix: send the whole body at once"
+
+    async def _reject(self, send: Any, status: int = 413, message: str | None = None, code: str = "request_too_large") -> None:
+        body = json.dumps(error_body(status, message or self.message, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
