@@ -72,6 +72,34 @@ def test_combined_adapter_is_the_exact_weighted_sum_of_peft_merged_deltas(random
     torch.testing.assert_close(bank.delta(w, module), manual, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("w", [[0.7, -1.3, 2.0], [1.0, 0.0, 0.0], [-0.5, -0.5, 3.0]])
+def test_peft_cat_computes_the_same_sum_as_the_hand_stacked_lora(random_bank, w):
+    """PEFT's ``add_weighted_adapter(combination_type="cat")`` scales A by ``w_k s_k``, the hand
+    stacking scales B: per module both give ``sum_k w_k s_k B_k A_k`` at rank ``sum r_k`` (2 + 4 + 3)."""
+    bank, _ = random_bank
+    rank, peft_tensors = bank.peft_cat_tensors(w)
+    hand_rank, hand_tensors = bank.lora_tensors(w)
+    assert rank == hand_rank == 9 and peft_tensors.keys() == hand_tensors.keys()
+    generator_weights = {n: p.detach().clone() for n, p in bank.generator.model.named_parameters()}
+    for module in bank.modules:
+        a, b = (f"base_model.model.{module}.lora_{x}.weight" for x in "AB")
+        assert peft_tensors[a].shape == hand_tensors[a].shape and peft_tensors[b].shape == hand_tensors[b].shape
+        expected = bank.delta(w, module)  # (out, in), term by term
+        torch.testing.assert_close(peft_tensors[b] @ peft_tensors[a], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(hand_tensors[b] @ hand_tensors[a], expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(p, generator_weights[n]) for n, p in bank.generator.model.named_parameters())  # untouched
+
+
+def test_one_basis_is_combined_without_peft_square_roots(random_bank, tiny_model_dir):
+    """With one adapter PEFT uses its ``linear`` rule (sqrt of the weight): a negative weight still works."""
+    _, folders = random_bank
+    bank = LoraBank.from_folders(load_generator(str(tiny_model_dir), device="cpu"), folders[:1])
+    rank, tensors = bank.peft_cat_tensors([-2.0])
+    module = bank.modules[0]
+    delta = tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    torch.testing.assert_close(delta, bank.delta([-2.0], module), rtol=1e-5, atol=1e-6)
+
+
 def test_averaging_a_and_b_separately_is_not_the_weighted_delta(random_bank):
     bank, _ = random_bank
     module = next(m for m in bank.modules if all(m in b.a for b in bank.bases[:2]))

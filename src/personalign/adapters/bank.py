@@ -10,7 +10,9 @@ weighted sum of the basis weight deltas,
 which is itself a LoRA of rank ``sum_k r_k``: ``A = [A_1; ...; A_K]`` stacked by rows and
 ``B = [w_1 s_1 B_1, ..., w_K s_K B_K]`` by columns, with scaling 1. Averaging the A and B
 matrices separately instead (what P-Soups' released merge script and RecLoRA do) computes
-``(sum w_k B_k)(sum w_k A_k)``, whose cross terms ``B_j A_k`` belong to no basis.
+``(sum w_k B_k)(sum w_k A_k)``, whose cross terms ``B_j A_k`` belong to no basis. The
+written adapter is built by PEFT's ``add_weighted_adapter(..., combination_type="cat")``,
+which computes this same sum (PEFT's docs call ``cat`` exact and ``linear`` approximate).
 
 Fitting (the implicit-reward likelihood of DPO). Basis ``k``'s implicit reward of a response
 is ``beta * (log pi_k(y|x) - log pi_ref(y|x))`` with the reference = the generator without
@@ -255,12 +257,53 @@ class LoraBank:
             tensors[_PREFIX + module + _B] = (self._b_cat[module] * scale.to(self._b_cat[module].device)).detach().cpu().contiguous()
         return int(self._ranks.sum()), tensors
 
+    def peft_cat_tensors(self, weights: Any) -> tuple[int, dict[str, torch.Tensor]]:
+        """The combined adapter built by PEFT: ``add_weighted_adapter(..., combination_type="cat")``.
+
+        PEFT's ``cat`` stacks ``w_k * s_k * A_k`` by rows and ``B_k`` by columns under scaling 1,
+        the same exact sum ``sum_k w_k s_k B_k A_k`` as :meth:`lora_tensors` (which scales B
+        instead of A). The bases are loaded as PEFT adapters into a skeleton of the target layers
+        that shares the generator's weights (nothing is copied, the generator is not touched).
+        With one basis PEFT switches to its ``linear`` rule (square roots of the weight on A and
+        B, undefined for a negative weight), so one basis is combined by :meth:`lora_tensors`.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        w = self._check_weights(weights)
+        if self.k == 1:
+            return self.lora_tensors(w)
+        skeleton = _skeleton(self._base_model(), self.modules)
+        names = [f"basis_{i}" for i in range(self.k)]
+        peft = None
+        for name, basis in zip(names, self.bases, strict=True):
+            # lora_alpha = s * r gives PEFT's scaling s (rsLoRA's alpha / sqrt(r) included).
+            config = LoraConfig(r=basis.rank, lora_alpha=basis.scaling * basis.rank, lora_dropout=0.0, target_modules=sorted(basis.a))
+            if peft is None:
+                peft = get_peft_model(skeleton, config, adapter_name=name)
+            else:
+                peft.add_adapter(name, config)
+        assert peft is not None
+        layers = dict(peft.base_model.model.named_modules())
+        with torch.no_grad():
+            for name, basis in zip(names, self.bases, strict=True):
+                for module in basis.a:
+                    layers[module].lora_A[name].weight.copy_(basis.a[module])
+                    layers[module].lora_B[name].weight.copy_(basis.b[module])
+        peft.add_weighted_adapter(names, w.tolist(), "combined", combination_type="cat")
+        tensors = {}
+        for module in self.modules:
+            layer = layers[module]
+            tensors[_PREFIX + module + _A] = layer.lora_A["combined"].weight.detach().cpu().contiguous()
+            tensors[_PREFIX + module + _B] = layer.lora_B["combined"].weight.detach().cpu().contiguous()
+        return peft.peft_config["combined"].r, tensors
+
     def write_adapter(self, weights: Any, folder: Path | str) -> Path:
-        """Write the combined adapter as a plain PEFT LoRA folder (loads in PEFT, vLLM and LoRAX)."""
+        """Write the combined adapter (:meth:`peft_cat_tensors`) as a plain PEFT LoRA folder of
+        rank ``sum r_k`` and scaling 1 (loads in PEFT, vLLM and LoRAX)."""
         from peft import LoraConfig
         from safetensors.torch import save_file
 
-        rank, tensors = self.lora_tensors(weights)
+        rank, tensors = self.peft_cat_tensors(weights)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         targets = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
@@ -404,6 +447,26 @@ class LoraBank:
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+def _skeleton(base: torch.nn.Module, modules: Sequence[str]) -> torch.nn.Module:
+    """A module tree holding only ``modules`` of ``base`` (same paths) as bias-free ``nn.Linear``
+    layers whose weights are ``base``'s own tensors (shared, not copied)."""
+    root = torch.nn.Module()
+    known = dict(base.named_modules())
+    for path in modules:
+        layer = known[path]
+        weight = getattr(layer, "base_layer", layer).weight  # (out, in)
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, linear)
+    return root
 
 
 def _check_comparisons(comparisons: Sequence[Comparison]) -> list[Comparison]:
