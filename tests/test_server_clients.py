@@ -146,3 +146,11 @@ def test_litellm_stream(litellm_base):
     whole = litellm.completion(**litellm_base, messages=messages).choices[0].message.content
     chunks = litellm.completion(**litellm_base, messages=messages, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+
+
+def test_chatopenai_streams_a_tool_call(wide):
+    chunks = list(wide.bind_tools([GetWeather], tool_choice="GetWeather").stream("What is the weather in Oslo?"))
+    message = chunks[0]
+    for chunk in chunks[1:]:
+        message = message + chunk
+    assert message.tool_calls and message.tool_calls[0]["name"] == "GetWeather" and message.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")

@@ -241,6 +241,15 @@ def test_named_tool_choice_calls_that_function_and_round_trips(client):
     assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_streamed_tool_call_arrives_as_tool_call_deltas(client):
+    stream = client.chat.completions.create(model="personalign", messages=ASK, max_tokens=64, tools=[WEATHER], tool_choice="required", stream=True, extra_body=PLAIN)
+    chunks = [c for c in stream if c.choices]
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].index == 0 and calls[0].function.name == "get_weather"
+    assert json.loads(calls[0].function.arguments)["city"] in ("Paris", "Oslo") and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not any(c.choices[0].delta.content for c in chunks)  # the JSON itself is never streamed as text
+
+
 def test_auto_tool_choice_parses_a_tool_call_block():
     from personalign.server.tools import parse_auto
 
@@ -255,7 +264,6 @@ def test_auto_tool_choice_parses_a_tool_call_block():
         ({"tool_choice": "required"}, "tool_choice"),
         ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
         ({"tools": [WEATHER, WEATHER]}, "tools"),
-        ({"tools": [WEATHER], "stream": True}, "stream"),
         ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
         ({"functions": [{"name": "f"}]}, "functions"),

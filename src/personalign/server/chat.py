@@ -124,6 +124,7 @@ class StreamPlan:
     count_tokens: CountTokens
     personalisation: Callable[[Sequence[Any]], Personalisation]
     keepalive_s: float = 15.0
+    tools: ToolPlan | None = None  # with tools in play each reply is held back whole: it may be a call
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it
@@ -136,7 +137,8 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
     the ``personalign`` object. With ``include_usage`` a last chunk with empty ``choices``
     carries the token counts. While no text arrives for ``keepalive_s`` (queued behind other
     batches), a ``: keep-alive`` comment is sent. If the client disconnects, the response task
-    is cancelled, and with it every row of the stream.
+    is cancelled, and with it every row of the stream. With tools, a choice's reply is sent
+    whole when it is complete: as ``tool_calls`` deltas (finish ``tool_calls``) or as text.
     """
 
     def event(index: int | None, delta: dict[str, str] | None, finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
@@ -154,7 +156,10 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
                 scanner = StopScanner(plan.stops)
                 try:
                     async for piece in _cut_stream(plan.streams[index], scanner, plan.keepalive_s):
-                        yield KEEPALIVE if piece is None else event(index, {"content": piece})
+                        if piece is None:
+                            yield KEEPALIVE
+                        elif plan.tools is None:
+                            yield event(index, {"content": piece})
                 except Exception as err:
                     for line in _error_events(err, completion_id):
                         yield line
@@ -167,13 +172,20 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
                     kept = answer(result, plan.max_new_tokens, (), plan.count_tokens)
             else:  # greedy: the one row's reply again
                 result, kept = results[0], answers[0]
-                if kept.text:
+                if kept.text and plan.tools is None:
                     yield event(index, {"content": kept.text})
+            finish = kept.finish
+            if plan.tools is not None:
+                content, calls, finish = tool_calls(kept.text, kept.finish, plan.tools)
+                if calls:
+                    yield event(index, {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})  # type: ignore[dict-item]
+                elif content:
+                    yield event(index, {"content": content})
             results.append(result)
             answers.append(kept)
             last = index == plan.n - 1
             extra = {"personalign": plan.personalisation(results).model_dump()} if last else None
-            yield event(index, {}, kept.finish, extra)
+            yield event(index, {}, finish, extra)
         if plan.include_usage:
             yield event(None, None, extra={"usage": usage(results, answers)})
         yield "data: [DONE]\n\n"

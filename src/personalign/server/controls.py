@@ -45,11 +45,8 @@ def decoding_options(body: ChatCompletionRequest, default_temperature: float) ->
             if fmt.json_schema is None or not fmt.json_schema.schema_:
                 raise ApiError(400, 'response_format json_schema needs a schema. Fix: send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', "invalid_value", "response_format.json_schema")
             options["grammar"] = {"json_schema": fmt.json_schema.schema_}
-    if tools is not None:
-        if body.stream:
-            raise ApiError(400, "tool calls are not streamed by this server. Fix: send stream=false, or tool_choice='none'", "unsupported_parameter", "stream")
-        if tools.grammar is not None:
-            options["grammar"] = tools.grammar
+    if tools is not None and tools.grammar is not None:
+        options["grammar"] = tools.grammar
     return options, tools
 
 
