@@ -57,6 +57,54 @@ class ContextLengthError(PersonalignError, ValueError):
     """The conversation does not fit in the model's context window, even without shots or memories."""
 
 
+class UserHeadsError(PersonalignError, ValueError):
+    """User value heads that cannot be used here (another generator or embedder, a broken folder).
+
+    Raised by ``personalign.steering.uservas``."""
+
+
+class HeadError(PersonalignError, ValueError):
+    """A reward-head folder that cannot be used.
+
+    Raised by ``personalign.steering.heads``."""
+
+
+class ValueModelError(PersonalignError, ValueError):
+    """A value-model folder that cannot be used with this generator.
+
+    Raised by ``personalign.adapters.value``."""
+
+
+class AdapterError(PersonalignError, ValueError):
+    """An adapter on disk cannot be used with this model (corrupt, mismatched, or for another base).
+
+    Raised by ``personalign.adapters.store``."""
+
+
+class PlugError(ValidationError):
+    """A Persona-Plug projector that cannot be used here (the base of the two errors below).
+
+    Raised by ``personalign.persona.pplug``."""
+
+
+class PlugMismatchError(PlugError):
+    """The projector was trained for another generator or encoder, or its dimensions differ.
+
+    Raised by ``personalign.persona.pplug``."""
+
+
+class PlugFileError(PlugError):
+    """The projector folder is missing, truncated or corrupted.
+
+    Raised by ``personalign.persona.pplug``."""
+
+
+class EmptyHistoryError(ValidationError):
+    """A user has no history items, so there is nothing to pool (the plug would be NaN).
+
+    Raised by ``personalign.persona.pplug``."""
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

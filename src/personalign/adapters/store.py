@@ -39,7 +39,10 @@ from typing import Any
 import torch
 
 from personalign.adapters.lora import LoraTrainConfig, TrainReport, data_hash, train_adapter
-from personalign.errors import PersonalignError, ValidationError
+from personalign.errors import (
+    AdapterError,  # noqa: F401 (re-exported)
+    ValidationError,
+)
 from personalign.memory.locking import atomic_write_json
 from personalign.models import Generator
 from personalign.types import Comparison, validate_user_id
@@ -51,8 +54,6 @@ META_FILE = "personalign_adapter.json"
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
-class AdapterError(PersonalignError, ValueError):
-    """An adapter on disk cannot be used with this model (corrupt, mismatched, or for another base)."""
 
 
 def adapter_name(user: str) -> str:

@@ -24,14 +24,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from personalign.errors import PersonalignError
+from personalign.errors import (
+    ValueModelError,  # noqa: F401 (re-exported)
+)
 
 CONFIG_FILE = "value_config.json"
 WEIGHTS_FILE = "value.safetensors"
 
 
-class ValueModelError(PersonalignError, ValueError):
-    """A value-model folder that cannot be used with this generator."""
 
 
 class ValueConfig(BaseModel):

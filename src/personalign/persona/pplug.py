@@ -36,7 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from personalign.errors import ValidationError
+from personalign.errors import EmptyHistoryError, PlugError, PlugFileError, PlugMismatchError, ValidationError  # noqa: F401 (re-exported)
 from personalign.functional.plug import plug_attention, pool, rescale_to_norm
 from personalign.memory.locking import atomic_write_bytes
 
@@ -55,20 +55,12 @@ SoftRows = torch.Tensor | Sequence[torch.Tensor | None] | None
 """Soft tokens for a batch: a ``(B, model_dim)`` tensor, one ``(model_dim,)`` tensor or ``None`` per row, or ``None``."""
 
 
-class PlugError(ValidationError):
-    """A Persona-Plug projector that cannot be used here (the base of the two errors below)."""
 
 
-class PlugMismatchError(PlugError):
-    """The projector was trained for another generator or encoder, or its dimensions differ."""
 
 
-class PlugFileError(PlugError):
-    """The projector folder is missing, truncated or corrupted."""
 
 
-class EmptyHistoryError(ValidationError):
-    """A user has no history items, so there is nothing to pool (the plug would be NaN)."""
 
 
 class PlugConfig(BaseModel):

@@ -27,14 +27,15 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalign.errors import PersonalignError, ValidationError
+from personalign.errors import (
+    HeadError,  # noqa: F401 (re-exported)
+    ValidationError,
+)
 
 CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 
 
-class HeadError(PersonalignError, ValueError):
-    """A reward-head folder that cannot be used."""
 
 
 class RewardHeadConfig(BaseModel):

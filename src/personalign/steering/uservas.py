@@ -27,7 +27,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalign.errors import PersonalignError, ValidationError
+from personalign.errors import (
+    UserHeadsError,  # noqa: F401 (re-exported)
+    ValidationError,
+)
 from personalign.steering.loop import LoopConfig
 from personalign.steering.samples import Sample
 
@@ -36,8 +39,6 @@ CONFIG_FILE = "user_vas_config.json"
 FORMAT_VERSION = 1
 
 
-class UserHeadsError(PersonalignError, ValueError):
-    """User value heads that cannot be used here (another generator or embedder, a broken folder)."""
 
 
 class UserVasConfig(BaseModel):
