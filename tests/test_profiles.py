@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
+from personalign import artefacts
+from personalign.artefacts import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from personalign.errors import PersonalignError, UnknownUserError, ValidationError
-from personalign.memory import locking
-from personalign.memory.locking import atomic_write_bytes, atomic_write_json
 from personalign.memory.profiles import PROFILE_FILE, ProfileStore
 from personalign.types import Comparison, UserProfile
 
@@ -147,11 +147,24 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(locking.os, "replace", broken_replace)
+    monkeypatch.setattr(artefacts.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert _visible(tmp_path) == ["file.bin"]
+
+
+def test_atomic_safetensors_failure_keeps_old_file(tmp_path, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    target = tmp_path / "w.safetensors"
+    atomic_save_safetensors(target, {"w": torch.ones(2)}, {"k": "v"})
+    monkeypatch.setattr(artefacts.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save_safetensors(target, {"w": torch.zeros(2)})
+    assert torch.equal(load_file(str(target))["w"], torch.ones(2))
+    assert _visible(tmp_path) == ["w.safetensors"]
 
 
 def test_concurrent_thread_updates_lose_nothing(tmp_path):

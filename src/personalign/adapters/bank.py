@@ -45,8 +45,8 @@ import torch
 
 from personalign.adapters.lora import LoraTrainConfig, batch_logps, collate
 from personalign.adapters.store import AdapterError
+from personalign.artefacts import atomic_write_json
 from personalign.errors import ValidationError
-from personalign.memory.locking import atomic_write_json
 from personalign.models import Generator
 from personalign.types import Comparison
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from personalign.adapters.store import ADAPTER_DIR, META_FILE
+from personalign.artefacts import atomic_write_json
 from personalign.errors import ValidationError
-from personalign.memory.locking import atomic_write_json
 from personalign.types import validate_user_id
 
 Engine = Literal["vllm", "lorax"]

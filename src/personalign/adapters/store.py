@@ -39,11 +39,11 @@ from typing import Any
 import torch
 
 from personalign.adapters.lora import LoraTrainConfig, TrainReport, data_hash, train_adapter
+from personalign.artefacts import atomic_write_json
 from personalign.errors import (
     AdapterError,  # noqa: F401 (re-exported)
     ValidationError,
 )
-from personalign.memory.locking import atomic_write_json
 from personalign.models import Generator
 from personalign.types import Comparison, validate_user_id
 

@@ -7,12 +7,12 @@ and a provenance note, so a folder can be loaded without knowing which method wr
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from personalign.artefacts import atomic_write_text
 from personalign.errors import ValidationError
 from personalign.models import Encoder
 from personalign.persona.base import (
@@ -38,9 +38,7 @@ def save_embedder(embedder: Any, directory: str | Path, provenance: Mapping[str,
     directory = Path(directory)
     embedder.save(directory)
     manifest = {"method": embedder.name, "featurizer": embedder.featurizer.config.to_dict(), "provenance": dict(provenance or {})}
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MANIFEST)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return directory
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from personalign.artefacts import atomic_save_safetensors, atomic_write_text
 from personalign.errors import ValidationError
 from personalign.models import Encoder
 from personalign.persona.style import STYLE_FEATURES, style_features
@@ -360,10 +361,8 @@ def save_artefact(
 
     Each file is written to a temporary name and renamed, so a crash never leaves half a file.
     """
-    import os
 
     import torch
-    from safetensors.torch import save_file
 
     from personalign import __version__
 
@@ -384,12 +383,8 @@ def save_artefact(
         tensor = torch.as_tensor(value).detach().to("cpu")
         cpu[key] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()  # integer keys stay exact
     metadata = {"method": name, "package_version": __version__, "encoder": featurizer.encoder_name}
-    tmp_weights = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(cpu, str(tmp_weights), metadata=metadata)
-    os.replace(tmp_weights, weights_path)
-    tmp_config = config_path.with_name(config_path.name + ".tmp")
-    tmp_config.write_text(json.dumps(stamped, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp_config, config_path)
+    atomic_save_safetensors(weights_path, cpu, metadata)
+    atomic_write_text(config_path, json.dumps(stamped, indent=2, sort_keys=True) + "\n")
     return directory
 
 

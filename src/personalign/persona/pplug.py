@@ -36,9 +36,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from personalign.artefacts import atomic_write_bytes
 from personalign.errors import EmptyHistoryError, PlugError, PlugFileError, PlugMismatchError, ValidationError  # noqa: F401 (re-exported)
 from personalign.functional.plug import plug_attention, pool, rescale_to_norm
-from personalign.memory.locking import atomic_write_bytes
 
 CONFIG_FILE = "plug_config.json"
 WEIGHTS_FILE = "plug.safetensors"
