@@ -280,3 +280,27 @@ def test_bad_tools_are_400_naming_the_field(http, body, param):
 def test_incomplete_tool_turns_are_400(http, message, param):
     response = http.post("/v1/chat/completions", json={"model": "personalign", "messages": [*ASK, message]})
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+# --- no 5xx for any value of the new fields ----------------------------------------------------------
+
+ODD_VALUES = [None, "x", "", -1, 0, 3, 1e308, -1e308, [], [1], {}, {"a": 1}, {"1": "x"}, True, 2**70, {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nope"}}}]
+NEW_CHAT_FIELDS = ["logit_bias", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "seed", "temperature", "parallel_tool_calls"]
+
+
+@pytest.mark.parametrize("field", NEW_CHAT_FIELDS)
+def test_any_value_of_a_new_chat_field_is_answered_without_5xx(http, field):
+    for value in ODD_VALUES:
+        response = _chat(http, max_tokens=2, **{field: value})
+        assert response.status_code in (200, 400), (field, value, response.text)
+        if response.status_code == 400:
+            assert response.json()["error"]["param"], (field, value, response.text)
+
+
+@pytest.mark.parametrize(("path", "fields"), [("/v1/completions", ["prompt", "logprobs", "echo", "best_of", "n", "stop", "seed"]), ("/v1/embeddings", ["input", "dimensions", "encoding_format"])])
+def test_any_value_of_a_completion_or_embedding_field_is_answered_without_5xx(http, path, fields):
+    base = {"model": "personalign", "prompt": "The fox", "max_tokens": 2} if path == "/v1/completions" else {"model": "personalign", "input": "x"}
+    for field in fields:
+        for value in ODD_VALUES:
+            response = http.post(path, json={**base, field: value})
+            assert response.status_code in (200, 400, 413), (field, value, response.text)
