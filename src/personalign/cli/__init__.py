@@ -21,7 +21,7 @@ import typer
 
 from personalign.cli._common import app
 
-GROUPS = ("core", "demo", "train", "train_steer", "eval", "bench", "memory")
+GROUPS = ("core", "demo", "train", "train_steer", "eval", "eval_psoups", "bench", "memory")
 for _group in GROUPS:
     import_module(f"personalign.cli.{_group}")
 
