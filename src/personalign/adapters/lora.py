@@ -180,17 +180,21 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     report = TrainReport(0, 0, [], [], [], len(train_idx), len(held_idx))
     best, best_state, stale = math.inf, None, 0
     rng = random.Random(config.seed)
-    for epoch in tqdm(range(config.epochs), desc=f"adapter {adapter_name}", disable=not config.progress):
+    # Per step, with an ETA; early stopping may end it before the total.
+    bar = tqdm(total=config.epochs * len(batches), desc=f"adapter {adapter_name}", unit="step", disable=not config.progress)
+    for epoch in range(config.epochs):
         peft_model.train()
         order = list(range(len(batches)))
         rng.shuffle(order)
         total = 0.0
-        for i in order:
+        for step, i in enumerate(order, 1):
             loss = reduce_pairs(pair_losses(config, batch_logps(peft_model, batches[i]), refs[i], batches[i]), batches[i].weights)
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
             total += loss.detach().item()
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{total / step:.4f}", refresh=False)
         peft_model.eval()
         report.train_loss.append(total / len(batches))
         report.epochs_run = epoch + 1
@@ -209,6 +213,7 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
             stale += 1
             if stale >= config.patience:
                 break
+    bar.close()
     if best_state is not None:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():

@@ -1,7 +1,8 @@
 """The one training loop the recipes share (VAS, MODPO, DPA, FSPO, Persona-Plug).
 
 Setup is the recipe's; the loop owns the optimiser (AdamW), ``accelerate``, shuffling,
-optional gradient clipping, a progress bar, a divergence check and checkpoints: after every
+optional gradient clipping, a per-step progress bar with the running loss and an ETA
+(``progress=True``), a divergence check and checkpoints: after every
 epoch the trainable tensors, optimiser state, losses, the ``after_epoch`` metrics and the
 caller's ``extra`` state go to ``checkpoint_dir/loop_state.pt`` (written atomically), and a run
 started with the same ``checkpoint_dir`` resumes after the last finished epoch, unless the
@@ -108,7 +109,9 @@ def train_loop(
         _resume(state_path, params, optimizer, report, fingerprint, extra)
     optimizer = accelerator.prepare(optimizer)
     torch.manual_seed(config.seed)
-    for epoch in tqdm(range(report.epochs_run, config.epochs), desc=config.name, disable=not config.progress):
+    steps = math.ceil(n_items / config.batch_size)
+    bar = tqdm(total=config.epochs * steps, initial=report.epochs_run * steps, desc=config.name, unit="step", disable=not config.progress)
+    for epoch in range(report.epochs_run, config.epochs):
         if on_epoch is not None:
             on_epoch(epoch)
         order = list(range(n_items))
@@ -123,6 +126,8 @@ def train_loop(
             optimizer.step()
             total += float(loss.detach())
             batches += 1
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{total / batches:.4f}", refresh=False)
         report.epoch_loss.append(total / max(batches, 1))
         metrics = dict(after_epoch(epoch) or {}) if after_epoch is not None else {}
         for key, value in metrics.items():
@@ -132,4 +137,5 @@ def train_loop(
             raise ValidationError("learning_rate", f"made the loss diverge in epoch {epoch + 1} of {config.name}", "lower the learning rate", config.learning_rate)
         if state_path is not None:
             _checkpoint(state_path, params, optimizer, report, fingerprint, extra)
+    bar.close()
     return report
