@@ -454,7 +454,7 @@ class Personalizer:
         :meth:`amplified_comparisons` (the user's inferred reward labelling the generator's answers).
         """
         config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else _params(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        comparisons = [*self.profiles.get(user).comparisons, *parse_comparisons(extra, "extra")]
+        comparisons = [*self.profiles.get(user).comparisons, *(parse_comparisons(extra, "extra") if extra else [])]
         if not comparisons:
             raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
         with self._generate_lock:
@@ -472,6 +472,12 @@ class Personalizer:
         if not self.adapters.has_adapter(user):
             raise ValidationError("user", f"{user!r} has no adapter", "train one: train_adapter(user) or enroll(..., adapter=True)", user)
         return self.adapters.path(user)
+
+    def adapter_metadata(self, user: str) -> dict[str, Any]:
+        """The full record of ``user``'s adapter (``personalign_adapter.json``: pairs, data hash,
+        base model, the training report or the bank weights); ``ValidationError`` when they have none."""
+        self.adapter_folder(user)  # the typed error when there is none
+        return self.adapters.metadata(user)
 
     def amplified_comparisons(self, user: str, answers: Mapping[str, Sequence[str]], config: AmplifyConfig | Mapping[str, Any] | None = None) -> list[Comparison]:
         """Pairs of the generator's own ``answers`` (per prompt) labelled by ``user``'s inferred reward,

@@ -66,8 +66,8 @@ def train_user_lora(
                 profile = pz.enroll(user, new, adapter=True, adapter_config=config)
             else:
                 profile = pz.train_adapter(user, config)
-            meta = pz.adapters.metadata(user)
-            path = pz.adapters.path(user)
+            meta = pz.adapter_metadata(user)
+            path = pz.adapter_folder(user)
         report = meta["report"]
         typer.echo(
             f"{user}: adapter trained on {meta['pairs']} pairs ({len(profile.comparisons)} stored), {report['epochs_run']} epochs, "
@@ -158,7 +158,7 @@ def train_user_bank(
                 comparisons = pz.enroll(user, new, adapter=loaded).comparisons
             else:
                 pz.train_adapter(user, bank=loaded)
-            summary = pz.adapters.metadata(user)["bank"]
+            summary = pz.adapter_metadata(user)["bank"]
         weights = ", ".join(
             f"{n}={w:+.2f}" for n, w in zip(summary["bases"], summary["weights"], strict=True)
         )
