@@ -304,3 +304,25 @@ def test_any_value_of_a_completion_or_embedding_field_is_answered_without_5xx(ht
         for value in ODD_VALUES:
             response = http.post(path, json={**base, field: value})
             assert response.status_code in (200, 400, 413), (field, value, response.text)
+
+
+def test_row_decoder_counts_only_generated_tokens_with_a_persona_plug(tiny_generator, encoder, pplug_folder, tmp_path, monkeypatch):
+    """A plugged row's ``input_ids`` gain a column; the decoder's prompt width must include it, so the
+    penalties count generated tokens only (the first step sees none)."""
+    from personalign.steering.decoding import RowDecoder
+
+    seen = []
+    real = RowDecoder.__call__
+
+    def spy(self, input_ids, scores):
+        seen.append(input_ids.shape[1] - self.prompt_width)
+        return real(self, input_ids, scores)
+
+    monkeypatch.setattr(RowDecoder, "__call__", spy)
+    plugged = []
+    with Personalizer(tiny_generator, encoder, store=tmp_path / "store", pplug=pplug_folder) as pz:
+        generate = pz.generator.model.generate
+        monkeypatch.setattr(pz.generator.model, "generate", lambda **kw: plugged.append("inputs_embeds" in kw) or generate(**kw))
+        pz.enroll("ann", [{"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "No."}])
+        pz.respond("ann", ASK, max_new_tokens=3, presence_penalty=1.0, memory=False, shots=False, steer={})
+    assert plugged == [True] and seen[:3] == [0, 1, 2]

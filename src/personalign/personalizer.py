@@ -826,12 +826,6 @@ class Personalizer:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if plan.processors:
             kwargs["logits_processor"] = plan.processors
-        decoder = self._row_decoder(batch, plan, kwargs["input_ids"].shape[1])
-        if decoder is not None:  # it chooses every row's token; generate takes it greedily
-            from transformers import LogitsProcessorList
-
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            kwargs["logits_processor"] = LogitsProcessorList([*plan.processors, decoder])
         if any(p.plug is not None for p in batch):
             # Each row's soft token before its first prompt token; rows without one get a masked
             # column instead and decode exactly as without it. ``input_ids`` keeps the same layout
@@ -840,6 +834,13 @@ class Personalizer:
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
             kwargs["inputs_embeds"], kwargs["attention_mask"] = plug_inputs(self.generator.model, ids, mask, softs)
             kwargs["input_ids"] = plug_input_ids(ids, mask, softs)
+        # after the plug column, so the decoder's prompt width is what logits processors see
+        decoder = self._row_decoder(batch, plan, kwargs["input_ids"].shape[1])
+        if decoder is not None:  # it chooses every row's token; generate takes it greedily
+            from transformers import LogitsProcessorList
+
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = LogitsProcessorList([*plan.processors, decoder])
         return kwargs
 
     def _plan(self, batch: Sequence[_Prepared]) -> Plan:
