@@ -174,10 +174,17 @@ def test_logprobs_in_openais_shape(client):
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == reply.choices[0].message.content
 
 
+def test_streamed_logprobs_come_with_each_choices_finish_chunk(client):
+    whole = client.chat.completions.create(model="personalign", messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, extra_body=PLAIN)
+    chunks = [c for c in client.chat.completions.create(model="personalign", messages=ASK, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2, stream=True, extra_body=PLAIN) if c.choices]
+    streamed = [item for c in chunks if c.choices[0].logprobs is not None for item in c.choices[0].logprobs.content]
+    assert [(i.token, i.logprob) for i in streamed] == [(i.token, i.logprob) for i in whole.choices[0].logprobs.content]
+    assert chunks[-1].choices[0].logprobs is not None and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
 def test_logprobs_errors(http):
     _error(_chat(http, top_logprobs=2), "top_logprobs")
     _error(_chat(http, logprobs=True, top_logprobs=21), "top_logprobs")
-    _error(_chat(http, logprobs=True, stream=True), "logprobs")
 
 
 # --- response_format ---------------------------------------------------------------------------------

@@ -143,4 +143,4 @@ def test_openai_stream_with_stop_and_usage(client):
     chunks = list(client.chat.completions.create(**{**CHAT, "stream": True}, stream_options={"include_usage": True}))
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     with pytest.raises(openai.BadRequestError):
-        client.chat.completions.create(**{**CHAT, "stream": True}, logprobs=True)
+        client.chat.completions.create(**{**CHAT, "stream": True}, top_logprobs=2)  # without logprobs=true

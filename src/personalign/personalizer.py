@@ -205,6 +205,13 @@ def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
         worker.join()
 
 
+def _with_logprobs(result: ChatResult, prepared: _Prepared, decoder: RowDecoder | None, row: int) -> ChatResult:
+    """``result`` with its tokens' log-probabilities when the request asked for them (row ``row`` of ``decoder``)."""
+    if decoder is None or prepared.params.top_logprobs is None:
+        return result
+    return dataclasses.replace(result, logprobs=decoder.logprobs[row][: result.completion_tokens])
+
+
 def _default_steering(profile: UserProfile) -> Steering:
     """The user's stored steering (the old flat ``{objective: weight}`` or the nested form), else
     the inferred weights of the objectives decoding can steer."""
@@ -900,15 +907,19 @@ class Personalizer:
             with self._generate_lock, torch.inference_mode():
                 plan = self._plan(batch)
                 kwargs = self._generate_kwargs(batch, plan)
+                decoder = next((p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None)
                 streamer = None
                 if streams is not None and any(s is not None for s in streams):
                     primary = set(plan.primary)
                     row_streams = [streams[i] if r in primary else None for r, i in enumerate(plan.owner)]
                     limits = [batch[i].params.max_new_tokens for i in plan.owner]
-                    streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, lambda r, tokens: self._result(batch[plan.owner[r]], tokens, stops))
+
+                    def finalize(r: int, tokens: list[int]) -> ChatResult:
+                        return _with_logprobs(self._result(batch[plan.owner[r]], tokens, stops), batch[plan.owner[r]], decoder, r)
+
+                    streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, finalize)
                     # a cancelled request stops all of its rows
                     kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows([streams[i] for i in plan.owner])])
-                decoder = next((p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None)
                 if seed is not None and decoder is None:
                     torch.manual_seed(seed)
                 try:
@@ -924,11 +935,7 @@ class Personalizer:
             raise
         width = kwargs["input_ids"].shape[1]
         results = [self._result(prepared, output[row, width:].tolist(), stops) for row, prepared in zip(plan.primary, batch, strict=True)]
-        if decoder is not None:
-            results = [
-                dataclasses.replace(r, logprobs=decoder.logprobs[i][: r.completion_tokens]) if p.params.top_logprobs is not None else r
-                for i, (r, p) in enumerate(zip(results, batch, strict=True))
-            ]
+        results = [_with_logprobs(r, p, decoder, i) for i, (r, p) in enumerate(zip(results, batch, strict=True))]
         for stream, result in zip(streams or [], results, strict=False):
             if stream is not None:
                 stream.finish(result)  # rows the streamer has not closed (a no-op for the others)

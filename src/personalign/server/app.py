@@ -351,7 +351,8 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         max_new = request["max_new_tokens"]
         if streams:
             usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-            plan = StreamPlan(streams, n, stops, max_new, usage_chunk, count_tokens, personalisation, config.keepalive_s, tools)
+            logprob_tokenizer = pz.generator.tokenizer if body.logprobs else None
+            plan = StreamPlan(streams, n, stops, max_new, usage_chunk, count_tokens, personalisation, config.keepalive_s, tools, logprob_tokenizer)
             return StreamingResponse(sse(plan, completion_id, now, config.served_model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await asyncio.wrap_future(future)
         results = results * n if len(results) < n else results

@@ -125,6 +125,7 @@ class StreamPlan:
     personalisation: Callable[[Sequence[Any]], Personalisation]
     keepalive_s: float = 15.0
     tools: ToolPlan | None = None  # with tools in play each reply is held back whole: it may be a call
+    logprob_tokenizer: Any = None  # set when the request asked for logprobs: they go with each choice's finish chunk
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it
@@ -135,15 +136,16 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
 
     Each choice gets a role chunk, its text and a finish chunk; the last finish chunk carries
     the ``personalign`` object. With ``include_usage`` a last chunk with empty ``choices``
-    carries the token counts. While no text arrives for ``keepalive_s`` (queued behind other
-    batches), a ``: keep-alive`` comment is sent. If the client disconnects, the response task
+    carries the token counts. With ``logprobs``, each choice's finish chunk carries the
+    log-probabilities of all its tokens (clients join the ``content`` lists of the chunks). While
+    no text arrives for ``keepalive_s`` (queued behind other batches), a ``: keep-alive`` comment is sent. If the client disconnects, the response task
     is cancelled, and with it every row of the stream. With tools, a choice's reply is sent
     whole when it is complete: as ``tool_calls`` deltas (finish ``tool_calls``) or as text.
     """
 
-    def event(index: int | None, delta: dict[str, str] | None, finish: str | None = None, extra: dict[str, Any] | None = None) -> str:
+    def event(index: int | None, delta: dict[str, str] | None, finish: str | None = None, extra: dict[str, Any] | None = None, logprobs: Any = None) -> str:
         chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        chunk["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]
+        chunk["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
         chunk.update(extra or {})
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
@@ -185,7 +187,8 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
             answers.append(kept)
             last = index == plan.n - 1
             extra = {"personalign": plan.personalisation(results).model_dump()} if last else None
-            yield event(index, {}, finish, extra)
+            logprobs = logprobs_out(result, kept.completion_tokens, plan.logprob_tokenizer).model_dump() if plan.logprob_tokenizer is not None else None
+            yield event(index, {}, finish, extra, logprobs)
         if plan.include_usage:
             yield event(None, None, extra={"usage": usage(results, answers)})
         yield "data: [DONE]\n\n"

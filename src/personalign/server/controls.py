@@ -31,8 +31,6 @@ def decoding_options(body: ChatCompletionRequest, default_temperature: float) ->
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(400, "top_logprobs needs logprobs=true. Fix: send logprobs=true, or leave top_logprobs out", "invalid_value", "top_logprobs")
     if body.logprobs:
-        if body.stream:
-            raise ApiError(400, "logprobs are not streamed by this server. Fix: send stream=false, or leave logprobs out", "unsupported_parameter", "logprobs")
         options["top_logprobs"] = body.top_logprobs or 0
     tools = plan_tools(body.tools, body.tool_choice)
     fmt = body.response_format
