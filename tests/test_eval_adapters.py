@@ -33,8 +33,8 @@ def test_wilson_interval_golden_values():
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0  # exact at the ends (the hand-written form gave -2.8e-17)
     assert wilson(8.0, 10) == wilson(8, 10)  # counts summed as floats
     assert all(math.isnan(v) for v in wilson(0, 0))
-    with pytest.raises(ValueError, match="whole number"):
-        wilson(7.5, 10)
+    low, high = wilson(7.5, 10)  # ties as half wins: the closed form, between its neighbours
+    assert wilson(7, 10)[0] < low < wilson(8, 10)[0] and wilson(7, 10)[1] < high < wilson(8, 10)[1]
 
 
 @pytest.mark.parametrize(("k", "n"), [(0, 1), (1, 3), (5, 10), (17, 40), (99, 100)])
@@ -44,6 +44,7 @@ def test_wilson_matches_the_closed_form(k, n):
     denom = 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     assert wilson(k, n) == pytest.approx((max(centre - half, 0.0), min(centre + half, 1.0)), abs=1e-12)
+    assert wilson(k + 1e-9, n) == pytest.approx(wilson(k, n), abs=1e-8)  # the fractional path agrees with scipy
 
 
 def test_kmeans_separates_two_obvious_groups():

@@ -35,22 +35,28 @@ from personalign.types import Comparison
 ADAPTER_METHODS = ("lora", "bank")
 
 
-def wilson(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+def wilson(correct: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """The Wilson score interval of ``correct`` successes in ``n`` trials (95% by default).
 
-    ``scipy.stats.binomtest(correct, n).proportion_ci(method="wilson")``: the closed form
-    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``z`` the normal quantile,
-    exactly 0 at 0 of ``n`` and 1 at ``n`` of ``n``. ``(nan, nan)`` when ``n`` is 0.
+    ``(p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)`` with ``p = correct / n`` and
+    ``z`` the normal quantile, within [0, 1]. A whole number of successes goes to
+    ``scipy.stats.binomtest(correct, n).proportion_ci(method="wilson")``; a fractional count
+    (ties scored as half a win), which scipy does not take, to the same closed form.
+    ``(nan, nan)`` when ``n`` is 0.
     """
-    from scipy.stats import binomtest
+    from scipy.stats import binomtest, norm
 
     if n == 0:
         return (math.nan, math.nan)
-    k = int(round(correct))
-    if k != correct:
-        raise ValueError(f"wilson: correct must be a whole number of successes, got {correct!r}")
-    ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
-    return (float(ci.low), float(ci.high))
+    if float(correct).is_integer():
+        ci = binomtest(int(correct), n).proportion_ci(confidence_level=confidence, method="wilson")
+        return (float(ci.low), float(ci.high))
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(centre - half, 0.0), min(centre + half, 1.0))
 
 
 def user_directions(encoder: Encoder, population: EvalPopulation) -> np.ndarray:
