@@ -2,7 +2,8 @@
 objective adapters on those samples, and install them where the runtime finds them.
 
 Reports and recorded configs name folders relative to ``out`` (``vas/verbosity``), so retrained
-artefacts that are shipped carry no machine path.
+artefacts that are shipped carry no machine path. Under ``accelerate launch`` every process
+trains (data-parallel, see :mod:`personalign.steering.loop`) and only the main one writes.
 
 ``personalign train vas`` and ``personalign train modpo`` call these; the defaults finish on a
 2-core CPU in well under an hour (sampling is most of it) and scale up by flags.
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.adapters.value import save_value_model
-from personalign.steering.loop import LoopConfig
+from personalign.steering.loop import LoopConfig, is_main_process
 from personalign.steering.methods import MIX_DIR, VAS_DIR, VAS_MODEL_DIR
 from personalign.steering.modpo import ModpoConfig, save_objective_adapter, train_modpo
 from personalign.steering.prompts import split
@@ -34,7 +35,8 @@ def get_samples(generator: Any, out: Path, samples_path: Path | None = None, n_p
         return load_samples(path)
     train, _ = split()
     samples = sample_responses(generator, train, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
-    save_samples(samples, path)
+    if is_main_process():
+        save_samples(samples, path)
     return samples
 
 
@@ -47,7 +49,8 @@ def train_vas_recipe(generator: Any, out: Path, objectives: Sequence[str], kinds
             folder = out / (VAS_DIR if kind == "trunk" else VAS_MODEL_DIR) / objective
             loop = LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, seed=seed, progress=progress, checkpoint_dir=str(folder.with_name(folder.name + ".ckpt")), name=f"vas {kind} {objective}")
             model, run = train_vas(generator, samples, VasTrainConfig(objective=objective, kind=kind, loop=loop))
-            save_value_model(model, folder)
+            if is_main_process():
+                save_value_model(model, folder)
             report[f"{kind}/{objective}"] = {"epoch_loss": run.epoch_loss, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
     return report
 
@@ -64,7 +67,8 @@ def train_modpo_recipe(generator: Any, out: Path, objectives: Sequence[str], sam
         config = ModpoConfig(objective=objective, margin_objectives=others, margin_weights=[margin_weight] * len(others), max_pairs=max_pairs, min_gap=min_gap, loop=loop)
         model, name, run, pairs = train_modpo(generator, samples, config)
         recorded = config.model_copy(update={"loop": loop.model_copy(update={"checkpoint_dir": relative(loop.checkpoint_dir, out)})})
-        save_objective_adapter(model, name, folder, recorded, generator.model_id, run, pairs)
+        if is_main_process():
+            save_objective_adapter(model, name, folder, recorded, generator.model_id, run, pairs)
         report[objective] = {"epoch_loss": run.epoch_loss, "pairs": pairs, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
     return report
 
@@ -78,7 +82,8 @@ def relative(path: Path | str, out: Path) -> str:
 
 
 def write_report(out: Path, name: str, report: dict[str, Any]) -> None:
-    (out / f"{name}_report.json").write_text(json.dumps(report, indent=1))
+    if is_main_process():
+        (out / f"{name}_report.json").write_text(json.dumps(report, indent=1))
 
 
 def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], iterations: int = 2, samples_per_prompt: int = 4, max_new_tokens: int = 160, epochs: int = 2, prompts: Sequence[str] | None = None, seed: int = 0, progress: Any = None, every_direction: bool = False, loss: str = "sft", beta: float = 0.1, line: str = "numbers") -> dict[str, Any]:
@@ -91,5 +96,7 @@ def train_dpa_recipe(generator: Any, out: Path, objectives: Sequence[str], itera
     loop = LoopConfig(epochs=epochs, learning_rate=5e-4, batch_size=4, seed=seed, name=f"dpa {loss}")
     config = DpaConfig(objectives=list(objectives), iterations=iterations, samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens, every_direction=every_direction, loss=loss, beta=beta, line=line, loop=loop)
     model, records = train_dpa(generator, chosen, config, seed=seed, progress=progress)
-    folder = save_dpa(model, out / DPA_DIR, config, generator.model_id, records, len(chosen))
+    folder = out / DPA_DIR
+    if is_main_process():
+        save_dpa(model, folder, config, generator.model_id, records, len(chosen))
     return {"iterations": records, "seconds": time.perf_counter() - start, "folder": relative(folder, out)}
