@@ -152,8 +152,18 @@ def test_mix_composes_with_a_users_adapter(spz):
     own = spz.respond("ana", ASK, steer={}, max_new_tokens=8, memory=False, shots=False)
     zero = spz.respond("ana", ASK, steer={"weights": {"verbosity": 0.0}, "method": "mix"}, max_new_tokens=8, memory=False, shots=False)
     assert own.text == zero.text
-    mixed = spz.respond("ana", ASK, steer={"weights": {"verbosity": 1.0}, "method": "mix"}, max_new_tokens=8, memory=False, shots=False)
-    assert isinstance(mixed.text, str)
+    mix = {"weights": {"verbosity": 1.0}, "method": "mix"}
+    mixed = spz.respond("ana", ASK, steer=mix, max_new_tokens=8, memory=False, shots=False)
+    assert mixed.steer == {"verbosity": 1.0} and mixed.completion_tokens > 0
+    # Composition: her request's rows are [her adapter, the plain base, the verbosity adapter], so the
+    # mix acts on top of her adapter; a generic request mixes the plain base.
+    from personalign.adapters.store import BASE
+
+    hers = spz._plan([spz._prepare("ana", ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
+    generic = spz._plan([spz._prepare(None, ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
+    assert hers.names is not None and generic.names is not None
+    assert hers.names[0].startswith("slot_") and hers.names[1:] == [BASE, "steer_verbosity"]  # her adapter's slot first
+    assert generic.names == ["steer_verbosity"]  # weights summing to 1: no base row (its coefficient is 0)
 
 
 def test_stream_with_mix_rows_matches_respond(spz):
