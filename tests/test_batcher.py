@@ -22,9 +22,9 @@ def test_a_late_request_misses_the_window_without_an_arrival_mark():
     batcher, seen = _recording_batcher(max_batch=8, max_wait_s=0.01)
     try:
         first = batcher.submit({"i": 1})
-        time.sleep(0.15)
+        assert first.result(5) == 10  # its batch has closed and run: no sleep needed to miss the window
         second = batcher.submit({"i": 2})
-        assert (first.result(5), second.result(5)) == (10, 20)
+        assert second.result(5) == 20
     finally:
         batcher.stop()
     assert seen == [[1], [2]]
