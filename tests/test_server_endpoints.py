@@ -53,6 +53,12 @@ def test_completion_prompts_n_seed_and_logprobs(client):
     assert all(lp <= 0 for lp in logprobs.token_logprobs) and all(len(t) <= 2 for t in logprobs.top_logprobs)
 
 
+def test_completion_echo_prepends_the_prompt(client):
+    plain = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
+    echoed = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0, echo=True).choices[0].text
+    assert echoed == PROMPT + plain
+
+
 def test_completion_stop(client):
     whole = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     stop = whole[3:5]
@@ -66,7 +72,7 @@ def test_completion_stop(client):
         ({"prompt": ""}, "prompt", 400),
         ({"prompt": []}, "prompt", 400),
         ({"prompt": PROMPT, "stream": True}, "stream", 400),
-        ({"prompt": PROMPT, "echo": True}, "echo", 400),
+        ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo", 400),
         ({"prompt": PROMPT, "suffix": "end"}, "suffix", 400),
         ({"prompt": PROMPT, "best_of": 3}, "best_of", 400),
         ({"prompt": PROMPT, "logprobs": 6}, "logprobs", 400),

@@ -128,9 +128,11 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
         """Raw-text continuation of the prompt (no chat template and nothing personal)."""
         if body.model not in model_names:
             raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
-        for name, value, allowed in (("stream", body.stream, (False,)), ("suffix", body.suffix, (None, "")), ("echo", body.echo, (None, False))):
+        for name, value, allowed in (("stream", body.stream, (False,)), ("suffix", body.suffix, (None, ""))):
             if value not in allowed:
                 raise ApiError(400, f"{name}={value!r} is not supported by /v1/completions here. Fix: leave it out", "unsupported_parameter", name)
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (the prompt's log-probabilities) is not supported. Fix: leave out echo or logprobs", "unsupported_parameter", "echo")
         n = body.n or 1
         if body.best_of is not None and body.best_of != n:
             raise ApiError(400, "best_of other than n is not supported. Fix: leave best_of out", "unsupported_parameter", "best_of")
@@ -155,7 +157,8 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
             kept = len(pz.generator.tokenizer(text, add_special_tokens=False)["input_ids"]) if stopped else result.completion_tokens
             finish = "stop" if stopped or result.completion_tokens < max_new else "length"
             logprobs = _legacy_logprobs(result, pz.generator.tokenizer, kept) if body.logprobs is not None else None
-            choices.append(CompletionChoice(text=text, index=index, logprobs=logprobs, finish_reason=finish))
+            shown = prompts[index // n] + text if body.echo else text
+            choices.append(CompletionChoice(text=shown, index=index, logprobs=logprobs, finish_reason=finish))
             completion += kept
         prompt_tokens = sum(results[i * n].prompt_tokens for i in range(len(prompts)))
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
