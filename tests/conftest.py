@@ -48,15 +48,15 @@ def build_tokenizer():
     return fast
 
 
-def build_tiny_llama(vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, max_positions: int = 512):
+def build_tiny_llama(vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, max_positions: int = 512, hidden_size: int = 32):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

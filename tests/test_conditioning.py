@@ -83,8 +83,8 @@ def test_plug_for_another_generator_is_refused(tiny_generator, encoder, tmp_path
 
     tokenizer = build_tokenizer()
     other = tmp_path / "wide"
-    model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
-    model.config.hidden_size = 32
+    model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, hidden_size=48)
+    assert model.config.hidden_size != tiny_generator.model.config.hidden_size  # really another, wider generator
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
     folder = save_plug(build_plug(load_generator(str(other), device="cpu"), encoder), tmp_path / "p")
