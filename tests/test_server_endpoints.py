@@ -59,6 +59,21 @@ def test_completion_echo_prepends_the_prompt(client):
     assert echoed == PROMPT + plain
 
 
+def test_streamed_completion_matches_the_whole_one(client):
+    body = {"model": "personalign", "prompt": [PROMPT, "Why is the sky"], "n": 2, "seed": 5, "max_tokens": 6, "logprobs": 1}
+    whole = client.completions.create(**body)
+    chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    texts: dict[int, str] = {}
+    for chunk in chunks[:-1]:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
+    finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [f.finish_reason for f in finishes] == [c.finish_reason for c in whole.choices]
+    assert finishes[0].logprobs.token_logprobs == whole.choices[0].logprobs.token_logprobs
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+
+
 def test_completion_stop(client):
     whole = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
     stop = whole[3:5]
@@ -71,7 +86,7 @@ def test_completion_stop(client):
     [
         ({"prompt": ""}, "prompt", 400),
         ({"prompt": []}, "prompt", 400),
-        ({"prompt": PROMPT, "stream": True}, "stream", 400),
+        ({"prompt": PROMPT, "stream": True, "logit_bias": {"999999": 1}}, "logit_bias.999999", 400),
         ({"prompt": PROMPT, "echo": True, "logprobs": 1}, "echo", 400),
         ({"prompt": PROMPT, "suffix": "end"}, "suffix", 400),
         ({"prompt": PROMPT, "best_of": 3}, "best_of", 400),

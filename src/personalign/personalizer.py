@@ -1031,21 +1031,33 @@ class Personalizer:
     def complete_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ChatResult]:
         """Raw-text continuations (OpenAI's legacy completions): no chat template, user, memories or steering.
 
-        Each request is ``{"prompt": str, **generation options}`` (see :meth:`respond`); all are
-        validated before anything is generated, and rows share ``generate`` calls as in :meth:`respond_batch`.
+        Each request is ``{"prompt": str, **generation options}`` (see :meth:`respond`), optionally
+        with a ``stream`` (:class:`TokenStream`); all are validated before anything is generated
+        (:meth:`check_completions` does only that), and rows share ``generate`` calls as in :meth:`respond_batch`.
         """
+        prepared, streams = self._prepare_completions(requests)
+        return self._run_prepared(prepared, streams)
+
+    def check_completions(self, requests: Sequence[Mapping[str, Any]]) -> None:
+        """Raise what :meth:`complete_batch` would reject these requests with, generating nothing."""
+        self._prepare_completions(requests)
+
+    def _prepare_completions(self, requests: Sequence[Mapping[str, Any]]) -> tuple[list[_Prepared], list[TokenStream | None]]:
         if not requests:
             raise ValidationError("requests", "is empty", "pass at least one request")
         gen_fields = set(GenerationParams.model_fields)
-        prepared = []
+        prepared, streams = [], []
         for index, request in enumerate(requests):
             prompt = request.get("prompt") if isinstance(request, Mapping) else None
             if not isinstance(prompt, str) or not prompt:
                 raise ValidationError(f"prompt[{index}]", "must be non-empty text", "send the text to continue", prompt)
-            unknown = set(request) - gen_fields - {"prompt"}
+            unknown = set(request) - gen_fields - {"prompt", "stream"}
             if unknown:
                 raise ValidationError(sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}")
-            params = _params(GenerationParams, {k: v for k, v in request.items() if k != "prompt"}, "generation")
+            stream = request.get("stream")
+            if stream is not None and not isinstance(stream, TokenStream):
+                raise ValidationError(f"requests[{index}].stream", "is not a TokenStream", "pass personalign.streaming.TokenStream() or leave it out")
+            params = _params(GenerationParams, {k: v for k, v in request.items() if k not in ("prompt", "stream")}, "generation")
             self._check_decoding(params)
             ids = self.generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if len(ids) + params.max_new_tokens > self.generator.context_length:
@@ -1054,7 +1066,8 @@ class Personalizer:
                     f"{self.generator.context_length}. Fix: shorten the prompt or lower max_tokens"
                 )
             prepared.append(_Prepared(None, Conditioning([], [], [], len(ids)), params, {}, list(ids)))
-        return self._run_prepared(prepared, [None] * len(prepared))
+            streams.append(stream)
+        return prepared, streams
 
     def chat_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[str]:
         """The reply texts for several requests generated together (see :meth:`respond_batch`)."""

@@ -4,29 +4,35 @@ Completions continue the prompt as raw text with the generator: no chat template
 personal (no profile, memories or steering; ``user`` is accepted and ignored). Decoding fields
 are the chat's (``temperature`` omitted is the server's default, ``seed`` per row, ``stop``,
 ``logit_bias``, penalties) through :meth:`Personalizer.complete_batch`; ``logprobs`` (0-5) is
-answered in the legacy shape. Embeddings are the sentence encoder the Personalizer already
+answered in the legacy shape. ``stream`` sends ``text_completion`` chunks, choice after choice,
+as chat streams do (keep-alives, ``stop``, cancellation on disconnect). Embeddings are the sentence encoder the Personalizer already
 holds (all-MiniLM-L6-v2 by default: 384 unit-norm floats), computed without the encoder's text
 cache so their timing says nothing about what any tenant stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from personalign.server.chat import parse_stop
+from personalign.server.asyncstream import AsyncTokenStream
+from personalign.server.chat import KEEPALIVE, _cut_stream, _error_events, parse_stop
 from personalign.server.config import ServerConfig
 from personalign.server.controls import seeds
 from personalign.server.errors import ApiError
-from personalign.server.schemas import Number, StopText, Usage
-from personalign.server.stops import MAX_STOPS, cut
+from personalign.server.schemas import Number, StopText, StreamOptions, Usage
+from personalign.server.stops import MAX_STOPS, StopScanner, cut
 
 MAX_PROMPTS = 64
 MAX_INPUTS = 256  # texts in one embeddings request
@@ -54,6 +60,7 @@ class CompletionRequest(BaseModel):
     suffix: StrictStr | None = None
     best_of: StrictInt | None = Field(default=None, ge=1)
     stream: StrictBool = False
+    stream_options: StreamOptions | None = None
     user: StrictStr | None = None
 
 
@@ -128,7 +135,7 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
         """Raw-text continuation of the prompt (no chat template and nothing personal)."""
         if body.model not in model_names:
             raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
-        for name, value, allowed in (("stream", body.stream, (False,)), ("suffix", body.suffix, (None, ""))):
+        for name, value, allowed in (("suffix", body.suffix, (None, "")),):
             if value not in allowed:
                 raise ApiError(400, f"{name}={value!r} is not supported by /v1/completions here. Fix: leave it out", "unsupported_parameter", name)
         if body.echo and body.logprobs is not None:
@@ -150,6 +157,14 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
         if body.top_p is not None:
             options["top_p"] = body.top_p
         rows = [{"prompt": p, "max_new_tokens": max_new, **options, **({"seed": s} if s is not None else {})} for p in prompts for s in seeds(body.seed, n)]
+        if body.stream:
+            await run_in_threadpool(pz.check_completions, rows)  # a bad request is a 400, not an error event
+            loop = asyncio.get_running_loop()
+            streams = [AsyncTokenStream(loop) for _ in rows]
+            running = loop.run_in_executor(None, pz.complete_batch, [{**r, "stream": s} for r, s in zip(rows, streams, strict=True)])
+            running.add_done_callback(lambda f: [s.fail(f.exception()) for s in streams] if not f.cancelled() and f.exception() is not None else None)
+            plan = _StreamedCompletion(streams, [prompts[i // n] for i in range(len(rows))], stops, max_new, body, pz.generator.tokenizer, config.keepalive_s)
+            return StreamingResponse(plan.events(f"cmpl-{uuid.uuid4().hex}", int(time.time())), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results = await run_in_threadpool(pz.complete_batch, rows)
         choices, completion = [], 0
         for index, result in enumerate(results):
@@ -179,6 +194,51 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
         tokens = sum(len(ids) for ids in pz.encoder.model.tokenizer(texts, add_special_tokens=True)["input_ids"])
         data = [Embedding(index=i, embedding=_format(v, body.encoding_format)) for i, v in enumerate(vectors)]
         return EmbeddingList(data=data, model=body.model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens))
+
+
+class _StreamedCompletion:
+    """The ``text_completion`` chunks of a streamed completion: each choice's text, then its finish chunk."""
+
+    def __init__(self, streams: list[AsyncTokenStream], prompts: list[str], stops: list[str], max_new: int, body: CompletionRequest, tokenizer: Any, keepalive_s: float) -> None:
+        self.streams, self.prompts, self.stops, self.max_new = streams, prompts, stops, max_new
+        self.body, self.tokenizer, self.keepalive_s = body, tokenizer, keepalive_s
+
+    async def events(self, completion_id: str, created: int) -> AsyncIterator[str]:
+        def chunk(index: int | None, text: str, finish: str | None = None, logprobs: Any = None, usage: Any = None) -> str:
+            payload: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created, "model": self.body.model}
+            payload["choices"] = [] if index is None else [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+        prompt_tokens = completion = 0
+        try:
+            for index, stream in enumerate(self.streams):
+                if self.body.echo:
+                    yield chunk(index, self.prompts[index])
+                scanner = StopScanner(self.stops)
+                try:
+                    async for piece in _cut_stream(stream, scanner, self.keepalive_s):
+                        yield KEEPALIVE if piece is None else chunk(index, piece)
+                except Exception as err:
+                    for line in _error_events(err, completion_id):
+                        yield line
+                    return
+                result = stream.result
+                text = scanner.text[: scanner.shown]
+                kept = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if scanner.stopped else result.completion_tokens
+                finish = "stop" if scanner.stopped or result.completion_tokens < self.max_new else "length"
+                logprobs = _legacy_logprobs(result, self.tokenizer, kept) if self.body.logprobs is not None else None
+                yield chunk(index, "", finish, logprobs)
+                completion += kept
+                if index % max(1, self.body.n or 1) == 0:
+                    prompt_tokens += result.prompt_tokens
+            if self.body.stream_options is not None and self.body.stream_options.include_usage:
+                yield chunk(None, "", usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion})
+            yield "data: [DONE]\n\n"
+        finally:
+            for stream in self.streams:
+                stream.cancel()
 
 
 def _encode(encoder: Any, texts: list[str]) -> np.ndarray:
