@@ -333,3 +333,19 @@ def test_row_decoder_counts_only_generated_tokens_with_a_persona_plug(tiny_gener
         pz.enroll("ann", [{"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "No."}])
         pz.respond("ann", ASK, max_new_tokens=3, presence_penalty=1.0, memory=False, shots=False, steer={})
     assert plugged == [True] and seen[:3] == [0, 1, 2]
+
+
+def test_decoding_controls_with_logit_mixing_are_refused_naming_steer(personalizer):
+    """A logit-mixing plan (rows expanded per request, tokens forced by SteeringProcessor) cannot take
+    per-row controls; plain sampling with it keeps the steering processor's own sampler."""
+    from types import SimpleNamespace
+
+    from personalign.errors import ValidationError
+
+    mixed = SimpleNamespace(greedy=True)
+    biased = personalizer._prepare(None, ASK, {}, {"logit_bias": {1: 5.0}, "memory": False, "shots": False})
+    with pytest.raises(ValidationError, match="logit-mixing") as caught:
+        personalizer._row_decoder([biased], mixed, 10)
+    assert caught.value.field == "steer"
+    sampled = personalizer._prepare(None, ASK, {}, {"temperature": 0.7, "seed": 1, "memory": False, "shots": False})
+    assert personalizer._row_decoder([sampled], mixed, 10) is None
