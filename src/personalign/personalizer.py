@@ -452,6 +452,42 @@ class Personalizer:
 
         return self.profiles.update(user, add)
 
+    def edit_comparisons(self, user: str, remove: Sequence[int] = (), replace: Mapping[int, Comparison | dict[str, Any]] | None = None) -> UserProfile:
+        """Remove and/or replace some of ``user``'s stored comparisons (by index, as in
+        ``profile(user).comparisons``); the inferred steering and preference state are recomputed
+        in the same atomic write, so they never describe comparisons the user has taken back.
+
+        Every index and replacement is validated first; on any error nothing is changed. A user's
+        adapter is not retrained (call :meth:`train_adapter`).
+        """
+        replace = dict(replace or {})
+        fresh = dict(zip(replace, parse_comparisons(list(replace.values()), "replace"), strict=True)) if replace else {}
+        removed = set(remove)
+        if not removed and not fresh:
+            raise ValidationError("remove", "and replace are both empty", "name at least one comparison index")
+        if removed & set(fresh):
+            raise ValidationError("replace", f"indices {sorted(removed & set(fresh))} are also removed", "remove or replace an index, not both")
+        embedder, embedder_id = self.preferences.usable_embedder()
+        now = time.time()
+
+        def edit(profile: UserProfile) -> UserProfile:
+            n = len(profile.comparisons)
+            for index in sorted(removed | set(fresh)):
+                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+                    field = "remove" if index in removed else "replace"
+                    raise ValidationError(field, f"index {index!r} is not a comparison of {user!r}", f"use indices 0..{n - 1}", index)
+            kept = [fresh[i].stamped(now) if i in fresh else c for i, c in enumerate(profile.comparisons) if i not in removed]
+            profile.comparisons = kept
+            profile.settings["inferred_steer"] = infer_weights(kept)
+            if embedder is not None:
+                if kept:
+                    profile.settings[STATE_KEY] = {"embedder": embedder_id, **self.preferences.infer(embedder, kept).to_dict()}
+                else:
+                    profile.settings.pop(STATE_KEY, None)
+            return profile
+
+        return self.profiles.update(user, edit, create=False)
+
     def train_adapter(
         self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None, extra: Sequence[Comparison] = ()
     ) -> UserProfile:
