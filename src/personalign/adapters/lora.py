@@ -155,48 +155,76 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     """Train adapter ``adapter_name`` (already added to ``peft_model``) on ``comparisons``.
 
     Only that adapter's LoRA weights get gradients. The best weights by held-out loss are kept
-    (the last ones when there is no hold-out).
+    (the last ones when there is no hold-out). Under ``accelerate launch`` the run is
+    data-parallel as in :func:`personalign.steering.loop.train_loop`: the LoRA tensors are
+    prepared as one module (DDP), each batch's pairs are split between the processes, and each
+    process's loss is weighted by its share of the batch's pair weights, so every process ends
+    with the same weights as one process would. Nothing is written here.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from personalign.steering.loop import Trainable, share
+
     torch.manual_seed(config.seed)
     accelerator = Accelerator(cpu=next(peft_model.parameters()).device.type == "cpu")
+    processes = accelerator.num_processes
     train_idx, held_idx = split_holdout(len(comparisons), config)
-    batches = [collate(tokenizer, [comparisons[i] for i in train_idx[s : s + config.batch_size]], config.max_length) for s in range(0, len(train_idx), config.batch_size)]
-    held = collate(tokenizer, [comparisons[i] for i in held_idx], config.max_length) if held_idx else None
+    groups = [train_idx[s : s + config.batch_size] for s in range(0, len(train_idx), config.batch_size)]
+    collated: dict[tuple[int, ...], PairBatch] = {}
 
+    def pairs(indices: Sequence[int]) -> PairBatch:
+        key = tuple(indices)
+        if key not in collated:
+            collated[key] = collate(tokenizer, [comparisons[i] for i in indices], config.max_length)
+        return collated[key]
+
+    held = pairs(held_idx) if held_idx else None
     peft_model.set_adapter(adapter_name)
-    params = [p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n and "lora_" in n]
+    named = {n: p for n, p in peft_model.named_parameters() if f".{adapter_name}." in n and "lora_" in n}
     for name, p in peft_model.named_parameters():
-        p.requires_grad_(f".{adapter_name}." in name and "lora_" in name)
+        p.requires_grad_(name in named)
     needs_ref = config.loss != "simpo"
+    ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # comparison index -> reference log-probs (chosen, rejected)
     with torch.no_grad(), peft_model.disable_adapter():
-        refs = [batch_logps(peft_model, b) for b in batches] if needs_ref else [(None, None)] * len(batches)
+        for group in groups if needs_ref else []:
+            chosen, rejected = batch_logps(peft_model, pairs(group))
+            ref.update({i: (c, r) for i, c, r in zip(group, chosen, rejected, strict=True)})
         held_ref = batch_logps(peft_model, held) if held is not None and needs_ref else (None, None)
 
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    peft_model, optimizer = accelerator.prepare(peft_model, optimizer)
+    def batch_loss(indices: list[int]) -> torch.Tensor:
+        batch = pairs(indices)
+        refs = (torch.stack([ref[i][0] for i in indices]), torch.stack([ref[i][1] for i in indices])) if needs_ref else (None, None)
+        return reduce_pairs(pair_losses(config, batch_logps(peft_model, batch), refs, batch), batch.weights)
+
+    trainable = Trainable(named, batch_loss, distributed=processes > 1)
+    optimizer = torch.optim.AdamW(named.values(), lr=config.learning_rate, weight_decay=0.0)
+    model, optimizer = accelerator.prepare(trainable, optimizer, device_placement=[False, False])
     report = TrainReport(0, 0, [], [], [], len(train_idx), len(held_idx))
     best, best_state, stale = math.inf, None, 0
     rng = random.Random(config.seed)
     # Per step, with an ETA; early stopping may end it before the total.
-    bar = tqdm(total=config.epochs * len(batches), desc=f"adapter {adapter_name}", unit="step", disable=not config.progress)
+    bar = tqdm(total=config.epochs * len(groups), desc=f"adapter {adapter_name}", unit="step", disable=not (config.progress and accelerator.is_main_process))
     for epoch in range(config.epochs):
         peft_model.train()
-        order = list(range(len(batches)))
+        order = list(range(len(groups)))
         rng.shuffle(order)
         total = 0.0
-        for step, i in enumerate(order, 1):
-            loss = reduce_pairs(pair_losses(config, batch_logps(peft_model, batches[i]), refs[i], batches[i]), batches[i].weights)
+        for step, g in enumerate(order, 1):
+            group = groups[g]
+            mine = share(group, accelerator.process_index, processes)
+            # DDP averages the processes' gradients; weighting each by processes * its share of the
+            # pair weights makes the average the gradient of the whole batch's weighted mean.
+            weight = sum(comparisons[i].weight for i in group) or 1.0
+            loss = model(mine, processes * sum(comparisons[i].weight for i in mine) / weight)
             optimizer.zero_grad()
             accelerator.backward(loss)
             optimizer.step()
-            total += loss.detach().item()
+            total += float(accelerator.reduce(loss.detach(), reduction="mean"))
             bar.update(1)
             bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{total / step:.4f}", refresh=False)
         peft_model.eval()
-        report.train_loss.append(total / len(batches))
+        report.train_loss.append(total / len(groups))
         report.epochs_run = epoch + 1
         if held is None:
             continue
@@ -208,7 +236,7 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
         report.holdout_accuracy.append(float((margin > 0).float().mean()))
         if report.holdout_loss[-1] < best - 1e-6:
             best, stale, report.best_epoch = report.holdout_loss[-1], 0, epoch + 1
-            best_state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+            best_state = {n: p.detach().clone() for n, p in named.items()}
         else:
             stale += 1
             if stale >= config.patience:
@@ -216,12 +244,11 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     bar.close()
     if best_state is not None:
         with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if name in best_state:
-                    p.copy_(best_state[name])
+            for name, p in named.items():
+                p.copy_(best_state[name])
     elif held is None:
         report.best_epoch = report.epochs_run
-    for p in params:
+    for p in named.values():
         p.requires_grad_(False)
     peft_model.eval()
     return report
