@@ -83,3 +83,21 @@ def test_a_users_adapter_in_two_processes_matches_one_process(tiny_model_dir, tm
     _run([*LAUNCH, *args, str(double)], double)
     report = _compare(single, double)
     assert report["pairs"] == 5 and report["report"]["holdout_pairs"] == 2  # batches of 4 and 1 weighted pairs
+
+
+@needs_launcher
+def test_a_token_weighted_loop_resumed_in_two_processes_matches_one_process(tmp_path):
+    """Batches of 3 over 7 items with unequal token counts (the last batch leaves one process
+    an empty share), a checkpoint after epoch 2 by ``save_state``, resumed by ``load_state``."""
+    single, double = tmp_path / "single", tmp_path / "double"
+    script = str(SCRIPTS / "weighted_loop.py")
+    _run([sys.executable, script, str(single)], single)
+    _run([*LAUNCH, script, str(double)], double)
+    alone = json.loads((single / "rank0.json").read_text())
+    ranks = [json.loads((double / f"rank{i}.json").read_text()) for i in range(2)]
+    assert [r["processes"] for r in ranks] == [2, 2] and alone["processes"] == 1
+    assert ranks[0] == {**ranks[1], "processes": 2} and ranks[0]["resumed_from"] == alone["resumed_from"] == 2
+    assert ranks[0]["w"] == pytest.approx(alone["w"], rel=1e-5, abs=1e-6)
+    assert ranks[0]["loss"]["epochs"] == pytest.approx(alone["loss"]["epochs"], rel=1e-5, abs=1e-6)
+    files = sorted(p.relative_to(double / "ckpt").as_posix() for p in (double / "ckpt").rglob("*") if p.is_file())
+    assert files == ["epoch-4/optimizer.bin", "epoch-4/random_states_0.pkl", "epoch-4/random_states_1.pkl", "epoch-4/trainable.safetensors", "loop_state.json"]

@@ -120,16 +120,19 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Se
     return out
 
 
-def _sft_batch_loss(model: Any, kept: Sequence[tuple[list[int], list[int]]], pad: int) -> Any:
-    """Mean negative log-likelihood per response token of the kept answers."""
+def _sft_batch_loss(model: Any, kept: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[Any, Any]:
+    """Mean negative log-likelihood per response token of the kept answers, and the batch's
+    scored tokens (what the mean is over: the loop's ``batch_weight``)."""
     ids, attention, completion = right_pad(kept, pad)
+
+    def tokens(idx: list[int]) -> float:
+        return float(completion[idx][:, 1:].sum())
 
     def batch_loss(idx: list[int]) -> torch.Tensor:
         logits = model(input_ids=ids[idx], attention_mask=attention[idx]).logits  # (B, T, V)
-        tokens = completion[idx][:, 1:].sum().clamp(min=1)
-        return -sequence_logps(logits, ids[idx], completion[idx]).sum() / tokens
+        return -sequence_logps(logits, ids[idx], completion[idx]).sum() / max(tokens(idx), 1.0)
 
-    return batch_loss
+    return batch_loss, tokens
 
 
 def _dpo_batch_loss(model: Any, pairs: Sequence[tuple[list[int], list[int], list[int]]], pad: int, beta: float) -> Any:
@@ -193,12 +196,12 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
             p.requires_grad_(f".{ADAPTER_NAME}." in name and "lora_" in name)
         params = {n_: p for n_, p in model.named_parameters() if p.requires_grad}
         if config.loss == "dpo":
-            batch_loss, items = _dpo_batch_loss(model, pairs, pad, config.beta), len(pairs)
+            (batch_loss, weight), items = (_dpo_batch_loss(model, pairs, pad, config.beta), None), len(pairs)
         else:
-            batch_loss, items = _sft_batch_loss(model, [(p, r) for p, r, _ in kept], pad), len(kept)
+            (batch_loss, weight), items = _sft_batch_loss(model, [(p, r) for p, r, _ in kept], pad), len(kept)
         model.train()
         loop = config.loop.model_copy(update={"seed": seed + iteration, "name": f"dpa {config.loss} {iteration + 1}"})
-        report = train_loop(params, items, batch_loss, loop)
+        report = train_loop(params, items, batch_loss, loop, batch_weight=weight)
         model.eval()
         for p in params.values():
             p.requires_grad_(False)

@@ -179,8 +179,13 @@ def train_loop(
     after_epoch: Callable[[int], Mapping[str, float] | None] | None = None,
     fingerprint: Any = None,
     extra: dict[str, Any] | None = None,
+    batch_weight: Callable[[list[int]], float] | None = None,
 ) -> LoopReport:
-    """Minimise ``batch_loss(indices)`` (a mean over the items) over shuffled mini-batches of ``range(n_items)``.
+    """Minimise ``batch_loss(indices)`` over shuffled mini-batches of ``range(n_items)``.
+
+    ``batch_loss`` is a mean over what ``batch_weight(indices)`` counts: the items by default,
+    or e.g. the scored tokens for a token-level mean. Several processes weight their shares of a
+    batch by it, which makes the run equal to one process's.
 
     ``on_epoch(epoch)`` runs before each epoch (e.g. to refresh bootstrapped targets, or set
     train mode); ``after_epoch(epoch)`` after it, and the metrics it returns (e.g. a validation
@@ -214,6 +219,7 @@ def train_loop(
     else:
         torch.manual_seed(config.seed)
     steps = math.ceil(n_items / config.batch_size)
+    weigh = batch_weight or len
     bar = tqdm(total=config.epochs * steps, initial=report.epochs_run * steps, desc=config.name, unit="step", disable=not (config.progress and accelerator.is_main_process))
     for epoch in range(report.epochs_run, config.epochs):
         if on_epoch is not None:
@@ -226,7 +232,7 @@ def train_loop(
             mine = share(batch, accelerator.process_index, processes)
             # DDP averages the processes' gradients: weighting each by processes * its share makes
             # the average the gradient of the whole batch's mean loss.
-            loss = model(mine, processes * len(mine) / len(batch))
+            loss = model(mine, processes * (weigh(mine) if mine else 0.0) / (weigh(batch) or 1.0))
             optimizer.zero_grad()
             accelerator.backward(loss)
             if config.max_grad_norm is not None:

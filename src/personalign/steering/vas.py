@@ -159,7 +159,7 @@ def train_value_model(
         return 0.5 * (((q_of(idx) - targets[idx]) ** 2) * m).sum() / m.sum()
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    report = train_loop(params, len(samples), batch_loss, config.loop, on_epoch=refresh)
+    report = train_loop(params, len(samples), batch_loss, config.loop, on_epoch=refresh, batch_weight=lambda idx: float(mask[idx].sum()))  # a token mean
     model.eval()
     if isinstance(model, TrunkValueHead):
         model.freeze_keys()
