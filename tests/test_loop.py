@@ -91,3 +91,27 @@ def test_progress_is_per_step_with_the_running_loss(capsys):
     params, loss = _problem()
     train_loop(params, 6, loss, LoopConfig(epochs=1, batch_size=4))
     assert capsys.readouterr().err == ""  # progress=False draws nothing
+
+
+def test_checkpoints_are_safetensors_and_json_and_old_pickles_are_refused(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "ckpt"
+    params, loss = _problem()
+    train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)), fingerprint={"data": (6, "toy")})
+    state = json.loads((folder / "loop_state.json").read_text())
+    assert state["epoch"] == 2 and state["state_dir"] == "epoch-2" and state["params"] == ["w"] and state["fingerprint"] == {"data": [6, "toy"]}
+    torch.testing.assert_close(load_file(str(folder / "epoch-2" / "trainable.safetensors"))["w"], params["w"].detach())
+    assert not list(folder.glob("epoch-1"))  # older epochs are dropped
+    torch.load(folder / "epoch-2" / "optimizer.bin", weights_only=True)  # no pickled objects
+    params, loss = _problem()  # a tuple in the fingerprint reads back as a list: still the same run
+    resumed = train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)), fingerprint={"data": (6, "toy")})
+    assert resumed.resumed_from == 2
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "loop_state.pt").write_bytes(b"pickled")
+    with pytest.raises(ValidationError, match="old pickled format") as err:
+        train_loop(params, 6, loss, LoopConfig(epochs=1, checkpoint_dir=str(old)))
+    assert err.value.field == "checkpoint_dir"

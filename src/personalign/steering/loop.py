@@ -40,6 +40,7 @@ from personalign.errors import ValidationError
 STATE_FILE = "loop_state.json"  # its presence means a checkpoint to resume from
 TENSORS_FILE = "trainable.safetensors"
 _STATE_PREFIX = "epoch-"  # checkpoint_dir/epoch-<n>/: accelerate's save_state after epoch n
+_OLD_STATE_FILE = "loop_state.pt"  # before accelerate's save_state: a pickle, refused rather than unpickled
 
 
 class LoopConfig(BaseModel):
@@ -208,6 +209,10 @@ def train_loop(
     _hooks(accelerator, trainable)
     report = LoopReport()
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if folder is not None and (folder / _OLD_STATE_FILE).is_file() and not (folder / STATE_FILE).is_file():
+        raise ValidationError(
+            "checkpoint_dir", f"holds a checkpoint in the old pickled format ({_OLD_STATE_FILE}), which is not read", "use a new checkpoint_dir, or delete the old one to start over", str(folder)
+        )
     if folder is not None and (folder / STATE_FILE).is_file():
         state = _read_state(folder, trainable.names, fingerprint)
         accelerator.load_state(str(folder / state["state_dir"]))  # tensors, optimiser, RNG as they were
