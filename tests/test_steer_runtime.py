@@ -9,6 +9,7 @@ import math
 import pytest
 
 from personalign.errors import ValidationError
+from personalign.steering.methods import REGISTRY
 
 ASK = [{"role": "user", "content": "Question one"}]
 
@@ -88,14 +89,14 @@ def test_installed_artefacts_are_found_for_their_model_only(spz, steering_root):
     assert other["vas"] == () and other["mix"] == ()
 
 
-@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "logit", "prompt", "dpa"])
+@pytest.mark.parametrize("method", list(REGISTRY))
 def test_zero_weights_reproduce_plain_decoding(spz, method):
     plain = _reply(spz, {})
     zero = _reply(spz, {"weights": {"verbosity": 0.0}, "method": method})
     assert zero.text == plain.text and zero.completion_tokens == plain.completion_tokens
 
 
-@pytest.mark.parametrize("method", ["vas", "vas-model", "mix", "dpa"])
+@pytest.mark.parametrize("method", [name for name, m in REGISTRY.items() if m.trains_with])
 def test_trained_methods_run_and_sample_reproducibly(spz, method):
     steer = {"weights": {"verbosity": -2.0, "reading_level": 1.0}, "method": method}
     first = _reply(spz, steer, temperature=0.9, seed=5)
@@ -261,7 +262,7 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
     assert "VAS, trunk head" in bench.format_steer_bench(result)
 
 
-@pytest.mark.parametrize("method", ["mix", "vas", "vas-model", "logit"])
+@pytest.mark.parametrize("method", [name for name, m in REGISTRY.items() if m.acts_on_logits])
 def test_min_new_tokens_holds_under_steering(spz, method):
     """min_new_tokens bans end-of-turn (-inf); steering must keep it banned (mixing once made it nan)."""
     reply = _reply(spz, {"weights": {"verbosity": -3.0}, "method": method}, min_new_tokens=8)

@@ -70,10 +70,9 @@ from personalign.steering.decoding import (
     derived_seed,
     eos_token_ids,
 )
-from personalign.steering.dpa import dpa_messages
-from personalign.steering.methods import dpa_line, steerable_by_method
+from personalign.steering.methods import REGISTRY as STEERING_METHODS
 from personalign.steering.objectives import infer_weights
-from personalign.steering.runtime import Plan, SteeringRuntime, dpa_direction, steer_system
+from personalign.steering.runtime import Plan, SteeringRuntime
 from personalign.steering.schema import Steering, parse_steering
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
 from personalign.types import (
@@ -755,11 +754,8 @@ class Personalizer:
         if conditioning.describe and profile is not None and profile.comparisons:
             description = self.describe(user, conditioning.n_shots or 4, profile)  # type: ignore[arg-type]
             conversation = with_description(conversation, description)
-        if method == "prompt":
-            conversation = steer_system(conversation, applied.weights)
-        elif method == "dpa":
-            model_id = self.generator.model_id
-            conversation = dpa_messages(conversation, dpa_direction(applied.weights, steerable_by_method(model_id)["dpa"]), dpa_line(model_id))  # type: ignore[arg-type]
+        if method is not None:  # prompt-level methods (prompt, dpa) write the steering into the conversation
+            conversation = STEERING_METHODS[method].conversation(conversation, applied.weights, self.generator.model_id)
         encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
@@ -769,7 +765,7 @@ class Personalizer:
             items = self.history_items(user, profile)  # type: ignore[arg-type]
             if items:
                 plug = embed_user(self.plug, self.encoder, items, query)
-        fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and method != "dpa"
+        fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.fspo_folder is not None and not (method is not None and STEERING_METHODS[method].runs_adapter)
         rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
         if rerank and profile is None:
             rerank, guidance = 0, rerank_method.skipped("no user: the generic answer")

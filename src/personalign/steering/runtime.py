@@ -22,7 +22,6 @@ from transformers import LogitsProcessorList
 from personalign.adapters.store import BASE
 from personalign.errors import ValidationError
 from personalign.steering.decoding import (
-    DEFAULT_VERBOSITY_STRENGTH,
     HiddenCapture,
     MixedHead,
     SteeringProcessor,
@@ -33,31 +32,18 @@ from personalign.steering.decoding import (
 from personalign.steering.methods import (
     DPA_DIR,
     MIX_DIR,
+    REGISTRY,
     VAS_DIR,
-    VAS_MODEL_DIR,
     resolve_method,
     steerable_by_method,
     steering_dir,
 )
-from personalign.steering.prompting import instruction
-
-VALUE_KINDS = {"vas": VAS_DIR, "vas-model": VAS_MODEL_DIR}  # method -> artefact folder of its value models
-
-
-def dpa_direction(weights: Mapping[str, float], objectives: Sequence[str]) -> dict[str, float]:
-    """The unit direction over the DPA adapter's objectives (missing ones 0)."""
-    norm = sum(weights.get(o, 0.0) ** 2 for o in objectives) ** 0.5 or 1.0
-    return {o: weights.get(o, 0.0) / norm for o in objectives}
+from personalign.steering.methods.dpa import dpa_direction  # noqa: F401 (re-exported)
 
 
 def steer_system(messages: list[dict[str, Any]], weights: Mapping[str, float]) -> list[dict[str, Any]]:
     """``messages`` with the prompting baseline's instruction added to the system message."""
-    text = instruction(weights)
-    if not text:
-        return messages
-    if messages and messages[0]["role"] == "system":
-        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{text}".strip()}, *messages[1:]]
-    return [{"role": "system", "content": text}, *messages]
+    return REGISTRY["prompt"].conversation(messages, weights, None)
 
 
 @dataclass
@@ -159,7 +145,8 @@ class SteeringRuntime:
         mix_weights: list[list[float]] = []
         base_rows: list[int | None] = []
         owner: list[int] = []
-        mix_objectives = sorted({k for (w, _), m in zip(steers, methods, strict=True) if m == "mix" for k, v in w.items() if v != 0.0})
+        mixes = [m is not None and REGISTRY[m].mixes for m in methods]
+        mix_objectives = sorted({k for (w, _), mixing in zip(steers, mixes, strict=True) if mixing for k, v in w.items() if v != 0.0})
         # With an affine head the mix happens before it (MixedHead), and a request runs only the
         # rows whose coefficient is nonzero; otherwise every request has the fixed row layout
         # that SteeringProcessor mixes log-probabilities over.
@@ -167,10 +154,10 @@ class SteeringRuntime:
         terms: list[list[tuple[int, float]]] = []  # per request: (row, coefficient) when premixed
         for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
             own = names[i] if names is not None else BASE
-            if method == "dpa":
-                own = self.dpa_adapter()  # the direction-conditioned adapter replaces the user's own
+            if method is not None:
+                own = REGISTRY[method].row_adapter(self, own)
             if premixed:
-                objectives = [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives] if method == "mix" else []
+                objectives = [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives] if mixes[i] else []
                 group, request_terms = [], []
                 for name, coefficient in mix_terms(own, objectives):
                     group.append(len(all_rows))
@@ -185,7 +172,7 @@ class SteeringRuntime:
             all_rows.append(row)
             all_names.append(own)
             base_row: int | None = None
-            if method == "mix":
+            if mixes[i]:
                 if own != BASE:
                     base_row = len(all_rows)
                     group.append(base_row)
@@ -205,20 +192,21 @@ class SteeringRuntime:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in all_rows])  # (N, T)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in all_rows])  # (N, T)
         processors = LogitsProcessorList()
-        uses_adapters = names is not None or bool(mix_objectives) or "dpa" in methods
+        uses_adapters = names is not None or bool(mix_objectives) or any(m is not None and REGISTRY[m].runs_adapter for m in methods)
         plan = Plan(input_ids, mask, all_names if uses_adapters else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
-        if not any(m in ("logit", "vas", "vas-model", "mix") for m in methods) and not guided:
+        if not any(m is not None and REGISTRY[m].acts_on_logits for m in methods) and not guided:
             return plan
-        value_keys = sorted({(VALUE_KINDS[m], k) for (w, _), m in zip(steers, methods, strict=True) if m in VALUE_KINDS for k, v in w.items() if v != 0.0})
+        kinds = [REGISTRY[m].value_kind if m is not None else None for m in methods]  # per request: its value models' folder
+        value_keys = sorted({(kind, k) for (w, _), kind in zip(steers, kinds, strict=True) if kind for k, v in w.items() if v != 0.0})
         value_models = [self.value_model(kind, k) for kind, k in value_keys]
         betas = [
-            [float(w.get(k, 0.0)) * model.config.default_beta if VALUE_KINDS.get(m) == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)]
-            for (w, _), m in zip(steers, methods, strict=True)
+            [float(w.get(k, 0.0)) * model.config.default_beta if own_kind == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)]
+            for (w, _), own_kind in zip(steers, kinds, strict=True)
         ]
         if guided:
             value_models = [*value_models, *guide_models]
             betas = [b + (list(g) if g is not None else [0.0] * len(guide_models)) for b, g in zip(betas, guides or [], strict=True)]
-        eos = [-DEFAULT_VERBOSITY_STRENGTH * float(w.get("verbosity", 0.0)) if m == "logit" else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
+        eos = [REGISTRY[m].eos_shift(w) if m is not None else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
         if any(kind == VAS_DIR for kind, _ in value_keys) or guided:
             plan.capture = HiddenCapture(self.generator.model)
         if premixed and len(all_rows) > len(rows):  # after the capture, whose value heads read the unmixed rows

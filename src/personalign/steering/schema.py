@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from personalign.errors import ValidationError
-from personalign.steering.methods import MAX_WEIGHT, METHODS, resolve_method, steerable_by_method
+from personalign.steering.methods import MAX_WEIGHT, METHODS, canonical, resolve_method, steerable_by_method
 
 FORMS = ("weights", "direction", "angle")
 NESTED_KEYS = (*FORMS, "objectives", "method")
@@ -59,6 +59,7 @@ class Steering:
         key = "direction" if self.direction else "weights"
         clean = _check_numbers(self.weights, lambda name: f"steer.{key}.{name}", bound=None if self.direction else MAX_WEIGHT)
         _check_method(self.method, "steer.method")
+        object.__setattr__(self, "method", canonical(self.method))
         if not clean and (self.method != "auto" or self.direction):
             raise ValidationError(f"steer.{key}", "is empty", "give at least one objective, or use Steering({}) for no steering", dict(self.weights))
         if self.direction and abs(math.hypot(*clean.values()) - 1.0) > _UNIT_TOLERANCE:
@@ -96,6 +97,7 @@ def parse_steering(value: Any, field: str = "steer") -> Steering:
     _check_keys(value, field)
     method = value.get("method", "auto")
     _check_method(method, f"{field}.method")
+    method = canonical(method)  # a documented alias (modpo, trunk, gru) becomes the method's one name
     given = [key for key in FORMS if key in value]
     if "objectives" in value and "angle" not in value:
         raise ValidationError(f"{field}.objectives", "only goes with angle", 'add "angle", or use "weights" or "direction" instead', value["objectives"])
@@ -187,7 +189,7 @@ def _check_keys(value: Mapping[str, Any], field: str) -> None:
 
 
 def _check_method(method: Any, field: str) -> None:
-    if not isinstance(method, str) or method not in METHODS:
+    if not isinstance(method, str) or canonical(method) not in METHODS:
         raise ValidationError(field, "is not a steering method", f"use one of {list(METHODS)} (auto picks the first that steers every objective)", method)
 
 

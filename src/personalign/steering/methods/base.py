@@ -1,31 +1,65 @@
-"""Which decode-time steering methods exist and which objectives each one can steer.
-
-``logit`` (hand-written logits processors, no training), ``prompt`` (an instruction in the
-system prompt), ``vas`` (value heads on the generator's hidden state that guide the top-k logits),
-``vas-model`` (the same guidance from a separate small value model), ``mix`` (objective
-adapters mixed at the logit level, MODPO-style), ``dpa`` (one direction-conditioned adapter,
-the direction written into the system prompt). ``vas`` and ``mix`` steer the objectives
-whose artefacts are installed: the package ships defaults under ``personalign/data/steering``
-and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
-"""
+"""What every steering method declares, and where the trained artefacts live on disk."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-METHODS = ("auto", "logit", "prompt", "vas", "vas-model", "mix", "dpa")
 LOGIT_STEERABLE = ("verbosity",)
 MAX_WEIGHT = 10.0  # the largest |steering weight|; here, not in decoding.py, so the request schema imports without torch
 VAS_DIR = "vas"
 VAS_MODEL_DIR = "vas_model"
 MIX_DIR = "mix"
 DPA_DIR = "dpa"
-# ``auto`` tries these in order and uses the first that steers every requested objective.
-AUTO_ORDER = ("mix", "vas", "logit", "prompt")
+ARTEFACT_CONFIG = {VAS_DIR: "value_config.json", VAS_MODEL_DIR: "value_config.json", MIX_DIR: "mix_config.json"}
+
+
+class SteeringMethod:
+    """One decode-time steering method. A subclass sets what applies and overrides the hooks it needs.
+
+    Class attributes:
+        name: the one name used everywhere (Python, CLI, HTTP, eval method names).
+        aliases: older spellings accepted at the edges (``parse_steering``, the CLI).
+        auto_rank: position in ``auto``'s order (lower first), ``None``: never chosen by ``auto``.
+        value_kind: the artefact folder of value models whose guidance this method adds (VAS).
+        mixes: whether a request adds one row per objective adapter, mixed at the logits (MODPO).
+        runs_adapter: whether the request's row runs an adapter of the method's (``row_adapter``).
+        acts_on_logits: whether the batch needs the steering logits processor for it.
+        trains_with: the command that trains its artefacts (for messages and docs).
+    """
+
+    name: str = ""
+    aliases: tuple[str, ...] = ()
+    auto_rank: int | None = None
+    value_kind: str | None = None
+    mixes: bool = False
+    runs_adapter: bool = False
+    acts_on_logits: bool = False
+    trains_with: str | None = None
+
+    def steerable(self, model_id: str | None = None) -> tuple[str, ...]:
+        """The objectives this method can steer (with ``model_id``: artefacts for that generator only)."""
+        raise NotImplementedError
+
+    def conversation(self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None) -> list[dict[str, Any]]:
+        """The conversation the generator sees (prompt-level methods rewrite it)."""
+        return messages
+
+    def row_adapter(self, runtime: Any, own: str) -> str:
+        """The adapter a request's row runs (``own``: the user's, or the plain base)."""
+        return own
+
+    def eos_shift(self, weights: Mapping[str, float]) -> float:
+        """Added to the end-of-sequence logits (the hand-written verbosity processor)."""
+        return 0.0
+
+    def __repr__(self) -> str:
+        return f"<steering method {self.name}>"
 
 
 def steering_dir() -> Path:
@@ -34,9 +68,6 @@ def steering_dir() -> Path:
     if override:
         return Path(override)
     return Path(str(resources.files("personalign") / "data" / "steering"))
-
-
-ARTEFACT_CONFIG = {VAS_DIR: "value_config.json", VAS_MODEL_DIR: "value_config.json", MIX_DIR: "mix_config.json"}
 
 
 def _base_model(folder: Path, kind: str) -> str | None:
@@ -55,7 +86,7 @@ def _mtime(path: Path) -> float:
 
 @lru_cache(maxsize=64)
 def _scan(folder: Path, kind: str, model_id: str | None, mtime: float) -> tuple[str, ...]:
-    """The artefact scan behind :func:`_installed`; ``mtime`` keys the cache (an install or
+    """The artefact scan behind :func:`installed`; ``mtime`` keys the cache (an install or
     removal changes the folder's modification time)."""
     if not folder.is_dir():
         return ()
@@ -63,7 +94,7 @@ def _scan(folder: Path, kind: str, model_id: str | None, mtime: float) -> tuple[
     return tuple(sorted(p.name for p in found if model_id is None or _base_model(p, kind) == model_id))
 
 
-def _installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
+def installed(kind: str, model_id: str | None = None) -> tuple[str, ...]:
     """Objectives with a trained artefact (one sub-folder per objective), for ``model_id`` if given."""
     folder = steering_dir() / kind
     return _scan(folder, kind, model_id, _mtime(folder))
@@ -80,7 +111,7 @@ def _dpa_scan(config: Path, model_id: str | None, mtime: float) -> tuple[tuple[s
     return tuple(meta.get("objectives", ())), str(meta.get("config", {}).get("line", "numbers"))
 
 
-def _dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
+def dpa_objectives(model_id: str | None = None) -> tuple[str, ...]:
     """The objectives the installed DPA adapter was trained on (one adapter for all of them)."""
     config = steering_dir() / DPA_DIR / "dpa_config.json"
     return _dpa_scan(config, model_id, _mtime(config))[0]
@@ -90,26 +121,3 @@ def dpa_line(model_id: str | None = None) -> str:
     """How the installed DPA adapter was taught the direction (``DpaConfig.line``; older ones: numbers)."""
     config = steering_dir() / DPA_DIR / "dpa_config.json"
     return _dpa_scan(config, model_id, _mtime(config))[1]
-
-
-def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...]]:
-    """``{method: objectives it can steer}`` for every concrete method (``auto`` excluded); with
-    ``model_id``, only artefacts trained for that generator count."""
-    from personalign.steering.prompting import PROMPTABLE
-
-    return {
-        "logit": LOGIT_STEERABLE,
-        "prompt": PROMPTABLE,
-        "vas": _installed(VAS_DIR, model_id),
-        "vas-model": _installed(VAS_MODEL_DIR, model_id),
-        "mix": _installed(MIX_DIR, model_id),
-        "dpa": _dpa_objectives(model_id),
-    }
-
-
-def resolve_method(method: str, objectives: list[str], model_id: str | None = None) -> str | None:
-    """The concrete method for ``method`` and the requested objectives (``None``: none can)."""
-    table = steerable_by_method(model_id)
-    if method != "auto":
-        return method if set(objectives) <= set(table.get(method, ())) else None
-    return next((m for m in AUTO_ORDER if set(objectives) <= set(table[m])), None)
