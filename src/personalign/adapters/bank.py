@@ -168,6 +168,7 @@ class LoraBank:
         if hasattr(generator.model, "peft_config"):
             raise ValidationError("generator", "already carries adapters", "train the bank on a freshly loaded generator")
         from personalign.adapters.lora import train_adapter
+        from personalign.steering.loop import is_main_process
 
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,10 +196,11 @@ class LoraBank:
             generator.model = base
             bank = cls.from_folders(generator, [staging / n for n in groups], **kwargs)
             bank.provenance = {"groups": {n: len(c) for n, c in groups.items()}, "config": config.model_dump(mode="json"), **bank.provenance}
-            bank._write_manifest(staging)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(staging, out)
+            if is_main_process():  # under accelerate launch every process trains the same bank; one writes it
+                bank._write_manifest(staging)
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(staging, out)
             return bank
         finally:
             generator.model = base
