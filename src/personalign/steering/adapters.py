@@ -38,11 +38,15 @@ def save_adapter(model: Any, name: str, folder: Path | str, config_file: str, me
 
     ``meta["base_model"]`` is personalign's id of the generator (how the runtime matches
     artefacts to it); ``adapter_config.json`` and ``config_file`` also name the base by its real
-    id (:func:`personalign.models.hub_id`) as ``base_model_name_or_path``.
+    id (:func:`personalign.models.hub_id`) as ``base_model_name_or_path``. Under ``accelerate
+    launch`` only the main process writes.
     """
     from personalign.models import hub_id
+    from personalign.steering.loop import is_main_process
 
     folder = Path(folder)
+    if not is_main_process():  # under accelerate launch the processes hold the same adapter: one writes it
+        return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), selected_adapters=[name])
