@@ -19,6 +19,7 @@ from personalign.eval.onpolicy import (
 )
 from personalign.eval.populations import SyntheticPopulation
 from personalign.personalizer import Personalizer
+from personalign.steering.decoding import derived_seed
 from personalign.steering.rerank import pick
 
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg, and here is a long story."}
@@ -44,7 +45,8 @@ def test_rerank_returns_the_candidate_the_users_reward_scores_highest(lively_pz)
     pz = lively_pz
     pz.enroll("ana", [EGG])
     opts = {"max_new_tokens": 8, "temperature": 0.8, "seed": 3, "memory": False, "shots": False, "steer": {}}
-    candidates = [r.text for r in pz.respond_batch([{"user": "ana", "messages": ASK, **opts}] * 4)]
+    # candidate j samples with seed derived_seed(3, j), as the rerank rows do
+    candidates = [r.text for r in pz.respond_batch([{"user": "ana", "messages": ASK, **opts, "seed": derived_seed(3, j)} for j in range(4)])]
     assert len(set(candidates)) > 1  # the lively model samples different answers
     rewards = pz.reward("ana", ASK[0]["content"], [c or " " for c in candidates])
     result = pz.respond("ana", ASK, rerank=4, **opts)
@@ -52,9 +54,9 @@ def test_rerank_returns_the_candidate_the_users_reward_scores_highest(lively_pz)
     report = result.personalization
     assert report["method"] == "user-rerank" and report["candidates"] == 4 and report["picked"] == int(np.argmax(rewards))
     np.testing.assert_allclose(report["scores"], rewards, atol=1e-3)
-    # in a batch with other requests (other rows, so other samples: the seed is per batch) it still picks its best
+    # in a batch with other requests it samples the same candidates (seeds are per row) and picks the same one
     batch = pz.respond_batch([{"user": "ana", "messages": ASK, "rerank": 4, **opts}, {"user": None, "messages": ASK, **opts}])
-    assert batch[0].personalization["picked"] == int(np.argmax(batch[0].personalization["scores"])) and batch[1].personalization is None
+    assert batch[0].text == result.text and batch[0].personalization["picked"] == report["picked"] and batch[1].personalization is None
     # a stream gets the picked reply whole
     assert "".join(pz.stream("ana", ASK, rerank=4, **opts)) == result.text
 
@@ -66,12 +68,13 @@ def test_rerank_of_a_greedy_request_samples_at_the_rerank_temperature(lively_pz,
     real = pz.generator.model.generate
 
     def spy(*args, **kwargs):
-        seen.append((kwargs["input_ids"].shape[0], kwargs.get("do_sample"), kwargs.get("temperature")))
+        decoder = kwargs["logits_processor"][-1]  # RowDecoder: each row sampled by its own settings, generate greedy
+        seen.append((kwargs["input_ids"].shape[0], kwargs.get("do_sample"), [c.temperature for c in decoder.controls]))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pz.generator.model, "generate", spy)
     result = pz.respond("ana", ASK, rerank=3, rerank_temperature=0.6, max_new_tokens=4, memory=False, shots=False, steer={})
-    assert seen == [(3, True, 0.6)] and result.personalization["temperature"] == 0.6
+    assert seen == [(3, False, [0.6] * 3)] and result.personalization["temperature"] == 0.6
 
 
 def test_rerank_without_a_state_gives_the_plain_answer_and_says_so(lively_pz):

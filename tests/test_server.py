@@ -23,7 +23,7 @@ from personalign.server.batcher import Batcher
 from personalign.server.config import Principal, load_api_keys
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ServerConfig(max_tokens_cap=64, default_max_tokens=12, max_body_bytes=64_000, batch_wait_ms=20)
+CONFIG = ServerConfig(max_tokens_cap=64, default_max_tokens=12, max_body_bytes=64_000, batch_wait_ms=20, default_temperature=0.0)  # greedy, as respond
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "A long story about eggs, water and patience."}
 SKY = {"prompt": "Why is the sky blue?", "chosen": "Because air scatters blue light far more than red light, over a long path.", "rejected": "Scattering."}
 
@@ -151,7 +151,7 @@ def test_openai_client_errors(client, server):
     with pytest.raises(openai.BadRequestError, match="at most 4"):
         client.chat.completions.create(model="personalign", messages=messages, stop=["a", "b", "c", "d", "e"])
     with pytest.raises(openai.BadRequestError, match="not supported"):
-        client.chat.completions.create(model="personalign", messages=messages, logprobs=True)
+        client.chat.completions.create(model="personalign", messages=messages, extra_body={"functions": [{"name": "f"}]})
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="personalign", messages=[])
     with pytest.raises(openai.BadRequestError, match="last message"):

@@ -17,8 +17,9 @@ import pytest
 from personalign.personalizer import Personalizer
 from personalign.server import ServerConfig
 from personalign.server.stops import StopScanner, cut
+from personalign.steering.decoding import derived_seed
 
-CONFIG = ServerConfig(max_tokens_cap=16, default_max_tokens=12, max_body_bytes=64_000, batch_wait_ms=20, max_choices=4)
+CONFIG = ServerConfig(max_tokens_cap=16, default_max_tokens=12, max_body_bytes=64_000, batch_wait_ms=20, max_choices=4, default_temperature=0.0)  # greedy, as respond
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg, and here is a long story."}
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
 PLAIN = {"memory": False, "shots": False, "steer": {}}  # the reply depends on the decoding options only
@@ -182,7 +183,8 @@ def test_empty_stop_is_no_stop(http):
 
 def test_n_sampled_choices_are_rows_of_one_batch(client, http, personalizer):
     reply = client.chat.completions.create(model="personalign", messages=ASK, user="ana", n=3, max_tokens=8, **SAMPLED, extra_body=PLAIN)
-    rows = personalizer.respond_batch([{"user": "ana", "messages": ASK, "max_new_tokens": 8, **SAMPLED, **PLAIN}] * 3)
+    # choice i samples with seed derived_seed(3, i) (choice 0 with 3 itself), whatever shares its batch
+    rows = personalizer.respond_batch([{"user": "ana", "messages": ASK, "max_new_tokens": 8, **SAMPLED, **PLAIN, "seed": derived_seed(3, i)} for i in range(3)])
     assert [c.index for c in reply.choices] == [0, 1, 2]
     assert [c.message.content for c in reply.choices] == [r.text for r in rows] and len({r.text for r in rows}) > 1
     assert reply.usage.completion_tokens == sum(r.completion_tokens for r in rows) and reply.usage.prompt_tokens == rows[0].prompt_tokens

@@ -30,7 +30,7 @@ from personalign.server.ids import (
 )
 from personalign.types import validate_user_id
 
-CONFIG = ServerConfig(max_tokens_cap=64, default_max_tokens=8, max_body_bytes=64_000, batch_wait_ms=20, max_memories_per_request=4)
+CONFIG = ServerConfig(max_tokens_cap=64, default_max_tokens=8, max_body_bytes=64_000, batch_wait_ms=20, max_memories_per_request=4, default_temperature=0.0)
 EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "A long story about eggs, water and patience."}
 HI = [{"role": "user", "content": "What should I cook tonight?"}]
 FOREIGN_IDS = ["auth0|5f7c8ec7c33c6c004bbafe82", "org:42", "google-oauth2|1043", "a..b", ".hidden", "ève", "名前", "user 7", "esc+x"]
