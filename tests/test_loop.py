@@ -115,3 +115,16 @@ def test_checkpoints_are_safetensors_and_json_and_old_pickles_are_refused(tmp_pa
     with pytest.raises(ValidationError, match="old pickled format") as err:
         train_loop(params, 6, loss, LoopConfig(epochs=1, checkpoint_dir=str(old)))
     assert err.value.field == "checkpoint_dir"
+
+
+@pytest.mark.parametrize(("n", "processes"), [(5, 2), (4, 2), (1, 2), (7, 3), (2, 4)])
+def test_share_splits_a_batch_like_accelerate(n, processes):
+    """accelerate's ``split_between_processes``: contiguous parts, the first ``n % processes`` one longer."""
+    from personalign.steering.loop import share
+
+    batch = list(range(10, 10 + n))
+    parts = [share(batch, i, processes) for i in range(processes)]
+    assert sum(parts, []) == batch
+    size, extra = divmod(n, processes)
+    assert [len(p) for p in parts] == [size + (i < extra) for i in range(processes)]
+    assert share(batch, 0, 1) == batch
