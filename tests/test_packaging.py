@@ -92,15 +92,43 @@ def test_the_extras_declare_what_their_commands_import():
     project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
     names = {key: {_name(r) for r in reqs} for key, reqs in project["optional-dependencies"].items()}
     core = {_name(r) for r in project["dependencies"]}
-    assert {"fastapi", "uvicorn", "prometheus-client"} <= names["serve"]
+    assert {"fastapi", "starlette", "uvicorn", "prometheus-client"} <= names["serve"]
     assert {"matplotlib", "scipy", "scikit-learn", "httpx"} <= names["lab"]
-    assert "gguf" in names["embedded"]
-    assert not (names["serve"] | names["lab"] | names["embedded"]) & core
-    assert "personalign[serve,lab,embedded]" in project["optional-dependencies"]["dev"]
-    assert {"accelerate", "tqdm", "chromadb", "torch", "transformers", "peft"} <= core
+    assert "gguf" in names["embedded"] and "datasets" in names["datasets"]
+    assert not (names["serve"] | names["lab"] | names["embedded"] | names["datasets"]) & core
+    assert "personalign[serve,lab,embedded,datasets]" in project["optional-dependencies"]["dev"]
+    assert {"accelerate", "tqdm", "chromadb", "torch", "transformers", "peft", "huggingface-hub"} <= core
 
 
 def _name(requirement: str) -> str:
     import re
 
     return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_import_of_the_package_is_declared():
+    """Each third-party module ``src/personalign`` imports belongs to a distribution that
+    pyproject declares, in the core dependencies or an extra (dev's test tools do not count)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    declared |= {_name(r) for key, reqs in project["optional-dependencies"].items() if key != "dev" for r in reqs}
+    imported: dict[str, str] = {}
+    for path in (root / "src" / "personalign").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                imported.setdefault(name.split(".")[0], str(path.relative_to(root)))
+    owners = packages_distributions()
+    missing = {}
+    for module, where in imported.items():
+        if module in sys.stdlib_module_names or module == "personalign":
+            continue
+        dists = {d.lower().replace("_", "-") for d in owners.get(module, [module])}
+        if not dists & declared:
+            missing[module] = where
+    assert missing == {}, f"imported but not declared in pyproject: {missing}"

@@ -457,7 +457,7 @@ def to_dataset(rows: Iterable[tuple[str | None, Comparison]]) -> Any:
     try:
         from datasets import Dataset
     except ImportError:
-        raise ImportError("to_dataset needs the datasets package. Fix: pip install datasets") from None
+        raise ImportError("to_dataset needs the datasets package. Fix: pip install 'personalign[datasets]'") from None
     records = [preference_record(user, comparison) for user, comparison in rows]
     kinds = {isinstance(r["prompt"], str) for r in records}
     if len(kinds) > 1:
