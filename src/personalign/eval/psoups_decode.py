@@ -256,70 +256,81 @@ def run_psoups_decode(generator: Any, encoder: Any, config: PsoupsDecodeConfig, 
 
 
 def _decode(generator: Any, encoder: Any, guidance: Any, judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], config: PsoupsDecodeConfig, store: str, say: Progress) -> dict[str, Any]:
+    """Every answer (:func:`_answers`) in a scratch store, then every judgement (:func:`_judge`)."""
     from personalign.personalizer import Personalizer
-    from personalign.steering.decoding import derived_seed
 
-    out: dict[str, Any] = {"users": [], "methods": {}, "references": {}, "skipped": {}, "seconds": {}, "style_shift": {}}
+    prompts = [u.held_out[0].prompt_text for u, _ in pairs]
     with Personalizer(generator, encoder, store=store, embedder=guidance) as pz:
         for u, _ in pairs:
             pz.enroll(u.user, u.shots)
-        prompts = [u.held_out[0].prompt_text for u, _ in pairs]
-        unique = list(dict.fromkeys(prompts))
-        ask = {p: [{"role": "user", "content": p}] for p in unique}
-        off = {"memory": False, "shots": False, "steer": {}, "max_new_tokens": config.max_new_tokens}
-        started = time.perf_counter()
-        generic = dict(zip(unique, _generate(pz, [{"user": None, "messages": ask[p], "temperature": 0.0, **off} for p in unique], config.batch_size, say, "generic"), strict=True))
-        out["seconds"]["generic"] = time.perf_counter() - started
-        started = time.perf_counter()
-        rows = [{"user": None, "messages": ask[p], "temperature": config.rerank_temperature, "seed": derived_seed(config.seed, j), **off} for p in unique for j in range(config.rerank)]
-        flat = _generate(pz, rows, config.batch_size, say, "candidates")
-        candidates = {p: flat[i * config.rerank : (i + 1) * config.rerank] for i, p in enumerate(unique)}
-        out["seconds"]["candidates"] = time.perf_counter() - started
-        answers: dict[str, list[str]] = {"user-rerank": [], "user-rerank-shuffled": []}
-        picks: dict[str, list[int]] = {"user-rerank": [], "user-rerank-shuffled": []}
-        for (u, decoy), p in zip(pairs, prompts, strict=True):
-            for method, who in (("user-rerank", u), ("user-rerank-shuffled", decoy)):
-                best = pick_by_reward(pz.reward(who.user, p, [t or " " for t in candidates[p]]), candidates[p])
-                picks[method].append(best)
-                answers[method].append(candidates[p][best])
-        heads = pz.user_heads()
-        if heads is None:
-            out["skipped"]["user-vas"] = f"no user-vas heads fit this generator ({generator.model_id}) and the {config.guidance} PAL (the shipped heads are for the shipped PAL and the embedded SmolLM2)"
-        else:
-            for method, shuffled in (("user-vas", False), ("user-vas-shuffled", True)):
-                started = time.perf_counter()
-                requests = [{"user": (d if shuffled else u).user, "messages": ask[p], "temperature": 0.0, "user_vas": config.user_vas, **off} for (u, d), p in zip(pairs, prompts, strict=True)]
-                answers[method] = _generate(pz, requests, config.batch_size, say, method)
-                out["seconds"][method] = time.perf_counter() - started
-    users = [u.user for u, _ in pairs]
-    personas = [str(u.group) for u, _ in pairs]
-    scored = {}  # (prompt, persona) -> judge rewards of candidates + generic
-    for (u, _), p in zip(pairs, prompts, strict=True):
-        key = (p, str(u.group))
-        if key not in scored:
-            scored[key] = judges[str(u.group)].reward([p] * (config.rerank + 1), [*candidates[p], generic[p]], judges[str(u.group)].prior())
-    for method, texts in answers.items():
-        scores = []
-        for (u, _), p, text in zip(pairs, prompts, texts, strict=True):
-            reward = judges[str(u.group)].reward([p, p], [text, generic[p]], judges[str(u.group)].prior())
-            scores.append(judged(reward))
-        out["methods"][method] = summarise_scores(scores, users, personas)
-        out["methods"][method]["example"] = {"user": users[0], "persona": personas[0], "prompt": prompts[0], "answer": texts[0], "generic": generic[prompts[0]]}
-        out["style_shift"][method] = {persona: style_shift([t for t, q in zip(texts, personas, strict=True) if q == persona], [generic[p] for p, q in zip(prompts, personas, strict=True) if q == persona]) for persona in sorted(set(personas))}
-    for method in picks:
-        out["methods"][method]["picked"] = picks[method]
-    judge_pick, random_pick = [], []
-    for (u, _), p in zip(pairs, prompts, strict=True):
-        r = scored[(p, str(u.group))]
-        judge_pick.append(judged(np.array([r[: config.rerank].max(), r[-1]])))
-        random_pick.append(float(np.mean([judged(np.array([x, r[-1]])) for x in r[: config.rerank]])))
-    out["references"]["judge-pick"] = summarise_scores(judge_pick, users, personas)
-    out["references"]["random-candidate"] = {**summarise_scores(random_pick, users, personas), "ci": [float("nan"), float("nan")]}
-    out["margins"] = personal_margins(out["methods"], users)
+        out = _answers(pz, pairs, prompts, config, say)
+    picked = out.pop("picked")
+    out.update(_judge(judges, pairs, prompts, out["generic"], out["candidates"], out.pop("answers"), config))
+    for method, picks in picked.items():
+        out["methods"][method]["picked"] = picks  # which candidate each user's reward (own, decoy's) chose
     out["users"] = [{"user": u.user, "persona": u.group, "decoy": d.user, "shots": len(u.shots), "prompt": p} for (u, d), p in zip(pairs, prompts, strict=True)]
-    out["generic"] = {p: generic[p] for p in unique}
-    out["candidates"] = candidates
     return out
+
+
+def _answers(pz: Any, pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str], config: PsoupsDecodeConfig, say: Progress) -> dict[str, Any]:
+    """The generic answers, the shared candidates, each method's answer per (user, prompt)."""
+    from personalign.steering.decoding import derived_seed
+
+    unique = list(dict.fromkeys(prompts))
+    ask = {p: [{"role": "user", "content": p}] for p in unique}
+    off = {"memory": False, "shots": False, "steer": {}, "max_new_tokens": config.max_new_tokens}
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    generic = dict(zip(unique, _generate(pz, [{"user": None, "messages": ask[p], "temperature": 0.0, **off} for p in unique], config.batch_size, say, "generic"), strict=True))
+    seconds["generic"] = time.perf_counter() - started
+    started = time.perf_counter()
+    # the rows Personalizer.respond(..., rerank=N, seed=seed) samples: sampled once, picked from by own and decoy
+    rows = [{"user": None, "messages": ask[p], "temperature": config.rerank_temperature, "seed": derived_seed(config.seed, j), **off} for p in unique for j in range(config.rerank)]
+    flat = _generate(pz, rows, config.batch_size, say, "candidates")
+    candidates = {p: flat[i * config.rerank : (i + 1) * config.rerank] for i, p in enumerate(unique)}
+    seconds["candidates"] = time.perf_counter() - started
+    answers: dict[str, list[str]] = {"user-rerank": [], "user-rerank-shuffled": []}
+    picks: dict[str, list[int]] = {"user-rerank": [], "user-rerank-shuffled": []}
+    for (u, decoy), p in zip(pairs, prompts, strict=True):
+        for method, who in (("user-rerank", u), ("user-rerank-shuffled", decoy)):
+            best = pick_by_reward(pz.reward(who.user, p, [t or " " for t in candidates[p]]), candidates[p])
+            picks[method].append(best)
+            answers[method].append(candidates[p][best])
+    skipped = {}
+    if pz.user_heads() is None:
+        skipped["user-vas"] = f"no user-vas heads fit this generator ({pz.generator.model_id}) and the {config.guidance} PAL (the shipped heads are for the shipped PAL and the embedded SmolLM2)"
+    else:
+        for method, shuffled in (("user-vas", False), ("user-vas-shuffled", True)):
+            started = time.perf_counter()
+            requests = [{"user": (d if shuffled else u).user, "messages": ask[p], "temperature": 0.0, "user_vas": config.user_vas, **off} for (u, d), p in zip(pairs, prompts, strict=True)]
+            answers[method] = _generate(pz, requests, config.batch_size, say, method)
+            seconds[method] = time.perf_counter() - started
+    return {"generic": generic, "candidates": candidates, "answers": answers, "picked": picks, "skipped": skipped, "seconds": seconds}
+
+
+def _judge(judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str], generic: dict[str, str], candidates: dict[str, list[str]], answers: dict[str, list[str]], config: PsoupsDecodeConfig) -> dict[str, Any]:
+    """Each answer against the generic one by the judge of the user's persona; the references; the margins."""
+    users, personas = [u.user for u, _ in pairs], [str(u.group) for u, _ in pairs]
+
+    def rewards(persona: str, prompt: str, texts: Sequence[str]) -> np.ndarray:
+        judge = judges[persona]
+        return judge.reward([prompt] * len(texts), list(texts), judge.prior())  # (len(texts),)
+
+    methods, shift = {}, {}
+    for method, texts in answers.items():
+        scores = [judged(rewards(q, p, [t, generic[p]])) for q, p, t in zip(personas, prompts, texts, strict=True)]
+        methods[method] = summarise_scores(scores, users, personas)
+        methods[method]["example"] = {"user": users[0], "persona": personas[0], "prompt": prompts[0], "answer": texts[0], "generic": generic[prompts[0]]}
+        shift[method] = {
+            q: style_shift([t for t, x in zip(texts, personas, strict=True) if x == q], [generic[p] for p, x in zip(prompts, personas, strict=True) if x == q]) for q in sorted(set(personas))
+        }
+    judge_pick, random_pick = [], []
+    for q, p in zip(personas, prompts, strict=True):
+        r = rewards(q, p, [*candidates[p], generic[p]])  # (N + 1,): the candidates, then the generic answer
+        judge_pick.append(judged(np.array([r[:-1].max(), r[-1]])))
+        random_pick.append(float(np.mean([judged(np.array([x, r[-1]])) for x in r[:-1]])))
+    references = {"judge-pick": summarise_scores(judge_pick, users, personas), "random-candidate": {**summarise_scores(random_pick, users, personas), "ci": [float("nan"), float("nan")]}}
+    return {"methods": methods, "references": references, "margins": personal_margins(methods, users), "style_shift": shift}
 
 
 # --- report ---------------------------------------------------------------------------------------
