@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,18 @@ def samples_file(tiny_model_dir, tmp_path_factory):
     path = tmp_path_factory.mktemp("samples") / "samples.jsonl"
     save_samples(samples, path)
     return path
+
+
+def _free_port() -> str:
+    """A free local port for the processes' rendezvous (not torchrun's fixed 29500, which a
+    concurrent run may hold)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _launch() -> list[str]:
+    return [*LAUNCH, "--main_process_port", _free_port()]
 
 
 def _run(command: list[str], out: Path) -> None:
@@ -67,7 +80,7 @@ def test_a_recipe_in_two_processes_stays_in_sync_and_matches_one_process(tiny_mo
     single, double = tmp_path / "single", tmp_path / "double"
     args = [str(SCRIPTS / "modpo_recipe.py"), str(tiny_model_dir), str(samples_file)]
     _run([sys.executable, *args, str(single)], single)
-    _run([*LAUNCH, *args, str(double)], double)
+    _run([*_launch(), *args, str(double)], double)
     report = _compare(single, double)
     # 9 pairs in batches of 4: the last batch of one pair leaves the second process an empty share.
     assert report["pairs"] == {"verbosity": 9, "reading_level": 9}
@@ -80,7 +93,7 @@ def test_a_users_adapter_in_two_processes_matches_one_process(tiny_model_dir, tm
     single, double = tmp_path / "single", tmp_path / "double"
     args = [str(SCRIPTS / "user_adapter.py"), str(tiny_model_dir)]
     _run([sys.executable, *args, str(single)], single)
-    _run([*LAUNCH, *args, str(double)], double)
+    _run([*_launch(), *args, str(double)], double)
     report = _compare(single, double)
     assert report["pairs"] == 5 and report["report"]["holdout_pairs"] == 2  # batches of 4 and 1 weighted pairs
 
@@ -92,7 +105,7 @@ def test_a_token_weighted_loop_resumed_in_two_processes_matches_one_process(tmp_
     single, double = tmp_path / "single", tmp_path / "double"
     script = str(SCRIPTS / "weighted_loop.py")
     _run([sys.executable, script, str(single)], single)
-    _run([*LAUNCH, script, str(double)], double)
+    _run([*_launch(), script, str(double)], double)
     alone = json.loads((single / "rank0.json").read_text())
     ranks = [json.loads((double / f"rank{i}.json").read_text()) for i in range(2)]
     assert [r["processes"] for r in ranks] == [2, 2] and alone["processes"] == 1
