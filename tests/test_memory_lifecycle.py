@@ -343,3 +343,12 @@ def test_cli_memory_commands_match_python(tmp_path):
     assert "--filters" in run("memory", "list", "--user", "fay", "--filters", "{oops", code=2).output
     assert "filters.categry" in run("memory", "list", "--user", "fay", "--filters", '{"categry": "x"}', code=1).output
     assert run("export-user", "--user", "fay")["memories"] == document["memories"]
+
+
+def test_a_changed_number_is_a_new_fact_not_a_duplicate(pz):
+    """Near-identical texts that differ in a number are different facts (the encoder puts them
+    above the duplicate threshold: "Fact c10-op3" / "Fact c1-op3" at 0.98)."""
+    first = pz.remember("ana", "Fact c1-op3 about ana.")["results"][0]
+    second = pz.remember("ana", "Fact c10-op3 about ana.")["results"][0]
+    assert first["event"] == second["event"] == "ADD" and first["id"] != second["id"]
+    assert sorted(m["memory"] for m in pz.memories("ana")["results"]) == ["Fact c1-op3 about ana.", "Fact c10-op3 about ana."]

@@ -12,7 +12,11 @@ the lifecycle fields:
 What ``add`` does with each text, in order (``event`` in the result):
 
 1. **NONE**: the text re-states an active memory with the same key (or both unkeyed): the same
-   text up to case and spacing, or, for unkeyed memories, cosine >= ``duplicate_threshold`` (0.95).
+   text up to case, spacing, contractions and punctuation ("I'm vegetarian." re-states "i am
+   vegetarian"). Near-identical texts are not dropped by default: "Fact 48a." and "Fact 48b."
+   sit at cosine 0.98 and are two facts, so they are kept and listed in ``conflicts``. A caller
+   who wants paraphrases dropped passes ``duplicate_threshold`` (e.g. 0.95); texts with
+   different numbers are never duplicates ("I have 2 kids" / "I have 3 kids": 0.94).
    Nothing is written; the existing memory is returned.
 2. **ADD**: the text becomes a new active memory. With a ``key``, every active memory with that
    key is superseded by it and reported as **DELETE** with ``status: "superseded"`` and
@@ -62,7 +66,7 @@ SUPERSEDED_BY = INTERNAL + "superseded_by"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SOURCE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 MAX_MEMORY_ID_CHARS = 128
-DUPLICATE_THRESHOLD = 0.95
+DUPLICATE_THRESHOLD = 1.0  # off: a near-identical text may be another fact ("Fact 48a." / "Fact 48b."), so it is a conflict, not dropped
 CONFLICT_THRESHOLD = 0.6
 CONFLICT_POLICIES = ("keep", "supersede")
 _NEIGHBOURS = 5  # active memories compared with each new text
@@ -119,8 +123,26 @@ def _now() -> float:
     return round(time.time(), 6)
 
 
+_CONTRACTIONS = ((r"n't\b", " not"), (r"'m\b", " am"), (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"))
+
+
+def _normal(text: str) -> str:
+    """Case, spacing, contractions and punctuation that does not change the statement removed."""
+    text = text.lower().replace("\u2019", "'")
+    for pattern, expanded in _CONTRACTIONS:
+        text = re.sub(pattern, expanded, text)
+    return " ".join(re.sub(r"[^\w\s'-]", " ", text).split())
+
+
 def _same_text(a: str, b: str) -> bool:
-    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+    return _normal(a) == _normal(b)
+
+
+def _same_numbers(a: str, b: str) -> bool:
+    """Whether two texts hold the same numbers (in order). The encoder puts "I have 2 kids" and
+    "I have 3 kids" at cosine 0.94 and "Fact c10-op3" and "Fact c1-op3" at 0.98: close paraphrases
+    by the threshold, different facts by their numbers, so a change of number is never a duplicate."""
+    return re.findall(r"\d+", a) == re.findall(r"\d+", b)
 
 
 def lifecycle_record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,24 +259,48 @@ class MemoryLifecycle:
         docs, extra = self.store.validate(user_id, texts, metadata)
         check_add_options(key, on_conflict, source, len(docs))
         vectors = self.store._ef([embedded_text(d, key) for d in docs])  # encode before touching the database
-        results: list[dict[str, Any]] = []
         with self.store._lock:
+            # Decide every text first, then write every new one in one insert: a request's texts are
+            # stored all or none (a crash between two inserts used to keep half of a request).
+            decided: list[tuple[str, Any, Any]] = []  # (doc, vector, the restated record or the neighbours)
+            fresh: dict[str, int] = {}  # normalised text -> index in decided, for restatements within the request
             for doc, vector in zip(docs, vectors, strict=True):
-                results += self._add_one(user_id, doc, vector, extra, key, on_conflict, source)
+                if _normal(doc) in fresh:
+                    decided.append((doc, vector, fresh[_normal(doc)]))
+                    continue
+                decided.append((doc, vector, self._restated(user_id, doc, vector, key)))
+                if isinstance(decided[-1][2], list):
+                    fresh[_normal(doc)] = len(decided) - 1
+            now = _now()
+            meta = {**extra, "user_id": user_id, "created_at": now, STATUS: "active", VERSION: 1, VALID_FROM: now, UPDATED_AT: now, SOURCE: source, EVENT: "ADD"}
+            if key is not None:
+                meta[KEY] = key
+            new = [k for k, (_, _, d) in enumerate(decided) if isinstance(d, list)]
+            ids = self.store.insert(user_id, [decided[k][0] for k in new], [dict(meta) for _ in new], [decided[k][1] for k in new]) if new else []
+            new_ids = dict(zip(new, ids, strict=True))
+            results: list[dict[str, Any]] = []
+            for k, (doc, _, decision) in enumerate(decided):
+                if isinstance(decision, dict):
+                    results.append(decision)
+                elif isinstance(decision, int):  # the same text earlier in this request
+                    results.append(lifecycle_record(user_id, new_ids[decision], doc, meta) | {"event": "NONE"})
+                else:
+                    results += self._settle(user_id, new_ids[k], doc, meta, decision, key, on_conflict, now)
         return {"results": results}
 
-    def _add_one(self, user_id: str, doc: str, vector: Any, extra: dict[str, Any], key: str | None, on_conflict: str, source: str) -> list[dict[str, Any]]:
+    def _restated(self, user_id: str, doc: str, vector: Any, key: str | None) -> dict[str, Any] | list[Any]:
+        """The active memory ``doc`` re-states (its record, ``event: NONE``), else the nearest active memories."""
         neighbours = self.store.query(user_id, doc, _NEIGHBOURS, None, None, "active", embedding=vector)
         for memory_id, old_doc, meta, score, _ in neighbours:
             # A keyed restatement must be the same text (the key label makes every value of a key look
-            # alike to the encoder); an unkeyed one may be a near-identical paraphrase.
-            if meta.get(KEY) == key and (_same_text(old_doc, doc) or (key is None and score >= self.duplicate_threshold)):
-                return [lifecycle_record(user_id, memory_id, old_doc, meta) | {"event": "NONE"}]
-        now = _now()
-        meta = {**extra, "user_id": user_id, "created_at": now, STATUS: "active", VERSION: 1, VALID_FROM: now, UPDATED_AT: now, SOURCE: source, EVENT: "ADD"}
-        if key is not None:
-            meta[KEY] = key
-        [new_id] = self.store.insert(user_id, [doc], [meta], [vector])
+            # alike to the encoder); an unkeyed one may, if the caller asks, be a near-identical paraphrase.
+            near = key is None and score >= self.duplicate_threshold and _same_numbers(old_doc, doc)
+            if meta.get(KEY) == key and (_same_text(old_doc, doc) or near):
+                return lifecycle_record(user_id, memory_id, old_doc, meta) | {"event": "NONE"}
+        return list(neighbours)
+
+    def _settle(self, user_id: str, new_id: str, doc: str, meta: dict[str, Any], neighbours: list[Any], key: str | None, on_conflict: str, now: float) -> list[dict[str, Any]]:
+        """The new memory's record, with its conflicts, and the memories it supersedes."""
         added = lifecycle_record(user_id, new_id, doc, meta) | {"event": "ADD"}
         if key is not None:
             collection = self.store._collection(user_id, create=False)
