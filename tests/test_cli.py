@@ -111,3 +111,20 @@ def test_version():
 
     out = runner.invoke(app, ["--version"])
     assert out.exit_code == 0 and out.output.strip() == f"personalign {__version__}"
+
+
+def test_a_missing_extra_is_named(capsys):
+    """Without the [lab] or [serve] extras a command says which extra to install, not a traceback."""
+    import typer
+
+    from personalign.cli._common import failing
+
+    def needs(module):
+        raise ModuleNotFoundError(f"No module named '{module}'", name=module)
+
+    for module, extra in (("matplotlib.pyplot", "lab"), ("fastapi", "serve")):
+        with pytest.raises(typer.Exit) as exited, failing():
+            needs(module)
+        assert exited.value.exit_code == 1 and f"pip install 'personalign[{extra}]'" in capsys.readouterr().err
+    with pytest.raises(ModuleNotFoundError), failing():  # not an extra's module: a real bug, re-raised
+        needs("no_such_module")

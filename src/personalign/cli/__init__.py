@@ -45,7 +45,17 @@ def _root(
 
 
 def main() -> None:
-    app()
+    """The ``personalign`` entry point: the app, with a missing optional extra named rather than a traceback."""
+    from personalign.cli._common import EXTRAS
+
+    try:
+        app()
+    except ModuleNotFoundError as err:
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        typer.echo(f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'", err=True)
+        raise SystemExit(1) from None
 
 
 __all__ = ["app", "main"]

@@ -41,15 +41,38 @@ def exit_code(err: Exception) -> int:
     return USAGE_EXIT if isinstance(err, ValidationError) and err.field.startswith("--") else ERROR_EXIT
 
 
+# A module of an optional extra that is not installed: the extra that brings it.
+EXTRAS = {
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
+    "matplotlib": "lab",
+    "scipy": "lab",
+    "sklearn": "lab",
+    "gguf": "embedded",
+}
+
+
 @contextmanager
 def failing(*also: type[Exception], usage: bool = False) -> Iterator[None]:
     """Turn a personalign error (and any of ``also``) into ``error: ...`` on stderr and an exit code
-    (``usage=True``: the block only checks option values, so any error in it is a usage error)."""
+    (``usage=True``: the block only checks option values, so any error in it is a usage error).
+    A missing optional dependency names the extra that installs it."""
     try:
         yield
     except (PersonalignError, *also) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(USAGE_EXIT if usage else exit_code(err)) from None
+    except ModuleNotFoundError as err:
+        extra = EXTRAS.get((err.name or "").split(".")[0])
+        if extra is None:
+            raise
+        typer.echo(
+            f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'",
+            err=True,
+        )
+        raise typer.Exit(ERROR_EXIT) from None
 
 
 def fail(err: Exception) -> None:

@@ -315,9 +315,10 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an OpenAI-compatible API with per-user personalisation (see docs/server.md)."""
-    from personalign.server.config import ServerConfig, load_api_keys
-    from personalign.server.run import chroma_client
-    from personalign.server.run import serve as run_server
+    with failing():  # without the [serve] extra: the error names it
+        from personalign.server.config import ServerConfig, load_api_keys
+        from personalign.server.run import chroma_client
+        from personalign.server.run import serve as run_server
 
     with failing(usage=True):
         config = ServerConfig(

@@ -68,3 +68,23 @@ def eval_psoups_decode(
         typer.echo(f"json -> {json_out}")
     if plot is not None:
         typer.echo(f"plot -> {plot_psoups_decode(result, plot)}")
+
+
+@eval_app.command("psoups-decode-pool")
+def eval_psoups_decode_pool(
+    inputs: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="JSON files of `eval psoups-decode --json`, one per seed.")],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the pooled result here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the pooled win-rate plot (PNG) here.")] = None,
+) -> None:
+    """Pool psoups-decode runs of several seeds: every judged answer, margins clustered by user."""
+    import json
+
+    from personalign.eval.psoups_decode import format_psoups_decode, plot_psoups_decode, pool_psoups_decode
+
+    with failing():
+        pooled = pool_psoups_decode([json.loads(p.read_text(encoding="utf-8")) for p in inputs])
+    typer.echo(format_psoups_decode(pooled))
+    if write_json(json_out, pooled):
+        typer.echo(f"json -> {json_out}")
+    if plot is not None:
+        typer.echo(f"plot -> {plot_psoups_decode(pooled, plot)}")

@@ -76,7 +76,7 @@ def train_vas_cmd(
         write_report(root, "vas", report)
         for name, r in report.items():
             typer.echo(
-                f"{name}: loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {r['folder']}"
+                f"{name}: loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {root / r['folder']}"
             )
 
 
@@ -165,7 +165,7 @@ def train_modpo_cmd(
         write_report(root, "modpo", report)
         for name, r in report.items():
             typer.echo(
-                f"{name}: {r['pairs']} pairs, loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {r['folder']}"
+                f"{name}: {r['pairs']} pairs, loss {r['epoch_loss'][0]:.4f} -> {r['epoch_loss'][-1]:.4f} in {r['seconds']:.0f} s -> {root / r['folder']}"
             )
 
 
@@ -238,4 +238,4 @@ def train_dpa_cmd(
             progress=typer.echo,
         )
         write_report(root, "dpa", report)
-        typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {report['folder']}")
+        typer.echo(f"dpa adapter in {report['seconds']:.0f} s -> {root / report['folder']}")
