@@ -71,9 +71,9 @@ def test_plug_history_is_the_users_own(both):
     assert pz.history_items("bob") == ["Hello there, friend."]
     assert pz.history_items("ann") == [c.chosen for c in SHOTS] + ["I boil my eggs for nine minutes, about eggs."]
     opts = {k: v for k, v in ALL_OFF.items() if k != "steer"} | {"pplug": True}
-    bob, ann = (pz._prepare(u, MSGS, {}, opts).plug for u in ("bob", "ann"))
+    bob, ann = (pz.engine.prepare(u, MSGS, {}, opts).plug for u in ("bob", "ann"))
     assert bob.shape == ann.shape and not bool((bob - ann).abs().max() < 1e-4)
-    assert pz._prepare("ann", MSGS, {}, {**opts, "pplug": False}).plug is None
+    assert pz.engine.prepare("ann", MSGS, {}, {**opts, "pplug": False}).plug is None
 
 
 def test_plug_for_another_generator_is_refused(tiny_generator, encoder, tmp_path):

@@ -484,14 +484,14 @@ def test_stream_for_a_user_forgotten_while_queued_ends_with_an_error_event(serve
     _user(http, "dov", [EGG])
     gate = threading.Lock()
     gate.acquire()
-    original = personalizer._prepare
+    original = personalizer.engine.prepare
 
     def slow_prepare(*args, **kwargs):
         with gate:  # hold the batch until the user is gone
             pass
         return original(*args, **kwargs)
 
-    personalizer._prepare = slow_prepare
+    personalizer.engine.prepare = slow_prepare
     try:
         body = {"model": "personalign", "user": "dov", "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 4}
         with httpx.Client(base_url=server.url, timeout=60) as other, other.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -500,7 +500,7 @@ def test_stream_for_a_user_forgotten_while_queued_ends_with_an_error_event(serve
             gate.release()
             events = [line for line in response.iter_lines() if line]
     finally:
-        personalizer._prepare = original
+        personalizer.engine.prepare = original
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2][6:])["error"]
     assert "dov" in error["message"] and error["code"] == "not_found"

@@ -343,9 +343,9 @@ def test_decoding_controls_with_logit_mixing_are_refused_naming_steer(personaliz
     from personalign.errors import ValidationError
 
     mixed = SimpleNamespace(greedy=True)
-    biased = personalizer._prepare(None, ASK, {}, {"logit_bias": {1: 5.0}, "memory": False, "shots": False})
+    biased = personalizer.engine.prepare(None, ASK, {}, {"logit_bias": {1: 5.0}, "memory": False, "shots": False})
     with pytest.raises(ValidationError, match="logit-mixing") as caught:
-        personalizer._row_decoder([biased], mixed, 10)
+        personalizer.engine.row_decoder([biased], mixed, 10)
     assert caught.value.field == "steer"
-    sampled = personalizer._prepare(None, ASK, {}, {"temperature": 0.7, "seed": 1, "memory": False, "shots": False})
-    assert personalizer._row_decoder([sampled], mixed, 10) is None
+    sampled = personalizer.engine.prepare(None, ASK, {}, {"temperature": 0.7, "seed": 1, "memory": False, "shots": False})
+    assert personalizer.engine.row_decoder([sampled], mixed, 10) is None

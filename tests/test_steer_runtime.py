@@ -160,8 +160,8 @@ def test_mix_composes_with_a_users_adapter(spz):
     # mix acts on top of her adapter; a generic request mixes the plain base.
     from personalign.adapters.store import BASE
 
-    hers = spz._plan([spz._prepare("ana", ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
-    generic = spz._plan([spz._prepare(None, ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
+    hers = spz.engine.plan([spz.engine.prepare("ana", ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
+    generic = spz.engine.plan([spz.engine.prepare(None, ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
     assert hers.names is not None and generic.names is not None
     assert hers.names[0].startswith("slot_") and hers.names[1:] == [BASE, "steer_verbosity"]  # her adapter's slot first
     assert generic.names == ["steer_verbosity"]  # weights summing to 1: no base row (its coefficient is 0)
@@ -188,8 +188,8 @@ def test_prompt_method_adds_the_instruction(spz):
     assert phrase("verbosity", 0.34) == "Give a fairly detailed answer."
     messages = steer_system([{"role": "system", "content": "Be kind."}, *ASK], {"verbosity": -1.0})
     assert messages[0]["content"] == "Be kind.\n\n" + instruction({"verbosity": -1.0}) and messages[1:] == ASK
-    plain = spz._prepare(None, ASK, {}, {"memory": False, "shots": False})
-    prompted = spz._prepare(None, ASK, {"weights": {"verbosity": -1.0}, "method": "prompt"}, {"memory": False, "shots": False})
+    plain = spz.engine.prepare(None, ASK, {}, {"memory": False, "shots": False})
+    prompted = spz.engine.prepare(None, ASK, {"weights": {"verbosity": -1.0}, "method": "prompt"}, {"memory": False, "shots": False})
     assert len(prompted.input_ids) > len(plain.input_ids) and prompted.steer_method == "prompt"
 
 

@@ -213,9 +213,9 @@ def test_auto_refuses_what_no_method_steers(monkeypatch, no_trained_steerers):
 
 
 def test_personalizer_applies_every_form_and_keeps_the_method(pz):
-    prepared = pz._prepare(None, ASK, {"weights": {"verbosity": -0.5}, "method": "prompt"}, {"max_new_tokens": 2})
+    prepared = pz.engine.prepare(None, ASK, {"weights": {"verbosity": -0.5}, "method": "prompt"}, {"max_new_tokens": 2})
     assert prepared.steer == {"verbosity": -0.5} and prepared.steer_method == "prompt"
-    assert pz._prepare(None, ASK, None, {}).steer_method == "auto"
+    assert pz.engine.prepare(None, ASK, None, {}).steer_method == "auto"
     result = pz.respond(None, ASK, steer={"direction": {"verbosity": -2}}, max_new_tokens=2)
     assert result.steer == {"verbosity": -1.0}
     with pytest.raises(ValidationError) as info:
@@ -229,7 +229,7 @@ def test_stored_default_in_every_form(pz):
     stored = pz.profile("ana").settings["steer"]
     assert stored == parse_steering({"direction": {"verbosity": 3, "structure": 4}, "method": "prompt"}).to_json()
     assert pz.default_steer("ana") == pytest.approx({"verbosity": 0.6, "structure": 0.8})
-    assert pz._prepare("ana", ASK, None, {"shots": False, "memory": False}).steer_method == "prompt"
+    assert pz.engine.prepare("ana", ASK, None, {"shots": False, "memory": False}).steer_method == "prompt"
     pz.set_steering("ana", Steering({"verbosity": 0.5}))
     assert pz.profile("ana").settings["steer"] == {"weights": {"verbosity": 0.5}, "method": "auto"}
 

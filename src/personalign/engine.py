@@ -1,0 +1,413 @@
+"""The generation engine behind ``Personalizer.respond``: it turns validated requests into rows
+of ``generate`` calls and the rows back into replies.
+
+``prepare`` validates a request and conditions it (memories, shots, description, Persona-Plug,
+steering, the user's guidance); ``run`` groups prepared requests by decoding settings, expands
+reranked ones into candidate rows, plans each batch (steering rows, adapters, processors), decodes,
+streams, and picks reranked candidates. The facade (:class:`~personalign.personalizer.Personalizer`)
+owns the users, their store and the models; the engine reads them through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from personalign.adapters.batched import gathered_lora, supports_gathered
+from personalign.adapters.store import BASE
+from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated
+from personalign.errors import ContextLengthError, ValidationError
+from personalign.persona.fspo import ADAPTER_NAME as FSPO_ADAPTER
+from personalign.persona.fspo import (
+    Conditioning,
+    query_of,
+    with_description,
+)
+from personalign.persona.pplug import (
+    embed_user,
+    plug_input_ids,
+    plug_inputs,
+)
+from personalign.steering import rerank as rerank_method
+from personalign.steering.decoding import (
+    STEERABLE,
+    RowDecoder,
+    compile_grammar,
+    derived_seed,
+    eos_token_ids,
+)
+from personalign.steering.methods import REGISTRY as STEERING_METHODS
+from personalign.steering.runtime import Plan
+from personalign.steering.schema import Steering, parse_steering
+from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
+from personalign.types import (
+    UserProfile,
+    parse_messages,
+)
+
+
+def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
+    """Iterate ``stream``; if the consumer stops early, cancel the generation behind it."""
+    try:
+        yield from stream
+    finally:
+        stream.cancel()
+        worker.join()
+
+
+def _with_logprobs(result: ChatResult, prepared: Prepared, decoder: RowDecoder | None, row: int) -> ChatResult:
+    """``result`` with its tokens' log-probabilities when the request asked for them (row ``row`` of ``decoder``)."""
+    if decoder is None or prepared.params.top_logprobs is None:
+        return result
+    return dataclasses.replace(result, logprobs=decoder.logprobs[row][: result.completion_tokens])
+
+
+def _default_steering(profile: UserProfile) -> Steering:
+    """The user's stored steering (the old flat ``{objective: weight}`` or the nested form), else
+    the inferred weights of the objectives decoding can steer."""
+    settings = profile.settings
+    if "steer" in settings:
+        return parse_steering(settings["steer"], field="settings.steer")
+    inferred = settings.get("inferred_steer", {})
+    return Steering({k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0})
+
+
+class GenerationEngine:
+    """Generation for one :class:`~personalign.personalizer.Personalizer` (see the module docstring)."""
+
+    def __init__(self, personalizer: Any) -> None:
+        self.pz = personalizer  # conditioning (memories, shots, description, Persona-Plug), users and their states
+        self.generator = personalizer.generator
+        self.steering = personalizer.steering
+        self.adapters = personalizer.adapters
+        self.lock = personalizer._generate_lock  # one generate call at a time (adapters are swapped per batch)
+        self._grammars: dict[str, Any] = {}
+
+    def prepare(self, user: str | None, messages: Any, steer: Mapping[str, Any] | Steering | None, options: Mapping[str, Any]) -> Prepared:
+        gen_fields = set(GenerationParams.model_fields)
+        cond_fields = set(ConditioningParams.model_fields)
+        unknown = set(options) - gen_fields - cond_fields
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ValidationError(name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}")
+        params = validated(GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation")
+        self._check_decoding(params)
+        conditioning = validated(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
+        profile = self.pz.profiles.get(user) if user is not None else None  # read once per request
+        cond = self.pz.condition(user, messages, params.max_new_tokens, conditioning, profile)
+        if steer is not None:
+            applied = parse_steering(steer)
+        else:
+            applied = Steering({}) if profile is None else _default_steering(profile)
+        method = self.steering.method(applied.method, applied.weights)
+        conversation = cond.conversation
+        description = None
+        if conditioning.describe and profile is not None and profile.comparisons:
+            description = self.pz.describe(user, conditioning.n_shots or 4, profile)  # type: ignore[arg-type]
+            conversation = with_description(conversation, description)
+        if method is not None:  # prompt-level methods (prompt, dpa) write the steering into the conversation
+            conversation = STEERING_METHODS[method].conversation(conversation, applied.weights, self.generator.model_id)
+        encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+        use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
+        adapter_user = user if use_adapter else None
+        query = query_of(parse_messages(messages))
+        plug = None
+        if conditioning.pplug and self.pz.plug is not None and profile is not None:
+            items = self.pz.history_items(user, profile)  # type: ignore[arg-type]
+            if items:
+                plug = embed_user(self.pz.plug, self.pz.encoder, items, query)
+        fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.pz.fspo_folder is not None and not (method is not None and STEERING_METHODS[method].runs_adapter)
+        rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
+        if rerank and profile is None:
+            rerank, guidance = 0, rerank_method.skipped("no user: the generic answer")
+        elif rerank and not profile.comparisons:  # type: ignore[union-attr]
+            rerank, guidance = 0, rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer")
+        elif rerank:
+            self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
+        guide, vas_report = self._user_guide(profile, conditioning.user_vas)
+        if vas_report is not None:
+            guidance = vas_report if guidance is None else {**guidance, "user_vas": vas_report}
+        return Prepared(
+            user,
+            cond,
+            params,
+            applied.weights,
+            list(encoded["input_ids"]),
+            adapter_user,
+            steer_method=method or applied.method,
+            fspo=fspo,
+            description=description,
+            plug=plug,
+            query=query,
+            rerank=rerank,
+            rerank_temperature=conditioning.rerank_temperature,
+            personalization=guidance,
+            guide=guide,
+        )
+
+    def _user_guide(self, profile: UserProfile | None, strength: float | None) -> tuple[list[float] | None, dict[str, Any] | None]:
+        """``user-vas`` for one request: per-head strengths and the report, or ``(None, why not)``."""
+        from personalign.steering.uservas import METHOD, mixture
+
+        if strength == 0.0:
+            return None, None
+        heads = self.pz.user_heads() if profile is not None or strength is not None else None
+        if heads is None:
+            if strength is not None:
+                raise ValidationError(
+                    "user_vas", "needs user-vas heads for this generator and embedder", "train them: personalign train user-vas --out DIR, then Personalizer(user_vas=DIR)", strength
+                )
+            return None, None
+        if profile is None or not profile.comparisons:
+            if not strength:
+                return None, None
+            reason = "no user: the generic answer" if profile is None else "the user has no comparisons: the plain answer"
+            return None, rerank_method.skipped(reason, requested=METHOD)
+        state = self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())
+        betas = heads.betas(state, strength)
+        report = {"method": METHOD, "strength": heads.default_beta if strength is None else strength, "weights": [round(float(w), 4) for w in mixture(state)], "heads": heads.fingerprint}
+        return betas, report
+
+    def _vocab_size(self) -> int:
+        """The width of the generator's logits (may exceed the tokenizer's length)."""
+        return int(getattr(self.generator.model.config, "vocab_size", None) or len(self.generator.tokenizer))
+
+    def _grammar(self, spec: Mapping[str, Any] | None) -> Any:
+        """The compiled grammar for a request's ``grammar`` (cached by its JSON text), or ``None``."""
+        if spec is None:
+            return None
+        key = json.dumps(spec, sort_keys=True)
+        cache = self._grammars
+        if key not in cache:
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)))
+            cache[key] = compile_grammar(self.generator.tokenizer, self._vocab_size(), spec, "grammar")
+        return cache[key]
+
+    def _check_decoding(self, params: GenerationParams) -> None:
+        """Token ids in ``logit_bias`` exist and the ``grammar`` compiles (before anything is generated)."""
+        vocab = self._vocab_size()
+        for token in params.logit_bias or {}:
+            if not 0 <= token < vocab:
+                raise ValidationError(f"logit_bias.{token}", f"is not a token id of this model (0 to {vocab - 1})", "use ids from the model's tokenizer", token)
+        self._grammar(params.grammar)
+
+    def row_decoder(self, batch: Sequence[Prepared], plan: Plan, prompt_width: int) -> RowDecoder | None:
+        """Per-row sampling and OpenAI's controls for a batch that needs them (``None``: every row is plain greedy)."""
+        controls = [p.params.row_controls(self._grammar(p.params.grammar)) for p in batch]
+        if all(c.plain for c in controls):
+            return None
+        if plan.greedy:  # logit mixing: SteeringProcessor picks each group's token, with the global RNG
+            for c, p in zip(controls, batch, strict=True):
+                extra = c.logit_bias or c.presence_penalty or c.frequency_penalty or c.top_logprobs is not None or c.grammar is not None
+                if extra:
+                    fix = "steer with another method, or leave out logit_bias, penalties, logprobs and response_format"
+                    raise ValidationError("steer", f"logit-mixing steering ({p.steer_method}) cannot be combined with OpenAI's decoding controls", fix)
+            return None
+        return RowDecoder(controls, prompt_width, eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
+
+    def _generate_kwargs(self, batch: Sequence[Prepared], plan: Plan) -> dict[str, Any]:
+        """The planned rows, the batch's decoding settings and the steering processors."""
+        first = batch[0].params.model_copy(update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)})
+        kwargs: dict[str, Any] = {"input_ids": plan.input_ids.to(self.generator.device), "attention_mask": plan.attention_mask.to(self.generator.device)}
+        kwargs.update(first.generate_kwargs(self.generator.tokenizer.pad_token_id))
+        if plan.greedy:
+            # The steering processor picks each group's token (sampling included) and forces it.
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if plan.processors:
+            kwargs["logits_processor"] = plan.processors
+        if any(p.plug is not None for p in batch):
+            # Each row's soft token before its first prompt token; rows without one get a masked
+            # column instead and decode exactly as without it. ``input_ids`` keeps the same layout
+            # so logits processors see the prompt and the output slicing is unchanged.
+            softs = [batch[i].plug for i in plan.owner]
+            ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+            kwargs["inputs_embeds"], kwargs["attention_mask"] = plug_inputs(self.generator.model, ids, mask, softs)
+            kwargs["input_ids"] = plug_input_ids(ids, mask, softs)
+        # after the plug column, so the decoder's prompt width is what logits processors see
+        decoder = self.row_decoder(batch, plan, kwargs["input_ids"].shape[1])
+        if decoder is not None:  # it chooses every row's token; generate takes it greedily
+            from transformers import LogitsProcessorList
+
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            kwargs["logits_processor"] = LogitsProcessorList([*plan.processors, decoder])
+        return kwargs
+
+    def plan(self, batch: Sequence[Prepared]) -> Plan:
+        """Rows, adapter names and steering for one ``generate`` call (caller holds the generate lock)."""
+        names = self.adapters.adapter_names([p.adapter_user for p in batch])
+        if any(p.fspo for p in batch):
+            fspo = self.steering._adapter(FSPO_ADAPTER, self.pz.fspo_folder, "fspo")  # type: ignore[arg-type]  # loaded once
+            names = [fspo if p.fspo else (names[i] if names is not None else BASE) for i, p in enumerate(batch)]
+        guides = [p.guide for p in batch]
+        heads = self.pz.user_heads() if any(g is not None for g in guides) else None
+        return self.steering.plan(
+            [p.input_ids for p in batch],
+            names,
+            [(p.steer, p.steer_method) for p in batch],
+            [p.params.temperature for p in batch],
+            [p.params.top_p for p in batch],
+            self.generator.tokenizer.pad_token_id,
+            guides=guides if heads is not None else None,
+            guide_models=heads.heads if heads is not None else (),
+        )
+
+    def _generate(self, names: list[str] | None, kwargs: dict[str, Any], streamer: Any = None) -> Any:
+        """``generate`` with each row's adapter (caller holds the generate lock).
+
+        With no adapter resident the model is the plain base model. Otherwise rows without an
+        adapter run with adapters disabled, which computes exactly the base layers.
+        """
+        extra = {"streamer": streamer} if streamer is not None else {}
+        if names is None:
+            return self.generator.model.generate(**kwargs, **extra)
+        peft = self.adapters.peft
+        if all(n == BASE for n in names):
+            with peft.disable_adapter():
+                return peft.generate(**kwargs, **extra)
+        if supports_gathered(peft, names):
+            # One gathered matmul pair per LoRA layer for all rows, whatever the mix of users.
+            with peft.disable_adapter(), gathered_lora(peft, names):
+                return peft.generate(**kwargs, **extra)
+        return peft.generate(**kwargs, adapter_names=names, **extra)
+
+    def _result(self, prepared: Prepared, new_tokens: list[int], stops: set[int]) -> ChatResult:
+        """A row's reply from its generated tokens (cut at its own limit and first end-of-sequence)."""
+        new_tokens = new_tokens[: prepared.params.max_new_tokens]
+        end = next((i + 1 for i, t in enumerate(new_tokens) if t in stops), len(new_tokens))
+        new_tokens = new_tokens[:end]
+        text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        cond = prepared.conditioning
+        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens), prepared.description, prepared.personalization)
+
+    def _run(self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None] | None = None) -> list[ChatResult]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
+        seed = next((p.params.seed for p in batch if p.params.seed is not None), None)  # only logit mixing samples with the global RNG
+        try:
+            with self.lock, torch.inference_mode():
+                plan = self.plan(batch)
+                kwargs = self._generate_kwargs(batch, plan)
+                decoder = next((p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None)
+                streamer = None
+                if streams is not None and any(s is not None for s in streams):
+                    primary = set(plan.primary)
+                    row_streams = [streams[i] if r in primary else None for r, i in enumerate(plan.owner)]
+                    limits = [batch[i].params.max_new_tokens for i in plan.owner]
+
+                    def finalize(r: int, tokens: list[int]) -> ChatResult:
+                        return _with_logprobs(self._result(batch[plan.owner[r]], tokens, stops), batch[plan.owner[r]], decoder, r)
+
+                    streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, finalize)
+                    # a cancelled request stops all of its rows
+                    kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows([streams[i] for i in plan.owner])])
+                if seed is not None and decoder is None:
+                    torch.manual_seed(seed)
+                try:
+                    output = self._generate(plan.names, kwargs, streamer)
+                finally:
+                    for hook in (plan.capture, plan.mixer):
+                        if hook is not None:
+                            hook.close()
+        except BaseException as err:
+            for stream in streams or []:
+                if stream is not None:
+                    stream.fail(err)
+            raise
+        width = kwargs["input_ids"].shape[1]
+        results = [self._result(prepared, output[row, width:].tolist(), stops) for row, prepared in zip(plan.primary, batch, strict=True)]
+        results = [_with_logprobs(r, p, decoder, i) for i, (r, p) in enumerate(zip(results, batch, strict=True))]
+        for stream, result in zip(streams or [], results, strict=False):
+            if stream is not None:
+                stream.finish(result)  # rows the streamer has not closed (a no-op for the others)
+        return results
+
+    def run(self, prepared: Sequence[Prepared], streams: Sequence[TokenStream | None]) -> list[ChatResult]:
+        """Generate validated requests: one ``generate`` call per group of equal sampling settings.
+
+        A request with ``rerank=N`` becomes N sampled rows (at ``rerank_temperature`` when it is
+        greedy); the user's reward picks one (:mod:`personalign.steering.rerank`), and its stream,
+        if any, gets the picked reply whole.
+        """
+        rows: list[Prepared] = []
+        owner: list[int] = []
+        for index, item in enumerate(prepared):
+            if item.rerank:
+                params = item.params if item.params.temperature > 0 else item.params.model_copy(update={"temperature": item.rerank_temperature})
+                seeds = [None if params.seed is None else derived_seed(params.seed, j) for j in range(item.rerank)]  # distinct candidates
+                rows += [dataclasses.replace(item, params=params.model_copy(update={"seed": seed})) for seed in seeds]
+                owner += [index] * item.rerank
+            else:
+                rows.append(item)
+                owner.append(index)
+        row_streams = [None if prepared[i].rerank else streams[i] for i in owner]
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for row, item in enumerate(rows):
+            groups.setdefault(item.params.batch_key(), []).append(row)
+        outputs: list[ChatResult | None] = [None] * len(rows)
+        for group in groups.values():
+            for row, result in zip(group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True):
+                outputs[row] = result
+        mine: dict[int, list[ChatResult]] = {}
+        for row, index in enumerate(owner):
+            mine.setdefault(index, []).append(outputs[row])  # type: ignore[arg-type]
+        return [self._rerank(item, mine[i], streams[i]) if item.rerank else mine[i][0] for i, item in enumerate(prepared)]
+
+    def _rerank(self, item: Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None) -> ChatResult:
+        """The candidate the user's reward scores highest, with the scores in ``personalization``."""
+        texts = [c.text for c in candidates]
+        _, embedder_id = self.pz.preferences.embedder_and_id()
+        scored = [i for i, t in enumerate(texts) if t.strip()]  # an empty reply (the model ended at once) is never picked over a real one
+        scores = [-math.inf] * len(texts)
+        if scored:
+            for i, s in zip(scored, self.pz.preferences.reward(item.user, item.query or "?", [texts[i] for i in scored]), strict=True):  # type: ignore[arg-type]
+                scores[i] = s
+        best = rerank_method.pick(scores)
+        temperature = item.params.temperature if item.params.temperature > 0 else item.rerank_temperature
+        chosen = dataclasses.replace(candidates[best], personalization=rerank_method.report(len(texts), scores, best, embedder_id, temperature))
+        if stream is not None:
+            if chosen.text:
+                stream.put(chosen.text)
+            stream.finish(chosen)
+        return chosen
+
+    def prepare_completions(self, requests: Sequence[Mapping[str, Any]]) -> tuple[list[Prepared], list[TokenStream | None]]:
+        if not requests:
+            raise ValidationError("requests", "is empty", "pass at least one request")
+        gen_fields = set(GenerationParams.model_fields)
+        prepared, streams = [], []
+        for index, request in enumerate(requests):
+            prompt = request.get("prompt") if isinstance(request, Mapping) else None
+            if not isinstance(prompt, str) or not prompt:
+                raise ValidationError(f"prompt[{index}]", "must be non-empty text", "send the text to continue", prompt)
+            unknown = set(request) - gen_fields - {"prompt", "stream"}
+            if unknown:
+                raise ValidationError(sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}")
+            stream = request.get("stream")
+            if stream is not None and not isinstance(stream, TokenStream):
+                raise ValidationError(f"requests[{index}].stream", "is not a TokenStream", "pass personalign.streaming.TokenStream() or leave it out")
+            params = validated(GenerationParams, {k: v for k, v in request.items() if k not in ("prompt", "stream")}, "generation")
+            self._check_decoding(params)
+            ids = self.generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(ids) + params.max_new_tokens > self.generator.context_length:
+                raise ContextLengthError(
+                    f"prompt[{index}] has {len(ids)} tokens and asks for {params.max_new_tokens} more, over the model's context of "
+                    f"{self.generator.context_length}. Fix: shorten the prompt or lower max_tokens"
+                )
+            prepared.append(Prepared(None, Conditioning([], [], [], len(ids)), params, {}, list(ids)))
+            streams.append(stream)
+        return prepared, streams
+
+    def run_quietly(self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None]) -> None:
+        try:
+            self.run(batch, streams)
+        except BaseException as err:  # the error reaches the consumer through its stream
+            for stream in streams:
+                if stream is not None:
+                    stream.fail(err)  # a no-op for streams already finished
