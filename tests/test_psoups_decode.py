@@ -144,3 +144,22 @@ def test_the_persona_label_never_reaches_the_guidance(lively, encoder, small_run
     relabelled_picks = {u["user"]: (p, q) for u, p, q in zip(again["users"], again["methods"]["user-rerank"]["picked"], again["methods"]["user-rerank-shuffled"]["picked"], strict=True)}
     assert relabelled_picks == own
     assert again["guidance"]["accuracy"] == small_run["guidance"]["accuracy"]
+
+
+@needs_data
+def test_pooling_seeds_concatenates_the_judged_answers_and_refuses_other_settings(small_run):
+    from personalign.eval.psoups_decode import picks_differ, pool_psoups_decode
+
+    other = json.loads(json.dumps({**small_run, "config": {**small_run["config"], "seed": 1}}))
+    pooled = pool_psoups_decode([small_run, other])
+    assert pooled["seeds"] == [0, 1] and pooled["split"]["decoded_users"] == 8
+    own = pooled["methods"]["user-rerank"]
+    assert own["n"] == 8 and own["win_rate"] == pytest.approx(small_run["methods"]["user-rerank"]["win_rate"])
+    assert pooled["margins"]["user-rerank"]["margin"] == pytest.approx(small_run["margins"]["user-rerank"]["margin"])
+    assert pooled["judge"]["n"] == 2 * small_run["judge"]["n"] and pooled["references"]["random-candidate"]["ci"] == [None, None]
+    assert sum(d for d, _ in picks_differ(pooled, "user-rerank", "user-rerank-shuffled").values()) == 2 * sum(
+        d for d, _ in picks_differ(small_run, "user-rerank", "user-rerank-shuffled").values()
+    )
+    assert "| user-rerank |" in format_psoups_decode(pooled)
+    with pytest.raises(ValidationError, match="other settings"):
+        pool_psoups_decode([small_run, {**other, "config": {**other["config"], "rerank": 8}}])

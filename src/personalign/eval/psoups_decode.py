@@ -329,7 +329,7 @@ def _judge(judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], promp
         r = rewards(q, p, [*candidates[p], generic[p]])  # (N + 1,): the candidates, then the generic answer
         judge_pick.append(judged(np.array([r[:-1].max(), r[-1]])))
         random_pick.append(float(np.mean([judged(np.array([x, r[-1]])) for x in r[:-1]])))
-    references = {"judge-pick": summarise_scores(judge_pick, users, personas), "random-candidate": {**summarise_scores(random_pick, users, personas), "ci": [float("nan"), float("nan")]}}
+    references = {"judge-pick": summarise_scores(judge_pick, users, personas), "random-candidate": {**summarise_scores(random_pick, users, personas), "ci": [None, None]}}  # a mean, not a count
     return {"methods": methods, "references": references, "margins": personal_margins(methods, users), "style_shift": shift}
 
 
@@ -351,29 +351,97 @@ def format_psoups_decode(result: dict[str, Any]) -> str:
     for name, r in rows.items():
         m = result["margins"].get(name)
         margin = f"{m['margin']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}]" if m else ""
-        ci = "" if np.isnan(r["ci"][0]) else f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
+        ci = "" if _no_interval(r) else f"[{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
         cells = " | ".join(f"{r['per_persona'].get(p, float('nan')):.2f}" for p in personas)
         lines.append(f"| {name} | {r['win_rate']:.3f} | {ci} | {r['n']} | {cells} | {margin} |")
+    for method, control in (("user-rerank", "user-rerank-shuffled"), ("user-vas", "user-vas-shuffled")):
+        if method in result["methods"] and "picked" in result["methods"][method]:
+            differ = picks_differ(result, method, control)
+            lines.append(f"{method}: own and opposite-persona picks differ for " + ", ".join(f"{p} {d}/{n}" for p, (d, n) in differ.items()))
     for method, why in result.get("skipped", {}).items():
         lines.append(f"({method} not run: {why})")
     return "\n".join(lines)
 
 
+def picks_differ(result: dict[str, Any], method: str, control: str) -> dict[str, tuple[int, int]]:
+    """Per persona: for how many users the own pick and the control's pick differ (of how many)."""
+    out: dict[str, list[int]] = {}
+    for u, a, b in zip(result["users"], result["methods"][method]["picked"], result["methods"][control]["picked"], strict=True):
+        out.setdefault(str(u["persona"]), []).append(int(a != b))
+    return {p: (sum(v), len(v)) for p, v in sorted(out.items())}
+
+
+def _no_interval(row: dict[str, Any]) -> bool:
+    low = row["ci"][0]
+    return low is None or (isinstance(low, float) and np.isnan(low))
+
+
+def pool_psoups_decode(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs on different seeds with the same settings: every judged answer pooled,
+    margins by a paired bootstrap clustered by user over all runs, the judge's and the guidance's
+    held-out accuracies pooled over the runs' test users."""
+    if not results:
+        raise ValidationError("results", "is empty", "pass eval psoups-decode results of several seeds")
+    keys = ("users", "files", "guidance", "judge_features", "fit_users", "rerank", "max_new_tokens", "test_fraction")
+    first = results[0]["config"]
+    for index, r in enumerate(results):
+        if any(r["config"][k] != first[k] for k in keys):
+            raise ValidationError(f"results[{index}]", "was run with other settings", f"pool runs that differ only in seed (same {', '.join(keys)})")
+    users = [u["user"] for r in results for u in r["users"]]
+    personas = [str(u["persona"]) for r in results for u in r["users"]]
+
+    def pooled(section: str, name: str) -> dict[str, Any]:
+        row = summarise_scores([s for r in results for s in r[section][name]["scores"]], users, personas)
+        return {**row, "ci": [None, None]} if any(_no_interval(r[section][name]) for r in results) else row
+
+    names = [m for m in results[0]["methods"] if all(m in r["methods"] for r in results)]
+    methods = {m: pooled("methods", m) for m in names}
+    for m in names:
+        if all("picked" in r["methods"][m] for r in results):
+            methods[m]["picked"] = [i for r in results for i in r["methods"][m]["picked"]]
+
+    def accuracy(part: str) -> dict[str, Any]:
+        correct, n = sum(r[part]["accuracy"] * r[part]["n"] for r in results), sum(r[part]["n"] for r in results)
+        return {**results[0][part], "accuracy": correct / n, "ci": list(wilson_interval(round(correct), n)), "n": n, "per_seed": [r[part]["accuracy"] for r in results]}
+
+    guidance = accuracy("guidance")
+    if all("shipped_accuracy" in r["guidance"] for r in results):
+        guidance["shipped_accuracy"] = sum(r["guidance"]["shipped_accuracy"] * r["guidance"]["n"] for r in results) / guidance["n"]
+    return {
+        "seeds": [r["config"]["seed"] for r in results],
+        "config": {k: first[k] for k in keys},
+        "split": {"decoded_users": len(users), "per_seed": [r["split"] for r in results]},
+        "guidance": guidance,
+        "judge": accuracy("judge"),
+        "users": [u for r in results for u in r["users"]],
+        "methods": methods,
+        "references": {name: pooled("references", name) for name in results[0]["references"]},
+        "margins": personal_margins(methods, users),
+        "skipped": results[0].get("skipped", {}),
+    }
+
+
 def plot_psoups_decode(result: dict[str, Any], path: str | Path) -> Path:
+    """Bars: each method's win rate over the generic answer with its Wilson interval (the controls
+    grey), then the references (the judge's own pick of the candidates, a random candidate)."""
     from personalign.eval.stats import new_figure, save_figure
 
-    rows = {**result["methods"], **result["references"]}
+    rows = {**result["methods"], **{f"({name})": r for name, r in result["references"].items()}}
     names = list(rows)
     rates = np.array([rows[n]["win_rate"] for n in names])
-    ci = np.array([[r if np.isnan(c[0]) else c[0], r if np.isnan(c[1]) else c[1]] for r, c in zip(rates, (rows[n]["ci"] for n in names), strict=True)])
     fig, ax = new_figure(figsize=(7, 3.8))
-    colors = ["#4c72b0" if n in result["methods"] and not n.endswith("-shuffled") else "#8c8c8c" if n.endswith("-shuffled") else "#dd8452" for n in names]
-    ax.bar(names, rates, yerr=[rates - ci[:, 0], ci[:, 1] - rates], capsize=4, color=colors)
+    colors = ["#8c8c8c" if n.endswith("-shuffled") else "#4c72b0" if n in result["methods"] else "#dd8452" for n in names]
+    ax.bar(names, rates, color=colors)
+    for x, n in enumerate(names):
+        if not _no_interval(rows[n]):
+            low, high = rows[n]["ci"]
+            ax.errorbar(x, rows[n]["win_rate"], yerr=[[rows[n]["win_rate"] - low], [high - rows[n]["win_rate"]]], color="black", capsize=4)
     ax.axhline(0.5, color="grey", linestyle=":", label="no better than generic")
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate over the generic answer")
     judge = result["judge"]
-    ax.set_title(f"P-SOUPS test users ({result['split']['decoded_users']}), held-out prompts; judge acc {judge['accuracy']:.2f} ({'+'.join(judge['features'])})", fontsize=9)
+    seeds = f"seeds {result['seeds']}, " if "seeds" in result else ""
+    ax.set_title(f"P-SOUPS test users ({seeds}{result['split']['decoded_users']}), held-out prompts; judge acc {judge['accuracy']:.2f} ({'+'.join(judge['features'])})", fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     ax.tick_params(axis="x", labelrotation=20)
     for label in ax.get_xticklabels():
