@@ -428,6 +428,18 @@ class Personalizer:
     def users(self) -> list[str]:
         return self.profiles.list_users()
 
+    def is_enrolled(self, user: str) -> bool:
+        """Whether ``user`` has a profile (comparisons or settings) in this store."""
+        return self.profiles.exists(user)
+
+    def memory_count(self, user: str) -> int:
+        """How many memories ``user`` has (each counted once, whatever its versions or status)."""
+        return self.memory.count(user)
+
+    def forget_memories(self, user: str) -> int:
+        """Delete every memory of ``user`` (the profile stays); returns how many there were."""
+        return self.memory.delete_all(user)
+
     def forget(self, user: str) -> dict[str, int | bool]:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         with self._generate_lock:

@@ -54,7 +54,7 @@ def _timed(fn: Any, repeats: int) -> list[float]:
 
 def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resident_counts: tuple[int, ...] = (1, 10, 100), epochs: int = 4) -> dict[str, Any]:
     """Run (a)-(d) on an open Personalizer (its store is filled with bench users)."""
-    users_dir = pz.profiles.users_dir
+    users_dir = pz.store_path / "users"
     pairs = _pairs(16)
     result: dict[str, Any] = {"model": pz.generator.model_id, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
 

@@ -215,7 +215,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     def known(store_id: str) -> None:
         """Raise ``UnknownUserError`` unless the user has a profile or memories."""
-        if not pz.profiles.exists(store_id) and pz.memory.count(store_id) == 0:
+        if not pz.is_enrolled(store_id) and pz.memory_count(store_id) == 0:
             raise UnknownUserError(store_id)
 
     # --- models and health ------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             except pydantic.ValidationError as err:
                 bad = convert_pydantic_error(name, err)  # named as the body names it: "rerank", not "conditioning.rerank"
                 raise ValidationError(bad.field.removeprefix(f"{name}."), bad.problem, bad.fix, bad.value) from None
-        if request["user"] is None or pz.profiles.exists(request["user"]):
+        if request["user"] is None or pz.is_enrolled(request["user"]):
             return None
         request["user"] = None  # nothing is read or written for this user
         return "no profile for this user (no comparisons or memories yet): the generic answer, and nothing was stored"
@@ -388,7 +388,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             id=user_id,
             comparisons=[c.model_dump(mode="json", exclude_none=True) for c in profile.comparisons],
             n_comparisons=len(profile.comparisons),
-            n_memories=pz.memory.count(store_id),
+            n_memories=pz.memory_count(store_id),
             settings=profile.settings,
             default_steer=pz.default_steer(store_id),
             created_at=profile.created_at,
@@ -441,7 +441,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         """Delete all of a user's memories (the profile and comparisons stay)."""
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
-        return DeletedMemories(user=user_id, deleted=pz.memory.delete_all(store_id))
+        return DeletedMemories(user=user_id, deleted=pz.forget_memories(store_id))
 
     @app.delete("/v1/users/{user_id}/memories/{memory_id}", response_model=DeletedMemories, tags=["memories"])
     def delete_memory(user_id: str, memory_id: str, who: Writer) -> DeletedMemories:
