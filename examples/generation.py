@@ -29,9 +29,9 @@ def main() -> None:
     started = time.perf_counter()
 
     from personalign import Personalizer
+    from personalign.conditioning.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.eval.generate import generation_split
     from personalign.models import load_encoder, load_generator
-    from personalign.persona.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.steering.loop import LoopConfig
 
     split = generation_split(shots=args.shots)

@@ -34,7 +34,7 @@ def main() -> None:
     from personalign.eval.onpolicy import PoolConfig, answer_pool
     from personalign.eval.populations import ATTRIBUTES, SyntheticPopulation
     from personalign.models import load_encoder, load_generator
-    from personalign.persona import PAL, Featurizer
+    from personalign.preference import PAL, Featurizer
 
     generator, encoder = load_generator(args.model, device="cpu"), load_encoder(device="cpu")
     population = SyntheticPopulation()

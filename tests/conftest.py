@@ -115,8 +115,8 @@ def smollm():
 @pytest.fixture(scope="session")
 def fspo_folder(tiny_model_dir, tmp_path_factory):
     """An FSPO adapter for the tiny model, trained for a few steps on toy users (SFT only)."""
+    from personalign.conditioning.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.models import load_generator
-    from personalign.persona.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.steering.loop import LoopConfig
     from personalign.types import Comparison
 
@@ -130,8 +130,8 @@ def fspo_folder(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pplug_folder(tiny_model_dir, encoder, tmp_path_factory):
     """A seeded, untrained Persona-Plug projector for the tiny model and the embedded encoder."""
+    from personalign.conditioning.pplug import build_plug, save_plug
     from personalign.models import load_generator
-    from personalign.persona.pplug import build_plug, save_plug
 
     generator = load_generator(str(tiny_model_dir), device="cpu")
     return save_plug(build_plug(generator, encoder, seed=0), tmp_path_factory.mktemp("pplug") / "projector")
@@ -191,9 +191,9 @@ def client(server):
 def build_embedder():
     """``build(name, featurizer)``: an unfitted embedder of the registry at test size. A new
     embedder needs only its registry line (and, if its defaults are slow, a row here)."""
-    from personalign.persona import EMBEDDER_CLASSES
-    from personalign.persona.pal import PALConfig
-    from personalign.persona.vpl import VPLConfig
+    from personalign.preference import EMBEDDER_CLASSES
+    from personalign.preference.pal import PALConfig
+    from personalign.preference.vpl import VPLConfig
 
     test_size = {"pal": (PALConfig(n_prototypes=3),), "vpl": (VPLConfig(steps=300, hidden_dim=32, latent_dim=4),)}
 
@@ -217,7 +217,7 @@ def synthetic():
 
 @pytest.fixture(scope="session")
 def featurizer(encoder):
-    from personalign.persona.base import Featurizer
+    from personalign.preference.base import Featurizer
 
     return Featurizer(encoder)
 
@@ -225,7 +225,7 @@ def featurizer(encoder):
 @pytest.fixture(scope="session")
 def fitted(synthetic, featurizer, build_embedder):
     """Every registered embedder, fitted on the ``synthetic`` fit users."""
-    from personalign.persona import EMBEDDER_CLASSES
+    from personalign.preference import EMBEDDER_CLASSES
 
     _, fit, _ = synthetic
     return {name: build_embedder(name, featurizer).fit(fit.population(), seed=0) for name in EMBEDDER_CLASSES}

@@ -10,9 +10,9 @@ import pytest
 from personalign.adapters.amplify import AmplifyConfig, amplify
 from personalign.errors import ValidationError
 from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
-from personalign.persona import PAL, Featurizer
-from personalign.persona.pal import PALConfig
 from personalign.personalizer import Personalizer
+from personalign.preference import PAL, Featurizer
+from personalign.preference.pal import PALConfig
 
 
 def _pairs(comparisons):

@@ -78,8 +78,8 @@ def test_plug_history_is_the_users_own(both):
 
 def test_plug_for_another_generator_is_refused(tiny_generator, encoder, tmp_path):
     from conftest import build_tiny_llama, build_tokenizer
+    from personalign.conditioning.pplug import PlugMismatchError, build_plug, save_plug
     from personalign.models import load_generator
-    from personalign.persona.pplug import PlugMismatchError, build_plug, save_plug
 
     tokenizer = build_tokenizer()
     other = tmp_path / "wide"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from personalign.errors import ValidationError
-from personalign.persona.base import UserState
-from personalign.persona.drift import (
+from personalign.preference.base import UserState
+from personalign.preference.drift import (
     STATIC,
     DriftConfig,
     agreement,

@@ -10,15 +10,15 @@ import pytest
 
 from personalign.errors import ValidationError
 from personalign.eval.populations import SyntheticConfig, SyntheticPopulation, load_psoups, measure_attributes
-from personalign.persona.base import (
+from personalign.preference.base import (
     Featurizer,
     FeaturizerConfig,
     PreferenceEmbedder,
     UserState,
     as_population,
 )
-from personalign.persona.pal import PAL
-from personalign.persona.vpl import VPL
+from personalign.preference.pal import PAL
+from personalign.preference.vpl import VPL
 from personalign.types import Comparison
 
 SHOTS = 4

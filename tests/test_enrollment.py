@@ -111,10 +111,10 @@ def test_bad_input_changes_nothing(pz):
 
 def test_a_custom_embedder_folder_is_used_and_its_feature_size_checked(tiny_generator, encoder, tmp_path):
     from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
-    from personalign.persona import load_embedder, save_embedder
-    from personalign.persona.base import Featurizer, FeaturizerConfig
-    from personalign.persona.pal import PAL, PALConfig
     from personalign.personalizer import Personalizer
+    from personalign.preference import load_embedder, save_embedder
+    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.pal import PAL, PALConfig
 
     population = SyntheticPopulation(SyntheticConfig(n_users=24, n_prompts=6, candidates_per_prompt=6)).population(shots=4, held_out=2)
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=("response", "log_length", "style")))
@@ -136,7 +136,7 @@ def test_a_custom_embedder_folder_is_used_and_its_feature_size_checked(tiny_gene
 
 
 def test_style_features_are_bounded_and_respond_to_style():
-    from personalign.persona.style import STYLE_FEATURES, style_features
+    from personalign.preference.style import STYLE_FEATURES, style_features
 
     friendly = style_features("Haha, you're going to love this! It's super fun, my friend :)")
     curt = style_features("Obviously. Figure it out yourself.")
@@ -148,7 +148,7 @@ def test_style_features_are_bounded_and_respond_to_style():
 
 
 def test_hidden_state_features(tiny_generator, encoder):
-    from personalign.persona.base import Featurizer, FeaturizerConfig
+    from personalign.preference.base import Featurizer, FeaturizerConfig
 
     with pytest.raises(ValidationError):
         Featurizer(encoder, FeaturizerConfig(parts=("hidden",)))
@@ -167,8 +167,8 @@ def test_pal_information_gain_golden_properties(encoder):
     """PAL's gain is 0 when prototypes agree on a candidate and largest under the prior's spread."""
     import torch
 
-    from personalign.persona.base import Featurizer, FeaturizerConfig, UserState
-    from personalign.persona.pal import PAL, PALConfig
+    from personalign.preference.base import Featurizer, FeaturizerConfig, UserState
+    from personalign.preference.pal import PAL, PALConfig
 
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=("log_length",)))
     pal = PAL(featurizer, PALConfig(n_prototypes=2, pref_dim=1))
@@ -265,9 +265,9 @@ def test_bench_enroll_reports_ratios(pz):
 
 def test_item_effects_golden_value_and_round_trip(encoder, tmp_path):
     """Three wins of a over b and one loss, no prior: the offset gap is log 3 (sigma(d) = 3/4)."""
-    from personalign.persona.base import Featurizer, FeaturizerConfig
-    from personalign.persona.bt import BradleyTerry, BradleyTerryConfig
-    from personalign.persona.items import ItemEffects, item_keys
+    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.bt import BradleyTerry, BradleyTerryConfig
+    from personalign.preference.items import ItemEffects, item_keys
 
     ka, kb = item_keys(["q", "q"], ["a", "b"])
     chosen = np.array([ka, ka, ka, kb])
@@ -298,9 +298,9 @@ def test_train_pal_recipe_and_pal_item_effects_round_trip(encoder, tmp_path):
 
     from personalign.cli import app
     from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
-    from personalign.persona import load_embedder
-    from personalign.persona.base import Featurizer, FeaturizerConfig
-    from personalign.persona.pal import PAL, PALConfig
+    from personalign.preference import load_embedder
+    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.pal import PAL, PALConfig
     from personalign.types import write_preferences
 
     population = SyntheticPopulation(SyntheticConfig(n_users=16, n_prompts=8, candidates_per_prompt=6)).population(shots=4, held_out=2)

@@ -117,6 +117,16 @@ def test_personal_rerank_example_runs(tiny_model_dir, tmp_path):
     assert out.count("picked candidate") == 2 and out.count("hidden reward: this answer") == 2 and "done in" in out
 
 
+def test_personal_lora_example_runs(tiny_model_dir, tmp_path):
+    example = EXAMPLES / "personal_lora.py"
+    cmd = [sys.executable, str(example), "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--per-prompt", "3", "--pairs", "4", "--epochs", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    out = done.stdout
+    assert "4 comparisons + 4 amplified -> adapter trained on 8 pairs" in out and "--- generic" in out
+    assert "hidden reward: adapter answer" in out and "done in" in out
+
+
 def test_memory_lifecycle_example_runs(tiny_model_dir, tmp_path):
     example = EXAMPLES / "memory_lifecycle.py"
     done = subprocess.run([sys.executable, str(example), "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from personalign.adapters.store import AdapterError
-from personalign.errors import ValidationError
-from personalign.eval.generate import GenerateConfig, generation_split, run_generate
-from personalign.persona.fspo import (
+from personalign.conditioning.fspo import (
     FSPO_CONFIG,
     FspoTrainConfig,
     _encode,
@@ -20,6 +18,8 @@ from personalign.persona.fspo import (
     task_prompt_ids,
     train_fspo,
 )
+from personalign.errors import ValidationError
+from personalign.eval.generate import GenerateConfig, generation_split, run_generate
 from personalign.personalizer import Personalizer
 from personalign.steering.loop import LoopConfig
 from personalign.types import Comparison
@@ -141,7 +141,7 @@ def test_eval_generate_reports_win_rates(fspo_folder, tiny_model_dir, encoder, t
 
 
 def test_user_description_is_cached_per_version_and_forgotten(pz):
-    from personalign.persona.fspo import DESCRIPTION_PREFIX, first_sentence, with_description
+    from personalign.conditioning.fspo import DESCRIPTION_PREFIX, first_sentence, with_description
 
     assert first_sentence("\n  Likes short answers. Also dogs.\nmore") == "Likes short answers."
     assert with_description([{"role": "user", "content": "q"}], "Likes X.")[0] == {"role": "system", "content": DESCRIPTION_PREFIX + "Likes X."}

@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from personalign.errors import ContextLengthError, StoreLockedError, UnknownUserError, ValidationError
-from personalign.models import Generator
-from personalign.persona.fspo import (
+from personalign.conditioning.fspo import (
     MEMORY_HEADER,
     TASK_LINE,
     Shot,
@@ -28,6 +26,8 @@ from personalign.persona.fspo import (
     count_prompt_tokens,
     fit_to_context,
 )
+from personalign.errors import ContextLengthError, StoreLockedError, UnknownUserError, ValidationError
+from personalign.models import Generator
 from personalign.personalizer import Personalizer
 from personalign.steering.objectives import infer_weights
 from personalign.streaming import TokenStream

@@ -16,9 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from personalign.errors import PersonalignError, ValidationError
-from personalign.functional.plug import plug_attention, rescale_to_norm
-from personalign.persona.pplug import (
+from personalign.conditioning.pplug import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     EmptyHistoryError,
@@ -36,13 +34,15 @@ from personalign.persona.pplug import (
     plug_inputs,
     save_plug,
 )
-from personalign.persona.pplug_train import (
+from personalign.conditioning.pplug_train import (
     PlugTask,
     PlugTrainConfig,
     evaluate_plug,
     synthetic_tasks,
     train_plug,
 )
+from personalign.errors import PersonalignError, ValidationError
+from personalign.functional.plug import plug_attention, rescale_to_norm
 
 
 class FakeEncoder:

@@ -13,10 +13,10 @@ from personalign.errors import ValidationError
 from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
 from personalign.functional.steering import vas_logits
 from personalign.models import Generator
-from personalign.persona import PAL, Featurizer
-from personalign.persona.base import UserState
-from personalign.persona.pal import PALConfig
 from personalign.personalizer import Personalizer
+from personalign.preference import PAL, Featurizer
+from personalign.preference.base import UserState
+from personalign.preference.pal import PALConfig
 from personalign.steering.loop import LoopConfig
 from personalign.steering.samples import sample_responses
 from personalign.steering.uservas import (
@@ -132,7 +132,7 @@ def test_train_user_vas_command_writes_heads_that_load(tiny_model_dir, encoder, 
 
     from personalign.cli import app
     from personalign.models import load_generator
-    from personalign.persona import default_embedder_dir, load_embedder
+    from personalign.preference import default_embedder_dir, load_embedder
 
     monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "heads"

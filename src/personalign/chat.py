@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalign.persona.fspo import (
+from personalign.conditioning.fspo import (
     Conditioning,
     Shot,
 )

@@ -20,18 +20,18 @@ from typing import Any
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.store import BASE
 from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated
-from personalign.errors import ContextLengthError, ValidationError
-from personalign.persona.fspo import ADAPTER_NAME as FSPO_ADAPTER
-from personalign.persona.fspo import (
+from personalign.conditioning.fspo import ADAPTER_NAME as FSPO_ADAPTER
+from personalign.conditioning.fspo import (
     Conditioning,
     query_of,
     with_description,
 )
-from personalign.persona.pplug import (
+from personalign.conditioning.pplug import (
     embed_user,
     plug_input_ids,
     plug_inputs,
 )
+from personalign.errors import ContextLengthError, ValidationError
 from personalign.steering import rerank as rerank_method
 from personalign.steering.decoding import (
     STEERABLE,

@@ -84,25 +84,25 @@ class AdapterError(PersonalignError, ValueError):
 class PlugError(ValidationError):
     """A Persona-Plug projector that cannot be used here (the base of the two errors below).
 
-    Raised by ``personalign.persona.pplug``."""
+    Raised by ``personalign.conditioning.pplug``."""
 
 
 class PlugMismatchError(PlugError):
     """The projector was trained for another generator or encoder, or its dimensions differ.
 
-    Raised by ``personalign.persona.pplug``."""
+    Raised by ``personalign.conditioning.pplug``."""
 
 
 class PlugFileError(PlugError):
     """The projector folder is missing, truncated or corrupted.
 
-    Raised by ``personalign.persona.pplug``."""
+    Raised by ``personalign.conditioning.pplug``."""
 
 
 class EmptyHistoryError(ValidationError):
     """A user has no history items, so there is nothing to pool (the plug would be NaN).
 
-    Raised by ``personalign.persona.pplug``."""
+    Raised by ``personalign.conditioning.pplug``."""
 
 
 def _short(value: Any, limit: int = 80) -> str:

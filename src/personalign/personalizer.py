@@ -21,12 +21,7 @@ from personalign.adapters.bank import LoraBank
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import AdapterError, AdapterManager
 from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated  # noqa: F401 (re-exported)
-from personalign.engine import GenerationEngine, _consume, _default_steering
-from personalign.errors import ValidationError
-from personalign.memory.chroma import MAX_MEMORY_CHARS
-from personalign.memory.store import UserStore
-from personalign.models import Encoder, Generator, load_encoder, load_generator
-from personalign.persona.fspo import (
+from personalign.conditioning.fspo import (
     FSPO_CONFIG,
     Conditioning,
     Shot,
@@ -39,16 +34,21 @@ from personalign.persona.fspo import (
     query_of,
     rank_shots,
 )
-from personalign.persona.pplug import (
+from personalign.conditioning.pplug import (
     CONFIG_FILE as PLUG_CONFIG,
 )
-from personalign.persona.pplug import (
+from personalign.conditioning.pplug import (
     PersonaPlug,
     input_embedding_dim,
     load_plug,
     pplug_dir,
     read_plug_config,
 )
+from personalign.engine import GenerationEngine, _consume, _default_steering
+from personalign.errors import ValidationError
+from personalign.memory.chroma import MAX_MEMORY_CHARS
+from personalign.memory.store import UserStore
+from personalign.models import Encoder, Generator, load_encoder, load_generator
 from personalign.preferences import STATE_KEY, Preferences
 from personalign.steering.objectives import infer_weights
 from personalign.steering.runtime import SteeringRuntime
@@ -455,7 +455,7 @@ class Personalizer:
         return self.preferences.embedder
 
     def state(self, user: str) -> Any:
-        """``user``'s :class:`~personalign.persona.base.UserState` under the current embedder.
+        """``user``'s :class:`~personalign.preference.base.UserState` under the current embedder.
 
         The state stored at enrollment is used when it was made by this embedder; otherwise it
         is inferred from the stored comparisons (not written back). A user without comparisons

@@ -13,8 +13,8 @@ from typing import Any
 from personalign.errors import ValidationError
 from personalign.memory.profiles import ProfileStore
 from personalign.models import Encoder, Generator
-from personalign.persona.drift import DEFAULT_DRIFT, DriftConfig, infer_state
-from personalign.persona.questions import check_text, parse_candidates
+from personalign.preference.drift import DEFAULT_DRIFT, DriftConfig, infer_state
+from personalign.preference.questions import check_text, parse_candidates
 from personalign.types import UserProfile, validate_user_id
 
 STATE_KEY = "state"
@@ -24,13 +24,13 @@ class Preferences:
     """One embedder (loaded on first use) over one profile store.
 
     ``drift``: how a user's state follows change (recency half-life, change detector; see
-    :mod:`personalign.persona.drift`). A stored state made under other drift settings is
+    :mod:`personalign.preference.drift`). A stored state made under other drift settings is
     re-inferred when read.
     """
 
     def __init__(self, profiles: ProfileStore, encoder: Encoder, generator: Generator, embedder: Any = None, drift: DriftConfig = DEFAULT_DRIFT) -> None:
         if not isinstance(drift, DriftConfig):
-            raise ValidationError("drift", "must be a DriftConfig", "pass personalign.persona.drift.DriftConfig(...)", drift)
+            raise ValidationError("drift", "must be a DriftConfig", "pass personalign.preference.drift.DriftConfig(...)", drift)
         self.drift = drift
         self.profiles = profiles
         self.encoder = encoder
@@ -44,7 +44,7 @@ class Preferences:
         """The preference embedder (loaded on first use) and an id that changes when it does."""
         with self._embedder_lock:
             if self._embedder is None:
-                from personalign.persona import default_embedder_dir, load_embedder
+                from personalign.preference import default_embedder_dir, load_embedder
 
                 spec = self._embedder_spec
                 if spec is None or isinstance(spec, str | Path):
@@ -74,7 +74,7 @@ class Preferences:
         return self.embedder_and_id()[0]
 
     def state(self, user: str) -> Any:
-        """``user``'s :class:`~personalign.persona.base.UserState` under the current embedder.
+        """``user``'s :class:`~personalign.preference.base.UserState` under the current embedder.
 
         The state stored at enrollment is used when it was made by this embedder; otherwise it
         is inferred from the stored comparisons (not written back). A user without comparisons
@@ -98,7 +98,7 @@ class Preferences:
         return {k: note.get(k) for k in self.drift.to_dict()} == self.drift.to_dict()
 
     def state_of(self, profile: UserProfile, embedder: Any, embedder_id: str) -> Any:
-        from personalign.persona.base import UserState, check_state
+        from personalign.preference.base import UserState, check_state
 
         stored = profile.settings.get(STATE_KEY)
         if isinstance(stored, Mapping) and stored.get("embedder") == embedder_id and self._drift_matches(stored):

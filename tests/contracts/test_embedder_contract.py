@@ -13,8 +13,8 @@ import torch
 
 import personalign
 from personalign.errors import ValidationError
-from personalign.persona import EMBEDDER_CLASSES
-from personalign.persona.base import PreferenceEmbedder, UserState
+from personalign.preference import EMBEDDER_CLASSES
+from personalign.preference.base import PreferenceEmbedder, UserState
 
 SHOTS = 4
 

@@ -238,8 +238,8 @@ def eval_generate_cmd(
             from personalign.eval.generate import USER_VAS
             from personalign.eval.onpolicy import fit_split_embedder, fit_user_heads
             from personalign.models import load_encoder, load_generator
-            from personalign.persona import default_embedder_dir, load_embedder
             from personalign.personalizer import Personalizer
+            from personalign.preference import default_embedder_dir, load_embedder
 
             generator, encoder = load_generator(model, device=device), load_encoder(None, device=device)
             if embedder == "fit":

@@ -172,8 +172,8 @@ def _train_embedder(
 ) -> None:
     from personalign.eval.populations import load_population
     from personalign.models import load_encoder, load_generator
-    from personalign.persona import EMBEDDER_CLASSES, save_embedder
-    from personalign.persona.base import Featurizer, FeaturizerConfig
+    from personalign.preference import EMBEDDER_CLASSES, save_embedder
+    from personalign.preference.base import Featurizer, FeaturizerConfig
 
     with failing():
         parts = tuple(split_list(features, "--features"))
@@ -298,8 +298,8 @@ def train_fspo_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """FSPO meta-training: a LoRA that answers a user from N of their comparisons in the prompt (SFT, then IPO)."""
+    from personalign.conditioning.fspo import FspoTrainConfig, fspo_dir, save_fspo, train_fspo
     from personalign.models import load_generator
-    from personalign.persona.fspo import FspoTrainConfig, fspo_dir, save_fspo, train_fspo
     from personalign.steering.loop import LoopConfig
 
     with failing():
@@ -376,9 +376,9 @@ def train_pplug_cmd(
     """Persona-Plug: a projector from a user's history to one soft token for the frozen generator."""
     import random
 
+    from personalign.conditioning.pplug import pplug_dir, save_plug
+    from personalign.conditioning.pplug_train import PlugTask, PlugTrainConfig, train_plug
     from personalign.models import load_encoder, load_generator
-    from personalign.persona.pplug import pplug_dir, save_plug
-    from personalign.persona.pplug_train import PlugTask, PlugTrainConfig, train_plug
 
     with failing():
         users, source = _training_users(data, items, "Persona-Plug learns from users' histories")

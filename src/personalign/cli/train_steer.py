@@ -96,7 +96,7 @@ def train_user_vas_cmd(
     """Train user-conditioned value heads: one VAS head per PAL prototype, on the frozen generator's own samples."""
     from personalign.eval.onpolicy import PoolConfig, train_heads_on_pool
     from personalign.models import load_encoder, load_generator
-    from personalign.persona import default_embedder_dir, load_embedder
+    from personalign.preference import default_embedder_dir, load_embedder
     from personalign.steering.loop import LoopConfig
     from personalign.steering.uservas import UserVasConfig
 

@@ -38,9 +38,9 @@ from personalign.errors import ValidationError
 from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
 from personalign.eval.stats import bootstrap_mean_ci, new_figure, save_figure
 from personalign.models import Encoder
-from personalign.persona.base import Featurizer
-from personalign.persona.drift import STATIC, DriftConfig, infer_state
-from personalign.persona.pal import PAL
+from personalign.preference.base import Featurizer
+from personalign.preference.drift import STATIC, DriftConfig, infer_state
+from personalign.preference.pal import PAL
 from personalign.types import Comparison
 
 Progress = Callable[[str], None]

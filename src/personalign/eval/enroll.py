@@ -43,10 +43,10 @@ from personalign.eval.populations import (
 )
 from personalign.eval.stats import save_figure
 from personalign.models import Encoder
-from personalign.persona import EMBEDDER_CLASSES
-from personalign.persona.base import Featurizer, FeaturizerConfig, PreferenceEmbedder, UserState
-from personalign.persona.bt import BradleyTerry, BradleyTerryConfig
-from personalign.persona.pal import PAL, PALConfig
+from personalign.preference import EMBEDDER_CLASSES
+from personalign.preference.base import Featurizer, FeaturizerConfig, PreferenceEmbedder, UserState
+from personalign.preference.bt import BradleyTerry, BradleyTerryConfig
+from personalign.preference.pal import PAL, PALConfig
 
 EMBEDDERS = EMBEDDER_CLASSES
 METHODS = (*EMBEDDERS, "oracle", *ADAPTER_METHODS)

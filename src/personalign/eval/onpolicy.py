@@ -193,8 +193,8 @@ def best_of_n(population: SyntheticPopulation, user: str, prompt: str, candidate
 def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The reward side on the generator's own answers, per embedder, fitting data and seed."""
     from personalign.eval.generate import decoys, generation_split, plan_prompts
-    from personalign.persona import EMBEDDER_CLASSES
-    from personalign.persona.base import Featurizer, FeaturizerConfig
+    from personalign.preference import EMBEDDER_CLASSES
+    from personalign.preference.base import Featurizer, FeaturizerConfig
 
     unknown = [e for e in config.embedders if e not in EMBEDDER_CLASSES]
     if unknown:
@@ -317,8 +317,8 @@ def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int =
     ``onpolicy``, or ``both`` (each training user's templated and on-policy comparisons, as the
     shipped PAL is fitted; the best on-policy ranking in ``eval onpolicy``)."""
     from personalign.eval.generate import generation_split
-    from personalign.persona import EMBEDDER_CLASSES
-    from personalign.persona.base import DEFAULT_PARTS, Featurizer, FeaturizerConfig
+    from personalign.preference import EMBEDDER_CLASSES
+    from personalign.preference.base import DEFAULT_PARTS, Featurizer, FeaturizerConfig
 
     parts = tuple(features or DEFAULT_PARTS)
     if comparisons not in DATA_KINDS:

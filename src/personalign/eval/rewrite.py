@@ -19,7 +19,7 @@ Arms (same instruction, :data:`INSTRUCTION`, same greedy decoding, steering off)
                  own per target, and the request made with ``shots=True``:
                  :meth:`Personalizer.condition` ranks them by similarity to the email and lays
                  the ``n_shots`` most similar out in the FSPO few-shot format
-                 (:mod:`personalign.persona.fspo`: question, preferred response, dispreferred
+                 (:mod:`personalign.conditioning.fspo`: question, preferred response, dispreferred
                  response, then the task line). The base generator, no adapter;
 ``fspo-trained``  (optional) the same prompt through the installed FSPO meta-trained adapter
                  (``personalign train fspo``); refused when none is installed;

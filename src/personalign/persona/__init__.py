@@ -1,76 +1,19 @@
-"""Preference embedders (who a user is, from their comparisons) and few-shot conditioning.
-
-:func:`save_embedder` / :func:`load_embedder` store any embedder with its featurizer settings
-and a provenance note, so a folder can be loaded without knowing which method wrote it.
-"""
+"""Deprecated alias of :mod:`personalign.preference` (and, for ``fspo``, ``pplug`` and
+``pplug_train``, of :mod:`personalign.conditioning`): the package was split by what each part does
+(who the user is, from comparisons; what goes into the prompt or the input). Old imports such as
+``from personalign.persona.pal import PAL`` keep working; new code imports the new paths."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from importlib import resources
-from pathlib import Path
-from typing import Any
+import sys
+from importlib import import_module
 
-from personalign.artefacts import atomic_write_text
-from personalign.errors import ValidationError
-from personalign.models import Encoder
-from personalign.persona.base import (
-    CONFIG_SUFFIX,
-    Featurizer,
-    FeaturizerConfig,
-    PreferenceEmbedder,
-    UserState,
-)
-from personalign.persona.bt import BradleyTerry
-from personalign.persona.meandiff import MeanDiff
-from personalign.persona.pal import PAL
-from personalign.persona.vpl import VPL
+from personalign.preference import *  # noqa: F403
+from personalign.preference import __all__  # noqa: F401
 
-EMBEDDER_CLASSES: dict[str, Any] = {"bt": BradleyTerry, "meandiff": MeanDiff, "pal": PAL, "vpl": VPL}
-MANIFEST = "embedder.json"
-
-__all__ = ["EMBEDDER_CLASSES", "Featurizer", "FeaturizerConfig", "PreferenceEmbedder", "UserState", "default_embedder_dir", "load_embedder", "save_embedder"]
-
-
-def save_embedder(embedder: Any, directory: str | Path, provenance: Mapping[str, Any] | None = None) -> Path:
-    """Save ``embedder`` (its own config + safetensors) and ``embedder.json`` naming the method and the data it saw."""
-    directory = Path(directory)
-    embedder.save(directory)
-    manifest = {"method": embedder.name, "featurizer": embedder.featurizer.config.to_dict(), "provenance": dict(provenance or {})}
-    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def load_embedder(directory: str | Path, encoder: Encoder, generator: Any = None) -> Any:
-    """Load the embedder saved in ``directory`` (any method), with the feature parts it was trained on.
-
-    Raises ``ValidationError`` naming the file when the folder holds no embedder, or one made
-    for another encoder or feature size.
-    """
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        method = manifest.get("method")
-    else:
-        found = [p.name[: -len(CONFIG_SUFFIX)] for p in directory.glob(f"*{CONFIG_SUFFIX}") if p.name[: -len(CONFIG_SUFFIX)] in EMBEDDER_CLASSES]
-        if len(found) != 1:
-            raise ValidationError("embedder", f"{directory} holds no single embedder ({found or 'nothing found'})", "pass a folder written by `personalign train pal|vpl`", str(directory))
-        method = found[0]
-    if method not in EMBEDDER_CLASSES:
-        raise ValidationError(f"{MANIFEST}.method", f"is {method!r}", f"expected one of {', '.join(EMBEDDER_CLASSES)}", method)
-    config_path = directory / f"{method}{CONFIG_SUFFIX}"
-    if not config_path.is_file():
-        raise ValidationError("embedder", f"{directory} has no {config_path.name}", "pass a folder written by `personalign train pal|vpl`", str(directory))
-    stamped = json.loads(config_path.read_text(encoding="utf-8"))
-    parts = tuple(stamped.get("featurizer", {}).get("parts", ()))
-    if "hidden" in parts and generator is None:
-        raise ValidationError("generator", f"is needed: {config_path.name} uses the generator's hidden states as features", "pass the generator it was trained with")
-    featurizer = Featurizer(encoder, FeaturizerConfig(parts=parts) if parts else None, generator if "hidden" in parts else None)
-    return EMBEDDER_CLASSES[method].load(directory, featurizer)
-
-
-def default_embedder_dir() -> Path:
-    """The embedder shipped with the package: PAL fitted on the project's synthetic population only."""
-    return Path(str(resources.files("personalign") / "data" / "embedder"))
+_MOVED = {
+    **{name: f"personalign.preference.{name}" for name in ("base", "bt", "drift", "items", "meandiff", "pal", "questions", "style", "vpl")},
+    **{name: f"personalign.conditioning.{name}" for name in ("fspo", "pplug", "pplug_train")},
+}
+for _name, _target in _MOVED.items():
+    sys.modules[f"{__name__}.{_name}"] = import_module(_target)

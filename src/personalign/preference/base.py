@@ -27,7 +27,7 @@ import numpy as np
 from personalign.artefacts import atomic_save_safetensors, atomic_write_text
 from personalign.errors import ValidationError
 from personalign.models import Encoder
-from personalign.persona.style import STYLE_FEATURES, style_features
+from personalign.preference.style import STYLE_FEATURES, style_features
 from personalign.types import Comparison, validate_user_id
 
 Population = Mapping[str, Sequence[Comparison]]
@@ -177,7 +177,7 @@ class FeaturizerConfig:
             texts, so it does not see length reliably.
         ``style``: stylometric measurements of the response (reading level, sentence length,
             exclamations, warm and cold words, person, lists, ...;
-            :data:`personalign.persona.style.STYLE_FEATURES`). Off by default; it matters where
+            :data:`personalign.preference.style.STYLE_FEATURES`). Off by default; it matters where
             users differ in how a text is written rather than what it is about.
         ``hidden``: the generator's last hidden state, mean-pooled over the response tokens
             of the chat-formatted (prompt, response), unit norm (``hidden_size`` numbers). Needs
@@ -452,7 +452,7 @@ class PairArrays:
 
 def population_item_keys(population: Population | Iterable[tuple[str | None, Comparison]]) -> tuple[np.ndarray, np.ndarray]:
     """``(chosen, rejected)`` item keys in the row order of :func:`population_arrays`."""
-    from personalign.persona.items import item_keys
+    from personalign.preference.items import item_keys
 
     pop = as_population(population)
     flat = [c for u in pop for c in pop[u]]

@@ -2,12 +2,12 @@
 
 Setup: tasks (a user's history items, a prompt, the response that user wanted), a generator
 and the sentence encoder; 10% of the tasks (seeded) are held out. Train: the projector
-(:class:`~personalign.persona.pplug.PersonaPlug`) minimises the mean token NLL of each response
+(:class:`~personalign.conditioning.pplug.PersonaPlug`) minimises the mean token NLL of each response
 given ``[soft token, chat-templated prompt]``; only the projector has gradients (AdamW, gradient
 clipping, seeded). After every epoch: the held-out NLL, and a checkpoint when
 ``checkpoint_dir`` is set (a run started with the same folder resumes after the last finished
 epoch). The held-out NLL of the frozen base without any soft token is reported too, so the gain
-is visible. Save: :func:`~personalign.persona.pplug.save_plug`.
+is visible. Save: :func:`~personalign.conditioning.pplug.save_plug`.
 
 The loop is the shared one (:mod:`personalign.steering.loop`): gradient clipping, the
 validation pass as its ``after_epoch`` metric, and a fingerprint (task count, plug and
@@ -30,9 +30,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from personalign.errors import ValidationError
-from personalign.functional.plug import response_nll
-from personalign.persona.pplug import (
+from personalign.conditioning.pplug import (
     EmptyHistoryError,
     PersonaPlug,
     build_plug,
@@ -40,6 +38,8 @@ from personalign.persona.pplug import (
     encode_histories,
     plug_inputs,
 )
+from personalign.errors import ValidationError
+from personalign.functional.plug import response_nll
 from personalign.steering.loop import STATE_FILE, LoopConfig, train_loop
 
 

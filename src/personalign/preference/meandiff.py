@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from personalign.errors import ValidationError
-from personalign.persona.base import (
+from personalign.preference.base import (
     Featurizer,
     Population,
     UserState,

@@ -16,7 +16,7 @@ import torch
 
 from personalign.errors import ValidationError
 from personalign.functional.preference import bradley_terry_loss
-from personalign.persona.base import (
+from personalign.preference.base import (
     Featurizer,
     Population,
     UserState,
@@ -29,7 +29,7 @@ from personalign.persona.base import (
     population_item_keys,
     save_artefact,
 )
-from personalign.persona.items import ItemEffects
+from personalign.preference.items import ItemEffects
 from personalign.types import Comparison
 
 
@@ -37,7 +37,7 @@ from personalign.types import Comparison
 class BradleyTerryConfig:
     """``l2``: weight of ||w||^2 in the loss; ``max_iter``: L-BFGS iterations; ``item_effects``:
     also learn an offset per (prompt, response) seen in fitting, penalised by ``item_l2``
-    (:mod:`personalign.persona.items`)."""
+    (:mod:`personalign.preference.items`)."""
 
     l2: float = 1e-1
     max_iter: int = 200

@@ -29,7 +29,7 @@ from personalign.functional.preference import (
     expected_information_gain,
     pal_mixture_scores,
 )
-from personalign.persona.base import (
+from personalign.preference.base import (
     Featurizer,
     Population,
     UserState,
@@ -44,8 +44,8 @@ from personalign.persona.base import (
     save_artefact,
     seeded,
 )
-from personalign.persona.bt import fit_linear_bt
-from personalign.persona.items import ItemEffects
+from personalign.preference.bt import fit_linear_bt
+from personalign.preference.items import ItemEffects
 from personalign.types import Comparison
 
 
@@ -64,7 +64,7 @@ class PALConfig:
     fit user's own cluster, ``init_restarts`` the k-means restarts), ``"random"`` at random as in the paper.
     ``prior_std``: the N(0, prior_std^2) prior on a user's logits behind the Laplace posterior.
     ``item_effects``: after the fit, learn an offset per (prompt, response) seen in fitting
-    (penalty ``item_l2``; see :mod:`personalign.persona.items`), shared by all users.
+    (penalty ``item_l2``; see :mod:`personalign.preference.items`), shared by all users.
     """
 
     n_prototypes: int = 4

@@ -20,7 +20,7 @@ constant near the backbone's embedding norm; here the soft token's norm is exact
 ``embed_norm`` whatever the projector learns.
 
 Artefact: a folder with ``plug_config.json`` + ``plug.safetensors`` (:func:`save_plug`,
-:func:`load_plug`). Training: :mod:`personalign.persona.pplug_train`.
+:func:`load_plug`). Training: :mod:`personalign.conditioning.pplug_train`.
 """
 
 from __future__ import annotations

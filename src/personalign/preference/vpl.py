@@ -39,7 +39,7 @@ from personalign.functional.preference import (
     reparameterize,
     vpl_elbo_loss,
 )
-from personalign.persona.base import (
+from personalign.preference.base import (
     Featurizer,
     Population,
     UserState,
