@@ -7,7 +7,7 @@ import pytest
 
 from personalign.errors import ValidationError
 from personalign.personalizer import Personalizer
-from personalign.preferences import STATE_KEY
+from personalign.preference.service import STATE_KEY
 from personalign.types import Comparison
 
 SHORT = Comparison(prompt="How do I boil an egg?", chosen="Nine minutes.", rejected="Boiling an egg takes care. " * 12)

@@ -49,7 +49,7 @@ from personalign.errors import ValidationError
 from personalign.memory.chroma import MAX_MEMORY_CHARS
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
-from personalign.preferences import STATE_KEY, Preferences
+from personalign.preference.service import STATE_KEY, Preferences
 from personalign.steering.objectives import infer_weights
 from personalign.steering.runtime import SteeringRuntime
 from personalign.steering.schema import Steering, parse_steering
@@ -447,7 +447,7 @@ class Personalizer:
         self._descriptions.pop(user, None)
         return self.store.forget(user)
 
-    # --- preferences: reward, predict, next question (see personalign/preferences.py) -----------
+    # --- preferences: reward, predict, next question (see personalign/preference/service.py) -----------
 
     @property
     def embedder(self) -> Any:
