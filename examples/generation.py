@@ -32,7 +32,7 @@ def main() -> None:
     from personalign.conditioning.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.eval.generate import generation_split
     from personalign.models import load_encoder, load_generator
-    from personalign.steering.loop import LoopConfig
+    from personalign.training.loop import LoopConfig
 
     split = generation_split(shots=args.shots)
     trainer = load_generator(args.model, device="cpu")

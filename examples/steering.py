@@ -23,7 +23,7 @@ PROMPT = "How do I make a small room feel bigger?"
 def train_small_vas(model_dir: str | None, folder: Path, tokens: int) -> None:
     from personalign.models import load_generator
     from personalign.steering.recipes import train_vas_recipe
-    from personalign.steering.samples import sample_responses
+    from personalign.training.samples import sample_responses
 
     generator = load_generator(model_dir, device="cpu")
     samples = sample_responses(generator, ["How do I cook rice?", "What is a budget?", "How do I back up photos?"], n_per_prompt=4, max_new_tokens=tokens)

@@ -117,7 +117,7 @@ def fspo_folder(tiny_model_dir, tmp_path_factory):
     """An FSPO adapter for the tiny model, trained for a few steps on toy users (SFT only)."""
     from personalign.conditioning.fspo import FspoTrainConfig, save_fspo, train_fspo
     from personalign.models import load_generator
-    from personalign.steering.loop import LoopConfig
+    from personalign.training.loop import LoopConfig
     from personalign.types import Comparison
 
     users = {f"u{u}": [Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(6)] for u in range(3)}

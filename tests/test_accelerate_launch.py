@@ -31,7 +31,7 @@ needs_launcher = pytest.mark.skipif(shutil.which(str(ACCELERATE)) is None, reaso
 @pytest.fixture(scope="module")
 def samples_file(tiny_model_dir, tmp_path_factory):
     from personalign.models import load_generator
-    from personalign.steering.samples import sample_responses, save_samples
+    from personalign.training.samples import sample_responses, save_samples
 
     generator = load_generator(str(tiny_model_dir), device="cpu")
     samples = sample_responses(generator, ["Question one", "Task two", "Preferred"], n_per_prompt=4, max_new_tokens=10, batch_size=12)

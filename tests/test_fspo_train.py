@@ -21,7 +21,7 @@ from personalign.conditioning.fspo import (
 from personalign.errors import ValidationError
 from personalign.eval.generate import GenerateConfig, generation_split, run_generate
 from personalign.personalizer import Personalizer
-from personalign.steering.loop import LoopConfig
+from personalign.training.loop import LoopConfig
 from personalign.types import Comparison
 
 

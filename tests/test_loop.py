@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from personalign.errors import ValidationError
-from personalign.steering.loop import LoopConfig, train_loop
+from personalign.training.loop import LoopConfig, train_loop
 
 TARGET = torch.tensor([1.0, -2.0, 3.0])
 
@@ -120,7 +120,7 @@ def test_checkpoints_are_safetensors_and_json_and_old_pickles_are_refused(tmp_pa
 @pytest.mark.parametrize(("n", "processes"), [(5, 2), (4, 2), (1, 2), (7, 3), (2, 4)])
 def test_share_splits_a_batch_like_accelerate(n, processes):
     """accelerate's ``split_between_processes``: contiguous parts, the first ``n % processes`` one longer."""
-    from personalign.steering.loop import share
+    from personalign.training.loop import share
 
     batch = list(range(10, 10 + n))
     parts = [share(batch, i, processes) for i in range(processes)]

@@ -19,7 +19,7 @@ def steering_root(tmp_path_factory, tiny_model_dir):
     """VAS heads (trunk and GRU) and MODPO adapters for the tiny model, trained on its samples."""
     from personalign.models import load_generator
     from personalign.steering.recipes import train_dpa_recipe, train_modpo_recipe, train_vas_recipe
-    from personalign.steering.samples import sample_responses
+    from personalign.training.samples import sample_responses
 
     root = tmp_path_factory.mktemp("steering")
     generator = load_generator(str(tiny_model_dir), device="cpu")
@@ -41,7 +41,7 @@ def test_retrained_artefacts_name_the_real_base_and_no_machine_path(tiny_model_d
         train_vas_recipe,
         write_report,
     )
-    from personalign.steering.samples import sample_responses
+    from personalign.training.samples import sample_responses
 
     monkeypatch.setitem(models.BASE_ALIASES, "embedded:tiny", "personalign-tests/tiny-llama")
     generator = models.load_generator(str(tiny_model_dir), device="cpu")

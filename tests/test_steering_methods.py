@@ -122,7 +122,7 @@ def _greedy(model, ids, mask, processors=None, n=8):
 
 
 def test_processor_without_methods_is_identity(fresh_generator):
-    from personalign.steering.samples import chat_ids, left_pad
+    from personalign.training.samples import chat_ids, left_pad
 
     tok = fresh_generator.tokenizer
     ids, mask = left_pad([chat_ids(tok, "Question one"), chat_ids(tok, "Task")], tok.pad_token_id)
@@ -135,9 +135,9 @@ def test_vas_trunk_and_gru_train_and_guide(fresh_generator, tmp_path):
     """Both value models learn from samples, survive save/load, and beta 0 changes nothing."""
     from personalign.adapters.value import GruValueModel, TrunkValueHead, load_value_model, save_value_model
     from personalign.steering.decoding import HiddenCapture
-    from personalign.steering.loop import LoopConfig
-    from personalign.steering.samples import chat_ids, left_pad, sample_responses
     from personalign.steering.vas import VasTrainConfig, train_vas
+    from personalign.training.loop import LoopConfig
+    from personalign.training.samples import chat_ids, left_pad, sample_responses
 
     samples = sample_responses(fresh_generator, ["Question one", "Task two", "Preferred"], n_per_prompt=4, max_new_tokens=12, batch_size=6)
     tok = fresh_generator.tokenizer
@@ -197,9 +197,9 @@ def test_mix_rows_match_single_adapter_runs(fresh_generator, tmp_path):
     """Mixing with weight 0 is the base policy; weight 1 on one objective is that adapter alone."""
     from personalign.adapters.batched import gathered_lora
     from personalign.adapters.store import BASE
-    from personalign.steering.loop import LoopConfig
     from personalign.steering.modpo import ModpoConfig, train_modpo
-    from personalign.steering.samples import chat_ids, left_pad, sample_responses
+    from personalign.training.loop import LoopConfig
+    from personalign.training.samples import chat_ids, left_pad, sample_responses
 
     samples = sample_responses(fresh_generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=10, batch_size=8)
     config = ModpoConfig(objective="verbosity", margin_objectives=["structure"], margin_weights=[0.1], min_gap=0.0, rank=2, loop=LoopConfig(epochs=2, learning_rate=5e-2, batch_size=4))
@@ -286,7 +286,7 @@ class _HeadOnly(torch.nn.Module):
 
 def test_dpa_every_direction_keeps_one_answer_per_prompt_and_direction(fresh_generator):
     from personalign.steering.dpa import DpaConfig, train_dpa
-    from personalign.steering.loop import LoopConfig
+    from personalign.training.loop import LoopConfig
 
     config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=2, directions=4, max_new_tokens=8, every_direction=True, loop=LoopConfig(epochs=1, batch_size=4))
     _, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
@@ -295,7 +295,7 @@ def test_dpa_every_direction_keeps_one_answer_per_prompt_and_direction(fresh_gen
 
 def test_dpa_dpo_trains_on_best_and_worst_pairs(fresh_generator):
     from personalign.steering.dpa import DpaConfig, train_dpa
-    from personalign.steering.loop import LoopConfig
+    from personalign.training.loop import LoopConfig
 
     config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=3, directions=4, max_new_tokens=8, every_direction=True, loss="dpo", loop=LoopConfig(epochs=2, batch_size=4))
     model, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)

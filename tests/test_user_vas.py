@@ -17,8 +17,6 @@ from personalign.personalizer import Personalizer
 from personalign.preference import PAL, Featurizer
 from personalign.preference.base import UserState
 from personalign.preference.pal import PALConfig
-from personalign.steering.loop import LoopConfig
-from personalign.steering.samples import sample_responses
 from personalign.steering.uservas import (
     CONFIG_FILE,
     UserHeads,
@@ -28,6 +26,8 @@ from personalign.steering.uservas import (
     mixture,
     train_user_heads,
 )
+from personalign.training.loop import LoopConfig
+from personalign.training.samples import sample_responses
 
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
 

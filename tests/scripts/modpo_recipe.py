@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from personalign.models import load_generator
 from personalign.steering.recipes import train_modpo_recipe
-from personalign.steering.samples import load_samples
+from personalign.training.samples import load_samples
 
 
 def main(model: str, samples: str, out: str) -> None:

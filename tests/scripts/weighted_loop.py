@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from personalign.steering.loop import LoopConfig, train_loop
+from personalign.training.loop import LoopConfig, train_loop
 
 COUNT = torch.tensor([1.0, 5.0, 2.0, 4.0, 3.0, 1.0, 2.0])
 ITEMS = torch.randn(7, 3, generator=torch.Generator().manual_seed(0))

@@ -168,7 +168,7 @@ class LoraBank:
         if hasattr(generator.model, "peft_config"):
             raise ValidationError("generator", "already carries adapters", "train the bank on a freshly loaded generator")
         from personalign.adapters.lora import train_adapter
-        from personalign.steering.loop import is_main_process
+        from personalign.training.loop import is_main_process
 
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)

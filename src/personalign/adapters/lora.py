@@ -156,7 +156,7 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
 
     Only that adapter's LoRA weights get gradients. The best weights by held-out loss are kept
     (the last ones when there is no hold-out). Under ``accelerate launch`` the run is
-    data-parallel as in :func:`personalign.steering.loop.train_loop`: the LoRA tensors are
+    data-parallel as in :func:`personalign.training.loop.train_loop`: the LoRA tensors are
     prepared as one module (DDP), each batch's pairs are split between the processes, and each
     process's loss is weighted by its share of the batch's pair weights, so every process ends
     with the same weights as one process would. Nothing is written here.
@@ -164,7 +164,7 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from personalign.steering.loop import Trainable, share
+    from personalign.training.loop import Trainable, share
 
     torch.manual_seed(config.seed)
     accelerator = Accelerator(cpu=next(peft_model.parameters()).device.type == "cpu")

@@ -300,7 +300,7 @@ def train_fspo_cmd(
     """FSPO meta-training: a LoRA that answers a user from N of their comparisons in the prompt (SFT, then IPO)."""
     from personalign.conditioning.fspo import FspoTrainConfig, fspo_dir, save_fspo, train_fspo
     from personalign.models import load_generator
-    from personalign.steering.loop import LoopConfig
+    from personalign.training.loop import LoopConfig
 
     with failing():
         users, source = _training_users(data, shots, "FSPO learns per-user tasks")

@@ -97,8 +97,8 @@ def train_user_vas_cmd(
     from personalign.eval.onpolicy import PoolConfig, train_heads_on_pool
     from personalign.models import load_encoder, load_generator
     from personalign.preference import default_embedder_dir, load_embedder
-    from personalign.steering.loop import LoopConfig
     from personalign.steering.uservas import UserVasConfig
+    from personalign.training.loop import LoopConfig
 
     with failing():
         started = time.perf_counter()

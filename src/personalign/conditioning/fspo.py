@@ -27,9 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalign.errors import ContextLengthError, ValidationError
 from personalign.functional.dpo import ipo_loss, sequence_logps
 from personalign.models import Encoder, hub_id
-from personalign.steering.adapters import add_lora, save_adapter
-from personalign.steering.loop import LoopConfig, LoopReport, train_loop
-from personalign.steering.samples import right_pad
+from personalign.training.adapters import add_lora, save_adapter
+from personalign.training.loop import LoopConfig, LoopReport, train_loop
+from personalign.training.samples import right_pad
 from personalign.types import ChatMessage, Comparison, messages_text
 
 SHOT_TEMPLATE = "## Question\n{question}\n## Preferred Response\n{chosen}\n## Dispreferred Response\n{rejected}\n"

@@ -9,7 +9,7 @@ clipping, seeded). After every epoch: the held-out NLL, and a checkpoint when
 epoch). The held-out NLL of the frozen base without any soft token is reported too, so the gain
 is visible. Save: :func:`~personalign.conditioning.pplug.save_plug`.
 
-The loop is the shared one (:mod:`personalign.steering.loop`): gradient clipping, the
+The loop is the shared one (:mod:`personalign.training.loop`): gradient clipping, the
 validation pass as its ``after_epoch`` metric, and a fingerprint (task count, plug and
 training settings) that a resumed run must match.
 
@@ -40,7 +40,7 @@ from personalign.conditioning.pplug import (
 )
 from personalign.errors import ValidationError
 from personalign.functional.plug import response_nll
-from personalign.steering.loop import STATE_FILE, LoopConfig, train_loop
+from personalign.training.loop import STATE_FILE, LoopConfig, train_loop
 
 
 class PlugTrainConfig(BaseModel):

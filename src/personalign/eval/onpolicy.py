@@ -79,7 +79,7 @@ def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | Non
 
     Cached under ``$PERSONALIGN_CACHE/onpolicy`` by model id, prompts and settings.
     """
-    from personalign.steering.samples import sample_responses
+    from personalign.training.samples import sample_responses
 
     config = config or PoolConfig()
     prompts = list(dict.fromkeys(prompts))
@@ -101,7 +101,7 @@ def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | Non
 
 def greedy_answers(generator: Any, prompts: Sequence[str], max_new_tokens: int = 128, cache: bool = True) -> dict[str, str]:
     """``{prompt: the generic answer}``: plain greedy ``generate`` with no user (cached like the pool)."""
-    from personalign.steering.samples import sample_responses
+    from personalign.training.samples import sample_responses
 
     prompts = list(dict.fromkeys(prompts))
 
@@ -347,8 +347,8 @@ def train_heads_on_pool(generator: Any, embedder: Any, pool_config: PoolConfig |
 def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
     """:func:`train_heads_on_pool` cached under ``$PERSONALIGN_CACHE/user_vas/<generator>-<embedder fingerprint>``."""
     from personalign.models import cache_root
-    from personalign.steering.loop import LoopConfig
     from personalign.steering.uservas import CONFIG_FILE, UserVasConfig, embedder_fingerprint
+    from personalign.training.loop import LoopConfig
 
     folder = cache_root() / "user_vas" / f"{generator.model_id.replace('/', '_').replace(':', '_')}-{embedder_fingerprint(embedder).replace(':', '-')}-e{epochs}"
     if not (folder / CONFIG_FILE).is_file():

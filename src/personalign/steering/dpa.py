@@ -33,10 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from personalign.errors import ValidationError
 from personalign.functional.dpo import dpo_loss, sequence_logps
-from personalign.steering.adapters import add_lora, save_adapter
-from personalign.steering.loop import LoopConfig, train_loop
 from personalign.steering.objectives import OBJECTIVES
-from personalign.steering.samples import chat_ids, left_pad, right_pad
+from personalign.training.adapters import add_lora, save_adapter
+from personalign.training.loop import LoopConfig, train_loop
+from personalign.training.samples import chat_ids, left_pad, right_pad
 
 DPA_CONFIG = "dpa_config.json"
 ADAPTER_NAME = "steer_dpa"

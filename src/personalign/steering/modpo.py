@@ -23,10 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from personalign.errors import ValidationError
 from personalign.functional.dpo import sequence_logps
 from personalign.functional.steering import modpo_loss
-from personalign.steering.adapters import add_lora, save_adapter
-from personalign.steering.loop import LoopConfig, LoopReport, train_loop
 from personalign.steering.objectives import OBJECTIVES
-from personalign.steering.samples import Sample, right_pad
+from personalign.training.adapters import add_lora, save_adapter
+from personalign.training.loop import LoopConfig, LoopReport, train_loop
+from personalign.training.samples import Sample, right_pad
 
 MIX_CONFIG = "mix_config.json"
 

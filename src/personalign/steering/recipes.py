@@ -3,7 +3,7 @@ objective adapters on those samples, and install them where the runtime finds th
 
 Reports and recorded configs name folders relative to ``out`` (``vas/verbosity``), so retrained
 artefacts that are shipped carry no machine path. Under ``accelerate launch`` every process
-trains (data-parallel, see :mod:`personalign.steering.loop`) and only the main one writes.
+trains (data-parallel, see :mod:`personalign.training.loop`) and only the main one writes.
 
 ``personalign train vas`` and ``personalign train modpo`` call these; the defaults finish on a
 2-core CPU in well under an hour (sampling is most of it) and scale up by flags.
@@ -18,12 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from personalign.adapters.value import save_value_model
-from personalign.steering.loop import LoopConfig, is_main_process
 from personalign.steering.methods import MIX_DIR, VAS_DIR, VAS_MODEL_DIR
 from personalign.steering.modpo import ModpoConfig, save_objective_adapter, train_modpo
 from personalign.steering.prompts import split
-from personalign.steering.samples import Sample, load_samples, sample_responses, save_samples
 from personalign.steering.vas import VasTrainConfig, train_vas
+from personalign.training.loop import LoopConfig, is_main_process
+from personalign.training.samples import Sample, load_samples, sample_responses, save_samples
 
 SAMPLES_FILE = "samples.jsonl"
 

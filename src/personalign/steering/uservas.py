@@ -31,8 +31,8 @@ from personalign.errors import (
     UserHeadsError,  # noqa: F401 (re-exported)
     ValidationError,
 )
-from personalign.steering.loop import LoopConfig
-from personalign.steering.samples import Sample
+from personalign.training.loop import LoopConfig
+from personalign.training.samples import Sample
 
 METHOD = "user-vas"
 CONFIG_FILE = "user_vas_config.json"
@@ -150,7 +150,7 @@ class UserHeads:
 def samples_from_pool(generator: Any, pool: dict[str, list[str]]) -> list[Sample]:
     """Pooled answers as :class:`Sample` rows (token ids re-encoded from the text, end of turn appended)."""
     from personalign.steering.decoding import eos_token_ids
-    from personalign.steering.samples import chat_ids
+    from personalign.training.samples import chat_ids
 
     tokenizer = generator.tokenizer
     end = eos_token_ids(tokenizer, getattr(generator.model, "generation_config", None))[0]

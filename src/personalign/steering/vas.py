@@ -25,9 +25,9 @@ from personalign.adapters.value import (
 )
 from personalign.errors import ValidationError
 from personalign.functional.steering import td_lambda_returns
-from personalign.steering.loop import LoopConfig, LoopReport, train_loop
 from personalign.steering.objectives import OBJECTIVES
-from personalign.steering.samples import Sample, left_pad
+from personalign.training.loop import LoopConfig, LoopReport, train_loop
+from personalign.training.samples import Sample, left_pad
 
 
 class VasTrainConfig(BaseModel):

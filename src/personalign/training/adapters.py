@@ -42,7 +42,7 @@ def save_adapter(model: Any, name: str, folder: Path | str, config_file: str, me
     launch`` only the main process writes.
     """
     from personalign.models import hub_id
-    from personalign.steering.loop import is_main_process
+    from personalign.training.loop import is_main_process
 
     folder = Path(folder)
     if not is_main_process():  # under accelerate launch the processes hold the same adapter: one writes it
