@@ -42,8 +42,8 @@ from personalign.errors import ValidationError
 from personalign.eval.enroll import evaluate_embedder, held_out_correct
 from personalign.eval.generate import personal_margins
 from personalign.eval.populations import PSOUPS_FILES, EvalPopulation, EvalUser, load_psoups
-from personalign.persona.base import DEFAULT_PARTS, FEATURE_PARTS
-from personalign.persona.style import STYLE_FEATURES, style_features
+from personalign.preference.base import DEFAULT_PARTS, FEATURE_PARTS
+from personalign.preference.style import STYLE_FEATURES, style_features
 
 OPPOSITE = {"elementary": "phd", "phd": "elementary", "friendly": "unfriendly", "unfriendly": "friendly"}
 GUIDANCE = ("fit", "shipped")
@@ -178,9 +178,9 @@ def _fit_population(fit: EvalPopulation, limit: int | None, seed: int) -> EvalPo
 def build_guidance(generator: Any, encoder: Any, fit: EvalPopulation, config: PsoupsDecodeConfig) -> Any:
     """The embedder that guides: PAL fitted on the fit users' comparisons only (``{user: comparisons}``,
     no persona), or the shipped PAL."""
-    from personalign.persona import default_embedder_dir, load_embedder
-    from personalign.persona.base import Featurizer, FeaturizerConfig
-    from personalign.persona.pal import PAL
+    from personalign.preference import default_embedder_dir, load_embedder
+    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.pal import PAL
 
     if config.guidance == "shipped":
         return load_embedder(default_embedder_dir(), encoder, generator)
@@ -190,8 +190,8 @@ def build_guidance(generator: Any, encoder: Any, fit: EvalPopulation, config: Ps
 
 def build_judges(generator: Any, encoder: Any, fit: EvalPopulation, config: PsoupsDecodeConfig) -> dict[str, Any]:
     """One Bradley-Terry reward per persona, fitted on that persona's fit users (one shared featurizer)."""
-    from personalign.persona.base import Featurizer, FeaturizerConfig
-    from personalign.persona.bt import BradleyTerry
+    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.bt import BradleyTerry
 
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.judge_features), generator if "hidden" in config.judge_features else None)
     judges = {}
@@ -245,7 +245,7 @@ def run_psoups_decode(generator: Any, encoder: Any, config: PsoupsDecodeConfig, 
         "judge": {"model": "bradley-terry per persona, fitted on the fit users", "features": list(config.judge_features), **judge_accuracy(judges, test)},
     }
     if config.guidance == "fit":  # the alternative, for the record: the shipped PAL on the same users
-        from personalign.persona import default_embedder_dir, load_embedder
+        from personalign.preference import default_embedder_dir, load_embedder
 
         result["guidance"]["shipped_accuracy"] = guidance_accuracy(load_embedder(default_embedder_dir(), encoder, generator), test)["accuracy"]
     say(f"guidance held-out acc {result['guidance']['accuracy']:.3f}, judge held-out acc {result['judge']['accuracy']:.3f}")
