@@ -19,16 +19,38 @@ import torch
 from personalign.models import load_generator
 from personalign.packed_linear import PackedLinear, pack_modules, packing_available, unpack_linears
 
-PROMPTS = ["How do I cook rice on the stove?", "Why is the sky blue?", "What is a password manager?", "How can I sleep better?"]
+PROMPTS = [
+    "How do I cook rice on the stove?",
+    "Why is the sky blue?",
+    "What is a password manager?",
+    "How can I sleep better?",
+]
 
 
 def decode(generator, rows: int, max_new_tokens: int) -> tuple[torch.Tensor, list[torch.Tensor], float]:
     tokenizer = generator.tokenizer
-    encoded = [tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True, tokenize=False) for i in range(rows)]
-    batch = tokenizer(encoded, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    encoded = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for i in range(rows)
+    ]
+    batch = tokenizer(
+        encoded, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    )
     start = time.perf_counter()
     with torch.inference_mode():
-        out = generator.model.generate(**batch, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        out = generator.model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
     return out.sequences, list(out.scores), time.perf_counter() - start
 
 

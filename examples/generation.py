@@ -22,7 +22,9 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="generator folder (default: the embedded SmolLM2)")
-    parser.add_argument("--shots", type=int, default=4, help="comparisons per user (in training tasks and at enrolment)")
+    parser.add_argument(
+        "--shots", type=int, default=4, help="comparisons per user (in training tasks and at enrolment)"
+    )
     parser.add_argument("--tasks", type=int, default=32, help="SFT tasks (IPO uses a quarter as many)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
@@ -45,20 +47,35 @@ def main() -> None:
         ipo=LoopConfig(epochs=1, learning_rate=1e-4, batch_size=2),
     )
     model, report = train_fspo(trainer, split.train, config)
-    folder = save_fspo(model, Path(tempfile.mkdtemp(prefix="personalign-fspo-")) / "adapter", trainer.model_id, config, report, "synthetic training users")
-    print(f"== trained FSPO on {report.tasks} tasks: SFT loss {report.sft.epoch_loss[-1]:.3f}, IPO loss {report.ipo.epoch_loss[-1] if report.ipo else 0:.3f} -> {folder}")
+    folder = save_fspo(
+        model,
+        Path(tempfile.mkdtemp(prefix="personalign-fspo-")) / "adapter",
+        trainer.model_id,
+        config,
+        report,
+        "synthetic training users",
+    )
+    print(
+        f"== trained FSPO on {report.tasks} tasks: SFT loss {report.sft.epoch_loss[-1]:.3f}, IPO loss {report.ipo.epoch_loss[-1] if report.ipo else 0:.3f} -> {folder}"
+    )
 
     user = split.test[0]
     prompt = split.prompts[0]
     store = Path(tempfile.mkdtemp(prefix="personalign-store-"))
-    with Personalizer(load_generator(args.model, device="cpu"), load_encoder(device="cpu"), store, fspo=folder) as pz:
+    with Personalizer(
+        load_generator(args.model, device="cpu"), load_encoder(device="cpu"), store, fspo=folder
+    ) as pz:
         pz.enroll(user.user, user.shots)
-        print(f"== enrolled {user.user} ({user.group}) with {len(user.shots)} comparisons; first preferred answer:")
+        print(
+            f"== enrolled {user.user} ({user.group}) with {len(user.shots)} comparisons; first preferred answer:"
+        )
         print(f"   {user.shots[0].chosen[:160]}")
         messages = [{"role": "user", "content": prompt}]
         answers = {
             "generic": pz.chat(None, messages, max_new_tokens=args.max_new_tokens),
-            "shots only": pz.chat(user.user, messages, memory=False, fspo=False, max_new_tokens=args.max_new_tokens),
+            "shots only": pz.chat(
+                user.user, messages, memory=False, fspo=False, max_new_tokens=args.max_new_tokens
+            ),
             "FSPO adapter": pz.chat(user.user, messages, memory=False, max_new_tokens=args.max_new_tokens),
         }
     rewards = split.population.true_reward(user.user, list(answers.values()))

@@ -28,10 +28,20 @@ def events(result: dict) -> list[tuple[str, str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="generator: HF id or local folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--encoder", default=None, help="sentence encoder: HF id or local folder (default: embedded all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="generator: HF id or local folder (default: embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="sentence encoder: HF id or local folder (default: embedded all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 or auto (default: auto)")
-    parser.add_argument("--store", type=Path, default=None, help="store directory (default: a temporary one, removed after)")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: a temporary one, removed after)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
     started = time.perf_counter()
@@ -39,8 +49,15 @@ def main() -> None:
         store = args.store or Path(scratch) / "store"
         with Personalizer.load(model=args.model, encoder=args.encoder, device=args.device, store=store) as pz:
             print("== keys supersede")
-            print("add:", events(pz.remember("mia", "I live in Paris.", key="home_city", metadata={"category": "home"})))
-            moved = pz.remember("mia", "I moved to Berlin last spring.", key="home_city", metadata={"category": "home"})
+            print(
+                "add:",
+                events(
+                    pz.remember("mia", "I live in Paris.", key="home_city", metadata={"category": "home"})
+                ),
+            )
+            moved = pz.remember(
+                "mia", "I moved to Berlin last spring.", key="home_city", metadata={"category": "home"}
+            )
             print("add:", events(moved))
             berlin = moved["results"][0]["id"]
 
@@ -49,9 +66,14 @@ def main() -> None:
             print("add:", events(pz.remember("mia", "I am vegetarian.", key="diet")))
 
             print("== an edit keeps the id; history keeps every version")
-            print("update:", events(pz.update_memory("mia", berlin, "I moved to Berlin last spring, to Kreuzberg.")))
+            print(
+                "update:",
+                events(pz.update_memory("mia", berlin, "I moved to Berlin last spring, to Kreuzberg.")),
+            )
             for version in pz.memory_history("mia", berlin)["versions"]:
-                print(f"  v{version['version']} {version['event']:6s} source={version['source']}: {version['memory']}")
+                print(
+                    f"  v{version['version']} {version['event']:6s} source={version['source']}: {version['memory']}"
+                )
 
             print("== without a key, a close match is reported as a possible conflict")
             pz.remember("mia", "My favourite colour is blue.")
@@ -59,17 +81,35 @@ def main() -> None:
             print("conflicts:", [(c["memory"], round(c["score"], 2)) for c in added["conflicts"]])
 
             print("== search finds active memories only; filters narrow by metadata")
-            print("search:", [r["memory"] for r in pz.search_memories("mia", "Which city do I live in?", top_k=2)["results"]])
-            print("all homes:", [(r["memory"], r["status"]) for r in pz.memories("mia", filters={"category": "home"}, status="all")["results"]])
+            print(
+                "search:",
+                [
+                    r["memory"]
+                    for r in pz.search_memories("mia", "Which city do I live in?", top_k=2)["results"]
+                ],
+            )
+            print(
+                "all homes:",
+                [
+                    (r["memory"], r["status"])
+                    for r in pz.memories("mia", filters={"category": "home"}, status="all")["results"]
+                ],
+            )
 
             print("== chat")
-            reply = pz.respond("mia", [{"role": "user", "content": "Which city should I explore this weekend?"}], max_new_tokens=args.max_new_tokens)
+            reply = pz.respond(
+                "mia",
+                [{"role": "user", "content": "Which city should I explore this weekend?"}],
+                max_new_tokens=args.max_new_tokens,
+            )
             print("memories used:", reply.memories)
             print("reply:", reply.text)
 
             print("== export")
             document = pz.export("mia")
-            print(f"export: {len(document['memories'])} memories, {sum(len(m['history']) for m in document['memories'])} versions, {len(json.dumps(document))} bytes of JSON")
+            print(
+                f"export: {len(document['memories'])} memories, {sum(len(m['history']) for m in document['memories'])} versions, {len(json.dumps(document))} bytes of JSON"
+            )
             print("forget:", pz.forget("mia"))
     print(f"done in {time.perf_counter() - started:.1f} s")
 

@@ -40,25 +40,46 @@ def main() -> None:
 
     generator, encoder = load_generator(args.model, device="cpu"), load_encoder(device="cpu")
     population = SyntheticPopulation()
-    pool = answer_pool(generator, population.prompts, PoolConfig(n_per_prompt=args.per_prompt, max_new_tokens=args.max_new_tokens))
+    pool = answer_pool(
+        generator,
+        population.prompts,
+        PoolConfig(n_per_prompt=args.per_prompt, max_new_tokens=args.max_new_tokens),
+    )
     split = generation_split(seed=args.seed, shots=4, pool=pool)
     reward = PAL(Featurizer(encoder)).fit(split.train, seed=args.seed)
-    print(f"PAL fitted on {len(split.train)} users' comparisons of the generator's own answers ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"PAL fitted on {len(split.train)} users' comparisons of the generator's own answers ({time.perf_counter() - started:.0f} s)"
+    )
 
     user = split.test[0]
     training_answers = {p: texts for p, texts in pool.items() if p not in set(split.prompts)}
     prompt = split.prompts[0]
     ask = [{"role": "user", "content": prompt}]
-    with tempfile.TemporaryDirectory() as store, Personalizer(generator, encoder, store, embedder=reward) as pz:
+    with (
+        tempfile.TemporaryDirectory() as store,
+        Personalizer(generator, encoder, store, embedder=reward) as pz,
+    ):
         pz.enroll(user.user, user.shots)
         extra = pz.amplified_comparisons(user.user, training_answers, {"pairs": args.pairs})
         profile = pz.train_adapter(user.user, {"epochs": args.epochs, "seed": args.seed}, extra=extra)
-        print(f"{user.user}: {len(user.shots)} comparisons + {len(extra)} amplified -> adapter trained on {profile.settings['adapter']['pairs']} pairs in {pz.adapter_folder(user.user)}")
+        print(
+            f"{user.user}: {len(user.shots)} comparisons + {len(extra)} amplified -> adapter trained on {profile.settings['adapter']['pairs']} pairs in {pz.adapter_folder(user.user)}"
+        )
         generic = pz.respond(None, ask, max_new_tokens=args.max_new_tokens).text
-        mine = pz.respond(user.user, ask, max_new_tokens=args.max_new_tokens, memory=False, shots=False, user_vas=0, steer={}).text
+        mine = pz.respond(
+            user.user,
+            ask,
+            max_new_tokens=args.max_new_tokens,
+            memory=False,
+            shots=False,
+            user_vas=0,
+            steer={},
+        ).text
     print(f"\nQ: {prompt}\n--- generic\n{generic}\n--- {user.user}'s adapter\n{mine}")
     ours, theirs = population.true_reward(user.user, [mine, generic])
-    print(f"hidden reward: adapter answer {ours:+.2f}, generic {theirs:+.2f} ({'better' if ours > theirs else 'not better'})")
+    print(
+        f"hidden reward: adapter answer {ours:+.2f}, generic {theirs:+.2f} ({'better' if ours > theirs else 'not better'})"
+    )
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
 
 

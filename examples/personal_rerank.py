@@ -38,29 +38,55 @@ def main() -> None:
 
     generator, encoder = load_generator(args.model, device="cpu"), load_encoder(device="cpu")
     population = SyntheticPopulation()
-    pool = answer_pool(generator, population.prompts, PoolConfig(n_per_prompt=args.per_prompt, max_new_tokens=args.max_new_tokens))
+    pool = answer_pool(
+        generator,
+        population.prompts,
+        PoolConfig(n_per_prompt=args.per_prompt, max_new_tokens=args.max_new_tokens),
+    )
     split = generation_split(seed=args.seed, shots=4, pool=pool)
     reward = PAL(Featurizer(encoder)).fit(split.train, seed=args.seed)
-    print(f"PAL fitted on {len(split.train)} users' comparisons of the generator's own answers ({time.perf_counter() - started:.0f} s)")
+    print(
+        f"PAL fitted on {len(split.train)} users' comparisons of the generator's own answers ({time.perf_counter() - started:.0f} s)"
+    )
 
     first = split.test[0]
     second = decoys(split.test)[first.user]  # a user of another type
     prompt = split.prompts[0]
     ask = [{"role": "user", "content": prompt}]
-    with tempfile.TemporaryDirectory() as store, Personalizer(generator, encoder, store, embedder=reward) as pz:
+    with (
+        tempfile.TemporaryDirectory() as store,
+        Personalizer(generator, encoder, store, embedder=reward) as pz,
+    ):
         generic = pz.respond(None, ask, max_new_tokens=args.max_new_tokens).text
         print(f"\nQ: {prompt}\n--- generic\n{generic}")
         for user in (first, second):
             pz.enroll(user.user, user.shots)
-            result = pz.respond(user.user, ask, max_new_tokens=args.max_new_tokens, rerank=args.rerank, seed=args.seed, memory=False, shots=False, steer={})
+            result = pz.respond(
+                user.user,
+                ask,
+                max_new_tokens=args.max_new_tokens,
+                rerank=args.rerank,
+                seed=args.seed,
+                memory=False,
+                shots=False,
+                steer={},
+            )
             mine, theirs = population.true_reward(user.user, [result.text, generic])
             delta = population.attributes([result.text])[0] - population.attributes([generic])[0]
             weights = population.user_weights[population.user_ids.index(user.user)]
-            moved = [f"{name} {'+' if d > 0 else '-'}" for name, d, w in zip(ATTRIBUTES, delta, weights, strict=True) if d * w > 0]
+            moved = [
+                f"{name} {'+' if d > 0 else '-'}"
+                for name, d, w in zip(ATTRIBUTES, delta, weights, strict=True)
+                if d * w > 0
+            ]
             report = result.personalization
-            print(f"--- {user.user} ({user.group}); picked candidate {report['picked']} of {report['candidates']}, scores {report['scores']}")
+            print(
+                f"--- {user.user} ({user.group}); picked candidate {report['picked']} of {report['candidates']}, scores {report['scores']}"
+            )
             print(result.text)
-            print(f"hidden reward: this answer {mine:+.2f}, generic {theirs:+.2f} ({'better' if mine > theirs else 'not better'}); moved toward the user: {', '.join(moved) or 'nothing'}")
+            print(
+                f"hidden reward: this answer {mine:+.2f}, generic {theirs:+.2f} ({'better' if mine > theirs else 'not better'}); moved toward the user: {', '.join(moved) or 'nothing'}"
+            )
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
 
 

@@ -44,15 +44,25 @@ FILLER = [
     {"role": "user", "content": "What is the capital of Australia?"},
     {"role": "assistant", "content": "Canberra is the capital of Australia."},
     {"role": "user", "content": "Write a haiku about autumn rain."},
-    {"role": "assistant", "content": "Cold rain on red leaves / the gutter hums all evening / the maple stands bare."},
+    {
+        "role": "assistant",
+        "content": "Cold rain on red leaves / the gutter hums all evening / the maple stands bare.",
+    },
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="generator: HF id or local path (default: embedded SmolLM2)")
+    parser.add_argument(
+        "--model", default=None, help="generator: HF id or local path (default: embedded SmolLM2)"
+    )
     parser.add_argument("--store", type=Path, default=None, help="store directory (default: a temporary one)")
-    parser.add_argument("--filler-turns", type=int, default=3, help="exchanges of small talk between the preference and the question")
+    parser.add_argument(
+        "--filler-turns",
+        type=int,
+        default=3,
+        help="exchanges of small talk between the preference and the question",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     store = args.store or Path(tempfile.mkdtemp(prefix="personalign-prefeval-example-"))
@@ -66,9 +76,19 @@ def main() -> None:
         add_shift(records)
         for r in records:
             shown = [ITEM.options[i] for i in r["permutation"]]
-            extra = f", memories retrieved: {[texts[i] for i in r['retrieved']]}" if r["condition"] == "memory" else ""
-            shift = f", shift {'aligned' if r['shift_correct'] else 'not aligned'}" if "shift_correct" in r else ""
-            print(f"{r['condition']:9s} ({r['prompt_tokens']} prompt tokens) picks {shown[r['choice']]!r}: {'aligned' if r['correct'] else 'not aligned'}{shift}{extra}")
+            extra = (
+                f", memories retrieved: {[texts[i] for i in r['retrieved']]}"
+                if r["condition"] == "memory"
+                else ""
+            )
+            shift = (
+                f", shift {'aligned' if r['shift_correct'] else 'not aligned'}"
+                if "shift_correct" in r
+                else ""
+            )
+            print(
+                f"{r['condition']:9s} ({r['prompt_tokens']} prompt tokens) picks {shown[r['choice']]!r}: {'aligned' if r['correct'] else 'not aligned'}{shift}{extra}"
+            )
     print(f"done in {time.perf_counter() - started:.1f} s")
 
 

@@ -57,7 +57,9 @@ QUESTION = [{"role": "user", "content": "What should I eat for dinner tonight?"}
 
 def comparisons_for(prefers_short: bool) -> list[Comparison]:
     return [
-        Comparison(prompt=prompt, chosen=short, rejected=long) if prefers_short else Comparison(prompt=prompt, chosen=long, rejected=short)
+        Comparison(prompt=prompt, chosen=short, rejected=long)
+        if prefers_short
+        else Comparison(prompt=prompt, chosen=long, rejected=short)
         for prompt, short, long in PAIRS
     ]
 
@@ -68,7 +70,9 @@ def words(text: str) -> int:
 
 def show(label: str, result: ChatResult) -> None:
     """Print a ChatResult: the reply and everything that conditioned it."""
-    print(f"--- {label}: {words(result.text)} words, {result.prompt_tokens} prompt tokens, {result.completion_tokens} new tokens")
+    print(
+        f"--- {label}: {words(result.text)} words, {result.prompt_tokens} prompt tokens, {result.completion_tokens} new tokens"
+    )
     print(f"    memories: {result.memories}")
     print(f"    shots:    {[(s.comparison.prompt_text, round(s.relevance, 2)) for s in result.shots]}")
     steer = {name: round(weight, 2) for name, weight in result.steer.items()}
@@ -78,10 +82,20 @@ def show(label: str, result: ChatResult) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="generator: HF id or local folder (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--encoder", default=None, help="sentence encoder: HF id or local folder (default: embedded all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="generator: HF id or local folder (default: embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--encoder",
+        default=None,
+        help="sentence encoder: HF id or local folder (default: embedded all-MiniLM-L6-v2)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 or auto (default: auto)")
-    parser.add_argument("--store", type=Path, default=None, help="store directory (default: a temporary one, removed after)")
+    parser.add_argument(
+        "--store", type=Path, default=None, help="store directory (default: a temporary one, removed after)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=120)
     args = parser.parse_args()
 
@@ -91,31 +105,42 @@ def main() -> None:
     options = {"max_new_tokens": args.max_new_tokens, "repetition_penalty": 1.1}
     try:
         with Personalizer.load(model=args.model, encoder=args.encoder, device=args.device, store=store) as pz:
-            print(f"== loaded {pz.generator.model_id} and {pz.encoder.name} in {time.perf_counter() - started:.1f} s; store {store}")
+            print(
+                f"== loaded {pz.generator.model_id} and {pz.encoder.name} in {time.perf_counter() - started:.1f} s; store {store}"
+            )
 
             print("\n== enroll and remember")
             for user, prefers_short in (("ana", True), ("ben", False)):
                 profile = pz.enroll(user, comparisons_for(prefers_short))
                 pz.remember(user, FACTS[user])
                 inferred = {k: round(v, 2) for k, v in profile.settings["inferred_steer"].items()}
-                print(f"{user}: {len(profile.comparisons)} comparisons, inferred weights {inferred}, memory {FACTS[user]!r}")
+                print(
+                    f"{user}: {len(profile.comparisons)} comparisons, inferred weights {inferred}, memory {FACTS[user]!r}"
+                )
 
             print(f"\n== chat: the same question for each user: {QUESTION[-1]['content']!r}")
             for user in ("ana", "ben", None):
                 show(user or "generic (user=None)", pz.respond(user, QUESTION, **options))
 
             print("\n== steer override for one request (the stored profile is unchanged)")
-            show("ana, steer={'verbosity': 1.0}", pz.respond("ana", QUESTION, steer={"verbosity": 1.0}, **options))
+            show(
+                "ana, steer={'verbosity': 1.0}",
+                pz.respond("ana", QUESTION, steer={"verbosity": 1.0}, **options),
+            )
             show("ana, steer={} (steering off)", pz.respond("ana", QUESTION, steer={}, **options))
 
             print("\n== stream (ben)")
-            for piece in pz.stream("ben", [{"role": "user", "content": "How should I prepare for a long run?"}], **options):
+            for piece in pz.stream(
+                "ben", [{"role": "user", "content": "How should I prepare for a long run?"}], **options
+            ):
                 print(piece, end="", flush=True)
             print()
 
             print("\n== profile (ana)")
             profile = pz.profile("ana")
-            print(f"user_id={profile.user_id} version={profile.version} comparisons={len(profile.comparisons)}")
+            print(
+                f"user_id={profile.user_id} version={profile.version} comparisons={len(profile.comparisons)}"
+            )
             print(f"settings={profile.settings}")
             print(f"memories={[m['memory'] for m in pz.memories('ana')['results']]}")
 

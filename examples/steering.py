@@ -26,8 +26,15 @@ def train_small_vas(model_dir: str | None, folder: Path, tokens: int) -> None:
     from personalign.training.samples import sample_responses
 
     generator = load_generator(model_dir, device="cpu")
-    samples = sample_responses(generator, ["How do I cook rice?", "What is a budget?", "How do I back up photos?"], n_per_prompt=4, max_new_tokens=tokens)
-    train_vas_recipe(generator, folder, ["verbosity"], kinds=("trunk",), samples=samples, epochs=4, progress=False)
+    samples = sample_responses(
+        generator,
+        ["How do I cook rice?", "What is a budget?", "How do I back up photos?"],
+        n_per_prompt=4,
+        max_new_tokens=tokens,
+    )
+    train_vas_recipe(
+        generator, folder, ["verbosity"], kinds=("trunk",), samples=samples, epochs=4, progress=False
+    )
     print(f"trained a VAS verbosity head on {len(samples)} samples -> {folder}")
 
 
@@ -47,16 +54,31 @@ def main() -> None:
     from personalign.steering.methods import steerable_by_method
     from personalign.steering.objectives import score
 
-    with Personalizer.load(model=args.model, device="cpu", store=Path(tempfile.mkdtemp(prefix="personalign-store-"))) as pz:
-        methods = [m for m, objectives in steerable_by_method(pz.generator.model_id).items() if "verbosity" in objectives]
+    with Personalizer.load(
+        model=args.model, device="cpu", store=Path(tempfile.mkdtemp(prefix="personalign-store-"))
+    ) as pz:
+        methods = [
+            m
+            for m, objectives in steerable_by_method(pz.generator.model_id).items()
+            if "verbosity" in objectives
+        ]
         print("methods that steer verbosity here:", methods)
         for method in methods:
             print(f"== {method}")
             for weight in (-1.0, -0.5, 0.0, 0.5, 1.0):
                 steer = {"weights": {"verbosity": weight}, "method": method} if weight else {}
-                reply = pz.chat(None, [{"role": "user", "content": PROMPT}], steer=steer, max_new_tokens=args.max_new_tokens, memory=False, shots=False)
+                reply = pz.chat(
+                    None,
+                    [{"role": "user", "content": PROMPT}],
+                    steer=steer,
+                    max_new_tokens=args.max_new_tokens,
+                    memory=False,
+                    shots=False,
+                )
                 words = len(reply.split())
-                print(f"verbosity {weight:+.1f}: {words:3d} words, scores {score(PROMPT, reply, ['verbosity', 'structure'])} | {reply[:70]!r}")
+                print(
+                    f"verbosity {weight:+.1f}: {words:3d} words, scores {score(PROMPT, reply, ['verbosity', 'structure'])} | {reply[:70]!r}"
+                )
     print(f"done in {time.perf_counter() - started:.1f} s")
 
 

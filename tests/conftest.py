@@ -38,17 +38,26 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(CORPUS, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token="<|im_start|>", unk_token="<|endoftext|>"
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
     return fast
 
 
-def build_tiny_llama(vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, max_positions: int = 512, hidden_size: int = 32):
+def build_tiny_llama(
+    vocab_size: int, eos_id: int, pad_id: int, seed: int = 0, max_positions: int = 512, hidden_size: int = 32
+):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -120,11 +129,27 @@ def fspo_folder(tiny_model_dir, tmp_path_factory):
     from personalign.training.loop import LoopConfig
     from personalign.types import Comparison
 
-    users = {f"u{u}": [Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(6)] for u in range(3)}
-    generator = load_generator(str(tiny_model_dir), device="cpu")  # training wraps the model: never the shared fixture
-    config = FspoTrainConfig(shots=2, sft_tasks=4, ipo_tasks=0, max_length=400, sft=LoopConfig(epochs=2, learning_rate=1e-2, batch_size=2))
+    users = {
+        f"u{u}": [
+            Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.")
+            for i in range(6)
+        ]
+        for u in range(3)
+    }
+    generator = load_generator(
+        str(tiny_model_dir), device="cpu"
+    )  # training wraps the model: never the shared fixture
+    config = FspoTrainConfig(
+        shots=2,
+        sft_tasks=4,
+        ipo_tasks=0,
+        max_length=400,
+        sft=LoopConfig(epochs=2, learning_rate=1e-2, batch_size=2),
+    )
     model, report = train_fspo(generator, users, config)
-    return save_fspo(model, tmp_path_factory.mktemp("fspo") / "adapter", generator.model_id, config, report, "test users")
+    return save_fspo(
+        model, tmp_path_factory.mktemp("fspo") / "adapter", generator.model_id, config, report, "test users"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -195,7 +220,10 @@ def build_embedder():
     from personalign.preference.pal import PALConfig
     from personalign.preference.vpl import VPLConfig
 
-    test_size = {"pal": (PALConfig(n_prototypes=3),), "vpl": (VPLConfig(steps=300, hidden_dim=32, latent_dim=4),)}
+    test_size = {
+        "pal": (PALConfig(n_prototypes=3),),
+        "vpl": (VPLConfig(steps=300, hidden_dim=32, latent_dim=4),),
+    }
 
     def build(name, featurizer):
         return EMBEDDER_CLASSES[name](featurizer, *test_size.get(name, ()))
@@ -208,7 +236,9 @@ def synthetic():
     """``(world, fit, test)``: 60 synthetic users, 30% held out, test prompts unseen in fitting."""
     from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
 
-    config = SyntheticConfig(n_users=60, n_types=3, shared_scale=1.0, candidates_per_prompt=5, n_prompts=12, seed=0)
+    config = SyntheticConfig(
+        n_users=60, n_types=3, shared_scale=1.0, candidates_per_prompt=5, n_prompts=12, seed=0
+    )
     world = SyntheticPopulation(config)
     population = world.population(shots=8, held_out=16, seed=1)
     fit, test = population.split(0.3, seed=0, exclude="pair")

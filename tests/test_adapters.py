@@ -17,7 +17,11 @@ from personalign.personalizer import Personalizer
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
 
 SHORT = [
-    {"prompt": f"Question number {i} about eggs?", "chosen": "Nine minutes.", "rejected": "It depends on many long and winding things."}
+    {
+        "prompt": f"Question number {i} about eggs?",
+        "chosen": "Nine minutes.",
+        "rejected": "It depends on many long and winding things.",
+    }
     for i in range(6)
 ]
 LONG = [{**c, "chosen": c["rejected"], "rejected": c["chosen"]} for c in SHORT]
@@ -28,7 +32,9 @@ ASK = [{"role": "user", "content": "Question number 3 about eggs?"}]
 @pytest.fixture()
 def apz(tiny_model_dir, encoder, tmp_path):
     """A Personalizer with its own copy of the tiny model (adapters wrap the model in place)."""
-    with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / "store", max_resident=2) as pz:
+    with Personalizer(
+        load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / "store", max_resident=2
+    ) as pz:
         yield pz
 
 
@@ -52,7 +58,9 @@ def test_adapter_is_a_plain_peft_folder_with_metadata(apz):
     assert config["peft_type"] == "LORA" and not config.get("modules_to_save") and config["r"] == 4
     assert (folder / "adapter_model.safetensors").is_file()
     meta = json.loads((folder / META_FILE).read_text())
-    assert meta["base_model"] == apz.generator.model_id and meta["pairs"] == 6 and len(meta["data_hash"]) == 64
+    assert (
+        meta["base_model"] == apz.generator.model_id and meta["pairs"] == 6 and len(meta["data_hash"]) == 64
+    )
     assert profile.settings["adapter"]["pairs"] == 6
     # The stored weights are the in-memory ones, bit for bit.
     stored = load_file(folder / "adapter_model.safetensors")
@@ -75,7 +83,9 @@ def test_training_moves_the_margin_toward_the_users_choices(apz):
 def test_training_is_deterministic(tiny_model_dir, encoder, tmp_path):
     weights = []
     for run in range(2):
-        with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / f"s{run}") as pz:
+        with Personalizer(
+            load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / f"s{run}"
+        ) as pz:
             pz.enroll("ana", SHORT, adapter=True, adapter_config=FAST)
             weights.append(load_file(pz.adapters.path("ana") / "adapter_model.safetensors"))
     for key in weights[0]:
@@ -98,7 +108,9 @@ def test_disabled_adapter_equals_base_and_mixed_batch_equals_individual_runs(apz
     assert apz.chat_batch(requests) == [r.text for r in batch]
     for request, result in zip(requests, batch, strict=True):
         options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer")}
-        assert result == apz.respond(request["user"], request["messages"], steer=request.get("steer"), **options)
+        assert result == apz.respond(
+            request["user"], request["messages"], steer=request.get("steer"), **options
+        )
     without = apz.respond("ana", ASK, max_new_tokens=10, steer={}, shots=False, memory=False, adapter=False)
     assert without.text == apz.respond(None, ASK, max_new_tokens=10).text  # adapter=False is the base model
 
@@ -156,7 +168,9 @@ def test_forget_removes_and_unloads_the_adapter(apz):
     slot = apz.adapters.activate("ben")
     apz.forget("ben")
     assert not apz.adapters.path("ana").exists() and not apz.adapters.resident
-    assert slot not in apz.adapters.resident_slots() and apz.adapters.peft is None  # unwrapped back to the base model
+    assert (
+        slot not in apz.adapters.resident_slots() and apz.adapters.peft is None
+    )  # unwrapped back to the base model
 
 
 def test_bad_adapter_config_is_a_validation_error(apz):
@@ -179,11 +193,16 @@ def test_importing_bad_adapters_is_refused_and_the_previous_one_stays(apz, tmp_p
         folder.mkdir()
         config = json.loads((source / "adapter_config.json").read_text())
         (folder / "adapter_config.json").write_text(json.dumps({**config, **(config_update or {})}))
-        (folder / "adapter_model.safetensors").write_bytes(weights if weights is not None else (source / "adapter_model.safetensors").read_bytes())
+        (folder / "adapter_model.safetensors").write_bytes(
+            weights if weights is not None else (source / "adapter_model.safetensors").read_bytes()
+        )
         return folder
 
     cases = {
-        "truncated": (variant("truncated", weights=(source / "adapter_model.safetensors").read_bytes()[:200]), "unreadable"),
+        "truncated": (
+            variant("truncated", weights=(source / "adapter_model.safetensors").read_bytes()[:200]),
+            "unreadable",
+        ),
         "rank": (variant("rank", {"r": 8}), r"expected \(8, "),
         "targets": (variant("targets", {"target_modules": ["q_proj"]}), "outside its target_modules"),
         "foreign": (variant("foreign", {"base_model_name_or_path": "someone/else-7b"}), "someone/else-7b"),
@@ -197,4 +216,7 @@ def test_importing_bad_adapters_is_refused_and_the_previous_one_stays(apz, tmp_p
     # A good folder from elsewhere (here: ben's adapter) replaces ana's and answers as ben's does.
     profile = apz.import_adapter("ana", variant("good"))
     assert profile.settings["adapter"]["kind"] == "imported"
-    assert apz.respond("ana", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text == apz.respond("ben", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text
+    assert (
+        apz.respond("ana", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text
+        == apz.respond("ben", ASK, max_new_tokens=6, steer={}, shots=False, memory=False).text
+    )

@@ -19,18 +19,26 @@ from personalign.personalizer import Personalizer
 from personalign.types import Comparison
 
 SHORT = [
-    Comparison(prompt=f"Question number {i} about eggs?", chosen="Nine minutes.", rejected="It depends on many long and winding things.")
+    Comparison(
+        prompt=f"Question number {i} about eggs?",
+        chosen="Nine minutes.",
+        rejected="It depends on many long and winding things.",
+    )
     for i in range(6)
 ]
 LONG = [Comparison(prompt=c.prompt, chosen=c.rejected, rejected=c.chosen) for c in SHORT]
-FAST = LoraTrainConfig(epochs=6, rank=4, alpha=8, learning_rate=5e-3, seed=0, target_modules=["q_proj", "v_proj"])
+FAST = LoraTrainConfig(
+    epochs=6, rank=4, alpha=8, learning_rate=5e-3, seed=0, target_modules=["q_proj", "v_proj"]
+)
 
 
 @pytest.fixture(scope="module")
 def trained_bank_dir(tiny_model_dir, tmp_path_factory):
     """Two bases trained in opposite directions (short answers vs long answers)."""
     out = tmp_path_factory.mktemp("bank") / "bank"
-    LoraBank.train(load_generator(str(tiny_model_dir), device="cpu"), {"short": SHORT[:4], "long": LONG[:4]}, out, FAST)
+    LoraBank.train(
+        load_generator(str(tiny_model_dir), device="cpu"), {"short": SHORT[:4], "long": LONG[:4]}, out, FAST
+    )
     return out
 
 
@@ -38,10 +46,15 @@ def trained_bank_dir(tiny_model_dir, tmp_path_factory):
 def random_bank(tiny_model_dir, tmp_path):
     """Three bases with random A and B (different ranks and targets) saved by PEFT."""
     folders = []
-    for i, (rank, targets) in enumerate(((2, ["q_proj", "v_proj"]), (4, ["v_proj", "o_proj"]), (3, ["q_proj"]))):
+    for i, (rank, targets) in enumerate(
+        ((2, ["q_proj", "v_proj"]), (4, ["v_proj", "o_proj"]), (3, ["q_proj"]))
+    ):
         model = load_generator(str(tiny_model_dir), device="cpu").model
         torch.manual_seed(i)
-        peft = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank + i, target_modules=targets, init_lora_weights=False))
+        peft = get_peft_model(
+            model,
+            LoraConfig(r=rank, lora_alpha=2 * rank + i, target_modules=targets, init_lora_weights=False),
+        )
         peft.save_pretrained(str(tmp_path / f"b{i}"))
         folders.append(tmp_path / f"b{i}")
     generator = load_generator(str(tiny_model_dir), device="cpu")
@@ -55,10 +68,15 @@ def _merged(tiny_model_dir, folder):
     return {n: p.detach().clone() for n, p in merged.named_parameters()}
 
 
-def test_combined_adapter_is_the_exact_weighted_sum_of_peft_merged_deltas(random_bank, tiny_model_dir, tmp_path):
+def test_combined_adapter_is_the_exact_weighted_sum_of_peft_merged_deltas(
+    random_bank, tiny_model_dir, tmp_path
+):
     bank, folders = random_bank
     w = [0.7, -1.3, 2.0]
-    base = {n: p.detach().clone() for n, p in load_generator(str(tiny_model_dir), device="cpu").model.named_parameters()}
+    base = {
+        n: p.detach().clone()
+        for n, p in load_generator(str(tiny_model_dir), device="cpu").model.named_parameters()
+    }
     merged = [_merged(tiny_model_dir, f) for f in folders]
     combined = _merged(tiny_model_dir, bank.write_adapter(w, tmp_path / "combined"))
     changed = 0
@@ -68,7 +86,9 @@ def test_combined_adapter_is_the_exact_weighted_sum_of_peft_merged_deltas(random
         changed += int(not torch.equal(combined[name], weight))
     assert changed == 3 * 2  # q, v, o projections of both layers
     module = bank.modules[0]
-    manual = sum(wk * (m[module + ".weight"] - base[module + ".weight"]) for wk, m in zip(w, merged, strict=True))
+    manual = sum(
+        wk * (m[module + ".weight"] - base[module + ".weight"]) for wk, m in zip(w, merged, strict=True)
+    )
     torch.testing.assert_close(bank.delta(w, module), manual, rtol=1e-5, atol=1e-5)
 
 
@@ -83,11 +103,15 @@ def test_peft_cat_computes_the_same_sum_as_the_hand_stacked_lora(random_bank, w)
     generator_weights = {n: p.detach().clone() for n, p in bank.generator.model.named_parameters()}
     for module in bank.modules:
         a, b = (f"base_model.model.{module}.lora_{x}.weight" for x in "AB")
-        assert peft_tensors[a].shape == hand_tensors[a].shape and peft_tensors[b].shape == hand_tensors[b].shape
+        assert (
+            peft_tensors[a].shape == hand_tensors[a].shape and peft_tensors[b].shape == hand_tensors[b].shape
+        )
         expected = bank.delta(w, module)  # (out, in), term by term
         torch.testing.assert_close(peft_tensors[b] @ peft_tensors[a], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(hand_tensors[b] @ hand_tensors[a], expected, rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(p, generator_weights[n]) for n, p in bank.generator.model.named_parameters())  # untouched
+    assert all(
+        torch.equal(p, generator_weights[n]) for n, p in bank.generator.model.named_parameters()
+    )  # untouched
 
 
 def test_one_basis_is_combined_without_peft_square_roots(random_bank, tiny_model_dir):
@@ -96,7 +120,10 @@ def test_one_basis_is_combined_without_peft_square_roots(random_bank, tiny_model
     bank = LoraBank.from_folders(load_generator(str(tiny_model_dir), device="cpu"), folders[:1])
     rank, tensors = bank.peft_cat_tensors([-2.0])
     module = bank.modules[0]
-    delta = tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    delta = (
+        tensors[f"base_model.model.{module}.lora_B.weight"]
+        @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    )
     torch.testing.assert_close(delta, bank.delta([-2.0], module), rtol=1e-5, atol=1e-6)
 
 
@@ -118,7 +145,9 @@ def test_applied_forward_equals_peft_loading_the_combined_adapter(random_bank, t
     bank, _ = random_bank
     w = [1.5, 0.25, -0.5]
     ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
-    peft = PeftModel.from_pretrained(load_generator(str(tiny_model_dir), device="cpu").model, str(bank.write_adapter(w, tmp_path / "c")))
+    peft = PeftModel.from_pretrained(
+        load_generator(str(tiny_model_dir), device="cpu").model, str(bank.write_adapter(w, tmp_path / "c"))
+    )
     with torch.no_grad():
         expected = peft(input_ids=ids).logits
         with bank.applied(w):
@@ -143,37 +172,63 @@ def test_fit_margins_matches_the_stationary_point_found_by_bisection(random_bank
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if 2 * (1 - 1 / (1 + math.exp(-2 * mid))) - mid > 0 else (lo, mid)
     w1 = bank.fit_margins(np.array([[2.0, 0.0, 0.0]]))
-    assert w1[0] == pytest.approx(lo, abs=1e-9) and w1[0] == pytest.approx(0.5213, abs=1e-4)  # 2 * (1 - sigmoid(1.0426)) = 0.5213
+    assert w1[0] == pytest.approx(lo, abs=1e-9) and w1[0] == pytest.approx(
+        0.5213, abs=1e-4
+    )  # 2 * (1 - sigmoid(1.0426)) = 0.5213
 
 
-def test_trained_bank_fits_users_to_the_right_basis_and_exact_refinement_helps(trained_bank_dir, tiny_model_dir):
+def test_trained_bank_fits_users_to_the_right_basis_and_exact_refinement_helps(
+    trained_bank_dir, tiny_model_dir
+):
     bank = LoraBank.load(load_generator(str(tiny_model_dir), device="cpu"), trained_bank_dir)
     assert bank.names == ["short", "long"] and bank.provenance["groups"] == {"short": 4, "long": 4}
     margins = bank.basis_margins(SHORT[4:])
-    assert (margins[:, 0] > 0).all() and (margins[:, 1] < 0).all()  # each basis learned its side on unseen prompts
+    assert (margins[:, 0] > 0).all() and (
+        margins[:, 1] < 0
+    ).all()  # each basis learned its side on unseen prompts
     fit = bank.fit(SHORT[:3])
     assert fit.weights[0] > 0 and fit.accuracy == 1.0
-    assert (bank.margins_under(SHORT[4:], fit.weights) > 0).all()  # the combined adapter itself prefers short answers
+    assert (
+        bank.margins_under(SHORT[4:], fit.weights) > 0
+    ).all()  # the combined adapter itself prefers short answers
     opposite = bank.fit(LONG[:3])
     assert (bank.margins_under(LONG[4:], opposite.weights) > 0).all()
     exact = bank.fit(SHORT[:3], method="exact", steps=5, learning_rate=0.05)
     assert exact.history[-1] <= exact.history[0] and exact.log_likelihood >= fit.log_likelihood - 0.02
 
 
-def test_enroll_with_a_bank_stores_a_plain_adapter_used_in_mixed_batches(trained_bank_dir, tiny_model_dir, encoder, tmp_path):
+def test_enroll_with_a_bank_stores_a_plain_adapter_used_in_mixed_batches(
+    trained_bank_dir, tiny_model_dir, encoder, tmp_path
+):
     generator = load_generator(str(tiny_model_dir), device="cpu")
     with Personalizer(generator, encoder, store=tmp_path / "store") as pz:
         bank = LoraBank.load(generator, trained_bank_dir)
         profile = pz.enroll("ana", [c.model_dump() for c in SHORT[:3]], adapter=bank)
-        assert profile.settings["adapter"]["kind"] == "bank" and profile.settings["adapter"]["bases"] == ["short", "long"]
+        assert profile.settings["adapter"]["kind"] == "bank" and profile.settings["adapter"]["bases"] == [
+            "short",
+            "long",
+        ]
         config = json.loads((pz.adapters.path("ana") / "adapter_config.json").read_text())
         assert config["r"] == 8 and not config.get("modules_to_save")
-        pz.enroll("ben", [c.model_dump() for c in LONG[:4]], adapter=True, adapter_config={"epochs": 2, "rank": 4, "seed": 0})
+        pz.enroll(
+            "ben",
+            [c.model_dump() for c in LONG[:4]],
+            adapter=True,
+            adapter_config={"epochs": 2, "rank": 4, "seed": 0},
+        )
         ask = [{"role": "user", "content": "Question number 5 about eggs?"}]
-        requests = [{"user": u, "messages": ask, "max_new_tokens": 6, "steer": {}, "shots": False, "memory": False} for u in ("ana", "ben", None)]
+        requests = [
+            {"user": u, "messages": ask, "max_new_tokens": 6, "steer": {}, "shots": False, "memory": False}
+            for u in ("ana", "ben", None)
+        ]
         batch = pz.respond_batch(requests)
         for request, result in zip(requests, batch, strict=True):
-            assert result.text == pz.respond(request["user"], ask, max_new_tokens=6, steer={}, shots=False, memory=False).text
+            assert (
+                result.text
+                == pz.respond(
+                    request["user"], ask, max_new_tokens=6, steer={}, shots=False, memory=False
+                ).text
+            )
 
 
 def test_bad_banks_and_weights_get_typed_errors(random_bank, trained_bank_dir, tiny_model_dir, tmp_path):
@@ -189,7 +244,9 @@ def test_bad_banks_and_weights_get_typed_errors(random_bank, trained_bank_dir, t
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     (truncated / "adapter_config.json").write_text((folders[0] / "adapter_config.json").read_text())
-    (truncated / "adapter_model.safetensors").write_bytes((folders[0] / "adapter_model.safetensors").read_bytes()[:100])
+    (truncated / "adapter_model.safetensors").write_bytes(
+        (folders[0] / "adapter_model.safetensors").read_bytes()[:100]
+    )
     with pytest.raises(AdapterError, match="unreadable"):
         LoraBank.from_folders(bank.generator, [truncated])
     other = tmp_path / "other_bank"
@@ -208,19 +265,60 @@ def test_cli_trains_a_bank_from_a_population_and_fits_a_user(tiny_model_dir, tmp
     rows = []
     for u in range(4):
         pairs = SHORT if u % 2 == 0 else LONG
-        rows += [{"user": f"u{u}", **c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})} for c in pairs[:4]]
+        rows += [
+            {"user": f"u{u}", **c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})}
+            for c in pairs[:4]
+        ]
     data = tmp_path / "population.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     runner = CliRunner()
     model = ["--model", str(tiny_model_dir)]
-    out = runner.invoke(app, ["train", "bank", "--data", str(data), "--k", "2", "--rank", "2", "--epochs", "2", "--out", str(tmp_path / "bank"), *model])
+    out = runner.invoke(
+        app,
+        [
+            "train",
+            "bank",
+            "--data",
+            str(data),
+            "--k",
+            "2",
+            "--rank",
+            "2",
+            "--epochs",
+            "2",
+            "--out",
+            str(tmp_path / "bank"),
+            *model,
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "bank of 2 bases" in out.output and (tmp_path / "bank" / "personalign_bank.json").is_file()
     user_file = tmp_path / "alice.jsonl"
-    user_file.write_text("".join(json.dumps(c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})) + "\n" for c in SHORT[:3]))
+    user_file.write_text(
+        "".join(
+            json.dumps(c.model_dump(mode="json", include={"prompt", "chosen", "rejected"})) + "\n"
+            for c in SHORT[:3]
+        )
+    )
     store = ["--store", str(tmp_path / "store")]
-    out = runner.invoke(app, ["train", "user-bank", "--user", "alice", "--bank", str(tmp_path / "bank"), "--file", str(user_file), *store, *model])
+    out = runner.invoke(
+        app,
+        [
+            "train",
+            "user-bank",
+            "--user",
+            "alice",
+            "--bank",
+            str(tmp_path / "bank"),
+            "--file",
+            str(user_file),
+            *store,
+            *model,
+        ],
+    )
     assert out.exit_code == 0, out.output
     assert "alice: weights cluster-" in out.output and "on 3 comparisons" in out.output
-    out = runner.invoke(app, ["train", "user-bank", "--user", "nobody", "--bank", str(tmp_path / "bank"), *store, *model])
+    out = runner.invoke(
+        app, ["train", "user-bank", "--user", "nobody", "--bank", str(tmp_path / "bank"), *store, *model]
+    )
     assert out.exit_code != 0 and "nobody" in out.output

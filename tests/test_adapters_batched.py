@@ -16,8 +16,17 @@ def peft_model(tiny_model_dir):
     model = load_generator(str(tiny_model_dir), device="cpu").model
     torch.manual_seed(0)
     # init_lora_weights=False draws B at random too, so every adapter changes the output.
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), adapter_name="ua")
-    peft.add_adapter("ub", LoraConfig(r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        model,
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        adapter_name="ua",
+    )
+    peft.add_adapter(
+        "ub",
+        LoraConfig(
+            r=2, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+        ),
+    )
     peft.add_adapter("uc", LoraConfig(r=8, lora_alpha=8, target_modules=["v_proj"], init_lora_weights=False))
     return peft.eval()
 
@@ -54,7 +63,10 @@ def test_hooks_are_removed_and_batch_size_is_checked(peft_model):
     ids = _ids(2)
     with torch.no_grad(), peft_model.disable_adapter():
         base = peft_model(input_ids=ids).logits
-        with gathered_lora(peft_model, ["ua", "uc", "ub"]), pytest.raises(RuntimeError, match="batch of 3 rows, got 2"):
+        with (
+            gathered_lora(peft_model, ["ua", "uc", "ub"]),
+            pytest.raises(RuntimeError, match="batch of 3 rows, got 2"),
+        ):
             peft_model(input_ids=ids)
         torch.testing.assert_close(peft_model(input_ids=ids).logits, base, rtol=0, atol=0)
 

@@ -28,8 +28,15 @@ def test_golden_pairs_round_robin_over_prompts():
         ("q", "x", "y"),
         ("p", "ccc", "a"),
     ]
-    assert _pairs(amplify(answers, rewards, AmplifyConfig(pairs=2, per_prompt=3))) == [("p", "bb", "a"), ("q", "x", "y")]
-    assert _pairs(amplify(answers, rewards, AmplifyConfig(pairs=10, min_margin=0.75))) == [("p", "bb", "a"), ("p", "ccc", "a"), ("p", "bb", "ccc")]
+    assert _pairs(amplify(answers, rewards, AmplifyConfig(pairs=2, per_prompt=3))) == [
+        ("p", "bb", "a"),
+        ("q", "x", "y"),
+    ]
+    assert _pairs(amplify(answers, rewards, AmplifyConfig(pairs=10, min_margin=0.75))) == [
+        ("p", "bb", "a"),
+        ("p", "ccc", "a"),
+        ("p", "bb", "ccc"),
+    ]
 
 
 def test_identical_empty_and_tied_answers_are_never_pairs():
@@ -63,7 +70,11 @@ def pal(encoder, small):
 def test_amplified_adapter_trains_on_labelled_pairs_and_stores_none(lively, encoder, pal, small, tmp_path):
     population, eval_pop = small
     user = eval_pop.users[0]
-    answers = {p: [c.chosen for c in population.population(shots=2, held_out=0).users[0].shots[:1]] + ["A short answer.", "A much longer answer that goes on and on about many things."] for p in population.prompts[:3]}
+    answers = {
+        p: [c.chosen for c in population.population(shots=2, held_out=0).users[0].shots[:1]]
+        + ["A short answer.", "A much longer answer that goes on and on about many things."]
+        for p in population.prompts[:3]
+    }
     with Personalizer(lively, encoder, tmp_path / "s", embedder=pal) as pz:
         pz.enroll(user.user, user.shots)
         extra = pz.amplified_comparisons(user.user, answers, {"pairs": 5})

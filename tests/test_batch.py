@@ -8,16 +8,43 @@ from personalign.errors import UnknownUserError, ValidationError
 
 
 def _setup(pz):
-    pz.enroll("ana", [{"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "A long story about eggs and water and time."}])
-    pz.enroll("ben", [{"prompt": "Why is the sky blue?", "chosen": "Because of a long and detailed physical reason.", "rejected": "Scattering."}])
+    pz.enroll(
+        "ana",
+        [
+            {
+                "prompt": "How do I boil an egg?",
+                "chosen": "Nine minutes.",
+                "rejected": "A long story about eggs and water and time.",
+            }
+        ],
+    )
+    pz.enroll(
+        "ben",
+        [
+            {
+                "prompt": "Why is the sky blue?",
+                "chosen": "Because of a long and detailed physical reason.",
+                "rejected": "Scattering.",
+            }
+        ],
+    )
     pz.remember("ben", "I am vegetarian and I cook for two.")
 
 
 REQUESTS = [
     {"user": "ana", "messages": [{"role": "user", "content": "Plan my dinner."}], "max_new_tokens": 12},
-    {"user": "ben", "messages": [{"role": "user", "content": "Plan my dinner for two people please."}], "max_new_tokens": 7},
+    {
+        "user": "ben",
+        "messages": [{"role": "user", "content": "Plan my dinner for two people please."}],
+        "max_new_tokens": 7,
+    },
     {"user": None, "messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 10},
-    {"user": "ana", "messages": [{"role": "user", "content": "Why is the sky blue?"}], "steer": {"verbosity": 2.0}, "max_new_tokens": 9},
+    {
+        "user": "ana",
+        "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+        "steer": {"verbosity": 2.0},
+        "max_new_tokens": 9,
+    },
 ]
 
 
@@ -35,7 +62,11 @@ def test_mixed_batch_equals_individual_runs(pz):
 
 def test_sampling_groups_are_generated_separately(pz):
     _setup(pz)
-    requests = [{**REQUESTS[0], "temperature": 0.7, "seed": 1}, REQUESTS[2], {**REQUESTS[1], "temperature": 0.7, "seed": 1}]
+    requests = [
+        {**REQUESTS[0], "temperature": 0.7, "seed": 1},
+        REQUESTS[2],
+        {**REQUESTS[1], "temperature": 0.7, "seed": 1},
+    ]
     results = pz.respond_batch(requests)
     assert [r.user for r in results] == ["ana", None, "ben"]
     assert results[1] == pz.respond(None, REQUESTS[2]["messages"], max_new_tokens=10)

@@ -30,10 +30,19 @@ def test_report_structure(bench):
         assert set(stats) == STAT_KEYS, name
         assert stats["n"] == TINY["adds" if "add" in name else "queries"]
         assert 0 < stats["min"] <= stats["p50"] <= stats["p95"] <= stats["max"]
-    assert set(result["ratios"]) == {"add_p50", "add_p95", "search_p50", "search_p95", "add_paired_p50", "search_paired_p50"}
+    assert set(result["ratios"]) == {
+        "add_p50",
+        "add_p95",
+        "search_p50",
+        "search_p95",
+        "add_paired_p50",
+        "search_paired_p50",
+    }
     assert all(math.isfinite(v) and v > 0 for v in result["ratios"].values())
     latency = result["latency_ms"]
-    assert result["ratios"]["search_p50"] == pytest.approx(latency["search"]["p50"] / latency["encode_search"]["p50"])
+    assert result["ratios"]["search_p50"] == pytest.approx(
+        latency["search"]["p50"] / latency["encode_search"]["p50"]
+    )
     assert result["build"]["memories"] == TINY["memories"] + (TINY["users"] - 1) * TINY["background_per_user"]
     assert result["machine"]["torch_threads"] >= 1 and result["machine"]["platform"]
     json.dumps(result)  # the CLI writes it as JSON
@@ -64,7 +73,10 @@ def test_format_report_has_the_ratio_lines(bench):
     _, result = bench
     report = format_report(result)
     assert f"{TINY['memories']:,} memories among {TINY['users']} users" in report
-    assert f"add / encode: p50 {result['ratios']['add_p50']:.2f}x, p95 {result['ratios']['add_p95']:.2f}x" in report
+    assert (
+        f"add / encode: p50 {result['ratios']['add_p50']:.2f}x, p95 {result['ratios']['add_p95']:.2f}x"
+        in report
+    )
     assert f"search / encode: p50 {result['ratios']['search_p50']:.2f}x" in report
     assert "p50/encode" in report and "0 from other users" in report
     header = report.splitlines()[1]

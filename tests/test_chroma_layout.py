@@ -28,12 +28,16 @@ def _uuid_folders(path: Path) -> set[str]:
 
 def _segments(path: Path) -> dict[str, tuple[str, str]]:
     with sqlite3.connect(path / "chroma.sqlite3") as conn:
-        return {row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, scope, collection FROM segments")}
+        return {
+            row[0]: (row[1], row[2]) for row in conn.execute("SELECT id, scope, collection FROM segments")
+        }
 
 
 def test_the_chroma_release_is_under_the_declared_cap():
     major = int(version("chromadb").split(".")[0])
-    assert major < 2, f"chromadb {version('chromadb')} is past the cap <2 that pyproject declares; {LAYOUT_HINT}?"
+    assert major < 2, (
+        f"chromadb {version('chromadb')} is past the cap <2 that pyproject declares; {LAYOUT_HINT}?"
+    )
 
 
 def test_index_folders_are_named_by_the_segments_table(tmp_path):
@@ -43,8 +47,14 @@ def test_index_folders_are_named_by_the_segments_table(tmp_path):
     client = chromadb.PersistentClient(path=str(tmp_path), settings=Settings(anonymized_telemetry=False))
     rng = np.random.default_rng(0)
     for name in ("user-alice", "user-bob"):
-        collection = client.get_or_create_collection(name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}})
-        collection.add(ids=[f"{name}-{i}" for i in range(4)], embeddings=rng.normal(size=(4, 8)).tolist(), documents=["fact"] * 4)
+        collection = client.get_or_create_collection(
+            name, embedding_function=None, configuration={"hnsw": {"space": "cosine"}}
+        )
+        collection.add(
+            ids=[f"{name}-{i}" for i in range(4)],
+            embeddings=rng.normal(size=(4, 8)).tolist(),
+            documents=["fact"] * 4,
+        )
     assert (tmp_path / "chroma.sqlite3").is_file(), LAYOUT_HINT
     try:
         segments = _segments(tmp_path)
@@ -52,12 +62,20 @@ def test_index_folders_are_named_by_the_segments_table(tmp_path):
         pytest.fail(f"{LAYOUT_HINT} ({err})")
     folders = _uuid_folders(tmp_path)
     vector = {sid for sid, (scope, _) in segments.items() if scope == "VECTOR"}
-    assert len(folders) == 2, f"{LAYOUT_HINT}: expected one UUID-named index folder per collection, found {sorted(folders)}"
-    assert folders <= set(segments), f"{LAYOUT_HINT}: index folders {sorted(folders - set(segments))} are not named by a segment id"
-    assert folders == vector, f"{LAYOUT_HINT}: index folders {sorted(folders)} are not the vector segments {sorted(vector)}"
+    assert len(folders) == 2, (
+        f"{LAYOUT_HINT}: expected one UUID-named index folder per collection, found {sorted(folders)}"
+    )
+    assert folders <= set(segments), (
+        f"{LAYOUT_HINT}: index folders {sorted(folders - set(segments))} are not named by a segment id"
+    )
+    assert folders == vector, (
+        f"{LAYOUT_HINT}: index folders {sorted(folders)} are not the vector segments {sorted(vector)}"
+    )
     bob = client.get_collection("user-bob").id
     client.delete_collection("user-bob")
-    assert all(str(bob) != c for _, c in _segments(tmp_path).values()), f"{LAYOUT_HINT}: a deleted collection keeps its segments"
+    assert all(str(bob) != c for _, c in _segments(tmp_path).values()), (
+        f"{LAYOUT_HINT}: a deleted collection keeps its segments"
+    )
 
 
 def test_forget_purges_only_the_forgotten_users_index(tmp_path, encoder):

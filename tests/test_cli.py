@@ -20,8 +20,18 @@ def _write(path, rows):
 
 
 ROWS = [
-    {"user": "ana", "prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It takes a long explanation of many steps."},
-    {"user": "ana", "prompt": "Why is the sky blue?", "chosen": "Scattering.", "rejected": "Because of a long and detailed reason."},
+    {
+        "user": "ana",
+        "prompt": "How do I boil an egg?",
+        "chosen": "Nine minutes.",
+        "rejected": "It takes a long explanation of many steps.",
+    },
+    {
+        "user": "ana",
+        "prompt": "Why is the sky blue?",
+        "chosen": "Scattering.",
+        "rejected": "Because of a long and detailed reason.",
+    },
 ]
 
 
@@ -36,7 +46,21 @@ def test_enroll_chat_profile_forget(tiny_model_dir, tmp_path):
     out = runner.invoke(app, ["remember", "--user", "ana", "I am vegetarian.", *common])
     assert out.exit_code == 0, out.output
 
-    out = runner.invoke(app, ["chat", "--user", "ana", "--message", "Plan dinner", "--max-new-tokens", "4", "--model", str(tiny_model_dir), *common])
+    out = runner.invoke(
+        app,
+        [
+            "chat",
+            "--user",
+            "ana",
+            "--message",
+            "Plan dinner",
+            "--max-new-tokens",
+            "4",
+            "--model",
+            str(tiny_model_dir),
+            *common,
+        ],
+    )
     assert out.exit_code == 0, out.output
 
     out = runner.invoke(app, ["profile", "--user", "ana", *common])
@@ -51,7 +75,9 @@ def test_enroll_chat_profile_forget(tiny_model_dir, tmp_path):
 
 def test_interactive_chat_reads_until_empty_line(tiny_model_dir, tmp_path):
     out = runner.invoke(
-        app, ["chat", "--max-new-tokens", "3", "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")], input="hello\nagain\n\n"
+        app,
+        ["chat", "--max-new-tokens", "3", "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")],
+        input="hello\nagain\n\n",
     )
     assert out.exit_code == 0, out.output
     assert out.output.count("bot> ") == 2
@@ -60,7 +86,20 @@ def test_interactive_chat_reads_until_empty_line(tiny_model_dir, tmp_path):
 def test_enroll_rejects_mixed_users_and_stores_nothing(tiny_model_dir, tmp_path):
     store = tmp_path / "store"
     data = _write(tmp_path / "c.jsonl", [*ROWS, {**ROWS[0], "user": "bob"}])
-    out = runner.invoke(app, ["enroll", "--user", "ana", "--file", str(data), "--model", str(tiny_model_dir), "--store", str(store)])
+    out = runner.invoke(
+        app,
+        [
+            "enroll",
+            "--user",
+            "ana",
+            "--file",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--store",
+            str(store),
+        ],
+    )
     assert out.exit_code == 1
     assert "c.jsonl:3.user" in out.output and "Fix:" in out.output
     assert not (store / "users" / "ana").exists()
@@ -68,7 +107,9 @@ def test_enroll_rejects_mixed_users_and_stores_nothing(tiny_model_dir, tmp_path)
 
 def test_bad_row_is_reported_with_its_line(tiny_model_dir, tmp_path):
     data = _write(tmp_path / "c.jsonl", [ROWS[0], {**ROWS[1], "chosen": "   "}])
-    out = runner.invoke(app, ["enroll", "--file", str(data), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")])
+    out = runner.invoke(
+        app, ["enroll", "--file", str(data), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")]
+    )
     assert out.exit_code == 1 and "c.jsonl:2.chosen" in out.output
 
 
@@ -83,13 +124,27 @@ def test_parse_steer():
 
 def test_chat_with_unknown_steer_objective_fails_cleanly(tiny_model_dir, tmp_path):
     out = runner.invoke(
-        app, ["chat", "--message", "hi", "--steer", "charm=1", "--model", str(tiny_model_dir), "--store", str(tmp_path / "s")]
+        app,
+        [
+            "chat",
+            "--message",
+            "hi",
+            "--steer",
+            "charm=1",
+            "--model",
+            str(tiny_model_dir),
+            "--store",
+            str(tmp_path / "s"),
+        ],
     )
     assert out.exit_code == 2 and "steer.charm" in out.output and "verbosity" in out.output
 
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
-    out = runner.invoke(app, ["demo", "--model", str(tiny_model_dir), "--max-new-tokens", "16", "--store", str(tmp_path / "s")])
+    out = runner.invoke(
+        app,
+        ["demo", "--model", str(tiny_model_dir), "--max-new-tokens", "16", "--store", str(tmp_path / "s")],
+    )
     # A random model's lengths say nothing, so the verdict may be either; the pipeline must run.
     assert out.exit_code in (0, 1), out.output
     assert "enrolled sam: 8 comparisons" in out.output and "enrolled robin: 8 comparisons" in out.output
@@ -100,9 +155,13 @@ def test_demo_measurement_verdict(capsys):
     from personalign.cli.demo import _print_measurement
 
     preference = {"sam": (13.0, 107.0), "robin": (107.0, 13.0)}
-    assert _print_measurement(["sam", "robin"], preference, {"sam": [30, 40], "robin": [130, 120], "generic": [125, 135]})
+    assert _print_measurement(
+        ["sam", "robin"], preference, {"sam": [30, 40], "robin": [130, 120], "generic": [125, 135]}
+    )
     assert "sam's answers are 0.28x the length of robin's" in capsys.readouterr().out
-    assert not _print_measurement(["sam", "robin"], preference, {"sam": [130, 140], "robin": [30, 20], "generic": [125, 135]})
+    assert not _print_measurement(
+        ["sam", "robin"], preference, {"sam": [130, 140], "robin": [30, 20], "generic": [125, 135]}
+    )
     assert "NO" in capsys.readouterr().out
 
 
@@ -125,6 +184,8 @@ def test_a_missing_extra_is_named(capsys):
     for module, extra in (("matplotlib.pyplot", "lab"), ("fastapi", "serve")):
         with pytest.raises(typer.Exit) as exited, failing():
             needs(module)
-        assert exited.value.exit_code == 1 and f"pip install 'personalign[{extra}]'" in capsys.readouterr().err
+        assert (
+            exited.value.exit_code == 1 and f"pip install 'personalign[{extra}]'" in capsys.readouterr().err
+        )
     with pytest.raises(ModuleNotFoundError), failing():  # not an extra's module: a real bug, re-raised
         needs("no_such_module")

@@ -7,7 +7,10 @@ import pytest
 from personalign.personalizer import Personalizer
 from personalign.types import Comparison
 
-SHOTS = [Comparison(prompt=f"Question {i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(3)]
+SHOTS = [
+    Comparison(prompt=f"Question {i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.")
+    for i in range(3)
+]
 MSGS = [{"role": "user", "content": "Question 9 about eggs?"}]
 ALL_OFF = {"memory": False, "shots": False, "fspo": False, "pplug": False, "adapter": False, "steer": {}}
 
@@ -21,7 +24,12 @@ def _fresh(tiny_model_dir):
 @pytest.fixture()
 def both(tiny_model_dir, encoder, fspo_folder, pplug_folder, tmp_path):
     """A Personalizer with the FSPO adapter and the projector, and a plain one; ann enrolled in both."""
-    with Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "a", fspo=fspo_folder, pplug=pplug_folder) as pz, Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "b") as plain:
+    with (
+        Personalizer(
+            _fresh(tiny_model_dir), encoder, tmp_path / "a", fspo=fspo_folder, pplug=pplug_folder
+        ) as pz,
+        Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "b") as plain,
+    ):
         for p in (pz, plain):
             p.enroll("ann", SHOTS)
             p.remember("ann", "I boil my eggs for nine minutes, about eggs.")
@@ -51,7 +59,13 @@ def test_each_conditioner_alone_and_together_changes_the_answer_and_batches_exac
     single = pz.respond("ann", MSGS, **opts)
     assert single.text != plain.chat(None, MSGS, max_new_tokens=10)
     # in a batch with plain rows and other conditioners, each row gives what it gives alone
-    batch = pz.chat_batch([{"user": "ann", "messages": MSGS, **opts}, {"user": None, "messages": MSGS, "max_new_tokens": 10}, {"user": "ann", "messages": MSGS, **ALL_OFF, "pplug": True, "max_new_tokens": 10}])
+    batch = pz.chat_batch(
+        [
+            {"user": "ann", "messages": MSGS, **opts},
+            {"user": None, "messages": MSGS, "max_new_tokens": 10},
+            {"user": "ann", "messages": MSGS, **ALL_OFF, "pplug": True, "max_new_tokens": 10},
+        ]
+    )
     assert batch[0] == single.text
     assert batch[1] == plain.chat(None, MSGS, max_new_tokens=10)
     assert batch[2] == pz.chat("ann", MSGS, **{**ALL_OFF, "pplug": True}, max_new_tokens=10)
@@ -69,7 +83,9 @@ def test_plug_history_is_the_users_own(both):
     pz, _ = both
     pz.enroll("bob", [Comparison(prompt="Hi?", chosen="Hello there, friend.", rejected="Go away.")])
     assert pz.history_items("bob") == ["Hello there, friend."]
-    assert pz.history_items("ann") == [c.chosen for c in SHOTS] + ["I boil my eggs for nine minutes, about eggs."]
+    assert pz.history_items("ann") == [c.chosen for c in SHOTS] + [
+        "I boil my eggs for nine minutes, about eggs."
+    ]
     opts = {k: v for k, v in ALL_OFF.items() if k != "steer"} | {"pplug": True}
     bob, ann = (pz.engine.prepare(u, MSGS, {}, opts).plug for u in ("bob", "ann"))
     assert bob.shape == ann.shape and not bool((bob - ann).abs().max() < 1e-4)
@@ -84,7 +100,9 @@ def test_plug_for_another_generator_is_refused(tiny_generator, encoder, tmp_path
     tokenizer = build_tokenizer()
     other = tmp_path / "wide"
     model = build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, hidden_size=48)
-    assert model.config.hidden_size != tiny_generator.model.config.hidden_size  # really another, wider generator
+    assert (
+        model.config.hidden_size != tiny_generator.model.config.hidden_size
+    )  # really another, wider generator
     model.save_pretrained(other)
     tokenizer.save_pretrained(other)
     folder = save_plug(build_plug(load_generator(str(other), device="cpu"), encoder), tmp_path / "p")

@@ -42,7 +42,11 @@ class ToyEmbedder:
         weights = np.array([c.weight for c in comparisons])
         self.calls.append(weights.tolist())
         signs = np.array([1.0 if c.chosen == LONG else -1.0 for c in comparisons])
-        return UserState(self.name, np.array([4.0 * (weights * signs).sum() / weights.sum()]), n_comparisons=len(comparisons))
+        return UserState(
+            self.name,
+            np.array([4.0 * (weights * signs).sum() / weights.sum()]),
+            n_comparisons=len(comparisons),
+        )
 
     def reward(self, prompts, responses, state):
         return np.array([state.vector[0] * (1.0 if r == LONG else -1.0) for r in responses])
@@ -102,7 +106,9 @@ def test_detector_finds_the_switch_and_leaves_a_steady_user_alone():
     t, z = change_point(toy, _history(12, 4), config)
     assert t == 12 and z < -3.0
     switched = infer_state(toy, _history(12, 4), config)
-    assert switched.extra["drift"]["change_at"] == 12 and switched.vector[0] == pytest.approx(-4.0)  # only the recent choices
+    assert switched.extra["drift"]["change_at"] == 12 and switched.vector[0] == pytest.approx(
+        -4.0
+    )  # only the recent choices
     static = infer_state(toy, _history(12, 4), STATIC)
     assert static.vector[0] > 0  # the static state still prefers the old answers
     decayed = infer_state(toy, _history(12, 4), DriftConfig(detect=True, on_change_half_life=2.0))
@@ -113,7 +119,9 @@ def test_agreement_is_positive_only_when_the_recent_choices_predict_each_other_b
     toy = ToyEmbedder()
     before = toy.infer(_history(12, 0))
     shorts = _history(0, 3)
-    assert agreement(toy, shorts, before) > 5.0  # each recent choice is predicted by the others, not by the past
+    assert (
+        agreement(toy, shorts, before) > 5.0
+    )  # each recent choice is predicted by the others, not by the past
     longs = [Comparison(prompt=f"s{i}?", chosen=LONG, rejected=SHORT) for i in range(3)]
     assert agreement(toy, longs, before) == pytest.approx(0.0, abs=1e-3)  # nothing the past did not predict
 
@@ -143,16 +151,22 @@ def test_personalizer_state_follows_the_drift_settings(tiny_generator, encoder, 
 def test_run_drift_writes_json_and_png(encoder, tmp_path):
     from personalign.eval.drift import MEMORY_MODES, DriftEvalConfig, run_drift
 
-    config = DriftEvalConfig(ks=[1, 2], pre=4, held_out=4, synthetic_users=20, memory_people=1, memory_distractors=2)
+    config = DriftEvalConfig(
+        ks=[1, 2], pre=4, held_out=4, synthetic_users=20, memory_people=1, memory_distractors=2
+    )
     result = run_drift(config, encoder, out=tmp_path)
     saved = json.loads((tmp_path / "drift.json").read_text())
     assert saved["preference"] == result["preference"] and (tmp_path / "drift.png").stat().st_size > 1000
     for scenario in ("switch", "stay"):
         cell = result["preference"][scenario]["2"]
-        assert {"static", "recency", "detector", "fresh", "detector_fired"} <= set(cell) and 0.0 <= cell["static"] <= 1.0
+        assert {"static", "recency", "detector", "fresh", "detector_fired"} <= set(cell) and 0.0 <= cell[
+            "static"
+        ] <= 1.0
     assert "recency_minus_static_ci95" in result["preference"]["stay"]["1"]
     assert set(result["memory"]) == set(MEMORY_MODES)
-    assert result["memory"]["keys"]["superseded_outranks_current"] == 0.0  # superseded facts are never searched
+    assert (
+        result["memory"]["keys"]["superseded_outranks_current"] == 0.0
+    )  # superseded facts are never searched
     with pytest.raises(ValidationError):
         DriftEvalConfig(ks=[0])
 

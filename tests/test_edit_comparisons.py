@@ -10,8 +10,12 @@ from personalign.personalizer import Personalizer
 from personalign.preference.service import STATE_KEY
 from personalign.types import Comparison
 
-SHORT = Comparison(prompt="How do I boil an egg?", chosen="Nine minutes.", rejected="Boiling an egg takes care. " * 12)
-LONG = Comparison(prompt="How do I boil an egg?", chosen="Boiling an egg takes care. " * 12, rejected="Nine minutes.")
+SHORT = Comparison(
+    prompt="How do I boil an egg?", chosen="Nine minutes.", rejected="Boiling an egg takes care. " * 12
+)
+LONG = Comparison(
+    prompt="How do I boil an egg?", chosen="Boiling an egg takes care. " * 12, rejected="Nine minutes."
+)
 
 
 @pytest.fixture()
@@ -28,7 +32,9 @@ def test_edits_recompute_steering_and_state_atomically(pz):
     assert [c.chosen for c in edited.comparisons] == [LONG.chosen] * 3
     assert edited.settings["inferred_steer"]["verbosity"] > 0  # she now prefers long answers
     stored = np.asarray(edited.settings[STATE_KEY]["vector"])
-    np.testing.assert_allclose(stored, pz.refresh_state("ana").vector, rtol=1e-5)  # the stored state is the re-inferred one
+    np.testing.assert_allclose(
+        stored, pz.refresh_state("ana").vector, rtol=1e-5
+    )  # the stored state is the re-inferred one
     assert not np.allclose(stored, before.settings[STATE_KEY]["vector"])
     after = pz.edit_comparisons("ana", remove=[0, 1])
     assert len(after.comparisons) == 1

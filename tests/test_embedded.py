@@ -39,7 +39,10 @@ def test_users_with_opposite_comparisons_get_answers_of_opposite_length(smollm, 
     with Personalizer(smollm, encoder, store=tmp_path / "store") as pz:
         for user in ("sam", "robin"):
             pz.enroll(user, [c for u, c in rows if u == user])
-        words = {u: word_count(pz.chat(u, question, max_new_tokens=120, repetition_penalty=1.1)) for u in ("sam", "robin", None)}
+        words = {
+            u: word_count(pz.chat(u, question, max_new_tokens=120, repetition_penalty=1.1))
+            for u in ("sam", "robin", None)
+        }
     # sam's comparisons prefer ~13-word answers over ~107-word ones; robin's the reverse.
     assert words["sam"] < 0.6 * words[None], words
     assert words["robin"] > 1.5 * words["sam"], words
@@ -48,7 +51,9 @@ def test_users_with_opposite_comparisons_get_answers_of_opposite_length(smollm, 
 def test_memory_reaches_the_prompt(smollm, encoder, tmp_path):
     with Personalizer(smollm, encoder, store=tmp_path / "store") as pz:
         pz.remember("alice", ["I am vegetarian and I cook for two.", "My car is a red hatchback."])
-        result = pz.respond("alice", [{"role": "user", "content": "Plan my dinner for tonight."}], max_new_tokens=8)
+        result = pz.respond(
+            "alice", [{"role": "user", "content": "Plan my dinner for tonight."}], max_new_tokens=8
+        )
     assert result.memories == ["I am vegetarian and I cook for two."]
     assert result.prompt_tokens > 30
 

@@ -41,9 +41,18 @@ def test_personalised_methods_beat_the_population_baseline(featurizer, build_emb
     population reward by a margin. (On the module's population, whose shared taste dominates,
     the best personal method was within a pair or two of Bradley-Terry, and which side won
     depended on the number of threads.)"""
-    config = SyntheticConfig(n_users=60, n_types=3, shared_scale=0.5, candidates_per_prompt=5, n_prompts=12, seed=0)
-    fit, test = SyntheticPopulation(config).population(shots=8, held_out=16, seed=1).split(0.3, seed=0, exclude="pair")
-    models = {name: build_embedder(name, featurizer).fit(fit.population(), seed=0) for name in ("bt", "meandiff", "pal")}
+    config = SyntheticConfig(
+        n_users=60, n_types=3, shared_scale=0.5, candidates_per_prompt=5, n_prompts=12, seed=0
+    )
+    fit, test = (
+        SyntheticPopulation(config)
+        .population(shots=8, held_out=16, seed=1)
+        .split(0.3, seed=0, exclude="pair")
+    )
+    models = {
+        name: build_embedder(name, featurizer).fit(fit.population(), seed=0)
+        for name in ("bt", "meandiff", "pal")
+    }
     baseline = held_out_accuracy(models["bt"], test.users, SHOTS)
     best = max(held_out_accuracy(models[name], test.users, 8) for name in ("meandiff", "pal"))
     # measured: bt 0.608; meandiff 0.677, pal 0.674-0.684 (1 or 2 threads), over 288 held-out pairs
@@ -132,17 +141,29 @@ def test_synthetic_population_is_seeded_and_knows_the_truth():
     prompt = world.prompts[0]
     a, b = world.candidates[prompt][:2]
     assert world.prob(user, a, b) + world.prob(user, b, a) == pytest.approx(1.0)
-    assert (world.prob(user, a, b) > 0.5) == (world.true_reward(user, [a])[0] > world.true_reward(user, [b])[0])
+    assert (world.prob(user, a, b) > 0.5) == (
+        world.true_reward(user, [a])[0] > world.true_reward(user, [b])[0]
+    )
 
 
 def test_measure_attributes():
     plain = measure_attributes("Do it.")
-    listed = measure_attributes("Certainly. Furthermore:\n1. Benchmark the latency.\n2. Calibrate the parameters.\nI hope this helps!")
+    listed = measure_attributes(
+        "Certainly. Furthermore:\n1. Benchmark the latency.\n2. Calibrate the parameters.\nI hope this helps!"
+    )
     length, structure, formality, technicality, sentiment, politeness = range(6)
     assert listed[length] > plain[length] and listed[structure] > 0 == plain[structure]
     assert listed[technicality] > plain[technicality] and listed[politeness] > plain[politeness]
-    assert measure_attributes("Honestly it is wonderful, I love it.")[sentiment] > 0 > measure_attributes("This is boring and painful.")[sentiment]
-    assert measure_attributes("Certainly, therefore.")[formality] > 0 > measure_attributes("Hey, gonna be awesome!")[formality]
+    assert (
+        measure_attributes("Honestly it is wonderful, I love it.")[sentiment]
+        > 0
+        > measure_attributes("This is boring and painful.")[sentiment]
+    )
+    assert (
+        measure_attributes("Certainly, therefore.")[formality]
+        > 0
+        > measure_attributes("Hey, gonna be awesome!")[formality]
+    )
 
 
 def test_split_is_by_user_and_excludes_test_prompts():
@@ -170,5 +191,3 @@ def test_psoups_loader():
         keys = [(c.prompt_text, c.chosen, c.rejected) for c in user.shots]
         assert len(set(keys)) == len(keys)
         assert user.held_out[0].prompt_text not in {c.prompt_text for c in user.shots}
-
-

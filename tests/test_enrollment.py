@@ -12,17 +12,33 @@ from personalign import Comparison
 from personalign.errors import UnknownUserError, ValidationError
 
 SHORT_FIRST = [
-    Comparison(prompt="What is a good first pet?", chosen="A goldfish: cheap and easy.", rejected="It depends on your lifestyle, budget, space and time; dogs need walks and attention several times a day, cats are more independent, and fish need a cycled tank and regular water changes."),
-    Comparison(prompt="How do I boil an egg?", chosen="Boil it for nine minutes.", rejected="Cover the eggs with cold water by an inch, bring to a rolling boil, turn off the heat, cover, wait nine to twelve minutes depending on the yolk you like, then move them to iced water and peel under running water."),
+    Comparison(
+        prompt="What is a good first pet?",
+        chosen="A goldfish: cheap and easy.",
+        rejected="It depends on your lifestyle, budget, space and time; dogs need walks and attention several times a day, cats are more independent, and fish need a cycled tank and regular water changes.",
+    ),
+    Comparison(
+        prompt="How do I boil an egg?",
+        chosen="Boil it for nine minutes.",
+        rejected="Cover the eggs with cold water by an inch, bring to a rolling boil, turn off the heat, cover, wait nine to twelve minutes depending on the yolk you like, then move them to iced water and peel under running water.",
+    ),
 ]
 LONG_FIRST = [Comparison(prompt=c.prompt, chosen=c.rejected, rejected=c.chosen) for c in SHORT_FIRST]
 PROMPT = "How do I keep basil alive?"
 SHORT = "Sun, water when dry, pinch the tips."
 LONG = "Basil wants six hours of direct sun, so use your brightest window; water deeply when the top of the soil is dry, let the pot drain, pinch off the top leaves weekly so it branches instead of flowering, and turn the pot every few days."
 CANDIDATES = [
-    {"prompt": "How do I fix a squeaky door?", "a": "Oil the hinges.", "b": "Lift each hinge pin, clean off old grease and rust, coat the pin in silicone lubricant, tap it back in and swing the door to spread it."},
+    {
+        "prompt": "How do I fix a squeaky door?",
+        "a": "Oil the hinges.",
+        "b": "Lift each hinge pin, clean off old grease and rust, coat the pin in silicone lubricant, tap it back in and swing the door to spread it.",
+    },
     {"prompt": "Name a sci-fi book.", "a": "Dune.", "b": "Hyperion."},
-    ("How should I start running?", "Run slowly three times a week.", "Begin with a run-walk plan of one minute jogging and two walking, for twenty minutes, three days a week, increasing the running share over eight weeks."),
+    (
+        "How should I start running?",
+        "Run slowly three times a week.",
+        "Begin with a run-walk plan of one minute jogging and two walking, for twenty minutes, three days a week, increasing the running share over eight weeks.",
+    ),
 ]
 
 
@@ -116,12 +132,17 @@ def test_a_custom_embedder_folder_is_used_and_its_feature_size_checked(tiny_gene
     from personalign.preference.base import Featurizer, FeaturizerConfig
     from personalign.preference.pal import PAL, PALConfig
 
-    population = SyntheticPopulation(SyntheticConfig(n_users=24, n_prompts=6, candidates_per_prompt=6)).population(shots=4, held_out=2)
+    population = SyntheticPopulation(
+        SyntheticConfig(n_users=24, n_prompts=6, candidates_per_prompt=6)
+    ).population(shots=4, held_out=2)
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=("response", "log_length", "style")))
     pal = PAL(featurizer, PALConfig(n_prototypes=3, pref_dim=8, epochs=2)).fit(population.population())
     folder = save_embedder(pal, tmp_path / "emb", provenance={"data": "synthetic"})
     loaded = load_embedder(folder, encoder)
-    assert loaded.featurizer.config.parts == ("response", "log_length", "style") and loaded.config.n_prototypes == 3
+    assert (
+        loaded.featurizer.config.parts == ("response", "log_length", "style")
+        and loaded.config.n_prototypes == 3
+    )
     with Personalizer(tiny_generator, encoder, store=tmp_path / "store", embedder=folder) as pz:
         state = pz.enroll("u", SHORT_FIRST).settings["state"]
         assert len(state["vector"]) == 3
@@ -143,7 +164,10 @@ def test_style_features_are_bounded_and_respond_to_style():
     assert friendly.shape == (len(STYLE_FEATURES),) and np.all(np.isfinite(friendly))
     idx = {n: i for i, n in enumerate(STYLE_FEATURES)}
     assert friendly[idx["exclamations"]] > curt[idx["exclamations"]]
-    assert friendly[idx["warm_words"]] > curt[idx["warm_words"]] and curt[idx["cold_words"]] > friendly[idx["cold_words"]]
+    assert (
+        friendly[idx["warm_words"]] > curt[idx["warm_words"]]
+        and curt[idx["cold_words"]] > friendly[idx["cold_words"]]
+    )
     assert np.all(np.isfinite(style_features("")))
 
 
@@ -154,7 +178,9 @@ def test_hidden_state_features(tiny_generator, encoder):
         Featurizer(encoder, FeaturizerConfig(parts=("hidden",)))
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=("hidden", "log_length")), tiny_generator)
     assert featurizer.dim == tiny_generator.model.config.hidden_size + 1
-    feats = featurizer.features(["q", "q", "other"], ["a short answer", "a much longer answer than that", "a short answer"])
+    feats = featurizer.features(
+        ["q", "q", "other"], ["a short answer", "a much longer answer than that", "a short answer"]
+    )
     assert feats.shape == (3, featurizer.dim)
     np.testing.assert_allclose(np.linalg.norm(feats[:, :-1], axis=1), 1.0, atol=1e-5)
     # The prompt conditions the hidden state; the same pair twice is served from the cache bit-equal.
@@ -189,8 +215,16 @@ def test_harness_on_a_small_synthetic_population(encoder, tmp_path):
     from personalign.eval.enroll import EnrollConfig, format_table, merge_results, plot_enroll, run_enroll
 
     config = EnrollConfig(
-        data=["synthetic"], methods=["bt", "meandiff", "pal", "oracle"], shots=[1, 4], seeds=1, synthetic_users=40,
-        active=True, active_users=3, active_pool=6, active_steps=2, features=("response", "log_length", "style"),
+        data=["synthetic"],
+        methods=["bt", "meandiff", "pal", "oracle"],
+        shots=[1, 4],
+        seeds=1,
+        synthetic_users=40,
+        active=True,
+        active_users=3,
+        active_pool=6,
+        active_steps=2,
+        features=("response", "log_length", "style"),
     )
     result = run_enroll(config, encoder)
     split = result["splits"]["synthetic"][0]
@@ -198,7 +232,11 @@ def test_harness_on_a_small_synthetic_population(encoder, tmp_path):
     cells = {(r["method"], r["shots"]): r for r in result["records"]}
     assert set(cells) == {(m, n) for m in ("bt", "meandiff", "pal", "oracle") for n in (1, 4)}
     for row in result["records"]:
-        assert row["n"] == 8 * 16 and 0 <= row["accuracy"] <= 1 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert (
+            row["n"] == 8 * 16
+            and 0 <= row["accuracy"] <= 1
+            and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        )
     # The unpersonalised baseline does not depend on the shots; the oracle is told the type.
     assert cells[("bt", 1)]["accuracy"] == cells[("bt", 4)]["accuracy"]
     assert cells[("oracle", 4)]["accuracy"] > 0.6
@@ -209,9 +247,16 @@ def test_harness_on_a_small_synthetic_population(encoder, tmp_path):
     assert "synthetic: held-out pairwise accuracy" in format_table(result)
     with pytest.raises(ValidationError):
         merge_results([result, result])
-    other = {**result, "records": [{**r, "data": "other"} for r in result["records"]], "splits": {"other": []}, "features": {"other": ["response"]}}
+    other = {
+        **result,
+        "records": [{**r, "data": "other"} for r in result["records"]],
+        "splits": {"other": []},
+        "features": {"other": ["response"]},
+    }
     merged = merge_results([result, other])
-    assert {r["data"] for r in merged["summary"]} == {"synthetic", "other"} and merged["features"]["other"] == ["response"]
+    assert {r["data"] for r in merged["summary"]} == {"synthetic", "other"} and merged["features"][
+        "other"
+    ] == ["response"]
 
 
 def test_harness_config_errors():
@@ -236,20 +281,44 @@ def test_eval_enroll_cli_on_a_jsonl_population(tmp_path):
     from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
     from personalign.types import write_preferences
 
-    population = SyntheticPopulation(SyntheticConfig(n_users=20, candidates_per_prompt=6)).population(shots=4, held_out=4)
+    population = SyntheticPopulation(SyntheticConfig(n_users=20, candidates_per_prompt=6)).population(
+        shots=4, held_out=4
+    )
     data = tmp_path / "prefs.jsonl"
     write_preferences(data, population.rows())
     out = tmp_path / "out.json"
-    result = CliRunner().invoke(app, ["eval", "enroll", "--data", str(data), "--methods", "bt,meandiff", "--shots", "1,2", "--seeds", "1", "--json", str(out), "--plot", str(tmp_path / "p.png")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "enroll",
+            "--data",
+            str(data),
+            "--methods",
+            "bt,meandiff",
+            "--shots",
+            "1,2",
+            "--seeds",
+            "1",
+            "--json",
+            str(out),
+            "--plot",
+            str(tmp_path / "p.png"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert {r["method"] for r in saved["summary"]} == {"bt", "meandiff"} and (tmp_path / "p.png").is_file()
     bad = CliRunner().invoke(app, ["eval", "enroll", "--data", str(data), "--shots", "one"])
     assert bad.exit_code == 2 and "--shots" in bad.output
     # Users sharing every prompt leave nothing to fit on: a clear error, not a crash.
-    tiny = SyntheticPopulation(SyntheticConfig(n_users=10, n_prompts=1, candidates_per_prompt=6)).population(shots=2, held_out=2)
+    tiny = SyntheticPopulation(SyntheticConfig(n_users=10, n_prompts=1, candidates_per_prompt=6)).population(
+        shots=2, held_out=2
+    )
     write_preferences(data, tiny.rows())
-    empty = CliRunner().invoke(app, ["eval", "enroll", "--data", str(data), "--methods", "bt", "--seeds", "1"])
+    empty = CliRunner().invoke(
+        app, ["eval", "enroll", "--data", str(data), "--methods", "bt", "--seeds", "1"]
+    )
     assert empty.exit_code == 1 and "--fit-data" in empty.output
 
 
@@ -284,12 +353,17 @@ def test_item_effects_golden_value_and_round_trip(encoder, tmp_path):
         "u1": [Comparison(prompt="Rate it", chosen="You are an idiot.", rejected="Nice weather today.")] * 3,
         "u2": [Comparison(prompt="Rate it", chosen="Go away, loser.", rejected="Thanks for sharing!")] * 2,
     }
-    bt = BradleyTerry(Featurizer(encoder, FeaturizerConfig(parts=("log_length",))), BradleyTerryConfig(item_effects=True)).fit(population)
+    bt = BradleyTerry(
+        Featurizer(encoder, FeaturizerConfig(parts=("log_length",))), BradleyTerryConfig(item_effects=True)
+    ).fit(population)
     assert len(bt.items) == 4
     bt.save(tmp_path / "bt")
     loaded = BradleyTerry.load(tmp_path / "bt", bt.featurizer)
     np.testing.assert_array_equal(loaded.items.keys, bt.items.keys)
-    np.testing.assert_array_equal(loaded.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], loaded.prior()), bt.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], bt.prior()))
+    np.testing.assert_array_equal(
+        loaded.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], loaded.prior()),
+        bt.reward(["Rate it"] * 2, ["You are an idiot.", "Nice weather today."], bt.prior()),
+    )
     assert bt.prob("Rate it", "You are an idiot.", "Nice weather today.", bt.prior()) > 0.5
 
 
@@ -303,17 +377,33 @@ def test_train_pal_recipe_and_pal_item_effects_round_trip(encoder, tmp_path):
     from personalign.preference.pal import PAL, PALConfig
     from personalign.types import write_preferences
 
-    population = SyntheticPopulation(SyntheticConfig(n_users=16, n_prompts=8, candidates_per_prompt=6)).population(shots=4, held_out=2)
+    population = SyntheticPopulation(
+        SyntheticConfig(n_users=16, n_prompts=8, candidates_per_prompt=6)
+    ).population(shots=4, held_out=2)
     data = tmp_path / "users.jsonl"
     write_preferences(data, population.rows())
-    result = CliRunner().invoke(app, ["train", "pal", "--data", str(data), "--features", "response,log_length", "--out", str(tmp_path / "pal")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "pal",
+            "--data",
+            str(data),
+            "--features",
+            "response,log_length",
+            "--out",
+            str(tmp_path / "pal"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "pal" / "embedder.json").read_text())
     assert manifest["method"] == "pal" and manifest["provenance"]["users"] == 16
     assert load_embedder(tmp_path / "pal", encoder).featurizer.config.parts == ("response", "log_length")
     # PAL with item effects: offsets are saved and loaded exactly, rewards unchanged by the round trip.
     featurizer = Featurizer(encoder, FeaturizerConfig(parts=("log_length",)))
-    pal = PAL(featurizer, PALConfig(n_prototypes=2, pref_dim=1, epochs=1, item_effects=True)).fit(population.population())
+    pal = PAL(featurizer, PALConfig(n_prototypes=2, pref_dim=1, epochs=1, item_effects=True)).fit(
+        population.population()
+    )
     assert len(pal.items) > 0
     pal.save(tmp_path / "pal_items")
     loaded = PAL.load(tmp_path / "pal_items", featurizer)
@@ -322,7 +412,9 @@ def test_train_pal_recipe_and_pal_item_effects_round_trip(encoder, tmp_path):
     np.testing.assert_array_equal(loaded.items.values, pal.items.values)
     texts = [c.chosen for c in user.held_out]
     prompts = [c.prompt_text for c in user.held_out]
-    np.testing.assert_allclose(loaded.reward(prompts, texts, state), pal.reward(prompts, texts, state), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.reward(prompts, texts, state), pal.reward(prompts, texts, state), rtol=1e-6
+    )
 
 
 def test_a_write_between_inference_and_storing_is_not_lost_from_the_state(pz, monkeypatch):
@@ -333,6 +425,7 @@ def test_a_write_between_inference_and_storing_is_not_lost_from_the_state(pz, mo
 
     def infer_with_interleaved_write(comparisons):
         if not calls:  # another request stores a comparison while this one infers outside the lock
+
             def add(profile):
                 profile.comparisons.append(LONG_FIRST[1].stamped(1.0))
                 return profile

@@ -13,7 +13,14 @@ from personalign.eval.populations import EvalPopulation, EvalUser
 from personalign.models import load_generator
 from personalign.types import Comparison
 
-SHORT = [Comparison(prompt=f"Question {i} about eggs?", chosen="Nine minutes.", rejected="It depends on many long and winding things.") for i in range(8)]
+SHORT = [
+    Comparison(
+        prompt=f"Question {i} about eggs?",
+        chosen="Nine minutes.",
+        rejected="It depends on many long and winding things.",
+    )
+    for i in range(8)
+]
 LONG = [Comparison(prompt=c.prompt, chosen=c.rejected, rejected=c.chosen) for c in SHORT]
 
 
@@ -30,7 +37,9 @@ def test_wilson_interval_golden_values():
     (0.8 + z^2/20) / 1.38415 = 0.71671, half z sqrt(0.016 + z^2/400) / 1.38415 = 0.22653."""
     low, high = wilson(8, 10)
     assert (low, high) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0  # exact at the ends (the hand-written form gave -2.8e-17)
+    assert (
+        wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+    )  # exact at the ends (the hand-written form gave -2.8e-17)
     assert wilson(8.0, 10) == wilson(8, 10)  # counts summed as floats
     assert all(math.isnan(v) for v in wilson(0, 0))
     low, high = wilson(7.5, 10)  # ties as half wins: the closed form, between its neighbours
@@ -44,7 +53,9 @@ def test_wilson_matches_the_closed_form(k, n):
     denom = 1 + z * z / n
     centre, half = (p + z * z / (2 * n)) / denom, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     assert wilson(k, n) == pytest.approx((max(centre - half, 0.0), min(centre + half, 1.0)), abs=1e-12)
-    assert wilson(k + 1e-9, n) == pytest.approx(wilson(k, n), abs=1e-8)  # the fractional path agrees with scipy
+    assert wilson(k + 1e-9, n) == pytest.approx(
+        wilson(k, n), abs=1e-8
+    )  # the fractional path agrees with scipy
 
 
 def test_kmeans_separates_two_obvious_groups():
@@ -64,7 +75,15 @@ def test_kmeans_finds_three_separated_blobs():
 
 def test_bank_and_lora_records_on_a_toy_population(tiny_model_dir, encoder):
     generator = load_generator(str(tiny_model_dir), device="cpu")
-    config = LoraTrainConfig(rank=4, alpha=8, epochs=4, learning_rate=5e-3, holdout_fraction=0.0, seed=0, target_modules=["q_proj", "v_proj"])
+    config = LoraTrainConfig(
+        rank=4,
+        alpha=8,
+        epochs=4,
+        learning_rate=5e-3,
+        holdout_fraction=0.0,
+        seed=0,
+        target_modules=["q_proj", "v_proj"],
+    )
     fit, test = _population(4), _population(2, offset=10)
     records, info = eval_bank(generator, encoder, fit, test, [1, 4], config, seed=0, k=2, max_pairs=8)
     assert sorted(info["bases"].values()) == [8, 8]  # the two clusters are the two kinds of user

@@ -49,21 +49,53 @@ def test_adapters_example_runs(tiny_model_dir, tmp_path):
 
     example = Path(__file__).resolve().parents[1] / "examples" / "adapters.py"
     out = subprocess.run(
-        [sys.executable, str(example), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s"), "--epochs", "1", "--max-new-tokens", "4"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(example),
+            "--model",
+            str(tiny_model_dir),
+            "--store",
+            str(tmp_path / "s"),
+            "--epochs",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "enrolled terse" in out.stdout and "enrolled thorough" in out.stdout
     assert "[terse]" in out.stdout and "[thorough]" in out.stdout and "[generic]" in out.stdout
-    assert "enrolled newcomer through the bank: weights (terse, thorough) = (" in out.stdout and "[newcomer]" in out.stdout
+    assert (
+        "enrolled newcomer through the bank: weights (terse, thorough) = (" in out.stdout
+        and "[newcomer]" in out.stdout
+    )
 
 
 def test_enrollment_example_runs(tiny_model_dir, tmp_path):
-    cmd = [sys.executable, str(EXAMPLES / "enrollment.py"), "--model", str(tiny_model_dir), "--device", "cpu", "--store", str(tmp_path / "store")]
+    cmd = [
+        sys.executable,
+        str(EXAMPLES / "enrollment.py"),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--store",
+        str(tmp_path / "store"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
-    for marker in ("embedder: pal", "== cold start", "stored state: method=pal n_comparisons=3", "p(kim prefers the short basil answer)", "== the next question for kim", "short-answer preference learned: yes"):
+    for marker in (
+        "embedder: pal",
+        "== cold start",
+        "stored state: method=pal n_comparisons=3",
+        "p(kim prefers the short basil answer)",
+        "== the next question for kim",
+        "short-answer preference learned: yes",
+    ):
         assert marker in out, f"{marker!r} missing from:\n{out}"
 
 
@@ -71,7 +103,10 @@ def test_steering_example_runs(tiny_model_dir, tmp_path):
     example = EXAMPLES / "steering.py"
     done = subprocess.run(
         [sys.executable, str(example), "--model", str(tiny_model_dir), "--train", "--max-new-tokens", "6"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
@@ -84,24 +119,65 @@ def test_steering_example_runs(tiny_model_dir, tmp_path):
 def test_generation_example_runs(tmp_path):
     from conftest import build_tiny_llama, build_tokenizer
 
-    tokenizer = build_tokenizer()  # a longer context than the shared tiny model: FSPO prompts hold whole answers
+    tokenizer = (
+        build_tokenizer()
+    )  # a longer context than the shared tiny model: FSPO prompts hold whole answers
     model_dir = tmp_path / "tiny-long"
-    build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions=2048).save_pretrained(model_dir)
+    build_tiny_llama(
+        len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id, max_positions=2048
+    ).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     example = EXAMPLES / "generation.py"
     done = subprocess.run(
-        [sys.executable, str(example), "--model", str(model_dir), "--shots", "1", "--tasks", "4", "--max-new-tokens", "6"],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            str(example),
+            "--model",
+            str(model_dir),
+            "--shots",
+            "1",
+            "--tasks",
+            "4",
+            "--max-new-tokens",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout
-    for marker in ("== trained FSPO on", "== enrolled synth-", "--- generic (hidden reward", "--- shots only (hidden reward", "--- FSPO adapter (hidden reward", "done in"):
+    for marker in (
+        "== trained FSPO on",
+        "== enrolled synth-",
+        "--- generic (hidden reward",
+        "--- shots only (hidden reward",
+        "--- FSPO adapter (hidden reward",
+        "done in",
+    ):
         assert marker in out, f"{marker!r} missing from:\n{out}"
 
 
 def test_batched_cpu_example_runs(tiny_model_dir):
     example = EXAMPLES / "batched_cpu.py"
-    done = subprocess.run([sys.executable, str(example), "--model", str(tiny_model_dir), "--rows", "3", "--max-new-tokens", "6", "--repeats", "1"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--model",
+            str(tiny_model_dir),
+            "--rows",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "packed layers: 15" in done.stdout  # 2 layers x 7 projections + the head
     assert "same tokens: True" in done.stdout and "packed / stock:" in done.stdout
@@ -109,18 +185,60 @@ def test_batched_cpu_example_runs(tiny_model_dir):
 
 def test_personal_rerank_example_runs(tiny_model_dir, tmp_path):
     example = EXAMPLES / "personal_rerank.py"
-    cmd = [sys.executable, str(example), "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--per-prompt", "3", "--rerank", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")})
+    cmd = [
+        sys.executable,
+        str(example),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "6",
+        "--per-prompt",
+        "3",
+        "--rerank",
+        "2",
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
     assert "PAL fitted on 160 users' comparisons" in out and "--- generic" in out
-    assert out.count("picked candidate") == 2 and out.count("hidden reward: this answer") == 2 and "done in" in out
+    assert (
+        out.count("picked candidate") == 2
+        and out.count("hidden reward: this answer") == 2
+        and "done in" in out
+    )
 
 
 def test_personal_lora_example_runs(tiny_model_dir, tmp_path):
     example = EXAMPLES / "personal_lora.py"
-    cmd = [sys.executable, str(example), "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--per-prompt", "3", "--pairs", "4", "--epochs", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")})
+    cmd = [
+        sys.executable,
+        str(example),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "6",
+        "--per-prompt",
+        "3",
+        "--pairs",
+        "4",
+        "--epochs",
+        "1",
+    ]
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**os.environ, "PERSONALIGN_CACHE": str(tmp_path / "cache")},
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
     assert "4 comparisons + 4 amplified -> adapter trained on 8 pairs" in out and "--- generic" in out
@@ -129,7 +247,22 @@ def test_personal_lora_example_runs(tiny_model_dir, tmp_path):
 
 def test_memory_lifecycle_example_runs(tiny_model_dir, tmp_path):
     example = EXAMPLES / "memory_lifecycle.py"
-    done = subprocess.run([sys.executable, str(example), "--model", str(tiny_model_dir), "--device", "cpu", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(example),
+            "--model",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     out = done.stdout
     for marker in (

@@ -16,7 +16,9 @@ from personalign.errors import ValidationError
 from personalign.models import load_generator
 from personalign.personalizer import Personalizer
 
-PAIRS = [{"prompt": f"Q{i}?", "chosen": "Short.", "rejected": "A much longer answer than that."} for i in range(3)]
+PAIRS = [
+    {"prompt": f"Q{i}?", "chosen": "Short.", "rejected": "A much longer answer than that."} for i in range(3)
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +26,23 @@ def trained_store(tiny_model_dir, encoder, tmp_path_factory):
     store = tmp_path_factory.mktemp("export-store")
     with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=store) as pz:
         for user in ("ana", "ben"):
-            pz.enroll(user, PAIRS, adapter=True, adapter_config={"epochs": 1, "rank": 4, "seed": 1 if user == "ben" else 0})
+            pz.enroll(
+                user,
+                PAIRS,
+                adapter=True,
+                adapter_config={"epochs": 1, "rank": 4, "seed": 1 if user == "ben" else 0},
+            )
     return store
 
 
 @pytest.mark.parametrize("engine", ["vllm", "lorax"])
-def test_exported_adapters_load_with_peft_and_equal_the_stored_ones(engine, trained_store, tiny_model_dir, tmp_path):
+def test_exported_adapters_load_with_peft_and_equal_the_stored_ones(
+    engine, trained_store, tiny_model_dir, tmp_path
+):
     out = tmp_path / engine
-    manifest = export_adapters(trained_store / "users", ["ana", "ben"], engine, out, base_model=str(tiny_model_dir))
+    manifest = export_adapters(
+        trained_store / "users", ["ana", "ben"], engine, out, base_model=str(tiny_model_dir)
+    )
     assert set(manifest["adapters"]) == {"ana", "ben"}
     for user in ("ana", "ben"):
         config = json.loads((out / user / "adapter_config.json").read_text())
@@ -52,7 +63,10 @@ def test_exported_adapters_load_with_peft_and_equal_the_stored_ones(engine, trai
         assert {m["name"] for m in modules} == {"ana", "ben"}
     else:
         lorax = json.loads((out / "lorax.json").read_text())
-        assert lorax["adapters"]["ana"] == {"adapter_source": "local", "adapter_id": str((out / "ana").resolve())}
+        assert lorax["adapters"]["ana"] == {
+            "adapter_source": "local",
+            "adapter_id": str((out / "ana").resolve()),
+        }
 
 
 def test_export_errors(trained_store, tmp_path):

@@ -2,14 +2,25 @@
 
 
 def test_forget_evicts_the_users_texts_from_the_encoder_cache(pz):
-    pz.enroll("ana", [{"prompt": "Unique prompt about zebras?", "chosen": "Short zebra.", "rejected": "A long zebra answer."}])
+    pz.enroll(
+        "ana",
+        [
+            {
+                "prompt": "Unique prompt about zebras?",
+                "chosen": "Short zebra.",
+                "rejected": "A long zebra answer.",
+            }
+        ],
+    )
     pz.remember("ana", "My secret hobby is competitive origami.")
     pz.remember("bob", "Bob's unrelated fact.")
     pz.respond("ana", [{"role": "user", "content": "Tell me about zebras"}], max_new_tokens=2)
     cache = pz.encoder._cache
     assert "My secret hobby is competitive origami." in cache and "Unique prompt about zebras?" in cache
     pz.forget("ana")
-    assert "My secret hobby is competitive origami." not in cache and "Unique prompt about zebras?" not in cache
+    assert (
+        "My secret hobby is competitive origami." not in cache and "Unique prompt about zebras?" not in cache
+    )
     assert "Bob's unrelated fact." in cache
 
 

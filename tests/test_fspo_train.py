@@ -27,7 +27,10 @@ from personalign.types import Comparison
 
 def _users(n_users: int = 3, per_user: int = 6) -> dict[str, list[Comparison]]:
     return {
-        f"u{u}": [Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.") for i in range(per_user)]
+        f"u{u}": [
+            Comparison(prompt=f"Question {u}-{i} about eggs?", chosen=f"Boil it {i} minutes.", rejected="No.")
+            for i in range(per_user)
+        ]
         for u in range(n_users)
     }
 
@@ -47,7 +50,9 @@ def test_tasks_are_windows_of_one_user_with_an_unseen_query():
 def _fresh(tiny_model_dir):
     from personalign.models import load_generator
 
-    return load_generator(str(tiny_model_dir), device="cpu")  # training wraps the model: never the shared fixture
+    return load_generator(
+        str(tiny_model_dir), device="cpu"
+    )  # training wraps the model: never the shared fixture
 
 
 def _config(epochs: int = 1, ipo_tasks: int = 4) -> FspoTrainConfig:
@@ -93,7 +98,10 @@ def test_empty_training_data_is_a_typed_error(tiny_model_dir):
 def test_chat_uses_the_fspo_adapter_only_with_shots(fspo_folder, tiny_model_dir, encoder, tmp_path):
     meta = json.loads((fspo_folder / FSPO_CONFIG).read_text())
     assert meta["recipe"] == "fspo" and meta["sft_epoch_loss"]
-    with Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "a", fspo=fspo_folder) as pz, Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "b") as plain:
+    with (
+        Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "a", fspo=fspo_folder) as pz,
+        Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "b") as plain,
+    ):
         for p in (pz, plain):
             p.enroll("ann", _users()["u0"])
         msgs = [{"role": "user", "content": "Question 9 about eggs?"}]
@@ -103,7 +111,12 @@ def test_chat_uses_the_fspo_adapter_only_with_shots(fspo_folder, tiny_model_dir,
         assert pz.chat("ann", msgs, fspo=False, **opts) == plain.chat("ann", msgs, **opts)
         # no shots: nothing to condition on, so the adapter stays off and generation is plain
         assert pz.chat("ann", msgs, shots=False, **opts) == plain.chat(None, msgs, max_new_tokens=12)
-        batch = pz.chat_batch([{"user": "ann", "messages": msgs, **opts}, {"user": None, "messages": msgs, "max_new_tokens": 12}])
+        batch = pz.chat_batch(
+            [
+                {"user": "ann", "messages": msgs, **opts},
+                {"user": None, "messages": msgs, "max_new_tokens": 12},
+            ]
+        )
         assert batch == [with_adapter, plain.chat(None, msgs, max_new_tokens=12)]
 
 
@@ -130,7 +143,13 @@ def test_generation_split_keeps_users_and_topics_apart():
 
 
 def test_eval_generate_reports_win_rates(fspo_folder, tiny_model_dir, encoder, tmp_path):
-    config = GenerateConfig(methods=["fspo-prompt", "fspo-trained", "fspo-shuffled"], users=2, prompts_per_user=1, shots=1, max_new_tokens=6)
+    config = GenerateConfig(
+        methods=["fspo-prompt", "fspo-trained", "fspo-shuffled"],
+        users=2,
+        prompts_per_user=1,
+        shots=1,
+        max_new_tokens=6,
+    )
     with Personalizer(_fresh(tiny_model_dir), encoder, tmp_path / "s", fspo=fspo_folder) as pz:
         result = run_generate(pz, config)
         with pytest.raises(ValidationError, match="Persona-Plug"):
@@ -144,13 +163,19 @@ def test_user_description_is_cached_per_version_and_forgotten(pz):
     from personalign.conditioning.fspo import DESCRIPTION_PREFIX, first_sentence, with_description
 
     assert first_sentence("\n  Likes short answers. Also dogs.\nmore") == "Likes short answers."
-    assert with_description([{"role": "user", "content": "q"}], "Likes X.")[0] == {"role": "system", "content": DESCRIPTION_PREFIX + "Likes X."}
+    assert with_description([{"role": "user", "content": "q"}], "Likes X.")[0] == {
+        "role": "system",
+        "content": DESCRIPTION_PREFIX + "Likes X.",
+    }
     pz.enroll("ann", _users()["u0"][:2])
     first = pz.describe("ann")
     assert first == pz.describe("ann") and pz._descriptions["ann"][1] == first
     msgs = [{"role": "user", "content": "Question 9 about eggs?"}]
     result = pz.respond("ann", msgs, describe=True, max_new_tokens=6, memory=False)
-    assert result.description == first and pz.respond("ann", msgs, max_new_tokens=6, memory=False).description is None
+    assert (
+        result.description == first
+        and pz.respond("ann", msgs, max_new_tokens=6, memory=False).description is None
+    )
     pz.enroll("ann", _users()["u1"][:1])
     assert pz._descriptions["ann"][0] != (pz.profile("ann").version, 3)  # stale until asked again
     pz.describe("ann")
@@ -162,7 +187,20 @@ def test_user_description_is_cached_per_version_and_forgotten(pz):
 def test_merge_generate_refuses_runs_of_other_settings():
     from personalign.eval.generate import merge_generate
 
-    base = {"split": {"seed": 0}, "config": {"users": 2, "prompts_per_user": 1, "shots": 1, "seed": 0, "max_new_tokens": 6, "methods": ["a"]}, "generic": {"x": 1}, "methods": {"a": {"win_rate": 0.5}}, "seconds": {"a": 1.0}}
+    base = {
+        "split": {"seed": 0},
+        "config": {
+            "users": 2,
+            "prompts_per_user": 1,
+            "shots": 1,
+            "seed": 0,
+            "max_new_tokens": 6,
+            "methods": ["a"],
+        },
+        "generic": {"x": 1},
+        "methods": {"a": {"win_rate": 0.5}},
+        "seconds": {"a": 1.0},
+    }
     other = {**base, "methods": {"b": {"win_rate": 0.7}}, "seconds": {"b": 2.0}}
     merged = merge_generate([base, other])
     assert list(merged["methods"]) == ["a", "b"] and merged["config"]["methods"] == ["a", "b"]
@@ -170,7 +208,9 @@ def test_merge_generate_refuses_runs_of_other_settings():
         merge_generate([base, {**other, "generic": {"x": 2}}])
 
 
-def test_saved_adapter_names_its_real_base_and_old_pseudo_id_folders_still_load(tiny_model_dir, encoder, tmp_path, monkeypatch):
+def test_saved_adapter_names_its_real_base_and_old_pseudo_id_folders_still_load(
+    tiny_model_dir, encoder, tmp_path, monkeypatch
+):
     """The embedded model loads from a converted local folder under a pseudo-id: the adapter names
     the hub id it stands for (what ``AutoPeftModelForCausalLM`` loads), ``fspo_config.json`` keeps
     personalign's id, and folders written before (naming the pseudo-id) still load."""
@@ -179,17 +219,33 @@ def test_saved_adapter_names_its_real_base_and_old_pseudo_id_folders_still_load(
     monkeypatch.setitem(models.BASE_ALIASES, "embedded:tiny", "personalign-tests/tiny-llama")
     generator = _fresh(tiny_model_dir)
     generator.model_id = "embedded:tiny"
-    config = _config(ipo_tasks=0).model_copy(update={"sft": LoopConfig(epochs=1, learning_rate=1e-2, batch_size=2, checkpoint_dir=str(tmp_path / "ckpt"))})
+    config = _config(ipo_tasks=0).model_copy(
+        update={
+            "sft": LoopConfig(
+                epochs=1, learning_rate=1e-2, batch_size=2, checkpoint_dir=str(tmp_path / "ckpt")
+            )
+        }
+    )
     model, report = train_fspo(generator, _users(), config)
     folder = save_fspo(model, tmp_path / "adapter", generator.model_id, config, report, "test")
-    adapter_config, meta = (json.loads((folder / name).read_text()) for name in ("adapter_config.json", FSPO_CONFIG))
-    assert adapter_config["base_model_name_or_path"] == meta["base_model_name_or_path"] == "personalign-tests/tiny-llama"
-    assert meta["base_model"] == "embedded:tiny" and str(tmp_path) not in (folder / FSPO_CONFIG).read_text()  # no machine path
+    adapter_config, meta = (
+        json.loads((folder / name).read_text()) for name in ("adapter_config.json", FSPO_CONFIG)
+    )
+    assert (
+        adapter_config["base_model_name_or_path"]
+        == meta["base_model_name_or_path"]
+        == "personalign-tests/tiny-llama"
+    )
+    assert (
+        meta["base_model"] == "embedded:tiny" and str(tmp_path) not in (folder / FSPO_CONFIG).read_text()
+    )  # no machine path
     serving = _fresh(tiny_model_dir)  # training wrapped the first one in PEFT
     serving.model_id = "embedded:tiny"
     with Personalizer(serving, encoder, tmp_path / "s", fspo=folder) as pz:
         assert pz.fspo_folder == folder
-    (folder / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model_name_or_path": "embedded:tiny"}))  # written before
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**adapter_config, "base_model_name_or_path": "embedded:tiny"})
+    )  # written before
     with Personalizer(serving, encoder, tmp_path / "s2", fspo=folder) as pz:
         assert pz.fspo_folder == folder
     hub = _fresh(tiny_model_dir)  # the same base loaded by its hub id finds the adapter too

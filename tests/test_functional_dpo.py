@@ -31,7 +31,10 @@ def test_ipo_golden():
     |y_w| = 2, |y_l| = 4: chosen 1/2, rejected -1/4, h = 0.75 -> (0.75 - 2)^2 = 1.5625."""
     assert_close(ipo_loss(PC, PR, RC, RR, beta=0.25), torch.zeros(2))
     lengths_w, lengths_l = torch.tensor([2, 2]), torch.tensor([4, 4])
-    assert_close(ipo_loss(PC, PR, RC, RR, beta=0.25, chosen_lengths=lengths_w, rejected_lengths=lengths_l), torch.full((2,), 1.5625))
+    assert_close(
+        ipo_loss(PC, PR, RC, RR, beta=0.25, chosen_lengths=lengths_w, rejected_lengths=lengths_l),
+        torch.full((2,), 1.5625),
+    )
 
 
 def test_simpo_golden():
@@ -61,7 +64,9 @@ def test_sequence_logps_golden():
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
 
-def _trl_dpo_loss(loss_type: str, beta: float, label_smoothing: float, per_token_logps, completion_mask, ref_c, ref_r):
+def _trl_dpo_loss(
+    loss_type: str, beta: float, label_smoothing: float, per_token_logps, completion_mask, ref_c, ref_r
+):
     """Run TRL's own DPOTrainer._compute_loss on given per-token log-probs (no model, no data)."""
     batch = completion_mask.shape[0]
     outputs = SimpleNamespace(
@@ -114,7 +119,9 @@ def _random_case(seed: int = 0, pairs: int = 5, length: int = 7):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_dpo_matches_trl(label_smoothing):
     per_token, mask, (pc, pr), (rc, rr), _ = _random_case()
-    expected = _trl_dpo_loss("robust" if label_smoothing else "sigmoid", 0.3, label_smoothing, per_token, mask, rc, rr)
+    expected = _trl_dpo_loss(
+        "robust" if label_smoothing else "sigmoid", 0.3, label_smoothing, per_token, mask, rc, rr
+    )
     ours = dpo_loss(pc, pr, rc, rr, beta=0.3, label_smoothing=label_smoothing).mean()
     if label_smoothing:
         # TRL's "robust" loss is the unbiased variant: (conservative terms with the flipped term subtracted) / (1 - 2 eps).
@@ -140,6 +147,15 @@ def test_simpo_matches_trl_cpo():
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
     _, _, (pc, pr), _, (len_c, len_r) = _random_case(seed=2)
-    fake = SimpleNamespace(alpha=0.0, beta=2.0, simpo_gamma=0.7, loss_type="simpo", label_smoothing=0.1, accelerator=SimpleNamespace(device=torch.device("cpu")))
-    expected, _, _ = cpo.CPOTrainer.cpo_loss(fake, pc / len_c, pr / len_r)  # CPO passes length-averaged log-probs for SimPO
+    fake = SimpleNamespace(
+        alpha=0.0,
+        beta=2.0,
+        simpo_gamma=0.7,
+        loss_type="simpo",
+        label_smoothing=0.1,
+        accelerator=SimpleNamespace(device=torch.device("cpu")),
+    )
+    expected, _, _ = cpo.CPOTrainer.cpo_loss(
+        fake, pc / len_c, pr / len_r
+    )  # CPO passes length-averaged log-probs for SimPO
     assert_close(simpo_loss(pc, pr, len_c, len_r, beta=2.0, gamma=0.7, label_smoothing=0.1), expected)

@@ -84,7 +84,10 @@ def test_load_options_reach_transformers(monkeypatch, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     models, tokenizers = _Spy(monkeypatch, AutoModelForCausalLM), _Spy(monkeypatch, AutoTokenizer)
-    quantization = {"quant_method": "bitsandbytes", "load_in_4bit": True}  # recorded, not applied (no GPU here)
+    quantization = {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+    }  # recorded, not applied (no GPU here)
     generator = load_generator(
         str(tiny_model_dir), torch_dtype=torch.bfloat16, device_map="cpu", quantization_config=quantization,
         attn_implementation="eager", revision="main",
@@ -92,7 +95,11 @@ def test_load_options_reach_transformers(monkeypatch, tiny_model_dir):
     [kwargs] = models.calls
     assert kwargs["device_map"] == "cpu" and kwargs["quantization_config"] is quantization
     assert kwargs["attn_implementation"] == "eager" and kwargs["revision"] == "main"
-    assert kwargs["dtype"] is torch.bfloat16 and kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True
+    assert (
+        kwargs["dtype"] is torch.bfloat16
+        and kwargs["trust_remote_code"] is False
+        and kwargs["local_files_only"] is True
+    )
     [tok_kwargs] = tokenizers.calls
     assert tok_kwargs == {"revision": "main", "trust_remote_code": False, "local_files_only": True}
     assert generator.model.dtype == torch.bfloat16 and generator.model.config._attn_implementation == "eager"
@@ -106,7 +113,9 @@ def test_defaults_pass_only_the_safe_options(monkeypatch, tiny_model_dir):
     load_generator(str(tiny_model_dir), device="cpu", local_files_only=False, trust_remote_code=True)
     [kwargs] = models.calls
     assert kwargs["trust_remote_code"] is True and kwargs["local_files_only"] is False
-    assert not {"device_map", "quantization_config", "attn_implementation"} & set(kwargs)  # transformers' own defaults
+    assert not {"device_map", "quantization_config", "attn_implementation"} & set(
+        kwargs
+    )  # transformers' own defaults
 
 
 @pytest.mark.parametrize(
@@ -129,18 +138,26 @@ def test_weights_fingerprint_identifies_the_base_weights(tiny_generator, tiny_mo
     fingerprint = tiny_generator.fingerprint()
     assert fingerprint.startswith("sha256:") and len(fingerprint) == len("sha256:") + 16
     again = load_generator(str(tiny_model_dir), device="cpu", dtype="bfloat16")
-    assert weights_fingerprint(again.model) == fingerprint  # float32 and bfloat16 loads of one checkpoint agree
+    assert (
+        weights_fingerprint(again.model) == fingerprint
+    )  # float32 and bfloat16 loads of one checkpoint agree
     wrapped = get_peft_model(again.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     assert weights_fingerprint(wrapped) == fingerprint  # adapters attached: the same base
     with torch.no_grad():
-        next(p for n, p in wrapped.get_base_model().named_parameters() if "lora_" not in n and p.dim() == 2).add_(0.5)
+        next(
+            p for n, p in wrapped.get_base_model().named_parameters() if "lora_" not in n and p.dim() == 2
+        ).add_(0.5)
     assert weights_fingerprint(wrapped) != fingerprint
 
 
 def test_embedded_pseudo_id_names_its_hub_model(tiny_generator):
     assert hub_id("embedded:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert hub_id("some/model") == "some/model"
-    generator = Generator(model=tiny_generator.model, tokenizer=tiny_generator.tokenizer, model_id="embedded:smollm2-135m-instruct")
+    generator = Generator(
+        model=tiny_generator.model,
+        tokenizer=tiny_generator.tokenizer,
+        model_id="embedded:smollm2-135m-instruct",
+    )
     assert generator.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
@@ -158,14 +175,35 @@ def test_personalizer_load_passes_the_load_options_through(monkeypatch, tiny_mod
         return real_load_encoder(*args, **kwargs)
 
     monkeypatch.setattr(personalizer_module, "load_encoder", spy_encoder)
-    options = {"torch_dtype": torch.bfloat16, "device_map": "cpu", "attn_implementation": "eager", "revision": "main"}
-    with personalizer_module.Personalizer.load(model=str(tiny_model_dir), store=tmp_path / "store", **options) as pz:
+    options = {
+        "torch_dtype": torch.bfloat16,
+        "device_map": "cpu",
+        "attn_implementation": "eager",
+        "revision": "main",
+    }
+    with personalizer_module.Personalizer.load(
+        model=str(tiny_model_dir), store=tmp_path / "store", **options
+    ) as pz:
         assert pz.generator.model.dtype == torch.bfloat16 and pz.generator.revision == "main"
     [kwargs] = models.calls
-    assert kwargs["device_map"] == "cpu" and kwargs["attn_implementation"] == "eager" and kwargs["revision"] == "main"
-    assert kwargs["dtype"] is torch.bfloat16 and kwargs["trust_remote_code"] is False and kwargs["local_files_only"] is True
-    assert tokenizers.calls[0] == {"revision": "main", "trust_remote_code": False, "local_files_only": True}  # then the encoder's
-    assert encoder_calls == [{"device": None, "trust_remote_code": False, "local_files_only": True}]  # the revision is the generator's
+    assert (
+        kwargs["device_map"] == "cpu"
+        and kwargs["attn_implementation"] == "eager"
+        and kwargs["revision"] == "main"
+    )
+    assert (
+        kwargs["dtype"] is torch.bfloat16
+        and kwargs["trust_remote_code"] is False
+        and kwargs["local_files_only"] is True
+    )
+    assert tokenizers.calls[0] == {
+        "revision": "main",
+        "trust_remote_code": False,
+        "local_files_only": True,
+    }  # then the encoder's
+    assert encoder_calls == [
+        {"device": None, "trust_remote_code": False, "local_files_only": True}
+    ]  # the revision is the generator's
 
 
 def test_local_loads_draw_no_loading_bars_and_restore_the_setting(capfd, tiny_model_dir):

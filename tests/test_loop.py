@@ -26,16 +26,38 @@ def _problem() -> tuple[dict[str, torch.nn.Parameter], object]:
 
 def test_resume_equals_an_uninterrupted_run_and_keeps_metrics_and_extra(tmp_path):
     params, loss = _problem()
-    straight = train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=2, learning_rate=0.1), after_epoch=lambda e: {"val": float(e)})
+    straight = train_loop(
+        params,
+        6,
+        loss,
+        LoopConfig(epochs=3, batch_size=2, learning_rate=0.1),
+        after_epoch=lambda e: {"val": float(e)},
+    )
     expected = params["w"].detach().clone()
 
     params, loss = _problem()
     folder = str(tmp_path / "ckpt")
     extra = {"note": "first"}
-    train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=2, learning_rate=0.1, checkpoint_dir=folder), after_epoch=lambda e: {"val": float(e)}, fingerprint={"data": 6}, extra=extra)
+    train_loop(
+        params,
+        6,
+        loss,
+        LoopConfig(epochs=2, batch_size=2, learning_rate=0.1, checkpoint_dir=folder),
+        after_epoch=lambda e: {"val": float(e)},
+        fingerprint={"data": 6},
+        extra=extra,
+    )
     params, loss = _problem()  # a fresh process: new parameters, the checkpoint on disk
     restored = {"note": None}
-    resumed = train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=2, learning_rate=0.1, checkpoint_dir=folder), after_epoch=lambda e: {"val": float(e)}, fingerprint={"data": 6}, extra=restored)
+    resumed = train_loop(
+        params,
+        6,
+        loss,
+        LoopConfig(epochs=3, batch_size=2, learning_rate=0.1, checkpoint_dir=folder),
+        after_epoch=lambda e: {"val": float(e)},
+        fingerprint={"data": 6},
+        extra=restored,
+    )
     assert (resumed.resumed_from, resumed.epochs_run) == (2, 3)
     torch.testing.assert_close(params["w"].detach(), expected)
     assert resumed.epoch_loss == pytest.approx(straight.epoch_loss)
@@ -60,7 +82,9 @@ def test_gradients_are_clipped_to_max_grad_norm(monkeypatch):
     def spy(tensors, max_norm, *args, **kwargs):
         tensors = list(tensors)
         out = real(tensors, max_norm, *args, **kwargs)
-        seen.append((max_norm, float(torch.linalg.vector_norm(torch.stack([t.grad.norm() for t in tensors])))))
+        seen.append(
+            (max_norm, float(torch.linalg.vector_norm(torch.stack([t.grad.norm() for t in tensors]))))
+        )
         return out
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
@@ -79,12 +103,20 @@ def test_a_diverging_loss_is_a_typed_error():
         train_loop({"w": w}, 2, lambda idx: (w * math.inf).sum(), LoopConfig(epochs=1))
     assert err.value.field == "learning_rate"
     with pytest.raises(ValidationError, match="diverge"):
-        train_loop({"w": w}, 2, lambda idx: (w - 1).pow(2).sum(), LoopConfig(epochs=1), after_epoch=lambda e: {"val": math.nan})
+        train_loop(
+            {"w": w},
+            2,
+            lambda idx: (w - 1).pow(2).sum(),
+            LoopConfig(epochs=1),
+            after_epoch=lambda e: {"val": math.nan},
+        )
 
 
 def test_progress_is_per_step_with_the_running_loss(capsys):
     params, loss = _problem()
-    train_loop(params, 6, loss, LoopConfig(epochs=3, batch_size=4, learning_rate=0.1, progress=True, name="toy"))
+    train_loop(
+        params, 6, loss, LoopConfig(epochs=3, batch_size=4, learning_rate=0.1, progress=True, name="toy")
+    )
     err = capsys.readouterr().err
     assert "toy: 100%" in err and "6/6" in err  # 3 epochs of ceil(6 / 4) = 2 steps
     assert "epoch=3/3" in err and "loss=" in err
@@ -100,14 +132,33 @@ def test_checkpoints_are_safetensors_and_json_and_old_pickles_are_refused(tmp_pa
 
     folder = tmp_path / "ckpt"
     params, loss = _problem()
-    train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)), fingerprint={"data": (6, "toy")})
+    train_loop(
+        params,
+        6,
+        loss,
+        LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)),
+        fingerprint={"data": (6, "toy")},
+    )
     state = json.loads((folder / "loop_state.json").read_text())
-    assert state["epoch"] == 2 and state["state_dir"] == "epoch-2" and state["params"] == ["w"] and state["fingerprint"] == {"data": [6, "toy"]}
-    torch.testing.assert_close(load_file(str(folder / "epoch-2" / "trainable.safetensors"))["w"], params["w"].detach())
+    assert (
+        state["epoch"] == 2
+        and state["state_dir"] == "epoch-2"
+        and state["params"] == ["w"]
+        and state["fingerprint"] == {"data": [6, "toy"]}
+    )
+    torch.testing.assert_close(
+        load_file(str(folder / "epoch-2" / "trainable.safetensors"))["w"], params["w"].detach()
+    )
     assert not list(folder.glob("epoch-1"))  # older epochs are dropped
     torch.load(folder / "epoch-2" / "optimizer.bin", weights_only=True)  # no pickled objects
     params, loss = _problem()  # a tuple in the fingerprint reads back as a list: still the same run
-    resumed = train_loop(params, 6, loss, LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)), fingerprint={"data": (6, "toy")})
+    resumed = train_loop(
+        params,
+        6,
+        loss,
+        LoopConfig(epochs=2, batch_size=4, checkpoint_dir=str(folder)),
+        fingerprint={"data": (6, "toy")},
+    )
     assert resumed.resumed_from == 2
     old = tmp_path / "old"
     old.mkdir()

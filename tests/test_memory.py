@@ -18,7 +18,11 @@ import pytest
 from personalign.errors import ValidationError
 from personalign.memory.chroma import MAX_MEMORY_CHARS, MAX_TOP_K, MemoryStore, collection_name
 
-FACTS = ["I am vegetarian and I cook for two.", "My car is a red hatchback.", "I work as a nurse on night shifts."]
+FACTS = [
+    "I am vegetarian and I cook for two.",
+    "My car is a red hatchback.",
+    "I work as a nurse on night shifts.",
+]
 DINNER = "What should I cook for dinner tonight?"
 SECRET = "My locker code is zebra-ornithopter-4417."
 RECORD_KEYS = {"id", "memory", "user_id", "created_at", "metadata"}
@@ -49,16 +53,27 @@ def test_written_memory_is_found_by_meaning(store):
 
 
 def test_result_shapes(store):
-    added = store.add("alice", "I am vegetarian and I cook for two.", metadata={"source": "chat", "n": 2, "ok": True})
+    added = store.add(
+        "alice", "I am vegetarian and I cook for two.", metadata={"source": "chat", "n": 2, "ok": True}
+    )
     [row] = added["results"]
     assert set(added) == {"results"}
     assert set(row) == RECORD_KEYS | {"event"}
-    assert row["metadata"] == {"source": "chat", "n": 2, "ok": True}  # reserved keys are not echoed as metadata
+    assert row["metadata"] == {
+        "source": "chat",
+        "n": 2,
+        "ok": True,
+    }  # reserved keys are not echoed as metadata
     assert isinstance(row["created_at"], float) and len(row["id"]) == 32
 
     [hit] = store.search("alice", DINNER)["results"]
     assert set(hit) == RECORD_KEYS | {"score"}
-    assert (hit["id"], hit["memory"], hit["user_id"], hit["metadata"]) == (row["id"], row["memory"], "alice", row["metadata"])
+    assert (hit["id"], hit["memory"], hit["user_id"], hit["metadata"]) == (
+        row["id"],
+        row["memory"],
+        "alice",
+        row["metadata"],
+    )
     assert hit["created_at"] == pytest.approx(row["created_at"])
 
     listed = store.get_all("alice")
@@ -76,7 +91,9 @@ def test_never_found_by_another_user(store):
     assert store.delete("bob", alice["id"]) is False
     store.add("bob", "Bob plays the trombone.")
     # bob with memories of his own: still only his
-    assert [r["memory"] for r in store.search("bob", SECRET, top_k=MAX_TOP_K)["results"]] == ["Bob plays the trombone."]
+    assert [r["memory"] for r in store.search("bob", SECRET, top_k=MAX_TOP_K)["results"]] == [
+        "Bob plays the trombone."
+    ]
     assert [r["memory"] for r in store.get_all("bob")["results"]] == ["Bob plays the trombone."]
     assert store.delete("bob", alice["id"]) is False  # another user's id deletes nothing
     assert [r["id"] for r in store.get_all("alice")["results"]] == [alice["id"]]
@@ -118,7 +135,10 @@ def test_memory_written_by_another_process_is_read_here(encoder, tmp_path):
     table.write_text(json.dumps(vectors), encoding="utf-8")
     path = tmp_path / "chroma"
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path), str(table), encoder.name], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", CHILD, str(path), str(table), encoder.name],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     written = json.loads(done.stdout.strip().splitlines()[-1])["results"]

@@ -28,7 +28,9 @@ LIFECYCLE_KEYS = {"key", "status", "version", "valid_from", "valid_to", "updated
 
 def _snapshot(pz, user):
     """Everything stored for ``user``'s memories, every version included."""
-    return sorted(pz.memory.texts(user)), [(r["id"], r["memory"], r["status"]) for r in pz.memories(user, status="all")["results"]]
+    return sorted(pz.memory.texts(user)), [
+        (r["id"], r["memory"], r["status"]) for r in pz.memories(user, status="all")["results"]
+    ]
 
 
 # --- Python ----------------------------------------------------------------------------------------
@@ -37,15 +39,26 @@ def _snapshot(pz, user):
 def test_result_shape_has_mem0_fields_and_lifecycle_fields(pz):
     [row] = pz.remember("ana", PARIS, metadata={"category": "home"}, key="home_city")["results"]
     assert {"id", "memory", "user_id", "created_at", "metadata", "event"} | LIFECYCLE_KEYS <= set(row)
-    assert (row["event"], row["status"], row["key"], row["version"], row["valid_to"], row["source"]) == ("ADD", "active", "home_city", 1, None, "python")
+    assert (row["event"], row["status"], row["key"], row["version"], row["valid_to"], row["source"]) == (
+        "ADD",
+        "active",
+        "home_city",
+        1,
+        None,
+        "python",
+    )
     assert row["valid_from"] == row["created_at"] and row["metadata"] == {"category": "home"}
-    assert pz.get_memory("ana", row["id"]) == {k: v for k, v in row.items() if k not in ("event", "supersedes")}
+    assert pz.get_memory("ana", row["id"]) == {
+        k: v for k, v in row.items() if k not in ("event", "supersedes")
+    }
     assert json.dumps(pz.memories("ana")) and json.dumps(pz.memory_history("ana", row["id"]))
 
 
 def test_restated_fact_is_stored_once(pz):
     first = pz.remember("ana", "I am vegetarian and I cook for two.")["results"][0]
-    again = pz.remember("ana", ["i am vegetarian and  I cook for two.", "I'm vegetarian and I cook for two."])["results"]
+    again = pz.remember(
+        "ana", ["i am vegetarian and  I cook for two.", "I'm vegetarian and I cook for two."]
+    )["results"]
     assert [r["event"] for r in again] == ["NONE", "NONE"] and {r["id"] for r in again} == {first["id"]}
     assert [r["memory"] for r in pz.memories("ana")["results"]] == ["I am vegetarian and I cook for two."]
     assert pz.memory.count("ana") == 1
@@ -55,25 +68,42 @@ def test_key_supersedes_and_search_returns_active_only(pz):
     paris = pz.remember("ana", PARIS, key="home_city")["results"][0]
     pz.remember("ana", "My car is a red hatchback.")
     moved = pz.remember("ana", BERLIN, key="home_city")["results"]
-    assert [(r["event"], r["status"], r["memory"]) for r in moved] == [("ADD", "active", BERLIN), ("DELETE", "superseded", PARIS)]
+    assert [(r["event"], r["status"], r["memory"]) for r in moved] == [
+        ("ADD", "active", BERLIN),
+        ("DELETE", "superseded", PARIS),
+    ]
     assert moved[0]["supersedes"] == [paris["id"]] and moved[1]["superseded_by"] == moved[0]["id"]
     assert moved[1]["valid_to"] == pytest.approx(moved[0]["valid_from"])
     found = [r["memory"] for r in pz.search_memories("ana", WHERE, top_k=10, threshold=-1.0)["results"]]
     assert BERLIN in found and PARIS not in found
-    everything = [r["memory"] for r in pz.search_memories("ana", WHERE, top_k=10, threshold=-1.0, status="all")["results"]]
+    everything = [
+        r["memory"]
+        for r in pz.search_memories("ana", WHERE, top_k=10, threshold=-1.0, status="all")["results"]
+    ]
     assert PARIS in everything
     assert [r["memory"] for r in pz.memories("ana", status="superseded")["results"]] == [PARIS]
     # the superseded memory keeps its history, and a chat retrieves only the current city
     history = pz.memory_history("ana", paris["id"])
-    assert history["status"] == "superseded" and [v["event"] for v in history["versions"]] == ["ADD", "DELETE"]
-    assert pz.respond("ana", [{"role": "user", "content": WHERE}], max_new_tokens=1, memory_threshold=-1.0).memories.count(PARIS) == 0
+    assert history["status"] == "superseded" and [v["event"] for v in history["versions"]] == [
+        "ADD",
+        "DELETE",
+    ]
+    assert (
+        pz.respond(
+            "ana", [{"role": "user", "content": WHERE}], max_new_tokens=1, memory_threshold=-1.0
+        ).memories.count(PARIS)
+        == 0
+    )
 
 
 def test_unkeyed_close_match_is_a_reported_conflict(pz):
     blue = pz.remember("ana", "My favourite colour is blue.")["results"][0]
     [green] = pz.remember("ana", "My favourite colour is green.")["results"]
     assert [c["id"] for c in green["conflicts"]] == [blue["id"]] and green["conflicts"][0]["score"] > 0.6
-    assert {r["memory"] for r in pz.memories("ana")["results"]} == {"My favourite colour is blue.", "My favourite colour is green."}
+    assert {r["memory"] for r in pz.memories("ana")["results"]} == {
+        "My favourite colour is blue.",
+        "My favourite colour is green.",
+    }
     red = pz.remember("ana", "My favourite colour is red.", on_conflict="supersede")["results"]
     assert [r["event"] for r in red] == ["ADD", "DELETE", "DELETE"]
     assert [r["memory"] for r in pz.memories("ana")["results"]] == ["My favourite colour is red."]
@@ -82,7 +112,13 @@ def test_unkeyed_close_match_is_a_reported_conflict(pz):
 def test_update_keeps_id_and_history_records_every_version(pz):
     row = pz.remember("ana", "I work as a nurse.", key="job", metadata={"category": "work"})["results"][0]
     first = pz.update_memory("ana", row["id"], "I work as a teacher.", source="cli")["results"][0]
-    assert (first["event"], first["id"], first["version"], first["previous_memory"], first["key"]) == ("UPDATE", row["id"], 2, "I work as a nurse.", "job")
+    assert (first["event"], first["id"], first["version"], first["previous_memory"], first["key"]) == (
+        "UPDATE",
+        row["id"],
+        2,
+        "I work as a nurse.",
+        "job",
+    )
     assert first["metadata"] == {"category": "work"}  # kept when not given
     pz.update_memory("ana", row["id"], "I work as a head teacher.", metadata={"category": "career"})
     assert pz.update_memory("ana", row["id"], "I work as a head teacher.")["results"][0]["event"] == "NONE"
@@ -95,7 +131,9 @@ def test_update_keeps_id_and_history_records_every_version(pz):
     times = [(v["valid_from"], v["valid_to"]) for v in history["versions"]]
     assert times[0][1] == times[1][0] and times[1][1] == times[2][0] and times[2][1] is None
     # only the current text is searchable; one memory, three stored texts
-    assert [r["memory"] for r in pz.search_memories("ana", "What is my job?", top_k=5, threshold=-1.0)["results"]] == ["I work as a head teacher."]
+    assert [
+        r["memory"] for r in pz.search_memories("ana", "What is my job?", top_k=5, threshold=-1.0)["results"]
+    ] == ["I work as a head teacher."]
     assert pz.memory.count("ana") == 1 and len(pz.memory.texts("ana")) == 3
     assert pz.memories("ana", filters={"category": "career"})["results"][0]["id"] == row["id"]
 
@@ -109,7 +147,9 @@ def test_filters_on_search_and_listing(pz):
     assert listed({"category": "diet", "priority": {"gte": 2}}) == ["I am vegetarian."]
     assert listed({"category": {"in": ["sport"]}}) == ["I run marathons."]
     assert listed({"priority": {"$lt": 2}}) == ["I run marathons.", "I drink oat milk."]
-    found = pz.search_memories("ana", "What do I eat?", top_k=5, threshold=-1.0, filters={"category": "sport"})["results"]
+    found = pz.search_memories(
+        "ana", "What do I eat?", top_k=5, threshold=-1.0, filters={"category": "sport"}
+    )["results"]
     assert [r["memory"] for r in found] == ["I run marathons."]
 
 
@@ -128,7 +168,10 @@ def test_filters_on_search_and_listing(pz):
 )
 def test_bad_filters_are_validation_errors(pz, filters, field):
     pz.remember("ana", "I am vegetarian.", metadata={"category": "diet", "priority": 3})
-    for call in (lambda: pz.memories("ana", filters=filters), lambda: pz.search_memories("ana", "food", filters=filters)):
+    for call in (
+        lambda: pz.memories("ana", filters=filters),
+        lambda: pz.search_memories("ana", "food", filters=filters),
+    ):
         with pytest.raises(ValidationError) as info:
             call()
         assert info.value.field == field and "Fix: " in str(info.value)
@@ -190,11 +233,16 @@ def test_forget_purges_every_version_from_disk_and_cache(pz):
     row = pz.remember("ana", "My old locker code is walrus-1111.", key="locker")["results"][0]
     pz.update_memory("ana", row["id"], "My old locker code is walrus-2222.")
     pz.remember("ana", "My locker code is walrus-3333.", key="locker")
-    assert _files_containing(pz.store_path, b"walrus-1111") and "locker: My old locker code is walrus-1111." in pz.encoder._cache
+    assert (
+        _files_containing(pz.store_path, b"walrus-1111")
+        and "locker: My old locker code is walrus-1111." in pz.encoder._cache
+    )
     pz.forget("ana")
     for code in (b"walrus-1111", b"walrus-2222", b"walrus-3333"):
         assert _files_containing(pz.store_path, code) == []
-    assert not [t for t in pz.encoder._cache if "walrus" in t]  # as stored and as embedded (with the key label)
+    assert not [
+        t for t in pz.encoder._cache if "walrus" in t
+    ]  # as stored and as embedded (with the key label)
     assert pz.memories("ana", status="all")["results"] == [] and pz.memory.texts("ana") == []
 
 
@@ -206,7 +254,16 @@ def test_delete_removes_the_memory_and_its_versions(pz):
 
 
 def test_export_holds_everything_stored(pz):
-    pz.enroll("ana", [{"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "A long story about eggs."}])
+    pz.enroll(
+        "ana",
+        [
+            {
+                "prompt": "How do I boil an egg?",
+                "chosen": "Nine minutes.",
+                "rejected": "A long story about eggs.",
+            }
+        ],
+    )
     pz.set_steering("ana", {"verbosity": -1.0})
     pz.remember("ana", PARIS, key="home_city")
     pz.remember("ana", BERLIN, key="home_city")
@@ -216,7 +273,10 @@ def test_export_holds_everything_stored(pz):
     assert [c["chosen"] for c in doc["comparisons"]] == ["Nine minutes."]
     assert doc["steering"]["stored"] is not None and doc["steering"]["default"] == {"verbosity": -1.0}
     assert doc["state"] is not None and doc["state"]["n_comparisons"] == 1
-    assert {(m["memory"], m["status"]) for m in doc["memories"]} == {(PARIS, "superseded"), (BERLIN, "active")}
+    assert {(m["memory"], m["status"]) for m in doc["memories"]} == {
+        (PARIS, "superseded"),
+        (BERLIN, "active"),
+    }
     assert all(m["history"] for m in doc["memories"])
     assert "profile.json" in {f["path"] for f in doc["files"]} and doc["adapter"] is None
     with pytest.raises(UnknownUserError):
@@ -230,9 +290,14 @@ def test_export_holds_everything_stored(pz):
 def server(tiny_generator, encoder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("lifecycle")
     keys = folder / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"key": ACME, "tenant": "acme"}, {"key": GLOBEX, "tenant": "globex"}]}))
+    keys.write_text(
+        json.dumps({"keys": [{"key": ACME, "tenant": "acme"}, {"key": GLOBEX, "tenant": "globex"}]})
+    )
     config = ServerConfig(api_keys=load_api_keys(keys), max_tokens_cap=8, default_max_tokens=2)
-    with Personalizer(tiny_generator, encoder, store=folder / "store") as personalizer, ServerThread(create_app(personalizer, config)) as running:
+    with (
+        Personalizer(tiny_generator, encoder, store=folder / "store") as personalizer,
+        ServerThread(create_app(personalizer, config)) as running,
+    ):
         running.pz = personalizer
         yield running
 
@@ -251,12 +316,23 @@ def _error(response, status, code=None):
 def test_http_lifecycle_matches_python(server):
     with _client(server, ACME) as http:
         http.delete("/v1/users/cara")
-        added = http.post("/v1/users/cara/memories", json={"text": PARIS, "key": "home_city", "metadata": {"category": "home"}}).json()["results"]
+        added = http.post(
+            "/v1/users/cara/memories",
+            json={"text": PARIS, "key": "home_city", "metadata": {"category": "home"}},
+        ).json()["results"]
         assert added[0]["event"] == "ADD" and added[0]["user_id"] == "cara" and added[0]["source"] == "http"
         paris_id = added[0]["id"]
-        moved = http.post("/v1/users/cara/memories", json={"text": BERLIN, "key": "home_city", "metadata": {"category": "home"}}).json()["results"]
+        moved = http.post(
+            "/v1/users/cara/memories",
+            json={"text": BERLIN, "key": "home_city", "metadata": {"category": "home"}},
+        ).json()["results"]
         assert [(r["event"], r["status"]) for r in moved] == [("ADD", "active"), ("DELETE", "superseded")]
-        assert http.post("/v1/users/cara/memories", json={"text": BERLIN, "key": "home_city"}).json()["results"][0]["event"] == "NONE"
+        assert (
+            http.post("/v1/users/cara/memories", json={"text": BERLIN, "key": "home_city"}).json()["results"][
+                0
+            ]["event"]
+            == "NONE"
+        )
         berlin_id = moved[0]["id"]
         updated = http.put(f"/v1/users/cara/memories/{berlin_id}", json={"text": LISBON}).json()["results"][0]
         assert (updated["event"], updated["previous_memory"], updated["version"]) == ("UPDATE", BERLIN, 2)
@@ -264,18 +340,29 @@ def test_http_lifecycle_matches_python(server):
         assert (got["memory"], got["status"], got["user_id"]) == (LISBON, "active", "cara")
         history = http.get(f"/v1/users/cara/memories/{berlin_id}/history").json()
         assert [v["memory"] for v in history["versions"]] == [BERLIN, LISBON] and history["user_id"] == "cara"
-        listed = http.get("/v1/users/cara/memories", params={"filters": json.dumps({"category": "home"})}).json()["results"]
+        listed = http.get(
+            "/v1/users/cara/memories", params={"filters": json.dumps({"category": "home"})}
+        ).json()["results"]
         assert [r["memory"] for r in listed] == [LISBON]
-        everything = http.get("/v1/users/cara/memories", params={"filters": json.dumps({"category": "home"}), "status": "all"}).json()["results"]
+        everything = http.get(
+            "/v1/users/cara/memories", params={"filters": json.dumps({"category": "home"}), "status": "all"}
+        ).json()["results"]
         assert [r["memory"] for r in everything] == [PARIS, LISBON]
-        found = http.get("/v1/users/cara/memories", params={"query": WHERE, "threshold": -1, "top_k": 10}).json()["results"]
+        found = http.get(
+            "/v1/users/cara/memories", params={"query": WHERE, "threshold": -1, "top_k": 10}
+        ).json()["results"]
         assert [r["memory"] for r in found] == [LISBON]
-        searched = http.post("/v1/users/cara/memories/search", json={"query": WHERE, "filters": {"category": "home"}, "status": "all", "threshold": -1}).json()["results"]
+        searched = http.post(
+            "/v1/users/cara/memories/search",
+            json={"query": WHERE, "filters": {"category": "home"}, "status": "all", "threshold": -1},
+        ).json()["results"]
         assert {r["memory"] for r in searched} == {PARIS, LISBON}
         export = http.get("/v1/users/cara/export").json()
         assert export["user_id"] == "cara" and {m["id"] for m in export["memories"]} == {paris_id, berlin_id}
         assert all(m["user_id"] == "cara" for m in export["memories"])
-        assert not any("acme" in json.dumps(m) for m in export["memories"])  # the stored (tenant) id never leaks
+        assert not any(
+            "acme" in json.dumps(m) for m in export["memories"]
+        )  # the stored (tenant) id never leaks
         # the same lifecycle, read through Python under the stored id
         assert server.pz.get_memory(f"acme{TENANT_SEP}cara", berlin_id)["memory"] == LISBON
 
@@ -283,30 +370,59 @@ def test_http_lifecycle_matches_python(server):
 def test_http_bad_input_is_4xx_and_changes_nothing(server):
     with _client(server, ACME) as http:
         http.delete("/v1/users/dora")
-        row = http.post("/v1/users/dora/memories", json={"text": PARIS, "key": "home_city", "metadata": {"category": "home"}}).json()["results"][0]
+        row = http.post(
+            "/v1/users/dora/memories",
+            json={"text": PARIS, "key": "home_city", "metadata": {"category": "home"}},
+        ).json()["results"][0]
         http.post("/v1/users/erin/memories", json={"text": "Erin likes tea."})
         before = http.get("/v1/users/dora/export").json()["memories"]
-        _error(http.put(f"/v1/users/erin/memories/{row['id']}", json={"text": "stolen"}), 404, "memory_not_found")
+        _error(
+            http.put(f"/v1/users/erin/memories/{row['id']}", json={"text": "stolen"}), 404, "memory_not_found"
+        )
         _error(http.get(f"/v1/users/erin/memories/{row['id']}"), 404, "memory_not_found")
         _error(http.get(f"/v1/users/erin/memories/{row['id']}/history"), 404, "memory_not_found")
         _error(http.put("/v1/users/dora/memories/not-a-memory", json={"text": "x"}), 404, "memory_not_found")
-        _error(http.put(f"/v1/users/nobody-here/memories/{row['id']}", json={"text": "x"}), 404, "user_not_found")
-        _error(http.post("/v1/users/dora/memories", json={"text": BERLIN, "key": "not a key"}), 400, "invalid_value")
+        _error(
+            http.put(f"/v1/users/nobody-here/memories/{row['id']}", json={"text": "x"}), 404, "user_not_found"
+        )
+        _error(
+            http.post("/v1/users/dora/memories", json={"text": BERLIN, "key": "not a key"}),
+            400,
+            "invalid_value",
+        )
         _error(http.post("/v1/users/dora/memories", json={"text": BERLIN, "on_conflict": "merge"}), 400)
         _error(http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": ""}), 400)
-        _error(http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "x", "metadata": {"$bad": 1}}), 400)
-        assert _error(http.get("/v1/users/dora/memories", params={"filters": json.dumps({"categry": "home"})}), 400)["param"] == "filters.categry"
+        _error(
+            http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "x", "metadata": {"$bad": 1}}), 400
+        )
+        assert (
+            _error(
+                http.get("/v1/users/dora/memories", params={"filters": json.dumps({"categry": "home"})}), 400
+            )["param"]
+            == "filters.categry"
+        )
         _error(http.get("/v1/users/dora/memories", params={"filters": "{not json"}), 400)
         _error(http.get("/v1/users/dora/memories", params={"status": "deleted"}), 400)
-        _error(http.post("/v1/users/dora/memories/search", json={"query": "x", "filters": {"category": {"like": "h"}}}), 400)
+        _error(
+            http.post(
+                "/v1/users/dora/memories/search", json={"query": "x", "filters": {"category": {"like": "h"}}}
+            ),
+            400,
+        )
         assert http.get("/v1/users/dora/export").json()["memories"] == before
     with _client(server, GLOBEX) as globex:  # another tenant: the same path names another user
         _error(globex.get(f"/v1/users/dora/memories/{row['id']}"), 404)
         _error(globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}), 404)
         _error(globex.get("/v1/users/dora/export"), 404, "user_not_found")
         globex.post("/v1/users/dora/memories", json={"text": "Globex's dora."})
-        _error(globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}), 404, "memory_not_found")
-        assert [m["memory"] for m in globex.get("/v1/users/dora/export").json()["memories"]] == ["Globex's dora."]
+        _error(
+            globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}),
+            404,
+            "memory_not_found",
+        )
+        assert [m["memory"] for m in globex.get("/v1/users/dora/export").json()["memories"]] == [
+            "Globex's dora."
+        ]
     with _client(server, ACME) as http:
         assert http.get("/v1/users/dora/export").json()["memories"] == before
 
@@ -326,22 +442,37 @@ def test_cli_memory_commands_match_python(tmp_path):
         assert out.exit_code == code, out.output
         return json.loads(out.stdout) if code == 0 and out.stdout.lstrip().startswith("{") else out
 
-    paris = run("memory", "add", "--user", "fay", "--key", "home_city", "--metadata", '{"category": "home"}', PARIS)["results"][0]
+    paris = run(
+        "memory", "add", "--user", "fay", "--key", "home_city", "--metadata", '{"category": "home"}', PARIS
+    )["results"][0]
     moved = run("memory", "add", "--user", "fay", "--key", "home_city", BERLIN)["results"]
     assert [r["event"] for r in moved] == ["ADD", "DELETE"] and moved[0]["source"] == "cli"
     updated = run("memory", "update", "--user", "fay", moved[0]["id"], LISBON)["results"][0]
     assert updated["event"] == "UPDATE" and updated["previous_memory"] == BERLIN
-    assert [v["memory"] for v in run("memory", "history", "--user", "fay", moved[0]["id"])["versions"]] == [BERLIN, LISBON]
+    assert [v["memory"] for v in run("memory", "history", "--user", "fay", moved[0]["id"])["versions"]] == [
+        BERLIN,
+        LISBON,
+    ]
     assert run("memory", "get", "--user", "fay", paris["id"])["results"][0]["status"] == "superseded"
     assert [r["memory"] for r in run("memory", "list", "--user", "fay")["results"]] == [LISBON]
-    assert [r["memory"] for r in run("memory", "list", "--user", "fay", "--filters", '{"category": "home"}', "--status", "all")["results"]] == [PARIS]
+    assert [
+        r["memory"]
+        for r in run(
+            "memory", "list", "--user", "fay", "--filters", '{"category": "home"}', "--status", "all"
+        )["results"]
+    ] == [PARIS]
     assert run("memory", "search", "--user", "fay", WHERE)["results"][0]["memory"] == LISBON
     document = run("export-user", "--user", "fay")
     assert document["user_id"] == "fay" and len(document["memories"]) == 2
     # errors: an unknown id is 1, a bad option 2; nothing changes
-    assert "has no memory" in run("memory", "update", "--user", "gus", moved[0]["id"], "stolen", code=1).output
+    assert (
+        "has no memory" in run("memory", "update", "--user", "gus", moved[0]["id"], "stolen", code=1).output
+    )
     assert "--filters" in run("memory", "list", "--user", "fay", "--filters", "{oops", code=2).output
-    assert "filters.categry" in run("memory", "list", "--user", "fay", "--filters", '{"categry": "x"}', code=1).output
+    assert (
+        "filters.categry"
+        in run("memory", "list", "--user", "fay", "--filters", '{"categry": "x"}', code=1).output
+    )
     assert run("export-user", "--user", "fay")["memories"] == document["memories"]
 
 
@@ -351,4 +482,7 @@ def test_a_changed_number_is_a_new_fact_not_a_duplicate(pz):
     first = pz.remember("ana", "Fact c1-op3 about ana.")["results"][0]
     second = pz.remember("ana", "Fact c10-op3 about ana.")["results"][0]
     assert first["event"] == second["event"] == "ADD" and first["id"] != second["id"]
-    assert sorted(m["memory"] for m in pz.memories("ana")["results"]) == ["Fact c1-op3 about ana.", "Fact c10-op3 about ana."]
+    assert sorted(m["memory"] for m in pz.memories("ana")["results"]) == [
+        "Fact c1-op3 about ana.",
+        "Fact c10-op3 about ana.",
+    ]

@@ -16,7 +16,17 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "transformers", "datasets", "matplotlib", "scipy", "sklearn", "chromadb", "fastapi", "uvicorn")
+HEAVY = (
+    "torch",
+    "transformers",
+    "datasets",
+    "matplotlib",
+    "scipy",
+    "sklearn",
+    "chromadb",
+    "fastapi",
+    "uvicorn",
+)
 
 
 def _imported_after(code: str) -> list[str]:
@@ -33,7 +43,13 @@ def test_the_trl_and_datasets_helpers_are_top_level_names():
     import personalign
     from personalign import types
 
-    for name in ("to_dataset", "from_dataset", "comparison_from_row", "read_preferences", "write_preferences"):
+    for name in (
+        "to_dataset",
+        "from_dataset",
+        "comparison_from_row",
+        "read_preferences",
+        "write_preferences",
+    ):
         assert getattr(personalign, name) is getattr(types, name) and name in personalign.__all__
     assert _imported_after("from personalign import to_dataset, from_dataset, comparison_from_row") == []
 
@@ -60,13 +76,22 @@ def _core_venv(root: Path) -> Path:
     site = Path(sysconfig.get_paths()["purelib"])
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
     python = root / "bin" / "python"
-    target = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
+    target = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     skipped = set()
     for dist in distributions():
         name = dist.metadata["Name"].lower().replace("-", "_")
         if name in NOT_IN_CORE:
             skipped |= {Path(str(f)).parts[0] for f in dist.files or ()}
-    assert {"fastapi", "matplotlib", "gguf"} <= skipped, "the extras' packages should be installed here (the dev extra)"
+    assert {"fastapi", "matplotlib", "gguf"} <= skipped, (
+        "the extras' packages should be installed here (the dev extra)"
+    )
     for entry in site.iterdir():
         if entry.name not in skipped and not (target / entry.name).exists():
             (target / entry.name).symlink_to(entry)
@@ -77,19 +102,40 @@ def test_the_core_sdk_enrolls_and_remembers_without_any_extra(tiny_model_dir, tm
     """``pip install personalign`` alone: in an environment without the extras' packages,
     enroll, remember, search and chat work (a local model, as without the embedded extra)."""
     python = _core_venv(tmp_path / "venv")
-    missing = subprocess.run([str(python), "-c", f"import importlib.util as u; print([m for m in {NOT_IN_CORE!r} if u.find_spec(m)])"], capture_output=True, text=True, check=True)
+    missing = subprocess.run(
+        [
+            str(python),
+            "-c",
+            f"import importlib.util as u; print([m for m in {NOT_IN_CORE!r} if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert missing.stdout.strip() == "[]"
     code = _CORE_RUN.format(model=str(tiny_model_dir), store=str(tmp_path / "store"))
-    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"comparisons": 1, "found": ["I am vegetarian."], "reply": True}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {
+        "comparisons": 1,
+        "found": ["I am vegetarian."],
+        "reply": True,
+    }
 
 
 def test_the_extras_declare_what_their_commands_import():
     """Each extra names the packages its modules import; dev installs every extra."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())[
+        "project"
+    ]
     names = {key: {_name(r) for r in reqs} for key, reqs in project["optional-dependencies"].items()}
     core = {_name(r) for r in project["dependencies"]}
     assert {"fastapi", "starlette", "uvicorn", "prometheus-client"} <= names["serve"]
@@ -116,11 +162,19 @@ def test_every_import_of_the_package_is_declared():
     root = Path(__file__).resolve().parent.parent
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     declared = {_name(r) for r in project["dependencies"]}
-    declared |= {_name(r) for key, reqs in project["optional-dependencies"].items() if key != "dev" for r in reqs}
+    declared |= {
+        _name(r) for key, reqs in project["optional-dependencies"].items() if key != "dev" for r in reqs
+    }
     imported: dict[str, str] = {}
     for path in (root / "src" / "personalign").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module
+                else []
+            )
             for name in names:
                 imported.setdefault(name.split(".")[0], str(path.relative_to(root)))
     owners = packages_distributions()

@@ -89,7 +89,9 @@ def test_packed_rows_equal_f_linear_to_rounding(bias, rows):
     torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(1, 48), (3, 48), (1, 1, 48), (1, 7, 48), (3, 7, 48), (MAX_ROWS + 1, 1, 48)])
+@pytest.mark.parametrize(
+    "shape", [(1, 48), (3, 48), (1, 1, 48), (1, 7, 48), (3, 7, 48), (MAX_ROWS + 1, 1, 48)]
+)
 def test_single_rows_prefills_and_large_batches_take_the_stock_path_bit_for_bit(shape):
     layer = _layer()
     x = torch.randn(*shape)
@@ -161,13 +163,24 @@ def test_batched_decoding_matches_the_unpacked_model(tiny_generator, tiny_model_
     stock = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
     tokenizer = tiny_generator.tokenizer
     asks = ["how do I cook rice", "tell me about cats", "why is the sky blue"]
-    rows = [tokenizer.apply_chat_template([{"role": "user", "content": a}], add_generation_prompt=True, tokenize=True) for a in asks]
+    rows = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": a}], add_generation_prompt=True, tokenize=True
+        )
+        for a in asks
+    ]
     rows = [r["input_ids"] if isinstance(r, dict) or hasattr(r, "keys") else r for r in rows]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    kwargs = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": pad, "output_scores": True, "return_dict_in_generate": True}
+    kwargs = {
+        "max_new_tokens": 12,
+        "do_sample": False,
+        "pad_token_id": pad,
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
     with torch.inference_mode():
         a = packed.generate(input_ids=ids, attention_mask=mask, **kwargs)
         b = stock.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -192,7 +205,9 @@ def test_lora_layers_wrap_packed_layers(tiny_model_dir):
     packed.load_state_dict(stock.state_dict())
     ids = torch.randint(3, 50, (3, 1))
     with torch.no_grad():
-        torch.testing.assert_close(packed(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            packed(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+        )
 
 
 def test_bench_linear_on_tiny_model(tiny_generator):
@@ -233,7 +248,11 @@ def test_gathered_lora_rows_on_a_packed_base_match_a_stock_base(tiny_model_dir):
         for model in models:
             with model.disable_adapter(), gathered_lora(model, names):
                 out = model(input_ids=ids, use_cache=True)
-                step = model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)  # (3, 1): a decoding step
+                step = model(
+                    input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True
+                )  # (3, 1): a decoding step
             outs.append(step.logits)
-    assert any(type(m) is PackedLinear and m._packed is not None for m in models[1].modules())  # the step ran packed
+    assert any(
+        type(m) is PackedLinear and m._packed is not None for m in models[1].modules()
+    )  # the step ran packed
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)

@@ -21,7 +21,14 @@ from personalign.adapters.store import META_FILE, AdapterError, AdapterManager
 from personalign.models import EMBEDDED_GENERATOR, EMBEDDED_GENERATOR_HUB_ID, Generator, load_generator
 from personalign.types import Comparison
 
-PAIRS = [Comparison(prompt=f"Question number {i} about eggs?", chosen="Nine minutes.", rejected="It depends on many long things.") for i in range(4)]
+PAIRS = [
+    Comparison(
+        prompt=f"Question number {i} about eggs?",
+        chosen="Nine minutes.",
+        rejected="It depends on many long things.",
+    )
+    for i in range(4)
+]
 FAST = LoraTrainConfig(epochs=2, rank=4, learning_rate=5e-3, seed=0)
 DATA = Path(__file__).resolve().parents[1] / "src" / "personalign" / "data"
 
@@ -65,12 +72,19 @@ def test_embedded_user_adapter_names_the_hub_base_and_loads_in_auto_peft(tiny_mo
     meta = manager.train("kim", PAIRS, FAST)
     folder = manager.path("kim")
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID  # a real model id, not the pseudo-id
-    assert meta["base_model"] == EMBEDDED_GENERATOR and meta["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
+    assert (
+        config["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
+    )  # a real model id, not the pseudo-id
+    assert (
+        meta["base_model"] == EMBEDDED_GENERATOR
+        and meta["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
+    )
     assert meta["base_fingerprint"] == manager.generator.fingerprint()
     assert json.loads((folder / META_FILE).read_text())["base_fingerprint"].startswith("sha256:")
 
-    loaded = AutoPeftModelForCausalLM.from_pretrained(str(folder), cache_dir=str(hub_cache), local_files_only=True)
+    loaded = AutoPeftModelForCausalLM.from_pretrained(
+        str(folder), cache_dir=str(hub_cache), local_files_only=True
+    )
     torch.testing.assert_close(_logits(loaded, manager.generator.tokenizer), _active_logits(manager, "kim"))
 
 
@@ -79,7 +93,9 @@ def test_local_folder_adapter_loads_in_auto_peft(tiny_model_dir, tmp_path):
 
     manager = AdapterManager(_generator(tiny_model_dir), tmp_path / "users")
     manager.train("lee", PAIRS, FAST)
-    assert json.loads((manager.path("lee") / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert json.loads((manager.path("lee") / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(tiny_model_dir)
     loaded = AutoPeftModelForCausalLM.from_pretrained(str(manager.path("lee")))
     torch.testing.assert_close(_logits(loaded, manager.generator.tokenizer), _active_logits(manager, "lee"))
 
@@ -90,7 +106,10 @@ def _peft_adapter(tiny_model_dir, folder: Path, base_name: str) -> Path:
 
     model = load_generator(str(tiny_model_dir), device="cpu").model
     model.name_or_path = model.config.name_or_path = base_name  # as if loaded with from_pretrained(base_name)
-    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft = get_peft_model(
+        model,
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"),
+    )
     peft.save_pretrained(str(folder), save_embedding_layers=False)
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == base_name
     return folder
@@ -101,7 +120,10 @@ def test_adapter_trained_on_the_hub_id_imports_onto_the_embedded_model(tiny_mode
     manager = AdapterManager(_generator(tiny_model_dir, EMBEDDED_GENERATOR), tmp_path / "users")
     meta = manager.install("kim", trl_adapter)
     assert meta["base_fingerprint"] is None  # the weights it was trained on are not known
-    assert json.loads((manager.path("kim") / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
+    assert (
+        json.loads((manager.path("kim") / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == EMBEDDED_GENERATOR_HUB_ID
+    )
     manager.activate("kim")
     other = _peft_adapter(tiny_model_dir, tmp_path / "other", "someone/another-model")
     with pytest.raises(AdapterError, match="was made for 'someone/another-model'"):
@@ -131,16 +153,23 @@ def test_adapters_saved_with_the_pseudo_id_still_load(tiny_model_dir, tmp_path):
     hub = AdapterManager(_generator(tiny_model_dir, EMBEDDED_GENERATOR_HUB_ID), tmp_path / "users")
     torch.testing.assert_close(_active_logits(hub, "kim"), expected)
     hub.install("lee", manager.path("kim"))
-    assert json.loads((hub.path("lee") / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
+    assert (
+        json.loads((hub.path("lee") / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == EMBEDDED_GENERATOR_HUB_ID
+    )
     with pytest.raises(AdapterError, match="was trained on"):
-        AdapterManager(_generator(tiny_model_dir, "someone/another-model"), tmp_path / "users").activate("kim")
+        AdapterManager(_generator(tiny_model_dir, "someone/another-model"), tmp_path / "users").activate(
+            "kim"
+        )
 
 
 def test_other_base_weights_are_logged_not_refused(tiny_model_dir, tmp_path, caplog):
     manager = AdapterManager(_generator(tiny_model_dir, EMBEDDED_GENERATOR), tmp_path / "users")
     manager.train("kim", PAIRS, FAST)
     meta = json.loads((manager.path("kim") / META_FILE).read_text())
-    (manager.path("kim") / META_FILE).write_text(json.dumps({**meta, "base_fingerprint": "sha256:0000000000000000"}))
+    (manager.path("kim") / META_FILE).write_text(
+        json.dumps({**meta, "base_fingerprint": "sha256:0000000000000000"})
+    )
     with caplog.at_level(logging.WARNING, logger="personalign.adapters.store"):
         manager.activate("kim")
         manager.unload("kim")
@@ -153,10 +182,24 @@ def test_bank_adapter_names_the_hub_base(tiny_model_dir, tmp_path):
     from personalign.adapters.bank import LoraBank
 
     generator = _generator(tiny_model_dir, EMBEDDED_GENERATOR)
-    bank = LoraBank.train(generator, {"short": PAIRS[:2], "long": [c.model_copy(update={"chosen": c.rejected, "rejected": c.chosen}) for c in PAIRS[:2]]}, tmp_path / "bank", FAST)
+    bank = LoraBank.train(
+        generator,
+        {
+            "short": PAIRS[:2],
+            "long": [c.model_copy(update={"chosen": c.rejected, "rejected": c.chosen}) for c in PAIRS[:2]],
+        },
+        tmp_path / "bank",
+        FAST,
+    )
     folder = bank.write_adapter([0.5, 0.5], tmp_path / "combined")
-    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == EMBEDDED_GENERATOR_HUB_ID
-    assert LoraBank.load(_generator(tiny_model_dir, EMBEDDED_GENERATOR_HUB_ID), tmp_path / "bank").names == bank.names
+    assert (
+        json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == EMBEDDED_GENERATOR_HUB_ID
+    )
+    assert (
+        LoraBank.load(_generator(tiny_model_dir, EMBEDDED_GENERATOR_HUB_ID), tmp_path / "bank").names
+        == bank.names
+    )
 
 
 def test_shipped_adapters_name_a_real_base_and_no_machine_paths():
@@ -172,8 +215,13 @@ def test_shipped_adapters_name_a_real_base_and_no_machine_paths():
 
 def test_a_loaded_revision_is_recorded_for_peft(tiny_model_dir, tmp_path):
     loaded = load_generator(str(tiny_model_dir), device="cpu")
-    generator = Generator(model=loaded.model, tokenizer=loaded.tokenizer, model_id=EMBEDDED_GENERATOR_HUB_ID, revision="v1.0")
+    generator = Generator(
+        model=loaded.model, tokenizer=loaded.tokenizer, model_id=EMBEDDED_GENERATOR_HUB_ID, revision="v1.0"
+    )
     manager = AdapterManager(generator, tmp_path / "users")
     manager.install("kim", _peft_adapter(tiny_model_dir, tmp_path / "trl", EMBEDDED_GENERATOR_HUB_ID))
     config = json.loads((manager.path("kim") / "adapter_config.json").read_text())
-    assert (config["base_model_name_or_path"], config["revision"]) == (EMBEDDED_GENERATOR_HUB_ID, "v1.0")  # what AutoPeftModel loads
+    assert (config["base_model_name_or_path"], config["revision"]) == (
+        EMBEDDED_GENERATOR_HUB_ID,
+        "v1.0",
+    )  # what AutoPeftModel loads

@@ -33,9 +33,21 @@ from personalign.steering.objectives import infer_weights
 from personalign.streaming import TokenStream
 from personalign.types import Comparison, parse_messages
 
-EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg."}
-SKY = {"prompt": "Why is the sky blue?", "chosen": "Scattering.", "rejected": "Because of a long and detailed reason."}
-DINNER = {"prompt": "Plan my dinner for tonight.", "chosen": "Lentil soup.", "rejected": "Whatever you like, really."}
+EGG = {
+    "prompt": "How do I boil an egg?",
+    "chosen": "Nine minutes.",
+    "rejected": "It depends on many things about the egg.",
+}
+SKY = {
+    "prompt": "Why is the sky blue?",
+    "chosen": "Scattering.",
+    "rejected": "Because of a long and detailed reason.",
+}
+DINNER = {
+    "prompt": "Plan my dinner for tonight.",
+    "chosen": "Lentil soup.",
+    "rejected": "Whatever you like, really.",
+}
 ASK_EGG = [{"role": "user", "content": "How long should I boil an egg for?"}]
 ASK_DINNER = [{"role": "user", "content": "Plan my dinner for tonight please."}]
 VEGETARIAN = "I am vegetarian and I cook for two."
@@ -70,11 +82,17 @@ def calls(monkeypatch):
     return install
 
 
-def _reference(generator: Generator, messages: list[dict], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _reference(
+    generator: Generator, messages: list[dict], max_new_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain transformers: the chat template and greedy ``generate``; returns (prompt ids, new ids)."""
-    encoded = generator.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    encoded = generator.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.inference_mode():
-        output = type(generator.model).generate(generator.model, **encoded, max_new_tokens=max_new_tokens, do_sample=False)
+        output = type(generator.model).generate(
+            generator.model, **encoded, max_new_tokens=max_new_tokens, do_sample=False
+        )
     prompt_len = encoded["input_ids"].shape[1]
     return encoded["input_ids"][0], output[0, prompt_len:]
 
@@ -154,12 +172,18 @@ def test_enroll_appends_and_stamps_created_at(pz):
 
 def test_forget_leaves_nothing_in_chroma_nor_on_disk(pz):
     secret_fact = "My locker code is quokka-xylophone-7731."
-    secret_pair = {"prompt": "What is my favourite animal?", "chosen": "The zebra-ornithopter.", "rejected": "A dog."}
+    secret_pair = {
+        "prompt": "What is my favourite animal?",
+        "chosen": "The zebra-ornithopter.",
+        "rejected": "A dog.",
+    }
     pz.enroll("alice", [secret_pair, EGG])
     pz.remember("alice", [secret_fact, VEGETARIAN])
     pz.remember("bob", "Bob keeps a trombone-walrus in the attic.")
     store = pz.store_path
-    assert _files_containing(store, b"quokka-xylophone-7731") and _files_containing(store, b"zebra-ornithopter")
+    assert _files_containing(store, b"quokka-xylophone-7731") and _files_containing(
+        store, b"zebra-ornithopter"
+    )
 
     assert pz.forget("alice") == {"memories_deleted": 2, "profile_deleted": True}
     assert pz.memories("alice")["results"] == []
@@ -172,7 +196,9 @@ def test_forget_leaves_nothing_in_chroma_nor_on_disk(pz):
     with pytest.raises(UnknownUserError):
         pz.chat("alice", ASK_EGG, max_new_tokens=2)
     # bob is untouched
-    assert [r["memory"] for r in pz.memories("bob")["results"]] == ["Bob keeps a trombone-walrus in the attic."]
+    assert [r["memory"] for r in pz.memories("bob")["results"]] == [
+        "Bob keeps a trombone-walrus in the attic."
+    ]
     assert pz.forget("alice") == {"memories_deleted": 0, "profile_deleted": False}
 
 
@@ -185,7 +211,9 @@ def test_second_personalizer_on_same_store_is_locked_out(pz, tiny_generator, enc
     with Personalizer(tiny_generator, encoder, store=pz.store_path) as second:
         assert [r["memory"] for r in second.memories("alice")["results"]] == [VEGETARIAN]
         second.enroll("alice", [EGG])
-    with Personalizer(tiny_generator, encoder, store=pz.store_path) as third:  # released again by the with-block
+    with Personalizer(
+        tiny_generator, encoder, store=pz.store_path
+    ) as third:  # released again by the with-block
         assert len(third.profile("alice").comparisons) == 1
 
 
@@ -324,7 +352,9 @@ def test_streams_in_a_batch_equal_their_own_replies(lively_pz):
         assert result == lively_pz.respond(request["user"], request["messages"], **options)
         if stream is not None:
             assert stream.done and stream.result == result and "".join(stream) == result.text
-    assert results[2].completion_tokens == 3 and results[0].completion_tokens > 3  # each row keeps its own limit
+    assert (
+        results[2].completion_tokens == 3 and results[0].completion_tokens > 3
+    )  # each row keeps its own limit
     with pytest.raises(ValidationError, match=r"requests\[0\]\.stream"):
         lively_pz.respond_batch([{"user": None, "messages": ASK_EGG, "stream": "yes"}])
 
@@ -334,11 +364,15 @@ def test_a_cancelled_stream_stops_its_generation(lively_pz):
     steps: list[int] = []
     hook = model.register_forward_hook(lambda *args: steps.append(1))
     try:
-        assert lively_pz.respond(None, ASK_EGG, max_new_tokens=40).completion_tokens == 40  # the model does not stop by itself
+        assert (
+            lively_pz.respond(None, ASK_EGG, max_new_tokens=40).completion_tokens == 40
+        )  # the model does not stop by itself
         steps.clear()
         stream = TokenStream()
         stream.cancel()
-        [result] = lively_pz.respond_batch([{"user": None, "messages": ASK_EGG, "max_new_tokens": 40, "stream": stream}])
+        [result] = lively_pz.respond_batch(
+            [{"user": None, "messages": ASK_EGG, "max_new_tokens": 40, "stream": stream}]
+        )
         assert len(steps) <= 2 and result.completion_tokens <= 2
         steps.clear()
         pieces = lively_pz.stream(None, ASK_EGG, max_new_tokens=40)
@@ -398,7 +432,11 @@ def test_verbosity_steer_changes_generation(pz, calls):
 def test_user_default_steering(pz):
     # Comparisons preferring short answers infer a negative verbosity weight, applied by default.
     short_pairs = [
-        {"prompt": p, "chosen": "Yes.", "rejected": "Well, it is a long story with many details and caveats to consider."}
+        {
+            "prompt": p,
+            "chosen": "Yes.",
+            "rejected": "Well, it is a long story with many details and caveats to consider.",
+        }
         for p in ("Is water wet?", "Is fire hot?", "Is ice cold?")
     ]
     profile = pz.enroll("sam", short_pairs)
@@ -488,7 +526,9 @@ def test_small_context_model_drops_shots_then_refuses(tiny_generator, encoder, t
     tokenizer = tiny_generator.tokenizer
     messages = parse_messages(ASK_EGG)
     bare = count_prompt_tokens(tokenizer, build_conversation(messages, [], []))
-    with_one_shot = count_prompt_tokens(tokenizer, build_conversation(messages, [Shot(Comparison(**EGG), 1.0)], []))
+    with_one_shot = count_prompt_tokens(
+        tokenizer, build_conversation(messages, [Shot(Comparison(**EGG), 1.0)], [])
+    )
     context = with_one_shot + 16  # room for one shot and up to 16 new tokens, not for two shots
     config = copy.deepcopy(tiny_generator.model.config)
     config.max_position_embeddings = context

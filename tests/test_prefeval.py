@@ -37,22 +37,51 @@ from personalign.eval.prefeval import (
 )
 
 TOPICS = {
-    "lifestyle_dietary": [("I am vegan.", "Suggest a dinner.", ["Lentil curry.", "Beef stew.", "Roast chicken.", "Salmon."])],
-    "shop_fashion": [("I only wear wool.", "Pick a scarf.", ["A wool scarf.", "A silk scarf.", "A nylon scarf.", "A cotton scarf."])],
-    "travel_hotel": [
-        ("I avoid nightlife.", "Pick a hotel.", ["A quiet spa.", "A party hotel.", "A casino.", "A club hotel."]),
-        ("I need a pool.", "Pick a hotel.", ["Hotel with pool.", "Hotel with bar.", "Hotel with gym.", "Hotel with golf."]),
+    "lifestyle_dietary": [
+        ("I am vegan.", "Suggest a dinner.", ["Lentil curry.", "Beef stew.", "Roast chicken.", "Salmon."])
     ],
-    "travel_restaurant": [("I hate spicy food.", "Pick a restaurant.", ["A mild bistro.", "A chili house.", "A hot wings bar.", "A curry den."])],
+    "shop_fashion": [
+        (
+            "I only wear wool.",
+            "Pick a scarf.",
+            ["A wool scarf.", "A silk scarf.", "A nylon scarf.", "A cotton scarf."],
+        )
+    ],
+    "travel_hotel": [
+        (
+            "I avoid nightlife.",
+            "Pick a hotel.",
+            ["A quiet spa.", "A party hotel.", "A casino.", "A club hotel."],
+        ),
+        (
+            "I need a pool.",
+            "Pick a hotel.",
+            ["Hotel with pool.", "Hotel with bar.", "Hotel with gym.", "Hotel with golf."],
+        ),
+    ],
+    "travel_restaurant": [
+        (
+            "I hate spicy food.",
+            "Pick a restaurant.",
+            ["A mild bistro.", "A chili house.", "A hot wings bar.", "A curry den."],
+        )
+    ],
 }
 FILLER = [
-    {"conversation": [{"role": "user", "content": "Convert this code to Go."}, {"role": "assistant", "content": "Here it is in Go."}]},
-    {"conversation": [
-        {"role": "user", "content": "Write two tests."},
-        {"role": "assistant", "content": "Two tests written."},
-        {"role": "user", "content": "Explain ingress " + "very " * 400 + "slowly."},
-        {"role": "assistant", "content": "An ingress routes traffic."},
-    ]},
+    {
+        "conversation": [
+            {"role": "user", "content": "Convert this code to Go."},
+            {"role": "assistant", "content": "Here it is in Go."},
+        ]
+    },
+    {
+        "conversation": [
+            {"role": "user", "content": "Write two tests."},
+            {"role": "assistant", "content": "Two tests written."},
+            {"role": "user", "content": "Explain ingress " + "very " * 400 + "slowly."},
+            {"role": "assistant", "content": "An ingress routes traffic."},
+        ]
+    },
 ]
 
 
@@ -63,7 +92,16 @@ def write_prefeval(root: Path) -> Path:
         (base / folder).mkdir(parents=True, exist_ok=True)
     for topic, items in TOPICS.items():
         explicit = [{"preference": p, "question": q, "explanation": "x"} for p, q, _ in items]
-        mcq = [{"preference": p, "question": q, "explanation": "x", "violation_probability": 1.0, "classification_task_options": o} for p, q, o in items]
+        mcq = [
+            {
+                "preference": p,
+                "question": q,
+                "explanation": "x",
+                "violation_probability": 1.0,
+                "classification_task_options": o,
+            }
+            for p, q, o in items
+        ]
         (base / "explicit_preference" / f"{topic}.json").write_text(json.dumps(explicit))
         (base / "mcq_options" / f"{topic}.json").write_text(json.dumps(mcq))
     (base / "mcq_options" / "travel_hotel copy.json").write_text("[]")
@@ -87,9 +125,15 @@ def test_travel_topics_are_the_test_split_and_never_dev(data):
     from personalign.eval.prefeval import _plan
 
     splits, plan = _plan(PrefEvalConfig(split="dev", dev_items=None))
-    assert set(splits) == {"dev"} and {item.topic for _, item in plan} == {"lifestyle_dietary", "shop_fashion"}
+    assert set(splits) == {"dev"} and {item.topic for _, item in plan} == {
+        "lifestyle_dietary",
+        "shop_fashion",
+    }
     splits, plan = _plan(PrefEvalConfig(split="both", test_items=1, dev_items=1))
-    assert {s: sorted({i.topic for p, i in plan if p == s}) for s in splits} == {"test": ["travel_hotel", "travel_restaurant"], "dev": ["lifestyle_dietary", "shop_fashion"]}
+    assert {s: sorted({i.topic for p, i in plan if p == s}) for s in splits} == {
+        "test": ["travel_hotel", "travel_restaurant"],
+        "dev": ["lifestyle_dietary", "shop_fashion"],
+    }
 
 
 def test_option_shuffle_is_seeded_per_item_and_recorded(data):
@@ -98,10 +142,17 @@ def test_option_shuffle_is_seeded_per_item_and_recorded(data):
     item = load_items("travel_hotel")[1]
     assert item.user == "prefeval-travel_hotel-1" and item.options[0] == "Hotel with pool."
     perm = permutation(item, seed=0)
-    assert perm == [1, 3, 0, 2] == np.random.default_rng([0, zlib.crc32(b"travel_hotel"), 1]).permutation(4).tolist()
+    assert (
+        perm
+        == [1, 3, 0, 2]
+        == np.random.default_rng([0, zlib.crc32(b"travel_hotel"), 1]).permutation(4).tolist()
+    )
     assert permutation(item, seed=0) == perm and permutation(item, seed=1) != perm
     text = question_turn(item, perm)["content"]
-    assert text.startswith("Pick a hotel.\n\n") and "A. Hotel with bar.\nB. Hotel with golf.\nC. Hotel with pool.\nD. Hotel with gym.\n" in text
+    assert (
+        text.startswith("Pick a hotel.\n\n")
+        and "A. Hotel with bar.\nB. Hotel with golf.\nC. Hotel with pool.\nD. Hotel with gym.\n" in text
+    )
 
 
 def test_mean_logprob_golden():
@@ -120,7 +171,15 @@ def test_option_scores_equal_full_forward_passes(tiny_generator):
     options = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 1, 9, 3)]
     fast = option_scores(model, prompt, options)
     with torch.inference_mode():
-        full = [float(mean_logprob(model(input_ids=torch.tensor([prompt + o])).logits[0, len(prompt) - 1 : -1], torch.tensor(o))) for o in options]
+        full = [
+            float(
+                mean_logprob(
+                    model(input_ids=torch.tensor([prompt + o])).logits[0, len(prompt) - 1 : -1],
+                    torch.tensor(o),
+                )
+            )
+            for o in options
+        ]
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(full), atol=1e-5, rtol=1e-5)
 
 
@@ -131,11 +190,26 @@ def test_conditions_build_the_documented_conversations(data):
     question = question_turn(item, perm)
     assert condition_messages("none", item, perm, filler) == [question]
     assert condition_messages("memory", item, perm, filler) == [question]
-    assert condition_messages("oracle", item, perm, filler) == [{"role": "user", "content": "I avoid nightlife."}, {"role": "assistant", "content": ACKNOWLEDGEMENT}, question]
+    assert condition_messages("oracle", item, perm, filler) == [
+        {"role": "user", "content": "I avoid nightlife."},
+        {"role": "assistant", "content": ACKNOWLEDGEMENT},
+        question,
+    ]
     long = condition_messages("no-memory", item, perm, filler)
-    assert long[:2] == condition_messages("oracle", item, perm, filler)[:2] and long[2:-1] == filler and long[-1] == question
-    assert memory_texts(item, filler) == ["I avoid nightlife.", "Convert this code to Go.", "Write two tests."]
-    assert memory_texts(item, filler, "exchange")[1] == "User: Convert this code to Go.\nAssistant: Here it is in Go."
+    assert (
+        long[:2] == condition_messages("oracle", item, perm, filler)[:2]
+        and long[2:-1] == filler
+        and long[-1] == question
+    )
+    assert memory_texts(item, filler) == [
+        "I avoid nightlife.",
+        "Convert this code to Go.",
+        "Write two tests.",
+    ]
+    assert (
+        memory_texts(item, filler, "exchange")[1]
+        == "User: Convert this code to Go.\nAssistant: Here it is in Go."
+    )
     with pytest.raises(ValidationError, match="filler_turns"):
         load_filler(4)
 
@@ -146,7 +220,11 @@ def test_choice_is_the_best_score_and_shift_is_the_gain_over_none():
     oracle = {"condition": "oracle", "permutation": perm, "scores": [-0.9, -1.5, -3.0, -4.0]}
     add_shift([none, oracle])
     # Raw choice: position 0 (file index 2, wrong); the largest gain is position 1 (+0.5, aligned).
-    assert int(np.argmax(oracle["scores"])) == 0 and oracle["shift_correct"] is True and "shift_correct" not in none
+    assert (
+        int(np.argmax(oracle["scores"])) == 0
+        and oracle["shift_correct"] is True
+        and "shift_correct" not in none
+    )
 
 
 def test_memory_condition_never_sees_another_items_memories(pz, data):
@@ -176,16 +254,25 @@ def test_run_writes_results_per_split_condition_and_topic(pz, data, tmp_path):
     assert {r["split"] for r in result["records"]} == {"test", "dev"}
     assert len(result["records"]) == 5 * 4  # 3 test + 2 dev items, 4 conditions
     for r in result["records"]:
-        assert r["correct"] == (r["permutation"][r["choice"]] == 0) and r["choice"] == int(np.argmax(r["scores"]))
+        assert r["correct"] == (r["permutation"][r["choice"]] == 0) and r["choice"] == int(
+            np.argmax(r["scores"])
+        )
         assert r["aligned_position"] == r["permutation"].index(0)
     overall = {(r["split"], r["condition"]): r for r in result["summary"] if r["topic"] == "all"}
     assert overall[("test", "memory")]["n"] == 3 and overall[("dev", "oracle")]["n"] == 2
-    assert "shift_accuracy" in overall[("test", "oracle")] and "shift_accuracy" not in overall[("test", "none")]
-    assert {(d["a"], d["b"]) for d in result["differences"]} >= {("memory", "no-memory"), ("oracle", "no-memory")}
+    assert (
+        "shift_accuracy" in overall[("test", "oracle")] and "shift_accuracy" not in overall[("test", "none")]
+    )
+    assert {(d["a"], d["b"]) for d in result["differences"]} >= {
+        ("memory", "no-memory"),
+        ("oracle", "no-memory"),
+    }
     json.dumps(result)  # JSON-ready
     assert "test (2 topics, 3 items)" in format_prefeval(result)
     assert plot_prefeval(result, tmp_path / "p.png").stat().st_size > 1000
-    assert not any(isinstance(v, str) and "nightlife" in v for r in result["records"] for v in r.values())  # no data text in the result
+    assert not any(
+        isinstance(v, str) and "nightlife" in v for r in result["records"] for v in r.values()
+    )  # no data text in the result
 
 
 def test_config_errors_name_the_field():
@@ -203,12 +290,29 @@ def test_cli_prefeval(tiny_model_dir, data, tmp_path):
     from personalign.cli import app
 
     out = tmp_path / "r.json"
-    args = ["eval", "prefeval", "--model", str(tiny_model_dir), "--data-root", str(data), "--split", "test", "--filler-turns", "1", "--test-items", "1", "--conditions", "none,oracle"]
+    args = [
+        "eval",
+        "prefeval",
+        "--model",
+        str(tiny_model_dir),
+        "--data-root",
+        str(data),
+        "--split",
+        "test",
+        "--filler-turns",
+        "1",
+        "--test-items",
+        "1",
+        "--conditions",
+        "none,oracle",
+    ]
     result = CliRunner().invoke(app, [*args, "--json", str(out), "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
     assert saved["config"]["conditions"] == ["none", "oracle"] and len(saved["records"]) == 4
-    bad = CliRunner().invoke(app, ["eval", "prefeval", "--conditions", "none,psychic", "--data-root", str(data)])
+    bad = CliRunner().invoke(
+        app, ["eval", "prefeval", "--conditions", "none,psychic", "--data-root", str(data)]
+    )
     assert bad.exit_code == 2 and "conditions" in bad.output
 
 
@@ -223,8 +327,19 @@ def test_example_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
     import runpy
 
     example = Path(__file__).resolve().parents[1] / "examples" / "prefeval_memory.py"
-    monkeypatch.setattr("sys.argv", [str(example), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s"), "--filler-turns", "0"])
+    monkeypatch.setattr(
+        "sys.argv",
+        [str(example), "--model", str(tiny_model_dir), "--store", str(tmp_path / "s"), "--filler-turns", "0"],
+    )
     runpy.run_path(str(example), run_name="__main__")
     out = capsys.readouterr().out
-    for marker in ("remembered 1 user turn(s) for prefeval-example-0", "none      (", "no-memory (", "memory    (", "oracle    (", "memories retrieved: [", "done in"):
+    for marker in (
+        "remembered 1 user turn(s) for prefeval-example-0",
+        "none      (",
+        "no-memory (",
+        "memory    (",
+        "oracle    (",
+        "memories retrieved: [",
+        "done in",
+    ):
         assert marker in out, f"{marker!r} missing from:\n{out}"

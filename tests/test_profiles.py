@@ -177,6 +177,7 @@ def test_concurrent_thread_updates_lose_nothing(tmp_path):
         try:
             start.wait()
             for i in range(10):
+
                 def append(profile: UserProfile, item: str = f"{n}-{i}") -> UserProfile:
                     profile.settings.setdefault("items", []).append(item)
                     return profile
@@ -212,7 +213,9 @@ WRITER = textwrap.dedent(
 
 def test_concurrent_process_updates_lose_nothing(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag], env=env) for tag in ("p", "q")]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), tag], env=env) for tag in ("p", "q")
+    ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     profile = ProfileStore(tmp_path).get("alice")
     assert sorted(profile.settings["items"]) == sorted(f"{t}-{i}" for t in ("p", "q") for i in range(15))

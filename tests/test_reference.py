@@ -25,12 +25,34 @@ def test_leave_one_out_golden():
 
 def test_fit_only_golden():
     """Two users; whichever is held out, the item means come from the other."""
-    same = [("u1", "a", 1.0), ("u1", "b", 2.0), ("u1", "c", 3.0), ("u2", "a", 1.0), ("u2", "b", 2.0), ("u2", "c", 3.0)]
-    assert fit_only_agreement(same, held_out=0.5, seed=0) == (1.0, 3)  # shrunk means 1.5, 2, 2.5 keep the order
-    reverse = [("u1", "a", 1.0), ("u1", "b", 2.0), ("u1", "c", 3.0), ("u2", "a", 3.0), ("u2", "b", 2.0), ("u2", "c", 1.0)]
+    same = [
+        ("u1", "a", 1.0),
+        ("u1", "b", 2.0),
+        ("u1", "c", 3.0),
+        ("u2", "a", 1.0),
+        ("u2", "b", 2.0),
+        ("u2", "c", 3.0),
+    ]
+    assert fit_only_agreement(same, held_out=0.5, seed=0) == (
+        1.0,
+        3,
+    )  # shrunk means 1.5, 2, 2.5 keep the order
+    reverse = [
+        ("u1", "a", 1.0),
+        ("u1", "b", 2.0),
+        ("u1", "c", 3.0),
+        ("u2", "a", 3.0),
+        ("u2", "b", 2.0),
+        ("u2", "c", 1.0),
+    ]
     for seed in range(3):
         assert fit_only_agreement(reverse, held_out=0.5, seed=seed, prior=0.0) == (0.0, 3)
-    unseen = [("u1", "a", 1.0), ("u1", "b", 2.0), ("u2", "c", 1.0), ("u2", "d", 2.0)]  # no overlap: every mean is global
+    unseen = [
+        ("u1", "a", 1.0),
+        ("u1", "b", 2.0),
+        ("u2", "c", 1.0),
+        ("u2", "d", 2.0),
+    ]  # no overlap: every mean is global
     assert fit_only_agreement(unseen, held_out=0.5, seed=0) == (0.5, 1)  # the one pair ties: half
 
 

@@ -22,7 +22,11 @@ from personalign.personalizer import Personalizer
 from personalign.steering.decoding import derived_seed
 from personalign.steering.rerank import pick
 
-EGG = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg, and here is a long story."}
+EGG = {
+    "prompt": "How do I boil an egg?",
+    "chosen": "Nine minutes.",
+    "rejected": "It depends on many things about the egg, and here is a long story.",
+}
 ASK = [{"role": "user", "content": "How long should I boil an egg for?"}]
 
 
@@ -46,17 +50,32 @@ def test_rerank_returns_the_candidate_the_users_reward_scores_highest(lively_pz)
     pz.enroll("ana", [EGG])
     opts = {"max_new_tokens": 8, "temperature": 0.8, "seed": 3, "memory": False, "shots": False, "steer": {}}
     # candidate j samples with seed derived_seed(3, j), as the rerank rows do
-    candidates = [r.text for r in pz.respond_batch([{"user": "ana", "messages": ASK, **opts, "seed": derived_seed(3, j)} for j in range(4)])]
+    candidates = [
+        r.text
+        for r in pz.respond_batch(
+            [{"user": "ana", "messages": ASK, **opts, "seed": derived_seed(3, j)} for j in range(4)]
+        )
+    ]
     assert len(set(candidates)) > 1  # the lively model samples different answers
     rewards = pz.reward("ana", ASK[0]["content"], [c or " " for c in candidates])
     result = pz.respond("ana", ASK, rerank=4, **opts)
     assert result.text == candidates[int(np.argmax(rewards))]
     report = result.personalization
-    assert report["method"] == "user-rerank" and report["candidates"] == 4 and report["picked"] == int(np.argmax(rewards))
+    assert (
+        report["method"] == "user-rerank"
+        and report["candidates"] == 4
+        and report["picked"] == int(np.argmax(rewards))
+    )
     np.testing.assert_allclose(report["scores"], rewards, atol=1e-3)
     # in a batch with other requests it samples the same candidates (seeds are per row) and picks the same one
-    batch = pz.respond_batch([{"user": "ana", "messages": ASK, "rerank": 4, **opts}, {"user": None, "messages": ASK, **opts}])
-    assert batch[0].text == result.text and batch[0].personalization["picked"] == report["picked"] and batch[1].personalization is None
+    batch = pz.respond_batch(
+        [{"user": "ana", "messages": ASK, "rerank": 4, **opts}, {"user": None, "messages": ASK, **opts}]
+    )
+    assert (
+        batch[0].text == result.text
+        and batch[0].personalization["picked"] == report["picked"]
+        and batch[1].personalization is None
+    )
     # a stream gets the picked reply whole
     assert "".join(pz.stream("ana", ASK, rerank=4, **opts)) == result.text
 
@@ -68,12 +87,18 @@ def test_rerank_of_a_greedy_request_samples_at_the_rerank_temperature(lively_pz,
     real = pz.generator.model.generate
 
     def spy(*args, **kwargs):
-        decoder = kwargs["logits_processor"][-1]  # RowDecoder: each row sampled by its own settings, generate greedy
-        seen.append((kwargs["input_ids"].shape[0], kwargs.get("do_sample"), [c.temperature for c in decoder.controls]))
+        decoder = kwargs["logits_processor"][
+            -1
+        ]  # RowDecoder: each row sampled by its own settings, generate greedy
+        seen.append(
+            (kwargs["input_ids"].shape[0], kwargs.get("do_sample"), [c.temperature for c in decoder.controls])
+        )
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pz.generator.model, "generate", spy)
-    result = pz.respond("ana", ASK, rerank=3, rerank_temperature=0.6, max_new_tokens=4, memory=False, shots=False, steer={})
+    result = pz.respond(
+        "ana", ASK, rerank=3, rerank_temperature=0.6, max_new_tokens=4, memory=False, shots=False, steer={}
+    )
     assert seen == [(3, False, [0.6] * 3)] and result.personalization["temperature"] == 0.6
 
 
@@ -81,7 +106,11 @@ def test_rerank_without_a_state_gives_the_plain_answer_and_says_so(lively_pz):
     pz = lively_pz
     plain = pz.respond(None, ASK, max_new_tokens=6)
     generic = pz.respond(None, ASK, max_new_tokens=6, rerank=4)
-    assert generic.text == plain.text and generic.personalization["method"] is None and "no user" in generic.personalization["reason"]
+    assert (
+        generic.text == plain.text
+        and generic.personalization["method"] is None
+        and "no user" in generic.personalization["reason"]
+    )
     pz.remember("bo", "I like eggs.")  # a user with memories but no comparisons
     result = pz.respond("bo", ASK, max_new_tokens=6, rerank=4, memory=False, shots=False, steer={})
     assert result.text == plain.text and "no comparisons" in result.personalization["reason"]
@@ -95,7 +124,10 @@ def test_rerank_bad_input_is_typed_and_a_corrupt_state_stores_nothing(lively_pz)
             pz.respond("ana", ASK, rerank=bad, max_new_tokens=4)
 
     def corrupt(profile):
-        profile.settings["state"] = {**profile.settings["state"], "vector": [math.nan] * len(profile.settings["state"]["vector"])}
+        profile.settings["state"] = {
+            **profile.settings["state"],
+            "vector": [math.nan] * len(profile.settings["state"]["vector"]),
+        }
         return profile
 
     pz.profiles.update("ana", corrupt, create=False)
@@ -104,7 +136,10 @@ def test_rerank_bad_input_is_typed_and_a_corrupt_state_stores_nothing(lively_pz)
         pz.respond("ana", ASK, rerank=4, max_new_tokens=4)
     assert pz.profile("ana").model_dump() == before
     pz.refresh_state("ana")
-    assert pz.respond("ana", ASK, rerank=2, max_new_tokens=4, temperature=0.8, seed=1).personalization["method"] == "user-rerank"
+    assert (
+        pz.respond("ana", ASK, rerank=2, max_new_tokens=4, temperature=0.8, seed=1).personalization["method"]
+        == "user-rerank"
+    )
 
 
 def test_onpolicy_population_labels_the_pooled_answers_by_the_hidden_reward():
@@ -115,9 +150,17 @@ def test_onpolicy_population_labels_the_pooled_answers_by_the_hidden_reward():
     assert len(pop.users) == len(population.user_ids)
     for u in pop.users[:20]:
         for c in u.comparisons:
-            assert c.prompt_text in pool and c.chosen in pool[c.prompt_text] and c.rejected in pool[c.prompt_text]
+            assert (
+                c.prompt_text in pool
+                and c.chosen in pool[c.prompt_text]
+                and c.rejected in pool[c.prompt_text]
+            )
     # labels follow the hidden reward most of the time (Bradley-Terry, rationality 3)
-    agree = [population.true_reward(u.user, [c.chosen])[0] > population.true_reward(u.user, [c.rejected])[0] for u in pop.users for c in u.comparisons]
+    agree = [
+        population.true_reward(u.user, [c.chosen])[0] > population.true_reward(u.user, [c.rejected])[0]
+        for u in pop.users
+        for c in u.comparisons
+    ]
     assert np.mean(agree) > 0.75
     with pytest.raises(ValidationError, match="no pooled answers"):
         onpolicy_population(population, pool, population.prompts[:4])
@@ -126,7 +169,10 @@ def test_onpolicy_population_labels_the_pooled_answers_by_the_hidden_reward():
 def test_ranking_helpers_golden_values():
     # hidden order 3 > 2 > 1; inferred swaps the first two: pairs (0,1) agree? hidden 1<2, inferred 2>1: no
     assert _pairwise_accuracy(np.array([1.0, 2.0, 3.0]), np.array([2.0, 1.0, 3.0])) == (2, 3)
-    assert _pairwise_accuracy(np.array([1.0, 1.0, 3.0]), np.array([0.0, 5.0, 9.0])) == (2, 2)  # hidden tie skipped
+    assert _pairwise_accuracy(np.array([1.0, 1.0, 3.0]), np.array([0.0, 5.0, 9.0])) == (
+        2,
+        2,
+    )  # hidden tie skipped
     population = SyntheticPopulation()
     user, prompt = population.user_ids[0], population.prompts[0]
     texts = population.candidates[prompt][:4]
@@ -134,11 +180,20 @@ def test_ranking_helpers_golden_values():
     generic = texts[int(np.argsort(hidden)[1])]  # the second worst
     assert best_of_n(population, user, prompt, texts, hidden, generic) == 1.0
     assert best_of_n(population, user, prompt, texts, -hidden, generic) == 0.0
-    assert best_of_n(population, user, prompt, texts, (np.arange(4) == np.argsort(hidden)[1]).astype(float), generic) == 0.5
+    assert (
+        best_of_n(
+            population, user, prompt, texts, (np.arange(4) == np.argsort(hidden)[1]).astype(float), generic
+        )
+        == 0.5
+    )
 
 
 def test_personal_margins_pair_own_and_shuffled():
-    methods = {"user-rerank": {"scores": [1.0, 1.0, 0.5, 0.0]}, "user-rerank-shuffled": {"scores": [0.0, 1.0, 0.5, 0.0]}, "pplug": {"scores": [1.0] * 4}}
+    methods = {
+        "user-rerank": {"scores": [1.0, 1.0, 0.5, 0.0]},
+        "user-rerank-shuffled": {"scores": [0.0, 1.0, 0.5, 0.0]},
+        "pplug": {"scores": [1.0] * 4},
+    }
     margins = personal_margins(methods, ["a", "a", "b", "b"])
     assert set(margins) == {"user-rerank"} and margins["user-rerank"]["margin"] == pytest.approx(0.25)
     low, high = margins["user-rerank"]["ci"]
@@ -167,7 +222,14 @@ def test_guidance_never_reads_the_hidden_weights(lively, encoder, tmp_path, monk
         return made[-1]
 
     monkeypatch.setattr(generate_mod, "generation_split", keep)
-    config = GenerateConfig(methods=["user-rerank", "user-rerank-shuffled"], users=2, prompts_per_user=1, shots=2, max_new_tokens=6, rerank=3)
+    config = GenerateConfig(
+        methods=["user-rerank", "user-rerank-shuffled"],
+        users=2,
+        prompts_per_user=1,
+        shots=2,
+        max_new_tokens=6,
+        rerank=3,
+    )
     answers = []
     for flip in (False, True):
         with Personalizer(lively, encoder, store=tmp_path / f"s{flip}") as pz:
@@ -193,7 +255,9 @@ def test_a_long_or_blank_last_message_still_chats(lively_pz):
     searched = []
     real = pz.memory.search
     pz.memory.search = lambda user, query, **kw: searched.append(query) or real(user, query, **kw)
-    with pytest.raises(ContextLengthError):  # the tiny model's 512-token context, not the memory search, refuses it
+    with pytest.raises(
+        ContextLengthError
+    ):  # the tiny model's 512-token context, not the memory search, refuses it
         pz.respond("ana", long, max_new_tokens=3)
     assert len(searched[0]) == 8000
     blank = [{"role": "user", "content": "   "}]

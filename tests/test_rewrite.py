@@ -27,7 +27,17 @@ from personalign.eval.rewrite import (
 )
 from personalign.eval.stats import bootstrap_mean_ci, win_rate
 
-COLUMNS = ["instance_id", "user_id", "original email", "revised email", "gender", "race", "age", "occupation", "education"]
+COLUMNS = [
+    "instance_id",
+    "user_id",
+    "original email",
+    "revised email",
+    "gender",
+    "race",
+    "age",
+    "occupation",
+    "education",
+]
 
 
 def write_popquorn(root: Path, users: int = 10, emails: int = 4) -> Path:
@@ -37,17 +47,28 @@ def write_popquorn(root: Path, users: int = 10, emails: int = 4) -> Path:
     with (folder / "raw_data.csv").open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
-        writer.writerow({"instance_id": "900", "user_id": "", "original email": "send it now", "revised email": "Could you send it?"})
+        writer.writerow(
+            {
+                "instance_id": "900",
+                "user_id": "",
+                "original email": "send it now",
+                "revised email": "Could you send it?",
+            }
+        )
         for u in range(users):
             for e in range(emails):
-                writer.writerow({
-                    "instance_id": str(100 * u + e),
-                    "user_id": f"{u}.0",
-                    "original email": f"give me report {e} now",
-                    "revised email": f"Dear team, could you kindly send report {e}? Thanks, user {u}",
-                    "gender": "x",
-                })
-        writer.writerow({"instance_id": "901", "user_id": "", "original email": "stop", "revised email": "Please stop."})
+                writer.writerow(
+                    {
+                        "instance_id": str(100 * u + e),
+                        "user_id": f"{u}.0",
+                        "original email": f"give me report {e} now",
+                        "revised email": f"Dear team, could you kindly send report {e}? Thanks, user {u}",
+                        "gender": "x",
+                    }
+                )
+        writer.writerow(
+            {"instance_id": "901", "user_id": "", "original email": "stop", "revised email": "Please stop."}
+        )
     return root
 
 
@@ -63,7 +84,9 @@ def test_rouge_l_golden_values():
     tokens), prediction "The quick brown dog jumps on the log." (8 tokens). LCS = "the quick
     brown jumps the" = 5, so P = 5/8, R = 5/9, F1 = 2PR/(P+R) = 10/17."""
     assert lcs_length(list("abcbdab"), list("bdcaba")) == 4  # the textbook CLRS example
-    assert rouge_l_f1("The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog") == pytest.approx(10 / 17)
+    assert rouge_l_f1(
+        "The quick brown dog jumps on the log.", "The quick brown fox jumps over the lazy dog"
+    ) == pytest.approx(10 / 17)
     assert rouge_l_f1("Hello, World!", "hello world") == 1.0  # case and punctuation do not count
     assert rouge_l_f1("", "hello") == 0.0 and rouge_l_f1("abc", "xyz") == 0.0
 
@@ -71,7 +94,9 @@ def test_rouge_l_golden_values():
 def test_bootstrap_and_win_rate_golden_values():
     assert bootstrap_mean_ci([0.3] * 7) == pytest.approx((0.3, 0.3))
     low, high = bootstrap_mean_ci([0.0, 1.0] * 50, seed=0)
-    assert low < 0.5 < high and high - low == pytest.approx(2 * 1.96 * 0.05, abs=0.03)  # normal approx: sd/sqrt(n) = 0.05
+    assert low < 0.5 < high and high - low == pytest.approx(
+        2 * 1.96 * 0.05, abs=0.03
+    )  # normal approx: sd/sqrt(n) = 0.05
     assert bootstrap_mean_ci([0.0, 1.0] * 50, seed=0) == (low, high)  # seeded
     # Clustered by group: two groups of identical values -> the interval spans both group means.
     clustered = bootstrap_mean_ci([0.0] * 10 + [1.0] * 10, groups=["a"] * 10 + ["b"] * 10)
@@ -84,7 +109,9 @@ def test_heldout_users_are_a_seeded_fifth_of_the_attributed_users(data):
     assert sorted(emails, key=float) == [f"{u}.0" for u in range(10)]  # the unattributed rows are dropped
     # Golden: default_rng(0).permutation(10) = [4, 6, 2, ...]; 20% of 10 = 2 users.
     assert heldout_users(list(emails), 0.2, seed=0) == ["4.0", "6.0"]
-    assert heldout_users(list(emails), 0.2, seed=0) == heldout_users(list(reversed(list(emails))), 0.2, seed=0)
+    assert heldout_users(list(emails), 0.2, seed=0) == heldout_users(
+        list(reversed(list(emails))), 0.2, seed=0
+    )
 
 
 def test_a_targets_history_holds_the_users_other_emails_only(data):
@@ -100,7 +127,14 @@ def test_a_targets_history_holds_the_users_other_emails_only(data):
 
 
 def test_run_scores_each_arm_and_no_target_sees_its_own_rewrite(pz, data, tmp_path):
-    config = RewriteConfig(split="test", arms=["generic", "fspo-prompt", "memory"], k=2, n_shots=3, max_new_tokens=6, batch_size=3)
+    config = RewriteConfig(
+        split="test",
+        arms=["generic", "fspo-prompt", "memory"],
+        k=2,
+        n_shots=3,
+        max_new_tokens=6,
+        batch_size=3,
+    )
     result = run_rewrite(config, pz)
     assert result["users"] == ["4.0", "6.0"] and len(result["records"]) == 4
     emails = load_email_rewrites()
@@ -110,7 +144,11 @@ def test_run_scores_each_arm_and_no_target_sees_its_own_rewrite(pz, data, tmp_pa
         stored = pz.profile(target_user(pairs[t], t)).comparisons
         assert pairs[t].revised not in {c.chosen for c in stored}
         assert pairs[t].revised not in {m["memory"] for m in pz.memories(target_user(pairs[t], t))["results"]}
-        assert row["generic"]["shots"] == 0 and 1 <= row["fspo-prompt"]["shots"] <= 3 and row["memory"]["memories"] >= 1
+        assert (
+            row["generic"]["shots"] == 0
+            and 1 <= row["fspo-prompt"]["shots"] <= 3
+            and row["memory"]["memories"] >= 1
+        )
         for arm in config.arms:
             assert 0.0 <= row[arm]["rouge_l"] <= 1.0 and -1.0 <= row[arm]["cosine"] <= 1.0001
     summary = result["summary"]
@@ -118,10 +156,15 @@ def test_run_scores_each_arm_and_no_target_sees_its_own_rewrite(pz, data, tmp_pa
     # The unrewritten email as the output: "give me report 1 now" (5 tokens) vs "Dear team, could
     # you kindly send report 1? Thanks, user 4" (11 tokens) share "report 1": P = 2/5, R = 2/11,
     # F1 = 2PR / (P + R) = 1/4, for every target here.
-    assert result["records"][0]["copy"]["rouge_l"] == pytest.approx(0.25) and summary["copy"]["rouge_l"]["mean"] == pytest.approx(0.25)
+    assert result["records"][0]["copy"]["rouge_l"] == pytest.approx(0.25) and summary["copy"]["rouge_l"][
+        "mean"
+    ] == pytest.approx(0.25)
     diff = summary["vs_generic"]["fspo-prompt"]["rouge_l"]
     expected = np.mean([r["fspo-prompt"]["rouge_l"] - r["generic"]["rouge_l"] for r in result["records"]])
-    assert diff["difference"] == pytest.approx(expected) and diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1]
+    assert (
+        diff["difference"] == pytest.approx(expected)
+        and diff["ci95"][0] <= diff["difference"] <= diff["ci95"][1]
+    )
     clean, texts = split_texts(result)
     assert "texts" not in clean and len(texts) == 4 and json.dumps(clean)
     assert "report" not in json.dumps(clean)  # scores and ids only: no email text in the result
@@ -144,10 +187,29 @@ def test_cli_rewrite(tiny_model_dir, data, tmp_path):
     from personalign.cli import app
 
     out, texts = tmp_path / "r.json", tmp_path / "texts.jsonl"
-    args = ["eval", "rewrite", "--model", str(tiny_model_dir), "--data-root", str(data), "--split", "dev", "--users", "2", "--k", "1", "--max-new-tokens", "4"]
-    result = CliRunner().invoke(app, [*args, "--json", str(out), "--texts", str(texts), "--plot", str(tmp_path / "p.png")])
+    args = [
+        "eval",
+        "rewrite",
+        "--model",
+        str(tiny_model_dir),
+        "--data-root",
+        str(data),
+        "--split",
+        "dev",
+        "--users",
+        "2",
+        "--k",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]
+    result = CliRunner().invoke(
+        app, [*args, "--json", str(out), "--texts", str(texts), "--plot", str(tmp_path / "p.png")]
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads(out.read_text())
-    assert saved["users"] == ["0.0", "1.0"] and "texts" not in saved and len(texts.read_text().splitlines()) == 2
+    assert (
+        saved["users"] == ["0.0", "1.0"] and "texts" not in saved and len(texts.read_text().splitlines()) == 2
+    )
     bad = CliRunner().invoke(app, ["eval", "rewrite", "--arms", "fspo-prompt", "--data-root", str(data)])
     assert bad.exit_code == 2 and "arms" in bad.output

@@ -55,7 +55,14 @@ def personalizer(lively, encoder, tmp_path_factory):
 @pytest.fixture()
 def llm(server):
     langchain_openai = pytest.importorskip("langchain_openai")
-    return langchain_openai.ChatOpenAI(base_url=server.base_url, api_key="unused", model="personalign", temperature=0, max_tokens=12, max_retries=0)
+    return langchain_openai.ChatOpenAI(
+        base_url=server.base_url,
+        api_key="unused",
+        model="personalign",
+        temperature=0,
+        max_tokens=12,
+        max_retries=0,
+    )
 
 
 @pytest.fixture()
@@ -67,7 +74,13 @@ def wide(llm):
 @pytest.fixture()
 def litellm_base(server):
     pytest.importorskip("litellm")
-    return {"model": "openai/personalign", "api_base": server.base_url, "api_key": "unused", "temperature": 0, "max_tokens": 8}
+    return {
+        "model": "openai/personalign",
+        "api_base": server.base_url,
+        "api_key": "unused",
+        "temperature": 0,
+        "max_tokens": 8,
+    }
 
 
 # --- LangChain ---------------------------------------------------------------------------------------
@@ -89,7 +102,9 @@ def test_chatopenai_stop(llm):
 def test_chatopenai_user_reaches_the_server(llm):
     SEEN.clear()
     llm.bind(user="ana").invoke(ASK)
-    assert SEEN == ["ana"]  # ana has a profile, so her id is passed on (a stranger's would be None: the generic answer)
+    assert SEEN == [
+        "ana"
+    ]  # ana has a profile, so her id is passed on (a stranger's would be None: the generic answer)
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])
@@ -108,7 +123,9 @@ def test_chatopenai_json_mode(wide):
     parsed = []
     for seed in range(6):
         try:
-            message = wide.bind(response_format={"type": "json_object"}, seed=seed, temperature=1.0).invoke(ASK)
+            message = wide.bind(response_format={"type": "json_object"}, seed=seed, temperature=1.0).invoke(
+                ASK
+            )
         except openai.LengthFinishReasonError:
             continue
         parsed.append(json.loads(message.content))
@@ -118,8 +135,14 @@ def test_chatopenai_json_mode(wide):
 def test_chatopenai_bind_tools(llm, wide):
     forced = wide.bind_tools([GetWeather], tool_choice="GetWeather")
     message = forced.invoke("What is the weather in Oslo?")
-    assert message.tool_calls and message.tool_calls[0]["name"] == "GetWeather" and message.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
-    required = wide.bind_tools([GetWeather, Verdict], tool_choice="any")  # LangChain's "any" is OpenAI's "required"
+    assert (
+        message.tool_calls
+        and message.tool_calls[0]["name"] == "GetWeather"
+        and message.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
+    )
+    required = wide.bind_tools(
+        [GetWeather, Verdict], tool_choice="any"
+    )  # LangChain's "any" is OpenAI's "required"
     assert required.invoke(ASK).tool_calls[0]["name"] in ("GetWeather", "Verdict")
     auto = llm.bind_tools([GetWeather]).invoke(ASK)  # a tiny model answers in text
     assert isinstance(auto.content, str)
@@ -132,11 +155,19 @@ def test_litellm_completion_carries_the_user(litellm_base):
     import litellm
 
     messages = [{"role": "user", "content": ASK}]
-    for extra in ({"safety_identifier": "ana"}, {"extra_body": {"user": "ana"}}, {"extra_headers": {"X-Personalign-User": "ana"}}):
+    for extra in (
+        {"safety_identifier": "ana"},
+        {"extra_body": {"user": "ana"}},
+        {"extra_headers": {"X-Personalign-User": "ana"}},
+    ):
         SEEN.clear()
         reply = litellm.completion(**litellm_base, messages=messages, **extra)
         assert SEEN == ["ana"], extra
-        assert reply.choices[0].message.content and reply.personalign["user"] == "ana" and reply.personalign["user_known"]
+        assert (
+            reply.choices[0].message.content
+            and reply.personalign["user"] == "ana"
+            and reply.personalign["user_known"]
+        )
 
 
 def test_litellm_stream(litellm_base):
@@ -149,8 +180,14 @@ def test_litellm_stream(litellm_base):
 
 
 def test_chatopenai_streams_a_tool_call(wide):
-    chunks = list(wide.bind_tools([GetWeather], tool_choice="GetWeather").stream("What is the weather in Oslo?"))
+    chunks = list(
+        wide.bind_tools([GetWeather], tool_choice="GetWeather").stream("What is the weather in Oslo?")
+    )
     message = chunks[0]
     for chunk in chunks[1:]:
         message = message + chunk
-    assert message.tool_calls and message.tool_calls[0]["name"] == "GetWeather" and message.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
+    assert (
+        message.tool_calls
+        and message.tool_calls[0]["name"] == "GetWeather"
+        and message.tool_calls[0]["args"]["city"] in ("Paris", "Oslo")
+    )

@@ -13,7 +13,9 @@ import pytest
 from personalign.personalizer import Personalizer
 from personalign.server import ServerConfig
 
-CONFIG = ServerConfig(max_tokens_cap=16, default_max_tokens=8, max_body_bytes=64_000, batch_wait_ms=20, max_choices=4)
+CONFIG = ServerConfig(
+    max_tokens_cap=16, default_max_tokens=8, max_body_bytes=64_000, batch_wait_ms=20, max_choices=4
+)
 PROMPT = "The quick brown fox"
 
 
@@ -37,30 +39,59 @@ def test_completion_continues_the_raw_prompt(client, personalizer):
     import torch
 
     with torch.no_grad():
-        out = personalizer.generator.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=personalizer.generator.tokenizer.pad_token_id)
+        out = personalizer.generator.model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=personalizer.generator.tokenizer.pad_token_id,
+        )
     expected = personalizer.generator.tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True).strip()
     assert reply.object == "text_completion" and reply.choices[0].text == expected
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens <= 6
 
 
 def test_completion_prompts_n_seed_and_logprobs(client):
-    reply = client.completions.create(model="personalign", prompt=[PROMPT, "Why is the sky"], n=2, seed=3, max_tokens=5, logprobs=2)
+    reply = client.completions.create(
+        model="personalign", prompt=[PROMPT, "Why is the sky"], n=2, seed=3, max_tokens=5, logprobs=2
+    )
     assert [c.index for c in reply.choices] == [0, 1, 2, 3]
-    again = client.completions.create(model="personalign", prompt=[PROMPT, "Why is the sky"], n=2, seed=3, max_tokens=5, logprobs=2)
+    again = client.completions.create(
+        model="personalign", prompt=[PROMPT, "Why is the sky"], n=2, seed=3, max_tokens=5, logprobs=2
+    )
     assert [c.text for c in reply.choices] == [c.text for c in again.choices]
     logprobs = reply.choices[0].logprobs
-    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(logprobs.text_offset)
+    assert (
+        len(logprobs.tokens)
+        == len(logprobs.token_logprobs)
+        == len(logprobs.top_logprobs)
+        == len(logprobs.text_offset)
+    )
     assert all(lp <= 0 for lp in logprobs.token_logprobs) and all(len(t) <= 2 for t in logprobs.top_logprobs)
 
 
 def test_completion_echo_prepends_the_prompt(client):
-    plain = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0).choices[0].text
-    echoed = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0, echo=True).choices[0].text
+    plain = (
+        client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0)
+        .choices[0]
+        .text
+    )
+    echoed = (
+        client.completions.create(model="personalign", prompt=PROMPT, max_tokens=5, temperature=0, echo=True)
+        .choices[0]
+        .text
+    )
     assert echoed == PROMPT + plain
 
 
 def test_streamed_completion_matches_the_whole_one(client):
-    body = {"model": "personalign", "prompt": [PROMPT, "Why is the sky"], "n": 2, "seed": 5, "max_tokens": 6, "logprobs": 1}
+    body = {
+        "model": "personalign",
+        "prompt": [PROMPT, "Why is the sky"],
+        "n": 2,
+        "seed": 5,
+        "max_tokens": 6,
+        "logprobs": 1,
+    }
     whole = client.completions.create(**body)
     chunks = list(client.completions.create(**body, stream=True, stream_options={"include_usage": True}))
     texts: dict[int, str] = {}
@@ -71,13 +102,22 @@ def test_streamed_completion_matches_the_whole_one(client):
     finishes = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
     assert [f.finish_reason for f in finishes] == [c.finish_reason for c in whole.choices]
     assert finishes[0].logprobs.token_logprobs == whole.choices[0].logprobs.token_logprobs
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert (
+        chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+        and chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    )
 
 
 def test_completion_stop(client):
-    whole = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    whole = (
+        client.completions.create(model="personalign", prompt=PROMPT, max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
     stop = whole[3:5]
-    cut = client.completions.create(model="personalign", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop).choices[0]
+    cut = client.completions.create(
+        model="personalign", prompt=PROMPT, max_tokens=12, temperature=0, stop=stop
+    ).choices[0]
     assert cut.text == whole[: whole.index(stop)] and cut.finish_reason == "stop"
 
 
@@ -105,11 +145,15 @@ def test_bad_completion_is_4xx_naming_the_field(http, body, param, status):
 
 def test_embeddings_are_the_encoder_vectors(client, personalizer):
     texts = ["I am vegetarian.", "The sky is blue."]
-    reply = client.embeddings.create(model="personalign", input=texts)  # the client asks for base64 and decodes it
+    reply = client.embeddings.create(
+        model="personalign", input=texts
+    )  # the client asks for base64 and decodes it
     vectors = np.array([d.embedding for d in reply.data], dtype=np.float32)
     np.testing.assert_allclose(vectors, personalizer.encoder.encode(texts), atol=1e-5)
     assert [d.index for d in reply.data] == [0, 1] and reply.usage.prompt_tokens > 0
-    floats = client.embeddings.create(model=personalizer.encoder.name, input="I am vegetarian.", encoding_format="float")
+    floats = client.embeddings.create(
+        model=personalizer.encoder.name, input="I am vegetarian.", encoding_format="float"
+    )
     np.testing.assert_allclose(floats.data[0].embedding, vectors[0], atol=1e-5)
 
 

@@ -62,7 +62,10 @@ class Ledger:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.sent: dict[str, list[tuple[str, tuple[str, str]]]] = {"comparisons": [], "memories": []}
-        self.acked: dict[str, dict[str, set[str]]] = {"comparisons": defaultdict(set), "memories": defaultdict(set)}
+        self.acked: dict[str, dict[str, set[str]]] = {
+            "comparisons": defaultdict(set),
+            "memories": defaultdict(set),
+        }
         self.inflight = 0
         self.acks = 0
         self.counter = itertools.count()
@@ -105,7 +108,11 @@ def writer(url: str, ledger: Ledger, stop: threading.Event, seed: int) -> None:
             n = next(ledger.counter)
             if n % 2:
                 kind, pair = "comparisons", (f"Question {n}a?", f"Question {n}b?")
-                body = {"comparisons": [{"prompt": p, "chosen": "Short.", "rejected": "A much longer answer."} for p in pair]}
+                body = {
+                    "comparisons": [
+                        {"prompt": p, "chosen": "Short.", "rejected": "A much longer answer."} for p in pair
+                    ]
+                }
             else:
                 kind, pair = "memories", (f"Fact {n}a.", f"Fact {n}b.")
                 body = {"text": list(pair)}
@@ -156,7 +163,12 @@ def wait_gone(pid: int, timeout: float = 30) -> None:
 
 def test_sigkill_during_writes_keeps_every_acknowledged_write(tiny_model_dir, encoder, tmp_path):
     store = tmp_path / "store"
-    zygote = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(tiny_model_dir), str(store)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", ZYGOTE, str(tiny_model_dir), str(store)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     ledger = Ledger()
     rng = random.Random(0)
     inflight_at_kill = []
@@ -178,7 +190,10 @@ def test_sigkill_during_writes_keeps_every_acknowledged_write(tiny_model_dir, en
                 ledger.check(http)
             stop = threading.Event()
             acks_before = ledger.acks
-            threads = [threading.Thread(target=writer, args=(url, ledger, stop, round_ * 100 + i)) for i in range(WRITERS)]
+            threads = [
+                threading.Thread(target=writer, args=(url, ledger, stop, round_ * 100 + i))
+                for i in range(WRITERS)
+            ]
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 30
@@ -202,7 +217,9 @@ def test_sigkill_during_writes_keeps_every_acknowledged_write(tiny_model_dir, en
         zygote.kill()
         zygote.wait()
 
-    assert len(inflight_at_kill) == KILLS and min(inflight_at_kill) >= 1, inflight_at_kill  # every kill hit writes in flight
+    assert len(inflight_at_kill) == KILLS and min(inflight_at_kill) >= 1, (
+        inflight_at_kill
+    )  # every kill hit writes in flight
     assert checked >= 4 * KILLS
     # The store opens cleanly here too, and holds exactly what the server showed.
     from personalign.memory.store import UserStore
@@ -210,5 +227,9 @@ def test_sigkill_during_writes_keeps_every_acknowledged_write(tiny_model_dir, en
     with UserStore(store, encoder) as users:
         for user in USERS:
             if users.profiles.exists(user):
-                assert ledger.acked["comparisons"][user] <= {c.prompt_text for c in users.profiles.get(user).comparisons}
-            assert ledger.acked["memories"][user] <= {m["memory"] for m in users.memory.get_all(user)["results"]}
+                assert ledger.acked["comparisons"][user] <= {
+                    c.prompt_text for c in users.profiles.get(user).comparisons
+                }
+            assert ledger.acked["memories"][user] <= {
+                m["memory"] for m in users.memory.get_all(user)["results"]
+            }

@@ -22,11 +22,21 @@ OPS_PER_CLIENT = 9
 
 def test_sixteen_clients_mixed_load_loses_no_writes(tiny_generator, encoder, tmp_path):
     config = ServerConfig(max_batch=16, batch_wait_ms=20, default_max_tokens=8)
-    with Personalizer(tiny_generator, encoder, store=tmp_path / "store") as pz, ServerThread(create_app(pz, config)) as server:
+    with (
+        Personalizer(tiny_generator, encoder, store=tmp_path / "store") as pz,
+        ServerThread(create_app(pz, config)) as server,
+    ):
         with httpx.Client(base_url=server.url, timeout=120) as http:
             for user in USERS:
-                seed = {"prompt": f"Seed question of {user}?", "chosen": "Short.", "rejected": "A much longer answer than needed."}
-                assert http.post(f"/v1/users/{user}/comparisons", json={"comparisons": [seed]}).status_code == 200
+                seed = {
+                    "prompt": f"Seed question of {user}?",
+                    "chosen": "Short.",
+                    "rejected": "A much longer answer than needed.",
+                }
+                assert (
+                    http.post(f"/v1/users/{user}/comparisons", json={"comparisons": [seed]}).status_code
+                    == 200
+                )
 
         acked_comparisons: dict[str, list[str]] = defaultdict(list)
         acked_memories: dict[str, list[str]] = defaultdict(list)
@@ -44,14 +54,29 @@ def test_sixteen_clients_mixed_load_loses_no_writes(tiny_generator, encoder, tmp
                     tag = f"c{index}-op{op}"
                     kind = op % 3
                     if kind == 0:
-                        body = {"comparisons": [{"prompt": f"Question {tag}?", "chosen": f"Yes {tag}.", "rejected": f"No {tag}, at length."}]}
+                        body = {
+                            "comparisons": [
+                                {
+                                    "prompt": f"Question {tag}?",
+                                    "chosen": f"Yes {tag}.",
+                                    "rejected": f"No {tag}, at length.",
+                                }
+                            ]
+                        }
                         response = http.post(f"/v1/users/{user}/comparisons", json=body)
                         record = acked_comparisons
                     elif kind == 1:
-                        response = http.post(f"/v1/users/{user}/memories", json={"text": f"Fact {tag} about {user}."})
+                        response = http.post(
+                            f"/v1/users/{user}/memories", json={"text": f"Fact {tag} about {user}."}
+                        )
                         record = acked_memories
                     else:
-                        body = {"model": "personalign", "user": user, "messages": [{"role": "user", "content": f"Tell me about {tag}."}], "max_tokens": 8}
+                        body = {
+                            "model": "personalign",
+                            "user": user,
+                            "messages": [{"role": "user", "content": f"Tell me about {tag}."}],
+                            "max_tokens": 8,
+                        }
                         response = http.post("/v1/chat/completions", json=body)
                         record = None
                     with lock:
@@ -77,10 +102,16 @@ def test_sixteen_clients_mixed_load_loses_no_writes(tiny_generator, encoder, tmp
                 profile = http.get(f"/v1/users/{user}").json()
                 prompts = [c["prompt"] for c in profile["comparisons"]]
                 assert prompts[0] == f"Seed question of {user}?"
-                assert sorted(prompts[1:]) == sorted(acked_comparisons[user]), user  # none lost, none duplicated
-                assert profile["version"] == 1 + len(acked_comparisons[user])  # one read-modify-write per enrolment
+                assert sorted(prompts[1:]) == sorted(acked_comparisons[user]), (
+                    user
+                )  # none lost, none duplicated
+                assert profile["version"] == 1 + len(
+                    acked_comparisons[user]
+                )  # one read-modify-write per enrolment
                 stored = [m["memory"] for m in http.get(f"/v1/users/{user}/memories").json()["results"]]
                 assert sorted(stored) == sorted(acked_memories[user]), user
             stats = http.get("/v1/server/stats").json()
         assert stats["requests"] == len(chats)
-        assert stats["max_batch_size"] > 1 and stats["mean_batch_size"] > 1.5, stats  # chats shared generate calls
+        assert stats["max_batch_size"] > 1 and stats["mean_batch_size"] > 1.5, (
+            stats
+        )  # chats shared generate calls

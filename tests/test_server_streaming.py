@@ -20,8 +20,15 @@ import pytest
 from personalign.personalizer import Personalizer
 from personalign.server import ServerConfig
 
-CONFIG = ServerConfig(max_tokens_cap=64, default_max_tokens=4, batch_wait_ms=5, keepalive_s=0.05, default_temperature=0.0)
-CHAT = {"model": "personalign", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "stream": True}
+CONFIG = ServerConfig(
+    max_tokens_cap=64, default_max_tokens=4, batch_wait_ms=5, keepalive_s=0.05, default_temperature=0.0
+)
+CHAT = {
+    "model": "personalign",
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": 4,
+    "stream": True,
+}
 GATE = threading.Event()
 RESULTS: list = []
 
@@ -56,9 +63,15 @@ def test_a_waiting_stream_sends_keepalives_then_the_reply(server, http, client):
         GATE.set()
     keepalives = [i for i, line in enumerate(lines) if line == ": keep-alive"]
     assert len(keepalives) >= 3 and lines[-1] == "data: [DONE]"
-    assert json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"  # the role chunk goes first, before any wait
+    assert (
+        json.loads(lines[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    )  # the role chunk goes first, before any wait
     # the openai client skips the comments
-    text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**{**CHAT, "stream": True}) if c.choices)
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**{**CHAT, "stream": True})
+        if c.choices
+    )
     assert isinstance(text, str)
 
 
@@ -68,7 +81,9 @@ def test_hundred_open_streams_hold_no_worker_thread(server, http):
     opened = threading.Event()
 
     async def hold_streams() -> int:
-        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=200)) as ac:
+        async with httpx.AsyncClient(
+            base_url=server.url, timeout=120, limits=httpx.Limits(max_connections=200)
+        ) as ac:
 
             async def one() -> int:
                 count = 0
@@ -99,7 +114,11 @@ def test_hundred_open_streams_hold_no_worker_thread(server, http):
             assert time.monotonic() < deadline, f"only {_in_flight(http)} streams opened"
             time.sleep(0.05)
         timings = {}
-        for name, path in (("health", "/health"), ("models", "/v1/models"), ("memories", "/v1/users/kim/memories")):
+        for name, path in (
+            ("health", "/health"),
+            ("models", "/v1/models"),
+            ("memories", "/v1/users/kim/memories"),
+        ):
             started = time.perf_counter()
             assert http.get(path).status_code == 200
             timings[name] = time.perf_counter() - started
@@ -140,7 +159,9 @@ def _in_flight(http) -> float:
 
 
 def test_openai_stream_with_stop_and_usage(client):
-    chunks = list(client.chat.completions.create(**{**CHAT, "stream": True}, stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(**{**CHAT, "stream": True}, stream_options={"include_usage": True})
+    )
     assert chunks[-1].usage is not None and chunks[-1].choices == []
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**{**CHAT, "stream": True}, top_logprobs=2)  # without logprobs=true

@@ -23,11 +23,39 @@ def steering_root(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("steering")
     generator = load_generator(str(tiny_model_dir), device="cpu")
-    samples = sample_responses(generator, ["Question one", "Task two", "Preferred", "Given the examples"], n_per_prompt=4, max_new_tokens=12, batch_size=16)
-    train_vas_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=2, progress=False)
-    train_modpo_recipe(generator, root, ["verbosity", "reading_level"], samples=samples, epochs=1, max_pairs=8, min_gap=0.0, progress=False)
-    report = train_dpa_recipe(generator, root, ["verbosity", "reading_level"], iterations=2, samples_per_prompt=2, max_new_tokens=8, epochs=1, prompts=["Question one", "Task two"])
-    assert [r["iteration"] for r in report["iterations"]] == [1, 2] and all(r["front"] for r in report["iterations"])
+    samples = sample_responses(
+        generator,
+        ["Question one", "Task two", "Preferred", "Given the examples"],
+        n_per_prompt=4,
+        max_new_tokens=12,
+        batch_size=16,
+    )
+    train_vas_recipe(
+        generator, root, ["verbosity", "reading_level"], samples=samples, epochs=2, progress=False
+    )
+    train_modpo_recipe(
+        generator,
+        root,
+        ["verbosity", "reading_level"],
+        samples=samples,
+        epochs=1,
+        max_pairs=8,
+        min_gap=0.0,
+        progress=False,
+    )
+    report = train_dpa_recipe(
+        generator,
+        root,
+        ["verbosity", "reading_level"],
+        iterations=2,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        epochs=1,
+        prompts=["Question one", "Task two"],
+    )
+    assert [r["iteration"] for r in report["iterations"]] == [1, 2] and all(
+        r["front"] for r in report["iterations"]
+    )
     return root
 
 
@@ -47,21 +75,58 @@ def test_retrained_artefacts_name_the_real_base_and_no_machine_path(tiny_model_d
     generator = models.load_generator(str(tiny_model_dir), device="cpu")
     generator.model_id = "embedded:tiny"  # loaded from a local folder, like the embedded model
     out = tmp_path / "steering"
-    samples = sample_responses(generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=8, batch_size=8)
-    vas = train_vas_recipe(generator, out, ["verbosity"], kinds=("trunk",), samples=samples, epochs=1, progress=False)
-    modpo = train_modpo_recipe(generator, out, ["verbosity", "reading_level"], samples=samples, epochs=1, max_pairs=4, min_gap=0.0, progress=False)
-    dpa = train_dpa_recipe(generator, out, ["verbosity", "reading_level"], iterations=1, samples_per_prompt=2, max_new_tokens=8, epochs=1, prompts=["Question one"])
+    samples = sample_responses(
+        generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=8, batch_size=8
+    )
+    vas = train_vas_recipe(
+        generator, out, ["verbosity"], kinds=("trunk",), samples=samples, epochs=1, progress=False
+    )
+    modpo = train_modpo_recipe(
+        generator,
+        out,
+        ["verbosity", "reading_level"],
+        samples=samples,
+        epochs=1,
+        max_pairs=4,
+        min_gap=0.0,
+        progress=False,
+    )
+    dpa = train_dpa_recipe(
+        generator,
+        out,
+        ["verbosity", "reading_level"],
+        iterations=1,
+        samples_per_prompt=2,
+        max_new_tokens=8,
+        epochs=1,
+        prompts=["Question one"],
+    )
     for name, report in (("vas", vas), ("modpo", modpo), ("dpa", dpa)):
         write_report(out, name, report)
-    assert vas["trunk/verbosity"]["folder"] == "vas/verbosity" and modpo["verbosity"]["folder"] == "mix/verbosity" and dpa["folder"] == "dpa"
+    assert (
+        vas["trunk/verbosity"]["folder"] == "vas/verbosity"
+        and modpo["verbosity"]["folder"] == "mix/verbosity"
+        and dpa["folder"] == "dpa"
+    )
     configs = sorted(out.rglob("adapter_config.json"))
-    assert [c.parent.relative_to(out).as_posix() for c in configs] == ["dpa", "mix/reading_level", "mix/verbosity"]
+    assert [c.parent.relative_to(out).as_posix() for c in configs] == [
+        "dpa",
+        "mix/reading_level",
+        "mix/verbosity",
+    ]
     for path in configs:
         assert json.loads(path.read_text())["base_model_name_or_path"] == "personalign-tests/tiny-llama"
     mix_config = json.loads((out / "mix" / "verbosity" / "mix_config.json").read_text())
-    assert mix_config["base_model"] == "embedded:tiny" and mix_config["config"]["loop"]["checkpoint_dir"] == "mix/verbosity.ckpt"
+    assert (
+        mix_config["base_model"] == "embedded:tiny"
+        and mix_config["config"]["loop"]["checkpoint_dir"] == "mix/verbosity.ckpt"
+    )
     written = [p for p in out.rglob("*.json") if not p.name.startswith("loop_state")]
-    leaks = [p.relative_to(out).as_posix() for p in written if str(tmp_path) in p.read_text() or str(tiny_model_dir) in p.read_text()]
+    leaks = [
+        p.relative_to(out).as_posix()
+        for p in written
+        if str(tmp_path) in p.read_text() or str(tiny_model_dir) in p.read_text()
+    ]
     assert leaks == []
 
 
@@ -71,7 +136,9 @@ def spz(tiny_model_dir, encoder, tmp_path, steering_root, monkeypatch):
     from personalign.personalizer import Personalizer
 
     monkeypatch.setenv("PERSONALIGN_STEERING_DIR", str(steering_root))
-    with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / "store") as pz:
+    with Personalizer(
+        load_generator(str(tiny_model_dir), device="cpu"), encoder, store=tmp_path / "store"
+    ) as pz:
         yield pz
 
 
@@ -114,15 +181,26 @@ def test_mixed_methods_batch_equals_single_runs(spz):
         {"weights": {"verbosity": -1.0}, "method": "logit"},
         {"direction": {"verbosity": 1.0, "reading_level": 1.0}, "method": "dpa"},
     ]
-    asks = [[{"role": "user", "content": q}] for q in ("Question one", "Task two", "Preferred", "Given the examples", "Question")]
-    requests = [{"user": None, "messages": a, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False} for a, s in zip(asks, steers, strict=True)]
+    asks = [
+        [{"role": "user", "content": q}]
+        for q in ("Question one", "Task two", "Preferred", "Given the examples", "Question")
+    ]
+    requests = [
+        {"user": None, "messages": a, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False}
+        for a, s in zip(asks, steers, strict=True)
+    ]
     batch = spz.respond_batch(requests)
     for request, result in zip(requests, batch, strict=True):
-        single = spz.respond(None, request["messages"], steer=request["steer"], max_new_tokens=8, memory=False, shots=False)
+        single = spz.respond(
+            None, request["messages"], steer=request["steer"], max_new_tokens=8, memory=False, shots=False
+        )
         assert result.text == single.text, request["steer"]
 
 
-@pytest.mark.parametrize("weights", [{"verbosity": 1.5, "reading_level": -0.5}, {"verbosity": 0.8}, {"verbosity": 2.0, "reading_level": 1.0}])
+@pytest.mark.parametrize(
+    "weights",
+    [{"verbosity": 1.5, "reading_level": -0.5}, {"verbosity": 0.8}, {"verbosity": 2.0, "reading_level": 1.0}],
+)
 def test_mixing_before_the_head_decodes_as_mixing_logits(spz, monkeypatch, weights):
     """The default (mix the hidden states, one head row per request, no row whose coefficient
     is 0: here the base row for weights summing to 1) gives the same tokens as mixing every
@@ -131,7 +209,10 @@ def test_mixing_before_the_head_decodes_as_mixing_logits(spz, monkeypatch, weigh
 
     assert runtime.head_mixable(spz.generator.model)
     steer = {"weights": weights, "method": "mix"}
-    requests = [{"user": None, "messages": ASK, "steer": s, "max_new_tokens": 12, "memory": False, "shots": False} for s in ({}, steer)]
+    requests = [
+        {"user": None, "messages": ASK, "steer": s, "max_new_tokens": 12, "memory": False, "shots": False}
+        for s in ({}, steer)
+    ]
 
     def run() -> list[str]:
         alone = spz.respond(None, ASK, steer=steer, max_new_tokens=12, memory=False, shots=False)
@@ -149,9 +230,18 @@ def test_mix_composes_with_a_users_adapter(spz):
     from personalign.types import Comparison
 
     pairs = [Comparison(prompt="Question one", chosen="Task", rejected="Preferred Response Dispreferred")] * 4
-    spz.enroll("ana", pairs, adapter=True, adapter_config=LoraTrainConfig(epochs=1, rank=2, holdout_fraction=0.0))
+    spz.enroll(
+        "ana", pairs, adapter=True, adapter_config=LoraTrainConfig(epochs=1, rank=2, holdout_fraction=0.0)
+    )
     own = spz.respond("ana", ASK, steer={}, max_new_tokens=8, memory=False, shots=False)
-    zero = spz.respond("ana", ASK, steer={"weights": {"verbosity": 0.0}, "method": "mix"}, max_new_tokens=8, memory=False, shots=False)
+    zero = spz.respond(
+        "ana",
+        ASK,
+        steer={"weights": {"verbosity": 0.0}, "method": "mix"},
+        max_new_tokens=8,
+        memory=False,
+        shots=False,
+    )
     assert own.text == zero.text
     mix = {"weights": {"verbosity": 1.0}, "method": "mix"}
     mixed = spz.respond("ana", ASK, steer=mix, max_new_tokens=8, memory=False, shots=False)
@@ -160,10 +250,17 @@ def test_mix_composes_with_a_users_adapter(spz):
     # mix acts on top of her adapter; a generic request mixes the plain base.
     from personalign.adapters.store import BASE
 
-    hers = spz.engine.plan([spz.engine.prepare("ana", ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
-    generic = spz.engine.plan([spz.engine.prepare(None, ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})])
+    hers = spz.engine.plan(
+        [spz.engine.prepare("ana", ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})]
+    )
+    generic = spz.engine.plan(
+        [spz.engine.prepare(None, ASK, mix, {"max_new_tokens": 8, "memory": False, "shots": False})]
+    )
     assert hers.names is not None and generic.names is not None
-    assert hers.names[0].startswith("slot_") and hers.names[1:] == [BASE, "steer_verbosity"]  # her adapter's slot first
+    assert hers.names[0].startswith("slot_") and hers.names[1:] == [
+        BASE,
+        "steer_verbosity",
+    ]  # her adapter's slot first
     assert generic.names == ["steer_verbosity"]  # weights summing to 1: no base row (its coefficient is 0)
 
 
@@ -189,7 +286,9 @@ def test_prompt_method_adds_the_instruction(spz):
     messages = steer_system([{"role": "system", "content": "Be kind."}, *ASK], {"verbosity": -1.0})
     assert messages[0]["content"] == "Be kind.\n\n" + instruction({"verbosity": -1.0}) and messages[1:] == ASK
     plain = spz.engine.prepare(None, ASK, {}, {"memory": False, "shots": False})
-    prompted = spz.engine.prepare(None, ASK, {"weights": {"verbosity": -1.0}, "method": "prompt"}, {"memory": False, "shots": False})
+    prompted = spz.engine.prepare(
+        None, ASK, {"weights": {"verbosity": -1.0}, "method": "prompt"}, {"memory": False, "shots": False}
+    )
     assert len(prompted.input_ids) > len(plain.input_ids) and prompted.steer_method == "prompt"
 
 
@@ -211,7 +310,14 @@ def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
     assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
     assert pareto_front([(0, 0), (1, 2), (2, 1), (1, 1)]) == [1, 2]
     assert dominates([(1, 2), (2, 1)], [(1, 1), (0.5, 2)]) and not dominates([(1, 2)], [(2, 0)])
-    config = SteerEvalConfig(objectives=["-verbosity", "reading_level"], methods=["prompt", "logit", "vas", "mix"], sweep=3, directions=2, prompts=2, max_new_tokens=8)
+    config = SteerEvalConfig(
+        objectives=["-verbosity", "reading_level"],
+        methods=["prompt", "logit", "vas", "mix"],
+        sweep=3,
+        directions=2,
+        prompts=2,
+        max_new_tokens=8,
+    )
     result = run_steer_eval(config, spz)
     assert set(result["sweep"]) == {"prompt", "logit", "vas", "mix"}
     assert set(result["front"]) == {"prompt", "vas", "mix"}  # logit steers verbosity only
@@ -221,12 +327,20 @@ def test_eval_steer_harness_on_tiny_model(spz, tmp_path):
     assert plot_steer(result, tmp_path / "steer.png").stat().st_size > 1000
     other = run_steer_eval(config.model_copy(update={"methods": ["vas-model"]}), spz)
     merged = merge_steer([result, other])
-    assert set(merged["sweep"]) == {"prompt", "logit", "vas", "mix", "vas-model"} and "dominates_prompt" in merged["front"]["vas-model"]
+    assert (
+        set(merged["sweep"]) == {"prompt", "logit", "vas", "mix", "vas-model"}
+        and "dominates_prompt" in merged["front"]["vas-model"]
+    )
     assert merged["unsteered"] == result["unsteered"]  # same settings: the same unsteered answers
     with pytest.raises(ValidationError, match="twice"):
         merge_steer([result, result])
-    two_seeds = run_steer_eval(config.model_copy(update={"methods": ["logit"], "seeds": 2, "front": False}), spz)
-    assert len(two_seeds["sweep"]["logit"]["points"]) == 3 and "reading_level" in two_seeds["sweep"]["logit"]["max_drift_interval"]
+    two_seeds = run_steer_eval(
+        config.model_copy(update={"methods": ["logit"], "seeds": 2, "front": False}), spz
+    )
+    assert (
+        len(two_seeds["sweep"]["logit"]["points"]) == 3
+        and "reading_level" in two_seeds["sweep"]["logit"]["max_drift_interval"]
+    )
     low_point = two_seeds["sweep"]["logit"]["points"][0]
     estimate, low, high = low_point["drift"]["reading_level"]
     assert low <= estimate <= high
@@ -241,7 +355,9 @@ def test_paired_drift_golden():
     estimate, low, high = paired_drift([11.0, 21.0, 4.0], [10.0, 20.0, 0.0])
     assert estimate == pytest.approx(0.2) and low == pytest.approx(0.004) and high == pytest.approx(0.396)
     assert paired_drift([1.0, 2.0], [1.0, 2.0]) == (0.0, 0.0, 0.0)
-    assert paired_drift([0.0, 0.0], [0.0, 0.0])[0] == 0.0 and paired_drift([1.0, 1.0], [0.0, 0.0])[0] == math.inf
+    assert (
+        paired_drift([0.0, 0.0], [0.0, 0.0])[0] == 0.0 and paired_drift([1.0, 1.0], [0.0, 0.0])[0] == math.inf
+    )
     with pytest.raises(ValidationError, match="pair every"):
         paired_drift([1.0], [1.0, 2.0])
 
@@ -250,12 +366,22 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
     from personalign.bench import steer as bench
     from personalign.packed_linear import PackedLinear
 
-    monkeypatch.setitem(bench.CASES, "mix, 2 objective adapters", {"weights": {"verbosity": 0.5, "reading_level": 0.5}, "method": "mix"})
-    monkeypatch.setitem(bench.CASES, "mix, 2 adapters + base", {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "mix"})
+    monkeypatch.setitem(
+        bench.CASES,
+        "mix, 2 objective adapters",
+        {"weights": {"verbosity": 0.5, "reading_level": 0.5}, "method": "mix"},
+    )
+    monkeypatch.setitem(
+        bench.CASES,
+        "mix, 2 adapters + base",
+        {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "mix"},
+    )
     packed_before = [m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)]
     result = bench.run_steer_bench(spz, max_new_tokens=4, repeats=1, batch=2, stock_too=True)
     assert set(result["settings"]) == {"batch 1", "batch 2", "batch 1, stock linear", "batch 2, stock linear"}
-    assert result["packed_linear"] and packed_before == [m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)]  # the same layers packed again
+    assert result["packed_linear"] and packed_before == [
+        m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)
+    ]  # the same layers packed again
     for cases in result["settings"].values():
         assert cases["plain generate"]["ratio_to_plain"] == 1.0
         assert all(c["tokens_per_second"] > 0 for c in cases.values())

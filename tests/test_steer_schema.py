@@ -40,7 +40,9 @@ def _error(value, field="steer") -> ValidationError:
 
 
 def test_flat_weights_are_the_shorthand():
-    assert parse_steering({"verbosity": -0.5, "structure": 0.3}) == Steering({"verbosity": -0.5, "structure": 0.3})
+    assert parse_steering({"verbosity": -0.5, "structure": 0.3}) == Steering(
+        {"verbosity": -0.5, "structure": 0.3}
+    )
     steering = parse_steering({"verbosity": -1})
     assert steering.weights == {"verbosity": -1.0} and isinstance(steering.weights["verbosity"], float)
     assert steering.method == "auto" and not steering.direction and steering
@@ -50,7 +52,9 @@ def test_flat_weights_are_the_shorthand():
 
 
 def test_nested_weights_keep_the_method_and_any_real_in_range():
-    steering = parse_steering({"weights": {"verbosity": MAX_WEIGHT, "structure": -MAX_WEIGHT}, "method": "prompt"})
+    steering = parse_steering(
+        {"weights": {"verbosity": MAX_WEIGHT, "structure": -MAX_WEIGHT}, "method": "prompt"}
+    )
     assert steering == Steering({"verbosity": MAX_WEIGHT, "structure": -MAX_WEIGHT}, "prompt")
     # "auto" is kept for the decoder to resolve, though only prompting steers structure today.
     assert parse_steering({"weights": {"structure": 0.3}}).method == "auto"
@@ -66,7 +70,13 @@ def test_direction_is_normalised_to_a_unit_vector():
 
 @pytest.mark.parametrize(
     ("angle", "expected"),
-    [(0, (1.0, 0.0)), (90, (0.0, 1.0)), (180, (-1.0, 0.0)), (-90, (0.0, -1.0)), (30, (math.sqrt(3) / 2, 0.5))],
+    [
+        (0, (1.0, 0.0)),
+        (90, (0.0, 1.0)),
+        (180, (-1.0, 0.0)),
+        (-90, (0.0, -1.0)),
+        (30, (math.sqrt(3) / 2, 0.5)),
+    ],
 )
 def test_angle_gives_cos_sin_over_two_objectives(angle, expected):
     """Angle θ in degrees from the first objective's axis: direction (cos θ, sin θ)."""
@@ -86,8 +96,12 @@ def test_a_steering_passes_unchanged_and_a_pydantic_model_reads_like_its_dict():
         direction: dict[str, float] | None = None
         method: str = "auto"
 
-    assert parse_steering(SteerBody(direction={"verbosity": 3, "structure": 4})) == parse_steering({"direction": {"verbosity": 3, "structure": 4}})
-    assert parse_steering(SteerBody(weights={"verbosity": 1}, method="logit")) == Steering({"verbosity": 1.0}, "logit")
+    assert parse_steering(SteerBody(direction={"verbosity": 3, "structure": 4})) == parse_steering(
+        {"direction": {"verbosity": 3, "structure": 4}}
+    )
+    assert parse_steering(SteerBody(weights={"verbosity": 1}, method="logit")) == Steering(
+        {"verbosity": 1.0}, "logit"
+    )
 
 
 @pytest.mark.parametrize(
@@ -110,7 +124,9 @@ def test_to_json_round_trips(request_):
 
 def test_validate_steer_still_returns_the_weights():
     assert validate_steer(None) == {}
-    assert validate_steer({"direction": {"verbosity": 3, "structure": 4}}) == pytest.approx({"verbosity": 0.6, "structure": 0.8})
+    assert validate_steer({"direction": {"verbosity": 3, "structure": 4}}) == pytest.approx(
+        {"verbosity": 0.6, "structure": 0.8}
+    )
 
 
 def test_steering_checks_itself_at_construction():
@@ -133,8 +149,16 @@ def test_steering_checks_itself_at_construction():
         # unknown objectives, in each form
         ({"humour": 1.0}, "steer.humour", "is not a known objective"),
         ({"weights": {"humour": 1.0}}, "steer.weights.humour", "is not a known objective"),
-        ({"direction": {"verbosity": 1, "kindness": 1}}, "steer.direction.kindness", "is not a known objective"),
-        ({"angle": 10, "objectives": ["verbosity", "kindness"]}, "steer.objectives[1]", "is not a known objective"),
+        (
+            {"direction": {"verbosity": 1, "kindness": 1}},
+            "steer.direction.kindness",
+            "is not a known objective",
+        ),
+        (
+            {"angle": 10, "objectives": ["verbosity", "kindness"]},
+            "steer.objectives[1]",
+            "is not a known objective",
+        ),
         # numbers: NaN, inf, bool, strings, None, out of range
         ({"weights": {"verbosity": math.nan}}, "steer.weights.verbosity", "finite number"),
         ({"verbosity": math.inf}, "steer.verbosity", "finite number"),
@@ -148,10 +172,22 @@ def test_steering_checks_itself_at_construction():
         ({"angle": "30", "objectives": ["verbosity", "structure"]}, "steer.angle", "finite number"),
         ({"angle": 720, "objectives": ["verbosity", "structure"]}, "steer.angle", "within"),
         # forms that do not go together
-        ({"weights": {"verbosity": 1}, "direction": {"verbosity": 1}}, "steer.direction", "cannot be combined with weights"),
-        ({"angle": 30, "objectives": ["verbosity", "structure"], "weights": {"verbosity": 1}}, "steer.angle", "cannot be combined"),
+        (
+            {"weights": {"verbosity": 1}, "direction": {"verbosity": 1}},
+            "steer.direction",
+            "cannot be combined with weights",
+        ),
+        (
+            {"angle": 30, "objectives": ["verbosity", "structure"], "weights": {"verbosity": 1}},
+            "steer.angle",
+            "cannot be combined",
+        ),
         ({"angle": 30, "direction": {"verbosity": 1}}, "steer.angle", "cannot be combined"),
-        ({"objectives": ["verbosity", "structure"], "weights": {"verbosity": 1}}, "steer.objectives", "only goes with angle"),
+        (
+            {"objectives": ["verbosity", "structure"], "weights": {"verbosity": 1}},
+            "steer.objectives",
+            "only goes with angle",
+        ),
         ({"method": "logit"}, "steer", "no weights, direction or angle"),
         # unknown keys, empty requests, a zero direction
         ({"weights": {"verbosity": 1}, "foo": 1}, "steer.foo", "is not a field"),
@@ -163,7 +199,11 @@ def test_steering_checks_itself_at_construction():
         # angle objectives: exactly two distinct names
         ({"angle": 30}, "steer.objectives", "is required"),
         ({"angle": 30, "objectives": ["verbosity"]}, "steer.objectives", "exactly two"),
-        ({"angle": 30, "objectives": ["verbosity", "structure", "formality"]}, "steer.objectives", "exactly two"),
+        (
+            {"angle": 30, "objectives": ["verbosity", "structure", "formality"]},
+            "steer.objectives",
+            "exactly two",
+        ),
         ({"angle": 30, "objectives": "verbosity"}, "steer.objectives", "exactly two"),
         ({"angle": 30, "objectives": ["verbosity", "verbosity"]}, "steer.objectives", "twice"),
         # methods
@@ -192,9 +232,14 @@ def test_unsteerable_by_the_method_names_the_objective_and_lists_each_method():
     for method, names in steerable_by_method().items():
         assert f"{method}: {', '.join(names) if names else 'none installed'}" in err.fix
     assert _error({"direction": {"formality": 1}, "method": "vas"}).field == "steer.direction.formality"
-    assert _error({"angle": 45, "objectives": ["verbosity", "politeness"], "method": "logit"}).field == "steer.objectives[1]"
+    assert (
+        _error({"angle": 45, "objectives": ["verbosity", "politeness"], "method": "logit"}).field
+        == "steer.objectives[1]"
+    )
     # A zero weight asks nothing of the method, so it is not refused.
-    assert parse_steering({"weights": {"verbosity": 1.0, "structure": 0.0}, "method": "logit"}).method == "logit"
+    assert (
+        parse_steering({"weights": {"verbosity": 1.0, "structure": 0.0}, "method": "logit"}).method == "logit"
+    )
 
 
 def test_auto_refuses_what_no_method_steers(monkeypatch, no_trained_steerers):
@@ -213,7 +258,9 @@ def test_auto_refuses_what_no_method_steers(monkeypatch, no_trained_steerers):
 
 
 def test_personalizer_applies_every_form_and_keeps_the_method(pz):
-    prepared = pz.engine.prepare(None, ASK, {"weights": {"verbosity": -0.5}, "method": "prompt"}, {"max_new_tokens": 2})
+    prepared = pz.engine.prepare(
+        None, ASK, {"weights": {"verbosity": -0.5}, "method": "prompt"}, {"max_new_tokens": 2}
+    )
     assert prepared.steer == {"verbosity": -0.5} and prepared.steer_method == "prompt"
     assert pz.engine.prepare(None, ASK, None, {}).steer_method == "auto"
     result = pz.respond(None, ASK, steer={"direction": {"verbosity": -2}}, max_new_tokens=2)
@@ -224,10 +271,22 @@ def test_personalizer_applies_every_form_and_keeps_the_method(pz):
 
 
 def test_stored_default_in_every_form(pz):
-    pz.enroll("ana", [{"prompt": "Egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things about the egg."}])
+    pz.enroll(
+        "ana",
+        [
+            {
+                "prompt": "Egg?",
+                "chosen": "Nine minutes.",
+                "rejected": "It depends on many things about the egg.",
+            }
+        ],
+    )
     pz.set_steering("ana", {"direction": {"verbosity": 3, "structure": 4}, "method": "prompt"})
     stored = pz.profile("ana").settings["steer"]
-    assert stored == parse_steering({"direction": {"verbosity": 3, "structure": 4}, "method": "prompt"}).to_json()
+    assert (
+        stored
+        == parse_steering({"direction": {"verbosity": 3, "structure": 4}, "method": "prompt"}).to_json()
+    )
     assert pz.default_steer("ana") == pytest.approx({"verbosity": 0.6, "structure": 0.8})
     assert pz.engine.prepare("ana", ASK, None, {"shots": False, "memory": False}).steer_method == "prompt"
     pz.set_steering("ana", Steering({"verbosity": 0.5}))
@@ -249,12 +308,16 @@ def test_stored_default_in_every_form(pz):
 
 def test_cli_steer_forms_and_method():
     assert steering_option(None, None) is None
-    assert steering_option("verbosity=-0.5,structure=0.3", None) == Steering({"verbosity": -0.5, "structure": 0.3})
+    assert steering_option("verbosity=-0.5,structure=0.3", None) == Steering(
+        {"verbosity": -0.5, "structure": 0.3}
+    )
     assert steering_option("verbosity=-0.5", "prompt") == Steering({"verbosity": -0.5}, "prompt")
     assert steering_option('{"direction": {"verbosity": 3, "structure": 4}}', "prompt") == parse_steering(
         {"direction": {"verbosity": 3, "structure": 4}, "method": "prompt"}
     )
-    assert steering_option('{"angle": 90, "objectives": ["verbosity", "structure"], "method": "prompt"}', "prompt").direction
+    assert steering_option(
+        '{"angle": 90, "objectives": ["verbosity", "structure"], "method": "prompt"}', "prompt"
+    ).direction
     for text, method, field in [
         ("verbosity=1", "beam", "steer.method"),
         ('{"weights": {"verbosity": 1}, "method": "logit"}', "prompt", "--steer-method"),
@@ -285,14 +348,19 @@ def server(tiny_generator, encoder, tmp_path_factory):
     from personalign.server import ServerConfig, ServerThread, create_app
 
     config = ServerConfig(max_tokens_cap=8, default_max_tokens=2, batch_wait_ms=0)
-    with Personalizer(tiny_generator, encoder, store=tmp_path_factory.mktemp("steer-store")) as pz, ServerThread(create_app(pz, config)) as running:
+    with (
+        Personalizer(tiny_generator, encoder, store=tmp_path_factory.mktemp("steer-store")) as pz,
+        ServerThread(create_app(pz, config)) as running,
+    ):
         yield running
 
 
 @pytest.mark.parametrize("bad", BAD)
 def test_same_error_from_python_cli_and_http(bad, server, tmp_path):
     err = _error(bad)
-    out = CliRunner().invoke(app, ["chat", "--message", "hi", "--steer", json.dumps(bad), "--store", str(tmp_path / "s")])
+    out = CliRunner().invoke(
+        app, ["chat", "--message", "hi", "--steer", json.dumps(bad), "--store", str(tmp_path / "s")]
+    )
     assert out.exit_code == 2 and f"error: {err}" in out.output  # refused before any model loads
     body = {"model": "personalign", "messages": ASK, "steer": bad}
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
@@ -302,12 +370,19 @@ def test_same_error_from_python_cli_and_http(bad, server, tmp_path):
 
 
 def test_http_accepts_the_nested_forms_and_answers_with_the_weights(server):
-    body = {"model": "personalign", "messages": ASK, "max_tokens": 2, "steer": {"direction": {"verbosity": 3, "structure": 4}}}
+    body = {
+        "model": "personalign",
+        "messages": ASK,
+        "max_tokens": 2,
+        "steer": {"direction": {"verbosity": 3, "structure": 4}},
+    }
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     assert reply.status_code == 200, reply.text
     assert reply.json()["personalign"]["steer"] == pytest.approx({"verbosity": 0.6, "structure": 0.8})
     body["steer"] = {"angle": 90, "objectives": ["verbosity", "structure"], "method": "prompt"}
-    steer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["personalign"]["steer"]
+    steer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()["personalign"][
+        "steer"
+    ]
     assert abs(steer["verbosity"]) < 1e-12 and steer["structure"] == 1.0
 
 

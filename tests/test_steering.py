@@ -68,7 +68,11 @@ def test_structure_golden(text, expected):
 
 def test_measure_names_every_objective():
     measurable = {n for n, o in OBJECTIVES.items() if not o.learned}
-    assert set(measure("a b")) == measurable >= {"verbosity", "structure", "reading_level", "formality", "sentiment", "politeness"}
+    assert (
+        set(measure("a b"))
+        == measurable
+        >= {"verbosity", "structure", "reading_level", "formality", "sentiment", "politeness"}
+    )
     assert measure("a b")["verbosity"] == pytest.approx(math.log(3))
 
 
@@ -122,7 +126,9 @@ def test_eos_shift_adds_exactly_to_eos_columns_only():
 def test_eos_shift_per_row():
     scores = torch.zeros(2, 4)
     out = eos_shift(scores, [3], torch.tensor([1.0, -2.0]))  # one shift per row
-    torch.testing.assert_close(out, torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -2.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        out, torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, -2.0]]), rtol=0, atol=0
+    )
 
 
 def test_verbosity_processor_shift():
@@ -229,7 +235,9 @@ def test_objective_registry_errors_list_the_known_objectives():
         register(Objective("verbosity", len, 1.0, "dup"))
     with pytest.raises(ValidationError):
         register(Objective("Bad Name", len, 1.0, "x"))
-    custom = register(Objective("exclamations", lambda t: float(t.count("!")), 1.0, "'!' count"), replace=True)
+    custom = register(
+        Objective("exclamations", lambda t: float(t.count("!")), 1.0, "'!' count"), replace=True
+    )
     try:
         assert score("q", "Wow! Yes!", ["exclamations"]) == {"exclamations": 2.0}
         with pytest.raises(ValidationError) as err:

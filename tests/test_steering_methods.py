@@ -50,7 +50,9 @@ def test_td_lambda_masks_padding():
 
     deltas (0.3, 0.4); lambda 0.5: A = (0.3 + 0.2, 0.4); R = (0.8, 1.0, 0).
     """
-    out = td_lambda_returns(torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.3, 0.6, 9.0]]), torch.tensor([[1, 1, 0]]), 1.0, 0.5)
+    out = td_lambda_returns(
+        torch.tensor([[0.0, 1.0, 5.0]]), torch.tensor([[0.3, 0.6, 9.0]]), torch.tensor([[1, 1, 0]]), 1.0, 0.5
+    )
     assert_close(out, torch.tensor([[0.8, 1.0, 0.0]]))
 
 
@@ -62,7 +64,9 @@ def test_vas_logits_golden():
     assert_close(vas_logits(scores, ids, q, 2.0), torch.tensor([[1.0, 1.0, 4.0, 0.0]]))
     # two objectives with per-row betas: the bonuses add
     two = torch.stack([q, -q], dim=-1)  # (1, 2, 2)
-    assert_close(vas_logits(scores, ids, two, torch.tensor([[2.0, 1.0]])), torch.tensor([[1.0, 2.0, 3.0, 0.0]]))
+    assert_close(
+        vas_logits(scores, ids, two, torch.tensor([[2.0, 1.0]])), torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    )
 
 
 def test_mix_logprobs_golden():
@@ -78,7 +82,9 @@ def test_mix_logprobs_golden():
     assert_close(mix_logprobs(base, obj, torch.tensor([[0.5]])), torch.tensor([[half, half]]))
     # a banned token (-inf, e.g. EOS under min_new_tokens) stays banned, never nan
     inf = float("-inf")
-    banned = mix_logprobs(torch.tensor([[0.0, inf, 1.0]]), torch.tensor([[[1.0, inf, 0.0]]]), torch.tensor([[2.0]]))
+    banned = mix_logprobs(
+        torch.tensor([[0.0, inf, 1.0]]), torch.tensor([[[1.0, inf, 0.0]]]), torch.tensor([[2.0]])
+    )
     assert torch.isneginf(banned[0, 1]) and not banned.isnan().any()
 
 
@@ -86,13 +92,26 @@ def test_modpo_loss_golden_and_dpo_parity():
     """beta 0.1; logratio h = (-1 + 1.5) - (-2 + 1.5) = 1; margin (1 - 0) * 0.05; w_k 0.5:
     rho_w - rho_l = (0.1 - 0.05) / 0.5 = 0.1, loss = log(1 + e^-0.1) = 0.64439666."""
     one = torch.tensor
-    loss = modpo_loss(one([-1.0]), one([-2.0]), one([-1.5]), one([-1.5]), one([[1.0]]), one([[0.0]]), 0.5, one([0.05]), beta=0.1)
+    loss = modpo_loss(
+        one([-1.0]),
+        one([-2.0]),
+        one([-1.5]),
+        one([-1.5]),
+        one([[1.0]]),
+        one([[0.0]]),
+        0.5,
+        one([0.05]),
+        beta=0.1,
+    )
     assert_close(loss, torch.tensor([0.6443966600735709]))
     # w_k = 1 and zero margin weights: exactly DPO
     g = torch.Generator().manual_seed(0)
     pc, pr, rc, rr = (torch.randn(6, generator=g) for _ in range(4))
     margins = torch.randn(6, 2, generator=g)
-    assert_close(modpo_loss(pc, pr, rc, rr, margins, margins.flip(0), 1.0, torch.zeros(2), beta=0.2), dpo_loss(pc, pr, rc, rr, beta=0.2))
+    assert_close(
+        modpo_loss(pc, pr, rc, rr, margins, margins.flip(0), 1.0, torch.zeros(2), beta=0.2),
+        dpo_loss(pc, pr, rc, rr, beta=0.2),
+    )
 
 
 def test_top_p_sample_greedy_and_nucleus():
@@ -118,7 +137,14 @@ def fresh_generator():
 
 def _greedy(model, ids, mask, processors=None, n=8):
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n, logits_processor=processors, pad_token_id=0)
+        return model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=n,
+            logits_processor=processors,
+            pad_token_id=0,
+        )
 
 
 def test_processor_without_methods_is_identity(fresh_generator):
@@ -139,12 +165,24 @@ def test_vas_trunk_and_gru_train_and_guide(fresh_generator, tmp_path):
     from personalign.training.loop import LoopConfig
     from personalign.training.samples import chat_ids, left_pad, sample_responses
 
-    samples = sample_responses(fresh_generator, ["Question one", "Task two", "Preferred"], n_per_prompt=4, max_new_tokens=12, batch_size=6)
+    samples = sample_responses(
+        fresh_generator,
+        ["Question one", "Task two", "Preferred"],
+        n_per_prompt=4,
+        max_new_tokens=12,
+        batch_size=6,
+    )
     tok = fresh_generator.tokenizer
     ids, mask = left_pad([chat_ids(tok, "Question one")], tok.pad_token_id)
     plain = _greedy(fresh_generator.model, ids, mask)
     for kind, cls in (("trunk", TrunkValueHead), ("gru", GruValueModel)):
-        config = VasTrainConfig(objective="verbosity", kind=kind, rank=4, hidden=16, loop=LoopConfig(epochs=6, learning_rate=1e-2, batch_size=4))
+        config = VasTrainConfig(
+            objective="verbosity",
+            kind=kind,
+            rank=4,
+            hidden=16,
+            loop=LoopConfig(epochs=6, learning_rate=1e-2, batch_size=4),
+        )
         model, report = train_vas(fresh_generator, samples, config)
         assert isinstance(model, cls) and report.epochs_run == 6
         assert report.epoch_loss[-1] < report.epoch_loss[0], report.epoch_loss
@@ -153,9 +191,18 @@ def test_vas_trunk_and_gru_train_and_guide(fresh_generator, tmp_path):
             assert torch.equal(tensor, loaded.state_dict()[name]), name
         capture = HiddenCapture(fresh_generator.model)
         try:
-            zero = SteeringProcessor([[0]], value_models=[loaded], betas=[[0.0]], capture=capture, prompt_ids=ids, prompt_mask=mask)
+            zero = SteeringProcessor(
+                [[0]], value_models=[loaded], betas=[[0.0]], capture=capture, prompt_ids=ids, prompt_mask=mask
+            )
             assert torch.equal(_greedy(fresh_generator.model, ids, mask, [zero]), plain)
-            strong = SteeringProcessor([[0]], value_models=[loaded], betas=[[50.0]], capture=capture, prompt_ids=ids, prompt_mask=mask)
+            strong = SteeringProcessor(
+                [[0]],
+                value_models=[loaded],
+                betas=[[50.0]],
+                capture=capture,
+                prompt_ids=ids,
+                prompt_mask=mask,
+            )
             _greedy(fresh_generator.model, ids, mask, [strong])  # runs; the effect is measured in eval steer
         finally:
             capture.close()
@@ -164,7 +211,9 @@ def test_vas_trunk_and_gru_train_and_guide(fresh_generator, tmp_path):
 def test_gru_scores_candidates_in_one_batched_call(fresh_generator):
     from personalign.adapters.value import ValueConfig, build_value_model
 
-    model = build_value_model(ValueConfig(objective="verbosity", kind="gru", hidden=8, proj=8), fresh_generator.model)
+    model = build_value_model(
+        ValueConfig(objective="verbosity", kind="gru", hidden=8, proj=8), fresh_generator.model
+    )
     state = torch.randn(2, 8)
     calls = []
     handle = model.cell.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
@@ -184,7 +233,9 @@ def test_value_model_for_another_base_is_refused(fresh_generator, tmp_path):
         save_value_model,
     )
 
-    model = build_value_model(ValueConfig(objective="verbosity", base_model="some/other-model"), fresh_generator.model)
+    model = build_value_model(
+        ValueConfig(objective="verbosity", base_model="some/other-model"), fresh_generator.model
+    )
     folder = save_value_model(model, tmp_path / "v")
     with pytest.raises(ValueModelError, match="other-model"):
         load_value_model(folder, fresh_generator)
@@ -201,8 +252,17 @@ def test_mix_rows_match_single_adapter_runs(fresh_generator, tmp_path):
     from personalign.training.loop import LoopConfig
     from personalign.training.samples import chat_ids, left_pad, sample_responses
 
-    samples = sample_responses(fresh_generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=10, batch_size=8)
-    config = ModpoConfig(objective="verbosity", margin_objectives=["structure"], margin_weights=[0.1], min_gap=0.0, rank=2, loop=LoopConfig(epochs=2, learning_rate=5e-2, batch_size=4))
+    samples = sample_responses(
+        fresh_generator, ["Question one", "Task two"], n_per_prompt=4, max_new_tokens=10, batch_size=8
+    )
+    config = ModpoConfig(
+        objective="verbosity",
+        margin_objectives=["structure"],
+        margin_weights=[0.1],
+        min_gap=0.0,
+        rank=2,
+        loop=LoopConfig(epochs=2, learning_rate=5e-2, batch_size=4),
+    )
     peft, name, report, pairs = train_modpo(fresh_generator, samples, config)
     assert pairs > 0 and report.epochs_run == 2
     tok = fresh_generator.tokenizer
@@ -230,13 +290,30 @@ def test_mix_rows_match_single_adapter_runs(fresh_generator, tmp_path):
 def test_mix_terms_golden():
     """The rows a mixing request runs, with their logit coefficients (zero ones left out)."""
     assert mix_terms("__base__", [("v", 0.5), ("s", -1.0)]) == [("__base__", 1.5), ("v", 0.5), ("s", -1.0)]
-    assert mix_terms("ana", [("v", 2.0), ("s", 0.25)]) == [("ana", 1.0), ("__base__", -2.25), ("v", 2.0), ("s", 0.25)]
-    assert mix_terms("__base__", [("v", 0.5), ("s", 0.5)]) == [("v", 0.5), ("s", 0.5)]  # on the simplex: no base row
+    assert mix_terms("ana", [("v", 2.0), ("s", 0.25)]) == [
+        ("ana", 1.0),
+        ("__base__", -2.25),
+        ("v", 2.0),
+        ("s", 0.25),
+    ]
+    assert mix_terms("__base__", [("v", 0.5), ("s", 0.5)]) == [
+        ("v", 0.5),
+        ("s", 0.5),
+    ]  # on the simplex: no base row
     assert mix_terms("__base__", [("v", 1.0), ("s", 0.0)]) == [("v", 1.0)]  # weight 1: the adapter alone
-    assert mix_terms("ana", [("v", 0.5), ("s", -0.5)]) == [("ana", 1.0), ("v", 0.5), ("s", -0.5)]  # sum 0: no base row
+    assert mix_terms("ana", [("v", 0.5), ("s", -0.5)]) == [
+        ("ana", 1.0),
+        ("v", 0.5),
+        ("s", -0.5),
+    ]  # sum 0: no base row
     assert mix_terms("__base__", [("v", 0.0)]) == [("__base__", 1.0)]
-    for own, objectives in (("__base__", [("v", 0.3), ("s", -1.7)]), ("ana", [("v", 0.1), ("s", 0.2), ("t", 0.7)])):
-        assert math.isclose(sum(c for _, c in mix_terms(own, objectives)), 1.0)  # so a head bias passes through
+    for own, objectives in (
+        ("__base__", [("v", 0.3), ("s", -1.7)]),
+        ("ana", [("v", 0.1), ("s", 0.2), ("t", 0.7)]),
+    ):
+        assert math.isclose(
+            sum(c for _, c in mix_terms(own, objectives)), 1.0
+        )  # so a head bias passes through
 
 
 def test_mixing_before_the_head_equals_mixing_log_probs():
@@ -246,7 +323,9 @@ def test_mixing_before_the_head_equals_mixing_log_probs():
     hidden = torch.randn(4, 1, 6)  # rows: primary, objective a, objective b, another request's row
     weights = [[0.7, -1.3]]
     model = _HeadOnly(head)
-    coefficients = torch.tensor([[1.0 - sum(weights[0]), *weights[0], 0.0], [0.0, 0.0, 0.0, 1.0]])  # (R, N) as mix_terms gives them
+    coefficients = torch.tensor(
+        [[1.0 - sum(weights[0]), *weights[0], 0.0], [0.0, 0.0, 0.0, 1.0]]
+    )  # (R, N) as mix_terms gives them
     mixer = MixedHead(model, coefficients, [0, 0, 0, 1])
     try:
         premixed = head(hidden)[:, -1]  # (4, V): rows 0-2 carry request 0's mix, row 3 request 1's logits
@@ -288,21 +367,42 @@ def test_dpa_every_direction_keeps_one_answer_per_prompt_and_direction(fresh_gen
     from personalign.steering.dpa import DpaConfig, train_dpa
     from personalign.training.loop import LoopConfig
 
-    config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=2, directions=4, max_new_tokens=8, every_direction=True, loop=LoopConfig(epochs=1, batch_size=4))
+    config = DpaConfig(
+        objectives=["verbosity", "structure"],
+        iterations=1,
+        samples_per_prompt=2,
+        directions=4,
+        max_new_tokens=8,
+        every_direction=True,
+        loop=LoopConfig(epochs=1, batch_size=4),
+    )
     _, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
-    assert records[0]["answers"] == 4 and records[0]["kept"] == 8  # 2 prompts x 4 directions (the drawn one only: 2)
+    assert (
+        records[0]["answers"] == 4 and records[0]["kept"] == 8
+    )  # 2 prompts x 4 directions (the drawn one only: 2)
 
 
 def test_dpa_dpo_trains_on_best_and_worst_pairs(fresh_generator):
     from personalign.steering.dpa import DpaConfig, train_dpa
     from personalign.training.loop import LoopConfig
 
-    config = DpaConfig(objectives=["verbosity", "structure"], iterations=1, samples_per_prompt=3, directions=4, max_new_tokens=8, every_direction=True, loss="dpo", loop=LoopConfig(epochs=2, batch_size=4))
+    config = DpaConfig(
+        objectives=["verbosity", "structure"],
+        iterations=1,
+        samples_per_prompt=3,
+        directions=4,
+        max_new_tokens=8,
+        every_direction=True,
+        loss="dpo",
+        loop=LoopConfig(epochs=2, batch_size=4),
+    )
     model, records = train_dpa(fresh_generator, ["Question one", "Task two"], config)
     record = records[0]
     assert record["kept"] == 8 and 0 < record["pairs"] <= 8
     loss = record["dpo_loss"]
-    assert len(loss) == 2 and loss[0] == pytest.approx(math.log(2), abs=0.05)  # the adapter starts as the reference
+    assert len(loss) == 2 and loss[0] == pytest.approx(
+        math.log(2), abs=0.05
+    )  # the adapter starts as the reference
     assert loss[1] < loss[0]
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "steer_dpa" in n and "lora_B" in n)
 
@@ -318,9 +418,15 @@ def test_direction_lines_golden_and_the_installed_form_is_read_back(tmp_path, mo
     assert direction_text(v, "numbers+words") == (
         "Preference direction: verbosity +0.71, structure -0.71. Give a detailed, thorough answer. Write flowing paragraphs, no lists."
     )
-    assert direction_text({"verbosity": -1.0, "structure": 0.0}, "numbers+words").endswith("+0.00. Answer in one short sentence.")
-    messages = dpa_messages([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}], v, "numbers+words")
-    assert messages[0]["content"].startswith("Preference direction: verbosity +0.71") and messages[0]["content"].endswith("\nBe kind.")
+    assert direction_text({"verbosity": -1.0, "structure": 0.0}, "numbers+words").endswith(
+        "+0.00. Answer in one short sentence."
+    )
+    messages = dpa_messages(
+        [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"}], v, "numbers+words"
+    )
+    assert messages[0]["content"].startswith("Preference direction: verbosity +0.71") and messages[0][
+        "content"
+    ].endswith("\nBe kind.")
     (tmp_path / "dpa").mkdir()
     meta = {"objectives": ["verbosity", "structure"], "base_model": "m", "config": {"line": "numbers+words"}}
     (tmp_path / "dpa" / "dpa_config.json").write_text(json.dumps(meta))

@@ -43,11 +43,31 @@ CHAT = Comparison(prompt=[ChatMessage(**SYSTEM), ChatMessage(**USER)], chosen=YE
 LAYOUTS = [
     ("standard explicit", {"prompt": Q, "chosen": YES, "rejected": NO}, TEXT),
     # TRL's rule: the prompt is all the shared leading text (here "... It is"), less the space before the responses.
-    ("standard implicit", {"chosen": f"{Q} {YES}", "rejected": f"{Q} {NO}"}, Comparison(prompt=f"{Q} It is", chosen=" blue.", rejected=" green.")),
-    ("conversational explicit", {"prompt": [SYSTEM, USER], "chosen": _assistant(YES), "rejected": _assistant(NO)}, CHAT),
-    ("conversational implicit", {"chosen": [SYSTEM, USER, *_assistant(YES)], "rejected": [SYSTEM, USER, *_assistant(NO)]}, CHAT),
-    ("explicit prompt, shared turns in the responses", {"prompt": [SYSTEM], "chosen": [USER, *_assistant(YES)], "rejected": [USER, *_assistant(NO)]}, CHAT),
-    ("text prompt, conversational responses", {"prompt": Q, "chosen": _assistant(YES), "rejected": _assistant(NO)}, TEXT),
+    (
+        "standard implicit",
+        {"chosen": f"{Q} {YES}", "rejected": f"{Q} {NO}"},
+        Comparison(prompt=f"{Q} It is", chosen=" blue.", rejected=" green."),
+    ),
+    (
+        "conversational explicit",
+        {"prompt": [SYSTEM, USER], "chosen": _assistant(YES), "rejected": _assistant(NO)},
+        CHAT,
+    ),
+    (
+        "conversational implicit",
+        {"chosen": [SYSTEM, USER, *_assistant(YES)], "rejected": [SYSTEM, USER, *_assistant(NO)]},
+        CHAT,
+    ),
+    (
+        "explicit prompt, shared turns in the responses",
+        {"prompt": [SYSTEM], "chosen": [USER, *_assistant(YES)], "rejected": [USER, *_assistant(NO)]},
+        CHAT,
+    ),
+    (
+        "text prompt, conversational responses",
+        {"prompt": Q, "chosen": _assistant(YES), "rejected": _assistant(NO)},
+        TEXT,
+    ),
 ]
 
 
@@ -86,7 +106,9 @@ def test_ultrafeedback_binarized_rows_load_with_extras_as_metadata(tmp_path):
     assert from_dataset(to_dataset_raw([row])) == [(None, expected)]
     assert read_preferences(path, extra="ignore") == [(None, expected.model_copy(update={"metadata": None}))]
     assert parse_comparisons([row], extra="metadata") == [expected]
-    with pytest.raises(ValidationError) as info:  # the API refuses unknown keys unless asked: a typo is not dropped
+    with pytest.raises(
+        ValidationError
+    ) as info:  # the API refuses unknown keys unless asked: a typo is not dropped
         parse_comparisons([row])
     assert info.value.field == "comparisons[0].prompt_id" and "metadata" in info.value.fix
     with pytest.raises(ValidationError) as info:
@@ -96,22 +118,41 @@ def test_ultrafeedback_binarized_rows_load_with_extras_as_metadata(tmp_path):
 
 def test_extra_columns_are_written_back_as_columns(tmp_path):
     rows = [
-        ("kim", Comparison(prompt=Q, chosen=YES, rejected=NO, weight=2.0, metadata={"prompt_id": "a", "score": 1.5})),
+        (
+            "kim",
+            Comparison(
+                prompt=Q, chosen=YES, rejected=NO, weight=2.0, metadata={"prompt_id": "a", "score": 1.5}
+            ),
+        ),
         (None, Comparison(prompt=Q, chosen=NO, rejected=YES, created_at=5.0)),
     ]
     path = tmp_path / "out.jsonl"
     write_preferences(path, rows)
     first = json.loads(path.read_text().splitlines()[0])
-    assert first == {"user": "kim", "prompt": Q, "chosen": YES, "rejected": NO, "weight": 2.0, "prompt_id": "a", "score": 1.5}
+    assert first == {
+        "user": "kim",
+        "prompt": Q,
+        "chosen": YES,
+        "rejected": NO,
+        "weight": 2.0,
+        "prompt_id": "a",
+        "score": 1.5,
+    }
     assert read_preferences(path) == rows
-    assert from_dataset(to_dataset(rows)) == rows  # columns a row lacks are null in the dataset, absent again here
+    assert (
+        from_dataset(to_dataset(rows)) == rows
+    )  # columns a row lacks are null in the dataset, absent again here
 
 
 def test_metadata_under_its_own_key_and_clashes():
-    [merged] = parse_comparisons([{"prompt": Q, "chosen": YES, "rejected": NO, "metadata": {"a": 1}, "b": 2}], extra="metadata")
+    [merged] = parse_comparisons(
+        [{"prompt": Q, "chosen": YES, "rejected": NO, "metadata": {"a": 1}, "b": 2}], extra="metadata"
+    )
     assert merged.metadata == {"a": 1, "b": 2}
     with pytest.raises(ValidationError, match="repeats the columns"):
-        parse_comparisons([{"prompt": Q, "chosen": YES, "rejected": NO, "metadata": {"a": 1}, "a": 2}], extra="metadata")
+        parse_comparisons(
+            [{"prompt": Q, "chosen": YES, "rejected": NO, "metadata": {"a": 1}, "a": 2}], extra="metadata"
+        )
     with pytest.raises(ValidationError) as info:
         parse_comparisons([{"prompt": Q, "chosen": YES, "rejected": NO, "metadata": {"user": "x"}}])
     assert info.value.field == "comparisons[0].metadata" and "column names" in str(info.value)
@@ -127,7 +168,12 @@ def test_written_conversational_rows_are_conversational_throughout(tmp_path):
 
 @pytest.mark.parametrize(
     ("chosen", "rejected"),
-    [(f"{Q} {YES}", f"{Q} {NO}"), ("The sky is blue", "The sky is green"), ("Answer: 4", "Answer: four"), ("ab c", "ab d")],
+    [
+        (f"{Q} {YES}", f"{Q} {NO}"),
+        ("The sky is blue", "The sky is green"),
+        ("Answer: 4", "Answer: four"),
+        ("ab c", "ab d"),
+    ],
 )
 def test_implicit_text_prompt_matches_trl_extract_prompt(chosen, rejected):
     from trl import extract_prompt
@@ -139,9 +185,25 @@ def test_implicit_text_prompt_matches_trl_extract_prompt(chosen, rejected):
 @pytest.mark.parametrize(
     ("row", "field", "words"),
     [
-        ({"chosen": [USER, *_assistant(YES), USER, *_assistant("x")], "rejected": [USER, *_assistant(NO)]}, "r[0].chosen", "one assistant message"),
-        ({"chosen": [USER, *_assistant(YES)], "rejected": [USER, {"role": "user", "content": "?"}]}, "r[0].rejected", "one assistant message"),
-        ({"prompt": "Something else?", "chosen": [USER, *_assistant(YES)], "rejected": [USER, *_assistant(NO)]}, "r[0].prompt", "differs"),
+        (
+            {"chosen": [USER, *_assistant(YES), USER, *_assistant("x")], "rejected": [USER, *_assistant(NO)]},
+            "r[0].chosen",
+            "one assistant message",
+        ),
+        (
+            {"chosen": [USER, *_assistant(YES)], "rejected": [USER, {"role": "user", "content": "?"}]},
+            "r[0].rejected",
+            "one assistant message",
+        ),
+        (
+            {
+                "prompt": "Something else?",
+                "chosen": [USER, *_assistant(YES)],
+                "rejected": [USER, *_assistant(NO)],
+            },
+            "r[0].prompt",
+            "differs",
+        ),
         ({"chosen": "Blue.", "rejected": "Green."}, "r[0].prompt", "share no leading text"),
         ({"chosen": _assistant(YES), "rejected": _assistant(NO)}, "r[0].prompt", "Field required"),
     ],
@@ -155,13 +217,18 @@ def test_layout_errors_name_the_field(row, field, words):
 def test_from_dataset_drops_the_null_keys_arrow_adds_to_messages():
     # One message with a "name" gives every message of the column a "name" key, null where absent.
     named = {"role": "system", "content": "Be brief.", "name": "rules"}
-    rows = [{"prompt": [named, USER], "chosen": _assistant(YES), "rejected": _assistant(NO)}, {"prompt": [USER], "chosen": _assistant(YES), "rejected": _assistant(NO)}]
+    rows = [
+        {"prompt": [named, USER], "chosen": _assistant(YES), "rejected": _assistant(NO)},
+        {"prompt": [USER], "chosen": _assistant(YES), "rejected": _assistant(NO)},
+    ]
     dataset = to_dataset_raw(rows)
     assert dataset[1]["prompt"][0]["name"] is None
     with pytest.raises(ValidationError) as info:  # a key a chat message cannot have is still refused
         from_dataset(dataset)
     assert info.value.field == "dataset[0].prompt[0].name"
-    assert from_dataset(dataset.select([1])) == [(None, Comparison(prompt=[ChatMessage(**USER)], chosen=YES, rejected=NO))]
+    assert from_dataset(dataset.select([1])) == [
+        (None, Comparison(prompt=[ChatMessage(**USER)], chosen=YES, rejected=NO))
+    ]
 
 
 def test_to_dataset_refuses_mixed_layouts():
@@ -186,7 +253,10 @@ def test_trl_maybe_apply_chat_template_accepts_written_rows(tmp_path, tokenizer)
     write_preferences(path, [("kim", CHAT), ("kim", TEXT)])
     chat, text = (json.loads(line) for line in path.read_text().splitlines())
     applied = maybe_apply_chat_template(chat, tokenizer)
-    assert applied["prompt"] == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        applied["prompt"]
+        == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert applied["chosen"] == f"{YES}<|im_end|>\n" and applied["rejected"] == f"{NO}<|im_end|>\n"
     assert maybe_apply_chat_template(text, tokenizer) == text  # standard rows pass through unchanged
 
@@ -205,12 +275,16 @@ def test_trl_dpo_trainer_prepares_and_trains_on_written_datasets(tmp_path, token
     ]
     dataset = to_dataset(rows)
     assert {"user", "weight", "created_at", "prompt_id"} <= set(dataset.column_names)
-    model, ref = (build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id) for _ in range(2))
+    model, ref = (
+        build_tiny_llama(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id) for _ in range(2)
+    )
     args = DPOConfig(
         output_dir=str(tmp_path / "out"), report_to="none", per_device_train_batch_size=2, max_steps=1,
         use_cpu=True, save_strategy="no", logging_strategy="no", dataset_num_proc=None,
     )  # fmt: skip
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     prepared = trainer.train_dataset
     assert len(prepared) == 2
     first = prepared[0]
@@ -254,5 +328,9 @@ def test_metadata_leaves_the_adapter_data_hash_unchanged():
     from personalign.adapters.lora import data_hash
 
     # The digest of adapters trained before metadata existed: the dump without created_at.
-    before = hashlib.sha256(json.dumps({"prompt": Q, "chosen": YES, "rejected": NO, "weight": 1.0}, sort_keys=True).encode()).hexdigest()
-    assert data_hash([TEXT]) == before == data_hash([TEXT.model_copy(update={"metadata": {"prompt_id": "x"}})])
+    before = hashlib.sha256(
+        json.dumps({"prompt": Q, "chosen": YES, "rejected": NO, "weight": 1.0}, sort_keys=True).encode()
+    ).hexdigest()
+    assert (
+        data_hash([TEXT]) == before == data_hash([TEXT.model_copy(update={"metadata": {"prompt_id": "x"}})])
+    )

@@ -21,7 +21,11 @@ from personalign.types import (
     write_preferences,
 )
 
-GOOD = {"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "It depends on many things."}
+GOOD = {
+    "prompt": "How do I boil an egg?",
+    "chosen": "Nine minutes.",
+    "rejected": "It depends on many things.",
+}
 
 
 def _bad(**update):
@@ -39,7 +43,11 @@ def _error(items) -> ValidationError:
 
 def test_good_comparison_parses_unchanged():
     [parsed] = parse_comparisons([GOOD])
-    assert (parsed.prompt, parsed.chosen, parsed.rejected) == (GOOD["prompt"], GOOD["chosen"], GOOD["rejected"])
+    assert (parsed.prompt, parsed.chosen, parsed.rejected) == (
+        GOOD["prompt"],
+        GOOD["chosen"],
+        GOOD["rejected"],
+    )
     assert parsed.weight == 1.0 and parsed.created_at is None
     assert parsed.prompt_text == GOOD["prompt"]
 
@@ -78,7 +86,10 @@ def test_fix_texts_are_specific():
 
 
 def test_chat_message_prompts():
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "How do I boil an egg?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "How do I boil an egg?"},
+    ]
     [parsed] = parse_comparisons([_bad(prompt=messages)])
     assert parsed.prompt == [ChatMessage(**m) for m in messages]
     assert parsed.prompt_text == "How do I boil an egg?"  # the last user turn
@@ -89,7 +100,11 @@ def test_chat_message_prompts():
     [
         ([], "comparisons[0].prompt", "non-empty"),
         ([{"role": "user", "content": "   "}], "comparisons[0].prompt", "non-empty"),
-        ([{"role": "bot", "content": "hi"}], "comparisons[0].prompt[0].role", "'system', 'user', 'assistant'"),
+        (
+            [{"role": "bot", "content": "hi"}],
+            "comparisons[0].prompt[0].role",
+            "'system', 'user', 'assistant'",
+        ),
         ([{"role": "user", "content": "hi", "name": "x"}], "comparisons[0].prompt[0].name", "role, content"),
         ([{"role": "user"}], "comparisons[0].prompt[0].content", "add the missing field"),
         (5, "comparisons[0].prompt", "non-empty"),
@@ -215,8 +230,22 @@ def _write_lines(path, lines):
 def test_round_trip_with_user_column(tmp_path):
     rows = [
         ("alice", Comparison(**GOOD)),
-        ("bob", Comparison(prompt="Why is the sky blue?", chosen="Scattering.", rejected="Magic.", weight=2.5, created_at=10.0)),
-        (None, Comparison(prompt=[ChatMessage(role="user", content="Hi ☃")], chosen="Hello.", rejected="Go away.")),
+        (
+            "bob",
+            Comparison(
+                prompt="Why is the sky blue?",
+                chosen="Scattering.",
+                rejected="Magic.",
+                weight=2.5,
+                created_at=10.0,
+            ),
+        ),
+        (
+            None,
+            Comparison(
+                prompt=[ChatMessage(role="user", content="Hi ☃")], chosen="Hello.", rejected="Go away."
+            ),
+        ),
     ]
     path = tmp_path / "prefs.jsonl"
     assert write_preferences(path, rows) == 3
@@ -261,7 +290,12 @@ def test_reads_trl_conversational_rows(tmp_path):
         (json.dumps({"prompt": "p", "chosen": "a"}), "prefs.jsonl:3.rejected", "Field required"),
         (json.dumps({"user": "../root", **GOOD}), "prefs.jsonl:3.user", "not allowed"),
         (
-            json.dumps({**GOOD, "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+            json.dumps(
+                {
+                    **GOOD,
+                    "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
+                }
+            ),
             "prefs.jsonl:3.chosen",
             "one assistant message",
         ),
@@ -269,7 +303,9 @@ def test_reads_trl_conversational_rows(tmp_path):
 )
 def test_bad_line_reports_file_and_line(tmp_path, bad_line, field, words):
     # Line 2 is blank: it is skipped but still counted, so the bad row is reported as line 3.
-    path = _write_lines(tmp_path / "prefs.jsonl", [json.dumps({"user": "alice", **GOOD}), "  ", bad_line, json.dumps(GOOD)])
+    path = _write_lines(
+        tmp_path / "prefs.jsonl", [json.dumps({"user": "alice", **GOOD}), "  ", bad_line, json.dumps(GOOD)]
+    )
     with pytest.raises(ValidationError) as info:
         read_preferences(path)
     assert info.value.field == field
@@ -290,6 +326,8 @@ def test_train_recipes_refuse_a_missing_data_file_with_a_typed_error(tmp_path):
     from personalign.cli import app
 
     for recipe in ("fspo", "pplug"):
-        result = CliRunner().invoke(app, ["train", recipe, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / recipe)])
+        result = CliRunner().invoke(
+            app, ["train", recipe, "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / recipe)]
+        )
         assert result.exit_code != 0 and "does not exist" in result.output, (recipe, result.output)
         assert not (tmp_path / recipe).exists()

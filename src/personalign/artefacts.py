@@ -51,7 +51,9 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, json.dumps(payload, ensure_ascii=False, indent=1).encode("utf-8"))
 
 
-def atomic_save_safetensors(path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    path: Path, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None
+) -> None:
     """``safetensors.torch.save_file`` through a temporary file in the same folder, then one rename."""
     from safetensors.torch import save_file
 

@@ -31,17 +31,33 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_new_tokens: int = Field(default=256, ge=1, le=8192)
-    min_new_tokens: int = Field(default=0, ge=0, le=8192, description="suppress end-of-turn before this many tokens (benchmarks)")
+    min_new_tokens: int = Field(
+        default=0, ge=0, le=8192, description="suppress end-of-turn before this many tokens (benchmarks)"
+    )
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="this request's own sampling seed (torch.Generator's range)")
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="this request's own sampling seed (torch.Generator's range)",
+    )
     # OpenAI's per-row controls, applied by steering.decoding.RowDecoder
-    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(default=None, description="token id -> value added to its logit")
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, description="token id -> value added to its logit"
+    )
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="record each token's log-probability and this many alternatives (None: none)")
-    grammar: dict[str, Any] | None = Field(default=None, description='constrained decoding: {"json_object": true} or {"json_schema": {...}}')
+    top_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="record each token's log-probability and this many alternatives (None: none)",
+    )
+    grammar: dict[str, Any] | None = Field(
+        default=None, description='constrained decoding: {"json_object": true} or {"json_schema": {...}}'
+    )
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one ``generate`` call (each row samples on its own, see ``RowDecoder``)."""
@@ -50,7 +66,14 @@ class GenerationParams(BaseModel):
     def row_controls(self, grammar: Any = None) -> RowControls:
         """This request's row in a :class:`~personalign.steering.decoding.RowDecoder` (``grammar``: the compiled one)."""
         return RowControls(
-            self.temperature, self.top_p, self.seed, self.logit_bias, self.presence_penalty, self.frequency_penalty, self.top_logprobs, grammar
+            self.temperature,
+            self.top_p,
+            self.seed,
+            self.logit_bias,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.top_logprobs,
+            grammar,
         )
 
     def generate_kwargs(self, pad_token_id: int | None) -> dict[str, Any]:
@@ -77,9 +100,18 @@ class ConditioningParams(BaseModel):
     n_shots: int = Field(default=4, ge=0, le=64)
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)
     adapter: bool = True
-    fspo: bool = Field(default=True, description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)")
-    pplug: bool = Field(default=True, description="prepend the user's Persona-Plug soft token (when a projector is installed for this generator and the user has history)")
-    describe: bool = Field(default=False, description="FSPO user-description step: a one-line description of the user, written by the generator from their comparisons, goes into the system prompt")
+    fspo: bool = Field(
+        default=True,
+        description="apply the FSPO meta-trained adapter to requests with shots (when one is installed and the user's own adapter is not used)",
+    )
+    pplug: bool = Field(
+        default=True,
+        description="prepend the user's Persona-Plug soft token (when a projector is installed for this generator and the user has history)",
+    )
+    describe: bool = Field(
+        default=False,
+        description="FSPO user-description step: a one-line description of the user, written by the generator from their comparisons, goes into the system prompt",
+    )
     rerank: int = Field(
         default=0,
         ge=0,
@@ -92,7 +124,12 @@ class ConditioningParams(BaseModel):
         le=100.0,
         description="user-conditioned value heads: guidance strength beta (0: off; None: on at the heads' default strength when heads are installed and the user has comparisons)",
     )
-    rerank_temperature: float = Field(default=rerank_method.DEFAULT_TEMPERATURE, gt=0.0, le=5.0, description="sampling temperature of the rerank candidates when the request itself is greedy")
+    rerank_temperature: float = Field(
+        default=rerank_method.DEFAULT_TEMPERATURE,
+        gt=0.0,
+        le=5.0,
+        description="sampling temperature of the rerank candidates when the request itself is greedy",
+    )
 
 
 @dataclass(frozen=True)
@@ -128,8 +165,12 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     description: str | None = None  # the user description, when the request asked for it
-    personalization: dict[str, Any] | None = None  # decode-time guidance that ran (e.g. user-rerank: candidates, scores, pick)
-    logprobs: list[TokenLogprob] | None = None  # per completion token, when the request asked for top_logprobs
+    personalization: dict[str, Any] | None = (
+        None  # decode-time guidance that ran (e.g. user-rerank: candidates, scores, pick)
+    )
+    logprobs: list[TokenLogprob] | None = (
+        None  # per completion token, when the request asked for top_logprobs
+    )
 
 
 def validated(model: type[BaseModel], values: Mapping[str, Any], field: str) -> Any:

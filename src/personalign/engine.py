@@ -59,7 +59,9 @@ def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
         worker.join()
 
 
-def _with_logprobs(result: ChatResult, prepared: Prepared, decoder: RowDecoder | None, row: int) -> ChatResult:
+def _with_logprobs(
+    result: ChatResult, prepared: Prepared, decoder: RowDecoder | None, row: int
+) -> ChatResult:
     """``result`` with its tokens' log-probabilities when the request asked for them (row ``row`` of ``decoder``)."""
     if decoder is None or prepared.params.top_logprobs is None:
         return result
@@ -80,23 +82,39 @@ class GenerationEngine:
     """Generation for one :class:`~personalign.personalizer.Personalizer` (see the module docstring)."""
 
     def __init__(self, personalizer: Any) -> None:
-        self.pz = personalizer  # conditioning (memories, shots, description, Persona-Plug), users and their states
+        self.pz = (
+            personalizer  # conditioning (memories, shots, description, Persona-Plug), users and their states
+        )
         self.generator = personalizer.generator
         self.steering = personalizer.steering
         self.adapters = personalizer.adapters
-        self.lock = personalizer._generate_lock  # one generate call at a time (adapters are swapped per batch)
+        self.lock = (
+            personalizer._generate_lock
+        )  # one generate call at a time (adapters are swapped per batch)
         self._grammars: dict[str, Any] = {}
 
-    def prepare(self, user: str | None, messages: Any, steer: Mapping[str, Any] | Steering | None, options: Mapping[str, Any]) -> Prepared:
+    def prepare(
+        self,
+        user: str | None,
+        messages: Any,
+        steer: Mapping[str, Any] | Steering | None,
+        options: Mapping[str, Any],
+    ) -> Prepared:
         gen_fields = set(GenerationParams.model_fields)
         cond_fields = set(ConditioningParams.model_fields)
         unknown = set(options) - gen_fields - cond_fields
         if unknown:
             name = sorted(unknown)[0]
-            raise ValidationError(name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}")
-        params = validated(GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation")
+            raise ValidationError(
+                name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}"
+            )
+        params = validated(
+            GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation"
+        )
         self._check_decoding(params)
-        conditioning = validated(ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning")
+        conditioning = validated(
+            ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning"
+        )
         profile = self.pz.profiles.get(user) if user is not None else None  # read once per request
         cond = self.pz.condition(user, messages, params.max_new_tokens, conditioning, profile)
         if steer is not None:
@@ -110,8 +128,12 @@ class GenerationEngine:
             description = self.pz.describe(user, conditioning.n_shots or 4, profile)  # type: ignore[arg-type]
             conversation = with_description(conversation, description)
         if method is not None:  # prompt-level methods (prompt, dpa) write the steering into the conversation
-            conversation = STEERING_METHODS[method].conversation(conversation, applied.weights, self.generator.model_id)
-        encoded = self.generator.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
+            conversation = STEERING_METHODS[method].conversation(
+                conversation, applied.weights, self.generator.model_id
+            )
+        encoded = self.generator.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
         query = query_of(parse_messages(messages))
@@ -120,12 +142,21 @@ class GenerationEngine:
             items = self.pz.history_items(user, profile)  # type: ignore[arg-type]
             if items:
                 plug = embed_user(self.pz.plug, self.pz.encoder, items, query)
-        fspo = bool(cond.shots) and conditioning.fspo and adapter_user is None and self.pz.fspo_folder is not None and not (method is not None and STEERING_METHODS[method].runs_adapter)
+        fspo = (
+            bool(cond.shots)
+            and conditioning.fspo
+            and adapter_user is None
+            and self.pz.fspo_folder is not None
+            and not (method is not None and STEERING_METHODS[method].runs_adapter)
+        )
         rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
         if rerank and profile is None:
             rerank, guidance = 0, rerank_method.skipped("no user: the generic answer")
         elif rerank and not profile.comparisons:  # type: ignore[union-attr]
-            rerank, guidance = 0, rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer")
+            rerank, guidance = (
+                0,
+                rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer"),
+            )
         elif rerank:
             self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
         guide, vas_report = self._user_guide(profile, conditioning.user_vas)
@@ -149,7 +180,9 @@ class GenerationEngine:
             guide=guide,
         )
 
-    def _user_guide(self, profile: UserProfile | None, strength: float | None) -> tuple[list[float] | None, dict[str, Any] | None]:
+    def _user_guide(
+        self, profile: UserProfile | None, strength: float | None
+    ) -> tuple[list[float] | None, dict[str, Any] | None]:
         """``user-vas`` for one request: per-head strengths and the report, or ``(None, why not)``."""
         from personalign.steering.uservas import METHOD, mixture
 
@@ -159,17 +192,29 @@ class GenerationEngine:
         if heads is None:
             if strength is not None:
                 raise ValidationError(
-                    "user_vas", "needs user-vas heads for this generator and embedder", "train them: personalign train user-vas --out DIR, then Personalizer(user_vas=DIR)", strength
+                    "user_vas",
+                    "needs user-vas heads for this generator and embedder",
+                    "train them: personalign train user-vas --out DIR, then Personalizer(user_vas=DIR)",
+                    strength,
                 )
             return None, None
         if profile is None or not profile.comparisons:
             if not strength:
                 return None, None
-            reason = "no user: the generic answer" if profile is None else "the user has no comparisons: the plain answer"
+            reason = (
+                "no user: the generic answer"
+                if profile is None
+                else "the user has no comparisons: the plain answer"
+            )
             return None, rerank_method.skipped(reason, requested=METHOD)
         state = self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())
         betas = heads.betas(state, strength)
-        report = {"method": METHOD, "strength": heads.default_beta if strength is None else strength, "weights": [round(float(w), 4) for w in mixture(state)], "heads": heads.fingerprint}
+        report = {
+            "method": METHOD,
+            "strength": heads.default_beta if strength is None else strength,
+            "weights": [round(float(w), 4) for w in mixture(state)],
+            "heads": heads.fingerprint,
+        }
         return betas, report
 
     def _vocab_size(self) -> int:
@@ -193,7 +238,12 @@ class GenerationEngine:
         vocab = self._vocab_size()
         for token in params.logit_bias or {}:
             if not 0 <= token < vocab:
-                raise ValidationError(f"logit_bias.{token}", f"is not a token id of this model (0 to {vocab - 1})", "use ids from the model's tokenizer", token)
+                raise ValidationError(
+                    f"logit_bias.{token}",
+                    f"is not a token id of this model (0 to {vocab - 1})",
+                    "use ids from the model's tokenizer",
+                    token,
+                )
         self._grammar(params.grammar)
 
     def row_decoder(self, batch: Sequence[Prepared], plan: Plan, prompt_width: int) -> RowDecoder | None:
@@ -203,17 +253,36 @@ class GenerationEngine:
             return None
         if plan.greedy:  # logit mixing: SteeringProcessor picks each group's token, with the global RNG
             for c, p in zip(controls, batch, strict=True):
-                extra = c.logit_bias or c.presence_penalty or c.frequency_penalty or c.top_logprobs is not None or c.grammar is not None
+                extra = (
+                    c.logit_bias
+                    or c.presence_penalty
+                    or c.frequency_penalty
+                    or c.top_logprobs is not None
+                    or c.grammar is not None
+                )
                 if extra:
                     fix = "steer with another method, or leave out logit_bias, penalties, logprobs and response_format"
-                    raise ValidationError("steer", f"logit-mixing steering ({p.steer_method}) cannot be combined with OpenAI's decoding controls", fix)
+                    raise ValidationError(
+                        "steer",
+                        f"logit-mixing steering ({p.steer_method}) cannot be combined with OpenAI's decoding controls",
+                        fix,
+                    )
             return None
-        return RowDecoder(controls, prompt_width, eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
+        return RowDecoder(
+            controls,
+            prompt_width,
+            eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config),
+        )
 
     def _generate_kwargs(self, batch: Sequence[Prepared], plan: Plan) -> dict[str, Any]:
         """The planned rows, the batch's decoding settings and the steering processors."""
-        first = batch[0].params.model_copy(update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)})
-        kwargs: dict[str, Any] = {"input_ids": plan.input_ids.to(self.generator.device), "attention_mask": plan.attention_mask.to(self.generator.device)}
+        first = batch[0].params.model_copy(
+            update={"max_new_tokens": max(p.params.max_new_tokens for p in batch)}
+        )
+        kwargs: dict[str, Any] = {
+            "input_ids": plan.input_ids.to(self.generator.device),
+            "attention_mask": plan.attention_mask.to(self.generator.device),
+        }
         kwargs.update(first.generate_kwargs(self.generator.tokenizer.pad_token_id))
         if plan.greedy:
             # The steering processor picks each group's token (sampling included) and forces it.
@@ -226,7 +295,9 @@ class GenerationEngine:
             # so logits processors see the prompt and the output slicing is unchanged.
             softs = [batch[i].plug for i in plan.owner]
             ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
-            kwargs["inputs_embeds"], kwargs["attention_mask"] = plug_inputs(self.generator.model, ids, mask, softs)
+            kwargs["inputs_embeds"], kwargs["attention_mask"] = plug_inputs(
+                self.generator.model, ids, mask, softs
+            )
             kwargs["input_ids"] = plug_input_ids(ids, mask, softs)
         # after the plug column, so the decoder's prompt width is what logits processors see
         decoder = self.row_decoder(batch, plan, kwargs["input_ids"].shape[1])
@@ -242,7 +313,9 @@ class GenerationEngine:
         names = self.adapters.adapter_names([p.adapter_user for p in batch])
         if any(p.fspo for p in batch):
             fspo = self.steering._adapter(FSPO_ADAPTER, self.pz.fspo_folder, "fspo")  # type: ignore[arg-type]  # loaded once
-            names = [fspo if p.fspo else (names[i] if names is not None else BASE) for i, p in enumerate(batch)]
+            names = [
+                fspo if p.fspo else (names[i] if names is not None else BASE) for i, p in enumerate(batch)
+            ]
         guides = [p.guide for p in batch]
         heads = self.pz.user_heads() if any(g is not None for g in guides) else None
         return self.steering.plan(
@@ -282,19 +355,35 @@ class GenerationEngine:
         new_tokens = new_tokens[:end]
         text = self.generator.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         cond = prepared.conditioning
-        return ChatResult(text, prepared.user, cond.memories, cond.shots, prepared.steer, cond.prompt_tokens, len(new_tokens), prepared.description, prepared.personalization)
+        return ChatResult(
+            text,
+            prepared.user,
+            cond.memories,
+            cond.shots,
+            prepared.steer,
+            cond.prompt_tokens,
+            len(new_tokens),
+            prepared.description,
+            prepared.personalization,
+        )
 
-    def _run(self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None] | None = None) -> list[ChatResult]:
+    def _run(
+        self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None] | None = None
+    ) -> list[ChatResult]:
         import torch
         from transformers import StoppingCriteriaList
 
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
-        seed = next((p.params.seed for p in batch if p.params.seed is not None), None)  # only logit mixing samples with the global RNG
+        seed = next(
+            (p.params.seed for p in batch if p.params.seed is not None), None
+        )  # only logit mixing samples with the global RNG
         try:
             with self.lock, torch.inference_mode():
                 plan = self.plan(batch)
                 kwargs = self._generate_kwargs(batch, plan)
-                decoder = next((p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None)
+                decoder = next(
+                    (p for p in kwargs.get("logits_processor", []) if isinstance(p, RowDecoder)), None
+                )
                 streamer = None
                 if streams is not None and any(s is not None for s in streams):
                     primary = set(plan.primary)
@@ -302,11 +391,18 @@ class GenerationEngine:
                     limits = [batch[i].params.max_new_tokens for i in plan.owner]
 
                     def finalize(r: int, tokens: list[int]) -> ChatResult:
-                        return _with_logprobs(self._result(batch[plan.owner[r]], tokens, stops), batch[plan.owner[r]], decoder, r)
+                        return _with_logprobs(
+                            self._result(batch[plan.owner[r]], tokens, stops),
+                            batch[plan.owner[r]],
+                            decoder,
+                            r,
+                        )
 
                     streamer = BatchStreamer(self.generator.tokenizer, row_streams, limits, stops, finalize)
                     # a cancelled request stops all of its rows
-                    kwargs["stopping_criteria"] = StoppingCriteriaList([CancelledRows([streams[i] for i in plan.owner])])
+                    kwargs["stopping_criteria"] = StoppingCriteriaList(
+                        [CancelledRows([streams[i] for i in plan.owner])]
+                    )
                 if seed is not None and decoder is None:
                     torch.manual_seed(seed)
                 try:
@@ -321,8 +417,13 @@ class GenerationEngine:
                     stream.fail(err)
             raise
         width = kwargs["input_ids"].shape[1]
-        results = [self._result(prepared, output[row, width:].tolist(), stops) for row, prepared in zip(plan.primary, batch, strict=True)]
-        results = [_with_logprobs(r, p, decoder, i) for i, (r, p) in enumerate(zip(results, batch, strict=True))]
+        results = [
+            self._result(prepared, output[row, width:].tolist(), stops)
+            for row, prepared in zip(plan.primary, batch, strict=True)
+        ]
+        results = [
+            _with_logprobs(r, p, decoder, i) for i, (r, p) in enumerate(zip(results, batch, strict=True))
+        ]
         for stream, result in zip(streams or [], results, strict=False):
             if stream is not None:
                 stream.finish(result)  # rows the streamer has not closed (a no-op for the others)
@@ -339,9 +440,18 @@ class GenerationEngine:
         owner: list[int] = []
         for index, item in enumerate(prepared):
             if item.rerank:
-                params = item.params if item.params.temperature > 0 else item.params.model_copy(update={"temperature": item.rerank_temperature})
-                seeds = [None if params.seed is None else derived_seed(params.seed, j) for j in range(item.rerank)]  # distinct candidates
-                rows += [dataclasses.replace(item, params=params.model_copy(update={"seed": seed})) for seed in seeds]
+                params = (
+                    item.params
+                    if item.params.temperature > 0
+                    else item.params.model_copy(update={"temperature": item.rerank_temperature})
+                )
+                seeds = [
+                    None if params.seed is None else derived_seed(params.seed, j) for j in range(item.rerank)
+                ]  # distinct candidates
+                rows += [
+                    dataclasses.replace(item, params=params.model_copy(update={"seed": seed}))
+                    for seed in seeds
+                ]
                 owner += [index] * item.rerank
             else:
                 rows.append(item)
@@ -352,32 +462,50 @@ class GenerationEngine:
             groups.setdefault(item.params.batch_key(), []).append(row)
         outputs: list[ChatResult | None] = [None] * len(rows)
         for group in groups.values():
-            for row, result in zip(group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True):
+            for row, result in zip(
+                group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True
+            ):
                 outputs[row] = result
         mine: dict[int, list[ChatResult]] = {}
         for row, index in enumerate(owner):
             mine.setdefault(index, []).append(outputs[row])  # type: ignore[arg-type]
-        return [self._rerank(item, mine[i], streams[i]) if item.rerank else mine[i][0] for i, item in enumerate(prepared)]
+        return [
+            self._rerank(item, mine[i], streams[i]) if item.rerank else mine[i][0]
+            for i, item in enumerate(prepared)
+        ]
 
-    def _rerank(self, item: Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None) -> ChatResult:
+    def _rerank(
+        self, item: Prepared, candidates: Sequence[ChatResult], stream: TokenStream | None
+    ) -> ChatResult:
         """The candidate the user's reward scores highest, with the scores in ``personalization``."""
         texts = [c.text for c in candidates]
         _, embedder_id = self.pz.preferences.embedder_and_id()
-        scored = [i for i, t in enumerate(texts) if t.strip()]  # an empty reply (the model ended at once) is never picked over a real one
+        scored = [
+            i for i, t in enumerate(texts) if t.strip()
+        ]  # an empty reply (the model ended at once) is never picked over a real one
         scores = [-math.inf] * len(texts)
         if scored:
-            for i, s in zip(scored, self.pz.preferences.reward(item.user, item.query or "?", [texts[i] for i in scored]), strict=True):  # type: ignore[arg-type]
+            for i, s in zip(
+                scored,
+                self.pz.preferences.reward(item.user, item.query or "?", [texts[i] for i in scored]),
+                strict=True,
+            ):  # type: ignore[arg-type]
                 scores[i] = s
         best = rerank_method.pick(scores)
         temperature = item.params.temperature if item.params.temperature > 0 else item.rerank_temperature
-        chosen = dataclasses.replace(candidates[best], personalization=rerank_method.report(len(texts), scores, best, embedder_id, temperature))
+        chosen = dataclasses.replace(
+            candidates[best],
+            personalization=rerank_method.report(len(texts), scores, best, embedder_id, temperature),
+        )
         if stream is not None:
             if chosen.text:
                 stream.put(chosen.text)
             stream.finish(chosen)
         return chosen
 
-    def prepare_completions(self, requests: Sequence[Mapping[str, Any]]) -> tuple[list[Prepared], list[TokenStream | None]]:
+    def prepare_completions(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[Prepared], list[TokenStream | None]]:
         if not requests:
             raise ValidationError("requests", "is empty", "pass at least one request")
         gen_fields = set(GenerationParams.model_fields)
@@ -385,14 +513,26 @@ class GenerationEngine:
         for index, request in enumerate(requests):
             prompt = request.get("prompt") if isinstance(request, Mapping) else None
             if not isinstance(prompt, str) or not prompt:
-                raise ValidationError(f"prompt[{index}]", "must be non-empty text", "send the text to continue", prompt)
+                raise ValidationError(
+                    f"prompt[{index}]", "must be non-empty text", "send the text to continue", prompt
+                )
             unknown = set(request) - gen_fields - {"prompt", "stream"}
             if unknown:
-                raise ValidationError(sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}")
+                raise ValidationError(
+                    sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}"
+                )
             stream = request.get("stream")
             if stream is not None and not isinstance(stream, TokenStream):
-                raise ValidationError(f"requests[{index}].stream", "is not a TokenStream", "pass personalign.streaming.TokenStream() or leave it out")
-            params = validated(GenerationParams, {k: v for k, v in request.items() if k not in ("prompt", "stream")}, "generation")
+                raise ValidationError(
+                    f"requests[{index}].stream",
+                    "is not a TokenStream",
+                    "pass personalign.streaming.TokenStream() or leave it out",
+                )
+            params = validated(
+                GenerationParams,
+                {k: v for k, v in request.items() if k not in ("prompt", "stream")},
+                "generation",
+            )
             self._check_decoding(params)
             ids = self.generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]
             if len(ids) + params.max_new_tokens > self.generator.context_length:

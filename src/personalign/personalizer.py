@@ -1,10 +1,10 @@
 """The facade chat apps use: enroll users, remember facts, chat with personalisation, forget.
 
-    pz = Personalizer.load()                           # embedded models, store in ./.personalign
-    pz.enroll("alice", [Comparison(prompt=..., chosen=..., rejected=...)])
-    pz.remember("alice", "I am vegetarian and I cook for two.")
-    pz.chat("alice", [{"role": "user", "content": "Plan my dinner."}])
-    pz.forget("alice")
+pz = Personalizer.load()                           # embedded models, store in ./.personalign
+pz.enroll("alice", [Comparison(prompt=..., chosen=..., rejected=...)])
+pz.remember("alice", "I am vegetarian and I cook for two.")
+pz.chat("alice", [{"role": "user", "content": "Plan my dinner."}])
+pz.forget("alice")
 """
 
 from __future__ import annotations
@@ -66,28 +66,12 @@ from personalign.types import (
 DEFAULT_STORE = ".personalign"
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What the profile records about the user's adapter (the full record sits beside the adapter)."""
     summary = {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"]}
     if "bank" in meta:
         return {**summary, "kind": "bank", "bases": meta["bank"]["bases"], "weights": meta["bank"]["weights"]}
     return {**summary, "kind": "lora", "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
-
-
 
 
 class Personalizer:
@@ -177,7 +161,9 @@ class Personalizer:
             attn_implementation=attn_implementation, revision=revision, **hub,
         )  # fmt: skip
         enc = load_encoder(encoder, device=device, **hub)
-        return cls(generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas)
+        return cls(
+            generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas
+        )
 
     def user_heads(self) -> Any:
         """The user-conditioned value heads (``user-vas``) for this generator and embedder, or ``None``.
@@ -191,7 +177,11 @@ class Personalizer:
             embedder, _ = self.preferences.usable_embedder()
             if self._user_vas_spec is not None:
                 self._user_heads = UserHeads.load(self._user_vas_spec, self.generator, embedder)
-            elif embedder is not None and getattr(embedder, "name", None) == "pal" and default_heads_dir().is_dir():
+            elif (
+                embedder is not None
+                and getattr(embedder, "name", None) == "pal"
+                and default_heads_dir().is_dir()
+            ):
                 try:
                     self._user_heads = UserHeads.load(default_heads_dir(), self.generator, embedder)
                 except UserHeadsError:
@@ -202,10 +192,18 @@ class Personalizer:
 
     def _load_plug(self, folder: str | Path | None) -> PersonaPlug | None:
         """The Persona-Plug projector to use, or ``None`` when there is none for this generator."""
-        dims = (self.generator.model_id, self.encoder.name, input_embedding_dim(self.generator), self.encoder.dim)
+        dims = (
+            self.generator.model_id,
+            self.encoder.name,
+            input_embedding_dim(self.generator),
+            self.encoder.dim,
+        )
         if folder is None:
             default = pplug_dir()
-            if not (default / PLUG_CONFIG).is_file() or read_plug_config(default).get("config", {}).get("base_model") != self.generator.model_id:
+            if (
+                not (default / PLUG_CONFIG).is_file()
+                or read_plug_config(default).get("config", {}).get("base_model") != self.generator.model_id
+            ):
                 return None
             folder = default
         return load_plug(folder, *dims, device=self.generator.device)
@@ -224,7 +222,9 @@ class Personalizer:
             return default if fspo_adapter_meta(default, self.generator.model_id) is not None else None
         folder = Path(folder)
         if not (folder / FSPO_CONFIG).is_file():
-            raise AdapterError(f"fspo: {folder} has no {FSPO_CONFIG}. Fix: pass the --out folder of `personalign train fspo`")
+            raise AdapterError(
+                f"fspo: {folder} has no {FSPO_CONFIG}. Fix: pass the --out folder of `personalign train fspo`"
+            )
         if fspo_adapter_meta(folder, self.generator.model_id) is None:
             trained = json.loads((folder / FSPO_CONFIG).read_text()).get("base_model")
             raise AdapterError(
@@ -263,7 +263,11 @@ class Personalizer:
         gradient step on the generator) and the exact weighted sum of the basis deltas becomes
         the user's adapter.
         """
-        config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
+        config = (
+            adapter_config
+            if isinstance(adapter_config, LoraTrainConfig)
+            else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
+        )
         validate_user_id(user)
         if isinstance(comparisons, Comparison | dict):
             comparisons = [comparisons]
@@ -298,7 +302,11 @@ class Personalizer:
             profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
             if embedder is not None:
                 unchanged = (profile.version, len(profile.comparisons) - len(stamped)) == base
-                fresh = state if unchanged and state is not None else self.preferences.infer(embedder, profile.comparisons)
+                fresh = (
+                    state
+                    if unchanged and state is not None
+                    else self.preferences.infer(embedder, profile.comparisons)
+                )
                 profile.settings[STATE_KEY] = {"embedder": embedder_id, **fresh.to_dict()}
             if summary is not None:
                 profile.settings["adapter"] = summary
@@ -306,7 +314,12 @@ class Personalizer:
 
         return self.profiles.update(user, add)
 
-    def edit_comparisons(self, user: str, remove: Sequence[int] = (), replace: Mapping[int, Comparison | dict[str, Any]] | None = None) -> UserProfile:
+    def edit_comparisons(
+        self,
+        user: str,
+        remove: Sequence[int] = (),
+        replace: Mapping[int, Comparison | dict[str, Any]] | None = None,
+    ) -> UserProfile:
         """Remove and/or replace some of ``user``'s stored comparisons (by index, as in
         ``profile(user).comparisons``); the inferred steering and preference state are recomputed
         in the same atomic write, so they never describe comparisons the user has taken back.
@@ -315,12 +328,22 @@ class Personalizer:
         adapter is not retrained (call :meth:`train_adapter`).
         """
         replace = dict(replace or {})
-        fresh = dict(zip(replace, parse_comparisons(list(replace.values()), "replace"), strict=True)) if replace else {}
+        fresh = (
+            dict(zip(replace, parse_comparisons(list(replace.values()), "replace"), strict=True))
+            if replace
+            else {}
+        )
         removed = set(remove)
         if not removed and not fresh:
-            raise ValidationError("remove", "and replace are both empty", "name at least one comparison index")
+            raise ValidationError(
+                "remove", "and replace are both empty", "name at least one comparison index"
+            )
         if removed & set(fresh):
-            raise ValidationError("replace", f"indices {sorted(removed & set(fresh))} are also removed", "remove or replace an index, not both")
+            raise ValidationError(
+                "replace",
+                f"indices {sorted(removed & set(fresh))} are also removed",
+                "remove or replace an index, not both",
+            )
         embedder, embedder_id = self.preferences.usable_embedder()
         now = time.time()
 
@@ -329,13 +352,25 @@ class Personalizer:
             for index in sorted(removed | set(fresh)):
                 if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
                     field = "remove" if index in removed else "replace"
-                    raise ValidationError(field, f"index {index!r} is not a comparison of {user!r}", f"use indices 0..{n - 1}", index)
-            kept = [fresh[i].stamped(now) if i in fresh else c for i, c in enumerate(profile.comparisons) if i not in removed]
+                    raise ValidationError(
+                        field,
+                        f"index {index!r} is not a comparison of {user!r}",
+                        f"use indices 0..{n - 1}",
+                        index,
+                    )
+            kept = [
+                fresh[i].stamped(now) if i in fresh else c
+                for i, c in enumerate(profile.comparisons)
+                if i not in removed
+            ]
             profile.comparisons = kept
             profile.settings["inferred_steer"] = infer_weights(kept)
             if embedder is not None:
                 if kept:
-                    profile.settings[STATE_KEY] = {"embedder": embedder_id, **self.preferences.infer(embedder, kept).to_dict()}
+                    profile.settings[STATE_KEY] = {
+                        "embedder": embedder_id,
+                        **self.preferences.infer(embedder, kept).to_dict(),
+                    }
                 else:
                     profile.settings.pop(STATE_KEY, None)
             return profile
@@ -343,19 +378,36 @@ class Personalizer:
         return self.profiles.update(user, edit, create=False)
 
     def train_adapter(
-        self, user: str, adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None, bank: LoraBank | None = None, extra: Sequence[Comparison] = ()
+        self,
+        user: str,
+        adapter_config: LoraTrainConfig | Mapping[str, Any] | None = None,
+        bank: LoraBank | None = None,
+        extra: Sequence[Comparison] = (),
     ) -> UserProfile:
         """(Re)train ``user``'s LoRA adapter on all their stored comparisons (with ``bank``: refit their weights over its bases).
 
         ``extra``: more comparisons to train on that are not stored in the profile, e.g.
         :meth:`amplified_comparisons` (the user's inferred reward labelling the generator's answers).
         """
-        config = adapter_config if isinstance(adapter_config, LoraTrainConfig) else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        comparisons = [*self.profiles.get(user).comparisons, *(parse_comparisons(extra, "extra") if extra else [])]
+        config = (
+            adapter_config
+            if isinstance(adapter_config, LoraTrainConfig)
+            else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
+        )
+        comparisons = [
+            *self.profiles.get(user).comparisons,
+            *(parse_comparisons(extra, "extra") if extra else []),
+        ]
         if not comparisons:
-            raise ValidationError("comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter")
+            raise ValidationError(
+                "comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter"
+            )
         with self._generate_lock:
-            meta = self.adapters.install_bank(user, bank, comparisons) if bank is not None else self.adapters.train(user, comparisons, config)
+            meta = (
+                self.adapters.install_bank(user, bank, comparisons)
+                if bank is not None
+                else self.adapters.train(user, comparisons, config)
+            )
 
         def note(profile: UserProfile) -> UserProfile:
             profile.settings["adapter"] = _adapter_summary(meta)
@@ -367,7 +419,12 @@ class Personalizer:
         """The PEFT folder of ``user``'s LoRA adapter (loadable by ``AutoPeftModelForCausalLM``, importable
         by :meth:`import_adapter` for another user); ``ValidationError`` when they have none."""
         if not self.adapters.has_adapter(user):
-            raise ValidationError("user", f"{user!r} has no adapter", "train one: train_adapter(user) or enroll(..., adapter=True)", user)
+            raise ValidationError(
+                "user",
+                f"{user!r} has no adapter",
+                "train one: train_adapter(user) or enroll(..., adapter=True)",
+                user,
+            )
         return self.adapters.path(user)
 
     def adapter_metadata(self, user: str) -> dict[str, Any]:
@@ -376,13 +433,20 @@ class Personalizer:
         self.adapter_folder(user)  # the typed error when there is none
         return self.adapters.metadata(user)
 
-    def amplified_comparisons(self, user: str, answers: Mapping[str, Sequence[str]], config: AmplifyConfig | Mapping[str, Any] | None = None) -> list[Comparison]:
+    def amplified_comparisons(
+        self,
+        user: str,
+        answers: Mapping[str, Sequence[str]],
+        config: AmplifyConfig | Mapping[str, Any] | None = None,
+    ) -> list[Comparison]:
         """Pairs of the generator's own ``answers`` (per prompt) labelled by ``user``'s inferred reward,
         the clearest first (:func:`~personalign.adapters.amplify.amplify`): training data for
         ``train_adapter(user, extra=...)``. Nothing is stored."""
         from personalign.adapters.amplify import amplify
 
-        config = config if isinstance(config, AmplifyConfig) else validated(AmplifyConfig, config or {}, "config")
+        config = (
+            config if isinstance(config, AmplifyConfig) else validated(AmplifyConfig, config or {}, "config")
+        )
         rewards = {prompt: self.reward(user, prompt, list(texts)) for prompt, texts in answers.items()}
         return amplify(answers, rewards, config)
 
@@ -397,7 +461,12 @@ class Personalizer:
             meta = self.adapters.install(user, folder, profile.comparisons)
 
         def note(p: UserProfile) -> UserProfile:
-            p.settings["adapter"] = {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"], "kind": "imported"}
+            p.settings["adapter"] = {
+                "trained_at": meta["trained_at"],
+                "pairs": meta["pairs"],
+                "data_hash": meta["data_hash"],
+                "kind": "imported",
+            }
             return p
 
         return self.profiles.update(user, note, create=False)
@@ -476,7 +545,9 @@ class Personalizer:
         """Probability that ``user`` prefers response ``a`` over ``b`` for ``prompt``."""
         return self.preferences.predict(user, prompt, a, b)
 
-    def next_question(self, user: str, candidates: Sequence[Any], top_k: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def next_question(
+        self, user: str, candidates: Sequence[Any], top_k: int | None = None, seed: int = 0
+    ) -> list[dict[str, Any]]:
         """Rank candidate comparisons by how much ``user``'s answer would teach about them.
 
         ``candidates``: ``{"prompt", "a", "b"}`` mappings or ``(prompt, a, b)`` tuples. Returns
@@ -507,22 +578,43 @@ class Personalizer:
         """
         return self.store.remember(user, text, metadata, key=key, on_conflict=on_conflict, source=source)
 
-    def memories(self, user: str, filters: Mapping[str, Any] | None = None, status: str = "active", limit: int | None = None) -> dict[str, Any]:
+    def memories(
+        self,
+        user: str,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
+        limit: int | None = None,
+    ) -> dict[str, Any]:
         """The user's memories, oldest first: active ones (``status="superseded"`` or ``"all"`` for
         the others), narrowed by metadata ``filters`` (see :mod:`personalign.memory.filters`)."""
         return self.store.memories.list(user, filters=filters, status=status, limit=limit)
 
     def search_memories(
-        self, user: str, query: str, top_k: int = 5, threshold: float | None = None, filters: Mapping[str, Any] | None = None, status: str = "active"
+        self,
+        user: str,
+        query: str,
+        top_k: int = 5,
+        threshold: float | None = None,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
     ) -> dict[str, Any]:
         """The user's memories closest in meaning to ``query``, best first (active ones by default)."""
-        return self.store.memories.search(user, query, top_k=top_k, threshold=threshold, filters=filters, status=status)
+        return self.store.memories.search(
+            user, query, top_k=top_k, threshold=threshold, filters=filters, status=status
+        )
 
     def get_memory(self, user: str, memory_id: str) -> dict[str, Any]:
         """One memory of ``user`` by id, any status (``UnknownMemoryError``, a ``KeyError``, if they have none)."""
         return self.store.memories.get(user, memory_id)
 
-    def update_memory(self, user: str, memory_id: str, text: str, metadata: Mapping[str, Any] | None = None, source: str = "python") -> dict[str, Any]:
+    def update_memory(
+        self,
+        user: str,
+        memory_id: str,
+        text: str,
+        metadata: Mapping[str, Any] | None = None,
+        source: str = "python",
+    ) -> dict[str, Any]:
         """Replace a memory's text (and metadata, when given), keeping its id and key; the previous
         text stays in :meth:`memory_history`. ``UnknownMemoryError`` for an id ``user`` does not have."""
         return self.store.memories.update(user, memory_id, text, metadata=metadata, source=source)
@@ -570,14 +662,20 @@ class Personalizer:
             # The search reads at most a memory's length of the message; an empty message retrieves nothing.
             search = query[:MAX_MEMORY_CHARS]
             if conditioning.memory and conditioning.n_memories and search.strip():
-                found = self.memory.search(user, search, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold)
+                found = self.memory.search(
+                    user, search, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold
+                )
                 memories = [r["memory"] for r in found["results"]]
             if conditioning.shots and conditioning.n_shots:
                 shots = rank_shots(profile.comparisons, query, self.encoder, conditioning.n_shots)
         tokenizer = self.generator.tokenizer
-        return fit_to_context(tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens)
+        return fit_to_context(
+            tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens
+        )
 
-    def describe(self, user: str, n_shots: int = 4, profile: UserProfile | None = None, max_new_tokens: int = 48) -> str:
+    def describe(
+        self, user: str, n_shots: int = 4, profile: UserProfile | None = None, max_new_tokens: int = 48
+    ) -> str:
         """A one-line description of what ``user`` prefers, written by the generator from their
         ``n_shots`` most recent comparisons (FSPO's user-description step; greedy).
 
@@ -595,23 +693,18 @@ class Personalizer:
             shots = shots[1:]
             conversation = describe_conversation(shots)
             tokens = count_prompt_tokens(self.generator.tokenizer, conversation)
-        text = first_sentence(self.respond(None, conversation, max_new_tokens=max_new_tokens, temperature=0.0).text)
+        text = first_sentence(
+            self.respond(None, conversation, max_new_tokens=max_new_tokens, temperature=0.0).text
+        )
         self._descriptions[user] = (key, text)
         return text
 
-
-
-
-
-
-
-
-
-
-
-
     def respond(
-        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, Any] | Steering | None = None, **options: Any
+        self,
+        user: str | None,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        steer: Mapping[str, Any] | Steering | None = None,
+        **options: Any,
     ) -> ChatResult:
         """Generate a reply for ``user`` (``None``: generic) with what conditioned it.
 
@@ -639,16 +732,25 @@ class Personalizer:
         prepared, streams = [], []
         for index, request in enumerate(requests):
             if not isinstance(request, Mapping) or "messages" not in request:
-                raise ValidationError(f"requests[{index}]", "must be a mapping with 'messages'", "pass {'user': ..., 'messages': [...]}", request)
+                raise ValidationError(
+                    f"requests[{index}]",
+                    "must be a mapping with 'messages'",
+                    "pass {'user': ..., 'messages': [...]}",
+                    request,
+                )
             stream = request.get("stream")
             if stream is not None and not isinstance(stream, TokenStream):
-                raise ValidationError(f"requests[{index}].stream", "is not a TokenStream", "pass personalign.streaming.TokenStream() or leave it out")
+                raise ValidationError(
+                    f"requests[{index}].stream",
+                    "is not a TokenStream",
+                    "pass personalign.streaming.TokenStream() or leave it out",
+                )
             options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer", "stream")}
-            prepared.append(self.engine.prepare(request.get("user"), request["messages"], request.get("steer"), options))
+            prepared.append(
+                self.engine.prepare(request.get("user"), request["messages"], request.get("steer"), options)
+            )
             streams.append(stream)
         return self.engine.run(prepared, streams)
-
-
 
     def complete_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ChatResult]:
         """Raw-text continuations (OpenAI's legacy completions): no chat template, user, memories or steering.
@@ -663,7 +765,6 @@ class Personalizer:
     def check_completions(self, requests: Sequence[Mapping[str, Any]]) -> None:
         """Raise what :meth:`complete_batch` would reject these requests with, generating nothing."""
         self.engine.prepare_completions(requests)
-
 
     def chat_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[str]:
         """The reply texts for several requests generated together (see :meth:`respond_batch`)."""
@@ -683,7 +784,11 @@ class Personalizer:
         return self.respond(user, messages, steer=steer, **options).text
 
     def stream(
-        self, user: str | None, messages: Sequence[ChatMessage | dict[str, Any]], steer: Mapping[str, Any] | Steering | None = None, **options: Any
+        self,
+        user: str | None,
+        messages: Sequence[ChatMessage | dict[str, Any]],
+        steer: Mapping[str, Any] | Steering | None = None,
+        **options: Any,
     ) -> Iterator[str]:
         """An iterator over the reply as it is generated (same tokens as :meth:`respond`).
 
@@ -695,4 +800,3 @@ class Personalizer:
         worker = threading.Thread(target=self.engine.run_quietly, args=([prepared], [stream]), daemon=True)
         worker.start()
         return _consume(stream, worker)
-

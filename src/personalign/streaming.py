@@ -90,7 +90,14 @@ class BatchStreamer:
     ``finalize(i, tokens)`` builds row i's result from its new tokens (EOS included).
     """
 
-    def __init__(self, tokenizer: Any, streams: Sequence[TokenStream | None], limits: Sequence[int], stops: set[int], finalize: Callable[[int, list[int]], Any]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        streams: Sequence[TokenStream | None],
+        limits: Sequence[int],
+        stops: set[int],
+        finalize: Callable[[int, list[int]], Any],
+    ) -> None:
         self.tokenizer = tokenizer
         self.streams = list(streams)
         self.limits = list(limits)

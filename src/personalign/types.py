@@ -48,7 +48,9 @@ def validate_user_id(user_id: Any, field: str = "user") -> str:
         raise ValidationError(field, "must be a string", fix, user_id)
     if not user_id or len(user_id) > USER_ID_MAX_LEN:
         raise ValidationError(field, f"must be 1-{USER_ID_MAX_LEN} characters long", fix, user_id)
-    if not _USER_ID_RE.fullmatch(user_id) or ".." in user_id:  # fullmatch: "$" would accept a trailing newline
+    if (
+        not _USER_ID_RE.fullmatch(user_id) or ".." in user_id
+    ):  # fullmatch: "$" would accept a trailing newline
         raise ValidationError(field, "contains characters that are not allowed", fix, user_id)
     return user_id
 
@@ -224,7 +226,10 @@ def parse_comparisons(
             continue
         if not isinstance(item, Mapping):
             raise ValidationError(
-                f"{field}[{index}]", "must be a Comparison or a dict", "pass Comparison(prompt=..., chosen=..., rejected=...)", item
+                f"{field}[{index}]",
+                "must be a Comparison or a dict",
+                "pass Comparison(prompt=..., chosen=..., rejected=...)",
+                item,
             )
         parsed.append(comparison_from_row(item, f"{field}[{index}]", extra))
     if not parsed:
@@ -232,7 +237,9 @@ def parse_comparisons(
     return parsed
 
 
-def parse_messages(items: Iterable[ChatMessage | dict[str, Any]], field: str = "messages") -> list[ChatMessage]:
+def parse_messages(
+    items: Iterable[ChatMessage | dict[str, Any]], field: str = "messages"
+) -> list[ChatMessage]:
     """Validate a chat conversation: non-empty, roles known, ending with a user turn."""
     messages: list[ChatMessage] = []
     for index, item in enumerate(items):
@@ -244,17 +251,24 @@ def parse_messages(items: Iterable[ChatMessage | dict[str, Any]], field: str = "
         except pydantic.ValidationError as err:
             raise convert_pydantic_error(f"{field}[{index}]", err) from None
     if not messages:
-        raise ValidationError(field, "is empty", 'pass at least one message, e.g. [{"role": "user", "content": "..."}]')
+        raise ValidationError(
+            field, "is empty", 'pass at least one message, e.g. [{"role": "user", "content": "..."}]'
+        )
     if messages[-1].role != "user":
         raise ValidationError(
-            f"{field}[{len(messages) - 1}].role", "the last message must be from the user", "end with a user turn", messages[-1].role
+            f"{field}[{len(messages) - 1}].role",
+            "the last message must be from the user",
+            "end with a user turn",
+            messages[-1].role,
         )
     return messages
 
 
 # --- TRL's preference layouts --------------------------------------------------------------
 
-_ONE_RESPONSE_FIX = "keep one assistant message in each of chosen and rejected; earlier turns belong in the prompt"
+_ONE_RESPONSE_FIX = (
+    "keep one assistant message in each of chosen and rejected; earlier turns belong in the prompt"
+)
 
 
 def _as_messages(value: Any) -> list[dict[str, Any]] | None:
@@ -273,7 +287,9 @@ def _one_response(value: Any, field: str) -> Any:
         return value
     messages = _as_messages(value)
     if messages is None or len(messages) != 1 or messages[0].get("role") != "assistant":
-        raise ValidationError(field, "conversational responses must be one assistant message", _ONE_RESPONSE_FIX, value)
+        raise ValidationError(
+            field, "conversational responses must be one assistant message", _ONE_RESPONSE_FIX, value
+        )
     return messages[0].get("content")
 
 
@@ -321,8 +337,10 @@ def _explicit(row: dict[str, Any], where: str) -> dict[str, Any]:
             asked = next((m.get("content") for m in reversed(shared) if m.get("role") == "user"), None)
             if isinstance(prompt, str) and not (isinstance(asked, str) and prompt.strip() == asked.strip()):
                 raise ValidationError(
-                    f"{where}.prompt", "differs from the prompt turns that chosen and rejected share",
-                    "drop the prompt column, or make it the conversation's last user turn", prompt,
+                    f"{where}.prompt",
+                    "differs from the prompt turns that chosen and rejected share",
+                    "drop the prompt column, or make it the conversation's last user turn",
+                    prompt,
                 )
             row["prompt"] = shared
         row["chosen"] = _one_response(chosen_turns[n:], f"{where}.chosen")
@@ -332,7 +350,8 @@ def _explicit(row: dict[str, Any], where: str) -> dict[str, Any]:
         prompt, row["chosen"], row["rejected"] = split_implicit_text(chosen, rejected)
         if not prompt.strip():
             raise ValidationError(
-                f"{where}.prompt", "is missing, and chosen and rejected share no leading text to take it from",
+                f"{where}.prompt",
+                "is missing, and chosen and rejected share no leading text to take it from",
                 "add a prompt column (TRL's explicit layout)",
             )
         row["prompt"] = prompt
@@ -343,7 +362,9 @@ def _explicit(row: dict[str, Any], where: str) -> dict[str, Any]:
     return row
 
 
-def comparison_from_row(row: Mapping[str, Any], where: str = "row", extra: ExtraColumns = "error") -> Comparison:
+def comparison_from_row(
+    row: Mapping[str, Any], where: str = "row", extra: ExtraColumns = "error"
+) -> Comparison:
     """One :class:`Comparison` from a preference row in any of TRL's layouts; errors name ``where``.
 
     Layouts read (TRL's "preference" dataset type):
@@ -365,10 +386,17 @@ def comparison_from_row(row: Mapping[str, Any], where: str = "row", extra: Extra
     elif extra == "metadata" and extras:
         base = row.get("metadata")
         if base is not None and not isinstance(base, Mapping):
-            raise ValidationError(f"{where}.metadata", "must be an object", "use a JSON object of extra values", base)
+            raise ValidationError(
+                f"{where}.metadata", "must be an object", "use a JSON object of extra values", base
+            )
         clash = sorted(set(base or {}) & set(extras))
         if clash:
-            raise ValidationError(f"{where}.metadata", f"repeats the columns {clash}", "keep each extra value in one place", clash)
+            raise ValidationError(
+                f"{where}.metadata",
+                f"repeats the columns {clash}",
+                "keep each extra value in one place",
+                clash,
+            )
         row["metadata"] = {**(base or {}), **extras}
     elif extra not in ("metadata", "ignore"):
         raise ValidationError("extra", "is not a known policy", "use 'error', 'metadata' or 'ignore'", extra)
@@ -410,7 +438,9 @@ def _row_user(row: dict[str, Any], where: str) -> str | None:
 # --- JSONL files and datasets ----------------------------------------------------------------
 
 
-def read_preferences(path: str | Path, extra: ExtraColumns = "metadata") -> list[tuple[str | None, Comparison]]:
+def read_preferences(
+    path: str | Path, extra: ExtraColumns = "metadata"
+) -> list[tuple[str | None, Comparison]]:
     """Read a JSONL file of preference rows (any TRL layout) with an optional ``user`` column.
 
     Returns ``(user, comparison)`` pairs; ``user`` is ``None`` where the column is absent.
@@ -421,7 +451,12 @@ def read_preferences(path: str | Path, extra: ExtraColumns = "metadata") -> list
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise ValidationError("data", f"{str(path)!r} {what}", "give the path of a JSONL file of comparisons (prompt, chosen, rejected, optional user)", str(path))
+        raise ValidationError(
+            "data",
+            f"{str(path)!r} {what}",
+            "give the path of a JSONL file of comparisons (prompt, chosen, rejected, optional user)",
+            str(path),
+        )
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -430,7 +465,9 @@ def read_preferences(path: str | Path, extra: ExtraColumns = "metadata") -> list
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValidationError(where, f"is not valid JSON ({err.msg})", "write one JSON object per line") from None
+                raise ValidationError(
+                    where, f"is not valid JSON ({err.msg})", "write one JSON object per line"
+                ) from None
             if not isinstance(row, dict):
                 raise ValidationError(where, "is not a JSON object", "write one JSON object per line", row)
             user = _row_user(row, where)
@@ -457,12 +494,16 @@ def to_dataset(rows: Iterable[tuple[str | None, Comparison]]) -> Any:
     try:
         from datasets import Dataset
     except ImportError:
-        raise ImportError("to_dataset needs the datasets package. Fix: pip install 'personalign[datasets]'") from None
+        raise ImportError(
+            "to_dataset needs the datasets package. Fix: pip install 'personalign[datasets]'"
+        ) from None
     records = [preference_record(user, comparison) for user, comparison in rows]
     kinds = {isinstance(r["prompt"], str) for r in records}
     if len(kinds) > 1:
         raise ValidationError(
-            "rows", "mix text and conversational prompts", "make one dataset per layout, or give the text prompts as [{'role': 'user', 'content': ...}]"
+            "rows",
+            "mix text and conversational prompts",
+            "make one dataset per layout, or give the text prompts as [{'role': 'user', 'content': ...}]",
         )
     columns = list(dict.fromkeys(key for record in records for key in record))
     return Dataset.from_list([{key: record.get(key) for key in columns} for record in records])
@@ -474,7 +515,9 @@ def _drop_null_keys(value: Any) -> Any:
     return value
 
 
-def from_dataset(dataset: Iterable[Mapping[str, Any]], extra: ExtraColumns = "metadata") -> list[tuple[str | None, Comparison]]:
+def from_dataset(
+    dataset: Iterable[Mapping[str, Any]], extra: ExtraColumns = "metadata"
+) -> list[tuple[str | None, Comparison]]:
     """``(user, comparison)`` pairs from a ``datasets.Dataset`` (or any rows) in any TRL preference layout.
 
     Null values count as absent: a dataset fills the columns a row lacks with nulls, and the keys
@@ -486,7 +529,11 @@ def from_dataset(dataset: Iterable[Mapping[str, Any]], extra: ExtraColumns = "me
         where = f"dataset[{index}]"
         if not isinstance(item, Mapping):
             raise ValidationError(where, "is not a row of columns", "pass a datasets.Dataset or dicts", item)
-        row = {key: _drop_null_keys(value) if key in ("prompt", "chosen", "rejected") else value for key, value in item.items() if value is not None}
+        row = {
+            key: _drop_null_keys(value) if key in ("prompt", "chosen", "rejected") else value
+            for key, value in item.items()
+            if value is not None
+        }
         user = _row_user(row, where)
         pairs.append((user, comparison_from_row(row, where, extra)))
     return pairs

@@ -82,5 +82,3 @@ def test_empty_comparisons_raise(name, fitted):
     with pytest.raises(ValidationError) as err:
         fitted[name].infer([])
     assert err.value.field == "comparisons" and err.value.fix
-
-

@@ -45,4 +45,8 @@ def test_a_registered_method_keeps_the_contract(name):
 
 def test_aliases_name_one_method_each_and_are_not_method_names():
     assert set(ALIASES.values()) <= set(REGISTRY) and not set(ALIASES) & set(METHODS)
-    assert parse_steering({"weights": {"verbosity": 1.0}, "method": "modpo"}).method == canonical("modpo") == "mix"
+    assert (
+        parse_steering({"weights": {"verbosity": 1.0}, "method": "modpo"}).method
+        == canonical("modpo")
+        == "mix"
+    )

@@ -28,10 +28,23 @@ def main(model: str, samples: str, out: str) -> None:
     torch.manual_seed(0)
     generator = load_generator(model, device="cpu")
     root = Path(out)
-    report = train_modpo_recipe(generator, root / "steering", ["verbosity", "reading_level"], load_samples(samples), epochs=2, max_pairs=9, min_gap=0.0, progress=False)
+    report = train_modpo_recipe(
+        generator,
+        root / "steering",
+        ["verbosity", "reading_level"],
+        load_samples(samples),
+        epochs=2,
+        max_pairs=9,
+        min_gap=0.0,
+        progress=False,
+    )
     trained = {n: p.detach().contiguous() for n, p in generator.model.named_parameters() if "lora_" in n}
     save_file(trained, str(root / f"rank{state.process_index}.safetensors"))
-    summary = {"processes": state.num_processes, "loss": {k: v["epoch_loss"] for k, v in report.items()}, "pairs": {k: v["pairs"] for k, v in report.items()}}
+    summary = {
+        "processes": state.num_processes,
+        "loss": {k: v["epoch_loss"] for k, v in report.items()},
+        "pairs": {k: v["pairs"] for k, v in report.items()},
+    }
     (root / f"rank{state.process_index}.json").write_text(json.dumps(summary))
 
 

@@ -30,7 +30,14 @@ def run(epochs: int, folder: Path) -> tuple[torch.Tensor, object]:
         return (COUNT[idx, None] * (ITEMS[idx] - w) ** 2).sum() / COUNT[idx].sum()
 
     config = LoopConfig(epochs=epochs, batch_size=3, learning_rate=0.1, checkpoint_dir=str(folder))
-    report = train_loop({"w": w}, 7, batch_loss, config, fingerprint={"toy": 7}, batch_weight=lambda idx: float(COUNT[idx].sum()))
+    report = train_loop(
+        {"w": w},
+        7,
+        batch_loss,
+        config,
+        fingerprint={"toy": 7},
+        batch_weight=lambda idx: float(COUNT[idx].sum()),
+    )
     return w.detach(), report
 
 
@@ -39,7 +46,12 @@ def main(out: str) -> None:
     root = Path(out)
     run(2, root / "ckpt")
     w, report = run(4, root / "ckpt")
-    result = {"processes": state.num_processes, "w": w.tolist(), "loss": {"epochs": report.epoch_loss}, "resumed_from": report.resumed_from}
+    result = {
+        "processes": state.num_processes,
+        "w": w.tolist(),
+        "loss": {"epochs": report.epoch_loss},
+        "resumed_from": report.resumed_from,
+    }
     (root / f"rank{state.process_index}.json").write_text(json.dumps(result))
 
 

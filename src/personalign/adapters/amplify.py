@@ -35,7 +35,11 @@ class AmplifyConfig(BaseModel):
     per_prompt: int = Field(default=4, ge=1, description="most pairs from one prompt")
 
 
-def amplify(answers: Mapping[str, Sequence[str]], rewards: Mapping[str, Sequence[float]], config: AmplifyConfig | None = None) -> list[Comparison]:
+def amplify(
+    answers: Mapping[str, Sequence[str]],
+    rewards: Mapping[str, Sequence[float]],
+    config: AmplifyConfig | None = None,
+) -> list[Comparison]:
     """Comparisons between answers to the same prompt, the higher-reward answer chosen.
 
     ``answers[prompt]``: the generator's answers; ``rewards[prompt]``: the user's reward of each.
@@ -44,11 +48,17 @@ def amplify(answers: Mapping[str, Sequence[str]], rewards: Mapping[str, Sequence
     Identical answers and pairs under ``min_margin`` are never taken.
     """
     config = config or AmplifyConfig()
-    ranked: list[list[tuple[float, str, str, str]]] = []  # per prompt: (margin, prompt, chosen, rejected), best first
+    ranked: list[
+        list[tuple[float, str, str, str]]
+    ] = []  # per prompt: (margin, prompt, chosen, rejected), best first
     for prompt, texts in answers.items():
         scores = np.asarray(rewards.get(prompt, ()), dtype=np.float64)
         if scores.shape != (len(texts),):
-            raise ValidationError(f"rewards[{prompt!r}]", f"has {scores.size} scores for {len(texts)} answers", "score every answer once")
+            raise ValidationError(
+                f"rewards[{prompt!r}]",
+                f"has {scores.size} scores for {len(texts)} answers",
+                "score every answer once",
+            )
         if not np.all(np.isfinite(scores)):
             raise ValidationError(f"rewards[{prompt!r}]", "holds NaN or infinity", "check the user's state")
         pairs = []

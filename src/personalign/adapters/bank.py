@@ -74,15 +74,26 @@ class Basis:
             config = json.loads((folder / "adapter_config.json").read_text())
             tensors = load_file(str(folder / "adapter_model.safetensors"))
         except Exception as err:  # missing, truncated or corrupt files
-            raise AdapterError(f"basis adapter at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain the bank") from None
-        if config.get("use_dora") or config.get("modules_to_save") or config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise AdapterError(f"basis adapter at {folder} is not a plain LoRA (DoRA, patterns or modules_to_save). Fix: train plain LoRA bases")
+            raise AdapterError(
+                f"basis adapter at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain the bank"
+            ) from None
+        if (
+            config.get("use_dora")
+            or config.get("modules_to_save")
+            or config.get("rank_pattern")
+            or config.get("alpha_pattern")
+        ):
+            raise AdapterError(
+                f"basis adapter at {folder} is not a plain LoRA (DoRA, patterns or modules_to_save). Fix: train plain LoRA bases"
+            )
         rank = int(config["r"])
         scaling = float(config["lora_alpha"]) / (math.sqrt(rank) if config.get("use_rslora") else rank)
         a = {k[len(_PREFIX) : -len(_A)]: v.float() for k, v in tensors.items() if k.endswith(_A)}
         b = {k[len(_PREFIX) : -len(_B)]: v.float() for k, v in tensors.items() if k.endswith(_B)}
         if not a or a.keys() != b.keys() or any(a[m].shape[0] != rank or b[m].shape[1] != rank for m in a):
-            raise AdapterError(f"basis adapter at {folder} has LoRA tensors that do not match its rank {rank}. Fix: retrain the bank")
+            raise AdapterError(
+                f"basis adapter at {folder} has LoRA tensors that do not match its rank {rank}. Fix: retrain the bank"
+            )
         return cls(name or folder.name, rank, scaling, a, b)
 
     def delta(self, module: str) -> torch.Tensor:
@@ -105,11 +116,23 @@ class BankFit:
 class LoraBank:
     """K basis LoRAs over one generator, combined per user by an exact weighted sum of deltas."""
 
-    def __init__(self, generator: Generator, bases: Sequence[Basis], beta: float = 0.1, prior_scale: float = 3.0, provenance: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        bases: Sequence[Basis],
+        beta: float = 0.1,
+        prior_scale: float = 3.0,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> None:
         if not bases:
             raise ValidationError("bases", "is empty", "give the bank at least one basis adapter")
         if beta <= 0 or not math.isfinite(beta):
-            raise ValidationError("beta", "must be a positive finite number", "use the beta the bases were trained with, e.g. 0.1", beta)
+            raise ValidationError(
+                "beta",
+                "must be a positive finite number",
+                "use the beta the bases were trained with, e.g. 0.1",
+                beta,
+            )
         self.generator = generator
         self.bases = list(bases)
         self.beta = beta
@@ -122,18 +145,29 @@ class LoraBank:
             layer = known.get(module)
             weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
             if weight is None:
-                raise AdapterError(f"basis module {module!r} is not a layer of {generator.model_id!r}. Fix: build the bank on this base model")
+                raise AdapterError(
+                    f"basis module {module!r} is not a layer of {generator.model_id!r}. Fix: build the bank on this base model"
+                )
             for basis in self.bases:
-                if module in basis.a and (basis.a[module].shape[1], basis.b[module].shape[0]) != (weight.shape[1], weight.shape[0]):
-                    raise AdapterError(f"basis {basis.name!r} has the wrong shape for {module!r}. Fix: build the bank on this base model")
+                if module in basis.a and (basis.a[module].shape[1], basis.b[module].shape[0]) != (
+                    weight.shape[1],
+                    weight.shape[0],
+                ):
+                    raise AdapterError(
+                        f"basis {basis.name!r} has the wrong shape for {module!r}. Fix: build the bank on this base model"
+                    )
         # Per module: A of every basis stacked by rows (R, in), B by columns (out, R); zeros where a basis skips the module.
         self._a_cat: dict[str, torch.Tensor] = {}
         self._b_cat: dict[str, torch.Tensor] = {}
         for module in self.modules:
             weight = getattr(known[module], "base_layer", known[module]).weight
             out_f, in_f = weight.shape
-            self._a_cat[module] = torch.cat([b.a.get(module, torch.zeros(b.rank, in_f)) for b in self.bases]).to(weight.device)
-            self._b_cat[module] = torch.cat([b.b.get(module, torch.zeros(out_f, b.rank)) for b in self.bases], dim=1).to(weight.device)
+            self._a_cat[module] = torch.cat(
+                [b.a.get(module, torch.zeros(b.rank, in_f)) for b in self.bases]
+            ).to(weight.device)
+            self._b_cat[module] = torch.cat(
+                [b.b.get(module, torch.zeros(out_f, b.rank)) for b in self.bases], dim=1
+            ).to(weight.device)
         self._ranks = torch.tensor([b.rank for b in self.bases])
         self._scales = torch.tensor([b.scaling for b in self.bases], dtype=torch.float32)
 
@@ -157,16 +191,25 @@ class LoraBank:
 
     @classmethod
     def train(
-        cls, generator: Generator, groups: Mapping[str, Sequence[Comparison]], out: Path | str, config: LoraTrainConfig | None = None, **kwargs: Any
+        cls,
+        generator: Generator,
+        groups: Mapping[str, Sequence[Comparison]],
+        out: Path | str,
+        config: LoraTrainConfig | None = None,
+        **kwargs: Any,
     ) -> LoraBank:
         """Train one basis LoRA per group of comparisons (DPO on the group's pairs) and save the bank to ``out``."""
         from peft import LoraConfig, get_peft_model
 
         config = config or LoraTrainConfig()
         if not groups:
-            raise ValidationError("groups", "is empty", "pass {basis_name: [comparisons, ...]} with at least one group")
+            raise ValidationError(
+                "groups", "is empty", "pass {basis_name: [comparisons, ...]} with at least one group"
+            )
         if hasattr(generator.model, "peft_config"):
-            raise ValidationError("generator", "already carries adapters", "train the bank on a freshly loaded generator")
+            raise ValidationError(
+                "generator", "already carries adapters", "train the bank on a freshly loaded generator"
+            )
         from personalign.adapters.lora import train_adapter
         from personalign.training.loop import is_main_process
 
@@ -177,9 +220,17 @@ class LoraBank:
         try:
             for name, comparisons in groups.items():
                 if not comparisons:
-                    raise ValidationError(f"groups[{name!r}]", "is empty", "give every basis at least one comparison")
+                    raise ValidationError(
+                        f"groups[{name!r}]", "is empty", "give every basis at least one comparison"
+                    )
                 torch.manual_seed(config.seed)
-                lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+                lora = LoraConfig(
+                    r=config.rank,
+                    lora_alpha=config.alpha,
+                    lora_dropout=config.dropout,
+                    target_modules=list(config.target_modules),
+                    task_type="CAUSAL_LM",
+                )
                 peft = get_peft_model(base, lora, adapter_name=name)
                 try:
                     train_adapter(peft, name, generator.tokenizer, list(comparisons), config)
@@ -195,7 +246,11 @@ class LoraBank:
                             os.replace(staging / f, target / f)
             generator.model = base
             bank = cls.from_folders(generator, [staging / n for n in groups], **kwargs)
-            bank.provenance = {"groups": {n: len(c) for n, c in groups.items()}, "config": config.model_dump(mode="json"), **bank.provenance}
+            bank.provenance = {
+                "groups": {n: len(c) for n, c in groups.items()},
+                "config": config.model_dump(mode="json"),
+                **bank.provenance,
+            }
             if is_main_process():  # under accelerate launch every process trains the same bank; one writes it
                 bank._write_manifest(staging)
                 if out.exists():
@@ -209,7 +264,14 @@ class LoraBank:
     def _write_manifest(self, folder: Path) -> None:
         atomic_write_json(
             folder / BANK_FILE,
-            {"format": 1, "base_model": self.generator.model_id, "bases": self.names, "beta": self.beta, "prior_scale": self.prior_scale, "provenance": self.provenance},
+            {
+                "format": 1,
+                "base_model": self.generator.model_id,
+                "bases": self.names,
+                "beta": self.beta,
+                "prior_scale": self.prior_scale,
+                "provenance": self.provenance,
+            },
         )
 
     @classmethod
@@ -219,19 +281,37 @@ class LoraBank:
         try:
             manifest = json.loads((folder / BANK_FILE).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise AdapterError(f"no readable bank at {folder} ({err}). Fix: train one with LoraBank.train") from None
+            raise AdapterError(
+                f"no readable bank at {folder} ({err}). Fix: train one with LoraBank.train"
+            ) from None
         if not generator.is_base(manifest.get("base_model")):
-            raise AdapterError(f"bank at {folder} was trained on {manifest.get('base_model')!r}, not {generator.model_id!r}. Fix: load the model it was trained on")
+            raise AdapterError(
+                f"bank at {folder} was trained on {manifest.get('base_model')!r}, not {generator.model_id!r}. Fix: load the model it was trained on"
+            )
         bases = [Basis.load(folder / name, name) for name in manifest["bases"]]
-        return cls(generator, bases, beta=manifest["beta"], prior_scale=manifest["prior_scale"], provenance=manifest.get("provenance"))
+        return cls(
+            generator,
+            bases,
+            beta=manifest["beta"],
+            prior_scale=manifest["prior_scale"],
+            provenance=manifest.get("provenance"),
+        )
 
     # --- the combined adapter ----------------------------------------------------------------
 
     def _check_weights(self, weights: Any) -> torch.Tensor:
-        w = weights.detach().float().cpu() if torch.is_tensor(weights) else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        w = (
+            weights.detach().float().cpu()
+            if torch.is_tensor(weights)
+            else torch.as_tensor(np.asarray(weights, dtype=np.float32))
+        )
         w = w.reshape(-1)
         if w.shape[0] != self.k:
-            raise ValidationError("weights", f"has {w.shape[0]} entries, the bank has {self.k} bases", f"give one weight per basis: {self.names}")
+            raise ValidationError(
+                "weights",
+                f"has {w.shape[0]} entries, the bank has {self.k} bases",
+                f"give one weight per basis: {self.names}",
+            )
         if not torch.isfinite(w).all():
             raise ValidationError("weights", "contains NaN or infinite values", "refit the user's weights")
         return w
@@ -256,7 +336,9 @@ class LoraBank:
         tensors = {}
         for module in self.modules:
             tensors[_PREFIX + module + _A] = self._a_cat[module].detach().cpu().contiguous()
-            tensors[_PREFIX + module + _B] = (self._b_cat[module] * scale.to(self._b_cat[module].device)).detach().cpu().contiguous()
+            tensors[_PREFIX + module + _B] = (
+                (self._b_cat[module] * scale.to(self._b_cat[module].device)).detach().cpu().contiguous()
+            )
         return int(self._ranks.sum()), tensors
 
     def peft_cat_tensors(self, weights: Any) -> tuple[int, dict[str, torch.Tensor]]:
@@ -279,7 +361,12 @@ class LoraBank:
         peft = None
         for name, basis in zip(names, self.bases, strict=True):
             # lora_alpha = s * r gives PEFT's scaling s (rsLoRA's alpha / sqrt(r) included).
-            config = LoraConfig(r=basis.rank, lora_alpha=basis.scaling * basis.rank, lora_dropout=0.0, target_modules=sorted(basis.a))
+            config = LoraConfig(
+                r=basis.rank,
+                lora_alpha=basis.scaling * basis.rank,
+                lora_dropout=0.0,
+                target_modules=sorted(basis.a),
+            )
             if peft is None:
                 peft = get_peft_model(skeleton, config, adapter_name=name)
             else:
@@ -309,7 +396,14 @@ class LoraBank:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         targets = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
-        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=self.generator.base_model_name_or_path)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=rank,
+            lora_dropout=0.0,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.generator.base_model_name_or_path,
+        )
         config.save_pretrained(str(folder))
         save_file(tensors, str(folder / "adapter_model.safetensors"))
         return folder
@@ -359,7 +453,9 @@ class LoraBank:
         batch = collate(self.generator.tokenizer, comparisons, max_length)
         return batch_logps(self.generator.model, batch)
 
-    def basis_margins(self, comparisons: Sequence[Comparison], batch_size: int = 8, max_length: int = 512) -> np.ndarray:
+    def basis_margins(
+        self, comparisons: Sequence[Comparison], batch_size: int = 8, max_length: int = 512
+    ) -> np.ndarray:
         """``(n, K)``: basis k's implicit-reward margin ``r_k(chosen) - r_k(rejected)`` per comparison."""
         comparisons = _check_comparisons(comparisons)
         out = np.zeros((len(comparisons), self.k), dtype=np.float64)
@@ -372,16 +468,26 @@ class LoraBank:
                 for k in range(self.k):
                     with self.applied(eye[k]):
                         pc, pr = self._logps(chunk, max_length)
-                    out[start : start + len(chunk), k] = (self.beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
+                    out[start : start + len(chunk), k] = (
+                        (self.beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
+                    )
         return out
 
-    def fit_margins(self, margins: np.ndarray, sample_weights: np.ndarray | None = None, steps: int = 200) -> np.ndarray:
+    def fit_margins(
+        self, margins: np.ndarray, sample_weights: np.ndarray | None = None, steps: int = 200
+    ) -> np.ndarray:
         """MAP weights of the linear model from precomputed :meth:`basis_margins` (Newton's method)."""
         m = np.asarray(margins, dtype=np.float64)
         if m.ndim != 2 or m.shape[1] != self.k or m.shape[0] == 0:
-            raise ValidationError("margins", f"has shape {m.shape}", f"pass an (n, {self.k}) array from basis_margins with n >= 1")
+            raise ValidationError(
+                "margins",
+                f"has shape {m.shape}",
+                f"pass an (n, {self.k}) array from basis_margins with n >= 1",
+            )
         if not np.isfinite(m).all():
-            raise ValidationError("margins", "contains NaN or infinite values", "recompute them with basis_margins")
+            raise ValidationError(
+                "margins", "contains NaN or infinite values", "recompute them with basis_margins"
+            )
         sw = np.ones(len(m)) if sample_weights is None else np.asarray(sample_weights, dtype=np.float64)
         precision = 1.0 / self.prior_scale**2
         w = np.zeros(self.k)
@@ -396,22 +502,39 @@ class LoraBank:
                 break
         return w
 
-    def fit(self, comparisons: Sequence[Comparison], method: str = "linear", steps: int = 20, learning_rate: float = 0.05, max_length: int = 512) -> BankFit:
+    def fit(
+        self,
+        comparisons: Sequence[Comparison],
+        method: str = "linear",
+        steps: int = 20,
+        learning_rate: float = 0.05,
+        max_length: int = 512,
+    ) -> BankFit:
         """Fit a user's K weights to their comparisons; the generator's weights never change."""
         comparisons = _check_comparisons(comparisons)
         if method not in ("linear", "exact"):
-            raise ValidationError("method", f"is {method!r}", "use 'linear' (K+1 forward passes per pair) or 'exact' (gradients into the K weights)")
+            raise ValidationError(
+                "method",
+                f"is {method!r}",
+                "use 'linear' (K+1 forward passes per pair) or 'exact' (gradients into the K weights)",
+            )
         margins = self.basis_margins(comparisons, max_length=max_length)
         sw = np.array([c.weight for c in comparisons], dtype=np.float64)
         w = self.fit_margins(margins, sw)
         history: list[float] = []
         if method == "exact":
             w, history = self._refine(comparisons, w, sw, steps, learning_rate, max_length)
-        z = self.margins_under(comparisons, w, max_length)  # the combined adapter's own margins, whichever fit
+        z = self.margins_under(
+            comparisons, w, max_length
+        )  # the combined adapter's own margins, whichever fit
         log_lik = float(np.sum(sw * -np.logaddexp(0.0, -z)))
-        return BankFit(np.asarray(w, dtype=np.float32), float(np.mean(z > 0)), log_lik, len(comparisons), method, history)
+        return BankFit(
+            np.asarray(w, dtype=np.float32), float(np.mean(z > 0)), log_lik, len(comparisons), method, history
+        )
 
-    def margins_under(self, comparisons: Sequence[Comparison], weights: Any, max_length: int = 512) -> np.ndarray:
+    def margins_under(
+        self, comparisons: Sequence[Comparison], weights: Any, max_length: int = 512
+    ) -> np.ndarray:
         """The combined adapter's own implicit-reward margins ``(n,)`` (no linearisation)."""
         comparisons = _check_comparisons(comparisons)
         with torch.no_grad():
@@ -421,7 +544,15 @@ class LoraBank:
                 pc, pr = self._logps(comparisons, max_length)
         return (self.beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
 
-    def _refine(self, comparisons: list[Comparison], w0: np.ndarray, sw: np.ndarray, steps: int, lr: float, max_length: int) -> tuple[np.ndarray, list[float]]:
+    def _refine(
+        self,
+        comparisons: list[Comparison],
+        w0: np.ndarray,
+        sw: np.ndarray,
+        steps: int,
+        lr: float,
+        max_length: int,
+    ) -> tuple[np.ndarray, list[float]]:
         with torch.no_grad(), self._reference():
             rc, rr = self._logps(comparisons, max_length)
         w = torch.tensor(w0, dtype=torch.float32, requires_grad=True)
@@ -477,5 +608,10 @@ def _check_comparisons(comparisons: Sequence[Comparison]) -> list[Comparison]:
         raise ValidationError("comparisons", "is empty", "pass at least one comparison")
     for i, c in enumerate(items):
         if not isinstance(c, Comparison):
-            raise ValidationError(f"comparisons[{i}]", "is not a Comparison", "build it with Comparison(prompt=..., chosen=..., rejected=...)", c)
+            raise ValidationError(
+                f"comparisons[{i}]",
+                "is not a Comparison",
+                "build it with Comparison(prompt=..., chosen=..., rejected=...)",
+                c,
+            )
     return items

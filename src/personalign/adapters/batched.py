@@ -31,7 +31,11 @@ from personalign.adapters.store import BASE
 def _lora_layers(model: torch.nn.Module) -> list[Any]:
     from peft.tuners.lora.layer import LoraLayer
 
-    return [m for m in model.modules() if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, LoraLayer) and isinstance(getattr(m, "base_layer", None), torch.nn.Linear)
+    ]
 
 
 def supports_gathered(model: torch.nn.Module, names: Sequence[str]) -> bool:
@@ -86,12 +90,22 @@ def gathered_lora(model: torch.nn.Module, names: Sequence[str]) -> Iterator[None
                 rows = torch.tensor([index.get(n, len(slots)) for n in names], device=device)
             a_rows, b_rows = a[rows], b[rows]  # (B, r, in), (B, out, r): gathered once per call
 
-            def hook(module: Any, inputs: tuple[Any, ...], output: torch.Tensor, a_rows: torch.Tensor = a_rows, b_rows: torch.Tensor = b_rows) -> torch.Tensor:
+            def hook(
+                module: Any,
+                inputs: tuple[Any, ...],
+                output: torch.Tensor,
+                a_rows: torch.Tensor = a_rows,
+                b_rows: torch.Tensor = b_rows,
+            ) -> torch.Tensor:
                 x = inputs[0]
                 if x.shape[0] != a_rows.shape[0]:
-                    raise RuntimeError(f"gathered_lora was set up for a batch of {a_rows.shape[0]} rows, got {x.shape[0]}")
+                    raise RuntimeError(
+                        f"gathered_lora was set up for a batch of {a_rows.shape[0]} rows, got {x.shape[0]}"
+                    )
                 flat = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (B, T, in)
-                delta = torch.bmm(torch.bmm(flat, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))  # (B, T, out)
+                delta = torch.bmm(
+                    torch.bmm(flat, a_rows.transpose(1, 2)), b_rows.transpose(1, 2)
+                )  # (B, T, out)
                 return output + delta.reshape(output.shape).to(output.dtype)
 
             handles.append(layer.register_forward_hook(hook))

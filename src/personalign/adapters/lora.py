@@ -40,7 +40,9 @@ class LoraTrainConfig(BaseModel):
     epochs: int = Field(default=8, ge=1, le=1000)
     batch_size: int = Field(default=4, ge=1, le=256)
     holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
-    min_holdout_pairs: int = Field(default=4, ge=1, description="hold out only when the user has at least this many pairs")
+    min_holdout_pairs: int = Field(
+        default=4, ge=1, description="hold out only when the user has at least this many pairs"
+    )
     patience: int = Field(default=2, ge=1)
     max_length: int = Field(default=512, ge=8)
     seed: int = 0
@@ -74,12 +76,16 @@ def _prompt_messages(comparison: Comparison) -> list[dict[str, str]]:
     return [m.model_dump() for m in comparison.prompt]
 
 
-def encode_pair(tokenizer: Any, comparison: Comparison, max_length: int) -> tuple[list[int], list[int], list[int], list[int]]:
+def encode_pair(
+    tokenizer: Any, comparison: Comparison, max_length: int
+) -> tuple[list[int], list[int], list[int], list[int]]:
     """Token ids of prompt+chosen and prompt+rejected (each ending in EOS) and their completion masks.
 
     The prompt is kept whole and the response truncated when the pair is longer than ``max_length``.
     """
-    prompt = tokenizer.apply_chat_template(_prompt_messages(comparison), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(
+        _prompt_messages(comparison), add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     prompt = list(prompt)[-(max_length // 2) :]
     out = []
     for response in (comparison.chosen, comparison.rejected):
@@ -106,12 +112,19 @@ def collate(tokenizer: Any, comparisons: Sequence[Comparison], max_length: int) 
 def batch_logps(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs under ``model``: chosen ``(B,)`` and rejected ``(B,)``."""
     device = next(model.parameters()).device
-    logits = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)).logits  # (2B, T, V)
+    logits = model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device)
+    ).logits  # (2B, T, V)
     logps = sequence_logps(logits, batch.input_ids.to(device), batch.completion_mask.to(device))  # (2B,)
     return logps.chunk(2)
 
 
-def pair_losses(config: LoraTrainConfig, policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor], batch: PairBatch) -> torch.Tensor:
+def pair_losses(
+    config: LoraTrainConfig,
+    policy: tuple[torch.Tensor, torch.Tensor],
+    ref: tuple[torch.Tensor, torch.Tensor],
+    batch: PairBatch,
+) -> torch.Tensor:
     """Per-pair losses ``(B,)`` for the configured loss."""
     (pc, pr), (rc, rr) = policy, ref
     if config.loss == "dpo":
@@ -119,14 +132,24 @@ def pair_losses(config: LoraTrainConfig, policy: tuple[torch.Tensor, torch.Tenso
     len_c, len_r = (n.to(pc.device) for n in batch.lengths)
     if config.loss == "ipo":
         return ipo_loss(pc, pr, rc, rr, beta=config.beta, chosen_lengths=len_c, rejected_lengths=len_r)
-    return simpo_loss(pc, pr, len_c, len_r, beta=config.beta, gamma=config.simpo_gamma, label_smoothing=config.label_smoothing)
+    return simpo_loss(
+        pc,
+        pr,
+        len_c,
+        len_r,
+        beta=config.beta,
+        gamma=config.simpo_gamma,
+        label_smoothing=config.label_smoothing,
+    )
 
 
 def data_hash(comparisons: Sequence[Comparison]) -> str:
     """A stable digest of the training pairs (recorded beside the adapter)."""
     digest = hashlib.sha256()
     for c in comparisons:
-        digest.update(json.dumps(c.model_dump(mode="json", exclude={"created_at", "metadata"}), sort_keys=True).encode())
+        digest.update(
+            json.dumps(c.model_dump(mode="json", exclude={"created_at", "metadata"}), sort_keys=True).encode()
+        )
     return digest.hexdigest()
 
 
@@ -151,7 +174,13 @@ class TrainReport:
     holdout_pairs: int
 
 
-def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparisons: Sequence[Comparison], config: LoraTrainConfig) -> TrainReport:
+def train_adapter(
+    peft_model: Any,
+    adapter_name: str,
+    tokenizer: Any,
+    comparisons: Sequence[Comparison],
+    config: LoraTrainConfig,
+) -> TrainReport:
     """Train adapter ``adapter_name`` (already added to ``peft_model``) on ``comparisons``.
 
     Only that adapter's LoRA weights get gradients. The best weights by held-out loss are kept
@@ -185,7 +214,9 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     for name, p in peft_model.named_parameters():
         p.requires_grad_(name in named)
     needs_ref = config.loss != "simpo"
-    ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # comparison index -> reference log-probs (chosen, rejected)
+    ref: dict[
+        int, tuple[torch.Tensor, torch.Tensor]
+    ] = {}  # comparison index -> reference log-probs (chosen, rejected)
     with torch.no_grad(), peft_model.disable_adapter():
         for group in groups if needs_ref else []:
             chosen, rejected = batch_logps(peft_model, pairs(group))
@@ -194,7 +225,11 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
 
     def batch_loss(indices: list[int]) -> torch.Tensor:
         batch = pairs(indices)
-        refs = (torch.stack([ref[i][0] for i in indices]), torch.stack([ref[i][1] for i in indices])) if needs_ref else (None, None)
+        refs = (
+            (torch.stack([ref[i][0] for i in indices]), torch.stack([ref[i][1] for i in indices]))
+            if needs_ref
+            else (None, None)
+        )
         return reduce_pairs(pair_losses(config, batch_logps(peft_model, batch), refs, batch), batch.weights)
 
     trainable = Trainable(named, batch_loss, distributed=processes > 1)
@@ -204,7 +239,12 @@ def train_adapter(peft_model: Any, adapter_name: str, tokenizer: Any, comparison
     best, best_state, stale = math.inf, None, 0
     rng = random.Random(config.seed)
     # Per step, with an ETA; early stopping may end it before the total.
-    bar = tqdm(total=config.epochs * len(groups), desc=f"adapter {adapter_name}", unit="step", disable=not (config.progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=config.epochs * len(groups),
+        desc=f"adapter {adapter_name}",
+        unit="step",
+        disable=not (config.progress and accelerator.is_main_process),
+    )
     for epoch in range(config.epochs):
         peft_model.train()
         order = list(range(len(groups)))

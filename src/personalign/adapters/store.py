@@ -54,8 +54,6 @@ META_FILE = "personalign_adapter.json"
 BASE = "__base__"  # PEFT's name for "no adapter" in adapter_names
 
 
-
-
 def adapter_name(user: str) -> str:
     """A PEFT-safe module key for a user (no dots)."""
     return "u_" + hashlib.sha256(validate_user_id(user).encode()).hexdigest()[:20]
@@ -66,7 +64,9 @@ class AdapterManager:
 
     def __init__(self, generator: Generator, users_dir: Path, max_resident: int = 8) -> None:
         if max_resident < 1:
-            raise ValidationError("max_resident", "must be at least 1", "keep at least one adapter in memory", max_resident)
+            raise ValidationError(
+                "max_resident", "must be at least 1", "keep at least one adapter in memory", max_resident
+            )
         self.generator = generator
         self.users_dir = users_dir
         self.max_resident = max_resident
@@ -94,14 +94,18 @@ class AdapterManager:
             meta = json.loads((folder / META_FILE).read_text())
             config = json.loads((folder / "adapter_config.json").read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise AdapterError(f"adapter of {user!r} at {folder} is unreadable ({err}). Fix: retrain it with enroll(..., adapter=True)") from None
+            raise AdapterError(
+                f"adapter of {user!r} at {folder} is unreadable ({err}). Fix: retrain it with enroll(..., adapter=True)"
+            ) from None
         if not self.generator.is_base(meta.get("base_model")):
             raise AdapterError(
                 f"adapter of {user!r} was trained on {meta.get('base_model')!r}, not {self.generator.model_id!r}. "
                 "Fix: retrain it on this model (enroll(..., adapter=True)) or load the model it was trained on"
             )
         if config.get("modules_to_save"):
-            raise AdapterError(f"adapter of {user!r} has modules_to_save. Fix: retrain it; personalign adapters are plain LoRA")
+            raise AdapterError(
+                f"adapter of {user!r} has modules_to_save. Fix: retrain it; personalign adapters are plain LoRA"
+            )
         self._check_fingerprint(meta.get("base_fingerprint"), f"adapter of {user!r} at {folder}")
 
     def _check_fingerprint(self, recorded: str | None, what: str) -> None:
@@ -119,13 +123,17 @@ class AdapterManager:
 
     # --- memory ----------------------------------------------------------------------------
 
-    def _attach(self, name: str, folder: Path | None = None, config: Any = None, trainable: bool = False) -> None:
+    def _attach(
+        self, name: str, folder: Path | None = None, config: Any = None, trainable: bool = False
+    ) -> None:
         """Add adapter ``name`` from ``folder`` (or a fresh one from ``config``), wrapping the model once."""
         from peft import PeftModel, get_peft_model
 
         if self.peft is None:
             if folder is not None:
-                self.peft = PeftModel.from_pretrained(self.base_model, str(folder), adapter_name=name, is_trainable=trainable)
+                self.peft = PeftModel.from_pretrained(
+                    self.base_model, str(folder), adapter_name=name, is_trainable=trainable
+                )
             else:
                 self.peft = get_peft_model(self.base_model, config, adapter_name=name)
             self.peft.eval()
@@ -159,7 +167,9 @@ class AdapterManager:
         """The slot's LoRA parameters by their on-disk key, indexed once per slot (not per swap)."""
         if slot not in self._slot_index:
             marker = f".{slot}."
-            self._slot_index[slot] = {n.replace(marker, "."): p for n, p in self.peft.named_parameters() if marker in n}
+            self._slot_index[slot] = {
+                n.replace(marker, "."): p for n, p in self.peft.named_parameters() if marker in n
+            }
         return self._slot_index[slot]
 
     def _swap(self, slot: str, folder: Path) -> None:
@@ -222,7 +232,9 @@ class AdapterManager:
             with torch.inference_mode(False), torch.no_grad():
                 slot = self._load_into_slot(folder)
         except Exception as err:  # PEFT/safetensors raise many types for corrupt or mismatched files
-            raise AdapterError(f"adapter of {user!r} at {folder} cannot be loaded ({type(err).__name__}: {err}). Fix: retrain it") from None
+            raise AdapterError(
+                f"adapter of {user!r} at {folder} cannot be loaded ({type(err).__name__}: {err}). Fix: retrain it"
+            ) from None
         if self.peft.active_adapter not in self.peft.peft_config:
             self.peft.set_adapter(slot)
         self.resident[user] = slot
@@ -259,28 +271,49 @@ class AdapterManager:
         from peft import LoraConfig
 
         name = "train_" + adapter_name(user)
-        lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
+        )
         self.unload(user)
         torch.manual_seed(config.seed)  # LoRA initialisation draws from the global generator
         try:
             if self.has_adapter(user):
                 self._check(user, self.path(user))
-                self._attach(name, folder=self.path(user), trainable=True)  # incremental: continue from the stored weights
+                self._attach(
+                    name, folder=self.path(user), trainable=True
+                )  # incremental: continue from the stored weights
             else:
                 self._attach(name, config=lora)
             report = train_adapter(self.peft, name, self.generator.tokenizer, comparisons, config)
             return self._save(user, name, comparisons, config, report)
         finally:
-            self._drop(name)  # half-trained or saved, the training copy leaves memory; the stored adapter is the truth
+            self._drop(
+                name
+            )  # half-trained or saved, the training copy leaves memory; the stored adapter is the truth
 
-    def _save(self, user: str, name: str, comparisons: Sequence[Comparison], config: LoraTrainConfig, report: TrainReport) -> dict[str, Any]:
+    def _save(
+        self,
+        user: str,
+        name: str,
+        comparisons: Sequence[Comparison],
+        config: LoraTrainConfig,
+        report: TrainReport,
+    ) -> dict[str, Any]:
         def write(staging: Path) -> Path:
             self.peft.save_pretrained(str(staging), selected_adapters=[name], safe_serialization=True)
             return staging / name if (staging / name / "adapter_config.json").is_file() else staging
 
-        return self._publish(user, write, comparisons, {"config": config.model_dump(mode="json"), "report": asdict(report)})
+        return self._publish(
+            user, write, comparisons, {"config": config.model_dump(mode="json"), "report": asdict(report)}
+        )
 
-    def _publish(self, user: str, write: Any, comparisons: Sequence[Comparison], extra: dict[str, Any]) -> dict[str, Any]:
+    def _publish(
+        self, user: str, write: Any, comparisons: Sequence[Comparison], extra: dict[str, Any]
+    ) -> dict[str, Any]:
         """Write an adapter with ``write(staging) -> folder`` and swap it in atomically as the user's."""
         from personalign import __version__
 
@@ -330,16 +363,26 @@ class AdapterManager:
             config = json.loads((folder / "adapter_config.json").read_text())
             tensors = load_file(str(folder / "adapter_model.safetensors"))
         except Exception as err:  # missing, truncated or corrupt files
-            raise AdapterError(f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}") from None
+            raise AdapterError(
+                f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}"
+            ) from None
         base = config.get("base_model_name_or_path")
         if base not in (None, "") and not self.generator.is_base(base):
-            raise AdapterError(f"{label} at {folder} was made for {base!r}, not {self.generator.base_model_name_or_path!r}. {fix}")
+            raise AdapterError(
+                f"{label} at {folder} was made for {base!r}, not {self.generator.base_model_name_or_path!r}. {fix}"
+            )
         if config.get("peft_type", "LORA") != "LORA" or config.get("modules_to_save"):
-            raise AdapterError(f"{label} at {folder} is not a plain LoRA (peft_type {config.get('peft_type')!r}, modules_to_save {config.get('modules_to_save')!r}). {fix}")
+            raise AdapterError(
+                f"{label} at {folder} is not a plain LoRA (peft_type {config.get('peft_type')!r}, modules_to_save {config.get('modules_to_save')!r}). {fix}"
+            )
         rank = config.get("r")
         targets = config.get("target_modules") or []
         targets = [targets] if isinstance(targets, str) else list(targets)
-        modules = dict(self.base_model.named_modules()) if self.peft is None else dict(self.peft.get_base_model().named_modules())
+        modules = (
+            dict(self.base_model.named_modules())
+            if self.peft is None
+            else dict(self.peft.get_base_model().named_modules())
+        )
         found = 0
         for key, value in tensors.items():
             if not (key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight")):
@@ -349,13 +392,19 @@ class AdapterManager:
             layer = modules.get(path)
             weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
             if weight is None:
-                raise AdapterError(f"{label} at {folder} has weights for {path!r}, which {self.generator.model_id!r} does not have. {fix}")
+                raise AdapterError(
+                    f"{label} at {folder} has weights for {path!r}, which {self.generator.model_id!r} does not have. {fix}"
+                )
             if targets and path.rsplit(".", 1)[-1] not in targets:
-                raise AdapterError(f"{label} at {folder} has weights for {path!r}, outside its target_modules {targets}. {fix}")
+                raise AdapterError(
+                    f"{label} at {folder} has weights for {path!r}, outside its target_modules {targets}. {fix}"
+                )
             out_f, in_f = weight.shape
             want = (rank, in_f) if key.endswith(".lora_A.weight") else (out_f, rank)
             if tuple(value.shape) != want:
-                raise AdapterError(f"{label} at {folder}: {key} has shape {tuple(value.shape)}, expected {want} (rank r={rank}). {fix}")
+                raise AdapterError(
+                    f"{label} at {folder}: {key} has shape {tuple(value.shape)}, expected {want} (rank r={rank}). {fix}"
+                )
         if not found:
             raise AdapterError(f"{label} at {folder} holds no LoRA weights. {fix}")
         name = "check_" + hashlib.sha256(str(folder).encode()).hexdigest()[:12]
@@ -363,12 +412,16 @@ class AdapterManager:
             with torch.inference_mode(False), torch.no_grad():
                 self._attach(name, folder=folder)
         except Exception as err:
-            raise AdapterError(f"{label} at {folder} cannot be loaded ({type(err).__name__}: {err}). {fix}") from None
+            raise AdapterError(
+                f"{label} at {folder} cannot be loaded ({type(err).__name__}: {err}). {fix}"
+            ) from None
         finally:
             self._drop(name)
         return config
 
-    def install(self, user: str, folder: Path | str, comparisons: Sequence[Comparison] = ()) -> dict[str, Any]:
+    def install(
+        self, user: str, folder: Path | str, comparisons: Sequence[Comparison] = ()
+    ) -> dict[str, Any]:
         """Store an adapter trained elsewhere (a PEFT LoRA folder) as ``user``'s, after validating it.
 
         Nothing changes when validation fails: the user's previous adapter stays in place.
@@ -384,11 +437,15 @@ class AdapterManager:
             return target
 
         # The weights it was trained on are unknown here: no fingerprint is recorded for an import.
-        meta = self._publish(user, write, comparisons, {"imported_from": str(folder.resolve()), "base_fingerprint": None})
+        meta = self._publish(
+            user, write, comparisons, {"imported_from": str(folder.resolve()), "base_fingerprint": None}
+        )
         self.unload(user)  # the next request loads the new weights
         return meta
 
-    def install_bank(self, user: str, bank: Any, comparisons: Sequence[Comparison], method: str = "linear") -> dict[str, Any]:
+    def install_bank(
+        self, user: str, bank: Any, comparisons: Sequence[Comparison], method: str = "linear"
+    ) -> dict[str, Any]:
         """Fit the user's weights over ``bank``'s bases and store the combined adapter as theirs.
 
         No gradient step touches the generator; the stored adapter is the exact weighted sum of
@@ -404,4 +461,9 @@ class AdapterManager:
             "log_likelihood": fit.log_likelihood,
             "provenance": bank.provenance,
         }
-        return self._publish(user, lambda staging: bank.write_adapter(fit.weights, staging / "bank"), comparisons, {"bank": bank_meta})
+        return self._publish(
+            user,
+            lambda staging: bank.write_adapter(fit.weights, staging / "bank"),
+            comparisons,
+            {"bank": bank_meta},
+        )

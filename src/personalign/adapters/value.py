@@ -32,8 +32,6 @@ CONFIG_FILE = "value_config.json"
 WEIGHTS_FILE = "value.safetensors"
 
 
-
-
 class ValueConfig(BaseModel):
     """One objective's value model."""
 
@@ -49,7 +47,9 @@ class ValueConfig(BaseModel):
     vocab_size: int = Field(default=0, ge=0)
     score_mean: float = 0.0
     score_std: float = 1.0
-    default_beta: float = Field(default=3.0, description="guidance strength at steering weight 1 (VAS's example uses 3)")
+    default_beta: float = Field(
+        default=3.0, description="guidance strength at steering weight 1 (VAS's example uses 3)"
+    )
     provenance: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -169,7 +169,9 @@ def load_value_model(folder: Path | str, generator: Any) -> ValueModel:
         config = ValueConfig.model_validate_json((folder / CONFIG_FILE).read_text())
         state = load_file(str(folder / WEIGHTS_FILE))
     except Exception as err:  # missing, truncated or malformed files
-        raise ValueModelError(f"value model at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain it with `personalign train vas`") from None
+        raise ValueModelError(
+            f"value model at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain it with `personalign train vas`"
+        ) from None
     if config.base_model and not generator.is_base(config.base_model):
         raise ValueModelError(
             f"value model at {folder} was trained on {config.base_model!r}, not {generator.model_id!r}. "
@@ -185,7 +187,9 @@ def load_value_model(folder: Path | str, generator: Any) -> ValueModel:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueModelError(f"value model at {folder} does not match its config ({err}). Fix: retrain it") from None
+        raise ValueModelError(
+            f"value model at {folder} does not match its config ({err}). Fix: retrain it"
+        ) from None
     model.eval()
     if isinstance(model, TrunkValueHead):
         model.freeze_keys()

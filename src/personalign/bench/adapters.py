@@ -40,7 +40,9 @@ def _clone_adapter(users_dir: Path, source_user: str, user: str) -> None:
     target = users_dir / user / ADAPTER_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(users_dir / source_user / ADAPTER_DIR, target, dirs_exist_ok=True)
-    (users_dir / user / "profile.json").write_text((users_dir / source_user / "profile.json").read_text().replace(source_user, user))
+    (users_dir / user / "profile.json").write_text(
+        (users_dir / source_user / "profile.json").read_text().replace(source_user, user)
+    )
 
 
 def _timed(fn: Any, repeats: int) -> list[float]:
@@ -52,11 +54,21 @@ def _timed(fn: Any, repeats: int) -> list[float]:
     return times
 
 
-def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resident_counts: tuple[int, ...] = (1, 10, 100), epochs: int = 4) -> dict[str, Any]:
+def run_adapter_bench(
+    pz: Any,
+    max_new_tokens: int = 32,
+    repeats: int = 3,
+    resident_counts: tuple[int, ...] = (1, 10, 100),
+    epochs: int = 4,
+) -> dict[str, Any]:
     """Run (a)-(d) on an open Personalizer (its store is filled with bench users)."""
     users_dir = pz.store_path / "users"
     pairs = _pairs(16)
-    result: dict[str, Any] = {"model": pz.generator.model_id, "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    result: dict[str, Any] = {
+        "model": pz.generator.model_id,
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
 
     # (c) enrolment: store only vs store + train a rank-8 adapter.
     started = time.perf_counter()
@@ -65,12 +77,21 @@ def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resid
     started = time.perf_counter()
     pz.enroll("bench-0", pairs, adapter=True, adapter_config={"rank": 8, "epochs": epochs, "seed": 0})
     with_adapter = time.perf_counter() - started
-    result["enroll_16"] = {"store_only_s": store_only, "with_adapter_s": with_adapter, "ratio": with_adapter / max(store_only, 1e-9), "epochs": epochs}
+    result["enroll_16"] = {
+        "store_only_s": store_only,
+        "with_adapter_s": with_adapter,
+        "ratio": with_adapter / max(store_only, 1e-9),
+        "epochs": epochs,
+    }
 
     # (d) bytes on disk.
     adapter_bytes = sum(f.stat().st_size for f in (users_dir / "bench-0" / ADAPTER_DIR).iterdir())
     profile_bytes = (users_dir / "bench-plain" / "profile.json").stat().st_size
-    result["bytes_per_user"] = {"lora_rank8": adapter_bytes, "profile": profile_bytes, "ratio": adapter_bytes / profile_bytes}
+    result["bytes_per_user"] = {
+        "lora_rank8": adapter_bytes,
+        "profile": profile_bytes,
+        "ratio": adapter_bytes / profile_bytes,
+    }
 
     # (a) 8 requests from 8 users vs the same 8 requests all on one user's adapter.
     users = [f"bench-{i}" for i in range(8)]
@@ -83,7 +104,10 @@ def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resid
     single = [{"user": users[0], "messages": question, **fixed} for _ in users]
     base = [{"user": None, "messages": question, **fixed} for _ in users]
     pz.respond_batch(mixed)  # warm-up: loads all eight adapters
-    times = {name: _timed(lambda r=reqs: pz.respond_batch(r), repeats) for name, reqs in (("base", base), ("one_adapter", single), ("eight_users", mixed))}
+    times = {
+        name: _timed(lambda r=reqs: pz.respond_batch(r), repeats)
+        for name, reqs in (("base", base), ("one_adapter", single), ("eight_users", mixed))
+    }
     medians = {k: statistics.median(v) for k, v in times.items()}
     result["batch_8"] = {
         "median_s": medians,
@@ -109,14 +133,25 @@ def run_adapter_bench(pz: Any, max_new_tokens: int = 32, repeats: int = 3, resid
             started = time.perf_counter()
             pz.adapters.activate(probe)
             samples.append(time.perf_counter() - started)
-        activation[str(count)] = {"median_ms": 1000 * statistics.median(samples), "resident": len(pz.adapters.resident)}
+        activation[str(count)] = {
+            "median_ms": 1000 * statistics.median(samples),
+            "resident": len(pz.adapters.resident),
+        }
     first = activation[str(resident_counts[0])]["median_ms"]
-    result["activation"] = {"by_resident": activation, "last_over_first": activation[str(resident_counts[-1])]["median_ms"] / first}
+    result["activation"] = {
+        "by_resident": activation,
+        "last_over_first": activation[str(resident_counts[-1])]["median_ms"] / first,
+    }
     return result
 
 
 def format_report(result: dict[str, Any]) -> str:
-    batch, act, enroll, size = result["batch_8"], result["activation"], result["enroll_16"], result["bytes_per_user"]
+    batch, act, enroll, size = (
+        result["batch_8"],
+        result["activation"],
+        result["enroll_16"],
+        result["bytes_per_user"],
+    )
     lines = [
         f"personalign bench adapters  ({result['model']}, {result['torch_threads']} threads)",
         f"(a) batch of 8, {batch['max_new_tokens']} new tokens   base {batch['median_s']['base']:.2f} s | one adapter "

@@ -30,7 +30,15 @@ from personalign.eval.populations import SyntheticConfig, SyntheticPopulation
 
 
 def _texts(comparisons: list[Any]) -> list[str]:
-    return list(dict.fromkeys([*(c.chosen for c in comparisons), *(c.rejected for c in comparisons), *(c.prompt_text for c in comparisons)]))
+    return list(
+        dict.fromkeys(
+            [
+                *(c.chosen for c in comparisons),
+                *(c.rejected for c in comparisons),
+                *(c.prompt_text for c in comparisons),
+            ]
+        )
+    )
 
 
 def run_enroll_bench(pz: Any, users: int = 20, shots: int = 8, seed: int = 0) -> dict[str, Any]:
@@ -53,7 +61,9 @@ def run_enroll_bench(pz: Any, users: int = 20, shots: int = 8, seed: int = 0) ->
             encoder.evict(_texts)
             embedder.infer(_comps)
 
-        steps = [("encode", encode), ("infer", infer)] if i % 2 == 0 else [("infer", infer), ("encode", encode)]
+        steps = (
+            [("encode", encode), ("infer", infer)] if i % 2 == 0 else [("infer", infer), ("encode", encode)]
+        )
         for name, fn in steps:
             started = time.perf_counter()
             fn()

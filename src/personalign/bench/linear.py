@@ -42,7 +42,9 @@ def _time(fn: Any) -> float:
     return time.perf_counter() - start
 
 
-def run_linear_bench(model: torch.nn.Module, rows: tuple[int, ...] = ROWS, repeats: int = 5, seed: int = 0) -> dict[str, Any]:
+def run_linear_bench(
+    model: torch.nn.Module, rows: tuple[int, ...] = ROWS, repeats: int = 5, seed: int = 0
+) -> dict[str, Any]:
     """Milliseconds per step for stock and packed weights per row count; ratios to stock at 1 row."""
     if not packing_available():
         raise RuntimeError("this PyTorch build has no oneDNN linear ops; nothing to compare")
@@ -71,10 +73,27 @@ def run_linear_bench(model: torch.nn.Module, rows: tuple[int, ...] = ROWS, repea
             for r in rows:
                 times.setdefault(("stock", r), []).append(_time(lambda r=r: stock(r)))
                 times.setdefault(("packed", r), []).append(_time(lambda r=r: with_packed(r)))
-        error = max((torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") - F.linear(x, w)).abs().max().item() for w, p, x in zip(weights, packed, inputs[max(rows)], strict=True))
+        error = max(
+            (torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") - F.linear(x, w))
+            .abs()
+            .max()
+            .item()
+            for w, p, x in zip(weights, packed, inputs[max(rows)], strict=True)
+        )
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     one = ms[("stock", 1)]
-    table = [{"rows": r, "stock_ms": ms[("stock", r)], "packed_ms": ms[("packed", r)], "stock_vs_1_row": ms[("stock", r)] / one, "packed_vs_1_row": ms[("packed", r)] / one, "packed_vs_stock": ms[("packed", r)] / ms[("stock", r)], "used": "packed" if 2 <= r <= MAX_ROWS else "stock"} for r in rows]
+    table = [
+        {
+            "rows": r,
+            "stock_ms": ms[("stock", r)],
+            "packed_ms": ms[("packed", r)],
+            "stock_vs_1_row": ms[("stock", r)] / one,
+            "packed_vs_1_row": ms[("packed", r)] / one,
+            "packed_vs_stock": ms[("packed", r)] / ms[("stock", r)],
+            "used": "packed" if 2 <= r <= MAX_ROWS else "stock",
+        }
+        for r in rows
+    ]
     return {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
@@ -95,6 +114,11 @@ def format_linear_bench(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['rows']} | {row['stock_ms']:.1f} | {row['packed_ms']:.1f} | {row['stock_vs_1_row']:.2f}x | {row['packed_vs_1_row']:.2f}x | {row['packed_vs_stock']:.2f}x | {row['used']} |")
-    lines += ["", f"largest |packed - stock| at {result['rows'][-1]['rows']} rows: {result['max_abs_difference']:.2e}"]
+        lines.append(
+            f"| {row['rows']} | {row['stock_ms']:.1f} | {row['packed_ms']:.1f} | {row['stock_vs_1_row']:.2f}x | {row['packed_vs_1_row']:.2f}x | {row['packed_vs_stock']:.2f}x | {row['used']} |"
+        )
+    lines += [
+        "",
+        f"largest |packed - stock| at {result['rows'][-1]['rows']} rows: {result['max_abs_difference']:.2e}",
+    ]
     return "\n".join(lines)

@@ -36,13 +36,28 @@ TARGET = "user-0000"
 TOP_K = 5
 WARMUP = 5
 # Small enough for a test (a few seconds on a laptop CPU); the CLI defaults are the full size.
-QUICK_CONFIG: dict[str, int] = {"users": 5, "memories": 200, "background_per_user": 20, "queries": 20, "adds": 20}
+QUICK_CONFIG: dict[str, int] = {
+    "users": 5,
+    "memories": 200,
+    "background_per_user": 20,
+    "queries": 20,
+    "adds": 20,
+}
 
 _WORDS = {
     "name": "Ana Ben Chloe Dev Elif Farid Greta Hugo Ines Jonas Kemal Lena Malik Nora Omar Priya Quinn Rosa Sami Tara Uma Viktor Wen Yusuf Zoe".split(),
     "city": "Lisbon Oslo Porto Lyon Leeds Kyoto Austin Quito Lagos Perth Bergen Turin Ghent Krakow Dublin Seville Utrecht Tartu Hanoi Denver".split(),
     "food": "mushrooms peanuts shellfish lentils aubergine coriander olives tofu salmon chickpeas spinach kimchi halloumi quinoa beetroot".split(),
-    "drink": ["green tea", "black coffee", "oat lattes", "mint tea", "hot chocolate", "espresso", "kombucha", "rooibos"],
+    "drink": [
+        "green tea",
+        "black coffee",
+        "oat lattes",
+        "mint tea",
+        "hot chocolate",
+        "espresso",
+        "kombucha",
+        "rooibos",
+    ],
     "sport": "running swimming cycling climbing rowing tennis yoga boxing hiking skating".split(),
     "job": "nurse teacher plumber architect pharmacist baker translator electrician librarian paramedic accountant gardener".split(),
     "relation": "sister brother mother father partner cousin neighbour daughter son grandmother uncle flatmate".split(),
@@ -126,7 +141,9 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def _paired(encoder: Any, texts: Sequence[str], op: Callable[[str], Any]) -> tuple[list[float], list[float], list[Any]]:
+def _paired(
+    encoder: Any, texts: Sequence[str], op: Callable[[str], Any]
+) -> tuple[list[float], list[float], list[Any]]:
     """Time ``op(text)`` and ``encoder.encode_uncached([text])`` for each text, alternating order."""
     op_s, encode_s, outputs = [], [], []
     for i, text in enumerate(texts):
@@ -142,7 +159,9 @@ def _paired(encoder: Any, texts: Sequence[str], op: Callable[[str], Any]) -> tup
     return op_s, encode_s, outputs
 
 
-def _check_config(users: int, memories: int, background_per_user: int, queries: int, adds: int, batch_size: int) -> None:
+def _check_config(
+    users: int, memories: int, background_per_user: int, queries: int, adds: int, batch_size: int
+) -> None:
     for field, value, low in (
         ("users", users, 1),
         ("memories", memories, 1),
@@ -152,10 +171,14 @@ def _check_config(users: int, memories: int, background_per_user: int, queries: 
         ("batch_size", batch_size, 1),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValidationError(field, f"must be an integer >= {low}", f"pass e.g. {field}={max(low, 1)}", value)
+            raise ValidationError(
+                field, f"must be an integer >= {low}", f"pass e.g. {field}={max(low, 1)}", value
+            )
 
 
-def _build(store: Any, plan: Sequence[tuple[str, list[str]]], batch_size: int, progress: bool) -> dict[str, Any]:
+def _build(
+    store: Any, plan: Sequence[tuple[str, list[str]]], batch_size: int, progress: bool
+) -> dict[str, Any]:
     """Add every user's texts in batches; returns seconds per user group and the ids written."""
     total = sum(len(texts) for _, texts in plan)
     done, ids, seconds = 0, {}, {}
@@ -170,7 +193,11 @@ def _build(store: Any, plan: Sequence[tuple[str, list[str]]], batch_size: int, p
             done += len(added["results"])
             if progress and done / total >= next_report:
                 spent = time.perf_counter() - started
-                print(f"built {done:,}/{total:,} memories ({spent:.1f} s, {done / spent:.0f}/s)", file=sys.stderr, flush=True)
+                print(
+                    f"built {done:,}/{total:,} memories ({spent:.1f} s, {done / spent:.0f}/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 next_report = math.floor(done / total * 10) / 10 + 0.1
         seconds[user] = time.perf_counter() - user_started
     return {"ids": ids, "seconds": seconds, "total_seconds": time.perf_counter() - started}
@@ -229,7 +256,12 @@ def run_memory_bench(
     _check_config(users, memories, background_per_user, queries, adds, batch_size)
     root = Path(store_dir)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ValidationError("store_dir", "must be a new or empty directory", "pass a fresh path; the bench builds its own store", str(root))
+        raise ValidationError(
+            "store_dir",
+            "must be a new or empty directory",
+            "pass a fresh path; the bench builds its own store",
+            str(root),
+        )
     encoder = encoder if encoder is not None else load_encoder()
     load_before = _load_average()
 
@@ -237,7 +269,11 @@ def run_memory_bench(
     seen: set[str] = set()
     background = [f"user-{i:04d}" for i in range(1, users)]
     plan = [(TARGET, synthetic_texts(rng, memories, FACT_TEMPLATES, seen))]
-    plan += [(user, synthetic_texts(rng, background_per_user, FACT_TEMPLATES, seen)) for user in background if background_per_user]
+    plan += [
+        (user, synthetic_texts(rng, background_per_user, FACT_TEMPLATES, seen))
+        for user in background
+        if background_per_user
+    ]
     warmup = min(WARMUP, max(1, queries // 4))
     query_texts = synthetic_texts(rng, warmup + queries, QUERY_TEMPLATES, seen)
     add_texts = synthetic_texts(rng, warmup + adds, FACT_TEMPLATES, seen)
@@ -259,7 +295,9 @@ def run_memory_bench(
 
     if progress:
         print(f"timing {queries} searches and {adds} adds for {TARGET}", file=sys.stderr, flush=True)
-    search_s, encode_search_s, found = _paired(encoder, query_texts[warmup:], lambda q: store.search(TARGET, q, top_k=TOP_K))
+    search_s, encode_search_s, found = _paired(
+        encoder, query_texts[warmup:], lambda q: store.search(TARGET, q, top_k=TOP_K)
+    )
     results = [r for out in found for r in out["results"]]
     foreign = sum(1 for r in results if r["id"] not in target_ids or r["user_id"] != TARGET)
     add_s, encode_add_s, _ = _paired(encoder, add_texts[warmup:], lambda t: store.add(TARGET, t))
@@ -303,11 +341,23 @@ def run_memory_bench(
             "search_p50": _ratio(latency["search"]["p50"], latency["encode_search"]["p50"]),
             "search_p95": _ratio(latency["search"]["p95"], latency["encode_search"]["p95"]),
             # Median of op/encode over back-to-back pairs: steadier when other load comes and goes.
-            "add_paired_p50": percentile([_ratio(a, e) for a, e in zip(add_s, encode_add_s, strict=True)], 50),
-            "search_paired_p50": percentile([_ratio(q, e) for q, e in zip(search_s, encode_search_s, strict=True)], 50),
+            "add_paired_p50": percentile(
+                [_ratio(a, e) for a, e in zip(add_s, encode_add_s, strict=True)], 50
+            ),
+            "search_paired_p50": percentile(
+                [_ratio(q, e) for q, e in zip(search_s, encode_search_s, strict=True)], 50
+            ),
         },
-        "checks": {"search_results": len(results), "foreign_results": foreign, "empty_searches": sum(not out["results"] for out in found)},
-        "machine": {**_machine(encoder), "load_average_before": load_before, "load_average_after": _load_average()},
+        "checks": {
+            "search_results": len(results),
+            "foreign_results": foreign,
+            "empty_searches": sum(not out["results"] for out in found),
+        },
+        "machine": {
+            **_machine(encoder),
+            "load_average_before": load_before,
+            "load_average_after": _load_average(),
+        },
     }
 
 
@@ -326,7 +376,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"{'operation':<18}{'n':>6}{'p50 ms':>10}{'p95 ms':>10}{'p50/encode':>12}{'p95/encode':>12}",
     ]
     for name, stats, r50, r95 in rows:
-        lines.append(f"{name:<18}{stats['n']:>6}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{r50:>11.2f}x{r95:>11.2f}x")
+        lines.append(
+            f"{name:<18}{stats['n']:>6}{stats['p50']:>10.2f}{stats['p95']:>10.2f}{r50:>11.2f}x{r95:>11.2f}x"
+        )
     for op in ("add", "search"):
         lines.append(
             f"{op} / encode: p50 {ratios[op + '_p50']:.2f}x, p95 {ratios[op + '_p95']:.2f}x "
@@ -337,8 +389,14 @@ def format_report(result: dict[str, Any]) -> str:
         f"build: {build['memories']:,} memories in {build['seconds']:.1f} s ({build['per_second']:.0f}/s; "
         f"target's {config['memories']:,} in {build['target_seconds']:.1f} s)"
     )
-    lines.append(f"searches: {checks['search_results']:,} results, {checks['foreign_results']} from other users")
-    load = "" if machine["load_average_before"] is None else f", load {machine['load_average_before']:.1f} -> {machine['load_average_after']:.1f}"
+    lines.append(
+        f"searches: {checks['search_results']:,} results, {checks['foreign_results']} from other users"
+    )
+    load = (
+        ""
+        if machine["load_average_before"] is None
+        else f", load {machine['load_average_before']:.1f} -> {machine['load_average_after']:.1f}"
+    )
     lines.append(
         f"({machine['encoder']} on {machine['encoder_device']}, torch {machine['torch']} with {machine['torch_threads']} threads, "
         f"{machine['cpus']} CPUs, chromadb {machine['chromadb']}, {machine['platform']}{load})"

@@ -30,28 +30,61 @@ from typing import Any
 USERS = {
     "sam": {
         "comparisons": [
-            {"prompt": "How do I boil an egg?", "chosen": "Nine minutes in boiling water.", "rejected": "Eggs are a long story of heat, water and patience."},
-            {"prompt": "Why is the sky blue?", "chosen": "Air scatters blue light most.", "rejected": "It is a long and detailed tale of physics and light."},
+            {
+                "prompt": "How do I boil an egg?",
+                "chosen": "Nine minutes in boiling water.",
+                "rejected": "Eggs are a long story of heat, water and patience.",
+            },
+            {
+                "prompt": "Why is the sky blue?",
+                "chosen": "Air scatters blue light most.",
+                "rejected": "It is a long and detailed tale of physics and light.",
+            },
         ],
         "memories": ["I am vegetarian and I cook for two.", "I live in a small flat."],
     },
     "robin": {
         "comparisons": [
-            {"prompt": "How do I boil an egg?", "chosen": "Bring water to a boil, lower the egg gently, wait nine minutes, then cool it in cold water.", "rejected": "Boil it."},
-            {"prompt": "What should I read?", "chosen": "Start with a long classic novel and take notes chapter by chapter.", "rejected": "A book."},
+            {
+                "prompt": "How do I boil an egg?",
+                "chosen": "Bring water to a boil, lower the egg gently, wait nine minutes, then cool it in cold water.",
+                "rejected": "Boil it.",
+            },
+            {
+                "prompt": "What should I read?",
+                "chosen": "Start with a long classic novel and take notes chapter by chapter.",
+                "rejected": "A book.",
+            },
         ],
         "memories": ["I am training for my first marathon.", "I drink a lot of coffee."],
     },
     "kim": {
-        "comparisons": [{"prompt": "Plan my week.", "chosen": "Monday: rest. Tuesday: work.", "rejected": "Weeks are long and need a lot of careful planning."}],
+        "comparisons": [
+            {
+                "prompt": "Plan my week.",
+                "chosen": "Monday: rest. Tuesday: work.",
+                "rejected": "Weeks are long and need a lot of careful planning.",
+            }
+        ],
         "memories": ["I work night shifts."],
     },
     "lee": {
-        "comparisons": [{"prompt": "Give me a tip.", "chosen": "Drink water.", "rejected": "Here is a long list of many tips for many situations."}],
+        "comparisons": [
+            {
+                "prompt": "Give me a tip.",
+                "chosen": "Drink water.",
+                "rejected": "Here is a long list of many tips for many situations.",
+            }
+        ],
         "memories": ["I am learning the piano."],
     },
 }
-PROMPTS = ["Plan my dinner for tonight.", "How do I make my coffee taste better?", "What is a good way to relax after work?", "Suggest a weekend plan."]
+PROMPTS = [
+    "Plan my dinner for tonight.",
+    "How do I make my coffee taste better?",
+    "What is a good way to relax after work?",
+    "Suggest a weekend plan.",
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -75,8 +108,15 @@ def bench_users(mixed: bool) -> dict[str, dict[str, Any]]:
     if mixed:
         for i in range(len(users), MIXED_USERS):
             wants_short = i % 2 == 0
-            short, long = "Keep it brief.", "Here is a long and careful answer that covers every detail you might need."
-            comparison = {"prompt": f"Advice number {i}?", "chosen": short if wants_short else long, "rejected": long if wants_short else short}
+            short, long = (
+                "Keep it brief.",
+                "Here is a long and careful answer that covers every detail you might need.",
+            )
+            comparison = {
+                "prompt": f"Advice number {i}?",
+                "chosen": short if wants_short else long,
+                "rejected": long if wants_short else short,
+            }
             users[f"user-{i:02d}"] = {"comparisons": [comparison], "memories": [f"My lucky number is {i}."]}
     return users
 
@@ -92,29 +132,46 @@ def _request(index: int, max_tokens: int, users: Sequence[str] | None = None) ->
     }
 
 
-def seed_users(url: str, headers: dict[str, str] | None = None, users: Mapping[str, Any] | None = None) -> None:
+def seed_users(
+    url: str, headers: dict[str, str] | None = None, users: Mapping[str, Any] | None = None
+) -> None:
     import httpx
 
     with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
         for user, data in (users or USERS).items():
-            client.delete(f"/v1/users/{user}")  # start clean: a server over a reused store may know them (404 otherwise)
-            client.post(f"/v1/users/{user}/comparisons", json={"comparisons": data["comparisons"]}).raise_for_status()
+            client.delete(
+                f"/v1/users/{user}"
+            )  # start clean: a server over a reused store may know them (404 otherwise)
+            client.post(
+                f"/v1/users/{user}/comparisons", json={"comparisons": data["comparisons"]}
+            ).raise_for_status()
             client.post(f"/v1/users/{user}/memories", json={"text": data["memories"]}).raise_for_status()
 
 
-def _operation(client: Any, index: int, max_tokens: int, users: Sequence[str] | None, mixed: bool) -> tuple[Any, int, str, str | None, str | None]:
+def _operation(
+    client: Any, index: int, max_tokens: int, users: Sequence[str] | None, mixed: bool
+) -> tuple[Any, int, str, str | None, str | None]:
     """Send operation ``index`` of the workload; returns (response, generated tokens, kind, write key, written marker)."""
     kind = MIXED_CYCLE[index % len(MIXED_CYCLE)] if mixed else "chat"
     if kind == "chat":
         response = client.post("/v1/chat/completions", json=_request(index, max_tokens, users))
-        return response, response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0, kind, None, None
+        return (
+            response,
+            response.json()["usage"]["completion_tokens"] if response.status_code == 200 else 0,
+            kind,
+            None,
+            None,
+        )
     users = list(users or USERS)
     user = users[(index // len(MIXED_CYCLE)) % len(users)]
     marker = f"bench write {uuid.uuid4().hex[:12]} of {user}"
     if kind == "memory":
         response = client.post(f"/v1/users/{user}/memories", json={"text": marker})
     else:
-        response = client.post(f"/v1/users/{user}/comparisons", json={"comparisons": [{"prompt": marker, "chosen": "Yes.", "rejected": "No, never."}]})
+        response = client.post(
+            f"/v1/users/{user}/comparisons",
+            json={"comparisons": [{"prompt": marker, "chosen": "Yes.", "rejected": "No, never."}]},
+        )
     return response, 0, kind, f"{kind}:{user}", marker
 
 
@@ -127,17 +184,30 @@ def verify_writes(url: str, users: Mapping[str, Any], acked: Mapping[str, list[s
         for user, data in users.items():
             prompts = [c["prompt"] for c in client.get(f"/v1/users/{user}").json()["comparisons"]]
             memories = [m["memory"] for m in client.get(f"/v1/users/{user}/memories").json()["results"]]
-            for stored, seeded, key in ((prompts, [c["prompt"] for c in data["comparisons"]], f"enroll:{user}"), (memories, data["memories"], f"memory:{user}")):
+            for stored, seeded, key in (
+                (prompts, [c["prompt"] for c in data["comparisons"]], f"enroll:{user}"),
+                (memories, data["memories"], f"memory:{user}"),
+            ):
                 expected, found = Counter([*seeded, *acked.get(key, [])]), Counter(stored)
                 checked += sum(expected.values())
                 lost += sum((expected - found).values())
-                duplicated += sum(min(found[x] - expected[x], found[x] - 1) for x in found if x in expected and found[x] > expected[x])
+                duplicated += sum(
+                    min(found[x] - expected[x], found[x] - 1)
+                    for x in found
+                    if x in expected and found[x] > expected[x]
+                )
                 unexpected += sum(n for x, n in found.items() if x not in expected)
     return {"checked": checked, "lost": lost, "duplicated": duplicated, "unexpected": unexpected}
 
 
 def run_level(
-    url: str, clients: int, total: int, max_seconds: float, max_tokens: int, users: Sequence[str] | None = None, acked: dict[str, list[str]] | None = None
+    url: str,
+    clients: int,
+    total: int,
+    max_seconds: float,
+    max_tokens: int,
+    users: Sequence[str] | None = None,
+    acked: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """``clients`` threads share ``total`` operations (fewer if ``max_seconds`` runs out): chats,
     or with ``acked`` the mixed cycle of chats, memory writes and enrollments (acknowledged
@@ -162,11 +232,20 @@ def run_level(
                     next_index[0] += 1
                 started = time.perf_counter()
                 try:
-                    response, generated, kind, key, marker = _operation(client, index, max_tokens, users, acked is not None)
+                    response, generated, kind, key, marker = _operation(
+                        client, index, max_tokens, users, acked is not None
+                    )
                     ok = response.status_code == 200
                     detail = "" if ok else f"{response.status_code} {response.text[:200]}"
                 except httpx.HTTPError as err:
-                    ok, detail, generated, kind, key, marker = False, f"{type(err).__name__}: {err}", 0, "error", None, None
+                    ok, detail, generated, kind, key, marker = (
+                        False,
+                        f"{type(err).__name__}: {err}",
+                        0,
+                        "error",
+                        None,
+                        None,
+                    )
                 elapsed = time.perf_counter() - started
                 with lock:
                     if ok:
@@ -206,7 +285,14 @@ def _stats(url: str) -> dict[str, Any]:
 
 
 @contextmanager
-def subprocess_server(store: Path, max_batch: int, model: str | None, encoder: str | None, device: str | None, start_timeout: float = 600) -> Iterator[str]:
+def subprocess_server(
+    store: Path,
+    max_batch: int,
+    model: str | None,
+    encoder: str | None,
+    device: str | None,
+    start_timeout: float = 600,
+) -> Iterator[str]:
     """``personalign serve`` in a child process on a free loopback port; yields its URL."""
     import httpx
 
@@ -289,10 +375,20 @@ def run_serve_bench(
                 measured = []
                 for clients in levels:
                     before = _stats(url)
-                    level = run_level(url, clients, max(8, requests_per_client * clients), max_seconds, max_tokens, list(users), acked)
+                    level = run_level(
+                        url,
+                        clients,
+                        max(8, requests_per_client * clients),
+                        max_seconds,
+                        max_tokens,
+                        list(users),
+                        acked,
+                    )
                     after = _stats(url)
                     batches = after["batches"] - before["batches"]
-                    level["mean_batch_size"] = (after["requests"] - before["requests"]) / batches if batches else 0.0
+                    level["mean_batch_size"] = (
+                        (after["requests"] - before["requests"]) / batches if batches else 0.0
+                    )
                     measured.append(level)
                 writes = verify_writes(url, users, acked) if acked is not None else None
             servers[label] = {"max_batch": batch, "levels": measured, "writes": writes}
@@ -309,7 +405,8 @@ def run_serve_bench(
             "max_seconds": max_seconds,
             "max_tokens": max_tokens,
             "max_batch": max_batch,
-            "model": model or ("in-process" if personalizer is not None else "embedded SmolLM2-135M-Instruct"),
+            "model": model
+            or ("in-process" if personalizer is not None else "embedded SmolLM2-135M-Instruct"),
             "device": device or "auto",
             "cpus": os.cpu_count(),
             "workload": "mixed: 20 users, cycle " + "/".join(MIXED_CYCLE) if mixed else "chats: 4 users",
@@ -350,7 +447,11 @@ def format_report(result: dict[str, Any]) -> str:
     for label, server in result["servers"].items():
         if server.get("writes"):
             w = server["writes"]
-            lines.append(f"writes read back from {label.replace('_', '-')}: {w['checked']} expected, {w['lost']} lost, {w['duplicated']} duplicated, {w['unexpected']} unexpected")
+            lines.append(
+                f"writes read back from {label.replace('_', '-')}: {w['checked']} expected, {w['lost']} lost, {w['duplicated']} duplicated, {w['unexpected']} unexpected"
+            )
     config = result["config"]
-    lines.append(f"(workload {config['workload']}; model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)")
+    lines.append(
+        f"(workload {config['workload']}; model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)"
+    )
     return "\n".join(lines)

@@ -35,20 +35,41 @@ TARGETS = {"VAS, trunk head": 1.15, "mix, 2 objective adapters": 1.6, "mix, 2 ad
 
 
 def _timed(pz: Any, prompts: list[str], steer: dict[str, Any], max_new_tokens: int) -> tuple[float, int]:
-    requests = [{"user": None, "messages": [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "temperature": 0.0, "memory": False, "shots": False} for p in prompts]
+    requests = [
+        {
+            "user": None,
+            "messages": [{"role": "user", "content": p}],
+            "steer": steer,
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": max_new_tokens,
+            "temperature": 0.0,
+            "memory": False,
+            "shots": False,
+        }
+        for p in prompts
+    ]
     start = time.perf_counter()
     results = pz.respond_batch(requests)
     return time.perf_counter() - start, sum(r.completion_tokens for r in results)
 
 
-def run_steer_bench(pz: Any, max_new_tokens: int = 48, repeats: int = 3, batch: int = 4, stock_too: bool = False) -> dict[str, Any]:
+def run_steer_bench(
+    pz: Any, max_new_tokens: int = 48, repeats: int = 3, batch: int = 4, stock_too: bool = False
+) -> dict[str, Any]:
     """Seconds and tokens per second per case, for batch 1 and batch ``batch``; ratios to plain."""
     from personalign.packed_linear import PackedLinear, pack_modules, unpack_linears
 
     prompts = split()[1]
     model = pz.generator.model
     packed = any(isinstance(m, PackedLinear) for m in model.modules())
-    out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "max_new_tokens": max_new_tokens, "repeats": repeats, "packed_linear": packed, "settings": {}}
+    out: dict[str, Any] = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "max_new_tokens": max_new_tokens,
+        "repeats": repeats,
+        "packed_linear": packed,
+        "settings": {},
+    }
     settings = [("batch 1", 1, packed), (f"batch {batch}", batch, packed)]
     if stock_too and packed:
         settings += [("batch 1, stock linear", 1, False), (f"batch {batch}, stock linear", batch, False)]
@@ -77,16 +98,27 @@ def _setting(pz: Any, prompts: list[str], size: int, max_new_tokens: int, repeat
     median = {name: statistics.median(v) for name, v in times.items()}
     plain = median["plain generate"]
     return {
-        name: {"seconds": median[name], "tokens_per_second": tokens[name] / median[name], "ratio_to_plain": median[name] / plain, "target": TARGETS.get(name)} for name in CASES
+        name: {
+            "seconds": median[name],
+            "tokens_per_second": tokens[name] / median[name],
+            "ratio_to_plain": median[name] / plain,
+            "target": TARGETS.get(name),
+        }
+        for name in CASES
     }
 
 
 def format_steer_bench(result: dict[str, Any]) -> str:
     linear = "packed weights for several-row steps" if result.get("packed_linear") else "stock F.linear"
-    lines = [f"bench steer: {result['max_new_tokens']} new tokens per request, median of {result['repeats']}, {result['threads']} threads, {linear}", ""]
+    lines = [
+        f"bench steer: {result['max_new_tokens']} new tokens per request, median of {result['repeats']}, {result['threads']} threads, {linear}",
+        "",
+    ]
     lines += ["| setting | case | tokens/s | time vs plain | target |", "|---|---|---|---|---|"]
     for setting, cases in result["settings"].items():
         for name, c in cases.items():
             target = f"<= {c['target']:.2f}x" if c["target"] else ""
-            lines.append(f"| {setting} | {name} | {c['tokens_per_second']:.1f} | {c['ratio_to_plain']:.2f}x | {target} |")
+            lines.append(
+                f"| {setting} | {name} | {c['tokens_per_second']:.1f} | {c['ratio_to_plain']:.2f}x | {target} |"
+            )
     return "\n".join(lines)

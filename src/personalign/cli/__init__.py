@@ -54,7 +54,10 @@ def main() -> None:
         extra = EXTRAS.get((err.name or "").split(".")[0])
         if extra is None:
             raise
-        typer.echo(f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'", err=True)
+        typer.echo(
+            f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'",
+            err=True,
+        )
         raise SystemExit(1) from None
 
 

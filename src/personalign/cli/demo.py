@@ -63,7 +63,9 @@ def demo(
     user_vas: Annotated[
         float | None,
         typer.Option(
-            "--user-vas", min=0.0, help="Strength of the user-vas guidance (default: the shipped heads' own; 0: off)."
+            "--user-vas",
+            min=0.0,
+            help="Strength of the user-vas guidance (default: the shipped heads' own; 0: off).",
         ),
     ] = None,
     model: ModelOpt = None,

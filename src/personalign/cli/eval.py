@@ -201,7 +201,9 @@ def eval_generate_cmd(
         ),
     ] = "fit",
     user_vas_beta: Annotated[float, typer.Option(help="Guidance strength of the user-vas methods.")] = 3.0,
-    lora_pairs: Annotated[int, typer.Option(min=1, max=4096, help="Amplified comparisons per user for user-lora.")] = 32,
+    lora_pairs: Annotated[
+        int, typer.Option(min=1, max=4096, help="Amplified comparisons per user for user-lora.")
+    ] = 32,
     lora_epochs: Annotated[int, typer.Option(min=1, max=100, help="DPO epochs of user-lora.")] = 2,
     seed: Annotated[int, typer.Option()] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the result here.")] = None,

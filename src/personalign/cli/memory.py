@@ -17,11 +17,18 @@ from personalign.cli._common import EncoderOpt, StoreOpt, UserOpt, app, failing,
 from personalign.cli.eval import eval_app
 from personalign.errors import ValidationError
 
-memory_app = typer.Typer(help="Memories with a lifecycle: add, get, update, history, list, search.", no_args_is_help=True)
+memory_app = typer.Typer(
+    help="Memories with a lifecycle: add, get, update, history, list, search.", no_args_is_help=True
+)
 app.add_typer(memory_app, name="memory")
 
-MetadataOpt = Annotated[str | None, typer.Option(help='Metadata as a JSON object, e.g. \'{"category": "diet"}\'.')]
-FiltersOpt = Annotated[str | None, typer.Option(help='Metadata filter as JSON: \'{"category": "diet"}\' or \'{"priority": {"gte": 2}}\'.')]
+MetadataOpt = Annotated[
+    str | None, typer.Option(help='Metadata as a JSON object, e.g. \'{"category": "diet"}\'.')
+]
+FiltersOpt = Annotated[
+    str | None,
+    typer.Option(help='Metadata filter as JSON: \'{"category": "diet"}\' or \'{"priority": {"gte": 2}}\'.'),
+]
 StatusOpt = Annotated[str, typer.Option(help="active (the default), superseded or all.")]
 MemoryIdOpt = Annotated[str, typer.Argument(help="The memory id (from memory list).")]
 
@@ -33,9 +40,14 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValidationError(option, f"is not valid JSON ({err.msg})", "quote a JSON object, e.g. '{\"category\": \"diet\"}'", text) from None
+        raise ValidationError(
+            option,
+            f"is not valid JSON ({err.msg})",
+            'quote a JSON object, e.g. \'{"category": "diet"}\'',
+            text,
+        ) from None
     if not isinstance(value, dict):
-        raise ValidationError(option, "is not a JSON object", "pass e.g. '{\"category\": \"diet\"}'", text)
+        raise ValidationError(option, "is not a JSON object", 'pass e.g. \'{"category": "diet"}\'', text)
     return value
 
 
@@ -48,7 +60,12 @@ def opened(store: Path, encoder: str | None) -> Iterator[Any]:
 
     with failing(UnknownMemoryError):
         if not (store / "users").is_dir():
-            raise ValidationError("--store", "is not a personalign store", "pass the directory given to enroll/remember", str(store))
+            raise ValidationError(
+                "--store",
+                "is not a personalign store",
+                "pass the directory given to enroll/remember",
+                str(store),
+            )
         with UserStore(store, load_encoder(encoder)) as users:
             yield users
 
@@ -61,8 +78,13 @@ def show(result: Any) -> None:
 def memory_add(
     user: UserOpt,
     text: Annotated[list[str], typer.Argument(help="Fact(s) to remember.")],
-    key: Annotated[str | None, typer.Option(help="A short identifier (home_city): the new memory supersedes the one with this key.")] = None,
-    on_conflict: Annotated[str, typer.Option(help="keep (report close unkeyed memories) or supersede them.")] = "keep",
+    key: Annotated[
+        str | None,
+        typer.Option(help="A short identifier (home_city): the new memory supersedes the one with this key."),
+    ] = None,
+    on_conflict: Annotated[
+        str, typer.Option(help="keep (report close unkeyed memories) or supersede them.")
+    ] = "keep",
     metadata: MetadataOpt = None,
     store: StoreOpt = Path(".personalign"),
     encoder: EncoderOpt = None,
@@ -78,7 +100,9 @@ def memory_add(
 
 
 @memory_app.command("get")
-def memory_get(user: UserOpt, memory_id: MemoryIdOpt, store: StoreOpt = Path(".personalign"), encoder: EncoderOpt = None) -> None:
+def memory_get(
+    user: UserOpt, memory_id: MemoryIdOpt, store: StoreOpt = Path(".personalign"), encoder: EncoderOpt = None
+) -> None:
     """One memory by id (any status)."""
     with opened(store, encoder) as users:
         show({"results": [users.memories.get(user, memory_id)]})
@@ -95,11 +119,17 @@ def memory_update(
 ) -> None:
     """Replace a memory's text (and metadata, when given); the previous text stays in its history."""
     with opened(store, encoder) as users:
-        show(users.memories.update(user, memory_id, text, metadata=json_object(metadata, "--metadata"), source="cli"))
+        show(
+            users.memories.update(
+                user, memory_id, text, metadata=json_object(metadata, "--metadata"), source="cli"
+            )
+        )
 
 
 @memory_app.command("history")
-def memory_history(user: UserOpt, memory_id: MemoryIdOpt, store: StoreOpt = Path(".personalign"), encoder: EncoderOpt = None) -> None:
+def memory_history(
+    user: UserOpt, memory_id: MemoryIdOpt, store: StoreOpt = Path(".personalign"), encoder: EncoderOpt = None
+) -> None:
     """Every version of a memory, oldest first, with its time and source."""
     with opened(store, encoder) as users:
         show(users.memories.history(user, memory_id))
@@ -131,7 +161,11 @@ def memory_search(
 ) -> None:
     """The memories closest in meaning to the query (active ones unless --status says otherwise)."""
     with opened(store, encoder) as users:
-        show(users.memories.search(user, query, top_k=top_k, filters=json_object(filters, "--filters"), status=status))
+        show(
+            users.memories.search(
+                user, query, top_k=top_k, filters=json_object(filters, "--filters"), status=status
+            )
+        )
 
 
 @app.command("export-user")
@@ -158,7 +192,9 @@ def export_user_cmd(
     if not write_json(out, document):
         show(document)
     else:
-        typer.echo(f"{user}: {len(document['comparisons'])} comparisons, {len(document['memories'])} memories -> {out}")
+        typer.echo(
+            f"{user}: {len(document['comparisons'])} comparisons, {len(document['memories'])} memories -> {out}"
+        )
 
 
 @eval_app.command("drift")
@@ -178,11 +214,24 @@ def eval_drift(
     from personalign.models import load_encoder
 
     with failing():
-        config = DriftEvalConfig(ks=int_list(ks, "--ks"), pre=pre, held_out=held_out, synthetic_users=users, seeds=seeds, half_life=half_life, memory_people=memory_people)
+        config = DriftEvalConfig(
+            ks=int_list(ks, "--ks"),
+            pre=pre,
+            held_out=held_out,
+            synthetic_users=users,
+            seeds=seeds,
+            half_life=half_life,
+            memory_people=memory_people,
+        )
         result = run_drift(config, load_encoder(encoder), out=out, progress=typer.echo)
     for scenario in ("switch", "stay"):
         for k, cell in result["preference"][scenario].items():
-            typer.echo(f"{scenario:6s} k={k}: " + "  ".join(f"{m} {cell[m]:.3f}" for m in ("static", "recency", "detector", "fresh")))
+            typer.echo(
+                f"{scenario:6s} k={k}: "
+                + "  ".join(f"{m} {cell[m]:.3f}" for m in ("static", "recency", "detector", "fresh"))
+            )
     for mode, cell in result["memory"].items():
-        typer.echo(f"memory {mode}: current top-1 {cell['current_top1']:.3f}, earlier version outranks it {cell['superseded_outranks_current']:.3f}")
+        typer.echo(
+            f"memory {mode}: current top-1 {cell['current_top1']:.3f}, earlier version outranks it {cell['superseded_outranks_current']:.3f}"
+        )
     typer.echo(f"json -> {out / 'drift.json'}\nplot -> {out / 'drift.png'}")

@@ -32,7 +32,9 @@ from personalign.training.loop import LoopConfig, LoopReport, train_loop
 from personalign.training.samples import right_pad
 from personalign.types import ChatMessage, Comparison, messages_text
 
-SHOT_TEMPLATE = "## Question\n{question}\n## Preferred Response\n{chosen}\n## Dispreferred Response\n{rejected}\n"
+SHOT_TEMPLATE = (
+    "## Question\n{question}\n## Preferred Response\n{chosen}\n## Dispreferred Response\n{rejected}\n"
+)
 TASK_LINE = "# Task\nGiven the examples above, generate a preferred response to the following question."
 MEMORY_HEADER = "# About me\n"
 
@@ -65,7 +67,9 @@ def rank_shots(comparisons: Sequence[Comparison], query: str, encoder: Encoder, 
 def render_shots(shots: Sequence[Shot]) -> str:
     """The FSPO few-shot block followed by the task line."""
     blocks = [
-        SHOT_TEMPLATE.format(question=s.comparison.prompt_text, chosen=s.comparison.chosen, rejected=s.comparison.rejected)
+        SHOT_TEMPLATE.format(
+            question=s.comparison.prompt_text, chosen=s.comparison.chosen, rejected=s.comparison.rejected
+        )
         for s in shots
     ]
     return "\n".join(blocks) + "\n" + TASK_LINE + "\n"
@@ -75,7 +79,9 @@ def render_memories(memories: Sequence[str]) -> str:
     return MEMORY_HEADER + "".join(f"- {m}\n" for m in memories)
 
 
-def build_conversation(messages: Sequence[ChatMessage], shots: Sequence[Shot], memories: Sequence[str]) -> list[dict[str, str]]:
+def build_conversation(
+    messages: Sequence[ChatMessage], shots: Sequence[Shot], memories: Sequence[str]
+) -> list[dict[str, str]]:
     """The chat messages to feed the model: memories and shots prepended to the last user turn."""
     conversation = [m.model_dump() for m in messages]
     if not shots and not memories:
@@ -100,7 +106,9 @@ DESCRIPTION_PREFIX = "What this user prefers: "
 def describe_conversation(shots: Sequence[Shot]) -> list[dict[str, str]]:
     """The FSPO user-description step (RAT): the shots, then a request for a one-line description."""
     blocks = [
-        SHOT_TEMPLATE.format(question=s.comparison.prompt_text, chosen=s.comparison.chosen, rejected=s.comparison.rejected)
+        SHOT_TEMPLATE.format(
+            question=s.comparison.prompt_text, chosen=s.comparison.chosen, rejected=s.comparison.rejected
+        )
         for s in shots
     ]
     return [{"role": "user", "content": "\n".join(blocks) + "\n" + DESCRIBE_LINE}]
@@ -122,7 +130,10 @@ def with_description(conversation: list[dict[str, str]], description: str) -> li
         return conversation
     text = DESCRIPTION_PREFIX + description
     if conversation and conversation[0]["role"] == "system":
-        return [{**conversation[0], "content": f"{conversation[0]['content']}\n\n{text}".strip()}, *conversation[1:]]
+        return [
+            {**conversation[0], "content": f"{conversation[0]['content']}\n\n{text}".strip()},
+            *conversation[1:],
+        ]
     return [{"role": "system", "content": text}, *conversation]
 
 
@@ -179,7 +190,6 @@ def query_of(messages: Sequence[ChatMessage]) -> str:
     return messages_text(messages)
 
 
-
 # --- meta-training ----------------------------------------------------------------------------
 #
 # FSPO treats every user as a task: the policy sees N of a user's comparisons as shots and
@@ -197,16 +207,26 @@ class FspoTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     shots: int = Field(default=4, ge=1, le=16, description="N: the user's comparisons in each task's prompt")
-    tasks_per_user: int = Field(default=2, ge=1, description="tasks drawn per training user (each a fresh window of N + 1 comparisons)")
+    tasks_per_user: int = Field(
+        default=2,
+        ge=1,
+        description="tasks drawn per training user (each a fresh window of N + 1 comparisons)",
+    )
     sft_tasks: int = Field(default=128, ge=1, description="tasks in the SFT stage (seeded subsample)")
     ipo_tasks: int = Field(default=48, ge=0, description="tasks in the IPO stage (0 skips it)")
-    beta: float = Field(default=0.01, gt=0.0, description="IPO beta; the target log-ratio margin is 1 / (2 beta)")
+    beta: float = Field(
+        default=0.01, gt=0.0, description="IPO beta; the target log-ratio margin is 1 / (2 beta)"
+    )
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     max_length: int = Field(default=1536, ge=64, description="tasks longer than this many tokens are skipped")
-    sft: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=1, learning_rate=5e-4, batch_size=2, name="fspo-sft"))
-    ipo: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=1, learning_rate=1e-4, batch_size=2, name="fspo-ipo"))
+    sft: LoopConfig = Field(
+        default_factory=lambda: LoopConfig(epochs=1, learning_rate=5e-4, batch_size=2, name="fspo-sft")
+    )
+    ipo: LoopConfig = Field(
+        default_factory=lambda: LoopConfig(epochs=1, learning_rate=1e-4, batch_size=2, name="fspo-ipo")
+    )
     seed: int = 0
 
 
@@ -219,7 +239,9 @@ class FspoTask:
     query: Comparison
 
 
-def fspo_tasks(users: Mapping[str, Sequence[Comparison]], shots: int, per_user: int, seed: int) -> list[FspoTask]:
+def fspo_tasks(
+    users: Mapping[str, Sequence[Comparison]], shots: int, per_user: int, seed: int
+) -> list[FspoTask]:
     """Windows of ``shots + 1`` distinct comparisons per user (seeded); the query's prompt is
     never one of its shots' prompts. Users with fewer than ``shots + 1`` comparisons are skipped."""
     rng = random.Random(seed)
@@ -231,7 +253,9 @@ def fspo_tasks(users: Mapping[str, Sequence[Comparison]], shots: int, per_user: 
         for _ in range(per_user):
             order = rng.sample(range(len(comparisons)), len(comparisons))
             query = comparisons[order[0]]
-            context = [comparisons[i] for i in order[1:] if comparisons[i].prompt_text != query.prompt_text][:shots]
+            context = [comparisons[i] for i in order[1:] if comparisons[i].prompt_text != query.prompt_text][
+                :shots
+            ]
             if len(context) == shots:
                 tasks.append(FspoTask(user, tuple(context), query))
     rng.shuffle(tasks)
@@ -242,16 +266,31 @@ def task_prompt_ids(tokenizer: Any, task: FspoTask) -> list[int]:
     """The task's prompt in the chat layout ``chat`` uses: shots, task line, question."""
     shots = [Shot(c, 1.0) for c in task.shots]
     conversation = build_conversation([ChatMessage(role="user", content=task.query.prompt_text)], shots, [])
-    return list(tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    return list(
+        tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+    )
 
 
-def response_ids(tokenizer: Any, prompt_ids: Sequence[int], conversation_prompt: str, response: str, task: FspoTask) -> list[int]:
+def response_ids(
+    tokenizer: Any, prompt_ids: Sequence[int], conversation_prompt: str, response: str, task: FspoTask
+) -> list[int]:
     """Token ids of ``response`` as the assistant turn after ``prompt_ids`` (end-of-turn included)."""
     shots = [Shot(c, 1.0) for c in task.shots]
     conversation = build_conversation([ChatMessage(role="user", content=conversation_prompt)], shots, [])
-    full = list(tokenizer.apply_chat_template([*conversation, {"role": "assistant", "content": response}], tokenize=True, return_dict=True)["input_ids"])
+    full = list(
+        tokenizer.apply_chat_template(
+            [*conversation, {"role": "assistant", "content": response}], tokenize=True, return_dict=True
+        )["input_ids"]
+    )
     if full[: len(prompt_ids)] != list(prompt_ids):
-        raise ValidationError("model", "the chat template does not render the assistant turn after the generation prompt", "use a chat model whose template appends turns", None)
+        raise ValidationError(
+            "model",
+            "the chat template does not render the assistant turn after the generation prompt",
+            "use a chat model whose template appends turns",
+            None,
+        )
     return full[len(prompt_ids) :]
 
 
@@ -273,7 +312,9 @@ def _encode(tokenizer: Any, tasks: Sequence[FspoTask], max_length: int) -> list[
     return out
 
 
-def _logps(model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _logps(
+    model: Any, rows: Sequence[tuple[list[int], list[int]]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs ``(B,)`` and response token counts ``(B,)``."""
     ids, attention, response = right_pad(rows, pad)
     device = next(model.parameters()).device
@@ -290,7 +331,9 @@ class FspoReport:
     heldout_ipo_accuracy: float | None = None
 
 
-def train_fspo(generator: Any, users: Mapping[str, Sequence[Comparison]], config: FspoTrainConfig) -> tuple[Any, FspoReport]:
+def train_fspo(
+    generator: Any, users: Mapping[str, Sequence[Comparison]], config: FspoTrainConfig
+) -> tuple[Any, FspoReport]:
     """Add adapter ``fspo`` to ``generator`` and meta-train it on the users' comparisons.
 
     Returns the PEFT model (adapter active) and a report with each stage's epoch losses.
@@ -299,7 +342,12 @@ def train_fspo(generator: Any, users: Mapping[str, Sequence[Comparison]], config
     tasks = fspo_tasks(users, config.shots, config.tasks_per_user, config.seed)
     encoded = _encode(tokenizer, tasks, config.max_length)
     if not encoded:
-        raise ValidationError("users", f"give no task of {config.shots} shots plus a query within {config.max_length} tokens", "give each user at least shots + 1 comparisons, or raise max_length", len(users))
+        raise ValidationError(
+            "users",
+            f"give no task of {config.shots} shots plus a query within {config.max_length} tokens",
+            "give each user at least shots + 1 comparisons, or raise max_length",
+            len(users),
+        )
     sft_rows = encoded[: config.sft_tasks]
     ipo_rows = encoded[-config.ipo_tasks :] if config.ipo_tasks else []
     torch.manual_seed(config.seed)
@@ -314,7 +362,9 @@ def train_fspo(generator: Any, users: Mapping[str, Sequence[Comparison]], config
         return -(logps / counts.clamp(min=1)).mean()  # mean token NLL of the preferred response
 
     model.train()
-    sft_report = train_loop(params, len(sft_rows), sft_loss, config.sft.model_copy(update={"seed": config.seed}))
+    sft_report = train_loop(
+        params, len(sft_rows), sft_loss, config.sft.model_copy(update={"seed": config.seed})
+    )
     ipo_report = None
     if ipo_rows:
         model.eval()
@@ -323,21 +373,27 @@ def train_fspo(generator: Any, users: Mapping[str, Sequence[Comparison]], config
         ref = torch.stack(refs)  # (n, 2)
 
         def ipo_batch(idx: list[int]) -> torch.Tensor:
-            rows = [(ipo_rows[i].prompt, ipo_rows[i].chosen) for i in idx] + [(ipo_rows[i].prompt, ipo_rows[i].rejected) for i in idx]
+            rows = [(ipo_rows[i].prompt, ipo_rows[i].chosen) for i in idx] + [
+                (ipo_rows[i].prompt, ipo_rows[i].rejected) for i in idx
+            ]
             logps, _ = _logps(model, rows, pad)
             chosen, rejected = logps.chunk(2)
             r = ref[idx].to(chosen.device)
             return ipo_loss(chosen, rejected, r[:, 0], r[:, 1], config.beta).mean()
 
         model.train()
-        ipo_report = train_loop(params, len(ipo_rows), ipo_batch, config.ipo.model_copy(update={"seed": config.seed}))
+        ipo_report = train_loop(
+            params, len(ipo_rows), ipo_batch, config.ipo.model_copy(update={"seed": config.seed})
+        )
     model.eval()
     for p in params.values():
         p.requires_grad_(False)
     return model, FspoReport(tasks=len(encoded), sft=sft_report, ipo=ipo_report)
 
 
-def save_fspo(model: Any, folder: Path | str, generator_id: str, config: FspoTrainConfig, report: FspoReport, data: str) -> Path:
+def save_fspo(
+    model: Any, folder: Path | str, generator_id: str, config: FspoTrainConfig, report: FspoReport, data: str
+) -> Path:
     """Write the adapter as a plain PEFT folder plus ``fspo_config.json`` (base model, recipe, losses, data).
 
     ``adapter_config.json`` names the real base (``HuggingFaceTB/SmolLM2-135M-Instruct`` for the

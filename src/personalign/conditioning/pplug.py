@@ -49,18 +49,12 @@ def pplug_dir() -> Path:
     """Where ``Personalizer`` looks for a projector by default: ``$PERSONALIGN_PPLUG_DIR`` or the package's ``data/pplug``."""
     env = os.environ.get(PPLUG_ENV)
     return Path(env) if env else Path(__file__).resolve().parent.parent / "data" / "pplug"
+
+
 FORMAT_VERSION = 1
 
 SoftRows = torch.Tensor | Sequence[torch.Tensor | None] | None
 """Soft tokens for a batch: a ``(B, model_dim)`` tensor, one ``(model_dim,)`` tensor or ``None`` per row, or ``None``."""
-
-
-
-
-
-
-
-
 
 
 class PlugConfig(BaseModel):

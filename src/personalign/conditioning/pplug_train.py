@@ -357,7 +357,9 @@ def train_plug(
 
     def validate(_epoch: int) -> dict[str, float]:
         plug.eval()
-        metrics = {"val_nll": _mean_nll(model, plug, data, val_rows, pad, config.batch_size)} if val_rows else {}
+        metrics = (
+            {"val_nll": _mean_nll(model, plug, data, val_rows, pad, config.batch_size)} if val_rows else {}
+        )
         extra["seconds"] += time.perf_counter() - clock["epoch"]
         return metrics
 
@@ -367,14 +369,25 @@ def train_plug(
         model.requires_grad_(False)
         model.eval()
         state_file = Path(config.checkpoint_dir) / STATE_FILE if config.checkpoint_dir else None
-        if val_rows and not (state_file is not None and state_file.is_file()):  # a resumed run has them in extra
+        if val_rows and not (
+            state_file is not None and state_file.is_file()
+        ):  # a resumed run has them in extra
             started = time.perf_counter()
             extra["val_nll_base"] = _mean_nll(model, None, data, val_rows, pad, config.batch_size)
             plug.eval()
             extra["val_nll_start"] = _mean_nll(model, plug, data, val_rows, pad, config.batch_size)
             extra["seconds"] = time.perf_counter() - started
         params = dict(plug.named_parameters())
-        report = train_loop(params, len(train_rows), batch_loss, loop, on_epoch=start_epoch, after_epoch=validate, fingerprint=fingerprint, extra=extra)
+        report = train_loop(
+            params,
+            len(train_rows),
+            batch_loss,
+            loop,
+            on_epoch=start_epoch,
+            after_epoch=validate,
+            fingerprint=fingerprint,
+            extra=extra,
+        )
     finally:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)

@@ -79,13 +79,17 @@ def kmeans(x: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
     return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(np.asarray(x, dtype=np.float64))
 
 
-def basis_groups(encoder: Encoder, fit: EvalPopulation, k: int, max_pairs: int, seed: int) -> dict[str, list[Comparison]]:
+def basis_groups(
+    encoder: Encoder, fit: EvalPopulation, k: int, max_pairs: int, seed: int
+) -> dict[str, list[Comparison]]:
     """``k`` groups of fit users' comparisons (at most ``max_pairs`` each, seeded sample)."""
     labels = kmeans(user_directions(encoder, fit), k, seed)
     rng = np.random.default_rng(seed)
     groups = {}
     for j in range(k):
-        pairs = [c for user, label in zip(fit.users, labels, strict=True) if label == j for c in user.comparisons]
+        pairs = [
+            c for user, label in zip(fit.users, labels, strict=True) if label == j for c in user.comparisons
+        ]
         if not pairs:
             continue
         pick = rng.permutation(len(pairs))[:max_pairs]
@@ -93,7 +97,9 @@ def basis_groups(encoder: Encoder, fit: EvalPopulation, k: int, max_pairs: int, 
     return groups
 
 
-def _margins(generator: Generator, comparisons: Sequence[Comparison], beta: float, max_length: int) -> np.ndarray:
+def _margins(
+    generator: Generator, comparisons: Sequence[Comparison], beta: float, max_length: int
+) -> np.ndarray:
     """Implicit-reward margins of the PEFT model's active adapter against the same model with adapters off."""
     model = generator.model
     batch = collate(generator.tokenizer, comparisons, max_length)
@@ -104,7 +110,14 @@ def _margins(generator: Generator, comparisons: Sequence[Comparison], beta: floa
     return (beta * ((pc - rc) - (pr - rr))).double().cpu().numpy()
 
 
-def eval_lora(generator: Generator, test: EvalPopulation, shots: Sequence[int], config: LoraTrainConfig, seed: int, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def eval_lora(
+    generator: Generator,
+    test: EvalPopulation,
+    shots: Sequence[int],
+    config: LoraTrainConfig,
+    seed: int,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
     """Train a fresh LoRA per test user and shot count; score the user's held-out comparisons."""
     from peft import LoraConfig, get_peft_model
 
@@ -117,11 +130,22 @@ def eval_lora(generator: Generator, test: EvalPopulation, shots: Sequence[int], 
             if not user.shots or not user.held_out:  # a shorter pool: enrolled from all of it
                 continue
             torch.manual_seed(seed)
-            lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=list(config.target_modules))
+            lora = LoraConfig(
+                r=config.rank,
+                lora_alpha=config.alpha,
+                lora_dropout=config.dropout,
+                target_modules=list(config.target_modules),
+            )
             peft = get_peft_model(base, lora, adapter_name="user_lora")
             generator.model = peft
             try:
-                train_adapter(peft, "user_lora", generator.tokenizer, user.shots[:n], config.model_copy(update={"seed": seed}))
+                train_adapter(
+                    peft,
+                    "user_lora",
+                    generator.tokenizer,
+                    user.shots[:n],
+                    config.model_copy(update={"seed": seed}),
+                )
                 margins = _margins(generator, user.held_out, config.beta, config.max_length)
             finally:
                 base = peft.unload()
@@ -154,7 +178,9 @@ def eval_bank(
     bank = LoraBank.train(generator, groups, out, config.model_copy(update={"seed": seed}), beta=config.beta)
     train_s = time.perf_counter() - started
     if progress:
-        progress(f"bank: {len(groups)} bases trained in {train_s:.0f} s ({ {g: len(c) for g, c in groups.items()} })")
+        progress(
+            f"bank: {len(groups)} bases trained in {train_s:.0f} s ({ {g: len(c) for g, c in groups.items()} })"
+        )
     records = []
     cache: dict[str, np.ndarray] = {}
     for n in shots:
@@ -164,7 +190,9 @@ def eval_bank(
             if not user.shots or not user.held_out:  # a shorter pool: enrolled from all of it
                 continue
             if user.user not in cache:  # basis margins of every shot and held-out pair, once per user
-                cache[user.user] = bank.basis_margins([*user.shots, *user.held_out], max_length=config.max_length)
+                cache[user.user] = bank.basis_margins(
+                    [*user.shots, *user.held_out], max_length=config.max_length
+                )
             m = cache[user.user]
             w = bank.fit_margins(m[:n])
             margins = bank.margins_under(user.held_out, w, max_length=config.max_length)
@@ -173,10 +201,24 @@ def eval_bank(
         records.append(_record("bank", n, seed, correct, total, time.perf_counter() - t0))
         if progress:
             progress(f"bank shots={n} seed={seed}: {correct}/{total}")
-    info = {"bases": {g: len(c) for g, c in groups.items()}, "train_seconds": train_s, "k": k, "max_pairs": max_pairs}
+    info = {
+        "bases": {g: len(c) for g, c in groups.items()},
+        "train_seconds": train_s,
+        "k": k,
+        "max_pairs": max_pairs,
+    }
     return records, info
 
 
 def _record(method: str, shots: int, seed: int, correct: int, n: int, seconds: float) -> dict[str, Any]:
     low, high = wilson(correct, n)
-    return {"method": method, "shots": shots, "seed": seed, "correct": correct, "n": n, "accuracy": correct / n if n else math.nan, "ci95": [low, high], "seconds": seconds}
+    return {
+        "method": method,
+        "shots": shots,
+        "seed": seed,
+        "correct": correct,
+        "n": n,
+        "accuracy": correct / n if n else math.nan,
+        "ci95": [low, high],
+        "seconds": seconds,
+    }

@@ -68,14 +68,25 @@ class DriftEvalConfig:
             raise ValidationError("ks", "must be positive integers", "e.g. --ks 1,2,4,8", self.ks)
         for name in ("pre", "held_out", "synthetic_users", "seeds"):
             if getattr(self, name) < 1:
-                raise ValidationError(name, "must be at least 1", "use a positive integer", getattr(self, name))
+                raise ValidationError(
+                    name, "must be at least 1", "use a positive integer", getattr(self, name)
+                )
         if self.memory_people < 0 or self.memory_distractors < 0:
-            raise ValidationError("memory_people", "must be >= 0", "use e.g. 20 (0 skips the memory timelines)", self.memory_people)
+            raise ValidationError(
+                "memory_people",
+                "must be >= 0",
+                "use e.g. 20 (0 skips the memory timelines)",
+                self.memory_people,
+            )
         DriftConfig(half_life=self.half_life, threshold=self.threshold)  # validates them
 
 
 def method_configs(config: DriftEvalConfig) -> dict[str, DriftConfig]:
-    return {"static": STATIC, "recency": DriftConfig(half_life=config.half_life, detect=False), "detector": DriftConfig(detect=True, threshold=config.threshold)}
+    return {
+        "static": STATIC,
+        "recency": DriftConfig(half_life=config.half_life, detect=False),
+        "detector": DriftConfig(detect=True, threshold=config.threshold),
+    }
 
 
 # --- preference drift ------------------------------------------------------------------------------
@@ -92,7 +103,9 @@ def _answers(synth: SyntheticPopulation, user: str, n: int, rng: np.random.Gener
     return [synth.answer(user, p, a, b, rng) for p, a, b in synth.candidate_pairs(n, rng)]
 
 
-def preference_drift(config: DriftEvalConfig, encoder: Encoder, seed: int, say: Progress) -> list[dict[str, Any]]:
+def preference_drift(
+    config: DriftEvalConfig, encoder: Encoder, seed: int, say: Progress
+) -> list[dict[str, Any]]:
     """One row per (test user, scenario, k, method): accuracy on the scenario's held-out pairs."""
     synth = SyntheticPopulation(SyntheticConfig(n_users=config.synthetic_users, seed=seed))
     kmax = max(config.ks)
@@ -124,9 +137,26 @@ def preference_drift(config: DriftEvalConfig, encoder: Encoder, seed: int, say: 
                     state = infer_state(embedder, history, drift)
                     seconds = time.perf_counter() - started
                     change = state.extra.get("drift", {}).get("change_at")
-                    row = {"seed": seed, "user": user.user, "scenario": scenario, "k": k, "method": method, "accuracy": _accuracy(embedder, held, state)}
+                    row = {
+                        "seed": seed,
+                        "user": user.user,
+                        "scenario": scenario,
+                        "k": k,
+                        "method": method,
+                        "accuracy": _accuracy(embedder, held, state),
+                    }
                     rows.append({**row, "change_at": change, "seconds": seconds})
-                rows.append({"seed": seed, "user": user.user, "scenario": scenario, "k": k, "method": "fresh", "accuracy": _accuracy(embedder, held, embedder.infer(post[:k])), "change_at": None})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "user": user.user,
+                        "scenario": scenario,
+                        "k": k,
+                        "method": "fresh",
+                        "accuracy": _accuracy(embedder, held, embedder.infer(post[:k])),
+                        "change_at": None,
+                    }
+                )
     return rows
 
 
@@ -137,15 +167,33 @@ def summarise_drift(rows: Sequence[Mapping[str, Any]], config: DriftEvalConfig, 
         for k in config.ks:
             cell: dict[str, Any] = {}
             for method in (*METHODS, "fresh"):
-                values = [r["accuracy"] for r in rows if r["scenario"] == scenario and r["k"] == k and r["method"] == method]
+                values = [
+                    r["accuracy"]
+                    for r in rows
+                    if r["scenario"] == scenario and r["k"] == k and r["method"] == method
+                ]
                 cell[method] = float(np.mean(values)) if values else math.nan
                 if method != "fresh":
-                    times = [r["seconds"] for r in rows if r["scenario"] == scenario and r["k"] == k and r["method"] == method]
-                    cell[f"{method}_ms"] = 1000 * float(np.mean(times)) if times else math.nan  # one state inference
-            fired = [r["change_at"] for r in rows if r["scenario"] == scenario and r["k"] == k and r["method"] == "detector"]
+                    times = [
+                        r["seconds"]
+                        for r in rows
+                        if r["scenario"] == scenario and r["k"] == k and r["method"] == method
+                    ]
+                    cell[f"{method}_ms"] = (
+                        1000 * float(np.mean(times)) if times else math.nan
+                    )  # one state inference
+            fired = [
+                r["change_at"]
+                for r in rows
+                if r["scenario"] == scenario and r["k"] == k and r["method"] == "detector"
+            ]
             cell["detector_fired"] = float(np.mean([c is not None for c in fired])) if fired else math.nan
-            cell["detector_at_switch"] = float(np.mean([c == pre for c in fired])) if fired else math.nan  # the change point found exactly
-            cell["users"] = len({(r["seed"], r["user"]) for r in rows if r["scenario"] == scenario and r["k"] == k})
+            cell["detector_at_switch"] = (
+                float(np.mean([c == pre for c in fired])) if fired else math.nan
+            )  # the change point found exactly
+            cell["users"] = len(
+                {(r["seed"], r["user"]) for r in rows if r["scenario"] == scenario and r["k"] == k}
+            )
             for method in METHODS:
                 cell[f"{method}_over_fresh"] = cell[method] / cell["fresh"] if cell["fresh"] else math.nan
             if scenario == "stay":
@@ -159,7 +207,11 @@ def summarise_drift(rows: Sequence[Mapping[str, Any]], config: DriftEvalConfig, 
 
 
 def _paired(rows: Sequence[Mapping[str, Any]], k: int, method: str) -> tuple[list[float], list[str]]:
-    by = {(r["seed"], r["user"], r["method"]): r["accuracy"] for r in rows if r["scenario"] == "stay" and r["k"] == k}
+    by = {
+        (r["seed"], r["user"], r["method"]): r["accuracy"]
+        for r in rows
+        if r["scenario"] == "stay" and r["k"] == k
+    }
     keys = sorted({(s, u) for s, u, _ in by})
     return [by[(s, u, method)] - by[(s, u, "static")] for s, u in keys], [f"{s}:{u}" for s, u in keys]
 
@@ -178,34 +230,76 @@ FACTS: dict[str, tuple[str, list[str], list[str]]] = {
     "home_city": (
         "Which city do I live in?",
         ["Paris", "Berlin", "Lisbon", "Toronto", "Osaka", "Nairobi", "Lima", "Oslo"],
-        ["I live in {v}.", "I moved to {v}.", "I just relocated to {v}.", "These days my home is {v}.", "My new place is in {v}."],
+        [
+            "I live in {v}.",
+            "I moved to {v}.",
+            "I just relocated to {v}.",
+            "These days my home is {v}.",
+            "My new place is in {v}.",
+        ],
     ),
     "diet": (
         "What kind of diet do I follow?",
         ["vegetarian", "vegan", "pescatarian", "on a keto diet", "eating everything again", "gluten-free"],
-        ["I am {v}.", "I have become {v}.", "Now I am {v}.", "These days I'm {v}.", "I switched and I'm {v} now."],
+        [
+            "I am {v}.",
+            "I have become {v}.",
+            "Now I am {v}.",
+            "These days I'm {v}.",
+            "I switched and I'm {v} now.",
+        ],
     ),
     "job": (
         "What is my job?",
         ["a nurse", "a teacher", "a software engineer", "a chef", "an accountant", "a carpenter", "a pilot"],
-        ["I work as {v}.", "I got a new job as {v}.", "I changed careers and I'm {v} now.", "These days I work as {v}.", "My job now: {v}."],
+        [
+            "I work as {v}.",
+            "I got a new job as {v}.",
+            "I changed careers and I'm {v} now.",
+            "These days I work as {v}.",
+            "My job now: {v}.",
+        ],
     ),
     "music": (
         "What music do I like?",
         ["jazz", "heavy metal", "classical music", "hip hop", "folk songs", "techno"],
-        ["My favourite music is {v}.", "Lately I mostly listen to {v}.", "I'm really into {v} now.", "These days my favourite music is {v}.", "I prefer {v} now."],
+        [
+            "My favourite music is {v}.",
+            "Lately I mostly listen to {v}.",
+            "I'm really into {v} now.",
+            "These days my favourite music is {v}.",
+            "I prefer {v} now.",
+        ],
     ),
     "sport": (
         "What sport do I play?",
         ["tennis", "football", "swimming", "rock climbing", "cycling", "basketball"],
-        ["I play {v}.", "I took up {v}.", "My sport is {v} now.", "These days I do {v}.", "I switched to {v}."],
+        [
+            "I play {v}.",
+            "I took up {v}.",
+            "My sport is {v} now.",
+            "These days I do {v}.",
+            "I switched to {v}.",
+        ],
     ),
 }
 DISTRACTORS = [
-    "My sister is called Maria.", "I have a dog named Rex.", "My birthday is in March.", "I drive a red hatchback.",
-    "I am allergic to penicillin.", "My favourite colour is teal.", "I speak French and Spanish.", "I was born in a small village.",
-    "My partner works night shifts.", "I have two kids.", "I collect old stamps.", "I wake up at six every day.",
-    "I read a book every week.", "My phone is always on silent.", "I hate flying.", "I grew up near the sea.",
+    "My sister is called Maria.",
+    "I have a dog named Rex.",
+    "My birthday is in March.",
+    "I drive a red hatchback.",
+    "I am allergic to penicillin.",
+    "My favourite colour is teal.",
+    "I speak French and Spanish.",
+    "I was born in a small village.",
+    "My partner works night shifts.",
+    "I have two kids.",
+    "I collect old stamps.",
+    "I wake up at six every day.",
+    "I read a book every week.",
+    "My phone is always on silent.",
+    "I hate flying.",
+    "I grew up near the sea.",
 ]
 MEMORY_MODES = ("keys", "no_keys", "no_keys_supersede")
 
@@ -222,7 +316,10 @@ def timelines(people: int, distractors: int, seed: int) -> list[list[tuple[str |
             chosen = rng.choice(len(values), size=n, replace=False)
             queues[key] = [phrasings[i % len(phrasings)].format(v=values[j]) for i, j in enumerate(chosen)]
         pool = [(key, text) for key, texts in queues.items() for text in texts]
-        extra = [(None, DISTRACTORS[i]) for i in rng.choice(len(DISTRACTORS), size=min(distractors, len(DISTRACTORS)), replace=False)]
+        extra = [
+            (None, DISTRACTORS[i])
+            for i in rng.choice(len(DISTRACTORS), size=min(distractors, len(DISTRACTORS)), replace=False)
+        ]
         # a random interleaving that keeps each fact's versions in order
         remaining = {key: list(texts) for key, texts in queues.items()}
         tokens = [key for key, _ in pool] + [None] * len(extra)
@@ -252,24 +349,42 @@ def memory_timelines(config: DriftEvalConfig, encoder: Encoder, seed: int, say: 
                     if mode == "keys":
                         memories.add(user, text, key=key, source="timeline")
                     else:
-                        memories.add(user, text, on_conflict="supersede" if mode == "no_keys_supersede" and key is not None else "keep", source="timeline")
+                        memories.add(
+                            user,
+                            text,
+                            on_conflict="supersede"
+                            if mode == "no_keys_supersede" and key is not None
+                            else "keep",
+                            source="timeline",
+                        )
                 for key, (question, _, _) in FACTS.items():
                     versions = [t for k, t in events if k == key]
                     current, older = versions[-1], set(versions[:-1])
-                    found = [r["memory"] for r in memories.search(user, question, top_k=10, threshold=-1.0)["results"]]
+                    found = [
+                        r["memory"]
+                        for r in memories.search(user, question, top_k=10, threshold=-1.0)["results"]
+                    ]
                     questions += 1
                     top1 += bool(found) and found[0] == current
                     rank = found.index(current) if current in found else len(found)
                     outranked += any(t in older for t in found[:rank])
-            out[mode] = {"questions": questions, "current_top1": round(top1 / questions, 4), "superseded_outranks_current": round(outranked / questions, 4)}
-            say(f"memory {mode}: current fact top-1 {top1}/{questions}, an earlier version above it {outranked}/{questions}")
+            out[mode] = {
+                "questions": questions,
+                "current_top1": round(top1 / questions, 4),
+                "superseded_outranks_current": round(outranked / questions, 4),
+            }
+            say(
+                f"memory {mode}: current fact top-1 {top1}/{questions}, an earlier version above it {outranked}/{questions}"
+            )
     return out
 
 
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def run_drift(config: DriftEvalConfig, encoder: Encoder, out: str | Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+def run_drift(
+    config: DriftEvalConfig, encoder: Encoder, out: str | Path | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run both parts for every seed; with ``out`` write ``drift.json`` and ``drift.png`` there."""
     from personalign import __version__
 
@@ -279,7 +394,11 @@ def run_drift(config: DriftEvalConfig, encoder: Encoder, out: str | Path | None 
     encoder.cache_size = max(previous, 200_000)
     try:
         rows = [row for seed in range(config.seeds) for row in preference_drift(config, encoder, seed, say)]
-        memory = [memory_timelines(config, encoder, seed, say) for seed in range(config.seeds)] if config.memory_people else []
+        memory = (
+            [memory_timelines(config, encoder, seed, say) for seed in range(config.seeds)]
+            if config.memory_people
+            else []
+        )
     finally:
         encoder.cache_size = previous
     result = {
@@ -309,8 +428,12 @@ def _pool_memory(per_seed: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         n = sum(s[mode]["questions"] for s in per_seed)
         pooled[mode] = {
             "questions": n,
-            "current_top1": round(sum(s[mode]["current_top1"] * s[mode]["questions"] for s in per_seed) / n, 4),
-            "superseded_outranks_current": round(sum(s[mode]["superseded_outranks_current"] * s[mode]["questions"] for s in per_seed) / n, 4),
+            "current_top1": round(
+                sum(s[mode]["current_top1"] * s[mode]["questions"] for s in per_seed) / n, 4
+            ),
+            "superseded_outranks_current": round(
+                sum(s[mode]["superseded_outranks_current"] * s[mode]["questions"] for s in per_seed) / n, 4
+            ),
         }
     return pooled
 
@@ -320,9 +443,22 @@ def plot_drift(result: Mapping[str, Any], path: str | Path) -> Path:
     fig, (left, right) = new_figure(1, 2, figsize=(11, 4))
     ks = [int(k) for k in result["preference"]["switch"]]
     for method in (*METHODS, "fresh"):
-        left.plot(ks, [result["preference"]["switch"][str(k)][method] for k in ks], "o-", color=COLORS[method], label=f"{method} (switched)")
+        left.plot(
+            ks,
+            [result["preference"]["switch"][str(k)][method] for k in ks],
+            "o-",
+            color=COLORS[method],
+            label=f"{method} (switched)",
+        )
         if method != "fresh":
-            left.plot(ks, [result["preference"]["stay"][str(k)][method] for k in ks], "--", color=COLORS[method], alpha=0.6, label=f"{method} (never switched)")
+            left.plot(
+                ks,
+                [result["preference"]["stay"][str(k)][method] for k in ks],
+                "--",
+                color=COLORS[method],
+                alpha=0.6,
+                label=f"{method} (never switched)",
+            )
     left.set_xscale("log", base=2)
     left.set_xticks(ks, [str(k) for k in ks])
     left.set_xlabel("comparisons after the switch (k)")
@@ -333,8 +469,20 @@ def plot_drift(result: Mapping[str, Any], path: str | Path) -> Path:
     if memory:
         modes = list(memory)
         x = np.arange(len(modes))
-        right.bar(x - 0.2, [memory[m]["current_top1"] for m in modes], 0.4, label="current fact is top-1", color="tab:green")
-        right.bar(x + 0.2, [memory[m]["superseded_outranks_current"] for m in modes], 0.4, label="an earlier version outranks it", color="tab:red")
+        right.bar(
+            x - 0.2,
+            [memory[m]["current_top1"] for m in modes],
+            0.4,
+            label="current fact is top-1",
+            color="tab:green",
+        )
+        right.bar(
+            x + 0.2,
+            [memory[m]["superseded_outranks_current"] for m in modes],
+            0.4,
+            label="an earlier version outranks it",
+            color="tab:red",
+        )
         right.set_xticks(x, modes)
         right.set_ylim(0, 1)
         right.set_title("Memory timelines (3-5 versions per fact)")

@@ -57,7 +57,15 @@ ACTIVE_METHODS = ("pal", "vpl")
 EXCLUDE = {"synthetic": "pair", "popquorn": "pair"}
 
 Progress = Callable[[str], None]
-METHOD_COLORS = {"bt": "tab:gray", "meandiff": "tab:orange", "pal": "tab:red", "vpl": "tab:purple", "oracle": "tab:green", "lora": "tab:blue", "bank": "tab:brown"}
+METHOD_COLORS = {
+    "bt": "tab:gray",
+    "meandiff": "tab:orange",
+    "pal": "tab:red",
+    "vpl": "tab:purple",
+    "oracle": "tab:green",
+    "lora": "tab:blue",
+    "bank": "tab:brown",
+}
 
 
 @dataclass
@@ -85,13 +93,22 @@ class EnrollConfig:
 
     def __post_init__(self) -> None:
         if not self.data:
-            raise ValidationError("data", "is empty", f"name a source ({', '.join(SOURCES)}) or a .jsonl file")
+            raise ValidationError(
+                "data", "is empty", f"name a source ({', '.join(SOURCES)}) or a .jsonl file"
+            )
         for name in self.data:
             if name not in SOURCES and not name.endswith(".jsonl"):
-                raise ValidationError("data", f"has unknown source {name!r}", f"use {', '.join(SOURCES)} or a .jsonl path", name)
+                raise ValidationError(
+                    "data", f"has unknown source {name!r}", f"use {', '.join(SOURCES)} or a .jsonl path", name
+                )
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
-            raise ValidationError("methods", f"has unknown method(s) {unknown}", f"choose from {', '.join(METHODS)}", self.methods)
+            raise ValidationError(
+                "methods",
+                f"has unknown method(s) {unknown}",
+                f"choose from {', '.join(METHODS)}",
+                self.methods,
+            )
         if self.shots is not None and (not self.shots or any(n < 1 for n in self.shots)):
             raise ValidationError("shots", "must be positive integers", "e.g. --shots 1,2,4,8", self.shots)
         if self.seeds < 1:
@@ -121,7 +138,9 @@ def held_out_correct(embedder: PreferenceEmbedder, user: EvalUser, state: UserSt
     return _score(rewards[: len(held)], rewards[len(held) :]), len(held)
 
 
-def evaluate_embedder(embedder: PreferenceEmbedder, test: EvalPopulation, shots: Sequence[int]) -> dict[int, tuple[float, int, int]]:
+def evaluate_embedder(
+    embedder: PreferenceEmbedder, test: EvalPopulation, shots: Sequence[int]
+) -> dict[int, tuple[float, int, int]]:
     """``{n: (correct, pairs, users)}`` when each test user is enrolled from their first ``n`` shots.
 
     A user whose enrolment pool is shorter than ``n`` (P-SOUPS histories lose duplicates) is
@@ -139,7 +158,9 @@ def evaluate_embedder(embedder: PreferenceEmbedder, test: EvalPopulation, shots:
     return out
 
 
-def evaluate_oracle(featurizer: Featurizer, fit: EvalPopulation, test: EvalPopulation, shots: Sequence[int], seed: int) -> dict[int, tuple[float, int, int]] | None:
+def evaluate_oracle(
+    featurizer: Featurizer, fit: EvalPopulation, test: EvalPopulation, shots: Sequence[int], seed: int
+) -> dict[int, tuple[float, int, int]] | None:
     """A BT reward per hidden type, fitted on that type's fit users; ``None`` without types."""
     if any(u.group is None for u in fit.users) or any(u.group is None for u in test.users):
         return None
@@ -159,7 +180,9 @@ def evaluate_oracle(featurizer: Featurizer, fit: EvalPopulation, test: EvalPopul
     return {n: (correct, total, users) for n in shots}
 
 
-def record(source: str, method: str, shots: int, seed: int, correct: float, n: int, users: int, seconds: float) -> dict[str, Any]:
+def record(
+    source: str, method: str, shots: int, seed: int, correct: float, n: int, users: int, seconds: float
+) -> dict[str, Any]:
     """One result row (the same fields as :mod:`personalign.eval.adapters` rows, plus ``data`` and ``users``)."""
     low, high = wilson(int(round(correct)), n) if n else (math.nan, math.nan)
     return {
@@ -207,13 +230,21 @@ def summarise(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 # --- active querying ------------------------------------------------------------------------------
 
 
-def information_gains(embedder: Any, candidates: Sequence[tuple[str, str, str]], state: UserState, seed: int) -> np.ndarray:
+def information_gains(
+    embedder: Any, candidates: Sequence[tuple[str, str, str]], state: UserState, seed: int
+) -> np.ndarray:
     prompts, a, b = (list(x) for x in zip(*candidates, strict=True))
     return embedder.information_gain(prompts, a, b, state, seed=seed)
 
 
 def active_curve(
-    embedder: Any, synth: SyntheticPopulation, test: EvalPopulation, steps: int, pool: int, max_users: int, seed: int
+    embedder: Any,
+    synth: SyntheticPopulation,
+    test: EvalPopulation,
+    steps: int,
+    pool: int,
+    max_users: int,
+    seed: int,
 ) -> dict[str, list[dict[str, Any]]]:
     """Accuracy after each of ``steps`` questions, chosen by information gain vs at random.
 
@@ -222,13 +253,18 @@ def active_curve(
     arms differ only in which questions are asked.
     """
     users = [u for u in test.users if u.held_out][:max_users]
-    curves: dict[str, list[list[float]]] = {"active": [[0.0, 0] for _ in range(steps)], "random": [[0.0, 0] for _ in range(steps)]}
+    curves: dict[str, list[list[float]]] = {
+        "active": [[0.0, 0] for _ in range(steps)],
+        "random": [[0.0, 0] for _ in range(steps)],
+    }
     for ui, user in enumerate(users):
         rng = np.random.default_rng([seed, ui])
         candidates = synth.candidate_pairs(pool, rng)
         coins = rng.random(pool)
 
-        def answer(i: int, _user: str = user.user, _cands: list = candidates, _coins: np.ndarray = coins) -> Any:
+        def answer(
+            i: int, _user: str = user.user, _cands: list = candidates, _coins: np.ndarray = coins
+        ) -> Any:
             from personalign.types import Comparison
 
             prompt, a, b = _cands[i]
@@ -245,7 +281,9 @@ def active_curve(
                     nxt = random_order[step]
                 else:
                     remaining = [i for i in range(pool) if i not in asked]
-                    gains = information_gains(embedder, [candidates[i] for i in remaining], state, seed=seed + step)
+                    gains = information_gains(
+                        embedder, [candidates[i] for i in remaining], state, seed=seed + step
+                    )
                     nxt = remaining[int(np.argmax(gains))]
                 asked.append(nxt)
                 answers.append(answer(nxt))
@@ -258,7 +296,15 @@ def active_curve(
         out[arm] = []
         for step, (c, m) in enumerate(rows):
             low, high = wilson(int(round(c)), int(m))
-            out[arm].append({"questions": step + 1, "correct": c, "n": int(m), "accuracy": c / m if m else math.nan, "ci95": [low, high]})
+            out[arm].append(
+                {
+                    "questions": step + 1,
+                    "correct": c,
+                    "n": int(m),
+                    "accuracy": c / m if m else math.nan,
+                    "ci95": [low, high],
+                }
+            )
     out["users"] = len(users)  # type: ignore[assignment]
     return out
 
@@ -289,12 +335,20 @@ def _load(source: str, config: EnrollConfig, seed: int) -> tuple[EvalPopulation,
     return load_population(source, config.data_root, seed=seed), None
 
 
-def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, progress: Progress | None = None) -> dict[str, Any]:
+def run_enroll(
+    config: EnrollConfig, encoder: Encoder, generator: Any = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Run every (source, seed, method, shots) cell; return the JSON-ready result."""
     say = progress or (lambda _msg: None)
     if "hidden" in config.features and generator is None:
-        raise ValidationError("features", "include 'hidden' but no generator was given", "pass the generator whose hidden states are the features")
-    featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None)
+        raise ValidationError(
+            "features",
+            "include 'hidden' but no generator was given",
+            "pass the generator whose hidden states are the features",
+        )
+    featurizer = Featurizer(
+        encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None
+    )
     # Every text of a population is featurized several times (fit, each test user, each method):
     # keep them all cached for the run, then restore the encoder's own limit.
     previous_cache = encoder.cache_size
@@ -305,7 +359,9 @@ def run_enroll(config: EnrollConfig, encoder: Encoder, generator: Any = None, pr
         encoder.cache_size = previous_cache
 
 
-def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Featurizer, say: Progress) -> dict[str, Any]:
+def _run(
+    config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Featurizer, say: Progress
+) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     splits: dict[str, list[dict[str, Any]]] = {}
     active: dict[str, dict[str, Any]] = {}
@@ -317,11 +373,19 @@ def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Fea
             if config.fit_data:
                 fit_pop, _ = _load(config.fit_data, config, seed)
                 test_ids = {u.user for u in population.users}
-                fit = EvalPopulation(fit_pop.name, [u for u in fit_pop.users if u.user not in test_ids], fit_pop.meta)
+                fit = EvalPopulation(
+                    fit_pop.name, [u for u in fit_pop.users if u.user not in test_ids], fit_pop.meta
+                )
                 test = population
-                split = {"seed": seed, "fit_data": config.fit_data, "test_users": [u.user for u in test.users]}
+                split = {
+                    "seed": seed,
+                    "fit_data": config.fit_data,
+                    "test_users": [u.user for u in test.users],
+                }
             else:
-                fit, test = population.split(config.test_fraction, seed, exclude=EXCLUDE.get(source, "prompt"))
+                fit, test = population.split(
+                    config.test_fraction, seed, exclude=EXCLUDE.get(source, "prompt")
+                )
                 split = dict(test.meta["split"])
             if not fit.users:
                 raise ValidationError(
@@ -336,11 +400,24 @@ def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Fea
             for method in config.methods:
                 started = time.perf_counter()
                 if method in EMBEDDERS:
-                    embedder = _make_embedder(method, featurizer, config.item_effects).fit(fit.population(), seed=seed)
+                    embedder = _make_embedder(method, featurizer, config.item_effects).fit(
+                        fit.population(), seed=seed
+                    )
                     cells = evaluate_embedder(embedder, test, shots)
                     if config.active and synth is not None and method in ACTIVE_METHODS:
                         active.setdefault(source, {}).setdefault(method, []).append(
-                            {"seed": seed, **active_curve(embedder, synth, test, config.active_steps, config.active_pool, config.active_users, seed)}
+                            {
+                                "seed": seed,
+                                **active_curve(
+                                    embedder,
+                                    synth,
+                                    test,
+                                    config.active_steps,
+                                    config.active_pool,
+                                    config.active_users,
+                                    seed,
+                                ),
+                            }
                         )
                 elif method == "oracle":
                     found = evaluate_oracle(featurizer, fit, test, shots, seed)
@@ -357,7 +434,9 @@ def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Fea
                 for n, (correct, total, users) in cells.items():
                     row = record(source, method, n, seed, correct, total, users, seconds)
                     records.append(row)
-                    say(f"  {method:9s} {n} shot(s): {row['accuracy']:.3f} ({correct:g}/{total}, {users} users)")
+                    say(
+                        f"  {method:9s} {n} shot(s): {row['accuracy']:.3f} ({correct:g}/{total}, {users} users)"
+                    )
     from personalign import __version__
 
     return {
@@ -374,21 +453,42 @@ def _run(config: EnrollConfig, encoder: Encoder, generator: Any, featurizer: Fea
 
 
 def _adapter_cells(
-    method: str, generator: Any, encoder: Encoder, fit: EvalPopulation, test: EvalPopulation, shots: Sequence[int], seed: int, config: EnrollConfig, say: Progress
+    method: str,
+    generator: Any,
+    encoder: Encoder,
+    fit: EvalPopulation,
+    test: EvalPopulation,
+    shots: Sequence[int],
+    seed: int,
+    config: EnrollConfig,
+    say: Progress,
 ) -> dict[int, tuple[float, int, int]]:
     """Per-user LoRA or LoRA bank on the first ``adapter_users`` test users (they are slow)."""
     from personalign.adapters.lora import LoraTrainConfig
     from personalign.eval.adapters import eval_bank, eval_lora
 
     if generator is None:
-        raise ValidationError("generator", f"is required for method {method!r}", "pass a Generator (the CLI loads the embedded one)")
+        raise ValidationError(
+            "generator",
+            f"is required for method {method!r}",
+            "pass a Generator (the CLI loads the embedded one)",
+        )
     users = [u for u in test.users if u.held_out][: config.adapter_users]
     subset = EvalPopulation(test.name, users, test.meta)
     if method == "lora":
         rows = eval_lora(generator, subset, shots, LoraTrainConfig(epochs=4, seed=seed), seed, progress=say)
     else:
         rows, _info = eval_bank(
-            generator, encoder, fit, subset, shots, LoraTrainConfig(epochs=2, seed=seed), seed, k=config.bank_k, max_pairs=config.bank_pairs, progress=say
+            generator,
+            encoder,
+            fit,
+            subset,
+            shots,
+            LoraTrainConfig(epochs=2, seed=seed),
+            seed,
+            k=config.bank_k,
+            max_pairs=config.bank_pairs,
+            progress=say,
         )
     out = {}
     for row in rows:
@@ -405,16 +505,33 @@ def merge_results(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """
     if not results:
         raise ValidationError("results", "is empty", "pass at least one result JSON")
-    merged: dict[str, Any] = {"package_version": results[0].get("package_version"), "encoder": results[0].get("encoder"), "features": {}, "configs": [], "splits": {}, "records": [], "active": {}, "notes": []}
+    merged: dict[str, Any] = {
+        "package_version": results[0].get("package_version"),
+        "encoder": results[0].get("encoder"),
+        "features": {},
+        "configs": [],
+        "splits": {},
+        "records": [],
+        "active": {},
+        "notes": [],
+    }
     seen: set[tuple[Any, ...]] = set()
     for index, result in enumerate(results):
         for key in ("records", "splits", "features"):
             if key not in result:
-                raise ValidationError(f"results[{index}].{key}", "is missing", "pass JSON files written by `personalign eval enroll --json`")
+                raise ValidationError(
+                    f"results[{index}].{key}",
+                    "is missing",
+                    "pass JSON files written by `personalign eval enroll --json`",
+                )
         for row in result["records"]:
             cell = (row["data"], row["method"], row["shots"], row["seed"])
             if cell in seen:
-                raise ValidationError(f"results[{index}]", f"repeats the cell {cell}", "merge runs that cover different sources or methods")
+                raise ValidationError(
+                    f"results[{index}]",
+                    f"repeats the cell {cell}",
+                    "merge runs that cover different sources or methods",
+                )
             seen.add(cell)
             merged["records"].append(dict(row))
         features = result["features"]
@@ -442,7 +559,9 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     summary = result["summary"]
     found = list(dict.fromkeys(r["data"] for r in summary))
     sources = [s for s in SOURCES if s in found] + [s for s in found if s not in SOURCES]
-    active = [(s, m, curves) for s, by_method in result.get("active", {}).items() for m, curves in by_method.items()]
+    active = [
+        (s, m, curves) for s, by_method in result.get("active", {}).items() for m, curves in by_method.items()
+    ]
     panels = len(sources) + len(active)
     if panels == 0:
         raise ValidationError("result", "has no rows to plot", "run at least one method on one source")
@@ -453,7 +572,10 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     for ax, source in zip(flat, sources, strict=False):
         present = {r["method"] for r in summary if r["data"] == source}
         for method in [m for m in METHODS if m in present]:
-            rs = sorted((r for r in summary if r["data"] == source and r["method"] == method), key=lambda r: r["shots"])
+            rs = sorted(
+                (r for r in summary if r["data"] == source and r["method"] == method),
+                key=lambda r: r["shots"],
+            )
             x = [r["shots"] for r in rs]
             y = [r["accuracy"] for r in rs]
             lo = [r["ci95"][0] for r in rs]
@@ -473,7 +595,10 @@ def plot_enroll(result: Mapping[str, Any], path: str | Path) -> Path:
     for ax, (source, method, curves) in zip(flat[len(sources) :], active, strict=False):
         for arm, style in (("active", "-"), ("random", "--")):
             steps = [p["questions"] for p in curves[0][arm]]
-            acc = [sum(c[arm][i]["correct"] for c in curves) / max(sum(c[arm][i]["n"] for c in curves), 1) for i in range(len(steps))]
+            acc = [
+                sum(c[arm][i]["correct"] for c in curves) / max(sum(c[arm][i]["n"] for c in curves), 1)
+                for i in range(len(steps))
+            ]
             ax.plot(steps, acc, style, marker="o", label=f"{arm} questions")
         ax.set_title(f"{source}: {method}, active vs random")
         ax.set_xlabel("questions answered")
@@ -509,6 +634,11 @@ def format_table(result: Mapping[str, Any]) -> str:
         for method, curves in by_method.items():
             for arm in ("active", "random"):
                 steps = len(curves[0][arm])
-                acc = [sum(c[arm][i]["correct"] for c in curves) / max(sum(c[arm][i]["n"] for c in curves), 1) for i in range(steps)]
-                lines.append(f"{source} {method} {arm:6s} questions 1..{steps}: " + " ".join(f"{a:.3f}" for a in acc))
+                acc = [
+                    sum(c[arm][i]["correct"] for c in curves) / max(sum(c[arm][i]["n"] for c in curves), 1)
+                    for i in range(steps)
+                ]
+                lines.append(
+                    f"{source} {method} {arm:6s} questions 1..{steps}: " + " ".join(f"{a:.3f}" for a in acc)
+                )
     return "\n".join(lines)

@@ -63,7 +63,12 @@ def generation_split(
     population = SyntheticPopulation(config)
     per_topic = PHRASINGS  # prompts are topic-major: every topic's phrasings in a row
     if not 0 < held_out_topics * per_topic < len(population.prompts):
-        raise ValidationError("held_out_topics", f"must leave training prompts among {len(population.prompts) // per_topic} topics", "use e.g. 5", held_out_topics)
+        raise ValidationError(
+            "held_out_topics",
+            f"must leave training prompts among {len(population.prompts) // per_topic} topics",
+            "use e.g. 5",
+            held_out_topics,
+        )
     prompts = population.prompts[-held_out_topics * per_topic :]
     banned = set(prompts)
     if pool is None:
@@ -71,7 +76,9 @@ def generation_split(
     else:
         from personalign.eval.onpolicy import onpolicy_population
 
-        everyone = onpolicy_population(population, pool, [p for p in population.prompts if p not in banned], seed=seed)
+        everyone = onpolicy_population(
+            population, pool, [p for p in population.prompts if p not in banned], seed=seed
+        )
     fit, test = everyone.split(test_fraction, seed, exclude="none")
     train = {u.user: [c for c in u.comparisons if c.prompt_text not in banned] for u in fit.users}
     enrolled = []
@@ -79,14 +86,42 @@ def generation_split(
         own = [c for c in u.comparisons if c.prompt_text not in banned]
         if len(own) >= shots:
             enrolled.append(EvalUser(u.user, own[:shots], [], u.group, u.weights))
-    meta = {"comparisons": "templated" if pool is None else "onpolicy", "seed": seed, "shots": shots, "test_fraction": test_fraction, "held_out_topics": held_out_topics, "train_users": len(train), "test_users": len(enrolled), "prompts": prompts}
+    meta = {
+        "comparisons": "templated" if pool is None else "onpolicy",
+        "seed": seed,
+        "shots": shots,
+        "test_fraction": test_fraction,
+        "held_out_topics": held_out_topics,
+        "train_users": len(train),
+        "test_users": len(enrolled),
+        "prompts": prompts,
+    }
     return GenerationSplit(population, train, enrolled, prompts, meta)
 
 
 # --- the harness ------------------------------------------------------------------------------
 
 GENERIC = "generic"
-METHODS = ("generic", "memory", "memory-shuffled", "fspo-prompt", "fspo-describe", "fspo-trained", "fspo-shuffled", "pplug", "all", "user-rerank", "user-rerank-shuffled", "user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled", "user-lora", "user-lora-raw", "user-lora-shuffled")
+METHODS = (
+    "generic",
+    "memory",
+    "memory-shuffled",
+    "fspo-prompt",
+    "fspo-describe",
+    "fspo-trained",
+    "fspo-shuffled",
+    "pplug",
+    "all",
+    "user-rerank",
+    "user-rerank-shuffled",
+    "user-vas",
+    "user-vas-shuffled",
+    "user-vas-rerank",
+    "user-vas-rerank-shuffled",
+    "user-lora",
+    "user-lora-raw",
+    "user-lora-shuffled",
+)
 # Chat options per method; every conditioner is named so "off" is explicit.
 _OFF = {"memory": False, "shots": False, "fspo": False, "user_vas": 0.0}
 METHOD_OPTIONS: dict[str, dict[str, bool]] = {
@@ -103,7 +138,12 @@ METHOD_OPTIONS: dict[str, dict[str, bool]] = {
     "user-rerank-shuffled": {**_OFF, "pplug": False},  # another user's reward picks from the same candidates
 }
 RERANK = ("user-rerank", "user-rerank-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")
-USER_VAS = ("user-vas", "user-vas-shuffled", "user-vas-rerank", "user-vas-rerank-shuffled")  # guided by the user's value heads
+USER_VAS = (
+    "user-vas",
+    "user-vas-shuffled",
+    "user-vas-rerank",
+    "user-vas-rerank-shuffled",
+)  # guided by the user's value heads
 for _name in USER_VAS:
     METHOD_OPTIONS[_name] = {**_OFF, "pplug": False}
 # per-user LoRA adapters (the user's own adapter is on by default in chat): each method's adapter
@@ -117,7 +157,9 @@ NEEDS_PPLUG = ("pplug", "all")
 
 @dataclass
 class GenerateConfig:
-    methods: list[str] = field(default_factory=lambda: ["memory", "fspo-prompt", "fspo-trained", "fspo-shuffled", "pplug", "all"])
+    methods: list[str] = field(
+        default_factory=lambda: ["memory", "fspo-prompt", "fspo-trained", "fspo-shuffled", "pplug", "all"]
+    )
     users: int = 16
     prompts_per_user: int = 4
     shots: int = 4
@@ -133,7 +175,9 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         if self.comparisons not in ("templated", "onpolicy"):
-            raise ValidationError("comparisons", f"is {self.comparisons!r}", "use templated or onpolicy", self.comparisons)
+            raise ValidationError(
+                "comparisons", f"is {self.comparisons!r}", "use templated or onpolicy", self.comparisons
+            )
         if not 2 <= self.rerank <= 16:
             raise ValidationError("rerank", "must be in [2, 16]", "use e.g. 4", self.rerank)
 
@@ -147,12 +191,16 @@ def decoys(users: Sequence[EvalUser]) -> dict[str, EvalUser]:
     """For each user, another test user of a different type (the shuffled-shots control)."""
     out = {}
     for i, u in enumerate(users):
-        others = [v for v in users[i + 1 :] + users[:i] if v.group != u.group] or [v for v in users if v.user != u.user]
+        others = [v for v in users[i + 1 :] + users[:i] if v.group != u.group] or [
+            v for v in users if v.user != u.user
+        ]
         out[u.user] = others[0]
     return out
 
 
-def plan_prompts(users: Sequence[EvalUser], prompts: Sequence[str], per_user: int, seed: int) -> list[tuple[EvalUser, str]]:
+def plan_prompts(
+    users: Sequence[EvalUser], prompts: Sequence[str], per_user: int, seed: int
+) -> list[tuple[EvalUser, str]]:
     """``per_user`` distinct evaluation prompts for each user (seeded): the (user, prompt) pairs judged."""
     rng = np.random.default_rng(seed)
     pairs = []
@@ -162,7 +210,13 @@ def plan_prompts(users: Sequence[EvalUser], prompts: Sequence[str], per_user: in
     return pairs
 
 
-def _generate(pz: Any, requests: list[dict[str, Any]], batch_size: int, progress: Callable[[str], None] | None, label: str) -> list[str]:
+def _generate(
+    pz: Any,
+    requests: list[dict[str, Any]],
+    batch_size: int,
+    progress: Callable[[str], None] | None,
+    label: str,
+) -> list[str]:
     texts: list[str] = []
     for start in range(0, len(requests), batch_size):
         texts += pz.chat_batch(requests[start : start + batch_size])
@@ -172,7 +226,10 @@ def _generate(pz: Any, requests: list[dict[str, Any]], batch_size: int, progress
 
 
 def run_generate(
-    pz: Any, config: GenerateConfig, progress: Callable[[str], None] | None = None, on_method: Callable[[dict[str, Any]], None] | None = None
+    pz: Any,
+    config: GenerateConfig,
+    progress: Callable[[str], None] | None = None,
+    on_method: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Win rates of each method's answers over the generic answers, judged by hidden rewards.
 
@@ -183,13 +240,30 @@ def run_generate(
     """
     unknown = [m for m in config.methods if m not in METHODS]
     if unknown:
-        raise ValidationError("methods", f"{unknown} are not generation methods", f"use some of {list(METHODS)}", unknown)
+        raise ValidationError(
+            "methods", f"{unknown} are not generation methods", f"use some of {list(METHODS)}", unknown
+        )
     if any(m in NEEDS_FSPO for m in config.methods) and getattr(pz, "fspo_folder", None) is None:
-        raise ValidationError("methods", "fspo-trained, fspo-shuffled and all need an FSPO adapter for this generator", "train one: personalign train fspo --out DIR, then pass --fspo DIR", config.methods)
+        raise ValidationError(
+            "methods",
+            "fspo-trained, fspo-shuffled and all need an FSPO adapter for this generator",
+            "train one: personalign train fspo --out DIR, then pass --fspo DIR",
+            config.methods,
+        )
     if any(m in USER_VAS for m in config.methods) and pz.user_heads() is None:
-        raise ValidationError("methods", "user-vas methods need value heads for this generator and embedder", "train them: personalign train user-vas, then pass --user-vas DIR (eval generate trains them with --user-vas fit)", config.methods)
+        raise ValidationError(
+            "methods",
+            "user-vas methods need value heads for this generator and embedder",
+            "train them: personalign train user-vas, then pass --user-vas DIR (eval generate trains them with --user-vas fit)",
+            config.methods,
+        )
     if any(m in NEEDS_PPLUG for m in config.methods) and getattr(pz, "plug", None) is None:
-        raise ValidationError("methods", "pplug and all need a Persona-Plug projector for this generator", "train one: personalign train pplug --out DIR, then pass --pplug DIR", config.methods)
+        raise ValidationError(
+            "methods",
+            "pplug and all need a Persona-Plug projector for this generator",
+            "train one: personalign train pplug --out DIR, then pass --pplug DIR",
+            config.methods,
+        )
     pool = None
     if config.comparisons == "onpolicy":
         from personalign.eval.onpolicy import answer_pool
@@ -206,15 +280,33 @@ def run_generate(
         decoy = others[u.user]
         pz.enroll(f"decoy-{u.user}", decoy.shots)
         pz.remember(f"decoy-{u.user}", memory_items(decoy))
-    lora_report = train_user_loras(pz, config, test, others, split, progress) if any(m in USER_LORA for m in config.methods) else None
+    lora_report = (
+        train_user_loras(pz, config, test, others, split, progress)
+        if any(m in USER_LORA for m in config.methods)
+        else None
+    )
     started = time.perf_counter()
     base = {"temperature": 0.0, "max_new_tokens": config.max_new_tokens}
     messages = {p: [{"role": "user", "content": p}] for _, p in pairs}
-    generic_requests = [{"user": None, "messages": messages[p], **base} for p in dict.fromkeys(p for _, p in pairs)]
-    generic = dict(zip(dict.fromkeys(p for _, p in pairs), _generate(pz, generic_requests, config.batch_size, progress, GENERIC), strict=True))
+    generic_requests = [
+        {"user": None, "messages": messages[p], **base} for p in dict.fromkeys(p for _, p in pairs)
+    ]
+    generic = dict(
+        zip(
+            dict.fromkeys(p for _, p in pairs),
+            _generate(pz, generic_requests, config.batch_size, progress, GENERIC),
+            strict=True,
+        )
+    )
     timings = {GENERIC: time.perf_counter() - started}
     population = split.population
-    result: dict[str, Any] = {"config": config.__dict__, "split": split.meta, "judge": "the test user's hidden reward (synthetic population)", "methods": {}, "seconds": timings}
+    result: dict[str, Any] = {
+        "config": config.__dict__,
+        "split": split.meta,
+        "judge": "the test user's hidden reward (synthetic population)",
+        "methods": {},
+        "seconds": timings,
+    }
     result["generic"] = {"mean_attributes": _mean_attributes(population, list(generic.values()))}
     for method in config.methods:
         if method == GENERIC:
@@ -230,7 +322,11 @@ def run_generate(
             owner = f"decoy-{u.user}" if method.endswith("-shuffled") else u.user
             if method in USER_LORA:
                 owner = f"{USER_LORA[method]}-{u.user}"
-            steer = {} if config.user_steering and method not in (*RERANK, *USER_VAS, *USER_LORA) else {"steer": {}}
+            steer = (
+                {}
+                if config.user_steering and method not in (*RERANK, *USER_VAS, *USER_LORA)
+                else {"steer": {}}
+            )
             requests.append({"user": owner, "messages": messages[p], **base, **options, **steer})
         texts = _generate(pz, requests, config.batch_size, progress, method)
         timings[method] = time.perf_counter() - started
@@ -253,19 +349,31 @@ def run_generate(
             "seconds": timings[method],
             "scores": scores,
             "toward_user": _toward_user(population, pairs, texts, generic),
-            "example": {"user": pairs[0][0].user, "prompt": pairs[0][1], "answer": texts[0], "generic": generic[pairs[0][1]]},
+            "example": {
+                "user": pairs[0][0].user,
+                "prompt": pairs[0][1],
+                "answer": texts[0],
+                "generic": generic[pairs[0][1]],
+            },
         }
         result["margins"] = personal_margins(result["methods"], [u.user for u, _ in pairs])
         if on_method is not None:
             on_method(result)
-    result["seconds_per_answer"] = {m: t / (len(generic) if m == GENERIC else len(pairs)) for m, t in timings.items()}
+    result["seconds_per_answer"] = {
+        m: t / (len(generic) if m == GENERIC else len(pairs)) for m, t in timings.items()
+    }
     if lora_report is not None:
         result["user_lora"] = lora_report
     return result
 
 
 def train_user_loras(
-    pz: Any, config: GenerateConfig, test: Sequence[EvalUser], others: dict[str, EvalUser], split: GenerationSplit, progress: Callable[[str], None] | None
+    pz: Any,
+    config: GenerateConfig,
+    test: Sequence[EvalUser],
+    others: dict[str, EvalUser],
+    split: GenerationSplit,
+    progress: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     """Adapters for the user-lora methods, each on its own profile enrolled with the user's shots.
 
@@ -303,7 +411,12 @@ def train_user_loras(
     return report
 
 
-def _toward_user(population: SyntheticPopulation, pairs: Sequence[tuple[EvalUser, str]], texts: Sequence[str], generic: dict[str, str]) -> dict[str, float]:
+def _toward_user(
+    population: SyntheticPopulation,
+    pairs: Sequence[tuple[EvalUser, str]],
+    texts: Sequence[str],
+    generic: dict[str, str],
+) -> dict[str, float]:
     """Per attribute: the mean of ``sign(w_u,k) * (a_k(answer) - a_k(generic))`` over the judged pairs.
 
     Positive: the answers moved, relative to the generic answer, the way the users' hidden weights
@@ -311,7 +424,9 @@ def _toward_user(population: SyntheticPopulation, pairs: Sequence[tuple[EvalUser
     """
     answers = population.attributes(list(texts))  # (n, 6)
     generics = population.attributes([generic[p] for _, p in pairs])  # (n, 6)
-    signs = np.stack([np.sign(population.user_weights[population.user_ids.index(u.user)]) for u, _ in pairs])  # (n, 6)
+    signs = np.stack(
+        [np.sign(population.user_weights[population.user_ids.index(u.user)]) for u, _ in pairs]
+    )  # (n, 6)
     moved = (signs * (answers - generics)).mean(axis=0)
     return {name: round(float(v), 4) for name, v in zip(ATTRIBUTES, moved, strict=True)}
 
@@ -323,7 +438,9 @@ def personal_margins(methods: dict[str, Any], users: Sequence[str]) -> dict[str,
 
     out = {}
     for name, r in methods.items():
-        control = methods.get(f"{name}-shuffled") or methods.get(name.replace("-trained", "-shuffled") if name.endswith("-trained") else "")
+        control = methods.get(f"{name}-shuffled") or methods.get(
+            name.replace("-trained", "-shuffled") if name.endswith("-trained") else ""
+        )
         if name.endswith("-shuffled") or not control or "scores" not in r or "scores" not in control:
             continue
         diff = np.asarray(r["scores"]) - np.asarray(control["scores"])
@@ -334,21 +451,31 @@ def personal_margins(methods: dict[str, Any], users: Sequence[str]) -> dict[str,
 
 def _mean_attributes(population: SyntheticPopulation, texts: Sequence[str]) -> dict[str, float]:
     """Mean standardised attribute of the texts (the units the hidden rewards weigh)."""
-    return {name: round(float(v), 3) for name, v in zip(ATTRIBUTES, population.attributes(texts).mean(axis=0), strict=True)}
+    return {
+        name: round(float(v), 3)
+        for name, v in zip(ATTRIBUTES, population.attributes(texts).mean(axis=0), strict=True)
+    }
 
 
 def format_generate(result: dict[str, Any]) -> str:
-    lines = ["| method | win rate over generic | 95% CI | n | users above 0.5 | attributes toward the users | s per answer |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | win rate over generic | 95% CI | n | users above 0.5 | attributes toward the users | s per answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
     per_answer = result.get("seconds_per_answer", {})
     for method, r in result["methods"].items():
         toward = r.get("toward_user", {})
         moved = ", ".join(k for k, v in toward.items() if v > 0) or "-"
         seconds = f"{per_answer[method]:.2f}" if method in per_answer else "-"
-        lines.append(f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {int(r['users_above_half'])}/{len(r['per_user'])} | {moved} | {seconds} |")
+        lines.append(
+            f"| {method} | {r['win_rate']:.3f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['n']} | {int(r['users_above_half'])}/{len(r['per_user'])} | {moved} | {seconds} |"
+        )
     if GENERIC in per_answer:
         lines.append(f"(generic: {per_answer[GENERIC]:.2f} s per answer)")
     for method, m in result.get("margins", {}).items():
-        lines.append(f"personal margin {method}: {m['margin']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] (own minus shuffled, n={m['n']}, paired bootstrap by user)")
+        lines.append(
+            f"personal margin {method}: {m['margin']:+.3f} [{m['ci'][0]:+.3f}, {m['ci'][1]:+.3f}] (own minus shuffled, n={m['n']}, paired bootstrap by user)"
+        )
     return "\n".join(lines)
 
 
@@ -366,8 +493,13 @@ def plot_generate(result: dict[str, Any], path: str | Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate over the generic answer")
     split = result["split"]
-    steering = "" if result.get("config", {}).get("user_steering", True) else "; the users' inferred steering off"
-    ax.set_title(f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics{steering}", fontsize=9)
+    steering = (
+        "" if result.get("config", {}).get("user_steering", True) else "; the users' inferred steering off"
+    )
+    ax.set_title(
+        f"Synthetic users unseen in training, {split['shots']} shots each, held-out topics{steering}",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="lower right")
     ax.tick_params(axis="x", labelrotation=20)
     for label in ax.get_xticklabels():
@@ -375,7 +507,9 @@ def plot_generate(result: dict[str, Any], path: str | Path) -> None:
     save_figure(fig, path, dpi=120)
 
 
-def write_generate(result: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None) -> None:
+def write_generate(
+    result: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None
+) -> None:
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=1, default=float))
     if plot_path:
@@ -394,8 +528,16 @@ def merge_generate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys = ("users", "prompts_per_user", "shots", "seed", "max_new_tokens")
     merged = {**first, "methods": {}, "seconds": {}}
     for index, r in enumerate(results):
-        if r["split"] != first["split"] or any(r["config"][k] != first["config"][k] for k in keys) or r["generic"] != first["generic"]:
-            raise ValidationError(f"results[{index}]", "was run with another split, settings or generic answers", "merge runs of the same eval generate settings")
+        if (
+            r["split"] != first["split"]
+            or any(r["config"][k] != first["config"][k] for k in keys)
+            or r["generic"] != first["generic"]
+        ):
+            raise ValidationError(
+                f"results[{index}]",
+                "was run with another split, settings or generic answers",
+                "merge runs of the same eval generate settings",
+            )
         merged["methods"].update(r["methods"])
         merged["seconds"].update(r["seconds"])
     merged["config"] = {**first["config"], "methods": list(merged["methods"])}

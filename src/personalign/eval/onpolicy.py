@@ -48,17 +48,28 @@ class PoolConfig:
 
     def __post_init__(self) -> None:
         if self.n_per_prompt < 2:
-            raise ValidationError("pool.n_per_prompt", "must be at least 2 (pairs are drawn from it)", "use e.g. 8", self.n_per_prompt)
+            raise ValidationError(
+                "pool.n_per_prompt",
+                "must be at least 2 (pairs are drawn from it)",
+                "use e.g. 8",
+                self.n_per_prompt,
+            )
         if self.max_new_tokens < 1:
-            raise ValidationError("pool.max_new_tokens", "must be at least 1", "use e.g. 128", self.max_new_tokens)
+            raise ValidationError(
+                "pool.max_new_tokens", "must be at least 1", "use e.g. 128", self.max_new_tokens
+            )
         if not self.temperature > 0:
-            raise ValidationError("pool.temperature", "must be > 0 (the pool is sampled)", "use e.g. 0.8", self.temperature)
+            raise ValidationError(
+                "pool.temperature", "must be > 0 (the pool is sampled)", "use e.g. 0.8", self.temperature
+            )
 
 
 def _cache_path(kind: str, model_id: str, prompts: Sequence[str], settings: dict[str, Any]) -> Path:
     from personalign.models import cache_root
 
-    key = hashlib.sha256(json.dumps([kind, model_id, list(prompts), settings], sort_keys=True).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        json.dumps([kind, model_id, list(prompts), settings], sort_keys=True).encode()
+    ).hexdigest()[:16]
     return cache_root() / "onpolicy" / f"{kind}-{key}.json"
 
 
@@ -74,7 +85,13 @@ def _cached(path: Path, make: Callable[[], dict[str, Any]], cache: bool) -> dict
     return value
 
 
-def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | None = None, cache: bool = True, progress: bool = False) -> dict[str, list[str]]:
+def answer_pool(
+    generator: Any,
+    prompts: Sequence[str],
+    config: PoolConfig | None = None,
+    cache: bool = True,
+    progress: bool = False,
+) -> dict[str, list[str]]:
     """``{prompt: answers}``: distinct non-empty samples of the plain generator (at most ``n_per_prompt``).
 
     Cached under ``$PERSONALIGN_CACHE/onpolicy`` by model id, prompts and settings.
@@ -85,7 +102,16 @@ def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | Non
     prompts = list(dict.fromkeys(prompts))
 
     def make() -> dict[str, Any]:
-        samples = sample_responses(generator, prompts, config.n_per_prompt, config.max_new_tokens, config.temperature, seed=config.seed, batch_size=16, progress=progress)
+        samples = sample_responses(
+            generator,
+            prompts,
+            config.n_per_prompt,
+            config.max_new_tokens,
+            config.temperature,
+            seed=config.seed,
+            batch_size=16,
+            progress=progress,
+        )
         pool: dict[str, list[str]] = {p: [] for p in prompts}
         for s in samples:
             if s.text and s.text not in pool[s.prompt]:
@@ -95,23 +121,42 @@ def answer_pool(generator: Any, prompts: Sequence[str], config: PoolConfig | Non
     pool = _cached(_cache_path("pool", generator.model_id, prompts, asdict(config)), make, cache)
     short = [p for p, answers in pool.items() if len(answers) < 2]
     if short:
-        raise ValidationError("pool", f"has fewer than 2 distinct answers for {len(short)} prompts", "sample more per prompt (n_per_prompt) or at a higher temperature", short[:3])
+        raise ValidationError(
+            "pool",
+            f"has fewer than 2 distinct answers for {len(short)} prompts",
+            "sample more per prompt (n_per_prompt) or at a higher temperature",
+            short[:3],
+        )
     return pool
 
 
-def greedy_answers(generator: Any, prompts: Sequence[str], max_new_tokens: int = 128, cache: bool = True) -> dict[str, str]:
+def greedy_answers(
+    generator: Any, prompts: Sequence[str], max_new_tokens: int = 128, cache: bool = True
+) -> dict[str, str]:
     """``{prompt: the generic answer}``: plain greedy ``generate`` with no user (cached like the pool)."""
     from personalign.training.samples import sample_responses
 
     prompts = list(dict.fromkeys(prompts))
 
     def make() -> dict[str, Any]:
-        return {s.prompt: s.text for s in sample_responses(generator, prompts, 1, max_new_tokens, temperature=0.0, batch_size=8)}
+        return {
+            s.prompt: s.text
+            for s in sample_responses(generator, prompts, 1, max_new_tokens, temperature=0.0, batch_size=8)
+        }
 
-    return _cached(_cache_path("greedy", generator.model_id, prompts, {"max_new_tokens": max_new_tokens}), make, cache)
+    return _cached(
+        _cache_path("greedy", generator.model_id, prompts, {"max_new_tokens": max_new_tokens}), make, cache
+    )
 
 
-def onpolicy_comparisons(population: SyntheticPopulation, user: str, pool: dict[str, list[str]], prompts: Sequence[str], n: int, rng: np.random.Generator) -> list[Comparison]:
+def onpolicy_comparisons(
+    population: SyntheticPopulation,
+    user: str,
+    pool: dict[str, list[str]],
+    prompts: Sequence[str],
+    n: int,
+    rng: np.random.Generator,
+) -> list[Comparison]:
     """``n`` of ``user``'s labelled comparisons between two pooled answers to a random prompt of ``prompts``."""
     out = []
     for _ in range(n):
@@ -122,22 +167,55 @@ def onpolicy_comparisons(population: SyntheticPopulation, user: str, pool: dict[
     return out
 
 
-def onpolicy_population(population: SyntheticPopulation, pool: dict[str, list[str]], prompts: Sequence[str], shots: int = 8, held_out: int = 16, seed: int = 0) -> EvalPopulation:
+def onpolicy_population(
+    population: SyntheticPopulation,
+    pool: dict[str, list[str]],
+    prompts: Sequence[str],
+    shots: int = 8,
+    held_out: int = 16,
+    seed: int = 0,
+) -> EvalPopulation:
     """Every synthetic user answers ``shots + held_out`` on-policy comparisons on ``prompts`` (seeded)."""
     missing = [p for p in prompts if p not in pool]
     if missing:
-        raise ValidationError("prompts", f"has {len(missing)} prompts with no pooled answers", "build the pool with answer_pool over these prompts", missing[:3])
+        raise ValidationError(
+            "prompts",
+            f"has {len(missing)} prompts with no pooled answers",
+            "build the pool with answer_pool over these prompts",
+            missing[:3],
+        )
     rng = np.random.default_rng(1_000_003 + seed)
     users = []
     for i, user in enumerate(population.user_ids):
         answered = onpolicy_comparisons(population, user, pool, list(prompts), shots + held_out, rng)
-        users.append(EvalUser(user, answered[:shots], answered[shots:], f"type-{population.user_types[i]}", population.user_weights[i].copy()))
-    meta = {"source": "synthetic-onpolicy", "config": population.config.__dict__, "shots": shots, "held_out": held_out, "prompts": len(prompts)}
+        users.append(
+            EvalUser(
+                user,
+                answered[:shots],
+                answered[shots:],
+                f"type-{population.user_types[i]}",
+                population.user_weights[i].copy(),
+            )
+        )
+    meta = {
+        "source": "synthetic-onpolicy",
+        "config": population.config.__dict__,
+        "shots": shots,
+        "held_out": held_out,
+        "prompts": len(prompts),
+    }
     return EvalPopulation("synthetic-onpolicy", users, meta)
 
 
 def active_shots(
-    embedder: Any, population: SyntheticPopulation, user: str, pool: dict[str, list[str]], prompts: Sequence[str], k: int, rng: np.random.Generator, candidates: int = 128
+    embedder: Any,
+    population: SyntheticPopulation,
+    user: str,
+    pool: dict[str, list[str]],
+    prompts: Sequence[str],
+    k: int,
+    rng: np.random.Generator,
+    candidates: int = 128,
 ) -> list[Comparison]:
     """``k`` on-policy comparisons chosen one at a time by expected information gain about the user
     (what ``Personalizer.next_question`` ranks), each answered by the synthetic user, the state
@@ -150,7 +228,9 @@ def active_shots(
             prompt = prompts[int(rng.integers(len(prompts)))]
             i, j = rng.choice(len(pool[prompt]), size=2, replace=False)
             pairs.append((prompt, pool[prompt][int(i)], pool[prompt][int(j)]))
-        gain = embedder.information_gain([p for p, _, _ in pairs], [a for _, a, _ in pairs], [b for _, _, b in pairs], state)
+        gain = embedder.information_gain(
+            [p for p, _, _ in pairs], [a for _, a, _ in pairs], [b for _, _, b in pairs], state
+        )
         prompt, a, b = pairs[int(np.argmax(gain))]
         shots.append(population.answer(user, prompt, a, b, rng))
     return shots
@@ -158,7 +238,11 @@ def active_shots(
 
 # --- the ranking report -------------------------------------------------------------------------
 
-DATA_KINDS = ("templated", "onpolicy", "both")  # what embedders are fitted on ("both": test users enrol on-policy)
+DATA_KINDS = (
+    "templated",
+    "onpolicy",
+    "both",
+)  # what embedders are fitted on ("both": test users enrol on-policy)
 
 
 @dataclass
@@ -170,7 +254,9 @@ class RankingConfig:
     users: int = 16
     prompts_per_user: int = 3
     best_of: int = 8
-    enrol: list[str] = field(default_factory=lambda: ["random"])  # "random": the split's on-policy shots; "active": chosen by information gain
+    enrol: list[str] = field(
+        default_factory=lambda: ["random"]
+    )  # "random": the split's on-policy shots; "active": chosen by information gain
     features: tuple[str, ...] = ("response", "prompt_x_response", "log_length")
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -183,14 +269,23 @@ def _pairwise_accuracy(hidden: np.ndarray, inferred: np.ndarray) -> tuple[int, i
     return int((same & keep).sum()), int(keep.sum())
 
 
-def best_of_n(population: SyntheticPopulation, user: str, prompt: str, candidates: Sequence[str], scores: np.ndarray, generic: str) -> float:
+def best_of_n(
+    population: SyntheticPopulation,
+    user: str,
+    prompt: str,
+    candidates: Sequence[str],
+    scores: np.ndarray,
+    generic: str,
+) -> float:
     """1 / 0.5 / 0: does the candidate with the highest ``scores`` beat ``generic`` under ``user``'s hidden reward?"""
     pick = candidates[int(np.argmax(scores))]
     mine, theirs = population.true_reward(user, [pick, generic])
     return 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
 
 
-def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_ranking(
+    generator: Any, encoder: Any, config: RankingConfig, progress: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """The reward side on the generator's own answers, per embedder, fitting data and seed."""
     from personalign.eval.generate import decoys, generation_split, plan_prompts
     from personalign.preference import EMBEDDER_CLASSES
@@ -198,21 +293,31 @@ def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: C
 
     unknown = [e for e in config.embedders if e not in EMBEDDER_CLASSES]
     if unknown:
-        raise ValidationError("embedders", f"{unknown} are not embedders", f"use some of {sorted(EMBEDDER_CLASSES)}", unknown)
+        raise ValidationError(
+            "embedders", f"{unknown} are not embedders", f"use some of {sorted(EMBEDDER_CLASSES)}", unknown
+        )
     bad = [d for d in config.data if d not in DATA_KINDS]
     if bad:
-        raise ValidationError("data", f"{bad} are not kinds of fitting data", f"use some of {list(DATA_KINDS)}", bad)
+        raise ValidationError(
+            "data", f"{bad} are not kinds of fitting data", f"use some of {list(DATA_KINDS)}", bad
+        )
     population = SyntheticPopulation()
     pool = answer_pool(generator, population.prompts, config.pool, progress=progress is not None)
     generic = greedy_answers(generator, population.prompts, config.pool.max_new_tokens)
-    featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None)
+    featurizer = Featurizer(
+        encoder, FeaturizerConfig(parts=config.features), generator if "hidden" in config.features else None
+    )
     result: dict[str, Any] = {"config": {**asdict(config), "features": list(config.features)}, "rows": []}
     for seed in config.seeds:
         templated = generation_split(seed=seed, shots=config.shots)
-        everyone = population.population(shots=8, held_out=16, seed=seed)  # the templated comparisons generation_split draws from
+        everyone = population.population(
+            shots=8, held_out=16, seed=seed
+        )  # the templated comparisons generation_split draws from
         held = {u.user: u.held_out for u in everyone.users}
         for data in config.data:
-            split = generation_split(seed=seed, shots=config.shots, pool=None if data == "templated" else pool)
+            split = generation_split(
+                seed=seed, shots=config.shots, pool=None if data == "templated" else pool
+            )
             if data == "both":  # fitted on both kinds; test users enrol on-policy
                 split = replace(split, train={u: [*templated.train[u], *cs] for u, cs in split.train.items()})
             test = split.test[: config.users]
@@ -228,11 +333,35 @@ def run_ranking(generator: Any, encoder: Any, config: RankingConfig, progress: C
                     if enrol == "active":
                         rng = np.random.default_rng(seed)
                         train_prompts = [p for p in population.prompts if p not in set(split.prompts)]
-                        shots = {u.user: active_shots(embedder, population, u.user, pool, train_prompts, config.shots, rng) for u in test}
+                        shots = {
+                            u.user: active_shots(
+                                embedder, population, u.user, pool, train_prompts, config.shots, rng
+                            )
+                            for u in test
+                        }
                     else:
                         shots = {u.user: u.shots for u in test}
-                    row = _rank_row(population, embedder, test, shots, pairs, other, held, pool, generic, split.prompts, config.best_of)
-                    row = {"seed": seed, "data": data, "embedder": method, "enrol": enrol, **row, "fit_seconds": fit_seconds}
+                    row = _rank_row(
+                        population,
+                        embedder,
+                        test,
+                        shots,
+                        pairs,
+                        other,
+                        held,
+                        pool,
+                        generic,
+                        split.prompts,
+                        config.best_of,
+                    )
+                    row = {
+                        "seed": seed,
+                        "data": data,
+                        "embedder": method,
+                        "enrol": enrol,
+                        **row,
+                        "fit_seconds": fit_seconds,
+                    }
                     result["rows"].append(row)
                     if progress is not None:
                         progress(format_ranking({"rows": [row]}).splitlines()[-1])
@@ -258,16 +387,45 @@ def _rank_row(
     agree = total = 0
     for u in test:
         for p in prompts:
-            a, n = _pairwise_accuracy(population.true_reward(u.user, pool[p]), embedder.reward([p] * len(pool[p]), pool[p], states[u.user]))
+            a, n = _pairwise_accuracy(
+                population.true_reward(u.user, pool[p]),
+                embedder.reward([p] * len(pool[p]), pool[p], states[u.user]),
+            )
             agree, total = agree + a, total + n
-    templ = [embedder.prob(c.prompt_text, c.chosen, c.rejected, states[u.user]) > 0.5 for u in test for c in held.get(u.user, [])]
+    templ = [
+        embedder.prob(c.prompt_text, c.chosen, c.rejected, states[u.user]) > 0.5
+        for u in test
+        for c in held.get(u.user, [])
+    ]
     own, shuffled, oracle = [], [], []
     for u, p in pairs:
         candidates = pool[p][:best_of]
         scored = [p] * len(candidates)
-        own.append(best_of_n(population, u.user, p, candidates, embedder.reward(scored, candidates, states[u.user]), generic[p]))
-        shuffled.append(best_of_n(population, u.user, p, candidates, embedder.reward(scored, candidates, states[other[u.user].user]), generic[p]))
-        oracle.append(best_of_n(population, u.user, p, candidates, population.true_reward(u.user, candidates), generic[p]))
+        own.append(
+            best_of_n(
+                population,
+                u.user,
+                p,
+                candidates,
+                embedder.reward(scored, candidates, states[u.user]),
+                generic[p],
+            )
+        )
+        shuffled.append(
+            best_of_n(
+                population,
+                u.user,
+                p,
+                candidates,
+                embedder.reward(scored, candidates, states[other[u.user].user]),
+                generic[p],
+            )
+        )
+        oracle.append(
+            best_of_n(
+                population, u.user, p, candidates, population.true_reward(u.user, candidates), generic[p]
+            )
+        )
     return {
         "templated_accuracy": float(np.mean(templ)) if templ else None,
         "onpolicy_accuracy": agree / max(total, 1),
@@ -287,13 +445,35 @@ def _summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for data, method, enrol in keys:
         group = [r for r in rows if (r["data"], r["embedder"], r["enrol"]) == (data, method, enrol)]
-        mean = {k: float(np.mean([r[k] for r in group if r[k] is not None])) for k in ("templated_accuracy", "onpolicy_accuracy", "best_of_n_win", "best_of_n_shuffled", "best_of_n_oracle", "best_of_n_margin")}
-        out.append({"data": data, "embedder": method, "enrol": enrol, "seeds": [r["seed"] for r in group], "n": sum(r["n"] for r in group), **mean})
+        mean = {
+            k: float(np.mean([r[k] for r in group if r[k] is not None]))
+            for k in (
+                "templated_accuracy",
+                "onpolicy_accuracy",
+                "best_of_n_win",
+                "best_of_n_shuffled",
+                "best_of_n_oracle",
+                "best_of_n_margin",
+            )
+        }
+        out.append(
+            {
+                "data": data,
+                "embedder": method,
+                "enrol": enrol,
+                "seeds": [r["seed"] for r in group],
+                "n": sum(r["n"] for r in group),
+                **mean,
+            }
+        )
     return out
 
 
 def format_ranking(result: dict[str, Any]) -> str:
-    lines = ["| fitted on | embedder | enrolled | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fitted on | embedder | enrolled | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         templ = "-" if r["templated_accuracy"] is None else f"{r['templated_accuracy']:.3f}"
         lines.append(
@@ -303,7 +483,10 @@ def format_ranking(result: dict[str, Any]) -> str:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    lines = ["| fitted on | embedder | enrolled | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| fitted on | embedder | enrolled | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["summary"]:
         lines.append(
             f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
@@ -311,7 +494,15 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int = 4, comparisons: str = "onpolicy", method: str = "pal", features: Sequence[str] | None = None) -> Any:
+def fit_split_embedder(
+    generator: Any,
+    encoder: Any,
+    seed: int = 0,
+    shots: int = 4,
+    comparisons: str = "onpolicy",
+    method: str = "pal",
+    features: Sequence[str] | None = None,
+) -> Any:
     """An embedder fitted on the training users of :func:`~personalign.eval.generate.generation_split`
     (seed ``seed``) only: what ``eval generate`` guides by. ``comparisons``: ``templated``,
     ``onpolicy``, or ``both`` (each training user's templated and on-policy comparisons, as the
@@ -322,7 +513,9 @@ def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int =
 
     parts = tuple(features or DEFAULT_PARTS)
     if comparisons not in DATA_KINDS:
-        raise ValidationError("comparisons", f"is {comparisons!r}", f"use one of {list(DATA_KINDS)}", comparisons)
+        raise ValidationError(
+            "comparisons", f"is {comparisons!r}", f"use one of {list(DATA_KINDS)}", comparisons
+        )
     pool = answer_pool(generator, SyntheticPopulation().prompts) if comparisons != "templated" else None
     split = generation_split(seed=seed, shots=shots, pool=pool)
     if comparisons == "both":
@@ -332,7 +525,13 @@ def fit_split_embedder(generator: Any, encoder: Any, seed: int = 0, shots: int =
     return EMBEDDER_CLASSES[method](featurizer).fit(split.train, seed=seed)
 
 
-def train_heads_on_pool(generator: Any, embedder: Any, pool_config: PoolConfig | None = None, config: Any = None, provenance: dict[str, Any] | None = None) -> Any:
+def train_heads_on_pool(
+    generator: Any,
+    embedder: Any,
+    pool_config: PoolConfig | None = None,
+    config: Any = None,
+    provenance: dict[str, Any] | None = None,
+) -> Any:
     """User-vas heads for ``embedder`` (:func:`~personalign.steering.uservas.train_user_heads`) on the
     generator's pooled answers to the synthetic training topics' prompts, never the evaluation topics."""
     from personalign.eval.generate import generation_split
@@ -341,7 +540,13 @@ def train_heads_on_pool(generator: Any, embedder: Any, pool_config: PoolConfig |
     held_out = set(generation_split().prompts)
     pool = answer_pool(generator, SyntheticPopulation().prompts, pool_config, progress=True)
     samples = samples_from_pool(generator, {p: a for p, a in pool.items() if p not in held_out})
-    return train_user_heads(generator, samples, embedder, config, provenance={"data": "synthetic prompts, training topics only", **(provenance or {})})
+    return train_user_heads(
+        generator,
+        samples,
+        embedder,
+        config,
+        provenance={"data": "synthetic prompts, training topics only", **(provenance or {})},
+    )
 
 
 def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
@@ -350,8 +555,14 @@ def fit_user_heads(generator: Any, embedder: Any, epochs: int = 12) -> Path:
     from personalign.steering.uservas import CONFIG_FILE, UserVasConfig, embedder_fingerprint
     from personalign.training.loop import LoopConfig
 
-    folder = cache_root() / "user_vas" / f"{generator.model_id.replace('/', '_').replace(':', '_')}-{embedder_fingerprint(embedder).replace(':', '-')}-e{epochs}"
+    folder = (
+        cache_root()
+        / "user_vas"
+        / f"{generator.model_id.replace('/', '_').replace(':', '_')}-{embedder_fingerprint(embedder).replace(':', '-')}-e{epochs}"
+    )
     if not (folder / CONFIG_FILE).is_file():
-        config = UserVasConfig(loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas"))
+        config = UserVasConfig(
+            loop=LoopConfig(epochs=epochs, learning_rate=2e-3, batch_size=16, name="user-vas")
+        )
         train_heads_on_pool(generator, embedder, config=config).save(folder)
     return folder

@@ -76,7 +76,10 @@ def source_dir(root: str | Path | None, name: str) -> Path:
     folder = data_root(root) / name
     if not folder.is_dir():
         raise ValidationError(
-            "data_root", f"has no {name}/ folder ({folder})", f"set ${DATA_ENV} to the folder that holds {name}/", str(data_root(root))
+            "data_root",
+            f"has no {name}/ folder ({folder})",
+            f"set ${DATA_ENV} to the folder that holds {name}/",
+            str(data_root(root)),
         )
     return folder
 
@@ -146,7 +149,9 @@ class EvalPopulation:
             counts[str(u.group)] = counts.get(str(u.group), 0) + 1
         return counts
 
-    def split(self, test_fraction: float, seed: int, exclude: str = "prompt") -> tuple[EvalPopulation, EvalPopulation]:
+    def split(
+        self, test_fraction: float, seed: int, exclude: str = "prompt"
+    ) -> tuple[EvalPopulation, EvalPopulation]:
         """``(fit, test)`` by user, seeded; no user is in both.
 
         Several sources reuse prompts and whole pairs across users, so the fit users lose
@@ -159,13 +164,17 @@ class EvalPopulation:
         if not 0.0 < test_fraction < 1.0:
             raise ValidationError("test_fraction", "must be in (0, 1)", "use e.g. 0.2", test_fraction)
         if exclude not in ("prompt", "pair", "none"):
-            raise ValidationError("exclude", "must be 'prompt', 'pair' or 'none'", "use 'prompt' for external data", exclude)
+            raise ValidationError(
+                "exclude", "must be 'prompt', 'pair' or 'none'", "use 'prompt' for external data", exclude
+            )
         test_idx = held_out_indices(len(self.users), test_fraction, seed)
         test = [u for i, u in enumerate(self.users) if i in test_idx]
         fit = [u for i, u in enumerate(self.users) if i not in test_idx]
 
         def key(c: Comparison) -> tuple[str, ...]:
-            return (c.prompt_text,) if exclude == "prompt" else (c.prompt_text, *sorted((c.chosen, c.rejected)))
+            return (
+                (c.prompt_text,) if exclude == "prompt" else (c.prompt_text, *sorted((c.chosen, c.rejected)))
+            )
 
         removed = 0
         if exclude != "none":
@@ -201,7 +210,9 @@ def load_psoups(root: str | Path | None = None, files: Sequence[str] = PSOUPS_FI
     dropped = {"test_prompt_in_history": 0, "duplicate_shots": 0, "invalid_pairs": 0}
     for name in files:
         if name not in PSOUPS_FILES:
-            raise ValidationError("files", f"has unknown file {name!r}", f"use names from {PSOUPS_FILES}", name)
+            raise ValidationError(
+                "files", f"has unknown file {name!r}", f"use names from {PSOUPS_FILES}", name
+            )
         items = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
         for index, item in enumerate(items):
             history = item["Pair-wise Comparative Feedback"]
@@ -227,7 +238,9 @@ def load_psoups(root: str | Path | None = None, files: Sequence[str] = PSOUPS_FI
                 shots.append(shot)
             group = PSOUPS_TYPES.get(item["ground_truth_persona"], item["ground_truth_persona"])
             users.append(EvalUser(f"psoups-{name}-{index}", shots, [test], group))
-    return EvalPopulation("psoups", users, {"source": "psoups_alignx", "files": list(files), "dropped": dropped})
+    return EvalPopulation(
+        "psoups", users, {"source": "psoups_alignx", "files": list(files), "dropped": dropped}
+    )
 
 
 def load_relabeled_hh(
@@ -255,7 +268,13 @@ def load_relabeled_hh(
         for u in range(len(pairs) // size):
             chunk = [pairs[i] for i in order[u * size : (u + 1) * size]]
             users.append(EvalUser(f"hh-{objective}-{u}", chunk[:shots], chunk[shots:], objective))
-    meta = {"source": "relabeled_hh_rlhf", "shots": shots, "held_out": held_out, "seed": seed, "invalid_pairs": invalid}
+    meta = {
+        "source": "relabeled_hh_rlhf",
+        "shots": shots,
+        "held_out": held_out,
+        "seed": seed,
+        "invalid_pairs": invalid,
+    }
     return EvalPopulation("hh", users, meta)
 
 
@@ -273,7 +292,9 @@ def load_popquorn(
     rng = np.random.default_rng(seed)
 
     def pairs_of(items: list[tuple[str, float]], limit: int) -> list[Comparison]:
-        candidates = [(i, j) for i in range(len(items)) for j in range(i + 1, len(items)) if items[i][1] != items[j][1]]
+        candidates = [
+            (i, j) for i in range(len(items)) for j in range(i + 1, len(items)) if items[i][1] != items[j][1]
+        ]
         out: list[Comparison] = []
         for k in rng.permutation(len(candidates)):
             i, j = candidates[k]
@@ -294,20 +315,32 @@ def load_popquorn(
         shot_pairs, test_pairs = pairs_of(enrol, shots), pairs_of(test, held_out)
         if shot_pairs and test_pairs:
             users.append(EvalUser(f"popquorn-{user_id}", shot_pairs, test_pairs, None))
-    meta = {"source": "popquorn/offensiveness", "shots": shots, "held_out": held_out, "seed": seed, "prompt": POPQUORN_PROMPT}
+    meta = {
+        "source": "popquorn/offensiveness",
+        "shots": shots,
+        "held_out": held_out,
+        "seed": seed,
+        "prompt": POPQUORN_PROMPT,
+    }
     return EvalPopulation("popquorn", users, meta)
 
 
 def load_prefeval(root: str | Path | None = None, topics: Sequence[str] | None = None) -> EvalPopulation:
     """PrefEval MCQ: the aligned option over each violating option, per (topic, item) user."""
     folder = source_dir(root, "prefeval") / "benchmark_dataset" / "mcq_options"
-    names = sorted(p.stem for p in folder.glob("*.json") if " " not in p.stem) if topics is None else list(topics)
+    names = (
+        sorted(p.stem for p in folder.glob("*.json") if " " not in p.stem) if topics is None else list(topics)
+    )
     users: list[EvalUser] = []
     for topic in names:
         items = json.loads((folder / f"{topic}.json").read_text(encoding="utf-8"))
         for index, item in enumerate(items):
             options = item["classification_task_options"]
-            pairs = [p for p in (_comparison(item["question"], options[0], o) for o in options[1:]) if p is not None]
+            pairs = [
+                p
+                for p in (_comparison(item["question"], options[0], o) for o in options[1:])
+                if p is not None
+            ]
             if len(pairs) >= 2:
                 users.append(EvalUser(f"prefeval-{topic}-{index}", pairs[:-1], pairs[-1:], topic))
     return EvalPopulation("prefeval", users, {"source": "prefeval/mcq_options", "topics": names})
@@ -318,22 +351,87 @@ def load_prefeval(root: str | Path | None = None, topics: Sequence[str] | None =
 ATTRIBUTES = ("length", "structure", "formality", "technicality", "sentiment", "politeness")
 
 _TECH_WORDS = {
-    "parameters", "empirically", "benchmark", "variance", "protocol", "subsystems", "optimize", "latency",
-    "throughput", "quantify", "calibrate", "algorithm", "heuristic", "iteration", "baseline", "metrics",
-    "systematically", "configuration", "dependencies", "regression",
+    "parameters",
+    "empirically",
+    "benchmark",
+    "variance",
+    "protocol",
+    "subsystems",
+    "optimize",
+    "latency",
+    "throughput",
+    "quantify",
+    "calibrate",
+    "algorithm",
+    "heuristic",
+    "iteration",
+    "baseline",
+    "metrics",
+    "systematically",
+    "configuration",
+    "dependencies",
+    "regression",
 }
-_POSITIVE = {"wonderful", "rewarding", "great", "fun", "love", "enjoy", "delightful", "exciting", "fantastic", "happy"}
-_NEGATIVE = {"frustrating", "tedious", "disappointing", "annoying", "hard", "boring", "painful", "messy", "fail", "worse"}
+_POSITIVE = {
+    "wonderful",
+    "rewarding",
+    "great",
+    "fun",
+    "love",
+    "enjoy",
+    "delightful",
+    "exciting",
+    "fantastic",
+    "happy",
+}
+_NEGATIVE = {
+    "frustrating",
+    "tedious",
+    "disappointing",
+    "annoying",
+    "hard",
+    "boring",
+    "painful",
+    "messy",
+    "fail",
+    "worse",
+}
 _INFORMAL = {"super", "gonna", "kinda", "stuff", "yeah", "awesome", "totally", "ok", "hey", "lol"}
-_FORMAL = {"certainly", "therefore", "furthermore", "recommended", "regarding", "consequently", "accordingly", "subsequently", "moreover", "advisable"}
+_FORMAL = {
+    "certainly",
+    "therefore",
+    "furthermore",
+    "recommended",
+    "regarding",
+    "consequently",
+    "accordingly",
+    "subsequently",
+    "moreover",
+    "advisable",
+}
 _POLITE = ("please", "thank you", "i hope this helps", "happy to help", "kindly")
 
 _TOPICS = (
-    "baking sourdough bread", "setting up a home network", "learning Spanish", "training for a 10k run",
-    "starting a vegetable garden", "writing a cover letter", "learning to play guitar", "saving for retirement",
-    "cleaning a cast iron pan", "planning a road trip", "learning Python", "painting with watercolors",
-    "brewing coffee at home", "fixing a leaky faucet", "preparing for a job interview", "organizing a closet",
-    "caring for a houseplant", "learning to swim", "editing a podcast", "choosing a laptop",
+    "baking sourdough bread",
+    "setting up a home network",
+    "learning Spanish",
+    "training for a 10k run",
+    "starting a vegetable garden",
+    "writing a cover letter",
+    "learning to play guitar",
+    "saving for retirement",
+    "cleaning a cast iron pan",
+    "planning a road trip",
+    "learning Python",
+    "painting with watercolors",
+    "brewing coffee at home",
+    "fixing a leaky faucet",
+    "preparing for a job interview",
+    "organizing a closet",
+    "caring for a houseplant",
+    "learning to swim",
+    "editing a podcast",
+    "choosing a laptop",
 )
 _PROMPTS = ("How do I get started with {t}?", "Any advice on {t}?", "What should I know about {t}?")
 PHRASINGS = len(_PROMPTS)  # synthetic prompts per topic
@@ -419,7 +517,11 @@ def _compose(topic: str, rng: np.random.Generator) -> str:
         points.append(_TECHNICAL[tech[i]] if rng.random() < technical_share else _PLAIN[plain[i]])
     bullets = rng.random() < 0.4
     if bullets:
-        body = "\n".join(f"{i + 1}. {p}" for i, p in enumerate(points)) if rng.random() < 0.5 else "\n".join(f"- {p}" for p in points)
+        body = (
+            "\n".join(f"{i + 1}. {p}" for i, p in enumerate(points))
+            if rng.random() < 0.5
+            else "\n".join(f"- {p}" for p in points)
+        )
     else:
         links = _FORMAL_LINK if tone == "formal" else _INFORMAL_LINK if tone == "informal" else ("",)
         joined = []
@@ -454,12 +556,18 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for name in ("n_users", "n_types", "candidates_per_prompt", "n_prompts"):
             if getattr(self, name) < 1:
-                raise ValidationError(f"synthetic.{name}", "must be >= 1", "use a positive integer", getattr(self, name))
+                raise ValidationError(
+                    f"synthetic.{name}", "must be >= 1", "use a positive integer", getattr(self, name)
+                )
         if self.candidates_per_prompt < 2:
-            raise ValidationError("synthetic.candidates_per_prompt", "must be >= 2", "use e.g. 12", self.candidates_per_prompt)
+            raise ValidationError(
+                "synthetic.candidates_per_prompt", "must be >= 2", "use e.g. 12", self.candidates_per_prompt
+            )
         for name in ("shared_scale", "type_scale", "user_noise", "rationality"):
             if not getattr(self, name) >= 0:
-                raise ValidationError(f"synthetic.{name}", "must be >= 0", "use a non-negative number", getattr(self, name))
+                raise ValidationError(
+                    f"synthetic.{name}", "must be >= 0", "use a non-negative number", getattr(self, name)
+                )
 
 
 class SyntheticPopulation:
@@ -491,7 +599,9 @@ class SyntheticPopulation:
         shared = cfg.shared_scale * rng.standard_normal(k)
         self.type_centroids = shared + cfg.type_scale * rng.standard_normal((cfg.n_types, k))
         self.user_types = rng.integers(0, cfg.n_types, size=cfg.n_users)
-        self.user_weights = self.type_centroids[self.user_types] + cfg.user_noise * rng.standard_normal((cfg.n_users, k))
+        self.user_weights = self.type_centroids[self.user_types] + cfg.user_noise * rng.standard_normal(
+            (cfg.n_users, k)
+        )
         self.user_ids = [f"synth-{i}" for i in range(cfg.n_users)]
         self._index = {u: i for i, u in enumerate(self.user_ids)}
 
@@ -527,9 +637,25 @@ class SyntheticPopulation:
         rng = np.random.default_rng(self.config.seed + 1 if seed is None else seed)
         users = []
         for i, user in enumerate(self.user_ids):
-            answered = [self.answer(user, p, a, b, rng) for p, a, b in self.candidate_pairs(shots + held_out, rng)]
-            users.append(EvalUser(user, answered[:shots], answered[shots:], f"type-{self.user_types[i]}", self.user_weights[i].copy()))
-        meta = {"source": "synthetic", "config": self.config.__dict__, "shots": shots, "held_out": held_out, "attributes": list(ATTRIBUTES)}
+            answered = [
+                self.answer(user, p, a, b, rng) for p, a, b in self.candidate_pairs(shots + held_out, rng)
+            ]
+            users.append(
+                EvalUser(
+                    user,
+                    answered[:shots],
+                    answered[shots:],
+                    f"type-{self.user_types[i]}",
+                    self.user_weights[i].copy(),
+                )
+            )
+        meta = {
+            "source": "synthetic",
+            "config": self.config.__dict__,
+            "shots": shots,
+            "held_out": held_out,
+            "attributes": list(ATTRIBUTES),
+        }
         return EvalPopulation("synthetic", users, meta)
 
 
@@ -555,8 +681,17 @@ def load_population(name: str, root: str | Path | None = None, seed: int = 0) ->
         by_user: dict[str, list[Comparison]] = {}
         for index, (user, comparison) in enumerate(read_preferences(name)):
             if user is None:
-                raise ValidationError(f"{Path(name).name}:{index + 1}.user", "is missing", "add a user column to every row")
+                raise ValidationError(
+                    f"{Path(name).name}:{index + 1}.user", "is missing", "add a user column to every row"
+                )
             by_user.setdefault(user, []).append(comparison)
-        users = [EvalUser(u, cs[: len(cs) // 2], cs[len(cs) // 2 :]) for u, cs in by_user.items() if len(cs) >= 2]
+        users = [
+            EvalUser(u, cs[: len(cs) // 2], cs[len(cs) // 2 :]) for u, cs in by_user.items() if len(cs) >= 2
+        ]
         return EvalPopulation(Path(name).stem, users, {"source": str(name)})
-    raise ValidationError("data", f"is not a known source ({name!r})", "use psoups, hh, popquorn, prefeval, synthetic or a .jsonl path", name)
+    raise ValidationError(
+        "data",
+        f"is not a known source ({name!r})",
+        "use psoups, hh, popquorn, prefeval, synthetic or a .jsonl path",
+        name,
+    )

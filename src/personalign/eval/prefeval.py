@@ -67,8 +67,19 @@ MCQ_PROMPT = (
 )
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # Paired accuracy differences reported per split: (a, b) means a minus b.
-DIFFERENCES = (("memory", "no-memory"), ("no-memory", "none"), ("memory", "none"), ("oracle", "no-memory"), ("oracle", "memory"))
-CONDITION_COLORS = {"none": "tab:gray", "no-memory": "tab:orange", "memory": "tab:blue", "oracle": "tab:green"}
+DIFFERENCES = (
+    ("memory", "no-memory"),
+    ("no-memory", "none"),
+    ("memory", "none"),
+    ("oracle", "no-memory"),
+    ("oracle", "memory"),
+)
+CONDITION_COLORS = {
+    "none": "tab:gray",
+    "no-memory": "tab:orange",
+    "memory": "tab:blue",
+    "oracle": "tab:green",
+}
 
 Progress = Callable[[str], None]
 
@@ -91,10 +102,17 @@ class PrefEvalConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
-            raise ValidationError("split", f"is not one of {SPLITS}", "use test (the travel_* topics), dev or both", self.split)
+            raise ValidationError(
+                "split", f"is not one of {SPLITS}", "use test (the travel_* topics), dev or both", self.split
+            )
         unknown = [c for c in self.conditions if c not in CONDITIONS]
         if unknown or not self.conditions or len(set(self.conditions)) != len(self.conditions):
-            raise ValidationError("conditions", f"must be distinct names from {CONDITIONS}", "e.g. --conditions none,no-memory,memory,oracle", self.conditions)
+            raise ValidationError(
+                "conditions",
+                f"must be distinct names from {CONDITIONS}",
+                "e.g. --conditions none,no-memory,memory,oracle",
+                self.conditions,
+            )
         if self.filler_turns < 0:
             raise ValidationError("filler_turns", "must be >= 0", "use e.g. 3", self.filler_turns)
         for name in ("test_items", "dev_items"):
@@ -104,9 +122,19 @@ class PrefEvalConfig:
         if not 1 <= self.n_memories <= 100:
             raise ValidationError("n_memories", "must be in 1..100", "use e.g. 5", self.n_memories)
         if self.memory_threshold is not None and not -1.0 <= self.memory_threshold <= 1.0:
-            raise ValidationError("memory_threshold", "must be a cosine similarity in [-1, 1] or None", "use e.g. 0.2", self.memory_threshold)
+            raise ValidationError(
+                "memory_threshold",
+                "must be a cosine similarity in [-1, 1] or None",
+                "use e.g. 0.2",
+                self.memory_threshold,
+            )
         if self.memory_unit not in MEMORY_UNITS:
-            raise ValidationError("memory_unit", f"is not one of {MEMORY_UNITS}", "use user (one memory per user turn) or exchange", self.memory_unit)
+            raise ValidationError(
+                "memory_unit",
+                f"is not one of {MEMORY_UNITS}",
+                "use user (one memory per user turn) or exchange",
+                self.memory_unit,
+            )
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -152,26 +180,47 @@ def load_items(topic: str, root: str | Path | None = None) -> list[PrefEvalItem]
     explicit = json.loads((folder / "explicit_preference" / f"{topic}.json").read_text(encoding="utf-8"))
     mcq = json.loads((folder / "mcq_options" / f"{topic}.json").read_text(encoding="utf-8"))
     if len(explicit) != len(mcq):
-        raise ValidationError(f"prefeval/{topic}", f"has {len(explicit)} explicit items but {len(mcq)} MCQ items", "use the unchanged PrefEval files")
+        raise ValidationError(
+            f"prefeval/{topic}",
+            f"has {len(explicit)} explicit items but {len(mcq)} MCQ items",
+            "use the unchanged PrefEval files",
+        )
     items = []
     for index, (e, m) in enumerate(zip(explicit, mcq, strict=True)):
         options = tuple(m["classification_task_options"])
         if e["question"] != m["question"] or len(options) != 4 or len(set(options)) != 4:
-            raise ValidationError(f"prefeval/{topic}[{index}]", "does not pair a question with 4 distinct options", "use the unchanged PrefEval files")
+            raise ValidationError(
+                f"prefeval/{topic}[{index}]",
+                "does not pair a question with 4 distinct options",
+                "use the unchanged PrefEval files",
+            )
         items.append(PrefEvalItem(topic, index, e["preference"], e["question"], options))
     return items
 
 
 def load_filler(turns: int, root: str | Path | None = None) -> list[dict[str, str]]:
     """The first ``turns`` (user, assistant) exchanges of the concatenated filler conversations."""
-    conversations = json.loads((benchmark_dir(root) / "filtered_inter_turns.json").read_text(encoding="utf-8"))
-    messages = [{"role": m["role"], "content": m["content"]} for c in conversations for m in c["conversation"]]
+    conversations = json.loads(
+        (benchmark_dir(root) / "filtered_inter_turns.json").read_text(encoding="utf-8")
+    )
+    messages = [
+        {"role": m["role"], "content": m["content"]} for c in conversations for m in c["conversation"]
+    ]
     if 2 * turns > len(messages):
-        raise ValidationError("filler_turns", f"asks for {turns} exchanges but the filler file has {len(messages) // 2}", "use fewer filler turns", turns)
+        raise ValidationError(
+            "filler_turns",
+            f"asks for {turns} exchanges but the filler file has {len(messages) // 2}",
+            "use fewer filler turns",
+            turns,
+        )
     picked = messages[: 2 * turns]
     for i, message in enumerate(picked):
         if message["role"] != ("user" if i % 2 == 0 else "assistant"):
-            raise ValidationError("filtered_inter_turns.json", f"message {i} is a {message['role']} turn out of order", "use the unchanged PrefEval file")
+            raise ValidationError(
+                "filtered_inter_turns.json",
+                f"message {i} is a {message['role']} turn out of order",
+                "use the unchanged PrefEval file",
+            )
     return picked
 
 
@@ -202,7 +251,10 @@ def format_options(options: Sequence[str]) -> str:
 
 def question_turn(item: PrefEvalItem, perm: Sequence[int]) -> dict[str, str]:
     shown = [item.options[i] for i in perm]
-    return {"role": "user", "content": MCQ_PROMPT.format(question=item.question, options=format_options(shown))}
+    return {
+        "role": "user",
+        "content": MCQ_PROMPT.format(question=item.question, options=format_options(shown)),
+    }
 
 
 def preference_turns(item: PrefEvalItem) -> list[dict[str, str]]:
@@ -219,10 +271,14 @@ def memory_texts(item: PrefEvalItem, filler: Sequence[Mapping[str, str]], unit: 
     turns = history(item, filler)
     if unit == "user":
         return [m["content"] for m in turns if m["role"] == "user"]
-    return [f"User: {turns[i]['content']}\nAssistant: {turns[i + 1]['content']}" for i in range(0, len(turns), 2)]
+    return [
+        f"User: {turns[i]['content']}\nAssistant: {turns[i + 1]['content']}" for i in range(0, len(turns), 2)
+    ]
 
 
-def condition_messages(condition: str, item: PrefEvalItem, perm: Sequence[int], filler: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
+def condition_messages(
+    condition: str, item: PrefEvalItem, perm: Sequence[int], filler: Sequence[Mapping[str, str]]
+) -> list[dict[str, str]]:
     """The caller's messages for a condition (``memory`` adds its retrieved memories later)."""
     question = question_turn(item, perm)
     if condition == "no-memory":
@@ -261,11 +317,15 @@ def option_scores(model: Any, prompt_ids: Sequence[int], options: Sequence[Seque
     device = next(model.parameters()).device
     kwarg = _cache_kwarg(model)
     width = max(len(o) for o in options)
-    batch = torch.zeros((len(options), width), dtype=torch.long, device=device)  # (n, T), right-padded with id 0
+    batch = torch.zeros(
+        (len(options), width), dtype=torch.long, device=device
+    )  # (n, T), right-padded with id 0
     for row, option in enumerate(options):
         batch[row, : len(option)] = torch.tensor(list(option), device=device)
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=torch.tensor([list(prompt_ids)], device=device), use_cache=True, logits_to_keep=1
+        )
         last = out.logits[0, -1]  # (V,): predicts each option's first token
         cache = copy.deepcopy(getattr(out, kwarg))
         cache.batch_repeat_interleave(len(options))
@@ -285,21 +345,39 @@ def _plan(config: PrefEvalConfig) -> tuple[dict[str, list[str]], list[tuple[str,
     if config.topics is not None:
         missing = [t for t in config.topics if t not in topics]
         if missing:
-            raise ValidationError("topics", f"has unknown topic(s) {missing}", f"choose from {topics}", config.topics)
+            raise ValidationError(
+                "topics", f"has unknown topic(s) {missing}", f"choose from {topics}", config.topics
+            )
         topics = [t for t in topics if t in config.topics]
     dev, test = split_topics(topics)
-    splits = {"test": test, "dev": dev} if config.split == "both" else {config.split: test if config.split == "test" else dev}
+    splits = (
+        {"test": test, "dev": dev}
+        if config.split == "both"
+        else {config.split: test if config.split == "test" else dev}
+    )
     plan = []
     for split, names in splits.items():
         per_topic = config.test_items if split == "test" else config.dev_items
         for topic in names:
-            plan += [(split, item) for item in sample_items(load_items(topic, config.data_root), per_topic, config.seed)]
+            plan += [
+                (split, item)
+                for item in sample_items(load_items(topic, config.data_root), per_topic, config.seed)
+            ]
     if not plan:
-        raise ValidationError("topics", f"leave no item in split {config.split!r}", "include a travel_* topic for test, another for dev")
+        raise ValidationError(
+            "topics",
+            f"leave no item in split {config.split!r}",
+            "include a travel_* topic for test, another for dev",
+        )
     return splits, plan
 
 
-def _check_context(pz: Any, plan: Sequence[tuple[str, PrefEvalItem]], filler: Sequence[Mapping[str, str]], config: PrefEvalConfig) -> None:
+def _check_context(
+    pz: Any,
+    plan: Sequence[tuple[str, PrefEvalItem]],
+    filler: Sequence[Mapping[str, str]],
+    config: PrefEvalConfig,
+) -> None:
     """Fail before any scoring when the long conversation does not fit the generator's context."""
     if "no-memory" not in config.conditions:
         return
@@ -307,7 +385,11 @@ def _check_context(pz: Any, plan: Sequence[tuple[str, PrefEvalItem]], filler: Se
     for _, item in plan:
         messages = condition_messages("no-memory", item, range(len(item.options)), filler)
         longest = max(len(tokenizer(o, add_special_tokens=False)["input_ids"]) for o in item.options)
-        n = len(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        n = len(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
         if n + longest > limit:
             raise ValidationError(
                 "filler_turns",
@@ -317,7 +399,9 @@ def _check_context(pz: Any, plan: Sequence[tuple[str, PrefEvalItem]], filler: Se
             )
 
 
-def score_item(pz: Any, item: PrefEvalItem, condition: str, filler: Sequence[Mapping[str, str]], config: PrefEvalConfig) -> dict[str, Any]:
+def score_item(
+    pz: Any, item: PrefEvalItem, condition: str, filler: Sequence[Mapping[str, str]], config: PrefEvalConfig
+) -> dict[str, Any]:
     """One (item, condition) record. For ``memory`` the item's history must already be remembered."""
     from personalign.personalizer import ConditioningParams
 
@@ -326,11 +410,24 @@ def score_item(pz: Any, item: PrefEvalItem, condition: str, filler: Sequence[Map
     option_ids = [tokenizer(item.options[i], add_special_tokens=False)["input_ids"] for i in perm]
     messages = condition_messages(condition, item, perm, filler)
     if condition == "memory":
-        params = ConditioningParams(memory=True, shots=False, n_memories=config.n_memories, memory_threshold=config.memory_threshold, adapter=False)
+        params = ConditioningParams(
+            memory=True,
+            shots=False,
+            n_memories=config.n_memories,
+            memory_threshold=config.memory_threshold,
+            adapter=False,
+        )
         cond = pz.condition(item.user, messages, max(map(len, option_ids)), params)
     else:
-        cond = pz.condition(None, messages, max(map(len, option_ids)), ConditioningParams(memory=False, shots=False, adapter=False))
-    prompt = tokenizer.apply_chat_template(cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        cond = pz.condition(
+            None,
+            messages,
+            max(map(len, option_ids)),
+            ConditioningParams(memory=False, shots=False, adapter=False),
+        )
+    prompt = tokenizer.apply_chat_template(
+        cond.conversation, add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     scores = option_scores(pz.generator.model, prompt, option_ids)
     choice = int(np.argmax(scores))
     record = {
@@ -359,7 +456,9 @@ def run_prefeval(config: PrefEvalConfig, pz: Any, progress: Progress | None = No
     splits, plan = _plan(config)
     filler = load_filler(config.filler_turns, config.data_root)
     _check_context(pz, plan, filler, config)
-    say(f"prefeval: {len(plan)} items ({', '.join(f'{s}: {sum(1 for p, _ in plan if p == s)}' for s in splits)}), conditions {config.conditions}, {config.filler_turns} filler turns")
+    say(
+        f"prefeval: {len(plan)} items ({', '.join(f'{s}: {sum(1 for p, _ in plan if p == s)}' for s in splits)}), conditions {config.conditions}, {config.filler_turns} filler turns"
+    )
     records: list[dict[str, Any]] = []
     seconds = dict.fromkeys(config.conditions, 0.0)
     for done, (split, item) in enumerate(plan, start=1):
@@ -373,8 +472,12 @@ def run_prefeval(config: PrefEvalConfig, pz: Any, progress: Progress | None = No
             seconds[condition] += time.perf_counter() - t0
         add_shift(records[-len(config.conditions) :])
         elapsed = time.perf_counter() - started
-        marks = " ".join(f"{r['condition']}={'+' if r['correct'] else '-'}" for r in records[-len(config.conditions) :])
-        say(f"[{done}/{len(plan)}] {split} {item.key}: {marks} ({elapsed:.0f} s, ~{elapsed / done * (len(plan) - done):.0f} s left)")
+        marks = " ".join(
+            f"{r['condition']}={'+' if r['correct'] else '-'}" for r in records[-len(config.conditions) :]
+        )
+        say(
+            f"[{done}/{len(plan)}] {split} {item.key}: {marks} ({elapsed:.0f} s, ~{elapsed / done * (len(plan) - done):.0f} s left)"
+        )
     from personalign import __version__
 
     return {
@@ -422,7 +525,15 @@ def _interval(correct: int, n: int) -> tuple[float, float]:
 def _row(split: str, condition: str, topic: str, rs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     correct, n = sum(bool(r["correct"]) for r in rs), len(rs)
     low, high = _interval(correct, n)
-    row = {"split": split, "condition": condition, "topic": topic, "correct": correct, "n": n, "accuracy": correct / n if n else math.nan, "ci95": [low, high]}
+    row = {
+        "split": split,
+        "condition": condition,
+        "topic": topic,
+        "correct": correct,
+        "n": n,
+        "accuracy": correct / n if n else math.nan,
+        "ci95": [low, high],
+    }
     if rs and all("shift_correct" in r for r in rs):
         shifted = sum(bool(r["shift_correct"]) for r in rs)
         row.update(shift_correct=shifted, shift_accuracy=shifted / n, shift_ci95=list(_interval(shifted, n)))
@@ -449,14 +560,28 @@ def differences(records: Sequence[Mapping[str, Any]], seed: int = 0) -> list[dic
     out = []
     for metric, key in (("ll", "correct"), ("shift", "shift_correct")):
         for split in dict.fromkeys(r["split"] for r in records):
-            by = {(r["condition"], r["topic"], r["index"]): bool(r[key]) for r in records if r["split"] == split and key in r}
+            by = {
+                (r["condition"], r["topic"], r["index"]): bool(r[key])
+                for r in records
+                if r["split"] == split and key in r
+            }
             for a, b in DIFFERENCES:
                 keys = sorted({(t, i) for c, t, i in by if c == a} & {(t, i) for c, t, i in by if c == b})
                 if not keys:
                     continue
                 diffs = [float(by[(a, *k)]) - float(by[(b, *k)]) for k in keys]
                 low, high = bootstrap_mean_ci(diffs, seed=seed)
-                out.append({"metric": metric, "split": split, "a": a, "b": b, "n": len(diffs), "difference": float(np.mean(diffs)), "ci95": [low, high]})
+                out.append(
+                    {
+                        "metric": metric,
+                        "split": split,
+                        "a": a,
+                        "b": b,
+                        "n": len(diffs),
+                        "difference": float(np.mean(diffs)),
+                        "ci95": [low, high],
+                    }
+                )
     return out
 
 
@@ -469,7 +594,15 @@ def retrieval(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             hits = sum(r["preference_retrieved"] for r in rs)
             low, high = wilson(hits, len(rs))
             mean_k = float(np.mean([len(r["retrieved"]) for r in rs]))
-            out.append({"split": split, "n": len(rs), "preference_retrieved": hits / len(rs), "ci95": [low, high], "mean_memories": mean_k})
+            out.append(
+                {
+                    "split": split,
+                    "n": len(rs),
+                    "preference_retrieved": hits / len(rs),
+                    "ci95": [low, high],
+                    "mean_memories": mean_k,
+                }
+            )
     return out
 
 
@@ -488,9 +621,17 @@ def format_prefeval(result: Mapping[str, Any]) -> str:
         topics = sorted({r["topic"] for r in summary if r["split"] == split and r["topic"] != "all"})
         shown = ["all", *topics] if split == "test" else ["all"]
         n_items = next(r["n"] for r in summary if r["split"] == split and r["topic"] == "all")
-        for prefix, title in (("", "MCQ accuracy (highest mean log-prob)"), ("shift_", "contrastive accuracy (largest gain over none)")):
-            rows = {c: {r["topic"]: r for r in summary if r["split"] == split and r["condition"] == c} for c in CONDITIONS}
-            if prefix and not any(f"{prefix}accuracy" in r for cells in rows.values() for r in cells.values()):
+        for prefix, title in (
+            ("", "MCQ accuracy (highest mean log-prob)"),
+            ("shift_", "contrastive accuracy (largest gain over none)"),
+        ):
+            rows = {
+                c: {r["topic"]: r for r in summary if r["split"] == split and r["condition"] == c}
+                for c in CONDITIONS
+            }
+            if prefix and not any(
+                f"{prefix}accuracy" in r for cells in rows.values() for r in cells.values()
+            ):
                 continue
             lines.append(f"{split} ({len(topics)} topics, {n_items} items): {title} [95% Wilson CI]")
             lines.append("  condition " + "".join(t[:22].rjust(22) for t in shown))
@@ -500,9 +641,13 @@ def format_prefeval(result: Mapping[str, Any]) -> str:
     if result.get("differences"):
         lines.append("paired differences (a - b, same items) [95% paired bootstrap CI]")
         for d in result["differences"]:
-            lines.append(f"  {d['metric']:5s} {d['split']:4s} {d['a']:>9s} - {d['b']:9s} {d['difference']:+.3f} [{d['ci95'][0]:+.2f},{d['ci95'][1]:+.2f}] (n={d['n']})")
+            lines.append(
+                f"  {d['metric']:5s} {d['split']:4s} {d['a']:>9s} - {d['b']:9s} {d['difference']:+.3f} [{d['ci95'][0]:+.2f},{d['ci95'][1]:+.2f}] (n={d['n']})"
+            )
     for r in result.get("retrieval", []):
-        lines.append(f"memory retrieval {r['split']}: preference retrieved {r['preference_retrieved']:.2f} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}], {r['mean_memories']:.1f} memories per prompt")
+        lines.append(
+            f"memory retrieval {r['split']}: preference retrieved {r['preference_retrieved']:.2f} [{r['ci95'][0]:.2f},{r['ci95'][1]:.2f}], {r['mean_memories']:.1f} memories per prompt"
+        )
     return "\n".join(lines)
 
 
@@ -534,14 +679,28 @@ def plot_prefeval(result: Mapping[str, Any], path: str | Path) -> Path:
             ax.bar(xs, ys, width, yerr=errs, capsize=2, label=condition, color=CONDITION_COLORS[condition])
             if shifted:
                 last = j == len(conditions) - 1
-                ax.scatter(*zip(*shifted, strict=True), marker="D", s=22, color="black", zorder=3, label="contrastive (gain over none)" if last else None)
+                ax.scatter(
+                    *zip(*shifted, strict=True),
+                    marker="D",
+                    s=22,
+                    color="black",
+                    zorder=3,
+                    label="contrastive (gain over none)" if last else None,
+                )
         ax.axhline(0.25, color="black", lw=0.8, ls=":", label="chance (1 of 4)")
         ax.set_ylim(0, 1)
         ax.set_ylabel("MCQ accuracy")
         ax.grid(axis="y", alpha=0.3)
 
     def find(split: str, topic: str, condition: str) -> Mapping[str, Any] | None:
-        return next((r for r in summary if r["split"] == split and r["topic"] == topic and r["condition"] == condition), None)
+        return next(
+            (
+                r
+                for r in summary
+                if r["split"] == split and r["topic"] == topic and r["condition"] == condition
+            ),
+            None,
+        )
 
     ax = axes[0]
     bars(ax, splits, lambda split, c: find(split, "all", c))

@@ -58,7 +58,9 @@ def _item_sums(ratings: Iterable[Rating]) -> tuple[dict[str, float], dict[str, i
     return total, count
 
 
-def _agreement(users: Mapping[str, Sequence[tuple[str, float]]], reference: Mapping[str, Mapping[str, float]], ties: str) -> tuple[float, int]:
+def _agreement(
+    users: Mapping[str, Sequence[tuple[str, float]]], reference: Mapping[str, Mapping[str, float]], ties: str
+) -> tuple[float, int]:
     """Share of the users' non-tied pairs that ``reference[user]`` (item -> score) orders the same way."""
     if ties not in ("drop", "half"):
         raise ValidationError("ties", f"is {ties!r}", 'use "drop" or "half"', ties)
@@ -71,10 +73,16 @@ def _agreement(users: Mapping[str, Sequence[tuple[str, float]]], reference: Mapp
         agree = np.sign(score[i] - score[j]) == np.sign(rated[i] - rated[j])
         tied = score[i] == score[j]
         keep = differ & ~tied if ties == "drop" else differ
-        hits += float((agree & keep & ~tied).sum()) + (0.5 * float((differ & tied).sum()) if ties == "half" else 0.0)
+        hits += float((agree & keep & ~tied).sum()) + (
+            0.5 * float((differ & tied).sum()) if ties == "half" else 0.0
+        )
         n += int(keep.sum())
     if n == 0:
-        raise ValidationError("ratings", "give no pair of differently rated items", "pass users with at least two different ratings")
+        raise ValidationError(
+            "ratings",
+            "give no pair of differently rated items",
+            "pass users with at least two different ratings",
+        )
     return hits / n, n
 
 
@@ -87,12 +95,15 @@ def leave_one_out_agreement(ratings: Sequence[Rating], ties: str = "drop") -> tu
     mean = sum(total.values()) / max(sum(count.values()), 1)
     users = _by_user(ratings)
     reference = {
-        user: {item: (total[item] - r) / (count[item] - 1) if count[item] > 1 else mean for item, r in items} for user, items in users.items()
+        user: {item: (total[item] - r) / (count[item] - 1) if count[item] > 1 else mean for item, r in items}
+        for user, items in users.items()
     }
     return _agreement(users, reference, ties)
 
 
-def fit_only_agreement(ratings: Sequence[Rating], held_out: float = 0.2, seed: int = 0, prior: float = 1.0, ties: str = "half") -> tuple[float, int]:
+def fit_only_agreement(
+    ratings: Sequence[Rating], held_out: float = 0.2, seed: int = 0, prior: float = 1.0, ties: str = "half"
+) -> tuple[float, int]:
     """Item means of a seeded ``1 - held_out`` share of the users (:func:`heldout_users`, the
     split every harness uses), scored on the other users' pairs.
 
@@ -100,10 +111,16 @@ def fit_only_agreement(ratings: Sequence[Rating], held_out: float = 0.2, seed: i
     fit user rated gets the global mean. Returns ``(agreement, pairs)``.
     """
     if not 0.0 < held_out < 1.0:
-        raise ValidationError("held_out", f"is {held_out}", "give a fraction between 0 and 1, e.g. 0.2", held_out)
+        raise ValidationError(
+            "held_out", f"is {held_out}", "give a fraction between 0 and 1, e.g. 0.2", held_out
+        )
     users = _by_user(ratings)
     if len(users) < 2:
-        raise ValidationError("ratings", f"has {len(users)} user", "give at least two users: one to fit the item means on, one to test")
+        raise ValidationError(
+            "ratings",
+            f"has {len(users)} user",
+            "give at least two users: one to fit the item means on, one to test",
+        )
     test = set(heldout_users(list(users), held_out, seed))
     fit = [(u, i, r) for u, i, r in ratings if u not in test]
     mean = float(np.mean([r for _, _, r in fit]))
@@ -114,7 +131,9 @@ def fit_only_agreement(ratings: Sequence[Rating], held_out: float = 0.2, seed: i
     return _agreement(held, reference, ties)
 
 
-def popquorn_reference(root: str | Path | None = None, seeds: int = 3, held_out: float = 0.2) -> dict[str, object]:
+def popquorn_reference(
+    root: str | Path | None = None, seeds: int = 3, held_out: float = 0.2
+) -> dict[str, object]:
     """The README's reference recomputed, and the fit-users-only reference over ``seeds`` splits."""
     ratings = read_popquorn_ratings(root)
     drop, pairs = leave_one_out_agreement(ratings, ties="drop")
@@ -123,5 +142,10 @@ def popquorn_reference(root: str | Path | None = None, seeds: int = 3, held_out:
     return {
         "ratings": len(ratings),
         "leave_one_out": {"ties_dropped": drop, "pairs": pairs, "ties_half": half, "all_pairs": all_pairs},
-        "fit_users_only": {"held_out": held_out, "per_seed": [a for a, _ in fit], "mean": float(np.mean([a for a, _ in fit])), "pairs_per_seed": [n for _, n in fit]},
+        "fit_users_only": {
+            "held_out": held_out,
+            "per_seed": [a for a, _ in fit],
+            "mean": float(np.mean([a for a, _ in fit])),
+            "pairs_per_seed": [n for _, n in fit],
+        },
     }

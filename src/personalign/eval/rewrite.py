@@ -56,7 +56,12 @@ from personalign.eval.stats import bootstrap_mean_ci, save_figure, win_rate
 INSTRUCTION = "Rewrite this email to be more polite and professional."
 ARMS = ("generic", "fspo-prompt", "fspo-trained", "memory")
 SPLITS = ("test", "dev")
-ARM_COLORS = {"generic": "tab:gray", "fspo-prompt": "tab:blue", "fspo-trained": "tab:green", "memory": "tab:purple"}
+ARM_COLORS = {
+    "generic": "tab:gray",
+    "fspo-prompt": "tab:blue",
+    "fspo-trained": "tab:green",
+    "memory": "tab:purple",
+}
 
 Progress = Callable[[str], None]
 
@@ -79,10 +84,22 @@ class RewriteConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
-            raise ValidationError("split", f"is not one of {SPLITS}", "use test (the held-out users) or dev", self.split)
+            raise ValidationError(
+                "split", f"is not one of {SPLITS}", "use test (the held-out users) or dev", self.split
+            )
         unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or "generic" not in self.arms or len(self.arms) < 2 or len(set(self.arms)) != len(self.arms):
-            raise ValidationError("arms", f"must be generic plus at least one of {ARMS[1:]}, each once", "e.g. --arms generic,fspo-prompt", self.arms)
+        if (
+            unknown
+            or "generic" not in self.arms
+            or len(self.arms) < 2
+            or len(set(self.arms)) != len(self.arms)
+        ):
+            raise ValidationError(
+                "arms",
+                f"must be generic plus at least one of {ARMS[1:]}, each once",
+                "e.g. --arms generic,fspo-prompt",
+                self.arms,
+            )
         if self.k < 1:
             raise ValidationError("k", "must be >= 1", "use e.g. 2", self.k)
         if self.users is not None and self.users < 1:
@@ -96,7 +113,9 @@ class RewriteConfig:
         if self.batch_size < 1:
             raise ValidationError("batch_size", "must be >= 1", "use e.g. 8", self.batch_size)
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValidationError("test_fraction", "must be in (0, 1)", "use 0.2 (the README's split)", self.test_fraction)
+            raise ValidationError(
+                "test_fraction", "must be in (0, 1)", "use 0.2 (the README's split)", self.test_fraction
+            )
 
 
 # --- ROUGE-L ---------------------------------------------------------------------------------------
@@ -149,7 +168,9 @@ def load_email_rewrites(root: str | Path | None = None) -> dict[str, list[EmailP
         for row in csv.DictReader(handle):
             if not row["user_id"].strip():
                 continue
-            users.setdefault(row["user_id"], []).append(EmailPair(row["instance_id"], row["user_id"], row["original email"], row["revised email"]))
+            users.setdefault(row["user_id"], []).append(
+                EmailPair(row["instance_id"], row["user_id"], row["original email"], row["revised email"])
+            )
     return users
 
 
@@ -173,12 +194,19 @@ def history_comparisons(pairs: Sequence[EmailPair], target: int) -> list[Any]:
     return [
         Comparison(prompt=task_message(p.original), chosen=p.revised, rejected=p.original)
         for i, p in enumerate(pairs)
-        if i != target and p.revised.strip() and p.original.strip() and p.revised.strip() != p.original.strip()
+        if i != target
+        and p.revised.strip()
+        and p.original.strip()
+        and p.revised.strip() != p.original.strip()
     ]
 
 
 def history_memories(pairs: Sequence[EmailPair], target: int) -> list[str]:
-    return [f"Original email: {p.original}\nMy rewrite: {p.revised}" for i, p in enumerate(pairs) if i != target and p.revised.strip() and p.original.strip()]
+    return [
+        f"Original email: {p.original}\nMy rewrite: {p.revised}"
+        for i, p in enumerate(pairs)
+        if i != target and p.revised.strip() and p.original.strip()
+    ]
 
 
 def target_user(pair: EmailPair, target: int) -> str:
@@ -193,11 +221,24 @@ def _request(arm: str, user: str, original: str, config: RewriteConfig) -> dict[
     """One ``respond_batch`` request: greedy, steering off, no per-user adapter."""
     from personalign.personalizer import ConditioningParams
 
-    base = {"messages": [{"role": "user", "content": task_message(original)}], "steer": {}, "temperature": 0.0, "max_new_tokens": config.max_new_tokens, "adapter": False}
+    base = {
+        "messages": [{"role": "user", "content": task_message(original)}],
+        "steer": {},
+        "temperature": 0.0,
+        "max_new_tokens": config.max_new_tokens,
+        "adapter": False,
+    }
     if arm == "generic":
         return {**base, "user": None, "memory": False, "shots": False}
     if arm == "memory":
-        return {**base, "user": user, "memory": True, "shots": False, "n_memories": config.n_memories, "memory_threshold": None}
+        return {
+            **base,
+            "user": user,
+            "memory": True,
+            "shots": False,
+            "n_memories": config.n_memories,
+            "memory_threshold": None,
+        }
     shots = {**base, "user": user, "memory": False, "shots": True, "n_shots": config.n_shots}
     if "fspo" in ConditioningParams.model_fields:  # whether the installed FSPO adapter runs the shots
         shots["fspo"] = arm == "fspo-trained"
@@ -207,7 +248,10 @@ def _request(arm: str, user: str, original: str, config: RewriteConfig) -> dict[
 def _cosines(encoder: Any, outputs: Sequence[str], references: Sequence[str]) -> list[float]:
     vectors_out = encoder.encode([o if o.strip() else " " for o in outputs])  # (n, dim), unit norm
     vectors_ref = encoder.encode(list(references))  # (n, dim)
-    return [float(v) if o.strip() else 0.0 for v, o in zip((vectors_out * vectors_ref).sum(axis=1), outputs, strict=True)]
+    return [
+        float(v) if o.strip() else 0.0
+        for v, o in zip((vectors_out * vectors_ref).sum(axis=1), outputs, strict=True)
+    ]
 
 
 def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None) -> dict[str, Any]:
@@ -216,13 +260,19 @@ def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None
     started = time.perf_counter()
     emails = load_email_rewrites(config.data_root)
     test = heldout_users(list(emails), config.test_fraction, config.seed)
-    users = test if config.split == "test" else [u for u in sorted(emails, key=user_order) if u not in set(test)]
+    users = (
+        test if config.split == "test" else [u for u in sorted(emails, key=user_order) if u not in set(test)]
+    )
     users = users[: config.users] if config.users is not None else users
     # A target needs a history to condition on (a user whose other rewrites all equal the email has none).
     candidates = [(u, t) for u in users for t in targets_of(emails[u], config.k, config.seed)]
     targets = [(u, t) for u, t in candidates if history_comparisons(emails[u], t)]
     if "fspo-trained" in config.arms and getattr(pz, "fspo_folder", None) is None:
-        raise ValidationError("arms", "include fspo-trained but no FSPO adapter is installed", "train one with `personalign train fspo`, or drop the arm")
+        raise ValidationError(
+            "arms",
+            "include fspo-trained but no FSPO adapter is installed",
+            "train one with `personalign train fspo`, or drop the arm",
+        )
     say(f"rewrite: {len(users)} {config.split} users, {len(targets)} target emails, arms {config.arms}")
     for u, t in targets:  # the history of each target under its own user id
         store_user = target_user(emails[u][t], t)
@@ -234,7 +284,9 @@ def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None
     seconds: dict[str, float] = {}
     for arm in config.arms:
         t0 = time.perf_counter()
-        requests = [_request(arm, target_user(emails[u][t], t), emails[u][t].original, config) for u, t in targets]
+        requests = [
+            _request(arm, target_user(emails[u][t], t), emails[u][t].original, config) for u, t in targets
+        ]
         results = []
         for start in range(0, len(requests), config.batch_size):
             results += pz.respond_batch(requests[start : start + config.batch_size])
@@ -247,7 +299,11 @@ def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None
     cosine = {arm: _cosines(pz.encoder, [r.text for r in outputs[arm]], references) for arm in config.arms}
     copy_cosine = _cosines(pz.encoder, originals, references)
     for i, (u, t) in enumerate(targets):
-        row: dict[str, Any] = {"user_id": u, "instance_id": emails[u][t].instance_id, "history": len(emails[u]) - 1}
+        row: dict[str, Any] = {
+            "user_id": u,
+            "instance_id": emails[u][t].instance_id,
+            "history": len(emails[u]) - 1,
+        }
         # The reference point of no rewriting at all: the original email scored as the output.
         row["copy"] = {"rouge_l": rouge_l_f1(originals[i], references[i]), "cosine": copy_cosine[i]}
         for arm in config.arms:
@@ -281,13 +337,20 @@ def run_rewrite(config: RewriteConfig, pz: Any, progress: Progress | None = None
         "seconds": {"total": time.perf_counter() - started, **seconds},
     }
     result["texts"] = [
-        {"user_id": u, "instance_id": emails[u][t].instance_id, "reference": references[i], **{arm: outputs[arm][i].text for arm in config.arms}}
+        {
+            "user_id": u,
+            "instance_id": emails[u][t].instance_id,
+            "reference": references[i],
+            **{arm: outputs[arm][i].text for arm in config.arms},
+        }
         for i, (u, t) in enumerate(targets)
     ]
     return result
 
 
-def summarise_rewrite(records: Sequence[Mapping[str, Any]], arms: Sequence[str], seed: int = 0) -> dict[str, Any]:
+def summarise_rewrite(
+    records: Sequence[Mapping[str, Any]], arms: Sequence[str], seed: int = 0
+) -> dict[str, Any]:
     """Per arm: mean of each metric with a bootstrap interval; per personalised arm: the paired
     difference to ``generic`` (intervals over emails and clustered by user) and the win rate."""
     users = [r["user_id"] for r in records]
@@ -296,13 +359,22 @@ def summarise_rewrite(records: Sequence[Mapping[str, Any]], arms: Sequence[str],
         entry = {}
         for metric in ("rouge_l", "cosine"):
             values = [r[arm][metric] for r in records]
-            entry[metric] = {"mean": float(np.mean(values)), "ci95": list(bootstrap_mean_ci(values, seed=seed))}
+            entry[metric] = {
+                "mean": float(np.mean(values)),
+                "ci95": list(bootstrap_mean_ci(values, seed=seed)),
+            }
         entry["words"] = float(np.mean([r[arm]["words"] for r in records]))
         entry["truncated"] = int(sum(r[arm]["truncated"] for r in records))
         entry["prompt_tokens"] = float(np.mean([r[arm]["prompt_tokens"] for r in records]))
         out["arms"][arm] = entry
     if records and all("copy" in r for r in records):
-        out["copy"] = {m: {"mean": float(np.mean([r["copy"][m] for r in records])), "ci95": list(bootstrap_mean_ci([r["copy"][m] for r in records], seed=seed))} for m in ("rouge_l", "cosine")}
+        out["copy"] = {
+            m: {
+                "mean": float(np.mean([r["copy"][m] for r in records])),
+                "ci95": list(bootstrap_mean_ci([r["copy"][m] for r in records], seed=seed)),
+            }
+            for m in ("rouge_l", "cosine")
+        }
     for arm in [a for a in arms if a != "generic"]:
         entry = {}
         for metric in ("rouge_l", "cosine"):
@@ -322,14 +394,20 @@ def summarise_rewrite(records: Sequence[Mapping[str, Any]], arms: Sequence[str],
 
 def format_rewrite(result: Mapping[str, Any]) -> str:
     s = result["summary"]
-    lines = [f"POPQUORN email rewriting, {result['config']['split']} users: {s['users']} users, {s['n']} emails; mean [95% bootstrap CI]"]
+    lines = [
+        f"POPQUORN email rewriting, {result['config']['split']} users: {s['users']} users, {s['n']} emails; mean [95% bootstrap CI]"
+    ]
     lines.append(f"  {'arm':12s} {'ROUGE-L F1':>22s} {'cosine':>22s} {'words':>6s} {'truncated':>9s}")
     for arm, e in s["arms"].items():
         r, c = e["rouge_l"], e["cosine"]
-        lines.append(f"  {arm:12s} {r['mean']:9.3f} [{r['ci95'][0]:.3f},{r['ci95'][1]:.3f}] {c['mean']:9.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}] {e['words']:6.1f} {e['truncated']:9d}")
+        lines.append(
+            f"  {arm:12s} {r['mean']:9.3f} [{r['ci95'][0]:.3f},{r['ci95'][1]:.3f}] {c['mean']:9.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}] {e['words']:6.1f} {e['truncated']:9d}"
+        )
     if "copy" in s:
         r, c = s["copy"]["rouge_l"], s["copy"]["cosine"]
-        lines.append(f"  {'(copy)':12s} {r['mean']:9.3f} [{r['ci95'][0]:.3f},{r['ci95'][1]:.3f}] {c['mean']:9.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}]   the original email itself, unrewritten")
+        lines.append(
+            f"  {'(copy)':12s} {r['mean']:9.3f} [{r['ci95'][0]:.3f},{r['ci95'][1]:.3f}] {c['mean']:9.3f} [{c['ci95'][0]:.3f},{c['ci95'][1]:.3f}]   the original email itself, unrewritten"
+        )
     lines.append(f"  (reference rewrites: {result['reference_words']:.1f} words)")
     for arm, e in s["vs_generic"].items():
         for metric, d in e.items():
@@ -353,7 +431,14 @@ def plot_rewrite(result: Mapping[str, Any], path: str | Path) -> Path:
     generic = [r["generic"]["rouge_l"] for r in records]
     for arm in [a for a in arms if a != "generic"]:
         wr = summary["vs_generic"][arm]["rouge_l"]["win_rate"]
-        ax.scatter(generic, [r[arm]["rouge_l"] for r in records], s=14, alpha=0.7, color=ARM_COLORS[arm], label=f"{arm} (win rate {wr:.2f})")
+        ax.scatter(
+            generic,
+            [r[arm]["rouge_l"] for r in records],
+            s=14,
+            alpha=0.7,
+            color=ARM_COLORS[arm],
+            label=f"{arm} (win rate {wr:.2f})",
+        )
     ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls=":")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -367,13 +452,30 @@ def plot_rewrite(result: Mapping[str, Any], path: str | Path) -> Path:
         for i, metric in enumerate(("rouge_l", "cosine")):
             e = summary["arms"][arm][metric]
             x = i + (j - (len(arms) - 1) / 2) * width
-            ax.bar(x, e["mean"], width, yerr=[[e["mean"] - e["ci95"][0]], [e["ci95"][1] - e["mean"]]], capsize=3, color=ARM_COLORS[arm], label=arm if i == 0 else None)
+            ax.bar(
+                x,
+                e["mean"],
+                width,
+                yerr=[[e["mean"] - e["ci95"][0]], [e["ci95"][1] - e["mean"]]],
+                capsize=3,
+                color=ARM_COLORS[arm],
+                label=arm if i == 0 else None,
+            )
     if "copy" in summary:
         for i, metric in enumerate(("rouge_l", "cosine")):
-            ax.hlines(summary["copy"][metric]["mean"], i - 0.45, i + 0.45, colors="black", linestyles="--", label="copy the original email" if i == 0 else None)
+            ax.hlines(
+                summary["copy"][metric]["mean"],
+                i - 0.45,
+                i + 0.45,
+                colors="black",
+                linestyles="--",
+                label="copy the original email" if i == 0 else None,
+            )
     ax.set_xticks([0, 1], ["ROUGE-L F1", "embedding cosine"])
     ax.set_ylim(0, 1)
-    ax.set_title(f"{summary['n']} emails of {summary['users']} {result['config']['split']} users (95% bootstrap CI)")
+    ax.set_title(
+        f"{summary['n']} emails of {summary['users']} {result['config']['split']} users (95% bootstrap CI)"
+    )
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)

@@ -31,7 +31,9 @@ def bootstrap_mean_ci(
     """
     x = np.asarray(values, dtype=np.float64)  # (n,)
     if x.ndim != 1 or x.size == 0:
-        raise ValidationError("values", "must be a non-empty 1-d sequence", "pass one number per item", x.shape)
+        raise ValidationError(
+            "values", "must be a non-empty 1-d sequence", "pass one number per item", x.shape
+        )
     if not 0.0 < level < 1.0:
         raise ValidationError("level", "must be in (0, 1)", "use e.g. 0.95", level)
     rng = np.random.default_rng(seed)
@@ -40,7 +42,9 @@ def bootstrap_mean_ci(
         means = x[idx].mean(axis=1)  # (B,)
     else:
         if len(groups) != x.size:
-            raise ValidationError("groups", f"has {len(groups)} labels for {x.size} values", "pass one label per value")
+            raise ValidationError(
+                "groups", f"has {len(groups)} labels for {x.size} values", "pass one label per value"
+            )
         labels = sorted(set(groups))
         where = {g: i for i, g in enumerate(labels)}
         code = np.array([where[g] for g in groups])

@@ -47,11 +47,16 @@ class SteerEvalConfig(BaseModel):
     directions: int = Field(default=5, ge=2, le=41)
     prompts: int = Field(default=12, ge=1, le=200)
     max_new_tokens: int = Field(default=192, ge=8, le=2048)
-    system: str = Field(default="Answer in two or three sentences.", description="the operating point every method starts from")
+    system: str = Field(
+        default="Answer in two or three sentences.",
+        description="the operating point every method starts from",
+    )
     temperature: float = Field(default=0.7, ge=0.0)
     top_p: float = Field(default=0.9, gt=0.0, le=1.0)
     seed: int = 0
-    seeds: int = Field(default=1, ge=1, le=16, description="answers per prompt and point, with seeds seed, seed + 1, ...")
+    seeds: int = Field(
+        default=1, ge=1, le=16, description="answers per prompt and point, with seeds seed, seed + 1, ..."
+    )
     front: bool = True
 
 
@@ -59,7 +64,9 @@ def _name(signed: str) -> tuple[str, float]:
     sign = -1.0 if signed.startswith("-") else 1.0
     name = signed.lstrip("-+")
     if name not in OBJECTIVES:
-        raise ValidationError("objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", signed)
+        raise ValidationError(
+            "objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", signed
+        )
     return name, sign
 
 
@@ -75,7 +82,9 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     """Indices of the points no other point dominates (both coordinates: more is better)."""
-    return [i for i, p in enumerate(points) if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return [
+        i for i, p in enumerate(points) if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)
+    ]
 
 
 def dominates(front: Sequence[tuple[float, float]], points: Sequence[tuple[float, float]]) -> bool:
@@ -98,7 +107,18 @@ def _generate(pz: Any, prompts: Sequence[str], steer: dict[str, Any], config: St
     texts: list[str] = []
     for j in range(config.seeds):
         requests = [
-            {"user": None, "messages": ([{"role": "system", "content": config.system}] if config.system else []) + [{"role": "user", "content": p}], "steer": steer, "max_new_tokens": config.max_new_tokens, "temperature": config.temperature, "top_p": config.top_p, "seed": config.seed + j, "memory": False, "shots": False}
+            {
+                "user": None,
+                "messages": ([{"role": "system", "content": config.system}] if config.system else [])
+                + [{"role": "user", "content": p}],
+                "steer": steer,
+                "max_new_tokens": config.max_new_tokens,
+                "temperature": config.temperature,
+                "top_p": config.top_p,
+                "seed": config.seed + j,
+                "memory": False,
+                "shots": False,
+            }
             for p in prompts
         ]
         texts += [r.text for r in pz.respond_batch(requests)]
@@ -113,7 +133,11 @@ def paired_drift(steered: Sequence[float], unsteered: Sequence[float]) -> tuple[
     zero unsteered mean the interval is infinite.
     """
     if len(steered) != len(unsteered) or not steered:
-        raise ValidationError("steered", f"has {len(steered)} answers, unsteered {len(unsteered)}", "pair every steered answer with its unsteered one")
+        raise ValidationError(
+            "steered",
+            f"has {len(steered)} answers, unsteered {len(unsteered)}",
+            "pair every steered answer with its unsteered one",
+        )
     base = abs(statistics.fmean(unsteered))
     diffs = [a - b for a, b in zip(steered, unsteered, strict=True)]
     mean = statistics.fmean(diffs)
@@ -137,22 +161,41 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
     started = time.perf_counter()
     unsteered = _scores(_generate(pz, prompts, {}, config))
     base_means = {k: statistics.fmean(v) for k, v in unsteered.items()}
-    result: dict[str, Any] = {"config": config.model_dump(), "prompts": prompts, "unsteered": base_means, "sweep": {}, "front": {}}
+    result: dict[str, Any] = {
+        "config": config.model_dump(),
+        "prompts": prompts,
+        "unsteered": base_means,
+        "sweep": {},
+        "front": {},
+    }
     for method in config.methods:
         if first not in steerable.get(method, ()):
             say(f"sweep: {method} cannot steer {first} here, skipped")
             continue
         points = []
         for w in values:
-            scores = _scores(_generate(pz, prompts, {"weights": {first: w}, "method": method}, config)) if w != 0.0 else unsteered
+            scores = (
+                _scores(_generate(pz, prompts, {"weights": {first: w}, "method": method}, config))
+                if w != 0.0
+                else unsteered
+            )
             drift = {k: paired_drift(scores[k], unsteered[k]) for k in OBJECTIVES if k != first}
-            points.append({"weight": w, "mean": {k: statistics.fmean(v) for k, v in scores.items()}, first: scores[first], "drift": drift})
+            points.append(
+                {
+                    "weight": w,
+                    "mean": {k: statistics.fmean(v) for k, v in scores.items()},
+                    first: scores[first],
+                    "drift": drift,
+                }
+            )
             say(f"sweep {method} {first}={w:+.2f}: {statistics.fmean(scores[first]):.3f}")
         means = [p["mean"][first] for p in points]
         per_answer_w = [p["weight"] for p in points for _ in p[first]]
         per_answer = [s for p in points for s in p[first]]
         # the point of largest drift of each other objective, with its paired 95% interval
-        worst = {k: max((p["drift"][k] for p in points), key=lambda d: abs(d[0])) for k in OBJECTIVES if k != first}
+        worst = {
+            k: max((p["drift"][k] for p in points), key=lambda d: abs(d[0])) for k in OBJECTIVES if k != first
+        }
         drift = {k: abs(d[0]) if base_means[k] else float("inf") for k, d in worst.items()}
         result["sweep"][method] = {
             "values": values,
@@ -161,7 +204,14 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
             "spearman_answers": spearman(per_answer_w, per_answer),
             "max_relative_drift": drift,
             "max_drift_interval": {k: list(v) for k, v in worst.items()},
-            "points": [{"weight": p["weight"], "mean": p["mean"], "drift": {k: list(v) for k, v in p["drift"].items()}} for p in points],
+            "points": [
+                {
+                    "weight": p["weight"],
+                    "mean": p["mean"],
+                    "drift": {k: list(v) for k, v in p["drift"].items()},
+                }
+                for p in points
+            ],
         }
     if config.front and rest:
         (a, sa), (b, sb) = _name(config.objectives[0]), rest[0]
@@ -175,7 +225,14 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
                 weights = {a: sa * math.cos(math.radians(t)), b: sb * math.sin(math.radians(t))}
                 weights = {k: round(v, 6) for k, v in weights.items() if abs(v) > 1e-9}
                 scores = _scores(_generate(pz, prompts, {"weights": weights, "method": method}, config))
-                pts.append({"angle": t, "weights": weights, "x": sa * statistics.fmean(scores[a]), "y": sb * statistics.fmean(scores[b])})
+                pts.append(
+                    {
+                        "angle": t,
+                        "weights": weights,
+                        "x": sa * statistics.fmean(scores[a]),
+                        "y": sb * statistics.fmean(scores[b]),
+                    }
+                )
                 say(f"front {method} angle {t:.0f}: {pts[-1]['x']:.3f}, {pts[-1]['y']:.3f}")
             xy = [(p["x"], p["y"]) for p in pts]
             result["front"][method] = {"points": pts, "front": pareto_front(xy)}
@@ -187,24 +244,43 @@ def run_steer_eval(config: SteerEvalConfig, pz: Any, progress: Progress | None =
 
 def format_steer(result: dict[str, Any]) -> str:
     first = result["config"]["objectives"][0].lstrip("-+")
-    lines = [f"sweep of {first}: Spearman(requested, measured) over the sweep means and over all answers; largest drift of the other objectives", ""]
-    lines.append("| method | " + " | ".join(f"{v:+.2f}" for v in next(iter(result["sweep"].values()))["values"]) + " | rho (means) | rho (answers) | max drift reading_level | max drift structure |")
+    lines = [
+        f"sweep of {first}: Spearman(requested, measured) over the sweep means and over all answers; largest drift of the other objectives",
+        "",
+    ]
+    lines.append(
+        "| method | "
+        + " | ".join(f"{v:+.2f}" for v in next(iter(result["sweep"].values()))["values"])
+        + " | rho (means) | rho (answers) | max drift reading_level | max drift structure |"
+    )
     lines.append("|---" * (len(next(iter(result["sweep"].values()))["values"]) + 5) + "|")
     for method, s in result["sweep"].items():
         drift = s["max_relative_drift"]
         interval = s.get("max_drift_interval", {})
 
-        def cell(name: str, drift: dict[str, float] = drift, interval: dict[str, list[float]] = interval) -> str:
+        def cell(
+            name: str, drift: dict[str, float] = drift, interval: dict[str, list[float]] = interval
+        ) -> str:
             text = f"{drift.get(name, float('nan')):.0%}"
             if name in interval:
                 _, low, high = interval[name]
                 text += f" [{low:+.0%}, {high:+.0%}]"
             return text
 
-        lines.append(f"| {method} | " + " | ".join(f"{m:.2f}" for m in s["means"]) + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {cell('reading_level')} | {cell('structure')} |")
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{m:.2f}" for m in s["means"])
+            + f" | {s['spearman_means']:.3f} | {s['spearman_answers']:.3f} | {cell('reading_level')} | {cell('structure')} |"
+        )
     if result.get("front"):
         ax = result["front_axes"]
-        lines += ["", f"front over ({ax[0]}, {ax[1]}) (signed: more is better on both axes)", "", "| method | points (x, y) | dominates prompt |", "|---|---|---|"]
+        lines += [
+            "",
+            f"front over ({ax[0]}, {ax[1]}) (signed: more is better on both axes)",
+            "",
+            "| method | points (x, y) | dominates prompt |",
+            "|---|---|---|",
+        ]
         for method, f in result["front"].items():
             pts = ", ".join(f"({p['x']:.2f}, {p['y']:.2f})" for p in f["points"])
             verdict = "(the baseline)" if method == "prompt" else f.get("dominates_prompt", "")
@@ -217,7 +293,9 @@ def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
     from personalign.eval.stats import new_figure
 
     first = result["config"]["objectives"][0].lstrip("-+")
-    fig, axes = new_figure(1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False)
+    fig, axes = new_figure(
+        1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False
+    )
     ax = axes[0][0]
     for method, s in result["sweep"].items():
         ax.plot(s["values"], s["means"], marker="o", label=f"{method} (rho {s['spearman_means']:.2f})")
@@ -254,7 +332,17 @@ def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     if not results:
         raise ValidationError("results", "is empty", "pass at least one eval steer result")
-    keys = ("objectives", "sweep", "directions", "prompts", "max_new_tokens", "temperature", "top_p", "seed", "system")
+    keys = (
+        "objectives",
+        "sweep",
+        "directions",
+        "prompts",
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "system",
+    )
     first = results[0]
     merged = {**first, "sweep": {}, "front": {}, "config": {**first["config"], "methods": []}, "seconds": 0.0}
     defaults = {"seeds": 1}  # runs written before the option existed
@@ -262,13 +350,22 @@ def merge_steer(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         for key in (*keys, "seeds"):
             value = result["config"].get(key, defaults.get(key))
             if value != first["config"].get(key, defaults.get(key)):
-                raise ValidationError(f"config.{key}", "differs between the runs", "merge only runs made with the same settings", value)
+                raise ValidationError(
+                    f"config.{key}",
+                    "differs between the runs",
+                    "merge only runs made with the same settings",
+                    value,
+                )
         for part in ("sweep", "front"):
             for method, entry in result.get(part, {}).items():
                 if method in merged[part]:
-                    raise ValidationError(part, f"has {method!r} twice", "merge runs of different methods", method)
+                    raise ValidationError(
+                        part, f"has {method!r} twice", "merge runs of different methods", method
+                    )
                 merged[part][method] = entry
-        merged["config"]["methods"] += [m for m in result["config"]["methods"] if m not in merged["config"]["methods"]]
+        merged["config"]["methods"] += [
+            m for m in result["config"]["methods"] if m not in merged["config"]["methods"]
+        ]
         merged["seconds"] += result.get("seconds", 0.0)
         if "front_axes" in result:
             merged["front_axes"] = result["front_axes"]

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 
 def logratio_margin(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
 ) -> torch.Tensor:
     """``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))``, shape ``(batch,)``."""
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
@@ -79,7 +82,11 @@ def simpo_loss(
 
 
 def implicit_rewards(
-    policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(beta * logratio(y_w), beta * logratio(y_l))``, each ``(batch,)``."""
     return beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
@@ -106,5 +113,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
     logits = logits[:, :-1]  # (B, T-1, V): predictions for tokens 1..T-1
     targets = labels[:, 1:]  # (B, T-1)
     weights = mask[:, 1:].to(logits.dtype)  # (B, T-1)
-    token_logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    token_logps = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    )  # (B, T-1)
     return (token_logps * weights).sum(dim=-1).to(logits.dtype)

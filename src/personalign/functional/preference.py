@@ -20,7 +20,9 @@ import torch.nn.functional as F
 LOG2 = math.log(2.0)
 
 
-def bradley_terry_log_likelihood(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+def bradley_terry_log_likelihood(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor
+) -> torch.Tensor:
     """log p(chosen > rejected) = log sigma(r_c - r_r), elementwise.
 
     Args:
@@ -75,7 +77,10 @@ def gaussian_kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> to
 
 
 def reparameterize(
-    mu: torch.Tensor, logvar: torch.Tensor, n_samples: int | None = None, generator: torch.Generator | None = None
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    n_samples: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """z = mu + sigma * eps with eps ~ N(0, I) (the reparameterisation trick).
 

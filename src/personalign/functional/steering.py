@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 
-def td_lambda_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95) -> torch.Tensor:
+def td_lambda_returns(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> torch.Tensor:
     """TD(lambda) targets ``R_t = A_t + V_t`` with GAE advantages, as VAS trains its values.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last valid step is 0) and
@@ -55,7 +57,9 @@ def centred_topk(scores: torch.Tensor, values: torch.Tensor, top_k: int) -> tupl
     return ids, q - q.mean(dim=-1, keepdim=True)
 
 
-def vas_logits(scores: torch.Tensor, ids: torch.Tensor, centred_q: torch.Tensor, beta: torch.Tensor | float) -> torch.Tensor:
+def vas_logits(
+    scores: torch.Tensor, ids: torch.Tensor, centred_q: torch.Tensor, beta: torch.Tensor | float
+) -> torch.Tensor:
     """VAS guidance: ``l'(a) = l(a) + beta * (Q(s, a) - mean_topk Q)`` on the top-k, others unchanged.
 
     Args:
@@ -77,7 +81,9 @@ def vas_logits(scores: torch.Tensor, ids: torch.Tensor, centred_q: torch.Tensor,
     return scores.scatter_add(-1, ids, bonus.to(scores.dtype))
 
 
-def mix_logprobs(base_logits: torch.Tensor, objective_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def mix_logprobs(
+    base_logits: torch.Tensor, objective_logits: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Multi-objective logit mixing: ``log pi_base + sum_k w_k (log pi_k - log pi_base)``.
 
     Args:
@@ -93,7 +99,9 @@ def mix_logprobs(base_logits: torch.Tensor, objective_logits: torch.Tensor, weig
     # A token some processor banned (-inf, e.g. end-of-turn under min_new_tokens) stays banned
     # instead of becoming -inf - -inf = nan.
     banned = torch.isneginf(base) | torch.isneginf(objectives).any(dim=1)  # (B, V)
-    mixed = base + (weights.float().unsqueeze(-1) * (objectives - base.unsqueeze(1)).nan_to_num(0.0)).sum(dim=1)
+    mixed = base + (weights.float().unsqueeze(-1) * (objectives - base.unsqueeze(1)).nan_to_num(0.0)).sum(
+        dim=1
+    )
     return mixed.masked_fill(banned, -float("inf"))
 
 

@@ -91,14 +91,23 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise ValidationError("metadata", "must be a mapping", "pass a dict of str keys to str/int/float/bool values", metadata)
+        raise ValidationError(
+            "metadata", "must be a mapping", "pass a dict of str keys to str/int/float/bool values", metadata
+        )
     clean: dict[str, Any] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or key in _RESERVED or key.startswith(INTERNAL):
             fix = f"use string keys other than {sorted(_RESERVED)} and not starting with {INTERNAL!r}"
             raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", fix, key)
-        if not isinstance(value, str | int | float | bool) or (isinstance(value, float) and not math.isfinite(value)):
-            raise ValidationError(f"metadata.{key}", "must be a str, int, finite float or bool", "flatten or stringify the value", value)
+        if not isinstance(value, str | int | float | bool) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            raise ValidationError(
+                f"metadata.{key}",
+                "must be a str, int, finite float or bool",
+                "flatten or stringify the value",
+                value,
+            )
         clean[key] = value
     return clean
 
@@ -107,14 +116,21 @@ def _check_text(text: Any, field: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValidationError(field, "must be a non-empty string", "pass the fact as text", text)
     if len(text) > MAX_MEMORY_CHARS:
-        raise ValidationError(field, f"is longer than {MAX_MEMORY_CHARS} characters", "split it into several memories", len(text))
+        raise ValidationError(
+            field,
+            f"is longer than {MAX_MEMORY_CHARS} characters",
+            "split it into several memories",
+            len(text),
+        )
     return text
 
 
 def status_where(status: str) -> dict[str, Any]:
     """Chroma's ``where`` for memories of ``status`` (``all``: every current version, no history)."""
     if status not in STATUSES:
-        raise ValidationError("status", f"must be one of {STATUSES}", "pass status='active' (the default) or 'all'", status)
+        raise ValidationError(
+            "status", f"must be one of {STATUSES}", "pass status='active' (the default) or 'all'", status
+        )
     if status == "active":
         return {STATUS: {"$nin": ["superseded", "history"]}}  # legacy records without a status are active
     if status == "superseded":
@@ -124,7 +140,13 @@ def status_where(status: str) -> dict[str, Any]:
 
 def _record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in metadata.items() if k not in _RESERVED and not k.startswith(INTERNAL)}
-    return {"id": memory_id, "memory": document, "user_id": user_id, "created_at": metadata.get("created_at"), "metadata": extra}
+    return {
+        "id": memory_id,
+        "memory": document,
+        "user_id": user_id,
+        "created_at": metadata.get("created_at"),
+        "metadata": extra,
+    }
 
 
 class MemoryStore:
@@ -135,11 +157,17 @@ class MemoryStore:
         from chromadb.config import Settings
 
         if (path is None) == (client is None):
-            raise ValidationError("memory", "needs exactly one of path or client", "pass path=<dir> or client=chromadb.HttpClient(...)")
+            raise ValidationError(
+                "memory",
+                "needs exactly one of path or client",
+                "pass path=<dir> or client=chromadb.HttpClient(...)",
+            )
         self.encoder = encoder
         self._ef = EncoderEmbeddingFunction(encoder)
         self.path = Path(path) if path is not None else None
-        self.client = client or chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+        self.client = client or chromadb.PersistentClient(
+            path=str(path), settings=Settings(anonymized_telemetry=False)
+        )
         self._collections: dict[str, Any] = {}
         self._lock = RLock()
 
@@ -150,7 +178,10 @@ class MemoryStore:
                 return self._collections[name]
             if create:
                 found = self.client.get_or_create_collection(
-                    name, embedding_function=self._ef, metadata={"user_id": user_id}, configuration={"hnsw": {"space": "cosine"}}
+                    name,
+                    embedding_function=self._ef,
+                    metadata={"user_id": user_id},
+                    configuration={"hnsw": {"space": "cosine"}},
                 )
             else:
                 try:
@@ -162,24 +193,37 @@ class MemoryStore:
             self._collections[name] = found
             return found
 
-    def validate(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> tuple[list[str], dict[str, Any]]:
+    def validate(
+        self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None
+    ) -> tuple[list[str], dict[str, Any]]:
         """Check what :meth:`add` would store; returns the texts and metadata, or raises."""
         validate_user_id(user_id)
         items = [texts] if isinstance(texts, str) else texts
         if not isinstance(items, list) or not items:
-            raise ValidationError("texts", "must be a non-empty string or list of strings", "pass the fact(s) as text")
+            raise ValidationError(
+                "texts", "must be a non-empty string or list of strings", "pass the fact(s) as text"
+            )
         return [_check_text(t, f"texts[{i}]") for i, t in enumerate(items)], _check_metadata(metadata)
 
-    def add(self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def add(
+        self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """Store one or more facts for ``user_id``; all are validated before any is written."""
         docs, extra = self.validate(user_id, texts, metadata)
         now = time.time()
         metas = [{**extra, "user_id": user_id, "created_at": now, STATUS: "active"} for _ in docs]
         embeddings = self._ef(docs)  # encode before touching the database
         ids = self.insert(user_id, docs, metas, embeddings)
-        return {"results": [{**_record(user_id, i, d, m), "event": "ADD"} for i, d, m in zip(ids, docs, metas, strict=True)]}
+        return {
+            "results": [
+                {**_record(user_id, i, d, m), "event": "ADD"}
+                for i, d, m in zip(ids, docs, metas, strict=True)
+            ]
+        }
 
-    def insert(self, user_id: str, docs: list[str], metas: list[dict[str, Any]], embeddings: Any) -> list[str]:
+    def insert(
+        self, user_id: str, docs: list[str], metas: list[dict[str, Any]], embeddings: Any
+    ) -> list[str]:
         """Write checked records under new ids; returns the ids."""
         # Time-ordered ids (nanoseconds, then a random tail): get_all's order is insertion order.
         stamp = time.time_ns()
@@ -188,7 +232,9 @@ class MemoryStore:
         collection.add(ids=ids, documents=docs, metadatas=metas, embeddings=embeddings)
         return ids
 
-    def where(self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def where(
+        self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """The checked Chroma ``where`` for ``status`` and metadata ``filters`` (see :mod:`.filters`)."""
         clauses = [status_where(status), *check_filters(filters)]
         if filters:
@@ -219,7 +265,12 @@ class MemoryStore:
         Only active memories unless ``status`` is ``"superseded"`` or ``"all"``; ``filters``
         narrows by metadata (see :mod:`personalign.memory.filters`).
         """
-        return {"results": [_record(user_id, i, d, m) | {"score": s} for i, d, m, s, _ in self.query(user_id, query, top_k, threshold, filters, status)]}
+        return {
+            "results": [
+                _record(user_id, i, d, m) | {"score": s}
+                for i, d, m, s, _ in self.query(user_id, query, top_k, threshold, filters, status)
+            ]
+        }
 
     def query(
         self,
@@ -235,11 +286,20 @@ class MemoryStore:
         validate_user_id(user_id)
         _check_text(query, "query")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
-            raise ValidationError("top_k", f"must be an integer in 1..{MAX_TOP_K}", "pass e.g. top_k=5", top_k)
+            raise ValidationError(
+                "top_k", f"must be an integer in 1..{MAX_TOP_K}", "pass e.g. top_k=5", top_k
+            )
         if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, int | float) or not -1.0 <= threshold <= 1.0
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not -1.0 <= threshold <= 1.0
         ):
-            raise ValidationError("threshold", "must be a number in [-1, 1] (cosine similarity)", "pass e.g. threshold=0.2, or None", threshold)
+            raise ValidationError(
+                "threshold",
+                "must be a number in [-1, 1] (cosine similarity)",
+                "pass e.g. threshold=0.2, or None",
+                threshold,
+            )
         collection = self._collection(user_id, create=False)
         where = status_where(status) if collection is None else self.where(user_id, status, filters)
         if collection is None:
@@ -250,10 +310,20 @@ class MemoryStore:
             return []
         vector = self._ef([query]) if embedding is None else [embedding]
         found = collection.query(
-            query_embeddings=vector, n_results=min(top_k, count), where=where, include=["documents", "metadatas", "distances", "embeddings"]
+            query_embeddings=vector,
+            n_results=min(top_k, count),
+            where=where,
+            include=["documents", "metadatas", "distances", "embeddings"],
         )
         results = []
-        rows = zip(found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], found["embeddings"][0], strict=True)
+        rows = zip(
+            found["ids"][0],
+            found["documents"][0],
+            found["metadatas"][0],
+            found["distances"][0],
+            found["embeddings"][0],
+            strict=True,
+        )
         for memory_id, doc, meta, dist, vec in rows:
             if meta.get("user_id") != user_id:  # defence in depth: collections are per user already
                 continue
@@ -263,7 +333,9 @@ class MemoryStore:
             results.append((memory_id, doc, meta, score, vec))
         return results
 
-    def rows(self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    def rows(
+        self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, str, dict[str, Any]]]:
         """``(id, document, metadata)`` of the user's current memories of ``status``, oldest first."""
         validate_user_id(user_id)
         collection = self._collection(user_id, create=False)
@@ -272,10 +344,20 @@ class MemoryStore:
             check_filters(filters)
             return []
         found = collection.get(where=self.where(user_id, status, filters), include=["documents", "metadatas"])
-        rows = [(i, d, m) for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True) if m.get("user_id") == user_id]
+        rows = [
+            (i, d, m)
+            for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
+            if m.get("user_id") == user_id
+        ]
         return sorted(rows, key=lambda r: r[0])  # ids are time-ordered
 
-    def get_all(self, user_id: str, limit: int | None = None, filters: Mapping[str, Any] | None = None, status: str = "active") -> dict[str, Any]:
+    def get_all(
+        self,
+        user_id: str,
+        limit: int | None = None,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
+    ) -> dict[str, Any]:
         """Every memory of the user, oldest first (active ones unless ``status`` says otherwise)."""
         validate_user_id(user_id)
         check_limit(limit)
@@ -342,9 +424,13 @@ class MemoryStore:
         collection = self._collection(user_id, create=False)
         if collection is None:
             return 0
-        return len(collection.get(where=status_where("all"), include=[])["ids"])  # memories, not their earlier versions
+        return len(
+            collection.get(where=status_where("all"), include=[])["ids"]
+        )  # memories, not their earlier versions
 
 
 def check_limit(limit: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValidationError("limit", "must be a positive integer or None", "pass e.g. limit=100, or None for all", limit)
+        raise ValidationError(
+            "limit", "must be a positive integer or None", "pass e.g. limit=100, or None for all", limit
+        )

@@ -49,19 +49,36 @@ def export_user(
         raise UnknownUserError(user)
     settings = dict(profile.settings) if profile is not None else {}
     folder = profiles.user_dir(user)
-    files = sorted(
-        ({"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size} for p in folder.rglob("*") if p.is_file()), key=lambda f: f["path"]
-    ) if folder.is_dir() else []
+    files = (
+        sorted(
+            (
+                {"path": p.relative_to(folder).as_posix(), "bytes": p.stat().st_size}
+                for p in folder.rglob("*")
+                if p.is_file()
+            ),
+            key=lambda f: f["path"],
+        )
+        if folder.is_dir()
+        else []
+    )
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "exported_at": time.time(),
         "user_id": user,
-        "profile": None if profile is None else {"created_at": profile.created_at, "updated_at": profile.updated_at, "version": profile.version},
-        "comparisons": [] if profile is None else [c.model_dump(mode="json", exclude_none=True) for c in profile.comparisons],
+        "profile": None
+        if profile is None
+        else {"created_at": profile.created_at, "updated_at": profile.updated_at, "version": profile.version},
+        "comparisons": []
+        if profile is None
+        else [c.model_dump(mode="json", exclude_none=True) for c in profile.comparisons],
         "state": settings.get("state"),
-        "steering": {"stored": settings.get("steer"), "inferred": settings.get("inferred_steer"), "default": default_steer(user) if profile is not None else {}},
+        "steering": {
+            "stored": settings.get("steer"),
+            "inferred": settings.get("inferred_steer"),
+            "default": default_steer(user) if profile is not None else {},
+        },
         "settings": settings,
         "memories": stored_memories,
         "adapter": None,

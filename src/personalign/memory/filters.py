@@ -44,17 +44,34 @@ def _condition(field: str, condition: Any) -> dict[str, Any]:
     if not isinstance(condition, Mapping):
         return {field: {"$eq": _check_value(condition, where, numeric=False)}}
     if len(condition) != 1:
-        raise ValidationError(where, f"has {len(condition)} operators", "give one operator per field (several fields are ANDed)", dict(condition))
+        raise ValidationError(
+            where,
+            f"has {len(condition)} operators",
+            "give one operator per field (several fields are ANDed)",
+            dict(condition),
+        )
     [(op, value)] = condition.items()
     name = op[1:] if isinstance(op, str) and op.startswith("$") else op
     if name not in OPERATORS:
         raise ValidationError(f"{where}.{op}", "is not a filter operator", _FIX, op)
     if name in ("in", "nin"):
-        if isinstance(value, str) or not isinstance(value, list | tuple) or not value or len(value) > MAX_IN_VALUES:
-            raise ValidationError(f"{where}.{op}", f"must be a non-empty list of at most {MAX_IN_VALUES} values", 'pass e.g. {"in": ["a", "b"]}', value)
+        if (
+            isinstance(value, str)
+            or not isinstance(value, list | tuple)
+            or not value
+            or len(value) > MAX_IN_VALUES
+        ):
+            raise ValidationError(
+                f"{where}.{op}",
+                f"must be a non-empty list of at most {MAX_IN_VALUES} values",
+                'pass e.g. {"in": ["a", "b"]}',
+                value,
+            )
         items = [_check_value(v, f"{where}.{op}[{i}]", numeric=False) for i, v in enumerate(value)]
         return {field: {f"${name}": items}}
-    return {field: {f"${name}": _check_value(value, f"{where}.{op}", numeric=name in ("gt", "gte", "lt", "lte"))}}
+    return {
+        field: {f"${name}": _check_value(value, f"{where}.{op}", numeric=name in ("gt", "gte", "lt", "lte"))}
+    }
 
 
 def check_filters(filters: Mapping[str, Any] | None) -> list[dict[str, Any]]:
@@ -69,7 +86,12 @@ def check_filters(filters: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     clauses = []
     for field, condition in filters.items():
         if not isinstance(field, str) or not field or field.startswith("$"):
-            raise ValidationError(f"filters.{field}", "is not a field name", "name a metadata key of the memories, or created_at", field)
+            raise ValidationError(
+                f"filters.{field}",
+                "is not a field name",
+                "name a metadata key of the memories, or created_at",
+                field,
+            )
         clauses.append(_condition(field, condition))
     return clauses
 
@@ -80,7 +102,12 @@ def check_fields(filters: Mapping[str, Any] | None, known: Iterable[str]) -> Non
     for field in filters or {}:
         if field not in allowed:
             shown = sorted(allowed)[:20]
-            raise ValidationError(f"filters.{field}", "is not a field of any of this user's memories", f"filter on one of {shown}", field)
+            raise ValidationError(
+                f"filters.{field}",
+                "is not a field of any of this user's memories",
+                f"filter on one of {shown}",
+                field,
+            )
 
 
 def combine(clauses: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -90,13 +90,20 @@ def check_key(key: Any) -> str | None:
     if key is None:
         return None
     if not isinstance(key, str) or not KEY_PATTERN.match(key):
-        raise ValidationError("key", "must be a short identifier: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit", "e.g. key='home_city'", key)
+        raise ValidationError(
+            "key",
+            "must be a short identifier: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",
+            "e.g. key='home_city'",
+            key,
+        )
     return key
 
 
 def check_source(source: Any) -> str:
     if not isinstance(source, str) or not SOURCE_PATTERN.match(source):
-        raise ValidationError("source", "must be a short label: 1-64 letters, digits or '_.:@-'", "e.g. source='chat'", source)
+        raise ValidationError(
+            "source", "must be a short label: 1-64 letters, digits or '_.:@-'", "e.g. source='chat'", source
+        )
     return source
 
 
@@ -105,9 +112,19 @@ def check_add_options(key: Any, on_conflict: Any, source: Any, n_texts: int) -> 
     check_key(key)
     check_source(source)
     if on_conflict not in CONFLICT_POLICIES:
-        raise ValidationError("on_conflict", f"must be one of {CONFLICT_POLICIES}", "use 'keep' (report conflicts) or 'supersede'", on_conflict)
+        raise ValidationError(
+            "on_conflict",
+            f"must be one of {CONFLICT_POLICIES}",
+            "use 'keep' (report conflicts) or 'supersede'",
+            on_conflict,
+        )
     if key is not None and n_texts > 1:
-        raise ValidationError("key", "applies to one memory, but several texts were given", "store keyed facts one at a time", key)
+        raise ValidationError(
+            "key",
+            "applies to one memory, but several texts were given",
+            "store keyed facts one at a time",
+            key,
+        )
 
 
 def embedded_text(text: str, key: str | None) -> str:
@@ -123,7 +140,14 @@ def _now() -> float:
     return round(time.time(), 6)
 
 
-_CONTRACTIONS = ((r"n't\b", " not"), (r"'m\b", " am"), (r"'re\b", " are"), (r"'ve\b", " have"), (r"'ll\b", " will"), (r"'d\b", " would"))
+_CONTRACTIONS = (
+    (r"n't\b", " not"),
+    (r"'m\b", " am"),
+    (r"'re\b", " are"),
+    (r"'ve\b", " have"),
+    (r"'ll\b", " will"),
+    (r"'d\b", " would"),
+)
 
 
 def _normal(text: str) -> str:
@@ -145,7 +169,9 @@ def _same_numbers(a: str, b: str) -> bool:
     return re.findall(r"\d+", a) == re.findall(r"\d+", b)
 
 
-def lifecycle_record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
+def lifecycle_record(
+    user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]
+) -> dict[str, Any]:
     """A memory as results show it: mem0's fields plus the lifecycle fields."""
     created = metadata.get("created_at")
     status = metadata.get(STATUS) or "active"
@@ -167,19 +193,36 @@ def lifecycle_record(user_id: str, memory_id: str, document: str, metadata: Mapp
 class MemoryLifecycle:
     """The lifecycle operations over one :class:`MemoryStore` (all writes under its lock)."""
 
-    def __init__(self, store: MemoryStore, duplicate_threshold: float = DUPLICATE_THRESHOLD, conflict_threshold: float = CONFLICT_THRESHOLD) -> None:
-        for name, value in (("duplicate_threshold", duplicate_threshold), ("conflict_threshold", conflict_threshold)):
+    def __init__(
+        self,
+        store: MemoryStore,
+        duplicate_threshold: float = DUPLICATE_THRESHOLD,
+        conflict_threshold: float = CONFLICT_THRESHOLD,
+    ) -> None:
+        for name, value in (
+            ("duplicate_threshold", duplicate_threshold),
+            ("conflict_threshold", conflict_threshold),
+        ):
             if isinstance(value, bool) or not isinstance(value, int | float) or not -1.0 <= value <= 1.0:
-                raise ValidationError(name, "must be a cosine similarity in [-1, 1]", "use e.g. 0.95 and 0.6", value)
+                raise ValidationError(
+                    name, "must be a cosine similarity in [-1, 1]", "use e.g. 0.95 and 0.6", value
+                )
         if conflict_threshold > duplicate_threshold:
-            raise ValidationError("conflict_threshold", f"is above duplicate_threshold ({duplicate_threshold})", "use a lower conflict threshold", conflict_threshold)
+            raise ValidationError(
+                "conflict_threshold",
+                f"is above duplicate_threshold ({duplicate_threshold})",
+                "use a lower conflict threshold",
+                conflict_threshold,
+            )
         self.store = store
         self.duplicate_threshold = float(duplicate_threshold)
         self.conflict_threshold = float(conflict_threshold)
 
     # --- reads -------------------------------------------------------------------------------
 
-    def _current(self, user_id: str, memory_id: Any, embeddings: bool = False) -> tuple[Any, str, dict[str, Any], Any]:
+    def _current(
+        self, user_id: str, memory_id: Any, embeddings: bool = False
+    ) -> tuple[Any, str, dict[str, Any], Any]:
         """``(collection, document, metadata, embedding)`` of the memory's current version, or ``UnknownMemoryError``."""
         validate_user_id(user_id)
         if not isinstance(memory_id, str) or not memory_id or len(memory_id) > MAX_MEMORY_ID_CHARS:
@@ -187,8 +230,14 @@ class MemoryLifecycle:
         collection = self.store._collection(user_id, create=False)
         if collection is None:
             raise UnknownMemoryError(user_id, memory_id)
-        found = collection.get(ids=[memory_id], include=["documents", "metadatas", *(["embeddings"] if embeddings else [])])
-        if not found["ids"] or found["metadatas"][0].get(STATUS) == "history" or found["metadatas"][0].get("user_id") != user_id:
+        found = collection.get(
+            ids=[memory_id], include=["documents", "metadatas", *(["embeddings"] if embeddings else [])]
+        )
+        if (
+            not found["ids"]
+            or found["metadatas"][0].get(STATUS) == "history"
+            or found["metadatas"][0].get("user_id") != user_id
+        ):
             raise UnknownMemoryError(user_id, memory_id)
         vector = found["embeddings"][0] if embeddings else None
         return collection, found["documents"][0], dict(found["metadatas"][0]), vector
@@ -211,9 +260,25 @@ class MemoryLifecycle:
         versions.sort(key=lambda v: v["version"])
         current = lifecycle_record(user_id, memory_id, doc, meta)
         if current["status"] == "superseded":
-            versions.append({"version": None, "memory": None, "event": "DELETE", "valid_from": current["valid_to"], "valid_to": None, "source": None,
-                             "metadata": {}, "superseded_by": current.get("superseded_by")})
-        return {"id": memory_id, "user_id": user_id, "key": current["key"], "status": current["status"], "versions": versions}
+            versions.append(
+                {
+                    "version": None,
+                    "memory": None,
+                    "event": "DELETE",
+                    "valid_from": current["valid_to"],
+                    "valid_to": None,
+                    "source": None,
+                    "metadata": {},
+                    "superseded_by": current.get("superseded_by"),
+                }
+            )
+        return {
+            "id": memory_id,
+            "user_id": user_id,
+            "key": current["key"],
+            "status": current["status"],
+            "versions": versions,
+        }
 
     @staticmethod
     def _version(doc: str, meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -228,14 +293,26 @@ class MemoryLifecycle:
             "metadata": {k: v for k, v in meta.items() if k not in _RESERVED and not k.startswith(INTERNAL)},
         }
 
-    def list(self, user_id: str, filters: Mapping[str, Any] | None = None, status: str = "active", limit: int | None = None) -> dict[str, Any]:
+    def list(
+        self,
+        user_id: str,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
+        limit: int | None = None,
+    ) -> dict[str, Any]:
         """The user's memories of ``status``, oldest first, narrowed by metadata ``filters``."""
         check_limit(limit)
         rows = [lifecycle_record(user_id, i, d, m) for i, d, m in self.store.rows(user_id, status, filters)]
         return {"results": rows[:limit] if limit else rows}
 
     def search(
-        self, user_id: str, query: str, top_k: int = 5, threshold: float | None = None, filters: Mapping[str, Any] | None = None, status: str = "active"
+        self,
+        user_id: str,
+        query: str,
+        top_k: int = 5,
+        threshold: float | None = None,
+        filters: Mapping[str, Any] | None = None,
+        status: str = "active",
     ) -> dict[str, Any]:
         """The closest memories to ``query`` (active ones unless ``status`` says otherwise), with ``score``."""
         found = self.store.query(user_id, query, top_k, threshold, filters, status)
@@ -263,7 +340,9 @@ class MemoryLifecycle:
             # Decide every text first, then write every new one in one insert: a request's texts are
             # stored all or none (a crash between two inserts used to keep half of a request).
             decided: list[tuple[str, Any, Any]] = []  # (doc, vector, the restated record or the neighbours)
-            fresh: dict[str, int] = {}  # normalised text -> index in decided, for restatements within the request
+            fresh: dict[
+                str, int
+            ] = {}  # normalised text -> index in decided, for restatements within the request
             for doc, vector in zip(docs, vectors, strict=True):
                 if _normal(doc) in fresh:
                     decided.append((doc, vector, fresh[_normal(doc)]))
@@ -272,18 +351,39 @@ class MemoryLifecycle:
                 if isinstance(decided[-1][2], list):
                     fresh[_normal(doc)] = len(decided) - 1
             now = _now()
-            meta = {**extra, "user_id": user_id, "created_at": now, STATUS: "active", VERSION: 1, VALID_FROM: now, UPDATED_AT: now, SOURCE: source, EVENT: "ADD"}
+            meta = {
+                **extra,
+                "user_id": user_id,
+                "created_at": now,
+                STATUS: "active",
+                VERSION: 1,
+                VALID_FROM: now,
+                UPDATED_AT: now,
+                SOURCE: source,
+                EVENT: "ADD",
+            }
             if key is not None:
                 meta[KEY] = key
             new = [k for k, (_, _, d) in enumerate(decided) if isinstance(d, list)]
-            ids = self.store.insert(user_id, [decided[k][0] for k in new], [dict(meta) for _ in new], [decided[k][1] for k in new]) if new else []
+            ids = (
+                self.store.insert(
+                    user_id,
+                    [decided[k][0] for k in new],
+                    [dict(meta) for _ in new],
+                    [decided[k][1] for k in new],
+                )
+                if new
+                else []
+            )
             new_ids = dict(zip(new, ids, strict=True))
             results: list[dict[str, Any]] = []
             for k, (doc, _, decision) in enumerate(decided):
                 if isinstance(decision, dict):
                     results.append(decision)
                 elif isinstance(decision, int):  # the same text earlier in this request
-                    results.append(lifecycle_record(user_id, new_ids[decision], doc, meta) | {"event": "NONE"})
+                    results.append(
+                        lifecycle_record(user_id, new_ids[decision], doc, meta) | {"event": "NONE"}
+                    )
                 else:
                     results += self._settle(user_id, new_ids[k], doc, meta, decision, key, on_conflict, now)
         return {"results": results}
@@ -299,30 +399,64 @@ class MemoryLifecycle:
                 return lifecycle_record(user_id, memory_id, old_doc, meta) | {"event": "NONE"}
         return list(neighbours)
 
-    def _settle(self, user_id: str, new_id: str, doc: str, meta: dict[str, Any], neighbours: list[Any], key: str | None, on_conflict: str, now: float) -> list[dict[str, Any]]:
+    def _settle(
+        self,
+        user_id: str,
+        new_id: str,
+        doc: str,
+        meta: dict[str, Any],
+        neighbours: list[Any],
+        key: str | None,
+        on_conflict: str,
+        now: float,
+    ) -> list[dict[str, Any]]:
         """The new memory's record, with its conflicts, and the memories it supersedes."""
         added = lifecycle_record(user_id, new_id, doc, meta) | {"event": "ADD"}
         if key is not None:
             collection = self.store._collection(user_id, create=False)
-            same = collection.get(where={"$and": [{KEY: key}, {STATUS: {"$nin": ["superseded", "history"]}}]}, include=["documents", "metadatas"])
-            doomed = [(i, d, m) for i, d, m in zip(same["ids"], same["documents"], same["metadatas"], strict=True) if i != new_id]
+            same = collection.get(
+                where={"$and": [{KEY: key}, {STATUS: {"$nin": ["superseded", "history"]}}]},
+                include=["documents", "metadatas"],
+            )
+            doomed = [
+                (i, d, m)
+                for i, d, m in zip(same["ids"], same["documents"], same["metadatas"], strict=True)
+                if i != new_id
+            ]
         else:
             conflicts = [(i, d, m, s) for i, d, m, s, _ in neighbours if s >= self.conflict_threshold]
-            added["conflicts"] = [{"id": i, "memory": d, "key": m.get(KEY), "score": s} for i, d, m, s in conflicts]
+            added["conflicts"] = [
+                {"id": i, "memory": d, "key": m.get(KEY), "score": s} for i, d, m, s in conflicts
+            ]
             doomed = [(i, d, m) for i, d, m, _ in conflicts] if on_conflict == "supersede" else []
         if key is not None or doomed:
             added["supersedes"] = [i for i, _, _ in doomed]
         return [added, *self._supersede(user_id, doomed, new_id, now)]
 
-    def _supersede(self, user_id: str, doomed: list[tuple[str, str, dict[str, Any]]], by: str, now: float) -> list[dict[str, Any]]:
+    def _supersede(
+        self, user_id: str, doomed: list[tuple[str, str, dict[str, Any]]], by: str, now: float
+    ) -> list[dict[str, Any]]:
         if not doomed:
             return []
         collection = self.store._collection(user_id, create=False)
-        metas = [{**m, STATUS: "superseded", VALID_TO: now, UPDATED_AT: now, SUPERSEDED_BY: by} for _, _, m in doomed]
+        metas = [
+            {**m, STATUS: "superseded", VALID_TO: now, UPDATED_AT: now, SUPERSEDED_BY: by}
+            for _, _, m in doomed
+        ]
         collection.update(ids=[i for i, _, _ in doomed], metadatas=metas)
-        return [lifecycle_record(user_id, i, d, m) | {"event": "DELETE"} for (i, d, _), m in zip(doomed, metas, strict=True)]
+        return [
+            lifecycle_record(user_id, i, d, m) | {"event": "DELETE"}
+            for (i, d, _), m in zip(doomed, metas, strict=True)
+        ]
 
-    def update(self, user_id: str, memory_id: str, text: str, metadata: Mapping[str, Any] | None = None, source: str = "api") -> dict[str, Any]:
+    def update(
+        self,
+        user_id: str,
+        memory_id: str,
+        text: str,
+        metadata: Mapping[str, Any] | None = None,
+        source: str = "api",
+    ) -> dict[str, Any]:
         """Replace the memory's text (and metadata, when given), keeping its id and key.
 
         The previous text becomes an earlier version in :meth:`history`. Unchanged text and
@@ -345,11 +479,25 @@ class MemoryLifecycle:
             old.setdefault(EVENT, "ADD")
             # The earlier version first, under a fixed id: a crash before the next write leaves a
             # duplicate of the current version in history at worst, and retrying overwrites it.
-            collection.upsert(ids=[f"{memory_id}~v{version}"], documents=[doc], metadatas=[old], embeddings=[old_vector])
+            collection.upsert(
+                ids=[f"{memory_id}~v{version}"], documents=[doc], metadatas=[old], embeddings=[old_vector]
+            )
             lifecycle = {k: v for k, v in meta.items() if k in _RESERVED or k.startswith(INTERNAL)}
-            new = {**(current if extra is None else extra), **lifecycle, VERSION: version + 1, VALID_FROM: now, UPDATED_AT: now, SOURCE: source, EVENT: "UPDATE"}
+            new = {
+                **(current if extra is None else extra),
+                **lifecycle,
+                VERSION: version + 1,
+                VALID_FROM: now,
+                UPDATED_AT: now,
+                SOURCE: source,
+                EVENT: "UPDATE",
+            }
             collection.update(ids=[memory_id], documents=[text], metadatas=[new], embeddings=[vector])
-        return {"results": [lifecycle_record(user_id, memory_id, text, new) | {"event": "UPDATE", "previous_memory": doc}]}
+        return {
+            "results": [
+                lifecycle_record(user_id, memory_id, text, new) | {"event": "UPDATE", "previous_memory": doc}
+            ]
+        }
 
     def texts(self, user_id: str) -> list[str]:
         """Every text of the user that was encoded: each version as stored, and as embedded (a keyed one with its key)."""
@@ -359,7 +507,11 @@ class MemoryLifecycle:
             return []
         found = collection.get(include=["documents", "metadatas"])
         out = list(found["documents"])
-        out += [embedded_text(d, m[KEY]) for d, m in zip(found["documents"], found["metadatas"], strict=True) if m.get(KEY) is not None]
+        out += [
+            embedded_text(d, m[KEY])
+            for d, m in zip(found["documents"], found["metadatas"], strict=True)
+            if m.get(KEY) is not None
+        ]
         return out
 
     def export(self, user_id: str) -> list[dict[str, Any]]:

@@ -44,7 +44,9 @@ class ProfileStore:
             raise UnknownUserError(user_id)
         return UserProfile.model_validate(json.loads(path.read_text(encoding="utf-8")))
 
-    def update(self, user_id: str, change: Callable[[UserProfile], UserProfile], create: bool = True) -> UserProfile:
+    def update(
+        self, user_id: str, change: Callable[[UserProfile], UserProfile], create: bool = True
+    ) -> UserProfile:
         """Apply ``change`` to the stored profile (a new one if absent and ``create``) and persist it.
 
         If ``change`` raises, nothing is written.
@@ -75,4 +77,8 @@ class ProfileStore:
             return True
 
     def list_users(self) -> list[str]:
-        return sorted(p.parent.name for p in self.users_dir.glob(f"*/{PROFILE_FILE}") if not p.parent.name.startswith("."))
+        return sorted(
+            p.parent.name
+            for p in self.users_dir.glob(f"*/{PROFILE_FILE}")
+            if not p.parent.name.startswith(".")
+        )

@@ -38,7 +38,13 @@ class UserStore:
             raise
 
     def remember(
-        self, user: str, text: str | list[str], metadata: Mapping[str, Any] | None = None, key: str | None = None, on_conflict: str = "keep", source: str = "api"
+        self,
+        user: str,
+        text: str | list[str],
+        metadata: Mapping[str, Any] | None = None,
+        key: str | None = None,
+        on_conflict: str = "keep",
+        source: str = "api",
     ) -> dict[str, Any]:
         """Store fact(s) about ``user``, creating the user's profile if new (see :meth:`MemoryLifecycle.add`)."""
         docs, _ = self.memory.validate(user, text, metadata)  # nothing is written for bad input
@@ -52,7 +58,9 @@ class UserStore:
         validate_user_id(user)
         texts = self.memories.texts(user)  # every version of every memory, as stored and as embedded
         if self.profiles.exists(user):
-            texts += [t for c in self.profiles.get(user).comparisons for t in (c.prompt_text, c.chosen, c.rejected)]
+            texts += [
+                t for c in self.profiles.get(user).comparisons for t in (c.prompt_text, c.chosen, c.rejected)
+            ]
         memories = self.memory.delete_all(user)
         removed = self.profiles.delete(user)
         self.memory.encoder.evict(texts)  # nothing of the user stays in this process's caches

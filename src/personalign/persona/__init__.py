@@ -12,7 +12,10 @@ from personalign.preference import *  # noqa: F403
 from personalign.preference import __all__  # noqa: F401
 
 _MOVED = {
-    **{name: f"personalign.preference.{name}" for name in ("base", "bt", "drift", "items", "meandiff", "pal", "questions", "style", "vpl")},
+    **{
+        name: f"personalign.preference.{name}"
+        for name in ("base", "bt", "drift", "items", "meandiff", "pal", "questions", "style", "vpl")
+    },
     **{name: f"personalign.conditioning.{name}" for name in ("fspo", "pplug", "pplug_train")},
 }
 for _name, _target in _MOVED.items():

@@ -32,14 +32,31 @@ from personalign.preference.vpl import VPL
 EMBEDDER_CLASSES: dict[str, Any] = {"bt": BradleyTerry, "meandiff": MeanDiff, "pal": PAL, "vpl": VPL}
 MANIFEST = "embedder.json"
 
-__all__ = ["EMBEDDER_CLASSES", "PAL", "VPL", "BradleyTerry", "MeanDiff", "Featurizer", "FeaturizerConfig", "PreferenceEmbedder", "UserState", "default_embedder_dir", "load_embedder", "save_embedder"]
+__all__ = [
+    "EMBEDDER_CLASSES",
+    "PAL",
+    "VPL",
+    "BradleyTerry",
+    "MeanDiff",
+    "Featurizer",
+    "FeaturizerConfig",
+    "PreferenceEmbedder",
+    "UserState",
+    "default_embedder_dir",
+    "load_embedder",
+    "save_embedder",
+]
 
 
 def save_embedder(embedder: Any, directory: str | Path, provenance: Mapping[str, Any] | None = None) -> Path:
     """Save ``embedder`` (its own config + safetensors) and ``embedder.json`` naming the method and the data it saw."""
     directory = Path(directory)
     embedder.save(directory)
-    manifest = {"method": embedder.name, "featurizer": embedder.featurizer.config.to_dict(), "provenance": dict(provenance or {})}
+    manifest = {
+        "method": embedder.name,
+        "featurizer": embedder.featurizer.config.to_dict(),
+        "provenance": dict(provenance or {}),
+    }
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -56,20 +73,42 @@ def load_embedder(directory: str | Path, encoder: Encoder, generator: Any = None
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         method = manifest.get("method")
     else:
-        found = [p.name[: -len(CONFIG_SUFFIX)] for p in directory.glob(f"*{CONFIG_SUFFIX}") if p.name[: -len(CONFIG_SUFFIX)] in EMBEDDER_CLASSES]
+        found = [
+            p.name[: -len(CONFIG_SUFFIX)]
+            for p in directory.glob(f"*{CONFIG_SUFFIX}")
+            if p.name[: -len(CONFIG_SUFFIX)] in EMBEDDER_CLASSES
+        ]
         if len(found) != 1:
-            raise ValidationError("embedder", f"{directory} holds no single embedder ({found or 'nothing found'})", "pass a folder written by `personalign train pal|vpl`", str(directory))
+            raise ValidationError(
+                "embedder",
+                f"{directory} holds no single embedder ({found or 'nothing found'})",
+                "pass a folder written by `personalign train pal|vpl`",
+                str(directory),
+            )
         method = found[0]
     if method not in EMBEDDER_CLASSES:
-        raise ValidationError(f"{MANIFEST}.method", f"is {method!r}", f"expected one of {', '.join(EMBEDDER_CLASSES)}", method)
+        raise ValidationError(
+            f"{MANIFEST}.method", f"is {method!r}", f"expected one of {', '.join(EMBEDDER_CLASSES)}", method
+        )
     config_path = directory / f"{method}{CONFIG_SUFFIX}"
     if not config_path.is_file():
-        raise ValidationError("embedder", f"{directory} has no {config_path.name}", "pass a folder written by `personalign train pal|vpl`", str(directory))
+        raise ValidationError(
+            "embedder",
+            f"{directory} has no {config_path.name}",
+            "pass a folder written by `personalign train pal|vpl`",
+            str(directory),
+        )
     stamped = json.loads(config_path.read_text(encoding="utf-8"))
     parts = tuple(stamped.get("featurizer", {}).get("parts", ()))
     if "hidden" in parts and generator is None:
-        raise ValidationError("generator", f"is needed: {config_path.name} uses the generator's hidden states as features", "pass the generator it was trained with")
-    featurizer = Featurizer(encoder, FeaturizerConfig(parts=parts) if parts else None, generator if "hidden" in parts else None)
+        raise ValidationError(
+            "generator",
+            f"is needed: {config_path.name} uses the generator's hidden states as features",
+            "pass the generator it was trained with",
+        )
+    featurizer = Featurizer(
+        encoder, FeaturizerConfig(parts=parts) if parts else None, generator if "hidden" in parts else None
+    )
     return EMBEDDER_CLASSES[method].load(directory, featurizer)
 
 

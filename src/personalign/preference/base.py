@@ -50,10 +50,16 @@ def as_population(rows: Population | Iterable[tuple[str | None, Comparison]]) ->
     population: dict[str, list[Comparison]] = {}
     for index, (user, comparison) in enumerate(items):
         if user is None:
-            raise ValidationError(f"population[{index}].user", "is missing", "give every comparison a user id (the `user` column)")
+            raise ValidationError(
+                f"population[{index}].user",
+                "is missing",
+                "give every comparison a user id (the `user` column)",
+            )
         validate_user_id(user, f"population[{index}].user")
         if not isinstance(comparison, Comparison):
-            raise ValidationError(f"population[{index}]", "is not a Comparison", "pass Comparison objects", comparison)
+            raise ValidationError(
+                f"population[{index}]", "is not a Comparison", "pass Comparison objects", comparison
+            )
         population.setdefault(user, []).append(comparison)
     if not population:
         raise ValidationError("population", "is empty", "pass at least one user with comparisons")
@@ -66,10 +72,17 @@ def check_comparisons(comparisons: Sequence[Comparison], field_name: str = "comp
         raise ValidationError(field_name, "is a single Comparison", "pass a list of comparisons")
     items = list(comparisons)
     if not items:
-        raise ValidationError(field_name, "is empty", "pass at least one comparison (or use prior() for a new user)")
+        raise ValidationError(
+            field_name, "is empty", "pass at least one comparison (or use prior() for a new user)"
+        )
     for index, item in enumerate(items):
         if not isinstance(item, Comparison):
-            raise ValidationError(f"{field_name}[{index}]", "is not a Comparison", "build it with Comparison(prompt=..., chosen=..., rejected=...)", item)
+            raise ValidationError(
+                f"{field_name}[{index}]",
+                "is not a Comparison",
+                "build it with Comparison(prompt=..., chosen=..., rejected=...)",
+                item,
+            )
     return items
 
 
@@ -97,13 +110,25 @@ class UserState:
         vector = np.asarray(self.vector, dtype=np.float32).reshape(-1)
         object.__setattr__(self, "vector", vector)
         if not np.all(np.isfinite(vector)):
-            raise ValidationError("state.vector", "contains NaN or infinite values", "re-infer the state from the user's comparisons")
+            raise ValidationError(
+                "state.vector",
+                "contains NaN or infinite values",
+                "re-infer the state from the user's comparisons",
+            )
         if self.variance is not None:
             variance = np.asarray(self.variance, dtype=np.float32).reshape(-1)
             if variance.shape != vector.shape:
-                raise ValidationError("state.variance", f"has shape {variance.shape}, vector has {vector.shape}", "give one variance per dimension")
+                raise ValidationError(
+                    "state.variance",
+                    f"has shape {variance.shape}, vector has {vector.shape}",
+                    "give one variance per dimension",
+                )
             if not np.all(np.isfinite(variance)) or np.any(variance <= 0):
-                raise ValidationError("state.variance", "must be finite and positive", "re-infer the state from the user's comparisons")
+                raise ValidationError(
+                    "state.variance",
+                    "must be finite and positive",
+                    "re-infer the state from the user's comparisons",
+                )
             object.__setattr__(self, "variance", variance)
 
     @property
@@ -136,13 +161,19 @@ class UserState:
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ValidationError):
                 raise
-            raise ValidationError("state", f"is malformed ({err})", "re-infer the state from the user's comparisons") from None
+            raise ValidationError(
+                "state", f"is malformed ({err})", "re-infer the state from the user's comparisons"
+            ) from None
 
 
 def check_candidate_arrays(prompts: Sequence[str], a: Sequence[str], b: Sequence[str]) -> None:
     """One prompt, ``a`` and ``b`` per candidate, and at least one candidate."""
     if not (len(prompts) == len(a) == len(b)):
-        raise ValidationError("candidates", f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items", "pass one prompt, a and b per candidate")
+        raise ValidationError(
+            "candidates",
+            f"prompts, a and b have {len(prompts)}, {len(a)}, {len(b)} items",
+            "pass one prompt, a and b per candidate",
+        )
     if len(prompts) == 0:
         raise ValidationError("candidates", "is empty", "pass at least one candidate comparison")
 
@@ -152,9 +183,19 @@ def check_state(state: UserState, method: str, dim: int) -> UserState:
     if not isinstance(state, UserState):
         raise ValidationError("state", "is not a UserState", "pass the result of infer() or prior()", state)
     if state.method != method:
-        raise ValidationError("state.method", f"is {state.method!r}, this embedder is {method!r}", f"infer the state with the {method} embedder", state.method)
+        raise ValidationError(
+            "state.method",
+            f"is {state.method!r}, this embedder is {method!r}",
+            f"infer the state with the {method} embedder",
+            state.method,
+        )
     if state.dim != dim:
-        raise ValidationError("state.vector", f"has {state.dim} dimensions, expected {dim}", "re-infer the state with this embedder", state.dim)
+        raise ValidationError(
+            "state.vector",
+            f"has {state.dim} dimensions, expected {dim}",
+            "re-infer the state with this embedder",
+            state.dim,
+        )
     return state
 
 
@@ -194,12 +235,23 @@ class FeaturizerConfig:
         object.__setattr__(self, "parts", parts)
         unknown = [p for p in parts if p not in FEATURE_PARTS]
         if unknown or not parts or len(set(parts)) != len(parts):
-            raise ValidationError("featurizer.parts", f"must be distinct names from {FEATURE_PARTS}", "e.g. parts=('response', 'log_length')", parts)
+            raise ValidationError(
+                "featurizer.parts",
+                f"must be distinct names from {FEATURE_PARTS}",
+                "e.g. parts=('response', 'log_length')",
+                parts,
+            )
         if self.batch_size < 1:
-            raise ValidationError("featurizer.batch_size", "must be at least 1", "use e.g. 64", self.batch_size)
+            raise ValidationError(
+                "featurizer.batch_size", "must be at least 1", "use e.g. 64", self.batch_size
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"parts": list(self.parts), "batch_size": self.batch_size, "hidden_max_tokens": self.hidden_max_tokens}
+        return {
+            "parts": list(self.parts),
+            "batch_size": self.batch_size,
+            "hidden_max_tokens": self.hidden_max_tokens,
+        }
 
 
 class Featurizer:
@@ -209,13 +261,19 @@ class Featurizer:
     prompts and responses cost nothing.
     """
 
-    def __init__(self, encoder: Encoder, config: FeaturizerConfig | None = None, generator: Any = None) -> None:
+    def __init__(
+        self, encoder: Encoder, config: FeaturizerConfig | None = None, generator: Any = None
+    ) -> None:
         self.encoder = encoder
         self.config = config or FeaturizerConfig()
         self._enc_dim = encoder.dim
         self.generator = generator
         if "hidden" in self.config.parts and generator is None:
-            raise ValidationError("featurizer.parts", "includes 'hidden' but no generator was given", "pass generator=... or drop the 'hidden' part")
+            raise ValidationError(
+                "featurizer.parts",
+                "includes 'hidden' but no generator was given",
+                "pass generator=... or drop the 'hidden' part",
+            )
         self._hidden_cache: dict[tuple[str, str], np.ndarray] = {}
         self._style_cache: dict[str, np.ndarray] = {}
 
@@ -249,7 +307,9 @@ class Featurizer:
             limit = self.config.hidden_max_tokens
             seqs = []
             for prompt, response in todo:
-                head = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True)
+                head = tok.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=True, add_generation_prompt=True
+                )
                 if not isinstance(head, list):
                     head = list(head["input_ids"])
                 body = tok(response, add_special_tokens=False)["input_ids"][:limit]
@@ -270,9 +330,15 @@ class Featurizer:
                     attention[row, : len(head) + len(body)] = 1
                     response_mask[row, len(head) : len(head) + len(body)] = 1.0
                 with torch.no_grad():
-                    out = model(input_ids=ids.to(device), attention_mask=attention.to(device), output_hidden_states=True)
+                    out = model(
+                        input_ids=ids.to(device),
+                        attention_mask=attention.to(device),
+                        output_hidden_states=True,
+                    )
                 last = out.hidden_states[-1].float().cpu()  # (b, T, H)
-                pooled = (last * response_mask[..., None]).sum(1) / response_mask.sum(1, keepdim=True)  # (b, H)
+                pooled = (last * response_mask[..., None]).sum(1) / response_mask.sum(
+                    1, keepdim=True
+                )  # (b, H)
                 pooled = pooled / pooled.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 for row, i in enumerate(chunk):
                     self._hidden_cache[todo[i]] = pooled[row].numpy().astype(np.float32)
@@ -280,13 +346,23 @@ class Featurizer:
 
     @property
     def dim(self) -> int:
-        sizes = {"response": self._enc_dim, "prompt_x_response": self._enc_dim, "log_length": 1, "style": len(STYLE_FEATURES), "hidden": self._hidden_dim()}
+        sizes = {
+            "response": self._enc_dim,
+            "prompt_x_response": self._enc_dim,
+            "log_length": 1,
+            "style": len(STYLE_FEATURES),
+            "hidden": self._hidden_dim(),
+        }
         return sum(sizes[p] for p in self.config.parts)
 
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """``(n, dim)`` float32 features of ``n`` (prompt, response) pairs."""
         if len(prompts) != len(responses):
-            raise ValidationError("prompts", f"has {len(prompts)} items, responses has {len(responses)}", "pass one prompt per response")
+            raise ValidationError(
+                "prompts",
+                f"has {len(prompts)} items, responses has {len(responses)}",
+                "pass one prompt per response",
+            )
         n = len(responses)
         if n == 0:
             return np.zeros((0, self.dim), np.float32)
@@ -296,7 +372,11 @@ class Featurizer:
         texts = (list(responses) + (list(prompts) if needs_prompt else [])) if needs_encoder else []
         unique = list(dict.fromkeys(texts))
         index = {t: i for i, t in enumerate(unique)}
-        vectors = self.encoder.encode(unique, batch_size=self.config.batch_size) if unique else np.zeros((0, self._enc_dim), np.float32)  # (u, enc_dim)
+        vectors = (
+            self.encoder.encode(unique, batch_size=self.config.batch_size)
+            if unique
+            else np.zeros((0, self._enc_dim), np.float32)
+        )  # (u, enc_dim)
         resp = vectors[[index[t] for t in responses]] if needs_encoder else vectors  # (n, enc_dim)
         out: list[np.ndarray] = []
         for part in parts:
@@ -317,7 +397,9 @@ class Featurizer:
     def pair_features(self, comparisons: Sequence[Comparison]) -> tuple[np.ndarray, np.ndarray]:
         """``(chosen, rejected)`` features, each ``(n, dim)``, encoded in one batch."""
         prompts = [c.prompt_text for c in comparisons]
-        both = self.features(prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons])
+        both = self.features(
+            prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons]
+        )
         n = len(comparisons)
         return both[:n], both[n:]
 
@@ -355,7 +437,11 @@ def artefact_paths(directory: str | Path, name: str) -> tuple[Path, Path]:
 
 
 def save_artefact(
-    directory: str | Path, name: str, featurizer: Featurizer, config: Mapping[str, Any], tensors: Mapping[str, Any]
+    directory: str | Path,
+    name: str,
+    featurizer: Featurizer,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, Any],
 ) -> Path:
     """Write the config (stamped with package version, encoder and feature size) and the weights.
 
@@ -381,14 +467,18 @@ def save_artefact(
     cpu = {}
     for key, value in tensors.items():
         tensor = torch.as_tensor(value).detach().to("cpu")
-        cpu[key] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()  # integer keys stay exact
+        cpu[key] = (
+            tensor.to(torch.float32) if tensor.is_floating_point() else tensor
+        ).contiguous()  # integer keys stay exact
     metadata = {"method": name, "package_version": __version__, "encoder": featurizer.encoder_name}
     atomic_save_safetensors(weights_path, cpu, metadata)
     atomic_write_text(config_path, json.dumps(stamped, indent=2, sort_keys=True) + "\n")
     return directory
 
 
-def load_artefact(directory: str | Path, name: str, featurizer: Featurizer) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_artefact(
+    directory: str | Path, name: str, featurizer: Featurizer
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Read and check an artefact written by :func:`save_artefact`; return ``(config, tensors)``.
 
     Raises ``ValidationError`` when the files are missing, were written by another method or
@@ -399,10 +489,16 @@ def load_artefact(directory: str | Path, name: str, featurizer: Featurizer) -> t
     config_path, weights_path = artefact_paths(directory, name)
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise ValidationError("directory", f"has no {path.name}", f"pass a folder written by {name}.save()", str(directory))
+            raise ValidationError(
+                "directory", f"has no {path.name}", f"pass a folder written by {name}.save()", str(directory)
+            )
     stamped = json.loads(config_path.read_text(encoding="utf-8"))
     if stamped.get("method") != name:
-        raise ValidationError(f"{config_path.name}.method", f"is {stamped.get('method')!r}, not {name!r}", "load it with the matching embedder class")
+        raise ValidationError(
+            f"{config_path.name}.method",
+            f"is {stamped.get('method')!r}, not {name!r}",
+            "load it with the matching embedder class",
+        )
     if stamped.get("encoder") != featurizer.encoder_name:
         raise ValidationError(
             f"{config_path.name}.encoder",
@@ -411,7 +507,11 @@ def load_artefact(directory: str | Path, name: str, featurizer: Featurizer) -> t
         )
     saved_parts = tuple(stamped.get("featurizer", {}).get("parts", ()))
     if saved_parts and saved_parts != featurizer.config.parts:
-        raise ValidationError(f"{config_path.name}.featurizer.parts", f"is {saved_parts}, the featurizer uses {featurizer.config.parts}", "build the Featurizer with the saved parts")
+        raise ValidationError(
+            f"{config_path.name}.featurizer.parts",
+            f"is {saved_parts}, the featurizer uses {featurizer.config.parts}",
+            "build the Featurizer with the saved parts",
+        )
     if stamped.get("feature_dim") != featurizer.dim:
         raise ValidationError(
             f"{config_path.name}.feature_dim",
@@ -421,13 +521,21 @@ def load_artefact(directory: str | Path, name: str, featurizer: Featurizer) -> t
     return stamped["config"], load_file(str(weights_path))
 
 
-def check_tensor_shapes(tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], where: str) -> None:
+def check_tensor_shapes(
+    tensors: Mapping[str, Any], expected: Mapping[str, tuple[int, ...]], where: str
+) -> None:
     """Every expected tensor is present with exactly the expected shape."""
     for key, shape in expected.items():
         if key not in tensors:
-            raise ValidationError(f"{where}.{key}", "is missing", "pass a folder written by save() of the same version")
+            raise ValidationError(
+                f"{where}.{key}", "is missing", "pass a folder written by save() of the same version"
+            )
         if tuple(tensors[key].shape) != tuple(shape):
-            raise ValidationError(f"{where}.{key}", f"has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}", "retrain, or load with the matching featurizer")
+            raise ValidationError(
+                f"{where}.{key}",
+                f"has shape {tuple(tensors[key].shape)}, expected {tuple(shape)}",
+                "retrain, or load with the matching featurizer",
+            )
 
 
 # --- shared helpers for embedders ------------------------------------------------------------------
@@ -450,7 +558,9 @@ class PairArrays:
         return [order[bounds[u] : bounds[u + 1]] for u in range(len(self.users))]
 
 
-def population_item_keys(population: Population | Iterable[tuple[str | None, Comparison]]) -> tuple[np.ndarray, np.ndarray]:
+def population_item_keys(
+    population: Population | Iterable[tuple[str | None, Comparison]],
+) -> tuple[np.ndarray, np.ndarray]:
     """``(chosen, rejected)`` item keys in the row order of :func:`population_arrays`."""
     from personalign.preference.items import item_keys
 
@@ -460,7 +570,9 @@ def population_item_keys(population: Population | Iterable[tuple[str | None, Com
     return item_keys(prompts, [c.chosen for c in flat]), item_keys(prompts, [c.rejected for c in flat])
 
 
-def population_arrays(featurizer: Featurizer, population: Population | Iterable[tuple[str | None, Comparison]]) -> PairArrays:
+def population_arrays(
+    featurizer: Featurizer, population: Population | Iterable[tuple[str | None, Comparison]]
+) -> PairArrays:
     """Validate a population and featurize all of it in one batch."""
     pop = as_population(population)
     users = list(pop)

@@ -100,10 +100,14 @@ class BradleyTerry:
         mean, std = feature_stats(arrays)
         self.mean, self.std = torch.from_numpy(mean), torch.from_numpy(std)
         diff = (torch.from_numpy(arrays.chosen) - torch.from_numpy(arrays.rejected)) / self.std  # (N, D)
-        self.weight = fit_linear_bt(diff, torch.from_numpy(arrays.weight), self.config.l2, self.config.max_iter)
+        self.weight = fit_linear_bt(
+            diff, torch.from_numpy(arrays.weight), self.config.l2, self.config.max_iter
+        )
         if self.config.item_effects:
             keys_c, keys_r = population_item_keys(population)
-            self.items = ItemEffects.fit(keys_c, keys_r, (diff @ self.weight).numpy(), arrays.weight, self.config.item_l2)
+            self.items = ItemEffects.fit(
+                keys_c, keys_r, (diff @ self.weight).numpy(), arrays.weight, self.config.item_l2
+            )
         self.fitted = True
         return self
 

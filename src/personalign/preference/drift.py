@@ -58,16 +58,33 @@ class DriftConfig:
     def __post_init__(self) -> None:
         for name in ("half_life", "on_change_half_life"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or not math.isfinite(value)):
-                raise ValidationError(f"drift.{name}", "must be a positive number of comparisons, or None", "use e.g. 16 (or None)", value)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not value > 0
+                or not math.isfinite(value)
+            ):
+                raise ValidationError(
+                    f"drift.{name}",
+                    "must be a positive number of comparisons, or None",
+                    "use e.g. 16 (or None)",
+                    value,
+                )
         if not self.threshold > 0:
             raise ValidationError("drift.threshold", "must be > 0", "use e.g. threshold=3.0", self.threshold)
         for name in ("min_recent", "max_recent", "min_history"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValidationError(f"drift.{name}", "must be a positive integer", "use e.g. 2, 8 and 4", value)
+                raise ValidationError(
+                    f"drift.{name}", "must be a positive integer", "use e.g. 2, 8 and 4", value
+                )
         if self.max_recent < self.min_recent:
-            raise ValidationError("drift.max_recent", f"is below min_recent ({self.min_recent})", "use max_recent >= min_recent", self.max_recent)
+            raise ValidationError(
+                "drift.max_recent",
+                f"is below min_recent ({self.min_recent})",
+                "use max_recent >= min_recent",
+                self.max_recent,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,13 +123,21 @@ def weighted(comparisons: Sequence[Comparison], half_life: float | None) -> list
     if half_life is None:
         return list(comparisons)
     factors = recency_weights(len(comparisons), half_life)
-    return [c.model_copy(update={"weight": float(c.weight * f)}) for c, f in zip(comparisons, factors, strict=True)]
+    return [
+        c.model_copy(update={"weight": float(c.weight * f)})
+        for c, f in zip(comparisons, factors, strict=True)
+    ]
 
 
 def chosen_probabilities(embedder: Any, comparisons: Sequence[Comparison], state: Any) -> np.ndarray:
     """``(m,)`` the state's probability of each comparison's chosen response (one batched reward call)."""
     prompts = [c.prompt_text for c in comparisons]
-    rewards = np.asarray(embedder.reward(prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons], state), np.float64)
+    rewards = np.asarray(
+        embedder.reward(
+            prompts + prompts, [c.chosen for c in comparisons] + [c.rejected for c in comparisons], state
+        ),
+        np.float64,
+    )
     m = len(comparisons)
     margin = np.clip(rewards[:m] - rewards[m:], -50.0, 50.0)  # (m,)
     return 1.0 / (1.0 + np.exp(-margin))
@@ -130,7 +155,9 @@ def agreement(embedder: Any, recent: Sequence[Comparison], before: Any) -> float
     return float(np.mean(gains))
 
 
-def change_point(embedder: Any, comparisons: Sequence[Comparison], config: DriftConfig) -> tuple[int | None, float]:
+def change_point(
+    embedder: Any, comparisons: Sequence[Comparison], config: DriftConfig
+) -> tuple[int | None, float]:
     """``(t, z)``: the first comparison of the new regime and its surprise, or ``(None, z)`` when none is found."""
     n = len(comparisons)
     best_t, best_z, best_state = None, 0.0, None

@@ -62,7 +62,13 @@ class ItemEffects:
 
     @classmethod
     def fit(
-        cls, chosen_keys: np.ndarray, rejected_keys: np.ndarray, base_margin: np.ndarray, weight: np.ndarray, l2: float, max_iter: int = 100
+        cls,
+        chosen_keys: np.ndarray,
+        rejected_keys: np.ndarray,
+        base_margin: np.ndarray,
+        weight: np.ndarray,
+        l2: float,
+        max_iter: int = 100,
     ) -> ItemEffects:
         """Offsets maximising sum_i w_i log sigma(m_i + b[c_i] - b[r_i]) - l2 ||b||^2 with the margins ``m`` fixed."""
         # bradley_terry_loss is a weighted mean; multiplying by sum(w) gives the weighted sum.
@@ -86,10 +92,15 @@ class ItemEffects:
         return cls(keys.astype(np.int64), b.detach().numpy().astype(np.float32))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"item_keys": torch.from_numpy(self.keys.copy()), "item_values": torch.from_numpy(self.values.copy())}
+        return {
+            "item_keys": torch.from_numpy(self.keys.copy()),
+            "item_values": torch.from_numpy(self.values.copy()),
+        }
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ItemEffects:
         if "item_keys" not in tensors:
             return cls.empty()
-        return cls(tensors["item_keys"].numpy().astype(np.int64), tensors["item_values"].numpy().astype(np.float32))
+        return cls(
+            tensors["item_keys"].numpy().astype(np.int64), tensors["item_values"].numpy().astype(np.float32)
+        )

@@ -89,12 +89,16 @@ class PALConfig:
     def __post_init__(self) -> None:
         for name in ("n_prototypes", "pref_dim", "epochs", "batch_size", "infer_steps", "init_restarts"):
             if getattr(self, name) < 1:
-                raise ValidationError(f"pal.{name}", "must be >= 1", "use a positive integer", getattr(self, name))
+                raise ValidationError(
+                    f"pal.{name}", "must be >= 1", "use a positive integer", getattr(self, name)
+                )
         if self.init not in ("kmeans", "random"):
             raise ValidationError("pal.init", "must be 'kmeans' or 'random'", "use 'kmeans'", self.init)
         for name in ("lr", "user_lr", "infer_lr", "prior_std"):
             if not getattr(self, name) > 0:
-                raise ValidationError(f"pal.{name}", "must be > 0", "use e.g. 5e-3 (infer_lr: 1.0)", getattr(self, name))
+                raise ValidationError(
+                    f"pal.{name}", "must be > 0", "use e.g. 5e-3 (infer_lr: 1.0)", getattr(self, name)
+                )
         for name in ("weight_decay", "infer_l2", "user_init_std", "proj_lr"):
             if not getattr(self, name) >= 0:
                 raise ValidationError(f"pal.{name}", "must be >= 0", "use e.g. 1e-2", getattr(self, name))
@@ -108,7 +112,9 @@ class PALModel(nn.Module):
         self.register_buffer("mean", torch.zeros(feature_dim))
         self.register_buffer("std", torch.ones(feature_dim))
         self.proj = nn.Linear(feature_dim, config.pref_dim, bias=False)
-        self.prototypes = nn.Parameter(torch.randn(config.n_prototypes, config.pref_dim) / config.pref_dim**0.5)
+        self.prototypes = nn.Parameter(
+            torch.randn(config.n_prototypes, config.pref_dim) / config.pref_dim**0.5
+        )
 
     def prototype_rewards(self, phi: torch.Tensor) -> torch.Tensor:
         """``(B, D)`` features -> ``(B, K)`` rewards under each prototype."""
@@ -136,7 +142,12 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 25) -> tuple[torch.Te
 
 
 def init_from_user_directions(
-    model: PALModel, user_logits: nn.Parameter, diff: torch.Tensor, weight: torch.Tensor, user: torch.Tensor, cfg: PALConfig
+    model: PALModel,
+    user_logits: nn.Parameter,
+    diff: torch.Tensor,
+    weight: torch.Tensor,
+    user: torch.Tensor,
+    cfg: PALConfig,
 ) -> None:
     """Start the prototypes at clusters of the fit users' mean-difference directions.
 
@@ -159,7 +170,9 @@ def init_from_user_directions(
     _, _, labels = best
     # Prototype k starts at the pooled mean difference of its users' comparisons.
     pooled = torch.zeros(cfg.n_prototypes, diff.shape[1]).index_add_(0, labels, sums)  # (K, D)
-    counts = torch.zeros(cfg.n_prototypes).index_add_(0, labels, torch.zeros(n_users).index_add_(0, user, weight))  # (K,)
+    counts = torch.zeros(cfg.n_prototypes).index_add_(
+        0, labels, torch.zeros(n_users).index_add_(0, user, weight)
+    )  # (K,)
     centroids = pooled / counts.clamp_min(1e-12)[:, None]
     rank = min(cfg.pref_dim, *directions.shape)
     _, _, vh = torch.linalg.svd(directions, full_matrices=False)  # vh (r, D)
@@ -225,7 +238,9 @@ class PAL:
         if cfg.item_effects:
             with torch.no_grad():
                 logits = user_logits.detach()[user]  # (N, K)
-                margin = pal_mixture_scores(model.prototype_rewards(chosen), logits) - pal_mixture_scores(model.prototype_rewards(rejected), logits)
+                margin = pal_mixture_scores(model.prototype_rewards(chosen), logits) - pal_mixture_scores(
+                    model.prototype_rewards(rejected), logits
+                )
             keys_c, keys_r = population_item_keys(population)
             self.items = ItemEffects.fit(keys_c, keys_r, margin.numpy(), arrays.weight, cfg.item_l2)
         self.fitted = True
@@ -247,16 +262,23 @@ class PAL:
         chosen, rejected = self.featurizer.pair_features(items)
         weight = torch.tensor([c.weight for c in items])
         prompts = [c.prompt_text for c in items]
-        offset = torch.from_numpy(self.items.offsets(prompts, [c.chosen for c in items]) - self.items.offsets(prompts, [c.rejected for c in items]))  # (n,)
+        offset = torch.from_numpy(
+            self.items.offsets(prompts, [c.chosen for c in items])
+            - self.items.offsets(prompts, [c.rejected for c in items])
+        )  # (n,)
         with torch.no_grad():
             rc = self.model.prototype_rewards(torch.from_numpy(chosen))  # (n, K)
             rr = self.model.prototype_rewards(torch.from_numpy(rejected))  # (n, K)
         logits = torch.zeros(self.config.n_prototypes, requires_grad=True)
-        optimizer = torch.optim.LBFGS([logits], lr=self.config.infer_lr, max_iter=self.config.infer_steps, line_search_fn="strong_wolfe")
+        optimizer = torch.optim.LBFGS(
+            [logits], lr=self.config.infer_lr, max_iter=self.config.infer_steps, line_search_fn="strong_wolfe"
+        )
 
         def closure() -> torch.Tensor:
             optimizer.zero_grad()
-            loss = bradley_terry_loss(pal_mixture_scores(rc, logits) + offset, pal_mixture_scores(rr, logits), weight)
+            loss = bradley_terry_loss(
+                pal_mixture_scores(rc, logits) + offset, pal_mixture_scores(rr, logits), weight
+            )
             loss = loss + self.config.infer_l2 * logits.pow(2).sum()
             loss.backward()
             return loss
@@ -265,9 +287,22 @@ class PAL:
         mode = logits.detach()
         variance = self._laplace_variance(rc, rr, weight, mode, offset)
         mixture = torch.softmax(mode, dim=0)
-        return UserState(self.name, mode.numpy(), variance, n_comparisons=len(items), extra={"mixture": [float(w) for w in mixture]})
+        return UserState(
+            self.name,
+            mode.numpy(),
+            variance,
+            n_comparisons=len(items),
+            extra={"mixture": [float(w) for w in mixture]},
+        )
 
-    def _laplace_variance(self, rc: torch.Tensor, rr: torch.Tensor, weight: torch.Tensor, mode: torch.Tensor, offset: torch.Tensor) -> np.ndarray:
+    def _laplace_variance(
+        self,
+        rc: torch.Tensor,
+        rr: torch.Tensor,
+        weight: torch.Tensor,
+        mode: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> np.ndarray:
         """Diagonal of the Laplace posterior covariance of the K logits at ``mode``.
 
         The Hessian of the summed Bradley-Terry negative log-likelihood plus the prior
@@ -290,7 +325,9 @@ class PAL:
         check_state(state, self.name, self.config.n_prototypes)
         phi = torch.from_numpy(self.featurizer.features(prompts, responses))
         with torch.no_grad():
-            scores = pal_mixture_scores(self.model.prototype_rewards(phi), torch.from_numpy(state.vector)).numpy()
+            scores = pal_mixture_scores(
+                self.model.prototype_rewards(phi), torch.from_numpy(state.vector)
+            ).numpy()
         return scores + self.items.offsets(prompts, responses)
 
     def prob(self, prompt: str, a: str, b: str, state: UserState) -> float:
@@ -298,7 +335,13 @@ class PAL:
         return float(torch.sigmoid(torch.tensor(float(r[0]) - float(r[1]))))
 
     def information_gain(
-        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], state: UserState, n_samples: int = 256, seed: int = 0
+        self,
+        prompts: Sequence[str],
+        a: Sequence[str],
+        b: Sequence[str],
+        state: UserState,
+        n_samples: int = 256,
+        seed: int = 0,
     ) -> np.ndarray:
         """``(B,)`` expected information gain (nats) about the user's mixture of asking "a or b?".
 
@@ -308,13 +351,19 @@ class PAL:
         self._check_fitted()
         check_state(state, self.name, self.config.n_prototypes)
         check_candidate_arrays(prompts, a, b)
-        variance = state.variance if state.variance is not None else np.full(state.dim, self.config.prior_std**2, np.float32)
+        variance = (
+            state.variance
+            if state.variance is not None
+            else np.full(state.dim, self.config.prior_std**2, np.float32)
+        )
         phi_a = torch.from_numpy(self.featurizer.features(prompts, a))  # (B, D)
         phi_b = torch.from_numpy(self.featurizer.features(prompts, b))  # (B, D)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             noise = torch.randn(n_samples, state.dim, generator=generator)  # (S, K)
-            logits = torch.from_numpy(state.vector)[None] + noise * torch.from_numpy(variance).sqrt()[None]  # (S, K)
+            logits = (
+                torch.from_numpy(state.vector)[None] + noise * torch.from_numpy(variance).sqrt()[None]
+            )  # (S, K)
             mix = torch.softmax(logits, dim=-1)  # (S, K)
             proto = self.model.prototype_rewards(phi_a) - self.model.prototype_rewards(phi_b)  # (B, K)
             offset = torch.from_numpy(self.items.offsets(prompts, a) - self.items.offsets(prompts, b))  # (B,)
@@ -323,7 +372,13 @@ class PAL:
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        return save_artefact(directory, self.name, self.featurizer, asdict(self.config), {**self.model.state_dict(), **self.items.tensors()})
+        return save_artefact(
+            directory,
+            self.name,
+            self.featurizer,
+            asdict(self.config),
+            {**self.model.state_dict(), **self.items.tensors()},
+        )
 
     @classmethod
     def load(cls, directory: str | Path, featurizer: Featurizer) -> PAL:

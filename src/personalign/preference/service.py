@@ -28,9 +28,18 @@ class Preferences:
     re-inferred when read.
     """
 
-    def __init__(self, profiles: ProfileStore, encoder: Encoder, generator: Generator, embedder: Any = None, drift: DriftConfig = DEFAULT_DRIFT) -> None:
+    def __init__(
+        self,
+        profiles: ProfileStore,
+        encoder: Encoder,
+        generator: Generator,
+        embedder: Any = None,
+        drift: DriftConfig = DEFAULT_DRIFT,
+    ) -> None:
         if not isinstance(drift, DriftConfig):
-            raise ValidationError("drift", "must be a DriftConfig", "pass personalign.preference.drift.DriftConfig(...)", drift)
+            raise ValidationError(
+                "drift", "must be a DriftConfig", "pass personalign.preference.drift.DriftConfig(...)", drift
+            )
         self.drift = drift
         self.profiles = profiles
         self.encoder = encoder
@@ -101,13 +110,19 @@ class Preferences:
         from personalign.preference.base import UserState, check_state
 
         stored = profile.settings.get(STATE_KEY)
-        if isinstance(stored, Mapping) and stored.get("embedder") == embedder_id and self._drift_matches(stored):
+        if (
+            isinstance(stored, Mapping)
+            and stored.get("embedder") == embedder_id
+            and self._drift_matches(stored)
+        ):
             try:
                 state = UserState.from_dict(stored)
                 return check_state(state, embedder.name, embedder.prior().dim)
             except ValidationError as err:
                 raise ValidationError(
-                    f"users/{profile.user_id}/profile.json: settings.state", f"is unusable ({err.problem})", f"call refresh_state({profile.user_id!r}) to re-infer it from the comparisons"
+                    f"users/{profile.user_id}/profile.json: settings.state",
+                    f"is unusable ({err.problem})",
+                    f"call refresh_state({profile.user_id!r}) to re-infer it from the comparisons",
                 ) from None
         return self.infer(embedder, profile.comparisons) if profile.comparisons else embedder.prior()
 
@@ -131,7 +146,12 @@ class Preferences:
         """
         check_text(prompt, "prompt")
         if isinstance(responses, str) or not isinstance(responses, Sequence) or not responses:
-            raise ValidationError("responses", "must be a non-empty list of strings", 'pass e.g. ["answer one", "answer two"]', responses)
+            raise ValidationError(
+                "responses",
+                "must be a non-empty list of strings",
+                'pass e.g. ["answer one", "answer two"]',
+                responses,
+            )
         for i, r in enumerate(responses):
             check_text(r, f"responses[{i}]")
         embedder, embedder_id = self.embedder_and_id()
@@ -146,7 +166,9 @@ class Preferences:
         state = self.state_of(self.profiles.get(user), embedder, embedder_id)
         return float(embedder.prob(prompt, a, b, state))
 
-    def next_question(self, user: str, candidates: Sequence[Any], top_k: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    def next_question(
+        self, user: str, candidates: Sequence[Any], top_k: int | None = None, seed: int = 0
+    ) -> list[dict[str, Any]]:
         """Rank candidate comparisons by how much ``user``'s answer would teach about them.
 
         ``candidates``: ``{"prompt", "a", "b"}`` mappings or ``(prompt, a, b)`` tuples. Returns
@@ -156,12 +178,22 @@ class Preferences:
         """
         rows = parse_candidates(candidates)
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-            raise ValidationError("top_k", "must be a positive integer", "omit it to rank every candidate", top_k)
+            raise ValidationError(
+                "top_k", "must be a positive integer", "omit it to rank every candidate", top_k
+            )
         embedder, embedder_id = self.embedder_and_id()
         if not hasattr(embedder, "information_gain"):
-            raise ValidationError("embedder", f"{embedder.name!r} has no posterior to rank questions by", "use a PAL or VPL embedder")
+            raise ValidationError(
+                "embedder",
+                f"{embedder.name!r} has no posterior to rank questions by",
+                "use a PAL or VPL embedder",
+            )
         validate_user_id(user)
-        state = self.state_of(self.profiles.get(user), embedder, embedder_id) if self.profiles.exists(user) else embedder.prior()
+        state = (
+            self.state_of(self.profiles.get(user), embedder, embedder_id)
+            if self.profiles.exists(user)
+            else embedder.prior()
+        )
         prompts, a, b = ([r[i] for r in rows] for i in range(3))
         gains = embedder.information_gain(prompts, a, b, state, seed=seed)
         rewards = embedder.reward(prompts + prompts, a + b, state)
@@ -170,5 +202,14 @@ class Preferences:
         out = []
         for i in order:
             margin = float(rewards[i]) - float(rewards[n + i])
-            out.append({"prompt": prompts[i], "a": a[i], "b": b[i], "gain": float(gains[i]), "p_a": 1.0 / (1.0 + math.exp(-max(min(margin, 50.0), -50.0))), "index": i})
+            out.append(
+                {
+                    "prompt": prompts[i],
+                    "a": a[i],
+                    "b": b[i],
+                    "gain": float(gains[i]),
+                    "p_a": 1.0 / (1.0 + math.exp(-max(min(margin, 50.0), -50.0))),
+                    "index": i,
+                }
+            )
         return out

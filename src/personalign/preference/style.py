@@ -23,12 +23,60 @@ _LAUGH = re.compile(r"\b(?:ha(?:ha)+|lol|lmao|hehe|haha|jk)\b|;\)|:\)|:D|xD", re
 _SECOND_PERSON = frozenset({"you", "your", "yours", "you're", "youre", "yourself", "ya", "u"})
 _FIRST_PERSON = frozenset({"i", "me", "my", "mine", "i'm", "im", "we", "us", "our"})
 _WARM = frozenset(
-    {"great", "fun", "love", "awesome", "amazing", "wonderful", "happy", "glad", "enjoy", "friend", "buddy", "pal", "cool", "exciting", "delightful", "hope", "thanks", "thank", "please", "welcome", "fantastic", "super"}
+    {
+        "great",
+        "fun",
+        "love",
+        "awesome",
+        "amazing",
+        "wonderful",
+        "happy",
+        "glad",
+        "enjoy",
+        "friend",
+        "buddy",
+        "pal",
+        "cool",
+        "exciting",
+        "delightful",
+        "hope",
+        "thanks",
+        "thank",
+        "please",
+        "welcome",
+        "fantastic",
+        "super",
+    }
 )
 _COLD = frozenset(
-    {"obviously", "whatever", "stupid", "idiot", "boring", "annoying", "pointless", "useless", "ridiculous", "deal", "figure", "bother", "waste", "clearly", "duh", "seriously", "just", "simply", "fine", "nonsense", "lazy", "ugh"}
+    {
+        "obviously",
+        "whatever",
+        "stupid",
+        "idiot",
+        "boring",
+        "annoying",
+        "pointless",
+        "useless",
+        "ridiculous",
+        "deal",
+        "figure",
+        "bother",
+        "waste",
+        "clearly",
+        "duh",
+        "seriously",
+        "just",
+        "simply",
+        "fine",
+        "nonsense",
+        "lazy",
+        "ugh",
+    }
 )
-_HEDGE = frozenset({"perhaps", "maybe", "might", "possibly", "generally", "typically", "often", "usually", "arguably"})
+_HEDGE = frozenset(
+    {"perhaps", "maybe", "might", "possibly", "generally", "typically", "often", "usually", "arguably"}
+)
 
 STYLE_FEATURES = (
     "words",

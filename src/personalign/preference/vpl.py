@@ -81,21 +81,50 @@ class VPLConfig:
     info_gain_samples: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "hidden_dim", "min_context", "max_context", "max_targets", "steps", "batch_users", "info_gain_samples"):
+        for name in (
+            "latent_dim",
+            "hidden_dim",
+            "min_context",
+            "max_context",
+            "max_targets",
+            "steps",
+            "batch_users",
+            "info_gain_samples",
+        ):
             if getattr(self, name) < 1:
-                raise ValidationError(f"vpl.{name}", "must be >= 1", "use a positive integer", getattr(self, name))
+                raise ValidationError(
+                    f"vpl.{name}", "must be >= 1", "use a positive integer", getattr(self, name)
+                )
         if self.decoder not in DECODERS:
             raise ValidationError("vpl.decoder", f"must be one of {DECODERS}", "use 'bilinear'", self.decoder)
         if self.decoder_hidden < 0:
-            raise ValidationError("vpl.decoder_hidden", "must be >= 0", "use 0 for a decoder linear in the features", self.decoder_hidden)
+            raise ValidationError(
+                "vpl.decoder_hidden",
+                "must be >= 0",
+                "use 0 for a decoder linear in the features",
+                self.decoder_hidden,
+            )
         if self.min_context > self.max_context:
-            raise ValidationError("vpl.min_context", f"is above max_context={self.max_context}", "lower min_context", self.min_context)
+            raise ValidationError(
+                "vpl.min_context",
+                f"is above max_context={self.max_context}",
+                "lower min_context",
+                self.min_context,
+            )
         if not self.lr > 0 or not self.weight_decay >= 0 or not self.kl_weight >= 0:
-            raise ValidationError("vpl.lr", "lr must be > 0, weight_decay and kl_weight >= 0", "use lr=1e-3, weight_decay=1e-3, kl_weight=1e-2")
+            raise ValidationError(
+                "vpl.lr",
+                "lr must be > 0, weight_decay and kl_weight >= 0",
+                "use lr=1e-3, weight_decay=1e-3, kl_weight=1e-2",
+            )
         if not 0 <= self.kl_anneal_baseline <= 1:
-            raise ValidationError("vpl.kl_anneal_baseline", "must be in [0, 1]", "use 0.1", self.kl_anneal_baseline)
+            raise ValidationError(
+                "vpl.kl_anneal_baseline", "must be in [0, 1]", "use 0.1", self.kl_anneal_baseline
+            )
         if not self.logvar_min < self.logvar_max:
-            raise ValidationError("vpl.logvar_min", "must be below logvar_max", "use -6 and 2", self.logvar_min)
+            raise ValidationError(
+                "vpl.logvar_min", "must be below logvar_max", "use -6 and 2", self.logvar_min
+            )
 
 
 class PairSetEncoder(nn.Module):
@@ -104,12 +133,16 @@ class PairSetEncoder(nn.Module):
     def __init__(self, feature_dim: int, config: VPLConfig) -> None:
         super().__init__()
         h, latent = config.hidden_dim, config.latent_dim
-        self.pair = nn.Sequential(nn.Linear(3 * feature_dim, h), nn.LeakyReLU(0.2), nn.Linear(h, h), nn.LeakyReLU(0.2))
+        self.pair = nn.Sequential(
+            nn.Linear(3 * feature_dim, h), nn.LeakyReLU(0.2), nn.Linear(h, h), nn.LeakyReLU(0.2)
+        )
         self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
         self.mu, self.logvar = nn.Linear(h, latent), nn.Linear(h, latent)
         self.logvar_range = (config.logvar_min, config.logvar_max)
 
-    def forward(self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U, C, D)`` standardised features and ``(U, C)`` bool mask -> mu, logvar ``(U, L)``."""
         codes = self.pair(torch.cat([chosen - rejected, chosen, rejected], dim=-1))  # (U, C, H)
         scores = self.query(codes) @ self.key(codes).transpose(1, 2) / math.sqrt(codes.shape[-1])  # (U, C, C)
@@ -136,7 +169,13 @@ class RewardDecoder(nn.Module):
             nn.init.normal_(self.inter.weight, std=width**-0.5)
         else:
             h = config.hidden_dim
-            self.mlp = nn.Sequential(nn.Linear(feature_dim + latent, h), nn.LeakyReLU(0.2), nn.Linear(h, h), nn.LeakyReLU(0.2), nn.Linear(h, 1))
+            self.mlp = nn.Sequential(
+                nn.Linear(feature_dim + latent, h),
+                nn.LeakyReLU(0.2),
+                nn.Linear(h, h),
+                nn.LeakyReLU(0.2),
+                nn.Linear(h, 1),
+            )
 
     def forward(self, phi: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.kind == "bilinear":
@@ -160,7 +199,9 @@ class VPLModel(nn.Module):
     def standardise(self, phi: torch.Tensor) -> torch.Tensor:
         return (phi - self.mean) / self.std
 
-    def posterior(self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(
+        self, chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw ``(U, C, D)`` features -> mu, logvar ``(U, L)``."""
         return self.encoder(self.standardise(chosen), self.standardise(rejected), mask)
 
@@ -210,7 +251,11 @@ class VPL:
         rows = arrays.rows_of()
         eligible = np.array([u for u, r in enumerate(rows) if len(r) >= 2])
         if len(eligible) == 0:
-            raise ValidationError("population", "has no user with at least 2 comparisons", "VPL learns from a context and a target per user; give users 2 or more")
+            raise ValidationError(
+                "population",
+                "has no user with at least 2 comparisons",
+                "VPL learns from a context and a target per user; give users 2 or more",
+            )
         mean, std = feature_stats(arrays)
         chosen, rejected = torch.from_numpy(arrays.chosen), torch.from_numpy(arrays.rejected)
         weight = torch.from_numpy(arrays.weight)
@@ -225,7 +270,9 @@ class VPL:
                 batch = rng.choice(eligible, size=min(cfg.batch_users, len(eligible)), replace=False)
                 index, mask, target, owner = _sample_batch(rows, batch, cfg, rng)
                 index_t, target_t = torch.from_numpy(index), torch.from_numpy(target)
-                mu, logvar = model.posterior(chosen[index_t], rejected[index_t], torch.from_numpy(mask))  # (U, L)
+                mu, logvar = model.posterior(
+                    chosen[index_t], rejected[index_t], torch.from_numpy(mask)
+                )  # (U, L)
                 z = reparameterize(mu, logvar)[torch.from_numpy(owner)]  # (T, L)
                 r_c = model.reward(chosen[target_t], z)  # (T,)
                 r_r = model.reward(rejected[target_t], z)  # (T,)
@@ -255,7 +302,9 @@ class VPL:
         chosen, rejected = self.featurizer.pair_features(items)  # (n, D) each
         mask = torch.ones(1, len(items), dtype=torch.bool)
         with torch.no_grad():
-            mu, logvar = self.model.posterior(torch.from_numpy(chosen)[None], torch.from_numpy(rejected)[None], mask)
+            mu, logvar = self.model.posterior(
+                torch.from_numpy(chosen)[None], torch.from_numpy(rejected)[None], mask
+            )
         return UserState(self.name, mu[0].numpy(), logvar[0].exp().numpy(), n_comparisons=len(items))
 
     def reward(self, prompts: Sequence[str], responses: Sequence[str], state: UserState) -> np.ndarray:
@@ -271,7 +320,13 @@ class VPL:
         return float(torch.sigmoid(torch.tensor(float(r[0]) - float(r[1]))))
 
     def information_gain(
-        self, prompts: Sequence[str], a: Sequence[str], b: Sequence[str], state: UserState, n_samples: int | None = None, seed: int = 0
+        self,
+        prompts: Sequence[str],
+        a: Sequence[str],
+        b: Sequence[str],
+        state: UserState,
+        n_samples: int | None = None,
+        seed: int = 0,
     ) -> np.ndarray:
         """``(B,)`` expected information gain (nats) about z of asking "a or b?" for each candidate.
 
@@ -295,7 +350,9 @@ class VPL:
 
     def save(self, directory: str | Path) -> Path:
         self._check_fitted()
-        return save_artefact(directory, self.name, self.featurizer, asdict(self.config), self.model.state_dict())
+        return save_artefact(
+            directory, self.name, self.featurizer, asdict(self.config), self.model.state_dict()
+        )
 
     @classmethod
     def load(cls, directory: str | Path, featurizer: Featurizer) -> VPL:

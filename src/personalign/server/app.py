@@ -90,10 +90,16 @@ def principal(request: Request) -> Principal:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing API key. Fix: send 'Authorization: Bearer <key>' (the openai client's api_key)", "invalid_api_key")
+            raise ApiError(
+                401,
+                "missing API key. Fix: send 'Authorization: Bearer <key>' (the openai client's api_key)",
+                "invalid_api_key",
+            )
         entry = keys.get(hash_key(token.strip()))
         if entry is None:
-            raise ApiError(401, "unknown API key. Fix: use a key from the server's key file", "invalid_api_key")
+            raise ApiError(
+                401, "unknown API key. Fix: use a key from the server's key file", "invalid_api_key"
+            )
         who = Principal(entry.tenant, entry.read_only)
     request.state.principal = who
     return who
@@ -101,7 +107,9 @@ def principal(request: Request) -> Principal:
 
 def writer(who: Annotated[Principal, Depends(principal)]) -> Principal:
     if who.read_only:
-        raise ApiError(403, "this API key is read-only. Fix: use a key without read_only for writes", "read_only_key")
+        raise ApiError(
+            403, "this API key is read-only. Fix: use a key without read_only for writes", "read_only_key"
+        )
     return who
 
 
@@ -138,7 +146,12 @@ def chat_user(body: ChatCompletionRequest, header: str | None) -> tuple[str | No
         try:  # HTTP hands header bytes over as Latin-1; clients send UTF-8
             return header.encode("latin-1").decode("utf-8"), USER_HEADER
         except UnicodeError:
-            raise ApiError(400, f"the {USER_HEADER} header is not UTF-8 text. Fix: send the id as UTF-8", "invalid_value", USER_HEADER) from None
+            raise ApiError(
+                400,
+                f"the {USER_HEADER} header is not UTF-8 text. Fix: send the id as UTF-8",
+                "invalid_value",
+                USER_HEADER,
+            ) from None
     metadata = (body.model_extra or {}).get("metadata")
     if isinstance(metadata, dict) and "user_id" in metadata:
         if not isinstance(metadata["user_id"], str):
@@ -151,14 +164,29 @@ def check_memory_write(body: RememberRequest, limit: int) -> None:
     """What the memory store would fail on deep inside Chroma, refused before anything is written."""
     texts = [body.text] if isinstance(body.text, str) else body.text
     if len(texts) > limit:
-        raise ApiError(413, f"{len(texts)} memories in one request; the limit is {limit}. Fix: send them in parts", "request_too_large", "text")
+        raise ApiError(
+            413,
+            f"{len(texts)} memories in one request; the limit is {limit}. Fix: send them in parts",
+            "request_too_large",
+            "text",
+        )
     for key, value in (body.metadata or {}).items():
         if not key or key.startswith(_CHROMA_KEY_PREFIXES) or key == "chroma:document":
             fix = "use a non-empty key that does not start with '$', '#' or 'chroma:'"
-            raise ApiError(400, f"metadata key {key!r} is reserved by the memory database. Fix: {fix}", "invalid_value", f"metadata.{key}")
+            raise ApiError(
+                400,
+                f"metadata key {key!r} is reserved by the memory database. Fix: {fix}",
+                "invalid_value",
+                f"metadata.{key}",
+            )
         if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
             fix = "send integers within the signed 64-bit range, or the number as a string"
-            raise ApiError(400, f"metadata.{key}: {value} does not fit in 64 bits. Fix: {fix}", "invalid_value", f"metadata.{key}")
+            raise ApiError(
+                400,
+                f"metadata.{key}: {value} does not fit in 64 bits. Fix: {fix}",
+                "invalid_value",
+                f"metadata.{key}",
+            )
 
 
 def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI:
@@ -196,7 +224,9 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     metrics = Metrics(batcher)
-    app.add_middleware(Serving, max_pending=config.max_pending, batcher=batcher, metrics=metrics)  # outermost: every answer gets its request id
+    app.add_middleware(
+        Serving, max_pending=config.max_pending, batcher=batcher, metrics=metrics
+    )  # outermost: every answer gets its request id
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
 
     def warn_unknown(names: set[str]) -> None:
@@ -206,7 +236,11 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         if not new:
             return
         warned.update(new)
-        full = " (the last one logged: further unknown fields are ignored silently)" if len(warned) >= _MAX_WARNED else ""
+        full = (
+            " (the last one logged: further unknown fields are ignored silently)"
+            if len(warned) >= _MAX_WARNED
+            else ""
+        )
         log.warning("ignoring unknown chat request field(s) %s%s", ", ".join(repr(n[:64]) for n in new), full)
 
     def count_tokens(text: str) -> int:
@@ -224,7 +258,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["server"], response_class=Response, responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    @app.get(
+        "/metrics",
+        tags=["server"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+    )
     def prometheus(who: Reader) -> Response:
         """Prometheus metrics: requests by route and status, latency, generation in flight, 429s, batches."""
         content, media_type = metrics.exposition()
@@ -238,7 +277,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     def model(model_id: str, who: Reader) -> ModelCard:
         """The served model (also under the generator's own id, which chats accept too)."""
         if model_id not in model_names:
-            raise ApiError(404, f"the model {model_id!r} does not exist here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist here. Fix: use {config.served_model!r} (see GET /v1/models)",
+                "model_not_found",
+                "model",
+            )
         return ModelCard(id=model_id, created=created)
 
     @app.get("/v1/server/stats", tags=["server"])
@@ -248,19 +292,45 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def sdk_request(body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None) -> tuple[dict[str, Any], dict[str, int] | None, ToolPlan | None]:
+    def sdk_request(
+        body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None
+    ) -> tuple[dict[str, Any], dict[str, int] | None, ToolPlan | None]:
         """The ``respond_batch`` request, ``{"requested", "applied"}`` when ``max_tokens`` was lowered to the cap, and the tools' plan."""
         if body.model not in model_names:
-            raise ApiError(404, f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)", "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)",
+                "model_not_found",
+                "model",
+            )
         for name, allowed in UNSUPPORTED.items():
             value = (body.model_extra or {}).get(name)
             if value not in allowed:
-                raise ApiError(400, f"{name}={value!r} is not supported by this server. Fix: leave it out", "unsupported_parameter", name)
+                raise ApiError(
+                    400,
+                    f"{name}={value!r} is not supported by this server. Fix: leave it out",
+                    "unsupported_parameter",
+                    name,
+                )
         warn_unknown(set(body.model_extra or {}) - set(UNSUPPORTED) - IGNORED)
-        if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-            raise ApiError(400, "max_tokens and max_completion_tokens disagree. Fix: send one of them", "invalid_value", "max_tokens")
+        if (
+            body.max_tokens is not None
+            and body.max_completion_tokens is not None
+            and body.max_tokens != body.max_completion_tokens
+        ):
+            raise ApiError(
+                400,
+                "max_tokens and max_completion_tokens disagree. Fix: send one of them",
+                "invalid_value",
+                "max_tokens",
+            )
         if body.n is not None and body.n > config.max_choices:
-            raise ApiError(400, f"n={body.n} exceeds this server's cap of {config.max_choices} choices. Fix: ask for fewer", "invalid_value", "n")
+            raise ApiError(
+                400,
+                f"n={body.n} exceeds this server's cap of {config.max_choices} choices. Fix: ask for fewer",
+                "invalid_value",
+                "n",
+            )
         max_new = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
         clamped = None
         if max_new > config.max_tokens_cap:  # as OpenAI-compatible servers do: answer, and say so
@@ -291,8 +361,12 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             try:
                 model.model_validate(values)
             except pydantic.ValidationError as err:
-                bad = convert_pydantic_error(name, err)  # named as the body names it: "rerank", not "conditioning.rerank"
-                raise ValidationError(bad.field.removeprefix(f"{name}."), bad.problem, bad.fix, bad.value) from None
+                bad = convert_pydantic_error(
+                    name, err
+                )  # named as the body names it: "rerank", not "conditioning.rerank"
+                raise ValidationError(
+                    bad.field.removeprefix(f"{name}."), bad.problem, bad.fix, bad.value
+                ) from None
         if request["user"] is None or pz.is_enrolled(request["user"]):
             return None
         request["user"] = None  # nothing is read or written for this user
@@ -302,12 +376,19 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         "/v1/chat/completions",
         response_model=ChatCompletion,
         tags=["openai"],
-        responses={200: {"content": {"text/event-stream": {}}, "description": "A completion, or SSE chunks with stream=true"}},
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "A completion, or SSE chunks with stream=true",
+            }
+        },
     )
     async def chat_completions(
         body: ChatCompletionRequest,
         who: Reader,
-        x_personalign_user: Annotated[str | None, Header(alias=USER_HEADER, description="The user, when the body names none")] = None,
+        x_personalign_user: Annotated[
+            str | None, Header(alias=USER_HEADER, description="The user, when the body names none")
+        ] = None,
     ) -> Any:
         user, source = chat_user(body, x_personalign_user)
         request, clamped, tools = sdk_request(body, who, user, source)
@@ -322,14 +403,26 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
             streams = [AsyncTokenStream(loop) for _ in range(rows)] if body.stream else []
             # Streams join batches too: their tokens are routed out of the shared generate call.
             # A whole reply with stop strings is streamed unread, to stop generating at the first one.
-            quiet = [EarlyStop(stops) for _ in range(rows)] if stops and not streams and request.get("rerank", 0) < 2 else []
+            quiet = (
+                [EarlyStop(stops) for _ in range(rows)]
+                if stops and not streams and request.get("rerank", 0) < 2
+                else []
+            )
             # each choice samples with its own seed (derived from the request's), whatever shares its batch
-            row_requests = [request if s is None else {**request, "seed": s} for s in seeds(request.get("seed"), rows)]
+            row_requests = [
+                request if s is None else {**request, "seed": s} for s in seeds(request.get("seed"), rows)
+            ]
             watched = streams or quiet
-            future = batcher.submit_group([{**r, "stream": s} for r, s in zip(row_requests, watched, strict=True)] if watched else row_requests)
+            future = batcher.submit_group(
+                [{**r, "stream": s} for r, s in zip(row_requests, watched, strict=True)]
+                if watched
+                else row_requests
+            )
         for stream in streams:
             # A request its batch rejected before generating never reaches the streamer: end its stream too.
-            future.add_done_callback(lambda f, stream=stream: stream.fail(f.exception()) if f.exception() is not None else None)
+            future.add_done_callback(
+                lambda f, stream=stream: stream.fail(f.exception()) if f.exception() is not None else None
+            )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
 
@@ -352,8 +445,23 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         if streams:
             usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
             logprob_tokenizer = pz.generator.tokenizer if body.logprobs else None
-            plan = StreamPlan(streams, n, stops, max_new, usage_chunk, count_tokens, personalisation, config.keepalive_s, tools, logprob_tokenizer)
-            return StreamingResponse(sse(plan, completion_id, now, config.served_model), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            plan = StreamPlan(
+                streams,
+                n,
+                stops,
+                max_new,
+                usage_chunk,
+                count_tokens,
+                personalisation,
+                config.keepalive_s,
+                tools,
+                logprob_tokenizer,
+            )
+            return StreamingResponse(
+                sse(plan, completion_id, now, config.served_model),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         results = await asyncio.wrap_future(future)
         results = results * n if len(results) < n else results
         answers = [answer(r, max_new, stops, count_tokens) for r in results]
@@ -374,10 +482,19 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         store_id = who.store_id(user_id, "user_id")
         if len(body.comparisons) > config.max_comparisons_per_request:
             limit = config.max_comparisons_per_request
-            raise ApiError(413, f"{len(body.comparisons)} comparisons in one request; the limit is {limit}. Fix: send them in parts", "request_too_large", "comparisons")
+            raise ApiError(
+                413,
+                f"{len(body.comparisons)} comparisons in one request; the limit is {limit}. Fix: send them in parts",
+                "request_too_large",
+                "comparisons",
+            )
         profile = pz.enroll(store_id, body.comparisons)
         return EnrollResponse(
-            user=user_id, added=len(body.comparisons), comparisons=len(profile.comparisons), version=profile.version, default_steer=pz.default_steer(store_id)
+            user=user_id,
+            added=len(body.comparisons),
+            comparisons=len(profile.comparisons),
+            version=profile.version,
+            default_steer=pz.default_steer(store_id),
         )
 
     @app.get("/v1/users/{user_id}", response_model=ProfileResponse, tags=["users"])
@@ -403,37 +520,64 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         known(store_id)
         outcome = pz.forget(store_id)
         return ForgetResponse(
-            id=user_id, deleted=True, memories_deleted=int(outcome["memories_deleted"]), profile_deleted=bool(outcome["profile_deleted"])
+            id=user_id,
+            deleted=True,
+            memories_deleted=int(outcome["memories_deleted"]),
+            profile_deleted=bool(outcome["profile_deleted"]),
         )
 
     # --- memories --------------------------------------------------------------------------------
 
     def external(records: dict[str, Any], who: Principal) -> MemoryList:
-        return MemoryList(results=[{**r, "user_id": who.external_id(r["user_id"])} for r in records["results"]])
+        return MemoryList(
+            results=[{**r, "user_id": who.external_id(r["user_id"])} for r in records["results"]]
+        )
 
     @app.post("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
     def remember(user_id: str, body: RememberRequest, who: Writer) -> MemoryList:
         """Store one fact or several (creating the user if new); mem0-shaped results."""
         store_id = who.store_id(user_id, "user_id")
         check_memory_write(body, config.max_memories_per_request)
-        return external(pz.remember(store_id, body.text, body.metadata, key=body.key, on_conflict=body.on_conflict, source="http"), who)
+        return external(
+            pz.remember(
+                store_id, body.text, body.metadata, key=body.key, on_conflict=body.on_conflict, source="http"
+            ),
+            who,
+        )
 
     @app.get("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
     def list_memories(
         user_id: str,
         who: Reader,
-        query: Annotated[str | None, Query(min_length=1, max_length=8000, description="Search by meaning instead of listing all")] = None,
+        query: Annotated[
+            str | None,
+            Query(min_length=1, max_length=8000, description="Search by meaning instead of listing all"),
+        ] = None,
         top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
         threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
         limit: Annotated[int | None, Query(ge=1)] = None,
-        filters: Annotated[str | None, Query(max_length=8000, description='Metadata filter as JSON: {"field": value} or {"field": {"gte": 2}}')] = None,
-        status: Annotated[str, Query(pattern="^(active|superseded|all)$", description="active (the default), superseded or all")] = "active",
+        filters: Annotated[
+            str | None,
+            Query(
+                max_length=8000,
+                description='Metadata filter as JSON: {"field": value} or {"field": {"gte": 2}}',
+            ),
+        ] = None,
+        status: Annotated[
+            str,
+            Query(pattern="^(active|superseded|all)$", description="active (the default), superseded or all"),
+        ] = "active",
     ) -> MemoryList:
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
         where = memories.parse_filters(filters)
         if query is not None:
-            return external(pz.search_memories(store_id, query, top_k=top_k, threshold=threshold, filters=where, status=status), who)
+            return external(
+                pz.search_memories(
+                    store_id, query, top_k=top_k, threshold=threshold, filters=where, status=status
+                ),
+                who,
+            )
         return external(pz.memories(store_id, filters=where, status=status, limit=limit), who)
 
     @app.delete("/v1/users/{user_id}/memories", response_model=DeletedMemories, tags=["memories"])
@@ -448,21 +592,34 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
         if len(memory_id) > 128 or not pz.delete_memory(store_id, memory_id):
-            raise ApiError(404, f"user {user_id!r} has no memory {memory_id[:128]!r}", "memory_not_found", "memory_id")
+            raise ApiError(
+                404, f"user {user_id!r} has no memory {memory_id[:128]!r}", "memory_not_found", "memory_id"
+            )
         return DeletedMemories(user=user_id, deleted=1)
 
-    memories.install(app, pz, Reader, Writer, known, check_memory_write)  # get, update, history, search; export
+    memories.install(
+        app, pz, Reader, Writer, known, check_memory_write
+    )  # get, update, history, search; export
 
     # --- active enrolment ------------------------------------------------------------------------
 
     @app.post("/v1/users/{user_id}/next-question", response_model=NextQuestionResponse, tags=["users"])
-    def next_question(user_id: str, who: Reader, body: NextQuestionRequest | None = None) -> NextQuestionResponse:
+    def next_question(
+        user_id: str, who: Reader, body: NextQuestionRequest | None = None
+    ) -> NextQuestionResponse:
         """Rank candidate comparisons by how much this user's answer would teach (expected information gain)."""
         store_id = who.store_id(user_id, "user_id")
         if body is None:
-            raise ApiError(400, 'the body must be {"candidates": [{"prompt": ..., "a": ..., "b": ...}], "top_k": n}', "invalid_value", "candidates")
+            raise ApiError(
+                400,
+                'the body must be {"candidates": [{"prompt": ..., "a": ..., "b": ...}], "top_k": n}',
+                "invalid_value",
+                "candidates",
+            )
         ranked = pz.next_question(store_id, [c.model_dump() for c in body.candidates], top_k=body.top_k)
-        return NextQuestionResponse(user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked])
+        return NextQuestionResponse(
+            user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked]
+        )
 
     add_completion_routes(app, pz, config, model_names, principal)
     return app
@@ -492,7 +649,11 @@ def _security(schema: dict[str, Any], required: bool) -> None:
     With API keys every operation but ``/health`` needs it; on an open server it is optional (``{}`` first).
     """
     schema.setdefault("components", {})["securitySchemes"] = {
-        "bearerAuth": {"type": "http", "scheme": "bearer", "description": "An API key from the server's key file (the openai client's api_key)"}
+        "bearerAuth": {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key from the server's key file (the openai client's api_key)",
+        }
     }
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():

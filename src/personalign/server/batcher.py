@@ -71,7 +71,9 @@ class BatchStats:
 class Batcher:
     """A queue and one worker thread that calls ``run_batch`` on groups of up to ``max_batch`` requests."""
 
-    def __init__(self, run_batch: RunBatch, max_batch: int = 16, max_wait_s: float = 0.01, max_hold_s: float = 0.25) -> None:
+    def __init__(
+        self, run_batch: RunBatch, max_batch: int = 16, max_wait_s: float = 0.01, max_hold_s: float = 0.25
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.run_batch = run_batch
@@ -144,7 +146,11 @@ class Batcher:
             remaining = limit - time.monotonic()
             try:
                 # Poll in short slices so a request that starts arriving extends the wait.
-                job = self._queue.get(timeout=min(remaining, 0.005)) if remaining > 0 else self._queue.get_nowait()
+                job = (
+                    self._queue.get(timeout=min(remaining, 0.005))
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
             except queue.Empty:
                 if remaining <= 0:
                     break

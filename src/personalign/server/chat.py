@@ -38,13 +38,25 @@ def parse_stop(stop: str | list[str] | None) -> list[str]:
         return []
     stops = [stop] if isinstance(stop, str) else list(stop)
     if len(stops) > MAX_STOPS:
-        raise ApiError(400, f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed. Fix: send fewer", "invalid_value", "stop")
+        raise ApiError(
+            400,
+            f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed. Fix: send fewer",
+            "invalid_value",
+            "stop",
+        )
     for index, text in enumerate(stops):
         where = "stop" if isinstance(stop, str) else f"stop[{index}]"
         if not text:
-            raise ApiError(400, f"{where} is empty. Fix: leave it out or send a non-empty string", "invalid_value", where)
+            raise ApiError(
+                400, f"{where} is empty. Fix: leave it out or send a non-empty string", "invalid_value", where
+            )
         if len(text) > MAX_STOP_CHARS:
-            raise ApiError(400, f"{where} has {len(text)} characters; at most {MAX_STOP_CHARS}. Fix: send a shorter stop string", "invalid_value", where)
+            raise ApiError(
+                400,
+                f"{where} has {len(text)} characters; at most {MAX_STOP_CHARS}. Fix: send a shorter stop string",
+                "invalid_value",
+                where,
+            )
     return stops
 
 
@@ -93,16 +105,34 @@ def answer(result: Any, max_new_tokens: int, stops: Sequence[str], count_tokens:
     text, stopped = cut(result.text, stops)
     if stopped:
         return Answer(text, "stop", count_tokens(text))
-    return Answer(text, "length" if result.completion_tokens >= max_new_tokens else "stop", result.completion_tokens)
+    return Answer(
+        text, "length" if result.completion_tokens >= max_new_tokens else "stop", result.completion_tokens
+    )
 
 
-def choices(answers: Sequence[Answer], results: Sequence[Any] = (), tools: ToolPlan | None = None, logprob_tokenizer: Any = None) -> list[Choice]:
+def choices(
+    answers: Sequence[Answer],
+    results: Sequence[Any] = (),
+    tools: ToolPlan | None = None,
+    logprob_tokenizer: Any = None,
+) -> list[Choice]:
     """The choices of a whole reply: text or tool calls (:func:`tool_calls`), and logprobs when a tokenizer is given."""
     out = []
     for i, a in enumerate(answers):
         content, calls, finish = tool_calls(a.text, a.finish, tools)
-        logprobs = logprobs_out(results[i], a.completion_tokens, logprob_tokenizer) if logprob_tokenizer is not None else None
-        out.append(Choice(index=i, message=ChatMessageOut(content=content, tool_calls=calls), finish_reason=finish, logprobs=logprobs))  # type: ignore[arg-type]
+        logprobs = (
+            logprobs_out(results[i], a.completion_tokens, logprob_tokenizer)
+            if logprob_tokenizer is not None
+            else None
+        )
+        out.append(
+            Choice(
+                index=i,
+                message=ChatMessageOut(content=content, tool_calls=calls),
+                finish_reason=finish,
+                logprobs=logprobs,
+            )
+        )  # type: ignore[arg-type]
     return out
 
 
@@ -125,7 +155,9 @@ class StreamPlan:
     personalisation: Callable[[Sequence[Any]], Personalisation]
     keepalive_s: float = 15.0
     tools: ToolPlan | None = None  # with tools in play each reply is held back whole: it may be a call
-    logprob_tokenizer: Any = None  # set when the request asked for logprobs: they go with each choice's finish chunk
+    logprob_tokenizer: Any = (
+        None  # set when the request asked for logprobs: they go with each choice's finish chunk
+    )
 
 
 KEEPALIVE = ": keep-alive\n\n"  # an SSE comment: clients skip it
@@ -143,9 +175,24 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
     whole when it is complete: as ``tool_calls`` deltas (finish ``tool_calls``) or as text.
     """
 
-    def event(index: int | None, delta: dict[str, str] | None, finish: str | None = None, extra: dict[str, Any] | None = None, logprobs: Any = None) -> str:
-        chunk: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
-        chunk["choices"] = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
+    def event(
+        index: int | None,
+        delta: dict[str, str] | None,
+        finish: str | None = None,
+        extra: dict[str, Any] | None = None,
+        logprobs: Any = None,
+    ) -> str:
+        chunk: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+        chunk["choices"] = (
+            []
+            if delta is None
+            else [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]
+        )
         chunk.update(extra or {})
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
@@ -187,7 +234,11 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
             answers.append(kept)
             last = index == plan.n - 1
             extra = {"personalign": plan.personalisation(results).model_dump()} if last else None
-            logprobs = logprobs_out(result, kept.completion_tokens, plan.logprob_tokenizer).model_dump() if plan.logprob_tokenizer is not None else None
+            logprobs = (
+                logprobs_out(result, kept.completion_tokens, plan.logprob_tokenizer).model_dump()
+                if plan.logprob_tokenizer is not None
+                else None
+            )
             yield event(index, {}, finish, extra, logprobs)
         if plan.include_usage:
             yield event(None, None, extra={"usage": usage(results, answers)})
@@ -197,7 +248,9 @@ async def sse(plan: StreamPlan, completion_id: str, created: int, model: str) ->
             stream.cancel()  # a no-op once the row is done; stops generating for a client that left
 
 
-async def _cut_stream(stream: AsyncTokenStream, scanner: StopScanner, keepalive_s: float) -> AsyncIterator[str | None]:
+async def _cut_stream(
+    stream: AsyncTokenStream, scanner: StopScanner, keepalive_s: float
+) -> AsyncIterator[str | None]:
     """The stream's pieces up to its first stop string (``None``: a keep-alive is due); then its row is cancelled and its result awaited."""
     async for piece in stream.pieces(keepalive_s):
         if piece is None:
@@ -208,7 +261,9 @@ async def _cut_stream(stream: AsyncTokenStream, scanner: StopScanner, keepalive_
             yield shown
         if scanner.stopped:
             stream.cancel()  # generating further is wasted; the row ends with its batch's next step
-            async for rest in stream.pieces(keepalive_s):  # wait for the result (memories, shots, steering) the finish chunk reports
+            async for rest in stream.pieces(
+                keepalive_s
+            ):  # wait for the result (memories, shots, steering) the finish chunk reports
                 if rest is None:
                     yield None
             return
@@ -218,11 +273,17 @@ async def _cut_stream(stream: AsyncTokenStream, scanner: StopScanner, keepalive_
 
 
 def _error_events(err: Exception, completion_id: str) -> Iterator[str]:
-    if isinstance(err, PersonalignError):  # rejected when its batch was prepared (e.g. the user was forgotten meanwhile)
-        status, kind = (404, "not_found") if isinstance(err, UnknownUserError) else (400, "invalid_request_error")
+    if isinstance(
+        err, PersonalignError
+    ):  # rejected when its batch was prepared (e.g. the user was forgotten meanwhile)
+        status, kind = (
+            (404, "not_found") if isinstance(err, UnknownUserError) else (400, "invalid_request_error")
+        )
         body = errors.error_body(status, str(err), kind)
     else:
         log.exception("stream %s failed", completion_id)
-        body = errors.error_body(500, "generation failed mid-stream (the server log has the traceback)", "internal_error")
+        body = errors.error_body(
+            500, "generation failed mid-stream (the server log has the traceback)", "internal_error"
+        )
     yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"

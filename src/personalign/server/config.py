@@ -76,10 +76,30 @@ class ServerConfig(BaseModel):
     max_tokens_cap: int = Field(default=1024, ge=1, le=8192)
     default_max_tokens: int = Field(default=256, ge=1, le=8192)
     max_choices: int = Field(default=8, ge=1, le=64, description="the largest n a chat may ask for")
-    max_pending: int = Field(default=256, ge=1, le=100_000, description="chats, completions and embeddings in flight before new ones get 429")
-    body_timeout_s: float = Field(default=30.0, gt=0.0, le=3600.0, description="seconds a request's body may take to arrive in full (else 408)")
-    keepalive_s: float = Field(default=15.0, gt=0.0, le=300.0, description="seconds of silence on a stream before a ': keep-alive' comment")
-    default_temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="a chat's temperature when it sends none (OpenAI's is 1.0; 0 is greedy)")
+    max_pending: int = Field(
+        default=256,
+        ge=1,
+        le=100_000,
+        description="chats, completions and embeddings in flight before new ones get 429",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds a request's body may take to arrive in full (else 408)",
+    )
+    keepalive_s: float = Field(
+        default=15.0,
+        gt=0.0,
+        le=300.0,
+        description="seconds of silence on a stream before a ': keep-alive' comment",
+    )
+    default_temperature: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        description="a chat's temperature when it sends none (OpenAI's is 1.0; 0 is greedy)",
+    )
     max_body_bytes: int = Field(default=1_000_000, ge=1024, le=100_000_000)
     max_comparisons_per_request: int = Field(default=1000, ge=1)
     max_memories_per_request: int = Field(default=256, ge=1)
@@ -88,7 +108,9 @@ class ServerConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ServerConfig:
         if self.default_max_tokens > self.max_tokens_cap:
-            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_cap ({self.max_tokens_cap})")
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_cap ({self.max_tokens_cap})"
+            )
         digests = [k.digest for k in self.api_keys]
         if len(set(digests)) != len(digests):
             raise ValueError("the same API key appears twice")
@@ -109,9 +131,13 @@ def load_api_keys(path: str | Path) -> tuple[ApiKey, ...]:
     try:
         payload: Any = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
-        raise ValidationError("--api-keys", f"cannot be read ({err.strerror})", "pass an existing JSON file", str(path)) from None
+        raise ValidationError(
+            "--api-keys", f"cannot be read ({err.strerror})", "pass an existing JSON file", str(path)
+        ) from None
     except json.JSONDecodeError as err:
-        raise ValidationError("--api-keys", f"is not valid JSON ({err.msg}, line {err.lineno})", fix, str(path)) from None
+        raise ValidationError(
+            "--api-keys", f"is not valid JSON ({err.msg}, line {err.lineno})", fix, str(path)
+        ) from None
     if not isinstance(payload, dict) or not isinstance(payload.get("keys"), list) or not payload["keys"]:
         raise ValidationError("--api-keys", "must be an object with a non-empty 'keys' list", fix, str(path))
     keys = []
@@ -140,7 +166,9 @@ class Principal:
 
     @property
     def max_user_len(self) -> int:
-        return USER_ID_MAX_LEN if self.tenant is None else USER_ID_MAX_LEN - len(self.tenant) - len(TENANT_SEP)
+        return (
+            USER_ID_MAX_LEN if self.tenant is None else USER_ID_MAX_LEN - len(self.tenant) - len(TENANT_SEP)
+        )
 
     def store_id(self, user: Any, field: str = "user") -> str:
         """The id under which this caller's ``user`` is stored (checked, mapped by :mod:`personalign.server.ids`; never another tenant's)."""

@@ -18,30 +18,54 @@ from personalign.server.schemas import ChatCompletionRequest, ChoiceLogprobs
 from personalign.server.tools import ToolPlan, parse_auto, parse_forced, plan_tools, with_prompt
 
 
-def decoding_options(body: ChatCompletionRequest, default_temperature: float) -> tuple[dict[str, Any], ToolPlan | None]:
+def decoding_options(
+    body: ChatCompletionRequest, default_temperature: float
+) -> tuple[dict[str, Any], ToolPlan | None]:
     """The ``respond_batch`` options for OpenAI's decoding fields, and the tools' plan (checked; 400s name the field)."""
-    options: dict[str, Any] = {"temperature": float(default_temperature if body.temperature is None else body.temperature)}
+    options: dict[str, Any] = {
+        "temperature": float(default_temperature if body.temperature is None else body.temperature)
+    }
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():
             if not key.strip().lstrip("-").isdigit():
-                raise ApiError(400, f"logit_bias key {key[:32]!r} is not a token id. Fix: use token ids as strings, e.g. {{\"50256\": -100}}", "invalid_value", "logit_bias")
+                raise ApiError(
+                    400,
+                    f'logit_bias key {key[:32]!r} is not a token id. Fix: use token ids as strings, e.g. {{"50256": -100}}',
+                    "invalid_value",
+                    "logit_bias",
+                )
             bias[int(key)] = float(value)
         options["logit_bias"] = bias
     if body.top_logprobs is not None and not body.logprobs:
-        raise ApiError(400, "top_logprobs needs logprobs=true. Fix: send logprobs=true, or leave top_logprobs out", "invalid_value", "top_logprobs")
+        raise ApiError(
+            400,
+            "top_logprobs needs logprobs=true. Fix: send logprobs=true, or leave top_logprobs out",
+            "invalid_value",
+            "top_logprobs",
+        )
     if body.logprobs:
         options["top_logprobs"] = body.top_logprobs or 0
     tools = plan_tools(body.tools, body.tool_choice)
     fmt = body.response_format
     if fmt is not None and fmt.type != "text":
         if tools is not None and tools.forced:
-            raise ApiError(400, "response_format and a forced tool call cannot both constrain the reply. Fix: send one of them", "invalid_value", "response_format")
+            raise ApiError(
+                400,
+                "response_format and a forced tool call cannot both constrain the reply. Fix: send one of them",
+                "invalid_value",
+                "response_format",
+            )
         if fmt.type == "json_object":
             options["grammar"] = {"json_object": True}
         else:
             if fmt.json_schema is None or not fmt.json_schema.schema_:
-                raise ApiError(400, 'response_format json_schema needs a schema. Fix: send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', "invalid_value", "response_format.json_schema")
+                raise ApiError(
+                    400,
+                    'response_format json_schema needs a schema. Fix: send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                    "invalid_value",
+                    "response_format.json_schema",
+                )
             options["grammar"] = {"json_schema": fmt.json_schema.schema_}
     if tools is not None and tools.grammar is not None:
         options["grammar"] = tools.grammar
@@ -52,7 +76,9 @@ def tool_messages(messages: list[dict[str, str]], tools: ToolPlan | None) -> lis
     return messages if tools is None or tools.prompt is None else with_prompt(messages, tools.prompt)
 
 
-def tool_calls(text: str, finish: str, tools: ToolPlan | None) -> tuple[str | None, list[dict[str, Any]] | None, str]:
+def tool_calls(
+    text: str, finish: str, tools: ToolPlan | None
+) -> tuple[str | None, list[dict[str, Any]] | None, str]:
     """A choice's ``content``, ``tool_calls`` and ``finish_reason`` for its reply text."""
     if tools is None:
         return text, None, finish

@@ -64,18 +64,29 @@ def _encodable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    error = {"message": _encodable(message), "type": _TYPES.get(status, "server_error"), "param": _encodable(param), "code": code}
+def error_body(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    error = {
+        "message": _encodable(message),
+        "type": _TYPES.get(status, "server_error"),
+        "param": _encodable(param),
+        "code": code,
+    }
     return {"error": error}
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
 # How pydantic tags the members of a union in an error's location (``stop: str | list[str]``): not field names.
-_UNION_TAG = re.compile(r"(constrained-)?(str|int|float|bool|none)|(list|dict|tuple|set)\[.*\]|function-[a-z-]+\[.*\]")
+_UNION_TAG = re.compile(
+    r"(constrained-)?(str|int|float|bool|none)|(list|dict|tuple|set)\[.*\]|function-[a-z-]+\[.*\]"
+)
 
 
 def _is_tag(part: Any) -> bool:
@@ -99,9 +110,17 @@ def _first_problem(errors: list[Any]) -> tuple[dict[str, Any], int]:
     tag = next((i for i, part in enumerate(loc) if _is_tag(part)), None)
     if tag is None:
         return first, len(errors) - 1
-    same = [e for e in errors if tuple(e.get("loc", ()))[:tag] == loc[:tag] and len(e.get("loc", ())) > tag and _is_tag(e["loc"][tag])]
+    same = [
+        e
+        for e in errors
+        if tuple(e.get("loc", ()))[:tag] == loc[:tag]
+        and len(e.get("loc", ())) > tag
+        and _is_tag(e["loc"][tag])
+    ]
     # the deepest, and of equally deep ones a broken rule (too long, too short) over "not of this member's type"
-    return max(same, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type"))), len(errors) - len(same)
+    return max(
+        same, key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type"))
+    ), len(errors) - len(same)
 
 
 def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,7 +129,9 @@ def _request_validation(request: Request, exc: RequestValidationError) -> JSONRe
     kind = first.get("type", "")
     if kind == "json_invalid":
         ctx = first.get("ctx") or {}
-        return error_response(400, f"the request body is not valid JSON ({ctx.get('error', 'parse error')})", "invalid_json")
+        return error_response(
+            400, f"the request body is not valid JSON ({ctx.get('error', 'parse error')})", "invalid_json"
+        )
     where = _loc_text(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid value")
     if kind == "missing" and not where:
@@ -121,7 +142,10 @@ def _request_validation(request: Request, exc: RequestValidationError) -> JSONRe
 
 
 def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    messages = {404: f"no route {request.url.path}", 405: f"method {request.method} is not allowed on {request.url.path}"}
+    messages = {
+        404: f"no route {request.url.path}",
+        405: f"method {request.method} is not allowed on {request.url.path}",
+    }
     message = messages.get(exc.status_code, str(exc.detail))
     codes = {404: "route_not_found", 408: "request_timeout", 413: "request_too_large"}
     return error_response(exc.status_code, message, codes.get(exc.status_code))
@@ -144,7 +168,12 @@ def _unknown_user(request: Request, exc: UnknownUserError) -> JSONResponse:
     user = exc.user_id
     if principal is not None and principal.owns(user):
         user = principal.external_id(user)
-    return error_response(404, f"user {user!r} is not enrolled. Fix: POST /v1/users/{{id}}/comparisons or /memories first", "user_not_found", "user")
+    return error_response(
+        404,
+        f"user {user!r} is not enrolled. Fix: POST /v1/users/{{id}}/comparisons or /memories first",
+        "user_not_found",
+        "user",
+    )
 
 
 def _locked(request: Request, exc: StoreLockedError) -> JSONResponse:
@@ -152,8 +181,15 @@ def _locked(request: Request, exc: StoreLockedError) -> JSONResponse:
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, getattr(request.state, "request_id", "-"))
-    return error_response(500, "internal server error (a bug: the server log has the traceback)", "internal_error")
+    log.exception(
+        "unhandled error on %s %s (request %s)",
+        request.method,
+        request.url.path,
+        getattr(request.state, "request_id", "-"),
+    )
+    return error_response(
+        500, "internal server error (a bug: the server log has the traceback)", "internal_error"
+    )
 
 
 def install(app: FastAPI) -> None:

@@ -88,15 +88,23 @@ class BodyLimit:
 
     @property
     def message(self) -> str:
-        return f"the request body is larger than the limit of {self.max_bytes} bytes. Fix: send less per request"
+        return (
+            f"the request body is larger than the limit of {self.max_bytes} bytes. Fix: send less per request"
+        )
 
     @property
     def late(self) -> str:
         return f"the request body did not arrive in full within {self.timeout_s:g} s. Fix: send the whole body at once"
 
-    async def _reject(self, send: Any, status: int = 413, message: str | None = None, code: str = "request_too_large") -> None:
+    async def _reject(
+        self, send: Any, status: int = 413, message: str | None = None, code: str = "request_too_large"
+    ) -> None:
         body = json.dumps(error_body(status, message or self.message, code)).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -132,12 +140,18 @@ def json_problem(payload: Any) -> tuple[str, str] | None:
             except OverflowError:
                 return where or "body", "is an integer too large for a number"
         elif isinstance(value, float) and not math.isfinite(value):
-            return where or "body", f"is {value!r}, which JSON does not allow (Python's parser accepts NaN and Infinity)"
+            return (
+                where or "body",
+                f"is {value!r}, which JSON does not allow (Python's parser accepts NaN and Infinity)",
+            )
         elif isinstance(value, dict):
             for key, item in reversed(list(value.items())):
                 path = f"{where}.{key}" if where else str(key)
                 if _unpaired_surrogate(key):
-                    return (where or "body"), f"has a key with an unpaired UTF-16 surrogate ({key.encode('utf-8', 'backslashreplace').decode()})"
+                    return (
+                        (where or "body"),
+                        f"has a key with an unpaired UTF-16 surrogate ({key.encode('utf-8', 'backslashreplace').decode()})",
+                    )
                 stack.append((path, item))
         elif isinstance(value, list):
             stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(value))))

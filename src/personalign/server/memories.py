@@ -33,9 +33,19 @@ def parse_filters(text: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(text)
     except ValueError:
-        raise ApiError(400, 'filters: is not JSON. Fix: send e.g. filters={"category": "diet"} (URL-encoded)', "invalid_value", "filters") from None
+        raise ApiError(
+            400,
+            'filters: is not JSON. Fix: send e.g. filters={"category": "diet"} (URL-encoded)',
+            "invalid_value",
+            "filters",
+        ) from None
     if not isinstance(value, dict):
-        raise ApiError(400, 'filters: must be a JSON object. Fix: send e.g. filters={"category": "diet"}', "invalid_value", "filters")
+        raise ApiError(
+            400,
+            'filters: must be a JSON object. Fix: send e.g. filters={"category": "diet"}',
+            "invalid_value",
+            "filters",
+        )
     return value
 
 
@@ -54,7 +64,12 @@ def install(
     """Add the lifecycle and export routes (``reader``/``writer``: the app's principal dependencies)."""
 
     def not_found(user_id: str, memory_id: str) -> ApiError:
-        return ApiError(404, f"user {user_id!r} has no memory {memory_id[:MAX_MEMORY_ID_CHARS]!r}", "memory_not_found", "memory_id")
+        return ApiError(
+            404,
+            f"user {user_id!r} has no memory {memory_id[:MAX_MEMORY_ID_CHARS]!r}",
+            "memory_not_found",
+            "memory_id",
+        )
 
     def listed(records: dict[str, Any], who: Principal) -> MemoryList:
         return MemoryList(results=[external_record(r, who) for r in records["results"]])
@@ -64,7 +79,14 @@ def install(
         """Search by meaning: active memories by default, narrowed by metadata ``filters``."""
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
-        found = pz.search_memories(store_id, body.query, top_k=body.top_k, threshold=body.threshold, filters=body.filters, status=body.status)
+        found = pz.search_memories(
+            store_id,
+            body.query,
+            top_k=body.top_k,
+            threshold=body.threshold,
+            filters=body.filters,
+            status=body.status,
+        )
         return listed(found, who)
 
     @app.get("/v1/users/{user_id}/memories/{memory_id}", response_model=MemoryList, tags=["memories"])
@@ -84,11 +106,15 @@ def install(
         known(store_id)
         check_write(RememberRequest(text=body.text, metadata=body.metadata), 1)
         try:
-            return listed(pz.update_memory(store_id, memory_id, body.text, metadata=body.metadata, source="http"), who)
+            return listed(
+                pz.update_memory(store_id, memory_id, body.text, metadata=body.metadata, source="http"), who
+            )
         except UnknownMemoryError:
             raise not_found(user_id, memory_id) from None
 
-    @app.get("/v1/users/{user_id}/memories/{memory_id}/history", response_model=MemoryHistory, tags=["memories"])
+    @app.get(
+        "/v1/users/{user_id}/memories/{memory_id}/history", response_model=MemoryHistory, tags=["memories"]
+    )
     def memory_history(user_id: str, memory_id: str, who: reader) -> MemoryHistory:  # type: ignore[valid-type]
         """Every version of a memory, oldest first, with its time and source."""
         store_id = who.store_id(user_id, "user_id")

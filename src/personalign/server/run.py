@@ -27,11 +27,16 @@ def chroma_client(url: str) -> Any:
         raise ValidationError("--chroma-url", "has an invalid port", fix, url) from None
     try:
         client = chromadb.HttpClient(
-            host=parts.hostname, port=port, ssl=parts.scheme == "https", settings=Settings(anonymized_telemetry=False)
+            host=parts.hostname,
+            port=port,
+            ssl=parts.scheme == "https",
+            settings=Settings(anonymized_telemetry=False),
         )
         client.heartbeat()
     except Exception as err:
-        raise ValidationError("--chroma-url", f"no Chroma server answers there ({type(err).__name__}: {err})", fix, url) from None
+        raise ValidationError(
+            "--chroma-url", f"no Chroma server answers there ({type(err).__name__}: {err})", fix, url
+        ) from None
     return client
 
 
@@ -47,8 +52,8 @@ def bound_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 class ServerThread:
     """Run an ASGI app with uvicorn on a loopback port in a background thread (tests, benchmarks).
 
-        with ServerThread(create_app(pz)) as server:
-            OpenAI(base_url=server.base_url, api_key="none")
+    with ServerThread(create_app(pz)) as server:
+        OpenAI(base_url=server.base_url, api_key="none")
     """
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
@@ -56,8 +61,15 @@ class ServerThread:
 
         self._socket = bound_socket(host, port)
         self.host, self.port = self._socket.getsockname()[:2]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5))
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]}, name="personalign-uvicorn", daemon=True)
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        )
+        self._thread = threading.Thread(
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
+            name="personalign-uvicorn",
+            daemon=True,
+        )
 
     @property
     def url(self) -> str:
@@ -97,7 +109,9 @@ def _stopped(signum: int, frame: Any) -> None:
     raise _Stopped
 
 
-def serve(personalizer: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(
+    personalizer: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+) -> None:
     """Serve until SIGINT/SIGTERM, which finish in-flight requests and then return normally (so the
     caller can close the store). One process, one worker: an embedded store has exactly one writer;
     scale with more stores or a Chroma server (docs/server.md)."""
@@ -106,7 +120,9 @@ def serve(personalizer: Any, config: Any, host: str = "127.0.0.1", port: int = 8
     from personalign.server.app import create_app
 
     app = create_app(personalizer, config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    )
     if threading.current_thread() is not threading.main_thread():
         server.run()
         return

@@ -79,11 +79,24 @@ class Message(BaseModel):
     def as_sdk(self) -> dict[str, str]:
         from personalign.server.tools import call_text
 
-        text = "" if self.content is None else self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        text = (
+            ""
+            if self.content is None
+            else self.content
+            if isinstance(self.content, str)
+            else "".join(p.text for p in self.content)
+        )
         if self.role == "tool":
-            return {"role": "user", "content": f"Result of tool call {self.tool_call_id or ''}: {text}".replace("call : ", "call: ")}
+            return {
+                "role": "user",
+                "content": f"Result of tool call {self.tool_call_id or ''}: {text}".replace(
+                    "call : ", "call: "
+                ),
+            }
         if self.tool_calls:
-            text = "\n".join([text, *(call_text(c.function.name, c.function.arguments) for c in self.tool_calls)]).strip()
+            text = "\n".join(
+                [text, *(call_text(c.function.name, c.function.arguments) for c in self.tool_calls)]
+            ).strip()
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
@@ -143,8 +156,19 @@ class NamedToolChoice(BaseModel):
 
     type: Literal["function"]
     function: NamedFunction
+
+
 # OpenAI options with no effect on the reply that are accepted and ignored.
-IGNORED = {"metadata", "store", "service_tier", "modalities", "prediction", "reasoning_effort", "user_agent", "prompt_cache_key"}
+IGNORED = {
+    "metadata",
+    "store",
+    "service_tier",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "user_agent",
+    "prompt_cache_key",
+}
 
 
 class ChatCompletionRequest(BaseModel):
@@ -155,30 +179,54 @@ class ChatCompletionRequest(BaseModel):
 
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
-    user: StrictStr | None = Field(default=None, description="The user to personalise for: any printable id of 1-256 characters")
-    safety_identifier: StrictStr | None = Field(default=None, description="OpenAI's successor to `user`; used as the user when `user` is absent")
+    user: StrictStr | None = Field(
+        default=None, description="The user to personalise for: any printable id of 1-256 characters"
+    )
+    safety_identifier: StrictStr | None = Field(
+        default=None, description="OpenAI's successor to `user`; used as the user when `user` is absent"
+    )
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
-    temperature: Number | None = Field(default=None, ge=0, le=2, description="Omitted: the server's default_temperature (1.0, as OpenAI); 0 is greedy")
+    temperature: Number | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="Omitted: the server's default_temperature (1.0, as OpenAI); 0 is greedy",
+    )
     top_p: Number | None = Field(default=None, gt=0, le=1)
     seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
-    n: StrictInt | None = Field(default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)")
-    stop: StopText | Annotated[list[Annotated[StopText, Field(min_length=1)]], Field(max_length=MAX_STOPS)] | None = Field(
-        default=None, description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'. \"\" and [] are no stop"
+    n: StrictInt | None = Field(
+        default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)"
+    )
+    stop: (
+        StopText
+        | Annotated[list[Annotated[StopText, Field(min_length=1)]], Field(max_length=MAX_STOPS)]
+        | None
+    ) = Field(
+        default=None,
+        description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'. \"\" and [] are no stop",
     )
     logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
-        default=None, max_length=1024, description="Token id (as a string) -> -100..100 added to its logit at every step"
+        default=None,
+        max_length=1024,
+        description="Token id (as a string) -> -100..100 added to its logit at every step",
     )
     presence_penalty: Number | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: Number | None = Field(default=None, ge=-2, le=2)
-    logprobs: StrictBool | None = Field(default=None, description="Return each output token's log-probability (not with stream)")
-    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token")
+    logprobs: StrictBool | None = Field(
+        default=None, description="Return each output token's log-probability (not with stream)"
+    )
+    top_logprobs: StrictInt | None = Field(
+        default=None, ge=0, le=20, description="With logprobs: this many most likely alternatives per token"
+    )
     response_format: ResponseFormat | None = None
     tools: list[Tool] | None = Field(default=None, max_length=64)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: StrictBool | None = Field(default=None, description="Accepted; at most one call is made per choice")
+    parallel_tool_calls: StrictBool | None = Field(
+        default=None, description="Accepted; at most one call is made per choice"
+    )
     # personalign's extra body fields
     # Any form parse_steering reads: {"verbosity": -0.5}, {"weights"|"direction": {...}, "method": ...},
     # {"angle": 30, "objectives": [a, b]}; checked by parse_steering so errors match the Python API.
@@ -198,15 +246,32 @@ class ChatCompletionRequest(BaseModel):
     pplug: StrictBool | None = None
     describe: StrictBool | None = None
     rerank: StrictInt | None = Field(
-        default=None, description="Personal reranking: sample this many candidates (2-16; 0 or 1: off) and answer with the one the user's inferred reward scores highest"
+        default=None,
+        description="Personal reranking: sample this many candidates (2-16; 0 or 1: off) and answer with the one the user's inferred reward scores highest",
     )
-    rerank_temperature: Number | None = Field(default=None, description="Sampling temperature of the rerank candidates when the request is greedy (default 0.8)")
+    rerank_temperature: Number | None = Field(
+        default=None,
+        description="Sampling temperature of the rerank candidates when the request is greedy (default 0.8)",
+    )
 
     def options(self) -> dict[str, Any]:
         """The SDK options this request sets (``max_new_tokens`` is filled in by the app)."""
         names = (
-            "top_p", "seed", "presence_penalty", "frequency_penalty", "memory", "shots", "n_shots", "n_memories", "memory_threshold",
-            "repetition_penalty", "fspo", "pplug", "describe", "rerank", "rerank_temperature",
+            "top_p",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "memory",
+            "shots",
+            "n_shots",
+            "n_memories",
+            "memory_threshold",
+            "repetition_penalty",
+            "fspo",
+            "pplug",
+            "describe",
+            "rerank",
+            "rerank_temperature",
         )
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
@@ -249,20 +314,31 @@ class Personalisation(BaseModel):
     """What conditioned a reply (an extra field; the ``openai`` client keeps it in ``model_extra``)."""
 
     user: str | None = Field(description="The user id as the request gave it (null: no user named)")
-    user_source: str | None = Field(default=None, description="Where the id came from: user, safety_identifier, X-Personalign-User or metadata.user_id")
-    user_known: bool = Field(default=False, description="Whether the user's profile conditioned the reply (false: the generic answer)")
+    user_source: str | None = Field(
+        default=None,
+        description="Where the id came from: user, safety_identifier, X-Personalign-User or metadata.user_id",
+    )
+    user_known: bool = Field(
+        default=False,
+        description="Whether the user's profile conditioned the reply (false: the generic answer)",
+    )
     memories: list[str]
     shots: int
     steer: dict[str, float]
-    note: str | None = Field(default=None, description="Why nothing personal was applied, when a named user was not known")
+    note: str | None = Field(
+        default=None, description="Why nothing personal was applied, when a named user was not known"
+    )
     personalization: dict[str, Any] | None = Field(
         default=None,
         description='Decode-time guidance that ran for the (first) choice: {"method": "user-rerank", "candidates", "scores", "picked", "embedder", '
         '"temperature"}, or {"method": null, "requested", "reason"} when it was asked for and could not run; null when none was asked for',
     )
-    personalization_by_choice: list[dict[str, Any] | None] | None = Field(default=None, description="With n > 1: each choice's personalization, in choice order")
+    personalization_by_choice: list[dict[str, Any] | None] | None = Field(
+        default=None, description="With n > 1: each choice's personalization, in choice order"
+    )
     max_tokens_clamped: dict[str, int] | None = Field(
-        default=None, description='{"requested": ..., "applied": ...} when max_tokens was over the server\'s cap and was lowered to it'
+        default=None,
+        description='{"requested": ..., "applied": ...} when max_tokens was over the server\'s cap and was lowered to it',
     )
 
 
@@ -355,7 +431,10 @@ class RememberRequest(BaseModel):
 
     text: StrictStr | list[StrictStr]
     metadata: dict[str, MetadataValue] | None = None
-    key: StrictStr | None = Field(default=None, description="A short identifier (1-64 of A-Za-z0-9_.-); a newer memory with the same key supersedes this one")
+    key: StrictStr | None = Field(
+        default=None,
+        description="A short identifier (1-64 of A-Za-z0-9_.-); a newer memory with the same key supersedes this one",
+    )
     on_conflict: Literal["keep", "supersede"] = "keep"
 
 
@@ -376,7 +455,10 @@ class SearchMemoriesRequest(BaseModel):
     query: StrictStr = Field(min_length=1, max_length=8000)
     top_k: StrictInt = Field(default=5, ge=1, le=1000)
     threshold: Number | None = Field(default=None, ge=-1, le=1)
-    filters: dict[str, Any] | None = Field(default=None, description='{"field": value} or {"field": {"gte": 2}}; operators eq, ne, gt, gte, lt, lte, in, nin')
+    filters: dict[str, Any] | None = Field(
+        default=None,
+        description='{"field": value} or {"field": {"gte": 2}}; operators eq, ne, gt, gte, lt, lte, in, nin',
+    )
     status: Literal["active", "superseded", "all"] = "active"
 
 
@@ -417,7 +499,9 @@ class MemoryList(BaseModel):
 
 
 class MemoryVersion(BaseModel):
-    version: int | None = Field(description="1 for the first text, +1 per update; null on the closing DELETE of a superseded memory")
+    version: int | None = Field(
+        description="1 for the first text, +1 per update; null on the closing DELETE of a superseded memory"
+    )
     memory: str | None
     event: Literal["ADD", "UPDATE", "DELETE"]
     valid_from: float | None = None

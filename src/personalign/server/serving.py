@@ -51,10 +51,26 @@ class Metrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
-        self.requests = Counter("personalign_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("personalign_request_seconds", "Time to the end of the response", ["route"], registry=self.registry)
-        self.inflight = Gauge("personalign_generation_in_flight", "Chats, completions and embeddings in flight", registry=self.registry)
-        self.rejected = Counter("personalign_rejected", "Generation requests refused with 429", registry=self.registry)
+        self.requests = Counter(
+            "personalign_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "personalign_request_seconds",
+            "Time to the end of the response",
+            ["route"],
+            registry=self.registry,
+        )
+        self.inflight = Gauge(
+            "personalign_generation_in_flight",
+            "Chats, completions and embeddings in flight",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "personalign_rejected", "Generation requests refused with 429", registry=self.registry
+        )
         batches = Gauge("personalign_batches", "Generation batches run", registry=self.registry)
         batches.set_function(lambda: float(sum(batcher.stats.sizes.values())))
         mean = Gauge("personalign_batch_size_mean", "Mean rows per batch", registry=self.registry)
@@ -117,6 +133,10 @@ class Serving:
         wait = retry_after(self.pending, self.batcher.max_batch, self.batcher.stats.seconds_per_batch())
         message = f"{self.pending} generation requests are in flight, the server's limit. Fix: retry after {wait} s (Retry-After)"
         body = json.dumps(error_body(429, message, "rate_limit_exceeded")).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", str(wait).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(wait).encode()),
+        ]
         await send({"type": "http.response.start", "status": 429, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -52,8 +52,21 @@ def call_text(name: str, arguments: str | dict[str, Any]) -> str:
 
 def tools_prompt(tools: Sequence[Any], forced: bool) -> str:
     """The system text offering ``tools`` (OpenAI ``Tool`` models) to the model."""
-    listing = "\n".join(json.dumps({"name": t.function.name, "description": t.function.description or "", "parameters": t.function.parameters or {}}) for t in tools)
-    how = "Reply with one function call as JSON" if forced else "To call a function, reply only with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>; otherwise answer normally"
+    listing = "\n".join(
+        json.dumps(
+            {
+                "name": t.function.name,
+                "description": t.function.description or "",
+                "parameters": t.function.parameters or {},
+            }
+        )
+        for t in tools
+    )
+    how = (
+        "Reply with one function call as JSON"
+        if forced
+        else 'To call a function, reply only with <tool_call>{"name": ..., "arguments": {...}}</tool_call>; otherwise answer normally'
+    )
     return f"You can call these functions:\n{listing}\n{how}."
 
 
@@ -62,7 +75,10 @@ def call_schema(tools: Sequence[Any]) -> dict[str, Any]:
     options = [
         {
             "type": "object",
-            "properties": {"name": {"const": t.function.name}, "arguments": t.function.parameters or {"type": "object"}},
+            "properties": {
+                "name": {"const": t.function.name},
+                "arguments": t.function.parameters or {"type": "object"},
+            },
             "required": ["name", "arguments"],
             "additionalProperties": False,
         }
@@ -75,11 +91,18 @@ def plan_tools(tools: Sequence[Any] | None, choice: Any) -> ToolPlan | None:
     """The plan for a request's ``tools`` and ``tool_choice`` (``None``: no tools in play)."""
     if not tools:
         if choice not in (None, "none", "auto"):
-            raise ApiError(400, "tool_choice needs tools. Fix: send tools, or leave tool_choice out", "invalid_value", "tool_choice")
+            raise ApiError(
+                400,
+                "tool_choice needs tools. Fix: send tools, or leave tool_choice out",
+                "invalid_value",
+                "tool_choice",
+            )
         return None
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
-        raise ApiError(400, "two tools share a name. Fix: give each function a unique name", "invalid_value", "tools")
+        raise ApiError(
+            400, "two tools share a name. Fix: give each function a unique name", "invalid_value", "tools"
+        )
     if choice == "none":
         return None
     if choice is None or choice == "auto":
@@ -89,8 +112,18 @@ def plan_tools(tools: Sequence[Any] | None, choice: Any) -> ToolPlan | None:
     else:
         chosen = [t for t in tools if t.function.name == choice.function.name]
         if not chosen:
-            raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among tools. Fix: name one of {names}", "invalid_value", "tool_choice")
-    return ToolPlan(tools_prompt(chosen, forced=True), {"json_schema": call_schema(chosen)}, tuple(t.function.name for t in chosen), forced=True)
+            raise ApiError(
+                400,
+                f"tool_choice names {choice.function.name!r}, which is not among tools. Fix: name one of {names}",
+                "invalid_value",
+                "tool_choice",
+            )
+    return ToolPlan(
+        tools_prompt(chosen, forced=True),
+        {"json_schema": call_schema(chosen)},
+        tuple(t.function.name for t in chosen),
+        forced=True,
+    )
 
 
 def with_prompt(messages: list[dict[str, str]], prompt: str) -> list[dict[str, str]]:
@@ -101,7 +134,11 @@ def with_prompt(messages: list[dict[str, str]], prompt: str) -> list[dict[str, s
 
 
 def new_call(name: str, arguments: Any) -> dict[str, Any]:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": f"call_{uuid.uuid4().hex[:24]}",
+        "type": "function",
+        "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def parse_forced(text: str) -> dict[str, Any] | None:
@@ -121,7 +158,11 @@ def parse_auto(text: str, names: Sequence[str]) -> tuple[str | None, list[dict[s
             payload = json.loads(match.group(1))
         except ValueError:
             continue
-        if isinstance(payload, dict) and payload.get("name") in names and isinstance(payload.get("arguments", {}), dict):
+        if (
+            isinstance(payload, dict)
+            and payload.get("name") in names
+            and isinstance(payload.get("arguments", {}), dict)
+        ):
             calls.append(new_call(payload["name"], payload.get("arguments", {})))
     if not calls:
         return text, []

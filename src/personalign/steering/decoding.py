@@ -55,7 +55,9 @@ def eos_shift(scores: torch.Tensor, eos_ids: list[int], shift: float | torch.Ten
 class VerbosityProcessor(LogitsProcessor):
     """Shift end-of-turn logits by ``-strength * weight`` (one weight, or one per batch row)."""
 
-    def __init__(self, eos_ids: list[int], weight: float | list[float], strength: float = DEFAULT_VERBOSITY_STRENGTH) -> None:
+    def __init__(
+        self, eos_ids: list[int], weight: float | list[float], strength: float = DEFAULT_VERBOSITY_STRENGTH
+    ) -> None:
         if not eos_ids:
             raise ValidationError("eos_ids", "is empty", "give the tokenizer an eos_token")
         self.eos_ids = list(eos_ids)
@@ -68,7 +70,11 @@ class VerbosityProcessor(LogitsProcessor):
         if isinstance(self.shift, torch.Tensor) and self.shift.shape[0] != scores.shape[0]:
             # generate() expands rows for num_return_sequences / beams: repeat each row's shift.
             self.shift = self.shift.repeat_interleave(scores.shape[0] // self.shift.shape[0])
-        return eos_shift(scores, self.eos_ids, self.shift.to(scores.device) if isinstance(self.shift, torch.Tensor) else self.shift)
+        return eos_shift(
+            scores,
+            self.eos_ids,
+            self.shift.to(scores.device) if isinstance(self.shift, torch.Tensor) else self.shift,
+        )
 
 
 def validate_steer(steer: Mapping[str, Any] | None, field: str = "steer") -> dict[str, float]:
@@ -137,7 +143,9 @@ class HiddenCapture:
         self._handle.remove()
 
 
-def mix_terms(own: str, objectives: Sequence[tuple[str, float]], tolerance: float = 1e-9) -> list[tuple[str, float]]:
+def mix_terms(
+    own: str, objectives: Sequence[tuple[str, float]], tolerance: float = 1e-9
+) -> list[tuple[str, float]]:
     """The rows one mixing request needs, as ``(adapter, coefficient)``, zero coefficients left out.
 
     ``log pi_own + sum_k w_k (log pi_k - log pi_base)`` is, before normalisation, the same
@@ -178,7 +186,10 @@ def head_mixable(model: Any) -> bool:
     from personalign.packed_linear import PackedLinear
 
     config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    return type(output_head(model)) in (torch.nn.Linear, PackedLinear) and getattr(config, "final_logit_softcapping", None) is None
+    return (
+        type(output_head(model)) in (torch.nn.Linear, PackedLinear)
+        and getattr(config, "final_logit_softcapping", None) is None
+    )
 
 
 class MixedHead:
@@ -202,7 +213,9 @@ class MixedHead:
         hidden = inputs[0]  # (N, T, H)
         n, *rest = hidden.shape
         if n != self.coefficients.shape[1]:
-            raise RuntimeError(f"MixedHead was set up for a batch of {self.coefficients.shape[1]} rows, got {n}")
+            raise RuntimeError(
+                f"MixedHead was set up for a batch of {self.coefficients.shape[1]} rows, got {n}"
+            )
         mixed = self.coefficients.to(hidden.dtype) @ hidden.reshape(n, -1)  # (R, T * H)
         return (mixed.reshape(self.coefficients.shape[0], *rest), *inputs[1:])
 
@@ -253,7 +266,9 @@ class SteeringProcessor(LogitsProcessor):
         self.capture = capture
         self.prompt_ids, self.prompt_mask = prompt_ids, prompt_mask
         self.eos_ids = eos_ids or []
-        self.eos_shift = torch.tensor(eos_shift, dtype=torch.float32) if eos_shift and any(eos_shift) else None  # (R,)
+        self.eos_shift = (
+            torch.tensor(eos_shift, dtype=torch.float32) if eos_shift and any(eos_shift) else None
+        )  # (R,)
         self.temperature = torch.tensor(temperature or [0.0] * len(groups), dtype=torch.float32)
         self.top_p = torch.tensor(top_p or [1.0] * len(groups), dtype=torch.float32)
         self.top_k = top_k
@@ -276,10 +291,18 @@ class SteeringProcessor(LogitsProcessor):
             objective_rows = group[len(group) - len(weights) :]
             base_row = self.base_rows[i] if self.base_rows else None
             base = scores[base_row if base_row is not None else group[0]]
-            mixed = mix_logprobs(base.unsqueeze(0).float(), scores[objective_rows].unsqueeze(0).float(), torch.tensor([weights], device=scores.device))[0]
+            mixed = mix_logprobs(
+                base.unsqueeze(0).float(),
+                scores[objective_rows].unsqueeze(0).float(),
+                torch.tensor([weights], device=scores.device),
+            )[0]
             if base_row is not None:
                 # A user's adapter on the primary row: l = log pi_user + sum_k w_k (log pi_k - log pi_base).
-                mixed = mixed - torch.log_softmax(base.float(), -1) + torch.log_softmax(scores[group[0]].float(), -1)
+                mixed = (
+                    mixed
+                    - torch.log_softmax(base.float(), -1)
+                    + torch.log_softmax(scores[group[0]].float(), -1)
+                )
             rows.append(mixed)
         return torch.stack(rows)
 
@@ -296,7 +319,10 @@ class SteeringProcessor(LogitsProcessor):
                 q = model.q_all(self.capture.last[primary]).gather(-1, ids)  # (R, k)
             else:
                 if self._states[j] is None:
-                    self._states[j] = model.start(self.prompt_ids[primary.cpu()].to(input_ids.device), self.prompt_mask[primary.cpu()].to(input_ids.device))
+                    self._states[j] = model.start(
+                        self.prompt_ids[primary.cpu()].to(input_ids.device),
+                        self.prompt_mask[primary.cpu()].to(input_ids.device),
+                    )
                 elif input_ids.shape[1] > (self._prompt_width or 0):
                     self._states[j] = model.step(self._states[j], input_ids[primary, -1])
                 q = model.q_candidates(self._states[j], ids)  # (R, k)
@@ -316,7 +342,9 @@ class SteeringProcessor(LogitsProcessor):
             logits = eos_shift(logits, self.eos_ids, self.eos_shift.to(logits.device))
         if not self.expanded:
             return logits.to(scores.dtype)
-        tokens = top_p_sample(logits, self.temperature.to(logits.device), self.top_p.to(logits.device))  # (R,)
+        tokens = top_p_sample(
+            logits, self.temperature.to(logits.device), self.top_p.to(logits.device)
+        )  # (R,)
         forced = torch.full_like(scores, -float("inf"))
         for i, group in enumerate(self.groups):
             forced[group, tokens[i]] = 0.0
@@ -338,7 +366,9 @@ def derived_seed(seed: int, index: int) -> int:
     return (seed + index * _GOLDEN) % SEED_MODULUS
 
 
-def openai_penalties(scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+def openai_penalties(
+    scores: torch.Tensor, generated: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
     """OpenAI's presence and frequency penalties: ``mu[j] - c[j] * frequency - [c[j] > 0] * presence``.
 
     ``c[j]`` counts token ``j`` among the tokens generated so far (the prompt is not counted), as in
@@ -351,11 +381,15 @@ def openai_penalties(scores: torch.Tensor, generated: torch.Tensor, presence: to
     Returns:
         ``(B, V)``, a new tensor.
     """
-    counts = torch.zeros_like(scores).scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))  # (B, V)
+    counts = torch.zeros_like(scores).scatter_add_(
+        1, generated, torch.ones_like(generated, dtype=scores.dtype)
+    )  # (B, V)
     return scores - counts * frequency.unsqueeze(-1) - (counts > 0).to(scores.dtype) * presence.unsqueeze(-1)
 
 
-def sample_row(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def sample_row(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> int:
     """One token from ``(V,)`` logits: the argmax at ``temperature == 0``, else nucleus sampling with ``generator``.
 
     ``p = softmax(logits / temperature)``; the smallest prefix of tokens by decreasing ``p`` whose mass
@@ -427,7 +461,9 @@ class RowDecoder(LogitsProcessor):
         self.eos_ids = list(eos_ids)
         self.generators = [self._generator(c.seed) for c in self.controls]
         self.presence = torch.tensor([c.presence_penalty for c in self.controls], dtype=torch.float32)  # (B,)
-        self.frequency = torch.tensor([c.frequency_penalty for c in self.controls], dtype=torch.float32)  # (B,)
+        self.frequency = torch.tensor(
+            [c.frequency_penalty for c in self.controls], dtype=torch.float32
+        )  # (B,)
         self.penalised = bool(self.presence.any() or self.frequency.any())
         self.matchers = [_matcher(c.grammar) for c in self.controls]
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in self.controls]
@@ -453,7 +489,12 @@ class RowDecoder(LogitsProcessor):
             raise RuntimeError(f"RowDecoder was set up for {len(self.controls)} rows, got {scores.shape[0]}")
         logits = scores.float()  # (B, V)
         if self.penalised:
-            logits = openai_penalties(logits, input_ids[:, self.prompt_width :], self.presence.to(logits.device), self.frequency.to(logits.device))
+            logits = openai_penalties(
+                logits,
+                input_ids[:, self.prompt_width :],
+                self.presence.to(logits.device),
+                self.frequency.to(logits.device),
+            )
         bias = self._biases(logits)
         if bias is not None:
             logits = logits + bias.to(logits.device)
@@ -478,7 +519,11 @@ class RowDecoder(LogitsProcessor):
 def _logprob(logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
     top = logprobs.topk(k) if k else None
-    pairs = tuple((int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)) if top is not None else ()
+    pairs = (
+        tuple((int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True))
+        if top is not None
+        else ()
+    )
     return TokenLogprob(token, float(logprobs[token]), pairs)
 
 
@@ -523,7 +568,9 @@ def grammar_compiler(tokenizer: Any, vocab_size: int) -> Any:
     return _COMPILERS[key][1]
 
 
-def compile_grammar(tokenizer: Any, vocab_size: int, spec: Mapping[str, Any], field: str = "response_format") -> Any:
+def compile_grammar(
+    tokenizer: Any, vocab_size: int, spec: Mapping[str, Any], field: str = "response_format"
+) -> Any:
     """A compiled grammar for ``spec``: ``{"json_object": True}`` (any JSON object) or ``{"json_schema": {...}}``.
 
     Whitespace between tokens is not allowed (compact JSON), so a weak model cannot pad forever.
@@ -535,8 +582,20 @@ def compile_grammar(tokenizer: Any, vocab_size: int, spec: Mapping[str, Any], fi
     compiler = grammar_compiler(tokenizer, vocab_size)
     schema = {"type": "object"} if spec.get("json_object") else spec.get("json_schema")
     if not isinstance(schema, Mapping):
-        raise ValidationError(field, "needs a JSON schema object", 'send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}', schema)
+        raise ValidationError(
+            field,
+            "needs a JSON schema object",
+            'send {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+            schema,
+        )
     try:
-        return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=bool(spec.get("strict", True)))
+        return compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=False, strict_mode=bool(spec.get("strict", True))
+        )
     except Exception as err:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
-        raise ValidationError(field, f"is a JSON schema the constrained decoder cannot use ({str(err).splitlines()[0][:200]})", "send a plain JSON schema (types, properties, required, enum, items)", None) from None
+        raise ValidationError(
+            field,
+            f"is a JSON schema the constrained decoder cannot use ({str(err).splitlines()[0][:200]})",
+            "send a plain JSON schema (types, properties, required, enum, items)",
+            None,
+        ) from None

@@ -52,7 +52,11 @@ def direction_text(direction: Mapping[str, float], line: DirectionLine = "number
     ``numbers+words`` adds the prompting baseline's phrase for each component
     (:func:`personalign.steering.prompting.instruction`), which a small model can read.
     """
-    text = "Preference direction: " + ", ".join(f"{name} {value:+.2f}" for name, value in direction.items()) + "."
+    text = (
+        "Preference direction: "
+        + ", ".join(f"{name} {value:+.2f}" for name, value in direction.items())
+        + "."
+    )
     if line == "numbers+words":
         from personalign.steering.prompting import instruction
 
@@ -61,7 +65,9 @@ def direction_text(direction: Mapping[str, float], line: DirectionLine = "number
     return text
 
 
-def dpa_messages(messages: list[dict[str, Any]], direction: Mapping[str, float], line: DirectionLine = "numbers") -> list[dict[str, Any]]:
+def dpa_messages(
+    messages: list[dict[str, Any]], direction: Mapping[str, float], line: DirectionLine = "numbers"
+) -> list[dict[str, Any]]:
     """``messages`` with the direction line first in the system message."""
     line = direction_text(direction, line)
     if messages and messages[0]["role"] == "system":
@@ -78,13 +84,19 @@ def unit_direction(objectives: Sequence[str], angle_degrees: float) -> dict[str,
 class DpaConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    objectives: list[str] = Field(default_factory=lambda: ["verbosity", "structure"], min_length=2, max_length=2)
+    objectives: list[str] = Field(
+        default_factory=lambda: ["verbosity", "structure"], min_length=2, max_length=2
+    )
     iterations: int = Field(default=2, ge=1, le=100)
     samples_per_prompt: int = Field(default=4, ge=2, le=64)
-    directions: int = Field(default=8, ge=2, le=360, description="evenly spaced angles a direction is drawn from")
+    directions: int = Field(
+        default=8, ge=2, le=360, description="evenly spaced angles a direction is drawn from"
+    )
     max_new_tokens: int = Field(default=160, ge=8)
     temperature: float = Field(default=1.0, gt=0.0)
-    line: DirectionLine = Field(default="numbers", description="how the direction is written in the system prompt (direction_text)")
+    line: DirectionLine = Field(
+        default="numbers", description="how the direction is written in the system prompt (direction_text)"
+    )
     every_direction: bool = Field(
         default=False,
         description="train every direction on its best answer per prompt, not only the drawn one (the direction line is then the only thing that tells a prompt's kept answers apart)",
@@ -97,22 +109,41 @@ class DpaConfig(BaseModel):
     rank: int = Field(default=8, ge=1, le=256)
     alpha: float = Field(default=16.0, gt=0.0)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    loop: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=2, learning_rate=5e-4, batch_size=4, name="dpa sft"))
+    loop: LoopConfig = Field(
+        default_factory=lambda: LoopConfig(epochs=2, learning_rate=5e-4, batch_size=4, name="dpa sft")
+    )
 
 
-def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], directions: Sequence[dict[str, float]], config: DpaConfig, batch_size: int = 32) -> list[tuple[list[int], list[int], str]]:
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    directions: Sequence[dict[str, float]],
+    config: DpaConfig,
+    batch_size: int = 32,
+) -> list[tuple[list[int], list[int], str]]:
     """``samples_per_prompt`` answers per (prompt, direction): (prompt ids, response ids, text)."""
     from personalign.steering.decoding import eos_token_ids
 
     stops = set(eos_token_ids(tokenizer, model.generation_config))
-    jobs = [(p, d) for p, d in zip(prompts, directions, strict=True) for _ in range(config.samples_per_prompt)]
+    jobs = [
+        (p, d) for p, d in zip(prompts, directions, strict=True) for _ in range(config.samples_per_prompt)
+    ]
     out = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         encoded = [chat_ids(tokenizer, p, system=direction_text(d, config.line)) for p, d in chunk]
         ids, mask = left_pad(encoded, tokenizer.pad_token_id)
         with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=config.temperature, top_k=0, max_new_tokens=config.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=config.temperature,
+                top_k=0,
+                max_new_tokens=config.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         for prompt_ids, row in zip(encoded, gen[:, ids.shape[1] :].tolist(), strict=True):
             end = next((i + 1 for i, t in enumerate(row) if t in stops), None)
             response = row[:end] if end is not None else row
@@ -135,29 +166,52 @@ def _sft_batch_loss(model: Any, kept: Sequence[tuple[list[int], list[int]]], pad
     return batch_loss, tokens
 
 
-def _dpo_batch_loss(model: Any, pairs: Sequence[tuple[list[int], list[int], list[int]]], pad: int, beta: float) -> Any:
+def _dpo_batch_loss(
+    model: Any, pairs: Sequence[tuple[list[int], list[int], list[int]]], pad: int, beta: float
+) -> Any:
     """DPO on (best, worst) under the same direction line; the reference is the base model."""
     if not pairs:
-        raise ValidationError("samples_per_prompt", "gave no (best, worst) pair that scores apart", "sample more answers per prompt or use loss='sft'")
-    ids, attention, completion = right_pad([(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad)  # chosen rows, then rejected
+        raise ValidationError(
+            "samples_per_prompt",
+            "gave no (best, worst) pair that scores apart",
+            "sample more answers per prompt or use loss='sft'",
+        )
+    ids, attention, completion = right_pad(
+        [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs], pad
+    )  # chosen rows, then rejected
     n = len(pairs)
     with torch.no_grad(), model.disable_adapter():
-        ref = torch.cat([sequence_logps(model(input_ids=ids[i : i + 8], attention_mask=attention[i : i + 8]).logits, ids[i : i + 8], completion[i : i + 8]) for i in range(0, 2 * n, 8)])  # (2n,)
+        ref = torch.cat(
+            [
+                sequence_logps(
+                    model(input_ids=ids[i : i + 8], attention_mask=attention[i : i + 8]).logits,
+                    ids[i : i + 8],
+                    completion[i : i + 8],
+                )
+                for i in range(0, 2 * n, 8)
+            ]
+        )  # (2n,)
 
     def batch_loss(idx: list[int]) -> torch.Tensor:
         rows = idx + [n + i for i in idx]
-        logps = sequence_logps(model(input_ids=ids[rows], attention_mask=attention[rows]).logits, ids[rows], completion[rows])  # (2B,)
+        logps = sequence_logps(
+            model(input_ids=ids[rows], attention_mask=attention[rows]).logits, ids[rows], completion[rows]
+        )  # (2B,)
         chosen, rejected = logps.chunk(2)
         return dpo_loss(chosen, rejected, ref[idx], ref[[n + i for i in idx]], beta).mean()
 
     return batch_loss
 
 
-def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: int = 0, progress: Any = None) -> tuple[Any, list[dict[str, Any]]]:
+def train_dpa(
+    generator: Any, prompts: Sequence[str], config: DpaConfig, seed: int = 0, progress: Any = None
+) -> tuple[Any, list[dict[str, Any]]]:
     """Add and train ``steer_dpa`` on ``generator``; returns (peft model, per-iteration records)."""
     for name in config.objectives:
         if name not in OBJECTIVES:
-            raise ValidationError("objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", name)
+            raise ValidationError(
+                "objectives", f"{name!r} is not a known objective", f"use some of {sorted(OBJECTIVES)}", name
+            )
     say = progress or (lambda _: None)
     torch.manual_seed(seed)
     model = add_lora(generator, ADAPTER_NAME, config.rank, config.alpha, config.target_modules)
@@ -177,9 +231,16 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
         n = config.samples_per_prompt
         for j, (prompt, drawn_direction) in enumerate(zip(prompts, directions, strict=True)):
             group = range(j * n, (j + 1) * n)
-            targets = [unit_direction(config.objectives, a) for a in angles] if config.every_direction else [drawn_direction]
+            targets = (
+                [unit_direction(config.objectives, a) for a in angles]
+                if config.every_direction
+                else [drawn_direction]
+            )
             for direction in targets:
-                score = [sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives) for i in group]
+                score = [
+                    sum(direction[o] * (raw[o][i] - stats[o][0]) / stats[o][1] for o in config.objectives)
+                    for i in group
+                ]
                 best, worst = max(range(n), key=lambda k: score[k]), min(range(n), key=lambda k: score[k])
                 prompt_ids, response, text = answers[j * n + best]
                 if direction != drawn_direction:  # the same answer, taught under this direction's line
@@ -200,17 +261,42 @@ def train_dpa(generator: Any, prompts: Sequence[str], config: DpaConfig, seed: i
         else:
             (batch_loss, weight), items = _sft_batch_loss(model, [(p, r) for p, r, _ in kept], pad), len(kept)
         model.train()
-        loop = config.loop.model_copy(update={"seed": seed + iteration, "name": f"dpa {config.loss} {iteration + 1}"})
+        loop = config.loop.model_copy(
+            update={"seed": seed + iteration, "name": f"dpa {config.loss} {iteration + 1}"}
+        )
         report = train_loop(params, items, batch_loss, loop, batch_weight=weight)
         model.eval()
         for p in params.values():
             p.requires_grad_(False)
-        records.append({"iteration": iteration + 1, "answers": len(answers), "kept": len(kept), "pairs": len(pairs), "front": front, f"{config.loss}_loss": report.epoch_loss})
+        records.append(
+            {
+                "iteration": iteration + 1,
+                "answers": len(answers),
+                "kept": len(kept),
+                "pairs": len(pairs),
+                "front": front,
+                f"{config.loss}_loss": report.epoch_loss,
+            }
+        )
         say(f"dpa iteration {iteration + 1}: front {front}")
     return model, records
 
 
-def save_dpa(model: Any, folder: Path | str, config: DpaConfig, generator_id: str, records: list[dict[str, Any]], prompts: int) -> Path:
+def save_dpa(
+    model: Any,
+    folder: Path | str,
+    config: DpaConfig,
+    generator_id: str,
+    records: list[dict[str, Any]],
+    prompts: int,
+) -> Path:
     """A plain PEFT folder for ``steer_dpa`` plus ``dpa_config.json`` (objectives, iterations' fronts)."""
-    meta = {"objectives": config.objectives, "base_model": generator_id, "config": config.model_dump(), "prompts": prompts, "iterations": records, "data": "the generator's own answers on project-written prompts"}
+    meta = {
+        "objectives": config.objectives,
+        "base_model": generator_id,
+        "config": config.model_dump(),
+        "prompts": prompts,
+        "iterations": records,
+        "data": "the generator's own answers on project-written prompts",
+    }
     return save_adapter(model, ADAPTER_NAME, folder, DPA_CONFIG, meta)

@@ -36,8 +36,6 @@ CONFIG_FILE = "head_config.json"
 WEIGHTS_FILE = "head.safetensors"
 
 
-
-
 class RewardHeadConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -60,7 +58,9 @@ def head_features(encoder: Any, prompts: Sequence[str], responses: Sequence[str]
 class RewardHead:
     def __init__(self, config: RewardHeadConfig, weight: torch.Tensor) -> None:
         if weight.shape != (config.dim,):
-            raise HeadError(f"head weight has shape {tuple(weight.shape)}, config says ({config.dim},). Fix: refit the head")
+            raise HeadError(
+                f"head weight has shape {tuple(weight.shape)}, config says ({config.dim},). Fix: refit the head"
+            )
         self.config = config
         self.weight = weight.float()
 
@@ -89,7 +89,9 @@ class RewardHead:
             config = RewardHeadConfig.model_validate_json((folder / CONFIG_FILE).read_text())
             weight = load_file(str(folder / WEIGHTS_FILE))["weight"]
         except Exception as err:  # missing, truncated or malformed files
-            raise HeadError(f"reward head at {folder} is unreadable ({type(err).__name__}: {err}). Fix: refit it with fit_head") from None
+            raise HeadError(
+                f"reward head at {folder} is unreadable ({type(err).__name__}: {err}). Fix: refit it with fit_head"
+            ) from None
         return cls(config, weight)
 
 
@@ -126,11 +128,21 @@ def expected_calibration_error(p_chosen: torch.Tensor, bins: int = 10) -> float:
     for b in range(bins):
         mask = index == b
         if bool(mask.any()):
-            total += float(mask.float().mean()) * abs(float(probs[mask].mean()) - float(outcomes[mask].mean()))
+            total += float(mask.float().mean()) * abs(
+                float(probs[mask].mean()) - float(outcomes[mask].mean())
+            )
     return total
 
 
-def fit_head(encoder: Any, objective: str, pairs: Sequence[tuple[str, str, str]], l2: float = 1e-2, holdout: float = 0.2, seed: int = 0, provenance: dict[str, Any] | None = None) -> RewardHead:
+def fit_head(
+    encoder: Any,
+    objective: str,
+    pairs: Sequence[tuple[str, str, str]],
+    l2: float = 1e-2,
+    holdout: float = 0.2,
+    seed: int = 0,
+    provenance: dict[str, Any] | None = None,
+) -> RewardHead:
     """Fit a head on ``(prompt, chosen, rejected)`` pairs; calibrate on a seeded held-out slice."""
     if len(pairs) < 10:
         raise ValidationError("pairs", "needs at least 10 pairs", "give more comparisons", len(pairs))
@@ -154,7 +166,15 @@ def fit_head(encoder: Any, objective: str, pairs: Sequence[tuple[str, str, str]]
         l2=l2,
         temperature=temperature,
         description=f"learned {objective} reward (linear head on encoder features)",
-        provenance={**(provenance or {}), "pairs": len(pairs), "train_pairs": len(train), "held_out_pairs": len(held), "held_out_accuracy": accuracy, "held_out_ece": ece, "seed": seed},
+        provenance={
+            **(provenance or {}),
+            "pairs": len(pairs),
+            "train_pairs": len(train),
+            "held_out_pairs": len(held),
+            "held_out_accuracy": accuracy,
+            "held_out_ece": ece,
+            "seed": seed,
+        },
     )
     head = RewardHead(config, w)
     return head
@@ -164,7 +184,9 @@ def hh_original_pairs(root: str | Path, subset: str) -> list[tuple[str, str, str
     """``(prompt, chosen, rejected)`` from relabeled HH-RLHF with the *original* human label, one HH subset."""
     path = Path(root) / "relabeled_hh_rlhf" / "both" / "test.jsonl.gz"
     if not path.is_file():
-        raise ValidationError("root", f"has no {path.relative_to(root)}", "point it at the shared data folder", str(root))
+        raise ValidationError(
+            "root", f"has no {path.relative_to(root)}", "point it at the shared data folder", str(root)
+        )
     pairs, seen = [], set()
     with gzip.open(path, "rt") as handle:
         for line in handle:

@@ -41,11 +41,92 @@ def structure(text: str) -> float:
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 _VOWELS = re.compile(r"[aeiouy]+")
 _CONTRACTION = re.compile(r"\b\w+'(?:s|re|ve|ll|d|t|m)\b", re.IGNORECASE)
-_FORMAL = frozenset({"furthermore", "moreover", "therefore", "consequently", "however", "accordingly", "regarding", "thus", "hence", "nevertheless", "additionally", "subsequently"})
-_INFORMAL = frozenset({"yeah", "ok", "okay", "gonna", "wanna", "kinda", "stuff", "cool", "awesome", "hey", "lol", "totally", "pretty", "super", "basically"})
-_POSITIVE = frozenset({"good", "great", "wonderful", "enjoy", "love", "happy", "glad", "excellent", "rewarding", "fun", "easy", "helpful", "nice", "best", "amazing", "delightful"})
-_NEGATIVE = frozenset({"bad", "terrible", "frustrating", "tedious", "hate", "sad", "awful", "fail", "fails", "hard", "difficult", "annoying", "worst", "boring", "painful", "useless"})
-_POLITE = ("please", "thank you", "thanks", "i hope this helps", "happy to help", "you're welcome", "kindly", "i'm sorry", "apologies")
+_FORMAL = frozenset(
+    {
+        "furthermore",
+        "moreover",
+        "therefore",
+        "consequently",
+        "however",
+        "accordingly",
+        "regarding",
+        "thus",
+        "hence",
+        "nevertheless",
+        "additionally",
+        "subsequently",
+    }
+)
+_INFORMAL = frozenset(
+    {
+        "yeah",
+        "ok",
+        "okay",
+        "gonna",
+        "wanna",
+        "kinda",
+        "stuff",
+        "cool",
+        "awesome",
+        "hey",
+        "lol",
+        "totally",
+        "pretty",
+        "super",
+        "basically",
+    }
+)
+_POSITIVE = frozenset(
+    {
+        "good",
+        "great",
+        "wonderful",
+        "enjoy",
+        "love",
+        "happy",
+        "glad",
+        "excellent",
+        "rewarding",
+        "fun",
+        "easy",
+        "helpful",
+        "nice",
+        "best",
+        "amazing",
+        "delightful",
+    }
+)
+_NEGATIVE = frozenset(
+    {
+        "bad",
+        "terrible",
+        "frustrating",
+        "tedious",
+        "hate",
+        "sad",
+        "awful",
+        "fail",
+        "fails",
+        "hard",
+        "difficult",
+        "annoying",
+        "worst",
+        "boring",
+        "painful",
+        "useless",
+    }
+)
+_POLITE = (
+    "please",
+    "thank you",
+    "thanks",
+    "i hope this helps",
+    "happy to help",
+    "you're welcome",
+    "kindly",
+    "i'm sorry",
+    "apologies",
+)
 
 
 def _sentences(text: str) -> int:
@@ -62,7 +143,9 @@ def reading_level(text: str) -> float:
     words = _WORD.findall(text)
     if not words:
         return 0.0
-    return 0.39 * len(words) / _sentences(text) + 11.8 * sum(_syllables(w) for w in words) / len(words) - 15.59
+    return (
+        0.39 * len(words) / _sentences(text) + 11.8 * sum(_syllables(w) for w in words) / len(words) - 15.59
+    )
 
 
 def formality(text: str) -> float:
@@ -108,7 +191,9 @@ class Objective:
 
     def value(self, prompt: str, response: str) -> float:
         """The objective's score of ``response`` to ``prompt``."""
-        return float(self.scorer(prompt, response)) if self.scorer is not None else float(self.measure(response))
+        return (
+            float(self.scorer(prompt, response)) if self.scorer is not None else float(self.measure(response))
+        )
 
 
 OBJECTIVES: dict[str, Objective] = {
@@ -117,7 +202,9 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("verbosity", verbosity, 0.5, "length: log(1 + words)", steerable=True),
         Objective("structure", structure, 2.0, "enumerated steps per 100 words"),
         Objective("reading_level", reading_level, 3.0, "Flesch-Kincaid grade level (technicality)"),
-        Objective("formality", formality, 3.0, "formal connectives minus slang, contractions and '!' per 100 words"),
+        Objective(
+            "formality", formality, 3.0, "formal connectives minus slang, contractions and '!' per 100 words"
+        ),
         Objective("sentiment", sentiment, 0.5, "positive minus negative words per sentence"),
         Objective("politeness", politeness, 0.3, "polite phrases per sentence"),
     )
@@ -127,13 +214,33 @@ OBJECTIVES: dict[str, Objective] = {
 def register(objective: Objective, replace: bool = False) -> Objective:
     """Add a custom measurable objective (``replace=True`` to overwrite one of the same name)."""
     if not isinstance(objective, Objective):
-        raise ValidationError("objective", "is not an Objective", "build it with Objective(name, measure, scale, description)", objective)
+        raise ValidationError(
+            "objective",
+            "is not an Objective",
+            "build it with Objective(name, measure, scale, description)",
+            objective,
+        )
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", objective.name):
-        raise ValidationError("objective.name", "must be lower-case letters, digits and _ (at most 41)", "e.g. 'humour'", objective.name)
+        raise ValidationError(
+            "objective.name",
+            "must be lower-case letters, digits and _ (at most 41)",
+            "e.g. 'humour'",
+            objective.name,
+        )
     if not (objective.scale > 0 and math.isfinite(objective.scale)):
-        raise ValidationError("objective.scale", "must be a finite number > 0", "use the difference that reads as a clear preference", objective.scale)
+        raise ValidationError(
+            "objective.scale",
+            "must be a finite number > 0",
+            "use the difference that reads as a clear preference",
+            objective.scale,
+        )
     if objective.name in OBJECTIVES and not replace:
-        raise ValidationError("objective.name", f"{objective.name!r} is already registered", "pass replace=True or choose another name", objective.name)
+        raise ValidationError(
+            "objective.name",
+            f"{objective.name!r} is already registered",
+            "pass replace=True or choose another name",
+            objective.name,
+        )
     OBJECTIVES[objective.name] = objective
     return objective
 
@@ -155,7 +262,9 @@ def score(prompt: str, response: str, objectives: Sequence[str] | None = None) -
     names = list(OBJECTIVES) if objectives is None else list(objectives)
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
-        raise ValidationError("objectives", f"has unknown objective(s) {unknown}", f"use some of {sorted(OBJECTIVES)}", unknown)
+        raise ValidationError(
+            "objectives", f"has unknown objective(s) {unknown}", f"use some of {sorted(OBJECTIVES)}", unknown
+        )
     return {n: OBJECTIVES[n].value(prompt, response) for n in names}
 
 
@@ -169,7 +278,10 @@ def infer_weights(comparisons: Sequence[Comparison]) -> dict[str, float]:
         if not comparisons:
             weights[name] = 0.0
             continue
-        diff = sum(c.weight * (objective.measure(c.chosen) - objective.measure(c.rejected)) for c in comparisons) / total
+        diff = (
+            sum(c.weight * (objective.measure(c.chosen) - objective.measure(c.rejected)) for c in comparisons)
+            / total
+        )
         weights[name] = math.tanh(diff / objective.scale)
     return weights
 
@@ -192,9 +304,23 @@ def register_head(folder: str | Path, replace: bool = False) -> Objective:
     try:
         config = json.loads((folder / "head_config.json").read_text())
     except (OSError, ValueError) as err:
-        raise ValidationError("folder", f"has no readable head_config.json ({err})", "fit a head with personalign.steering.heads.fit_head and save it", str(folder)) from None
+        raise ValidationError(
+            "folder",
+            f"has no readable head_config.json ({err})",
+            "fit a head with personalign.steering.heads.fit_head and save it",
+            str(folder),
+        ) from None
     name = config["objective"]
-    return register(Objective(name, lambda text: _learned_scorer(str(folder))("", text), 1.0, config.get("description", f"learned {name} reward"), scorer=_learned_scorer(str(folder))), replace=replace)
+    return register(
+        Objective(
+            name,
+            lambda text: _learned_scorer(str(folder))("", text),
+            1.0,
+            config.get("description", f"learned {name} reward"),
+            scorer=_learned_scorer(str(folder)),
+        ),
+        replace=replace,
+    )
 
 
 def _register_shipped_heads() -> None:

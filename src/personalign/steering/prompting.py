@@ -12,12 +12,28 @@ from collections.abc import Mapping
 # objective -> (less phrases, more phrases), mildest first
 PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "verbosity": (
-        ("Keep the answer fairly short.", "Be concise: answer in two or three sentences.", "Answer in one short sentence."),
-        ("Give a fairly detailed answer.", "Give a detailed, thorough answer.", "Give a very long and exhaustive answer covering every detail."),
+        (
+            "Keep the answer fairly short.",
+            "Be concise: answer in two or three sentences.",
+            "Answer in one short sentence.",
+        ),
+        (
+            "Give a fairly detailed answer.",
+            "Give a detailed, thorough answer.",
+            "Give a very long and exhaustive answer covering every detail.",
+        ),
     ),
     "structure": (
-        ("Prefer prose to lists.", "Write flowing paragraphs, no lists.", "Do not use any lists, headings or numbered steps."),
-        ("Use some structure where it helps.", "Organise the answer as a list.", "Answer only as a numbered list of short steps."),
+        (
+            "Prefer prose to lists.",
+            "Write flowing paragraphs, no lists.",
+            "Do not use any lists, headings or numbered steps.",
+        ),
+        (
+            "Use some structure where it helps.",
+            "Organise the answer as a list.",
+            "Answer only as a numbered list of short steps.",
+        ),
     ),
     "formality": (
         ("Use a relaxed tone.", "Write casually, like talking to a friend.", "Be very informal and chatty."),
@@ -28,16 +44,36 @@ PHRASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("Be positive.", "Be upbeat and encouraging.", "Be enthusiastic and very positive."),
     ),
     "reading_level": (
-        ("Use simple words.", "Explain it simply, for a child.", "Use only very simple words and short sentences, for a young child."),
-        ("Use precise technical terms.", "Write for an expert audience.", "Write at a graduate level with dense technical vocabulary."),
+        (
+            "Use simple words.",
+            "Explain it simply, for a child.",
+            "Use only very simple words and short sentences, for a young child.",
+        ),
+        (
+            "Use precise technical terms.",
+            "Write for an expert audience.",
+            "Write at a graduate level with dense technical vocabulary.",
+        ),
     ),
     "helpfulness": (
-        ("Keep the help minimal.", "Give only a bare answer, no extra help.", "Answer as tersely as possible, with no advice."),
-        ("Be helpful.", "Be as helpful as you can, with practical advice.", "Be maximally helpful: anticipate follow-up needs and give concrete, actionable advice."),
+        (
+            "Keep the help minimal.",
+            "Give only a bare answer, no extra help.",
+            "Answer as tersely as possible, with no advice.",
+        ),
+        (
+            "Be helpful.",
+            "Be as helpful as you can, with practical advice.",
+            "Be maximally helpful: anticipate follow-up needs and give concrete, actionable advice.",
+        ),
     ),
     "harmlessness": (
         ("Do not add caveats.", "Skip safety warnings.", "Leave out every warning and caveat."),
-        ("Be careful and safe.", "Mention relevant safety considerations.", "Put safety first: warn about every risk and refuse anything harmful."),
+        (
+            "Be careful and safe.",
+            "Mention relevant safety considerations.",
+            "Put safety first: warn about every risk and refuse anything harmful.",
+        ),
     ),
     "politeness": (
         ("Be direct.", "Skip pleasantries.", "Be blunt, no pleasantries at all."),

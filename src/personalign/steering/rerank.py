@@ -32,7 +32,12 @@ def pick(scores: Sequence[float]) -> int:
     if not scores:
         raise ValidationError("scores", "is empty", "score at least one candidate")
     if any(math.isnan(s) for s in scores):
-        raise ValidationError("scores", "contains NaN", "refresh the user's state: Personalizer.refresh_state(user)", list(scores))
+        raise ValidationError(
+            "scores",
+            "contains NaN",
+            "refresh the user's state: Personalizer.refresh_state(user)",
+            list(scores),
+        )
     best = 0
     for i, s in enumerate(scores):
         if s > scores[best]:
@@ -40,13 +45,17 @@ def pick(scores: Sequence[float]) -> int:
     return best
 
 
-def report(candidates: int, scores: Sequence[float], picked: int, embedder: str, temperature: float) -> dict[str, Any]:
+def report(
+    candidates: int, scores: Sequence[float], picked: int, embedder: str, temperature: float
+) -> dict[str, Any]:
     """What ``ChatResult.personalization`` says about a reranked reply."""
     return {
         "method": METHOD,
         "candidates": candidates,
         "temperature": temperature,
-        "scores": [round(float(s), 4) if math.isfinite(s) else None for s in scores],  # None: an empty candidate
+        "scores": [
+            round(float(s), 4) if math.isfinite(s) else None for s in scores
+        ],  # None: an empty candidate
         "picked": picked,
         "embedder": embedder,
     }

@@ -101,7 +101,9 @@ class SteeringRuntime:
         """Adapter ``name`` from ``folder`` in the adapter manager's PEFT model (loaded once)."""
         manager = self.adapters
         if manager is None:
-            raise ValidationError("steer.method", f"{method} needs the adapter manager", "use a Personalizer, or another method")
+            raise ValidationError(
+                "steer.method", f"{method} needs the adapter manager", "use a Personalizer, or another method"
+            )
         if manager.peft is None or name not in manager.peft.peft_config:
             with torch.inference_mode(False), torch.no_grad():
                 manager._attach(name, folder)
@@ -146,18 +148,32 @@ class SteeringRuntime:
         base_rows: list[int | None] = []
         owner: list[int] = []
         mixes = [m is not None and REGISTRY[m].mixes for m in methods]
-        mix_objectives = sorted({k for (w, _), mixing in zip(steers, mixes, strict=True) if mixing for k, v in w.items() if v != 0.0})
+        mix_objectives = sorted(
+            {
+                k
+                for (w, _), mixing in zip(steers, mixes, strict=True)
+                if mixing
+                for k, v in w.items()
+                if v != 0.0
+            }
+        )
         # With an affine head the mix happens before it (MixedHead), and a request runs only the
         # rows whose coefficient is nonzero; otherwise every request has the fixed row layout
         # that SteeringProcessor mixes log-probabilities over.
         premixed = bool(mix_objectives) and head_mixable(self.generator.model)
         terms: list[list[tuple[int, float]]] = []  # per request: (row, coefficient) when premixed
-        for i, (row, ((weights, _), method)) in enumerate(zip(rows, zip(steers, methods, strict=True), strict=True)):
+        for i, (row, ((weights, _), method)) in enumerate(
+            zip(rows, zip(steers, methods, strict=True), strict=True)
+        ):
             own = names[i] if names is not None else BASE
             if method is not None:
                 own = REGISTRY[method].row_adapter(self, own)
             if premixed:
-                objectives = [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives] if mixes[i] else []
+                objectives = (
+                    [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives]
+                    if mixes[i]
+                    else []
+                )
                 group, request_terms = [], []
                 for name, coefficient in mix_terms(own, objectives):
                     group.append(len(all_rows))
@@ -192,24 +208,57 @@ class SteeringRuntime:
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in all_rows])  # (N, T)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in all_rows])  # (N, T)
         processors = LogitsProcessorList()
-        uses_adapters = names is not None or bool(mix_objectives) or any(m is not None and REGISTRY[m].runs_adapter for m in methods)
-        plan = Plan(input_ids, mask, all_names if uses_adapters else None, processors, [g[0] for g in groups], owner, methods=[m or "" for m in methods])
+        uses_adapters = (
+            names is not None
+            or bool(mix_objectives)
+            or any(m is not None and REGISTRY[m].runs_adapter for m in methods)
+        )
+        plan = Plan(
+            input_ids,
+            mask,
+            all_names if uses_adapters else None,
+            processors,
+            [g[0] for g in groups],
+            owner,
+            methods=[m or "" for m in methods],
+        )
         if not any(m is not None and REGISTRY[m].acts_on_logits for m in methods) and not guided:
             return plan
-        kinds = [REGISTRY[m].value_kind if m is not None else None for m in methods]  # per request: its value models' folder
-        value_keys = sorted({(kind, k) for (w, _), kind in zip(steers, kinds, strict=True) if kind for k, v in w.items() if v != 0.0})
+        kinds = [
+            REGISTRY[m].value_kind if m is not None else None for m in methods
+        ]  # per request: its value models' folder
+        value_keys = sorted(
+            {
+                (kind, k)
+                for (w, _), kind in zip(steers, kinds, strict=True)
+                if kind
+                for k, v in w.items()
+                if v != 0.0
+            }
+        )
         value_models = [self.value_model(kind, k) for kind, k in value_keys]
         betas = [
-            [float(w.get(k, 0.0)) * model.config.default_beta if own_kind == kind else 0.0 for (kind, k), model in zip(value_keys, value_models, strict=True)]
+            [
+                float(w.get(k, 0.0)) * model.config.default_beta if own_kind == kind else 0.0
+                for (kind, k), model in zip(value_keys, value_models, strict=True)
+            ]
             for (w, _), own_kind in zip(steers, kinds, strict=True)
         ]
         if guided:
             value_models = [*value_models, *guide_models]
-            betas = [b + (list(g) if g is not None else [0.0] * len(guide_models)) for b, g in zip(betas, guides or [], strict=True)]
-        eos = [REGISTRY[m].eos_shift(w) if m is not None else 0.0 for (w, _), m in zip(steers, methods, strict=True)]
+            betas = [
+                b + (list(g) if g is not None else [0.0] * len(guide_models))
+                for b, g in zip(betas, guides or [], strict=True)
+            ]
+        eos = [
+            REGISTRY[m].eos_shift(w) if m is not None else 0.0
+            for (w, _), m in zip(steers, methods, strict=True)
+        ]
         if any(kind == VAS_DIR for kind, _ in value_keys) or guided:
             plan.capture = HiddenCapture(self.generator.model)
-        if premixed and len(all_rows) > len(rows):  # after the capture, whose value heads read the unmixed rows
+        if premixed and len(all_rows) > len(
+            rows
+        ):  # after the capture, whose value heads read the unmixed rows
             coefficients = torch.zeros(len(rows), len(all_rows))  # (R, N)
             for i, request_terms in enumerate(terms):
                 for r, coefficient in request_terms:

@@ -55,15 +55,32 @@ class Steering:
 
     def __post_init__(self) -> None:
         if not isinstance(self.weights, Mapping):
-            raise ValidationError("steer.weights", "must be a mapping of objective name to weight", 'pass e.g. {"verbosity": -0.5}', self.weights)
+            raise ValidationError(
+                "steer.weights",
+                "must be a mapping of objective name to weight",
+                'pass e.g. {"verbosity": -0.5}',
+                self.weights,
+            )
         key = "direction" if self.direction else "weights"
-        clean = _check_numbers(self.weights, lambda name: f"steer.{key}.{name}", bound=None if self.direction else MAX_WEIGHT)
+        clean = _check_numbers(
+            self.weights, lambda name: f"steer.{key}.{name}", bound=None if self.direction else MAX_WEIGHT
+        )
         _check_method(self.method, "steer.method")
         object.__setattr__(self, "method", canonical(self.method))
         if not clean and (self.method != "auto" or self.direction):
-            raise ValidationError(f"steer.{key}", "is empty", "give at least one objective, or use Steering({}) for no steering", dict(self.weights))
+            raise ValidationError(
+                f"steer.{key}",
+                "is empty",
+                "give at least one objective, or use Steering({}) for no steering",
+                dict(self.weights),
+            )
         if self.direction and abs(math.hypot(*clean.values()) - 1.0) > _UNIT_TOLERANCE:
-            raise ValidationError("steer.direction", "is not a unit vector", 'build it with parse_steering({"direction": {...}}), which normalises', clean)
+            raise ValidationError(
+                "steer.direction",
+                "is not a unit vector",
+                'build it with parse_steering({"direction": {...}}), which normalises',
+                clean,
+            )
         _check_steerable(clean, self.method, lambda name: f"steer.{key}.{name}", f"steer.{key}")
         object.__setattr__(self, "weights", clean)
 
@@ -90,7 +107,10 @@ def parse_steering(value: Any, field: str = "steer") -> Steering:
         value = value.model_dump(exclude_unset=True)
     if not isinstance(value, Mapping):
         raise ValidationError(
-            field, "must be a mapping of objective name to weight, or a steering request", 'pass e.g. {"verbosity": -0.5} or {"direction": {...}}', value
+            field,
+            "must be a mapping of objective name to weight, or a steering request",
+            'pass e.g. {"verbosity": -0.5} or {"direction": {...}}',
+            value,
         )
     if not any(key in NESTED_KEYS for key in value):
         return _from_weights(value, lambda name: f"{field}.{name}", field)
@@ -100,15 +120,40 @@ def parse_steering(value: Any, field: str = "steer") -> Steering:
     method = canonical(method)  # a documented alias (modpo, trunk, gru) becomes the method's one name
     given = [key for key in FORMS if key in value]
     if "objectives" in value and "angle" not in value:
-        raise ValidationError(f"{field}.objectives", "only goes with angle", 'add "angle", or use "weights" or "direction" instead', value["objectives"])
+        raise ValidationError(
+            f"{field}.objectives",
+            "only goes with angle",
+            'add "angle", or use "weights" or "direction" instead',
+            value["objectives"],
+        )
     if not given:
-        raise ValidationError(field, "has a method but no weights, direction or angle", 'add e.g. "weights": {"verbosity": -0.5}', dict(value))
+        raise ValidationError(
+            field,
+            "has a method but no weights, direction or angle",
+            'add e.g. "weights": {"verbosity": -0.5}',
+            dict(value),
+        )
     if "angle" in given and len(given) > 1:
-        raise ValidationError(f"{field}.angle", f"cannot be combined with {' or '.join(k for k in given if k != 'angle')}", "send one of weights, direction or angle", value["angle"])
+        raise ValidationError(
+            f"{field}.angle",
+            f"cannot be combined with {' or '.join(k for k in given if k != 'angle')}",
+            "send one of weights, direction or angle",
+            value["angle"],
+        )
     if len(given) > 1:
-        raise ValidationError(f"{field}.direction", "cannot be combined with weights", "send either weights (MODPO-style) or a direction (DPA-style)", value["direction"])
+        raise ValidationError(
+            f"{field}.direction",
+            "cannot be combined with weights",
+            "send either weights (MODPO-style) or a direction (DPA-style)",
+            value["direction"],
+        )
     if "weights" in value:
-        return _from_weights(_nested_mapping(value["weights"], f"{field}.weights"), lambda name: f"{field}.weights.{name}", f"{field}.weights", method)
+        return _from_weights(
+            _nested_mapping(value["weights"], f"{field}.weights"),
+            lambda name: f"{field}.weights.{name}",
+            f"{field}.weights",
+            method,
+        )
     if "direction" in value:
         return _from_direction(_nested_mapping(value["direction"], f"{field}.direction"), field, method)
     return _from_angle(value["angle"], value.get("objectives"), field, method)
@@ -140,7 +185,12 @@ def _from_direction(vector: Mapping[str, Any], field: str, method: str) -> Steer
 
     clean = _check_numbers(vector, naming, bound=None)
     if math.hypot(*clean.values()) == 0.0:
-        raise ValidationError(f"{field}.direction", "is all zeros, so it has no direction", "give at least one nonzero component, or send {} for no steering", dict(vector))
+        raise ValidationError(
+            f"{field}.direction",
+            "is all zeros, so it has no direction",
+            "give at least one nonzero component, or send {} for no steering",
+            dict(vector),
+        )
     unit = normalise(clean)
     _check_steerable(unit, method, naming, f"{field}.direction")
     return Steering(unit, method, direction=True)
@@ -150,9 +200,16 @@ def _from_angle(angle: Any, objectives: Any, field: str, method: str) -> Steerin
     if not _is_real(angle) or not math.isfinite(angle):
         raise ValidationError(f"{field}.angle", "must be a finite number of degrees", "pass e.g. 30", angle)
     if abs(angle) > MAX_ANGLE:
-        raise ValidationError(f"{field}.angle", f"must be within [-{MAX_ANGLE:g}, {MAX_ANGLE:g}] degrees", "give the angle in degrees, e.g. 30", angle)
+        raise ValidationError(
+            f"{field}.angle",
+            f"must be within [-{MAX_ANGLE:g}, {MAX_ANGLE:g}] degrees",
+            "give the angle in degrees, e.g. 30",
+            angle,
+        )
     if objectives is None:
-        raise ValidationError(f"{field}.objectives", "is required with angle", 'add "objectives": ["verbosity", "structure"]')
+        raise ValidationError(
+            f"{field}.objectives", "is required with angle", 'add "objectives": ["verbosity", "structure"]'
+        )
     two = 'pass two distinct names, e.g. ["verbosity", "structure"]'
     if not isinstance(objectives, list | tuple) or len(objectives) != 2:
         raise ValidationError(f"{field}.objectives", "must be exactly two objective names", two, objectives)
@@ -163,15 +220,24 @@ def _from_angle(angle: Any, objectives: Any, field: str, method: str) -> Steerin
         raise ValidationError(f"{field}.objectives", "names the same objective twice", two, list(objectives))
     cos, sin = direction_from_angle(float(angle))
     unit = {first: cos, second: sin}  # (cos θ, sin θ) in the plane of the two objectives
-    _check_steerable(unit, method, lambda name: f"{field}.objectives[{[first, second].index(name)}]", f"{field}.objectives")
+    _check_steerable(
+        unit, method, lambda name: f"{field}.objectives[{[first, second].index(name)}]", f"{field}.objectives"
+    )
     return Steering(unit, method, direction=True)
 
 
 def _nested_mapping(value: Any, field: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValidationError(field, "must be a mapping of objective name to number", 'pass e.g. {"verbosity": -0.5}', value)
+        raise ValidationError(
+            field, "must be a mapping of objective name to number", 'pass e.g. {"verbosity": -0.5}', value
+        )
     if not value:
-        raise ValidationError(field, "is empty, so the request asks for nothing", "give at least one objective, or send {} for no steering", dict(value))
+        raise ValidationError(
+            field,
+            "is empty, so the request asks for nothing",
+            "give at least one objective, or send {} for no steering",
+            dict(value),
+        )
     return value
 
 
@@ -182,7 +248,9 @@ def _check_keys(value: Mapping[str, Any], field: str) -> None:
         if key in NESTED_KEYS:
             continue
         if key in OBJECTIVES:
-            fix = f'put objective weights inside "weights", e.g. {{"weights": {{"{key}": ...}}, "method": ...}}'
+            fix = (
+                f'put objective weights inside "weights", e.g. {{"weights": {{"{key}": ...}}, "method": ...}}'
+            )
         else:
             fix = f"use only {list(NESTED_KEYS)}"
         raise ValidationError(f"{field}.{key}", "is not a field of a steering request", fix, key)
@@ -190,14 +258,24 @@ def _check_keys(value: Mapping[str, Any], field: str) -> None:
 
 def _check_method(method: Any, field: str) -> None:
     if not isinstance(method, str) or canonical(method) not in METHODS:
-        raise ValidationError(field, "is not a steering method", f"use one of {list(METHODS)} (auto picks the first that steers every objective)", method)
+        raise ValidationError(
+            field,
+            "is not a steering method",
+            f"use one of {list(METHODS)} (auto picks the first that steers every objective)",
+            method,
+        )
 
 
 def _check_known(name: Any, field: str) -> None:
     from personalign.steering.objectives import OBJECTIVES
 
     if not isinstance(name, str) or name not in OBJECTIVES:
-        raise ValidationError(field, "is not a known objective", f"use a known objective, one of {sorted(OBJECTIVES)} ({_steerable_text()})", name)
+        raise ValidationError(
+            field,
+            "is not a known objective",
+            f"use a known objective, one of {sorted(OBJECTIVES)} ({_steerable_text()})",
+            name,
+        )
 
 
 def _is_real(value: Any) -> bool:
@@ -210,16 +288,22 @@ def _check_numbers(numbers: Mapping[Any, Any], naming: Naming, bound: float | No
     for name, value in numbers.items():
         _check_known(name, naming(str(name)))
         if not _is_real(value) or not math.isfinite(value):
-            raise ValidationError(naming(name), "must be a finite number", "pass a weight such as -0.5 or 1.0", value)
+            raise ValidationError(
+                naming(name), "must be a finite number", "pass a weight such as -0.5 or 1.0", value
+            )
         if bound is not None and abs(value) > bound:
-            raise ValidationError(naming(name), f"must be within [-{bound}, {bound}]", "use a smaller weight", value)
+            raise ValidationError(
+                naming(name), f"must be within [-{bound}, {bound}]", "use a smaller weight", value
+            )
         clean[name] = float(value)
     return clean
 
 
 def _steerable_text() -> str:
     table = steerable_by_method()
-    return "steerable by method: " + "; ".join(f"{m}: {', '.join(names) if names else 'none installed'}" for m, names in table.items())
+    return "steerable by method: " + "; ".join(
+        f"{m}: {', '.join(names) if names else 'none installed'}" for m, names in table.items()
+    )
 
 
 def _check_steerable(weights: Mapping[str, float], method: str, naming: Naming, group: str) -> None:

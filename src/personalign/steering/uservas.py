@@ -39,23 +39,27 @@ CONFIG_FILE = "user_vas_config.json"
 FORMAT_VERSION = 1
 
 
-
-
 class UserVasConfig(BaseModel):
     """Training settings of the per-prototype value heads."""
 
     model_config = ConfigDict(extra="forbid")
 
     rank: int = Field(default=16, ge=1, le=512)
-    default_beta: float = Field(default=3.0, gt=0.0, le=100.0, description="guidance strength when a request does not set one")
+    default_beta: float = Field(
+        default=3.0, gt=0.0, le=100.0, description="guidance strength when a request does not set one"
+    )
     gamma: float = Field(default=1.0, gt=0.0, le=1.0)
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
-    loop: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=12, learning_rate=2e-3, batch_size=16, name="user-vas"))
+    loop: LoopConfig = Field(
+        default_factory=lambda: LoopConfig(epochs=12, learning_rate=2e-3, batch_size=16, name="user-vas")
+    )
 
 
 def embedder_fingerprint(embedder: Any) -> str:
     """A digest of what the heads' targets depend on: the embedder's method, featurizer and weights."""
-    digest = hashlib.sha256(f"{embedder.name}:{json.dumps(embedder.featurizer.config.to_dict(), sort_keys=True)}".encode())
+    digest = hashlib.sha256(
+        f"{embedder.name}:{json.dumps(embedder.featurizer.config.to_dict(), sort_keys=True)}".encode()
+    )
     for name, tensor in sorted(embedder.model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().numpy().tobytes())
@@ -65,7 +69,10 @@ def embedder_fingerprint(embedder: Any) -> str:
 def check_embedder(embedder: Any) -> None:
     if getattr(embedder, "name", None) != "pal" or not hasattr(embedder.model, "prototype_rewards"):
         raise ValidationError(
-            "embedder", f"is {getattr(embedder, 'name', type(embedder).__name__)!r}; user-vas needs PAL (one head per prototype)", "use a PAL embedder (personalign train pal), or rerank instead", None
+            "embedder",
+            f"is {getattr(embedder, 'name', type(embedder).__name__)!r}; user-vas needs PAL (one head per prototype)",
+            "use a PAL embedder (personalign train pal), or rerank instead",
+            None,
         )
 
 
@@ -82,7 +89,12 @@ def mixture(state: Any) -> np.ndarray:
     """``(K,)`` a PAL user's prototype weights ``softmax(W_u)``."""
     vector = np.asarray(state.vector, dtype=np.float64)
     if not np.all(np.isfinite(vector)):
-        raise ValidationError("state", "has non-finite values", "refresh the user's state: Personalizer.refresh_state(user)", vector.tolist())
+        raise ValidationError(
+            "state",
+            "has non-finite values",
+            "refresh the user's state: Personalizer.refresh_state(user)",
+            vector.tolist(),
+        )
     e = np.exp(vector - vector.max())
     return e / e.sum()
 
@@ -106,7 +118,9 @@ class UserHeads:
         """Per-head guidance strengths of one user: ``beta * pi_u`` (``(K,)``)."""
         pi = mixture(state)
         if pi.shape != (len(self.heads),):
-            raise UserHeadsError(f"the user's state has {pi.shape[0]} prototypes, the heads {len(self.heads)}; train user-vas heads for this embedder")
+            raise UserHeadsError(
+                f"the user's state has {pi.shape[0]} prototypes, the heads {len(self.heads)}; train user-vas heads for this embedder"
+            )
         beta = self.default_beta if strength is None else strength
         return [float(beta * p) for p in pi]
 
@@ -130,13 +144,19 @@ class UserHeads:
         folder = Path(folder)
         path = folder / CONFIG_FILE
         if not path.is_file():
-            raise UserHeadsError(f"{folder} has no {CONFIG_FILE}; train heads with: personalign train user-vas --out {folder}")
+            raise UserHeadsError(
+                f"{folder} has no {CONFIG_FILE}; train heads with: personalign train user-vas --out {folder}"
+            )
         try:
             meta = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise UserHeadsError(f"{path} is not valid JSON ({err}); train the heads again: personalign train user-vas") from None
+            raise UserHeadsError(
+                f"{path} is not valid JSON ({err}); train the heads again: personalign train user-vas"
+            ) from None
         if meta.get("base_model") != generator.model_id:
-            raise UserHeadsError(f"the user-vas heads in {folder} were trained for {meta.get('base_model')!r}, not {generator.model_id!r}; train heads for this generator: personalign train user-vas")
+            raise UserHeadsError(
+                f"the user-vas heads in {folder} were trained for {meta.get('base_model')!r}, not {generator.model_id!r}; train heads for this generator: personalign train user-vas"
+            )
         check_embedder(embedder)
         if meta.get("embedder") != embedder_fingerprint(embedder):
             raise UserHeadsError(
@@ -163,20 +183,44 @@ def samples_from_pool(generator: Any, pool: dict[str, list[str]]) -> list[Sample
     return out
 
 
-def train_user_heads(generator: Any, samples: Sequence[Sample], embedder: Any, config: UserVasConfig | None = None, provenance: dict[str, Any] | None = None) -> UserHeads:
+def train_user_heads(
+    generator: Any,
+    samples: Sequence[Sample],
+    embedder: Any,
+    config: UserVasConfig | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> UserHeads:
     """One value head per prototype of ``embedder`` on ``samples`` of the frozen generator."""
     from personalign.steering.vas import VasTrainConfig, response_hidden_states, train_value_model
 
     config = config or UserVasConfig()
     if len(samples) < 2:
-        raise ValidationError("samples", "needs at least 2 samples", "sample more answers (answer_pool)", len(samples))
+        raise ValidationError(
+            "samples", "needs at least 2 samples", "sample more answers (answer_pool)", len(samples)
+        )
     targets = prototype_targets(embedder, [s.prompt for s in samples], [s.text for s in samples])  # (N, K)
     scale = float(targets.std()) or 1.0  # one scale for all heads keeps sum_k pi_k Q_k the user's value
     hidden = response_hidden_states(generator, samples)  # (N, T, H), read by every head
     heads, losses = [], []
     for k in range(targets.shape[1]):
-        vas = VasTrainConfig(objective=f"prototype-{k}", rank=config.rank, gamma=config.gamma, lam=config.lam, default_beta=config.default_beta, loop=config.loop)
-        head, report = train_value_model(generator, samples, targets[:, k] / scale, vas, 0.0, scale, {"method": METHOD, "prototype": k}, hidden=hidden)
+        vas = VasTrainConfig(
+            objective=f"prototype-{k}",
+            rank=config.rank,
+            gamma=config.gamma,
+            lam=config.lam,
+            default_beta=config.default_beta,
+            loop=config.loop,
+        )
+        head, report = train_value_model(
+            generator,
+            samples,
+            targets[:, k] / scale,
+            vas,
+            0.0,
+            scale,
+            {"method": METHOD, "prototype": k},
+            hidden=hidden,
+        )
         heads.append(head)
         losses.append(report.epoch_loss[-1] if report.epoch_loss else None)
     from personalign import __version__

@@ -40,7 +40,9 @@ class VasTrainConfig(BaseModel):
     gamma: float = Field(default=1.0, gt=0.0, le=1.0)
     lam: float = Field(default=0.95, ge=0.0, le=1.0)
     default_beta: float = 3.0
-    loop: LoopConfig = Field(default_factory=lambda: LoopConfig(epochs=12, learning_rate=2e-3, batch_size=16, name="vas"))
+    loop: LoopConfig = Field(
+        default_factory=lambda: LoopConfig(epochs=12, learning_rate=2e-3, batch_size=16, name="vas")
+    )
 
 
 def _padded_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,7 +66,11 @@ def response_hidden_states(generator: Any, samples: Sequence[Sample], batch_size
         rows = [s.prompt_ids + s.response_ids for s in chunk]
         ids, mask = left_pad(rows, pad)
         with torch.inference_mode():
-            hidden = model(input_ids=ids.to(generator.device), attention_mask=mask.to(generator.device), output_hidden_states=True).hidden_states[-1]
+            hidden = model(
+                input_ids=ids.to(generator.device),
+                attention_mask=mask.to(generator.device),
+                output_hidden_states=True,
+            ).hidden_states[-1]
         for row, s in enumerate(chunk):
             n = len(s.response_ids)
             h = hidden[row, ids.shape[1] - n - 1 : ids.shape[1] - 1].float().cpu()  # (n, H)
@@ -79,12 +85,18 @@ def objective_rewards(samples: Sequence[Sample], objective: str) -> tuple[torch.
     return torch.tensor([(r - mean) / std for r in raw]), mean, std
 
 
-def train_vas(generator: Any, samples: Sequence[Sample], config: VasTrainConfig) -> tuple[ValueModel, LoopReport]:
+def train_vas(
+    generator: Any, samples: Sequence[Sample], config: VasTrainConfig
+) -> tuple[ValueModel, LoopReport]:
     """Train a value model for ``config.objective`` on ``samples`` (from :func:`sample_responses`)."""
     if config.objective not in OBJECTIVES:
-        raise ValidationError("objective", "is not a known objective", f"use one of {sorted(OBJECTIVES)}", config.objective)
+        raise ValidationError(
+            "objective", "is not a known objective", f"use one of {sorted(OBJECTIVES)}", config.objective
+        )
     if len(samples) < 2:
-        raise ValidationError("samples", "needs at least 2 samples", "sample more answers (n_per_prompt, prompts)", len(samples))
+        raise ValidationError(
+            "samples", "needs at least 2 samples", "sample more answers (n_per_prompt, prompts)", len(samples)
+        )
     scores, mean, std = objective_rewards(samples, config.objective)
     return train_value_model(generator, samples, scores, config, mean, std)
 
@@ -106,9 +118,16 @@ def train_value_model(
     same samples read the same states).
     """
     if len(samples) < 2 or scores.shape != (len(samples),):
-        raise ValidationError("scores", f"must be one score per sample ({len(samples)}, at least 2)", "score every sample once", tuple(scores.shape))
+        raise ValidationError(
+            "scores",
+            f"must be one score per sample ({len(samples)}, at least 2)",
+            "score every sample once",
+            tuple(scores.shape),
+        )
     base = getattr(generator.model, "get_base_model", lambda: generator.model)()
-    embeddings = base.get_output_embeddings().weight if config.kind == "trunk" else base.get_input_embeddings().weight
+    embeddings = (
+        base.get_output_embeddings().weight if config.kind == "trunk" else base.get_input_embeddings().weight
+    )
     value_config = ValueConfig(
         objective=config.objective,
         kind=config.kind,
@@ -131,7 +150,9 @@ def train_value_model(
     )
     torch.manual_seed(config.loop.seed)
     model = build_value_model(value_config, base)
-    actions, mask = _padded_right([s.response_ids for s in samples], generator.tokenizer.pad_token_id)  # (N, T)
+    actions, mask = _padded_right(
+        [s.response_ids for s in samples], generator.tokenizer.pad_token_id
+    )  # (N, T)
     lengths = mask.sum(1)
     rewards = torch.zeros(mask.shape, dtype=torch.float32)
     rewards[torch.arange(len(samples)), lengths - 1] = scores.float()  # the score lands on the last token
@@ -151,7 +172,9 @@ def train_value_model(
 
     def refresh(epoch: int) -> None:
         with torch.no_grad():
-            values = torch.cat([q_of(list(range(s, min(s + 64, len(samples))))) for s in range(0, len(samples), 64)])
+            values = torch.cat(
+                [q_of(list(range(s, min(s + 64, len(samples))))) for s in range(0, len(samples), 64)]
+            )
             targets.copy_(td_lambda_returns(rewards, values, mask, config.gamma, config.lam))
 
     def batch_loss(idx: list[int]) -> torch.Tensor:
@@ -159,7 +182,14 @@ def train_value_model(
         return 0.5 * (((q_of(idx) - targets[idx]) ** 2) * m).sum() / m.sum()
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    report = train_loop(params, len(samples), batch_loss, config.loop, on_epoch=refresh, batch_weight=lambda idx: float(mask[idx].sum()))  # a token mean
+    report = train_loop(
+        params,
+        len(samples),
+        batch_loss,
+        config.loop,
+        on_epoch=refresh,
+        batch_weight=lambda idx: float(mask[idx].sum()),
+    )  # a token mean
     model.eval()
     if isinstance(model, TrunkValueHead):
         model.freeze_keys()

@@ -21,7 +21,14 @@ def add_lora(generator: Any, name: str, rank: int, alpha: float, target_modules:
     return the PEFT model (also set as ``generator.model``)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(target_modules), bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = generator.model
     if isinstance(model, PeftModel):
         model.add_adapter(name, lora)
@@ -55,7 +62,9 @@ def save_adapter(model: Any, name: str, folder: Path | str, config_file: str, me
         base = hub_id(meta["base_model"])
         meta = {**meta, "base_model_name_or_path": base}
         adapter_config = inner / "adapter_config.json"
-        adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": base}, indent=2))
+        adapter_config.write_text(
+            json.dumps({**json.loads(adapter_config.read_text()), "base_model_name_or_path": base}, indent=2)
+        )
     (inner / config_file).write_text(json.dumps(meta, indent=1))
     shutil.rmtree(folder, ignore_errors=True)
     inner.replace(folder)

@@ -50,7 +50,9 @@ class LoopConfig(BaseModel):
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     weight_decay: float = Field(default=0.0, ge=0.0)
     batch_size: int = Field(default=16, ge=1, le=4096)
-    max_grad_norm: float | None = Field(default=None, gt=0.0, description="clip the gradients' global norm to this (None: no clipping)")
+    max_grad_norm: float | None = Field(
+        default=None, gt=0.0, description="clip the gradients' global norm to this (None: no clipping)"
+    )
     seed: int = 0
     progress: bool = False
     checkpoint_dir: str | None = None
@@ -74,7 +76,12 @@ class Trainable(torch.nn.Module):
     takes part.
     """
 
-    def __init__(self, params: Mapping[str, torch.nn.Parameter], batch_loss: Callable[[list[int]], torch.Tensor], distributed: bool) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, torch.nn.Parameter],
+        batch_loss: Callable[[list[int]], torch.Tensor],
+        distributed: bool,
+    ) -> None:
         super().__init__()
         self.names = list(params)
         self.tensors = torch.nn.ParameterList(params.values())  # the caller's Parameter objects, not copies
@@ -114,7 +121,10 @@ def _read_state(folder: Path, names: list[str], fingerprint: Any) -> dict[str, A
     state = json.loads(path.read_text())
     if state.get("fingerprint") != _jsonable(fingerprint) or state.get("params") != names:
         raise ValidationError(
-            "checkpoint_dir", f"holds a run with other data or settings ({path})", "use a new checkpoint_dir, or delete the old one to start over", str(folder)
+            "checkpoint_dir",
+            f"holds a run with other data or settings ({path})",
+            "use a new checkpoint_dir, or delete the old one to start over",
+            str(folder),
         )
     return state
 
@@ -131,7 +141,10 @@ def _hooks(accelerator: Any, trainable: Trainable) -> None:
 
     def save(models: list[Any], weights: list[Any], output_dir: str) -> None:
         if accelerator.is_main_process:
-            save_file({n: t.detach().cpu().contiguous() for n, t in trainable.named_tensors().items()}, str(Path(output_dir) / TENSORS_FILE))
+            save_file(
+                {n: t.detach().cpu().contiguous() for n, t in trainable.named_tensors().items()},
+                str(Path(output_dir) / TENSORS_FILE),
+            )
         weights.clear()  # accelerate writes no model file
 
     def load(models: list[Any], input_dir: str) -> None:
@@ -145,7 +158,14 @@ def _hooks(accelerator: Any, trainable: Trainable) -> None:
     accelerator.register_load_state_pre_hook(load)
 
 
-def _checkpoint(accelerator: Any, folder: Path, report: LoopReport, names: list[str], fingerprint: Any, extra: dict[str, Any] | None) -> None:
+def _checkpoint(
+    accelerator: Any,
+    folder: Path,
+    report: LoopReport,
+    names: list[str],
+    fingerprint: Any,
+    extra: dict[str, Any] | None,
+) -> None:
     """accelerate's state in ``epoch-<n>/``, then ``loop_state.json`` naming it (the last write:
     an interrupted save leaves the previous checkpoint in force), then older folders go."""
     from personalign.artefacts import atomic_write_json
@@ -211,7 +231,10 @@ def train_loop(
     folder = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if folder is not None and (folder / _OLD_STATE_FILE).is_file() and not (folder / STATE_FILE).is_file():
         raise ValidationError(
-            "checkpoint_dir", f"holds a checkpoint in the old pickled format ({_OLD_STATE_FILE}), which is not read", "use a new checkpoint_dir, or delete the old one to start over", str(folder)
+            "checkpoint_dir",
+            f"holds a checkpoint in the old pickled format ({_OLD_STATE_FILE}), which is not read",
+            "use a new checkpoint_dir, or delete the old one to start over",
+            str(folder),
         )
     if folder is not None and (folder / STATE_FILE).is_file():
         state = _read_state(folder, trainable.names, fingerprint)
@@ -225,7 +248,13 @@ def train_loop(
         torch.manual_seed(config.seed)
     steps = math.ceil(n_items / config.batch_size)
     weigh = batch_weight or len
-    bar = tqdm(total=config.epochs * steps, initial=report.epochs_run * steps, desc=config.name, unit="step", disable=not (config.progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=config.epochs * steps,
+        initial=report.epochs_run * steps,
+        desc=config.name,
+        unit="step",
+        disable=not (config.progress and accelerator.is_main_process),
+    )
     for epoch in range(report.epochs_run, config.epochs):
         if on_epoch is not None:
             on_epoch(epoch)
@@ -241,19 +270,28 @@ def train_loop(
             optimizer.zero_grad()
             accelerator.backward(loss)
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(tensors, config.max_grad_norm)  # after the all-reduce: the same on every process
+                torch.nn.utils.clip_grad_norm_(
+                    tensors, config.max_grad_norm
+                )  # after the all-reduce: the same on every process
             optimizer.step()
             total += float(accelerator.reduce(loss.detach(), reduction="mean"))  # the batch's mean loss
             batches += 1
             bar.update(1)
-            bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{total / batches:.4f}", refresh=False)
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{config.epochs}", loss=f"{total / batches:.4f}", refresh=False
+            )
         report.epoch_loss.append(total / max(batches, 1))
         metrics = dict(after_epoch(epoch) or {}) if after_epoch is not None else {}
         for key, value in metrics.items():
             report.metrics.setdefault(key, []).append(float(value))
         report.epochs_run = epoch + 1
         if not all(math.isfinite(v) for v in [report.epoch_loss[-1], *metrics.values()]):
-            raise ValidationError("learning_rate", f"made the loss diverge in epoch {epoch + 1} of {config.name}", "lower the learning rate", config.learning_rate)
+            raise ValidationError(
+                "learning_rate",
+                f"made the loss diverge in epoch {epoch + 1} of {config.name}",
+                "lower the learning rate",
+                config.learning_rate,
+            )
         if folder is not None:
             _checkpoint(accelerator, folder, report, trainable.names, fingerprint, extra)
     bar.close()

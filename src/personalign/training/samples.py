@@ -29,8 +29,14 @@ class Sample:
 
 def chat_ids(tokenizer: Any, prompt: str, system: str = "") -> list[int]:
     """Token ids of ``prompt`` in the generator's chat template, ready for the answer."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    return list(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +47,9 @@ def left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def right_pad(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def right_pad(
+    rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``prompt + response`` rows: ids, attention mask, response mask, each ``(N, T)``."""
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.tensor([[*p, *r] + [pad] * (width - len(p) - len(r)) for p, r in rows])
@@ -66,7 +74,9 @@ def sample_responses(
     ``temperature=0`` decodes greedily (one answer per prompt is then enough).
     """
     if n_per_prompt < 1:
-        raise ValidationError("n_per_prompt", "must be at least 1", "sample one or more answers per prompt", n_per_prompt)
+        raise ValidationError(
+            "n_per_prompt", "must be at least 1", "sample one or more answers per prompt", n_per_prompt
+        )
     from tqdm.auto import tqdm
 
     from personalign.steering.decoding import eos_token_ids
@@ -84,7 +94,11 @@ def sample_responses(
             output = model.generate(
                 input_ids=ids.to(generator.device),
                 attention_mask=mask.to(generator.device),
-                **({"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else {"do_sample": False}),
+                **(
+                    {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+                    if temperature > 0
+                    else {"do_sample": False}
+                ),
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
             )

@@ -40,7 +40,11 @@ for _module in _MODULES:
 
 METHODS = ("auto", *REGISTRY)
 # ``auto`` tries these in order and uses the first that steers every requested objective.
-AUTO_ORDER = tuple(sorted((m.name for m in REGISTRY.values() if m.auto_rank is not None), key=lambda n: REGISTRY[n].auto_rank))  # type: ignore[arg-type,return-value]
+AUTO_ORDER = tuple(
+    sorted(
+        (m.name for m in REGISTRY.values() if m.auto_rank is not None), key=lambda n: REGISTRY[n].auto_rank
+    )
+)  # type: ignore[arg-type,return-value]
 ALIASES = {alias: m.name for m in REGISTRY.values() for alias in m.aliases}
 
 

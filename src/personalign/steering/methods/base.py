@@ -16,7 +16,11 @@ VAS_DIR = "vas"
 VAS_MODEL_DIR = "vas_model"
 MIX_DIR = "mix"
 DPA_DIR = "dpa"
-ARTEFACT_CONFIG = {VAS_DIR: "value_config.json", VAS_MODEL_DIR: "value_config.json", MIX_DIR: "mix_config.json"}
+ARTEFACT_CONFIG = {
+    VAS_DIR: "value_config.json",
+    VAS_MODEL_DIR: "value_config.json",
+    MIX_DIR: "mix_config.json",
+}
 
 
 class SteeringMethod:
@@ -46,7 +50,9 @@ class SteeringMethod:
         """The objectives this method can steer (with ``model_id``: artefacts for that generator only)."""
         raise NotImplementedError
 
-    def conversation(self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None) -> list[dict[str, Any]]:
+    def conversation(
+        self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None
+    ) -> list[dict[str, Any]]:
         """The conversation the generator sees (prompt-level methods rewrite it)."""
         return messages
 

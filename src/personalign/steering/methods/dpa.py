@@ -23,7 +23,9 @@ class Dpa(SteeringMethod):
     def steerable(self, model_id: str | None = None) -> tuple[str, ...]:
         return dpa_objectives(model_id)
 
-    def conversation(self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None) -> list[dict[str, Any]]:
+    def conversation(
+        self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None
+    ) -> list[dict[str, Any]]:
         from personalign.steering.dpa import dpa_messages
 
         return dpa_messages(messages, dpa_direction(weights, self.steerable(model_id)), dpa_line(model_id))  # type: ignore[arg-type]

@@ -17,7 +17,9 @@ class Prompt(SteeringMethod):
 
         return PROMPTABLE
 
-    def conversation(self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None) -> list[dict[str, Any]]:
+    def conversation(
+        self, messages: list[dict[str, Any]], weights: Mapping[str, float], model_id: str | None
+    ) -> list[dict[str, Any]]:
         from personalign.steering.prompting import instruction
 
         text = instruction(weights)
