@@ -149,14 +149,13 @@ def build_value_model(config: ValueConfig, generator_model: Any) -> ValueModel:
 
 
 def save_value_model(model: ValueModel, folder: Path | str) -> Path:
-    """Write ``value_config.json`` + ``value.safetensors`` (trained weights only)."""
-    from safetensors.torch import save_file
+    """Write ``value_config.json`` + ``value.safetensors`` (trained weights only), each atomically."""
+    from personalign.artefacts import atomic_save_safetensors, atomic_write_text
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE))
-    (folder / CONFIG_FILE).write_text(json.dumps(model.config.model_dump(), indent=1))
+    atomic_save_safetensors(folder / WEIGHTS_FILE, state)
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(model.config.model_dump(), indent=1))
     return folder
 
 

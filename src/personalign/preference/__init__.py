@@ -61,6 +61,21 @@ def save_embedder(embedder: Any, directory: str | Path, provenance: Mapping[str,
     return directory
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; an unreadable or garbled file is a ``ValidationError`` naming it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValidationError(
+            path.name, f"is unreadable ({err})", "re-save the embedder, or pass another folder", str(path)
+        ) from None
+    if not isinstance(value, dict):
+        raise ValidationError(
+            path.name, "is not a JSON object", "re-save the embedder, or pass another folder", str(path)
+        )
+    return value
+
+
 def load_embedder(directory: str | Path, encoder: Encoder, generator: Any = None) -> Any:
     """Load the embedder saved in ``directory`` (any method), with the feature parts it was trained on.
 
@@ -70,7 +85,7 @@ def load_embedder(directory: str | Path, encoder: Encoder, generator: Any = None
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = _read_json(manifest_path)
         method = manifest.get("method")
     else:
         found = [
@@ -98,7 +113,7 @@ def load_embedder(directory: str | Path, encoder: Encoder, generator: Any = None
             "pass a folder written by `personalign train pal|vpl`",
             str(directory),
         )
-    stamped = json.loads(config_path.read_text(encoding="utf-8"))
+    stamped = _read_json(config_path)
     parts = tuple(stamped.get("featurizer", {}).get("parts", ()))
     if "hidden" in parts and generator is None:
         raise ValidationError(

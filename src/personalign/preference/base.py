@@ -492,7 +492,19 @@ def load_artefact(
             raise ValidationError(
                 "directory", f"has no {path.name}", f"pass a folder written by {name}.save()", str(directory)
             )
-    stamped = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        stamped = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValidationError(
+            config_path.name,
+            f"is unreadable ({err})",
+            f"re-save the embedder ({name}.save())",
+            str(directory),
+        ) from None
+    if not isinstance(stamped, dict):
+        raise ValidationError(
+            config_path.name, "is not a JSON object", f"re-save the embedder ({name}.save())", str(directory)
+        )
     if stamped.get("method") != name:
         raise ValidationError(
             f"{config_path.name}.method",
@@ -518,7 +530,16 @@ def load_artefact(
             f"is {stamped.get('feature_dim')}, the featurizer gives {featurizer.dim}",
             "load it with the encoder and feature parts it was trained with, or retrain",
         )
-    return stamped["config"], load_file(str(weights_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except Exception as err:  # truncated or corrupted: safetensors raises its own error types
+        raise ValidationError(
+            weights_path.name,
+            f"is unreadable ({type(err).__name__}: {err})",
+            f"re-save or retrain the {name} embedder",
+            str(directory),
+        ) from None
+    return stamped["config"], tensors
 
 
 def check_tensor_shapes(
