@@ -26,7 +26,9 @@ from personalign.eval.psoups_decode import (
 from personalign.types import Comparison
 
 HAVE_DATA = (data_root() / "psoups_alignx" / "student_phd.json").is_file()
-needs_data = pytest.mark.skipif(not HAVE_DATA, reason="P-SOUPS data (psoups_alignx) not found; set $PERSONALIGN_DATA")
+needs_data = pytest.mark.skipif(
+    not HAVE_DATA, reason="P-SOUPS data (psoups_alignx) not found; set $PERSONALIGN_DATA"
+)
 SMALL = {"users": 4, "test_fraction": 0.05, "fit_users": 24, "max_new_tokens": 6, "batch_size": 8}
 
 
@@ -51,13 +53,22 @@ def test_choose_users_pairs_each_user_with_the_opposite_persona_and_ignores_whic
     assert all(OPPOSITE[u.group] == d.group for u, d in pairs)
     assert {u.group for u, _ in pairs} == set(OPPOSITE)
     swapped = [EvalUser(u.user, u.shots, u.held_out, OPPOSITE[u.group]) for u in test]
-    assert {(u.user, d.user) for u, d in choose_users(swapped, 8, seed=3)} == {(u.user, d.user) for u, d in pairs}
+    assert {(u.user, d.user) for u, d in choose_users(swapped, 8, seed=3)} == {
+        (u.user, d.user) for u, d in pairs
+    }
     with pytest.raises(ValidationError, match="personas"):
         choose_users([u for u in test if u.group != "phd"], 8, seed=0)
 
 
 def test_config_is_validated_early_with_the_field_named():
-    for bad, field in (({"guidance": "mine"}, "guidance"), ({"judge_features": ("response",)}, "judge_features"), ({"judge_features": ("nope",)}, "judge_features"), ({"users": 2}, "users"), ({"rerank": 1}, "rerank"), ({"files": ("x",)}, "files")):
+    for bad, field in (
+        ({"guidance": "mine"}, "guidance"),
+        ({"judge_features": ("response",)}, "judge_features"),
+        ({"judge_features": ("nope",)}, "judge_features"),
+        ({"users": 2}, "users"),
+        ({"rerank": 1}, "rerank"),
+        ({"files": ("x",)}, "files"),
+    ):
         with pytest.raises(ValidationError, match=field):
             PsoupsDecodeConfig(**bad)
 
@@ -70,7 +81,10 @@ def small_run(lively, encoder):
 @needs_data
 def test_psoups_decode_structure_and_controls(small_run, tmp_path):
     r = small_run
-    assert set(r["methods"]) == {"user-rerank", "user-rerank-shuffled"}  # user-vas: the shipped heads fit neither the tiny model nor the fitted PAL
+    assert set(r["methods"]) == {
+        "user-rerank",
+        "user-rerank-shuffled",
+    }  # user-vas: the shipped heads fit neither the tiny model nor the fitted PAL
     assert "user-vas" in r["skipped"]
     assert set(r["references"]) == {"judge-pick", "random-candidate"}
     assert r["split"]["decoded_users"] == 4 and r["split"]["fit_users"] == 24
@@ -79,16 +93,26 @@ def test_psoups_decode_structure_and_controls(small_run, tmp_path):
         assert set(m["scores"]) <= {0.0, 0.5, 1.0}
     margin = r["margins"]["user-rerank"]
     diff = np.subtract(r["methods"]["user-rerank"]["scores"], r["methods"]["user-rerank-shuffled"]["scores"])
-    assert margin["margin"] == pytest.approx(diff.mean()) and margin["ci"][0] <= margin["margin"] <= margin["ci"][1]
+    assert (
+        margin["margin"] == pytest.approx(diff.mean())
+        and margin["ci"][0] <= margin["margin"] <= margin["ci"][1]
+    )
     # the picks come from the shared candidates; the decoy is a test user of the opposite persona
-    for row, own, other in zip(r["users"], r["methods"]["user-rerank"]["picked"], r["methods"]["user-rerank-shuffled"]["picked"], strict=True):
+    for row, own, other in zip(
+        r["users"],
+        r["methods"]["user-rerank"]["picked"],
+        r["methods"]["user-rerank-shuffled"]["picked"],
+        strict=True,
+    ):
         assert 0 <= own < 4 and 0 <= other < 4 and len(r["candidates"][row["prompt"]]) == 4
         decoy = next(u for u in r["users"] if u["user"] == row["decoy"])
         assert OPPOSITE[row["persona"]] == decoy["persona"]
     # judge-pick is the ceiling of reranking
     assert r["references"]["judge-pick"]["win_rate"] >= r["methods"]["user-rerank"]["win_rate"]
     assert 0.0 <= r["judge"]["accuracy"] <= 1.0 and r["judge"]["n"] == r["split"]["test_users"]
-    assert r["judge"]["features"] == ["hidden"] and not set(r["judge"]["features"]) & set(r["guidance"]["features"])
+    assert r["judge"]["features"] == ["hidden"] and not set(r["judge"]["features"]) & set(
+        r["guidance"]["features"]
+    )
     write_psoups_decode(r, tmp_path / "r.json", tmp_path / "r.png")
     assert json.loads((tmp_path / "r.json").read_text())["methods"].keys() == r["methods"].keys()
     assert (tmp_path / "r.png").stat().st_size > 1000
@@ -108,13 +132,18 @@ def test_the_rerank_pick_is_what_personalizer_respond_rerank_returns(lively, enc
     fit = mod._fit_population(fit, config.fit_users, config.seed)
     (user, _), *_ = choose_users(test.users, config.users, config.seed)
     prompt = user.held_out[0].prompt_text
-    with Personalizer(lively, encoder, store=tmp_path / "store", embedder=mod.build_guidance(lively, encoder, fit, config)) as pz:
+    with Personalizer(
+        lively, encoder, store=tmp_path / "store", embedder=mod.build_guidance(lively, encoder, fit, config)
+    ) as pz:
         pz.enroll(user.user, user.shots)
         ask = [{"role": "user", "content": prompt}]
         off = {"memory": False, "shots": False, "steer": {}, "max_new_tokens": 6}
         from personalign.steering.decoding import derived_seed
 
-        rows = [{"user": None, "messages": ask, "temperature": 0.8, "seed": derived_seed(0, j), **off} for j in range(4)]
+        rows = [
+            {"user": None, "messages": ask, "temperature": 0.8, "seed": derived_seed(0, j), **off}
+            for j in range(4)
+        ]
         candidates = pz.chat_batch(rows)
         best = mod.pick_by_reward(pz.reward(user.user, prompt, [t or " " for t in candidates]), candidates)
         result = pz.respond(user.user, ask, rerank=4, seed=0, user_vas=0.0, **off)
@@ -134,14 +163,40 @@ def test_the_persona_label_never_reaches_the_guidance(lively, encoder, small_run
         test_ids = {u.user for u in test.users}
         rng = np.random.default_rng(7)
         labels = list(OPPOSITE)
-        users = [EvalUser(u.user, u.shots, u.held_out, OPPOSITE[u.group] if u.user in test_ids else labels[int(rng.integers(4))]) for u in population.users]
+        users = [
+            EvalUser(
+                u.user,
+                u.shots,
+                u.held_out,
+                OPPOSITE[u.group] if u.user in test_ids else labels[int(rng.integers(4))],
+            )
+            for u in population.users
+        ]
         return EvalPopulation(population.name, users, population.meta)
 
     monkeypatch.setattr(mod, "load_psoups", relabelled)
     again = run_psoups_decode(lively, encoder, PsoupsDecodeConfig(**SMALL))
-    assert {(u["user"], u["decoy"]) for u in again["users"]} == {(u["user"], u["decoy"]) for u in small_run["users"]}
-    own = {u["user"]: (p, q) for u, p, q in zip(small_run["users"], small_run["methods"]["user-rerank"]["picked"], small_run["methods"]["user-rerank-shuffled"]["picked"], strict=True)}
-    relabelled_picks = {u["user"]: (p, q) for u, p, q in zip(again["users"], again["methods"]["user-rerank"]["picked"], again["methods"]["user-rerank-shuffled"]["picked"], strict=True)}
+    assert {(u["user"], u["decoy"]) for u in again["users"]} == {
+        (u["user"], u["decoy"]) for u in small_run["users"]
+    }
+    own = {
+        u["user"]: (p, q)
+        for u, p, q in zip(
+            small_run["users"],
+            small_run["methods"]["user-rerank"]["picked"],
+            small_run["methods"]["user-rerank-shuffled"]["picked"],
+            strict=True,
+        )
+    }
+    relabelled_picks = {
+        u["user"]: (p, q)
+        for u, p, q in zip(
+            again["users"],
+            again["methods"]["user-rerank"]["picked"],
+            again["methods"]["user-rerank-shuffled"]["picked"],
+            strict=True,
+        )
+    }
     assert relabelled_picks == own
     assert again["guidance"]["accuracy"] == small_run["guidance"]["accuracy"]
 
@@ -155,8 +210,12 @@ def test_pooling_seeds_concatenates_the_judged_answers_and_refuses_other_setting
     assert pooled["seeds"] == [0, 1] and pooled["split"]["decoded_users"] == 8
     own = pooled["methods"]["user-rerank"]
     assert own["n"] == 8 and own["win_rate"] == pytest.approx(small_run["methods"]["user-rerank"]["win_rate"])
-    assert pooled["margins"]["user-rerank"]["margin"] == pytest.approx(small_run["margins"]["user-rerank"]["margin"])
-    assert pooled["judge"]["n"] == 2 * small_run["judge"]["n"] and pooled["references"]["random-candidate"]["ci"] == [None, None]
+    assert pooled["margins"]["user-rerank"]["margin"] == pytest.approx(
+        small_run["margins"]["user-rerank"]["margin"]
+    )
+    assert pooled["judge"]["n"] == 2 * small_run["judge"]["n"] and pooled["references"]["random-candidate"][
+        "ci"
+    ] == [None, None]
     assert sum(d for d, _ in picks_differ(pooled, "user-rerank", "user-rerank-shuffled").values()) == 2 * sum(
         d for d, _ in picks_differ(small_run, "user-rerank", "user-rerank-shuffled").values()
     )

@@ -47,7 +47,15 @@ from personalign.preference.style import STYLE_FEATURES, style_features
 
 OPPOSITE = {"elementary": "phd", "phd": "elementary", "friendly": "unfriendly", "unfriendly": "friendly"}
 GUIDANCE = ("fit", "shipped")
-STYLE_SHOWN = ("words", "syllables_per_word", "long_word_share", "exclamations", "warm_words", "cold_words", "second_person")
+STYLE_SHOWN = (
+    "words",
+    "syllables_per_word",
+    "long_word_share",
+    "exclamations",
+    "warm_words",
+    "cold_words",
+    "second_person",
+)
 Progress = Callable[[str], None]
 
 
@@ -73,26 +81,52 @@ class PsoupsDecodeConfig:
     def __post_init__(self) -> None:
         self.files, self.judge_features = tuple(self.files), tuple(self.judge_features)
         if self.guidance not in GUIDANCE:
-            raise ValidationError("guidance", f"is {self.guidance!r}", f"use one of {list(GUIDANCE)}", self.guidance)
+            raise ValidationError(
+                "guidance", f"is {self.guidance!r}", f"use one of {list(GUIDANCE)}", self.guidance
+            )
         unknown = [f for f in self.files if f not in PSOUPS_FILES]
         if unknown or not self.files:
-            raise ValidationError("files", f"has {unknown or 'nothing'}", f"use some of {list(PSOUPS_FILES)}", list(self.files))
+            raise ValidationError(
+                "files", f"has {unknown or 'nothing'}", f"use some of {list(PSOUPS_FILES)}", list(self.files)
+            )
         bad = [p for p in self.judge_features if p not in FEATURE_PARTS]
         if bad or not self.judge_features:
-            raise ValidationError("judge_features", f"has {bad or 'nothing'}", f"use some of {list(FEATURE_PARTS)}, e.g. hidden", list(self.judge_features))
+            raise ValidationError(
+                "judge_features",
+                f"has {bad or 'nothing'}",
+                f"use some of {list(FEATURE_PARTS)}, e.g. hidden",
+                list(self.judge_features),
+            )
         shared = sorted(set(self.judge_features) & set(DEFAULT_PARTS))
         if shared:
-            raise ValidationError("judge_features", f"shares {shared} with the guidance's features {list(DEFAULT_PARTS)}", "judge on other features: hidden or style", list(self.judge_features))
+            raise ValidationError(
+                "judge_features",
+                f"shares {shared} with the guidance's features {list(DEFAULT_PARTS)}",
+                "judge on other features: hidden or style",
+                list(self.judge_features),
+            )
         if self.users < 2 * len(self.files):
-            raise ValidationError("users", f"is {self.users}, fewer than one per persona", f"use at least {2 * len(self.files)}", self.users)
+            raise ValidationError(
+                "users",
+                f"is {self.users}, fewer than one per persona",
+                f"use at least {2 * len(self.files)}",
+                self.users,
+            )
         if not 2 <= self.rerank <= 16:
             raise ValidationError("rerank", "must be in [2, 16]", "use e.g. 4", self.rerank)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValidationError("test_fraction", "must be in (0, 1)", "use e.g. 0.2", self.test_fraction)
         if self.fit_users is not None and self.fit_users < 2:
-            raise ValidationError("fit_users", "must be at least 2 (or None: all)", "use e.g. 200", self.fit_users)
+            raise ValidationError(
+                "fit_users", "must be at least 2 (or None: all)", "use e.g. 200", self.fit_users
+            )
         if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValidationError("max_new_tokens", "and batch_size must be at least 1", "use e.g. 128 and 8", (self.max_new_tokens, self.batch_size))
+            raise ValidationError(
+                "max_new_tokens",
+                "and batch_size must be at least 1",
+                "use e.g. 128 and 8",
+                (self.max_new_tokens, self.batch_size),
+            )
 
 
 # --- pure pieces ----------------------------------------------------------------------------------
@@ -104,7 +138,11 @@ def choose_users(test: Sequence[EvalUser], users: int, seed: int) -> list[tuple[
     same rank. Swapping every label for its opposite selects the same users and pairs."""
     personas = sorted({str(u.group) for u in test if u.group in OPPOSITE and u.shots and u.held_out})
     if not personas or any(OPPOSITE[p] not in personas for p in personas):
-        raise ValidationError("test", f"has personas {personas}", "use both files' personas in pairs (elementary/phd, friendly/unfriendly)")
+        raise ValidationError(
+            "test",
+            f"has personas {personas}",
+            "use both files' personas in pairs (elementary/phd, friendly/unfriendly)",
+        )
     quota = users // len(personas)
     order = np.random.default_rng(seed).permutation(len(test))
     chosen: dict[str, list[EvalUser]] = {p: [] for p in personas}
@@ -132,7 +170,9 @@ def pick_by_reward(scores: Sequence[float], texts: Sequence[str]) -> int:
 def style_shift(answers: Sequence[str], generics: Sequence[str]) -> dict[str, float]:
     """Mean stylometric difference answer minus generic for a few features (:data:`STYLE_SHOWN`)."""
     index = [STYLE_FEATURES.index(name) for name in STYLE_SHOWN]
-    diff = np.stack([style_features(a)[index] - style_features(g)[index] for a, g in zip(answers, generics, strict=True)])  # (n, 7)
+    diff = np.stack(
+        [style_features(a)[index] - style_features(g)[index] for a, g in zip(answers, generics, strict=True)]
+    )  # (n, 7)
     return {name: round(float(v), 4) for name, v in zip(STYLE_SHOWN, diff.mean(axis=0), strict=True)}
 
 
@@ -144,10 +184,15 @@ def wilson_interval(wins: float, n: int, z: float = 1.959963984540054) -> tuple[
         return (float("nan"), float("nan"))
     p = wins / n
     centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (float(max((centre - half) / (1 + z * z / n), 0.0)), float(min((centre + half) / (1 + z * z / n), 1.0)))
+    return (
+        float(max((centre - half) / (1 + z * z / n), 0.0)),
+        float(min((centre + half) / (1 + z * z / n), 1.0)),
+    )
 
 
-def summarise_scores(scores: Sequence[float], users: Sequence[str], personas: Sequence[str]) -> dict[str, Any]:
+def summarise_scores(
+    scores: Sequence[float], users: Sequence[str], personas: Sequence[str]
+) -> dict[str, Any]:
     """Win rate, Wilson interval, per persona and per user, from one score per judged answer."""
     wins = float(sum(scores))
     per_user: dict[str, list[float]] = {}
@@ -171,7 +216,9 @@ def summarise_scores(scores: Sequence[float], users: Sequence[str], personas: Se
 def _fit_population(fit: EvalPopulation, limit: int | None, seed: int) -> EvalPopulation:
     if limit is None or limit >= len(fit.users):
         return fit
-    keep = sorted(int(i) for i in np.random.default_rng(seed).choice(len(fit.users), size=limit, replace=False))
+    keep = sorted(
+        int(i) for i in np.random.default_rng(seed).choice(len(fit.users), size=limit, replace=False)
+    )
     return EvalPopulation(fit.name, [fit.users[i] for i in keep], fit.meta)
 
 
@@ -188,12 +235,18 @@ def build_guidance(generator: Any, encoder: Any, fit: EvalPopulation, config: Ps
     return PAL(Featurizer(encoder, FeaturizerConfig(parts=DEFAULT_PARTS))).fit(comparisons, seed=config.seed)
 
 
-def build_judges(generator: Any, encoder: Any, fit: EvalPopulation, config: PsoupsDecodeConfig) -> dict[str, Any]:
+def build_judges(
+    generator: Any, encoder: Any, fit: EvalPopulation, config: PsoupsDecodeConfig
+) -> dict[str, Any]:
     """One Bradley-Terry reward per persona, fitted on that persona's fit users (one shared featurizer)."""
     from personalign.preference.base import Featurizer, FeaturizerConfig
     from personalign.preference.bt import BradleyTerry
 
-    featurizer = Featurizer(encoder, FeaturizerConfig(parts=config.judge_features), generator if "hidden" in config.judge_features else None)
+    featurizer = Featurizer(
+        encoder,
+        FeaturizerConfig(parts=config.judge_features),
+        generator if "hidden" in config.judge_features else None,
+    )
     judges = {}
     for persona in sorted({str(u.group) for u in fit.users}):
         members = {u.user: list(u.comparisons) for u in fit.users if u.group == persona and u.comparisons}
@@ -210,7 +263,12 @@ def judge_accuracy(judges: dict[str, Any], test: EvalPopulation) -> dict[str, An
             correct, n = held_out_correct(judge, u, judge.prior())
             per.setdefault(str(u.group), []).append(correct / n)
     scores = [s for v in per.values() for s in v]
-    return {"accuracy": float(np.mean(scores)), "ci": list(wilson_interval(sum(scores), len(scores))), "n": len(scores), "per_persona": {p: float(np.mean(v)) for p, v in sorted(per.items())}}
+    return {
+        "accuracy": float(np.mean(scores)),
+        "ci": list(wilson_interval(sum(scores), len(scores))),
+        "n": len(scores),
+        "per_persona": {p: float(np.mean(v)) for p, v in sorted(per.items())},
+    }
 
 
 def guidance_accuracy(embedder: Any, test: EvalPopulation) -> dict[str, Any]:
@@ -219,7 +277,9 @@ def guidance_accuracy(embedder: Any, test: EvalPopulation) -> dict[str, Any]:
     return {"accuracy": correct / n, "ci": list(wilson_interval(correct, n)), "n": n, "users": users}
 
 
-def _generate(pz: Any, requests: list[dict[str, Any]], batch_size: int, progress: Progress, label: str) -> list[str]:
+def _generate(
+    pz: Any, requests: list[dict[str, Any]], batch_size: int, progress: Progress, label: str
+) -> list[str]:
     texts: list[str] = []
     for start in range(0, len(requests), batch_size):
         texts += pz.chat_batch(requests[start : start + batch_size])
@@ -227,7 +287,9 @@ def _generate(pz: Any, requests: list[dict[str, Any]], batch_size: int, progress
     return texts
 
 
-def run_psoups_decode(generator: Any, encoder: Any, config: PsoupsDecodeConfig, progress: Progress | None = None) -> dict[str, Any]:
+def run_psoups_decode(
+    generator: Any, encoder: Any, config: PsoupsDecodeConfig, progress: Progress | None = None
+) -> dict[str, Any]:
     """Win rates over the generic answer of P-SOUPS test users' reranked (and user-vas) answers."""
     say = progress or (lambda _msg: None)
     clock = {"start": time.perf_counter()}
@@ -239,23 +301,56 @@ def run_psoups_decode(generator: Any, encoder: Any, config: PsoupsDecodeConfig, 
     guidance = build_guidance(generator, encoder, fit, config)
     judges = build_judges(generator, encoder, fit, config)
     result: dict[str, Any] = {
-        "config": {**asdict(config), "files": list(config.files), "judge_features": list(config.judge_features), "data_root": None},
-        "split": {"seed": config.seed, "fit_users": len(fit.users), "test_users": len(test.users), "decoded_users": len(pairs), "fit_comparisons_removed": test.meta["split"]["fit_comparisons_removed"], "dropped": population.meta["dropped"]},
-        "guidance": {"embedder": f"pal ({config.guidance})", "features": list(guidance.featurizer.config.parts), **guidance_accuracy(guidance, test)},
-        "judge": {"model": "bradley-terry per persona, fitted on the fit users", "features": list(config.judge_features), **judge_accuracy(judges, test)},
+        "config": {
+            **asdict(config),
+            "files": list(config.files),
+            "judge_features": list(config.judge_features),
+            "data_root": None,
+        },
+        "split": {
+            "seed": config.seed,
+            "fit_users": len(fit.users),
+            "test_users": len(test.users),
+            "decoded_users": len(pairs),
+            "fit_comparisons_removed": test.meta["split"]["fit_comparisons_removed"],
+            "dropped": population.meta["dropped"],
+        },
+        "guidance": {
+            "embedder": f"pal ({config.guidance})",
+            "features": list(guidance.featurizer.config.parts),
+            **guidance_accuracy(guidance, test),
+        },
+        "judge": {
+            "model": "bradley-terry per persona, fitted on the fit users",
+            "features": list(config.judge_features),
+            **judge_accuracy(judges, test),
+        },
     }
     if config.guidance == "fit":  # the alternative, for the record: the shipped PAL on the same users
         from personalign.preference import default_embedder_dir, load_embedder
 
-        result["guidance"]["shipped_accuracy"] = guidance_accuracy(load_embedder(default_embedder_dir(), encoder, generator), test)["accuracy"]
-    say(f"guidance held-out acc {result['guidance']['accuracy']:.3f}, judge held-out acc {result['judge']['accuracy']:.3f}")
+        result["guidance"]["shipped_accuracy"] = guidance_accuracy(
+            load_embedder(default_embedder_dir(), encoder, generator), test
+        )["accuracy"]
+    say(
+        f"guidance held-out acc {result['guidance']['accuracy']:.3f}, judge held-out acc {result['judge']['accuracy']:.3f}"
+    )
     with tempfile.TemporaryDirectory(prefix="personalign-psoups-") as store:
         result.update(_decode(generator, encoder, guidance, judges, pairs, config, store, say))
     result["seconds"]["total"] = time.perf_counter() - clock["start"]
     return result
 
 
-def _decode(generator: Any, encoder: Any, guidance: Any, judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], config: PsoupsDecodeConfig, store: str, say: Progress) -> dict[str, Any]:
+def _decode(
+    generator: Any,
+    encoder: Any,
+    guidance: Any,
+    judges: dict[str, Any],
+    pairs: list[tuple[EvalUser, EvalUser]],
+    config: PsoupsDecodeConfig,
+    store: str,
+    say: Progress,
+) -> dict[str, Any]:
     """Every answer (:func:`_answers`) in a scratch store, then every judgement (:func:`_judge`)."""
     from personalign.personalizer import Personalizer
 
@@ -268,11 +363,20 @@ def _decode(generator: Any, encoder: Any, guidance: Any, judges: dict[str, Any],
     out.update(_judge(judges, pairs, prompts, out["generic"], out["candidates"], out.pop("answers"), config))
     for method, picks in picked.items():
         out["methods"][method]["picked"] = picks  # which candidate each user's reward (own, decoy's) chose
-    out["users"] = [{"user": u.user, "persona": u.group, "decoy": d.user, "shots": len(u.shots), "prompt": p} for (u, d), p in zip(pairs, prompts, strict=True)]
+    out["users"] = [
+        {"user": u.user, "persona": u.group, "decoy": d.user, "shots": len(u.shots), "prompt": p}
+        for (u, d), p in zip(pairs, prompts, strict=True)
+    ]
     return out
 
 
-def _answers(pz: Any, pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str], config: PsoupsDecodeConfig, say: Progress) -> dict[str, Any]:
+def _answers(
+    pz: Any,
+    pairs: list[tuple[EvalUser, EvalUser]],
+    prompts: list[str],
+    config: PsoupsDecodeConfig,
+    say: Progress,
+) -> dict[str, Any]:
     """The generic answers, the shared candidates, each method's answer per (user, prompt)."""
     from personalign.steering.decoding import derived_seed
 
@@ -281,11 +385,33 @@ def _answers(pz: Any, pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str]
     off = {"memory": False, "shots": False, "steer": {}, "max_new_tokens": config.max_new_tokens}
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    generic = dict(zip(unique, _generate(pz, [{"user": None, "messages": ask[p], "temperature": 0.0, **off} for p in unique], config.batch_size, say, "generic"), strict=True))
+    generic = dict(
+        zip(
+            unique,
+            _generate(
+                pz,
+                [{"user": None, "messages": ask[p], "temperature": 0.0, **off} for p in unique],
+                config.batch_size,
+                say,
+                "generic",
+            ),
+            strict=True,
+        )
+    )
     seconds["generic"] = time.perf_counter() - started
     started = time.perf_counter()
     # the rows Personalizer.respond(..., rerank=N, seed=seed) samples: sampled once, picked from by own and decoy
-    rows = [{"user": None, "messages": ask[p], "temperature": config.rerank_temperature, "seed": derived_seed(config.seed, j), **off} for p in unique for j in range(config.rerank)]
+    rows = [
+        {
+            "user": None,
+            "messages": ask[p],
+            "temperature": config.rerank_temperature,
+            "seed": derived_seed(config.seed, j),
+            **off,
+        }
+        for p in unique
+        for j in range(config.rerank)
+    ]
     flat = _generate(pz, rows, config.batch_size, say, "candidates")
     candidates = {p: flat[i * config.rerank : (i + 1) * config.rerank] for i, p in enumerate(unique)}
     seconds["candidates"] = time.perf_counter() - started
@@ -298,17 +424,43 @@ def _answers(pz: Any, pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str]
             answers[method].append(candidates[p][best])
     skipped = {}
     if pz.user_heads() is None:
-        skipped["user-vas"] = f"no user-vas heads fit this generator ({pz.generator.model_id}) and the {config.guidance} PAL (the shipped heads are for the shipped PAL and the embedded SmolLM2)"
+        skipped["user-vas"] = (
+            f"no user-vas heads fit this generator ({pz.generator.model_id}) and the {config.guidance} PAL (the shipped heads are for the shipped PAL and the embedded SmolLM2)"
+        )
     else:
         for method, shuffled in (("user-vas", False), ("user-vas-shuffled", True)):
             started = time.perf_counter()
-            requests = [{"user": (d if shuffled else u).user, "messages": ask[p], "temperature": 0.0, "user_vas": config.user_vas, **off} for (u, d), p in zip(pairs, prompts, strict=True)]
+            requests = [
+                {
+                    "user": (d if shuffled else u).user,
+                    "messages": ask[p],
+                    "temperature": 0.0,
+                    "user_vas": config.user_vas,
+                    **off,
+                }
+                for (u, d), p in zip(pairs, prompts, strict=True)
+            ]
             answers[method] = _generate(pz, requests, config.batch_size, say, method)
             seconds[method] = time.perf_counter() - started
-    return {"generic": generic, "candidates": candidates, "answers": answers, "picked": picks, "skipped": skipped, "seconds": seconds}
+    return {
+        "generic": generic,
+        "candidates": candidates,
+        "answers": answers,
+        "picked": picks,
+        "skipped": skipped,
+        "seconds": seconds,
+    }
 
 
-def _judge(judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], prompts: list[str], generic: dict[str, str], candidates: dict[str, list[str]], answers: dict[str, list[str]], config: PsoupsDecodeConfig) -> dict[str, Any]:
+def _judge(
+    judges: dict[str, Any],
+    pairs: list[tuple[EvalUser, EvalUser]],
+    prompts: list[str],
+    generic: dict[str, str],
+    candidates: dict[str, list[str]],
+    answers: dict[str, list[str]],
+    config: PsoupsDecodeConfig,
+) -> dict[str, Any]:
     """Each answer against the generic one by the judge of the user's persona; the references; the margins."""
     users, personas = [u.user for u, _ in pairs], [str(u.group) for u, _ in pairs]
 
@@ -318,19 +470,39 @@ def _judge(judges: dict[str, Any], pairs: list[tuple[EvalUser, EvalUser]], promp
 
     methods, shift = {}, {}
     for method, texts in answers.items():
-        scores = [judged(rewards(q, p, [t, generic[p]])) for q, p, t in zip(personas, prompts, texts, strict=True)]
+        scores = [
+            judged(rewards(q, p, [t, generic[p]])) for q, p, t in zip(personas, prompts, texts, strict=True)
+        ]
         methods[method] = summarise_scores(scores, users, personas)
-        methods[method]["example"] = {"user": users[0], "persona": personas[0], "prompt": prompts[0], "answer": texts[0], "generic": generic[prompts[0]]}
+        methods[method]["example"] = {
+            "user": users[0],
+            "persona": personas[0],
+            "prompt": prompts[0],
+            "answer": texts[0],
+            "generic": generic[prompts[0]],
+        }
         shift[method] = {
-            q: style_shift([t for t, x in zip(texts, personas, strict=True) if x == q], [generic[p] for p, x in zip(prompts, personas, strict=True) if x == q]) for q in sorted(set(personas))
+            q: style_shift(
+                [t for t, x in zip(texts, personas, strict=True) if x == q],
+                [generic[p] for p, x in zip(prompts, personas, strict=True) if x == q],
+            )
+            for q in sorted(set(personas))
         }
     judge_pick, random_pick = [], []
     for q, p in zip(personas, prompts, strict=True):
         r = rewards(q, p, [*candidates[p], generic[p]])  # (N + 1,): the candidates, then the generic answer
         judge_pick.append(judged(np.array([r[:-1].max(), r[-1]])))
         random_pick.append(float(np.mean([judged(np.array([x, r[-1]])) for x in r[:-1]])))
-    references = {"judge-pick": summarise_scores(judge_pick, users, personas), "random-candidate": {**summarise_scores(random_pick, users, personas), "ci": [None, None]}}  # a mean, not a count
-    return {"methods": methods, "references": references, "margins": personal_margins(methods, users), "style_shift": shift}
+    references = {
+        "judge-pick": summarise_scores(judge_pick, users, personas),
+        "random-candidate": {**summarise_scores(random_pick, users, personas), "ci": [None, None]},
+    }  # a mean, not a count
+    return {
+        "methods": methods,
+        "references": references,
+        "margins": personal_margins(methods, users),
+        "style_shift": shift,
+    }
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -341,9 +513,12 @@ def format_psoups_decode(result: dict[str, Any]) -> str:
     judge, guide = result["judge"], result["guidance"]
     lines = [
         f"judge: {judge['model']} on {'+'.join(judge['features'])}; held-out accuracy {judge['accuracy']:.3f} [{judge['ci'][0]:.2f}, {judge['ci'][1]:.2f}] (n = {judge['n']} test users' held-out pairs)",
-        f"guidance: {guide['embedder']} on {'+'.join(guide['features'])}; held-out accuracy {guide['accuracy']:.3f} (n = {guide['n']})" + (f", the shipped PAL {guide['shipped_accuracy']:.3f}" if "shipped_accuracy" in guide else ""),
+        f"guidance: {guide['embedder']} on {'+'.join(guide['features'])}; held-out accuracy {guide['accuracy']:.3f} (n = {guide['n']})"
+        + (f", the shipped PAL {guide['shipped_accuracy']:.3f}" if "shipped_accuracy" in guide else ""),
         "",
-        "| method | win rate over generic | 95% CI | n | " + " | ".join(sorted(next(iter(result["methods"].values()))["per_persona"])) + " | margin own - shuffled [95% CI] |",
+        "| method | win rate over generic | 95% CI | n | "
+        + " | ".join(sorted(next(iter(result["methods"].values()))["per_persona"]))
+        + " | margin own - shuffled [95% CI] |",
     ]
     personas = sorted(next(iter(result["methods"].values()))["per_persona"])
     lines.append("|---" * (5 + len(personas)) + "|")
@@ -357,7 +532,10 @@ def format_psoups_decode(result: dict[str, Any]) -> str:
     for method, control in (("user-rerank", "user-rerank-shuffled"), ("user-vas", "user-vas-shuffled")):
         if method in result["methods"] and "picked" in result["methods"][method]:
             differ = picks_differ(result, method, control)
-            lines.append(f"{method}: own and opposite-persona picks differ for " + ", ".join(f"{p} {d}/{n}" for p, (d, n) in differ.items()))
+            lines.append(
+                f"{method}: own and opposite-persona picks differ for "
+                + ", ".join(f"{p} {d}/{n}" for p, (d, n) in differ.items())
+            )
     for method, why in result.get("skipped", {}).items():
         lines.append(f"({method} not run: {why})")
     return "\n".join(lines)
@@ -366,7 +544,12 @@ def format_psoups_decode(result: dict[str, Any]) -> str:
 def picks_differ(result: dict[str, Any], method: str, control: str) -> dict[str, tuple[int, int]]:
     """Per persona: for how many users the own pick and the control's pick differ (of how many)."""
     out: dict[str, list[int]] = {}
-    for u, a, b in zip(result["users"], result["methods"][method]["picked"], result["methods"][control]["picked"], strict=True):
+    for u, a, b in zip(
+        result["users"],
+        result["methods"][method]["picked"],
+        result["methods"][control]["picked"],
+        strict=True,
+    ):
         out.setdefault(str(u["persona"]), []).append(int(a != b))
     return {p: (sum(v), len(v)) for p, v in sorted(out.items())}
 
@@ -382,11 +565,24 @@ def pool_psoups_decode(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     held-out accuracies pooled over the runs' test users."""
     if not results:
         raise ValidationError("results", "is empty", "pass eval psoups-decode results of several seeds")
-    keys = ("users", "files", "guidance", "judge_features", "fit_users", "rerank", "max_new_tokens", "test_fraction")
+    keys = (
+        "users",
+        "files",
+        "guidance",
+        "judge_features",
+        "fit_users",
+        "rerank",
+        "max_new_tokens",
+        "test_fraction",
+    )
     first = results[0]["config"]
     for index, r in enumerate(results):
         if any(r["config"][k] != first[k] for k in keys):
-            raise ValidationError(f"results[{index}]", "was run with other settings", f"pool runs that differ only in seed (same {', '.join(keys)})")
+            raise ValidationError(
+                f"results[{index}]",
+                "was run with other settings",
+                f"pool runs that differ only in seed (same {', '.join(keys)})",
+            )
     users = [u["user"] for r in results for u in r["users"]]
     personas = [str(u["persona"]) for r in results for u in r["users"]]
 
@@ -401,12 +597,23 @@ def pool_psoups_decode(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
             methods[m]["picked"] = [i for r in results for i in r["methods"][m]["picked"]]
 
     def accuracy(part: str) -> dict[str, Any]:
-        correct, n = sum(r[part]["accuracy"] * r[part]["n"] for r in results), sum(r[part]["n"] for r in results)
-        return {**results[0][part], "accuracy": correct / n, "ci": list(wilson_interval(round(correct), n)), "n": n, "per_seed": [r[part]["accuracy"] for r in results]}
+        correct, n = (
+            sum(r[part]["accuracy"] * r[part]["n"] for r in results),
+            sum(r[part]["n"] for r in results),
+        )
+        return {
+            **results[0][part],
+            "accuracy": correct / n,
+            "ci": list(wilson_interval(round(correct), n)),
+            "n": n,
+            "per_seed": [r[part]["accuracy"] for r in results],
+        }
 
     guidance = accuracy("guidance")
     if all("shipped_accuracy" in r["guidance"] for r in results):
-        guidance["shipped_accuracy"] = sum(r["guidance"]["shipped_accuracy"] * r["guidance"]["n"] for r in results) / guidance["n"]
+        guidance["shipped_accuracy"] = (
+            sum(r["guidance"]["shipped_accuracy"] * r["guidance"]["n"] for r in results) / guidance["n"]
+        )
     return {
         "seeds": [r["config"]["seed"] for r in results],
         "config": {k: first[k] for k in keys},
@@ -430,18 +637,30 @@ def plot_psoups_decode(result: dict[str, Any], path: str | Path) -> Path:
     names = list(rows)
     rates = np.array([rows[n]["win_rate"] for n in names])
     fig, ax = new_figure(figsize=(7, 3.8))
-    colors = ["#8c8c8c" if n.endswith("-shuffled") else "#4c72b0" if n in result["methods"] else "#dd8452" for n in names]
+    colors = [
+        "#8c8c8c" if n.endswith("-shuffled") else "#4c72b0" if n in result["methods"] else "#dd8452"
+        for n in names
+    ]
     ax.bar(names, rates, color=colors)
     for x, n in enumerate(names):
         if not _no_interval(rows[n]):
             low, high = rows[n]["ci"]
-            ax.errorbar(x, rows[n]["win_rate"], yerr=[[rows[n]["win_rate"] - low], [high - rows[n]["win_rate"]]], color="black", capsize=4)
+            ax.errorbar(
+                x,
+                rows[n]["win_rate"],
+                yerr=[[rows[n]["win_rate"] - low], [high - rows[n]["win_rate"]]],
+                color="black",
+                capsize=4,
+            )
     ax.axhline(0.5, color="grey", linestyle=":", label="no better than generic")
     ax.set_ylim(0, 1)
     ax.set_ylabel("win rate over the generic answer")
     judge = result["judge"]
     seeds = f"seeds {result['seeds']}, " if "seeds" in result else ""
-    ax.set_title(f"P-SOUPS test users ({seeds}{result['split']['decoded_users']}), held-out prompts; judge acc {judge['accuracy']:.2f} ({'+'.join(judge['features'])})", fontsize=9)
+    ax.set_title(
+        f"P-SOUPS test users ({seeds}{result['split']['decoded_users']}), held-out prompts; judge acc {judge['accuracy']:.2f} ({'+'.join(judge['features'])})",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="upper right")
     ax.tick_params(axis="x", labelrotation=20)
     for label in ax.get_xticklabels():
@@ -449,7 +668,9 @@ def plot_psoups_decode(result: dict[str, Any], path: str | Path) -> Path:
     return save_figure(fig, path, dpi=120)
 
 
-def write_psoups_decode(result: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None) -> None:
+def write_psoups_decode(
+    result: dict[str, Any], json_path: str | Path | None, plot_path: str | Path | None
+) -> None:
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=1, default=float) + "\n")
