@@ -265,23 +265,26 @@ def export(
     users: Annotated[str, typer.Option(help="Comma-separated user ids.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
     base_model: Annotated[
-        str | None, typer.Option(help="Base model the engine serves (default: the generator's folder).")
+        str | None,
+        typer.Option(
+            help="Hub id or folder the engine serves (default: the base the adapters name; "
+            "HuggingFaceTB/SmolLM2-135M-Instruct for the embedded model)."
+        ),
     ] = None,
     store: StoreOpt = Path(".personalign"),
 ) -> None:
-    """Write users' adapters plus the command line or JSON a serving engine takes."""
+    """Write users' adapters plus the command line or JSON a serving engine takes.
+
+    Prints the command on stdout and notes (such as how the served base differs from the
+    adapters' training base) on stderr.
+    """
     from personalign.adapters.export import export_adapters
-    from personalign.models import EMBEDDED_GENERATOR, convert_embedded_generator
 
     with failing():
-        base = base_model or str(convert_embedded_generator())
-        if base_model is None:
-            typer.echo(
-                f"base model: {base} (the converted {EMBEDDED_GENERATOR}; pass --base-model for another)"
-            )
-        manifest = export_adapters(
-            store / "users", [u.strip() for u in users.split(",") if u.strip()], engine, out, base
-        )  # type: ignore[arg-type]
+        ids = [u.strip() for u in users.split(",") if u.strip()]
+        manifest = export_adapters(store / "users", ids, engine, out, base_model)  # type: ignore[arg-type]
+        for note in manifest["notes"]:
+            typer.echo(f"note: {note}", err=True)
         typer.echo(manifest["command"])
 
 
