@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import AutoPeftModelForCausalLM, PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -161,6 +161,13 @@ def test_exported_adapters_load_with_peft_and_equal_the_stored_ones(
         assert stored.keys() == loaded.keys()
         for key in stored:
             torch.testing.assert_close(loaded[key], stored[key], rtol=0, atol=0)
+    # PEFT's one-liner finds the base from adapter_config.json alone
+    auto = AutoPeftModelForCausalLM.from_pretrained(str(out / "ana"))
+    ref = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out / "ana")
+    )
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(auto(ids).logits, ref(ids).logits, rtol=0, atol=0)
     assert json.loads((out / "manifest.json").read_text()) == manifest
 
 
