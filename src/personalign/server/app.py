@@ -39,6 +39,7 @@ from personalign.server.completions import add_routes as add_completion_routes
 from personalign.server.config import Principal, ServerConfig, hash_key
 from personalign.server.controls import decoding_options, seeds, tool_messages
 from personalign.server.errors import ApiError
+from personalign.server.ids import USER_ID_PATTERN, check_external_id
 from personalign.server.limits import BodyLimit, json_problem
 from personalign.server.schemas import (
     IGNORED,
@@ -136,22 +137,33 @@ async def sane_json(request: Request) -> None:
         raise ApiError(400, f"{where}: {what}. Fix: send valid text and numbers", "invalid_value", where)
 
 
+def _header_text(header: str) -> str:
+    """The ``X-Personalign-User`` header's id, checked (HTTP hands header bytes over as Latin-1; clients send UTF-8)."""
+    try:
+        text = header.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        raise ApiError(
+            400,
+            f"the {USER_HEADER} header is not UTF-8 text. Fix: send the id as UTF-8",
+            "invalid_value",
+            USER_HEADER,
+        ) from None
+    return check_external_id(text, USER_HEADER)
+
+
 def chat_user(body: ChatCompletionRequest, header: str | None) -> tuple[str | None, str | None]:
     """The chat's user id and where it came from: ``user``, ``safety_identifier``, the header, then ``metadata.user_id``."""
+    # a malformed id is refused wherever it is sent, even where a field before it names the user
+    header_user = None if header is None else _header_text(header)
+    for name in ("user", "safety_identifier"):
+        if getattr(body, name) is not None:
+            check_external_id(getattr(body, name), name)
     if body.user is not None:
         return body.user, "user"
     if body.safety_identifier is not None:
         return body.safety_identifier, "safety_identifier"
     if header is not None:
-        try:  # HTTP hands header bytes over as Latin-1; clients send UTF-8
-            return header.encode("latin-1").decode("utf-8"), USER_HEADER
-        except UnicodeError:
-            raise ApiError(
-                400,
-                f"the {USER_HEADER} header is not UTF-8 text. Fix: send the id as UTF-8",
-                "invalid_value",
-                USER_HEADER,
-            ) from None
+        return header_user, USER_HEADER
     metadata = (body.model_extra or {}).get("metadata")
     if isinstance(metadata, dict) and "user_id" in metadata:
         if not isinstance(metadata["user_id"], str):
@@ -218,6 +230,7 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         redirect_slashes=False,
     )
     app.state.personalizer = pz
+    app.state.model_names = model_names
     app.state.config = config
     app.state.batcher = batcher
     app.state.keys = config.keys_by_digest()
@@ -604,18 +617,9 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
     # --- active enrolment ------------------------------------------------------------------------
 
     @app.post("/v1/users/{user_id}/next-question", response_model=NextQuestionResponse, tags=["users"])
-    def next_question(
-        user_id: str, who: Reader, body: NextQuestionRequest | None = None
-    ) -> NextQuestionResponse:
+    def next_question(user_id: str, who: Reader, body: NextQuestionRequest) -> NextQuestionResponse:
         """Rank candidate comparisons by how much this user's answer would teach (expected information gain)."""
         store_id = who.store_id(user_id, "user_id")
-        if body is None:
-            raise ApiError(
-                400,
-                'the body must be {"candidates": [{"prompt": ..., "a": ..., "b": ...}], "top_k": n}',
-                "invalid_value",
-                "candidates",
-            )
         ranked = pz.next_question(store_id, [c.model_dump() for c in body.candidates], top_k=body.top_k)
         return NextQuestionResponse(
             user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked]
@@ -634,6 +638,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)
     _security(schema, app.state.config.auth_required)
+    _user_id_rule(schema)
+    _standard_bounds(schema)
+    _served_models(schema, sorted(app.state.model_names), sorted(app.state.embedding_names))
     components = schema.get("components", {}).get("schemas", {})
     text = json.dumps(schema.get("paths", {}))
     for name in ("HTTPValidationError", "ValidationError"):
@@ -641,6 +648,66 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             del components[name]
     app.openapi_schema = schema
     return schema
+
+
+_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def _standard_bounds(node: Any) -> None:
+    """JSON Schema's names for the bounds pydantic writes as ``ge``/``gt``/``le``/``lt`` on a union
+    (``temperature: int | float``), which validators and generators would otherwise ignore; int64 bounds exact."""
+    if isinstance(node, dict):
+        if "anyOf" in node:
+            for short, standard in _BOUNDS.items():
+                if short in node:
+                    node[standard] = node.pop(short)
+        # FastAPI writes bounds as floats; the int64 ones (seeds, metadata) as exact integers, or validators and
+        # generators round them to 2**63 and disagree with the server at the edge
+        if isinstance(node.get("minimum"), float) and node["minimum"] <= -(2**63):
+            node["minimum"] = -(2**63)
+        if isinstance(node.get("maximum"), float) and node["maximum"] >= 2**63 - 1:
+            node["maximum"] = 2**63 - 1
+        for value in node.values():
+            _standard_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _standard_bounds(value)
+
+
+def _served_models(schema: dict[str, Any], names: list[str], embedding_names: list[str]) -> None:
+    """The ``model`` of a chat, completion or embedding request is one this server serves (404 otherwise)."""
+    components = schema.get("components", {}).get("schemas", {})
+    for body, served in (
+        ("ChatCompletionRequest", names),
+        ("CompletionRequest", names),
+        ("EmbeddingRequest", embedding_names),
+    ):
+        model = components.get(body, {}).get("properties", {}).get("model")
+        if model is not None:
+            model["enum"] = [n for n in served if n]
+            model.setdefault("description", "The served model (GET /v1/models) or the generator's own id")
+
+
+def _user_id_rule(schema: dict[str, Any]) -> None:
+    """State the user id rule (``personalign.server.ids``) wherever a user id is taken: paths, the chat's header and body."""
+    rule = {"minLength": 1, "maxLength": 256, "pattern": USER_ID_PATTERN}
+    chat = schema.get("components", {}).get("schemas", {}).get("ChatCompletionRequest", {})
+    for name in ("user", "safety_identifier"):
+        for member in chat.get("properties", {}).get(name, {}).get("anyOf", []):
+            if member.get("type") == "string":
+                member.update(rule)
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                if parameter.get("in") == "header" and parameter.get("name") == USER_HEADER:
+                    for member in parameter["schema"].get("anyOf", []):
+                        if member.get("type") == "string":
+                            member.update(rule)
+                if parameter.get("in") == "path" and parameter.get("name") == "user_id":
+                    parameter["schema"].update(rule)
+                    parameter["description"] = (
+                        "The user: 1-256 characters, no control characters, no whitespace at either end"
+                    )
 
 
 def _security(schema: dict[str, Any], required: bool) -> None:

@@ -31,7 +31,7 @@ from personalign.server.chat import KEEPALIVE, _cut_stream, _error_events, parse
 from personalign.server.config import ServerConfig
 from personalign.server.controls import seeds
 from personalign.server.errors import ApiError
-from personalign.server.schemas import Number, StopText, StreamOptions, Usage
+from personalign.server.schemas import Number, RequestBody, StopText, StreamOptions, Usage
 from personalign.server.stops import MAX_STOPS, StopScanner, cut
 
 MAX_PROMPTS = 64
@@ -39,7 +39,7 @@ MAX_INPUTS = 256  # texts in one embeddings request
 MAX_INPUT_CHARS = 8000
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(RequestBody):
     """``POST /v1/completions``: continue ``prompt`` (a string or up to 64 strings) as raw text."""
 
     model_config = ConfigDict(extra="allow")
@@ -55,7 +55,7 @@ class CompletionRequest(BaseModel):
     temperature: Number | None = Field(default=None, ge=0, le=2)
     top_p: Number | None = Field(default=None, gt=0, le=1)
     n: StrictInt | None = Field(default=None, ge=1)
-    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
     logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
         default=None, max_length=1024
@@ -87,7 +87,7 @@ class Completion(BaseModel):
     usage: Usage
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     """``POST /v1/embeddings``: one text or up to 256 (token-id inputs are refused: send text)."""
 
     model_config = ConfigDict(extra="allow")
@@ -144,8 +144,19 @@ def add_routes(app: FastAPI, pz: Any, config: ServerConfig, model_names: set[str
     from personalign.server.controls import decoding_options
 
     embedding_names = {config.served_model, str(getattr(pz.encoder, "name", "")), "personalign-embedding"}
+    app.state.embedding_names = embedding_names
 
-    @app.post("/v1/completions", response_model=Completion, tags=["openai"])
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        tags=["openai"],
+        responses={
+            200: {
+                "content": {"text/event-stream": {}},
+                "description": "A completion, or SSE chunks with stream=true",
+            }
+        },
+    )
     async def completions(body: CompletionRequest, who: Any = Depends(reader)) -> Completion:
         """Raw-text continuation of the prompt (no chat template and nothing personal)."""
         if body.model not in model_names:

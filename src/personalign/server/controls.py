@@ -10,12 +10,16 @@ run in :class:`personalign.steering.decoding.RowDecoder`, one row at a time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from personalign.server.errors import ApiError
 from personalign.server.schemas import ChatCompletionRequest, ChoiceLogprobs
 from personalign.server.tools import ToolPlan, parse_auto, parse_forced, plan_tools, with_prompt
+
+# A logit_bias key: a token id as a string, as OpenAI's (the schema states this pattern).
+TOKEN_ID = re.compile(r" *-?[0-9]{1,12} *")
 
 
 def decoding_options(
@@ -28,7 +32,7 @@ def decoding_options(
     if body.logit_bias:
         bias = {}
         for key, value in body.logit_bias.items():
-            if not key.strip().lstrip("-").isdigit():
+            if not TOKEN_ID.fullmatch(key):  # int() would also take "--5"'s cousins: "٣", "1_0", " +5"
                 raise ApiError(
                     400,
                     f'logit_bias key {key[:32]!r} is not a token id. Fix: use token ids as strings, e.g. {{"50256": -100}}',

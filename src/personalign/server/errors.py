@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from personalign.errors import ContextLengthError, StoreLockedError, UnknownUserError, ValidationError
 
@@ -77,9 +78,13 @@ def error_body(
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, param: str | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer", **(headers or {})} if status == 401 else headers
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
@@ -141,14 +146,41 @@ def _request_validation(request: Request, exc: RequestValidationError) -> JSONRe
     return error_response(400, text + more, kind or None, where or None)
 
 
+def _allowed(request: Request) -> str:
+    """Every method the routes of this path serve (the router's own ``Allow`` names only the first route that
+    matched, and FastAPI makes one route per method). Of the templates that match, the most literal one is the
+    path's (``/memories/search`` is not the memory ``search``), as in OpenAPI."""
+    by_template: dict[str, set[str]] = {}
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            by_template.setdefault(route.path, set()).update(route.methods)
+    if not by_template:
+        return ""
+    literal = min(by_template, key=lambda path: path.count("{"))
+    methods = by_template[literal]
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
 def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = exc.headers
+    if exc.status_code == 405:
+        headers = {**(headers or {}), "Allow": _allowed(request)}
     messages = {
         404: f"no route {request.url.path}",
         405: f"method {request.method} is not allowed on {request.url.path}",
     }
     message = messages.get(exc.status_code, str(exc.detail))
-    codes = {404: "route_not_found", 408: "request_timeout", 413: "request_too_large"}
-    return error_response(exc.status_code, message, codes.get(exc.status_code))
+    codes = {
+        404: "route_not_found",
+        405: "method_not_allowed",
+        408: "request_timeout",
+        413: "request_too_large",
+    }
+    # the router's headers (a 405's ``Allow``, which RFC 9110 requires) go out with our body
+    return error_response(exc.status_code, message, codes.get(exc.status_code), headers=headers)
 
 
 def _api(request: Request, exc: ApiError) -> JSONResponse:

@@ -2,8 +2,9 @@
 
 Chat apps name users with whatever their identity provider gives them: ``auth0|5f7c...``,
 ``org:42``, ``alice@example.com``, a UUID. The store names folders after user ids, so it only
-takes safe ids (:func:`personalign.types.validate_user_id`). The server accepts any printable
-id of 1-256 characters and maps it to a stored id:
+takes safe ids (:func:`personalign.types.validate_user_id`). The server accepts any id of 1-256
+characters with no control character and no whitespace at either end (:data:`USER_ID_PATTERN`,
+which the OpenAPI schema states) and maps it to a stored id:
 
 - an id the store accepts as it is (``alice``, ``alice@example.com``) is stored as given, so the
   server, the Python API and the CLI see the same users;
@@ -19,6 +20,7 @@ Stored ids contain no ``/``, no ``..`` and nothing but the store's safe characte
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from typing import Any
 
@@ -29,7 +31,17 @@ EXTERNAL_ID_MAX_LEN = 256
 ESCAPED_PREFIX = "esc+"
 HASHED_PREFIX = "sha+"
 _KEPT = frozenset(string.ascii_letters + string.digits + "_-@")
-_FIX = f"send 1-{EXTERNAL_ID_MAX_LEN} printable characters with no leading or trailing whitespace"
+_FIX = f"send 1-{EXTERNAL_ID_MAX_LEN} characters, no control characters, no leading or trailing whitespace"
+# Control characters (C0, DEL, C1), the line and paragraph separators, and unpaired surrogates.
+_CONTROL = "\x00-\x1f\x7f-\x9f\u2028\u2029"
+_CONTROL_RE = re.compile(f"[{_CONTROL}\ud800-\udfff]")
+# What str.strip() removes that is not a control character (so the pattern matches exactly the ids accepted).
+_SPACE = " \xa0\u1680\u2000-\u200a\u202f\u205f\u3000"
+# The accepted ids as a JSON Schema pattern (surrogates left out: JSON Schema's regex engines take no lone surrogate,
+# and UTF-8 in a URL or body cannot carry one).
+USER_ID_PATTERN = (
+    f"^[^{_CONTROL}{_SPACE}]([^{_CONTROL}]{{0,{EXTERNAL_ID_MAX_LEN - 2}}}[^{_CONTROL}{_SPACE}])?$"
+)
 
 
 def check_external_id(user: Any, field: str = "user") -> str:
@@ -38,8 +50,8 @@ def check_external_id(user: Any, field: str = "user") -> str:
         raise ValidationError(field, "must be a string", _FIX, user)
     if not 1 <= len(user) <= EXTERNAL_ID_MAX_LEN:
         raise ValidationError(field, f"must be 1-{EXTERNAL_ID_MAX_LEN} characters long", _FIX, len(user))
-    if not user.isprintable():  # control characters, line breaks, unpaired surrogates
-        raise ValidationError(field, "contains a character that is not printable", _FIX, user)
+    if _CONTROL_RE.search(user):  # control characters, line breaks, unpaired surrogates
+        raise ValidationError(field, "contains a control character", _FIX, user)
     if user.strip() != user:
         raise ValidationError(field, "starts or ends with whitespace", _FIX, user)
     return user

@@ -11,7 +11,7 @@ and ``tools`` are decoded per row (:class:`personalign.steering.decoding.RowDeco
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -24,9 +24,42 @@ from pydantic import (
     model_validator,
 )
 
+from personalign.memory.lifecycle import KEY_PATTERN
 from personalign.server.stops import MAX_STOP_CHARS, MAX_STOPS
 
 Number = StrictInt | StrictFloat
+
+
+def _is_int_field(annotation: Any) -> bool:
+    """Whether a field takes integers and no floats (``StrictInt | None`` yes; ``StrictInt | StrictFloat`` no)."""
+    found: set[type] = set()
+
+    def walk(tp: Any) -> None:
+        if tp in (int, float):
+            found.add(tp)
+        for arg in get_args(tp):
+            walk(arg)
+
+    walk(annotation)
+    return found == {int}
+
+
+class RequestBody(BaseModel):
+    """A request body whose integer fields also take ``5.0``: JSON Schema's ``integer`` includes numbers with a
+    zero fraction, which JSON clients (and schemathesis) send. Still strict otherwise: no ``"5"``, no ``true``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        ints = {name for name, field in cls.model_fields.items() if _is_int_field(field.annotation)}
+        return {
+            k: int(v) if k in ints and isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
+            for k, v in data.items()
+        }
+
+
 StopText = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
@@ -54,6 +87,30 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+# The cross-field rules of ``Message._complete``, stated in the schema.
+MESSAGE_RULES = {
+    "allOf": [
+        {
+            "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+            "then": {
+                "required": ["tool_call_id"],
+                "properties": {"tool_call_id": {"type": "string", "minLength": 1}},
+            },
+        },
+        {
+            "if": {
+                "properties": {
+                    "role": {"const": "assistant"},
+                    "tool_calls": {"type": "array", "minItems": 1},
+                },
+                "required": ["role", "tool_calls"],
+            },
+            "else": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        },
+    ]
+}
+
+
 class Message(BaseModel):
     """A chat turn. ``developer`` is read as ``system``; content may be a list of text parts.
 
@@ -61,7 +118,7 @@ class Message(BaseModel):
     and a ``tool`` turn becomes a user turn quoting the result (see :mod:`personalign.server.tools`).
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=MESSAGE_RULES)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
@@ -171,16 +228,57 @@ IGNORED = {
 }
 
 
-class ChatCompletionRequest(BaseModel):
+# The cross-field rules ``decoding_options`` and ``plan_tools`` check, stated in the schema.
+CHAT_RULES = [
+    {  # top_logprobs only with logprobs=true
+        "if": {"properties": {"top_logprobs": {"type": "integer"}}, "required": ["top_logprobs"]},
+        "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+    },
+    {  # a tool_choice other than none/auto needs tools
+        "if": {
+            "properties": {"tool_choice": {"not": {"enum": ["none", "auto", None]}}},
+            "required": ["tool_choice"],
+        },
+        "then": {"properties": {"tools": {"type": "array", "minItems": 1}}, "required": ["tools"]},
+    },
+    {  # json_schema needs its schema
+        "if": {
+            "properties": {
+                "response_format": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]}
+            },
+            "required": ["response_format"],
+        },
+        "then": {
+            "properties": {
+                "response_format": {
+                    "properties": {
+                        "json_schema": {
+                            "type": "object",
+                            "properties": {"schema": {"type": "object", "minProperties": 1}},
+                            "required": ["schema"],
+                        }
+                    },
+                    "required": ["json_schema"],
+                }
+            }
+        },
+    },
+]
+
+
+class ChatCompletionRequest(RequestBody):
     """``POST /v1/chat/completions``. ``user`` (else ``safety_identifier``, the ``X-Personalign-User``
     header or ``metadata.user_id``) selects the profile; omit them all for a generic answer."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"allOf": CHAT_RULES},
+    )
 
     model: StrictStr
     messages: list[Message] = Field(min_length=1)
     user: StrictStr | None = Field(
-        default=None, description="The user to personalise for: any printable id of 1-256 characters"
+        default=None, description="The user to personalise for: 1-256 characters, no control characters"
     )
     safety_identifier: StrictStr | None = Field(
         default=None, description="OpenAI's successor to `user`; used as the user when `user` is absent"
@@ -196,7 +294,7 @@ class ChatCompletionRequest(BaseModel):
         description="Omitted: the server's default_temperature (1.0, as OpenAI); 0 is greedy",
     )
     top_p: Number | None = Field(default=None, gt=0, le=1)
-    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**64 - 1)  # torch.manual_seed's range
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # OpenAI's int64
     n: StrictInt | None = Field(
         default=None, ge=1, description="How many choices (at most the server's cap, 8 by default)"
     )
@@ -208,7 +306,13 @@ class ChatCompletionRequest(BaseModel):
         default=None,
         description="Up to 4 strings; the reply ends before the first of them (not included), finish_reason 'stop'. \"\" and [] are no stop",
     )
-    logit_bias: dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]] | None = Field(
+    logit_bias: (
+        Annotated[
+            dict[StrictStr, Annotated[Number, Field(ge=-100, le=100)]],
+            Field(json_schema_extra={"propertyNames": {"pattern": r"^ *-?[0-9]{1,12} *$"}}),
+        ]
+        | None
+    ) = Field(
         default=None,
         max_length=1024,
         description="Token id (as a string) -> -100..100 added to its logit at every step",
@@ -238,20 +342,26 @@ class ChatCompletionRequest(BaseModel):
     )
     memory: StrictBool | None = None
     shots: StrictBool | None = None
-    n_shots: StrictInt | None = None
-    n_memories: StrictInt | None = None
-    memory_threshold: Number | None = None
-    repetition_penalty: Number | None = None
+    # The SDK's bounds (GenerationParams, ConditioningParams), stated here and checked there, so that the
+    # errors name the field as the Python API does.
+    n_shots: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 64})
+    n_memories: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 100})
+    memory_threshold: Number | None = Field(default=None, json_schema_extra={"minimum": -1, "maximum": 1})
+    repetition_penalty: Number | None = Field(
+        default=None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 5}
+    )
     fspo: StrictBool | None = None
     pplug: StrictBool | None = None
     describe: StrictBool | None = None
     rerank: StrictInt | None = Field(
         default=None,
         description="Personal reranking: sample this many candidates (2-16; 0 or 1: off) and answer with the one the user's inferred reward scores highest",
+        json_schema_extra={"minimum": 0, "maximum": 16},
     )
     rerank_temperature: Number | None = Field(
         default=None,
         description="Sampling temperature of the rerank candidates when the request is greedy (default 0.8)",
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": 5},
     )
 
     def options(self) -> dict[str, Any]:
@@ -388,18 +498,18 @@ class Candidate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: StrictStr
-    a: StrictStr
-    b: StrictStr
+    prompt: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"\S"})]
+    a: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"\S"})]
+    b: Annotated[StrictStr, Field(json_schema_extra={"pattern": r"\S"})]
 
 
-class NextQuestionRequest(BaseModel):
+class NextQuestionRequest(RequestBody):
     """``POST /v1/users/{id}/next-question``: candidates to rank (a user not enrolled yet is ranked under the prior)."""
 
     model_config = ConfigDict(extra="forbid")
 
     candidates: list[Candidate] = Field(min_length=1, max_length=512)
-    top_k: int | None = Field(default=None, ge=1)
+    top_k: StrictInt | None = Field(default=None, ge=1)
 
 
 class RankedQuestion(BaseModel):
@@ -418,6 +528,26 @@ class NextQuestionResponse(BaseModel):
 
 
 MetadataValue = StrictStr | StrictInt | StrictFloat | StrictBool
+# What the memory database refuses in metadata (``check_memory_write`` in the app answers it with a 400), stated in
+# the schema: keys that are empty or start with '$', '#' or 'chroma:'; integers beyond the signed 64-bit range.
+METADATA_RULES = {
+    "propertyNames": {"minLength": 1, "pattern": "^(?!chroma:)[^$#]"},
+    "additionalProperties": {
+        "anyOf": [
+            {"type": "string"},
+            {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+            {"type": "number"},
+            {"type": "boolean"},
+        ]
+    },
+}
+Metadata = Annotated[dict[str, MetadataValue], Field(json_schema_extra=METADATA_RULES)]
+
+
+# The memory store's rule for a fact (``personalign.memory.chroma``), stated in the schema only: the
+# store's own check answers with its message (``text: must be a non-empty string``).
+FACT_RULE = {"pattern": r"\S", "maxLength": 8000}
+Fact = Annotated[StrictStr, Field(json_schema_extra=FACT_RULE)]
 
 
 class RememberRequest(BaseModel):
@@ -427,11 +557,17 @@ class RememberRequest(BaseModel):
     user's active memory with the same key. ``on_conflict``: what happens to close unkeyed
     memories (``keep``: reported in ``conflicts``; ``supersede``). See docs/memory.md."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # a key names one memory: not with several texts
+            "if": {"properties": {"text": {"type": "array", "minItems": 2}}, "required": ["text"]},
+            "then": {"properties": {"key": {"type": "null"}}},
+        },
+    )
 
-    text: StrictStr | list[StrictStr]
-    metadata: dict[str, MetadataValue] | None = None
-    key: StrictStr | None = Field(
+    text: Fact | Annotated[list[Fact], Field(json_schema_extra={"minItems": 1})]
+    metadata: Metadata | None = None
+    key: Annotated[StrictStr, Field(json_schema_extra={"pattern": KEY_PATTERN.pattern})] | None = Field(
         default=None,
         description="A short identifier (1-64 of A-Za-z0-9_.-); a newer memory with the same key supersedes this one",
     )
@@ -443,11 +579,11 @@ class UpdateMemoryRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr
-    metadata: dict[str, MetadataValue] | None = None
+    text: Fact
+    metadata: Metadata | None = None
 
 
-class SearchMemoriesRequest(BaseModel):
+class SearchMemoriesRequest(RequestBody):
     """``POST /v1/users/{id}/memories/search``: search by meaning, narrowed by metadata ``filters``."""
 
     model_config = ConfigDict(extra="forbid")

@@ -399,7 +399,8 @@ def sample_row(
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
     sorted_probs, order = probs.sort(descending=True)
-    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p  # always keeps the first
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p  # (V,)
+    keep[0] = True  # the most likely token always stays, even for a top_p that is 0 in float32 (5e-324)
     return int(order[torch.multinomial(sorted_probs * keep, 1, generator=generator)])
 
 
