@@ -242,7 +242,7 @@ def test_openai_client_errors(client, server):
         client.chat.completions.create(model="personalign", messages=[])
     with pytest.raises(openai.BadRequestError, match="last message"):
         client.chat.completions.create(model="personalign", messages=[{"role": "assistant", "content": "Hi"}])
-    with pytest.raises(openai.BadRequestError, match="user: contains a character that is not printable"):
+    with pytest.raises(openai.BadRequestError, match="user: contains a control character"):
         client.chat.completions.create(model="personalign", messages=messages, user="bob\n")
     with pytest.raises(openai.BadRequestError, match="n_shots"):
         client.chat.completions.create(model="personalign", messages=messages, extra_body={"n_shots": 1000})
