@@ -14,6 +14,7 @@ tiny Llama with a cap of 4 new tokens; the file takes about 30 s on 2 CPU cores.
 
 from __future__ import annotations
 
+import os
 import re
 import zlib
 from collections import Counter
@@ -30,7 +31,8 @@ from personalign.server.config import ServerConfig
 CONFIG = ServerConfig(
     max_tokens_cap=4, default_max_tokens=2, batch_wait_ms=1, max_pending=64, keepalive_s=5.0
 )
-EXAMPLES = 12  # per operation and phase; 21 operations
+# per operation and phase (21 operations); PERSONALIGN_FUZZ_EXAMPLES=200 for a longer hunt
+EXAMPLES = int(os.environ.get("PERSONALIGN_FUZZ_EXAMPLES", 12))
 ALICE = "alice"
 SENT: Counter[str] = Counter()  # generated cases by outcome ("2xx", "4xx", ...)
 BY_CODE: Counter[tuple[str, int, str]] = Counter()

@@ -74,6 +74,20 @@ def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {**summary, "kind": "lora", "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
 
 
+def _comparison_indices(remove: Any, replace: Any) -> tuple[list[int], dict[int, Any]]:
+    """``edit_comparisons``' ``remove`` (a sequence of indices) and ``replace`` (indices to comparisons), checked."""
+    fix = "pass remove=[0, 2] and/or replace={1: Comparison(...)}"
+    if isinstance(remove, str | bytes | Mapping) or not isinstance(remove, Sequence):
+        raise ValidationError("remove", "must be a sequence of comparison indices", fix, remove)
+    if replace is not None and not isinstance(replace, Mapping):
+        raise ValidationError("replace", "must be a mapping of comparison index to comparison", fix, replace)
+    for field, indices in (("remove", list(remove)), ("replace", list(replace or {}))):
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ValidationError(field, f"index {index!r} is not an integer", fix, index)
+    return list(remove), dict(replace or {})
+
+
 class Personalizer:
     """Per-user personalisation over one generator, one encoder and one store directory.
 
@@ -327,7 +341,8 @@ class Personalizer:
         Every index and replacement is validated first; on any error nothing is changed. A user's
         adapter is not retrained (call :meth:`train_adapter`).
         """
-        replace = dict(replace or {})
+        validate_user_id(user)
+        remove, replace = _comparison_indices(remove, replace)
         fresh = (
             dict(zip(replace, parse_comparisons(list(replace.values()), "replace"), strict=True))
             if replace

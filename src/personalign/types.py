@@ -219,6 +219,13 @@ def parse_comparisons(
     are refused by default (a typo is not silently dropped); ``extra="metadata"`` keeps them
     under ``metadata`` and ``extra="ignore"`` drops them.
     """
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise ValidationError(
+            field,
+            "must be a list of comparisons",
+            "pass [Comparison(prompt=..., chosen=..., rejected=...)] or TRL-format dicts",
+            items if not isinstance(items, str) else items[:40],
+        )
     parsed: list[Comparison] = []
     for index, item in enumerate(items):
         if isinstance(item, Comparison):
@@ -241,6 +248,13 @@ def parse_messages(
     items: Iterable[ChatMessage | dict[str, Any]], field: str = "messages"
 ) -> list[ChatMessage]:
     """Validate a chat conversation: non-empty, roles known, ending with a user turn."""
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        raise ValidationError(
+            field,
+            "must be a list of messages",
+            'pass e.g. [{"role": "user", "content": "..."}]',
+            items if not isinstance(items, str) else items[:40],
+        )
     messages: list[ChatMessage] = []
     for index, item in enumerate(items):
         if isinstance(item, ChatMessage):

@@ -87,6 +87,20 @@ def collection_name(user_id: str) -> str:
     return "u-" + hashlib.sha256(validate_user_id(user_id).encode()).hexdigest()[:40]
 
 
+# What the database itself refuses (a raw chromadb error deep inside a write otherwise).
+_CHROMA_PREFIXES = ("$", "#", "chroma:")
+_INT64 = range(-(2**63), 2**63)
+
+
+def _utf8(text: str) -> bool:
+    """False for text with an unpaired surrogate (``"\\ud800"``), which no UTF-8 store or encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
@@ -96,15 +110,28 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         )
     clean: dict[str, Any] = {}
     for key, value in metadata.items():
-        if not isinstance(key, str) or key in _RESERVED or key.startswith(INTERNAL):
-            fix = f"use string keys other than {sorted(_RESERVED)} and not starting with {INTERNAL!r}"
-            raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", fix, key)
-        if not isinstance(value, str | int | float | bool) or (
-            isinstance(value, float) and not math.isfinite(value)
+        if (
+            not isinstance(key, str)
+            or key in _RESERVED
+            or key.startswith(INTERNAL)
+            or not key
+            or key.startswith(_CHROMA_PREFIXES)
+            or not _utf8(key)
+        ):
+            fix = (
+                f"use non-empty string keys other than {sorted(_RESERVED)}, "
+                f"not starting with {INTERNAL!r}, '$', '#' or 'chroma:'"
+            )
+            raise ValidationError(f"metadata.{key!r}", "is a reserved or non-string key", fix, key)
+        if (
+            not isinstance(value, str | int | float | bool)
+            or (isinstance(value, float) and not math.isfinite(value))
+            or (isinstance(value, int) and not isinstance(value, bool) and value not in _INT64)
+            or (isinstance(value, str) and not _utf8(value))
         ):
             raise ValidationError(
                 f"metadata.{key}",
-                "must be a str, int, finite float or bool",
+                "must be a str (valid UTF-8), a 64-bit int, a finite float or a bool",
                 "flatten or stringify the value",
                 value,
             )
@@ -115,6 +142,10 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
 def _check_text(text: Any, field: str) -> str:
     if not isinstance(text, str) or not text.strip():
         raise ValidationError(field, "must be a non-empty string", "pass the fact as text", text)
+    if not _utf8(text):
+        raise ValidationError(
+            field, "contains an unpaired UTF-16 surrogate", "pass valid Unicode text", text[:40]
+        )
     if len(text) > MAX_MEMORY_CHARS:
         raise ValidationError(
             field,

@@ -35,7 +35,16 @@ def _check_value(value: Any, where: str, numeric: bool) -> Any:
         raise ValidationError(where, "must be a str, int, float or bool", _FIX, value)
     if isinstance(value, float) and not math.isfinite(value):
         raise ValidationError(where, "must be finite", _FIX, value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValidationError(
+            where, "does not fit in 64 bits", "compare with a number in the signed 64-bit range", value
+        )
     return value
+
+
+def _kind(value: Any) -> str:
+    """Chroma's type of a filter value: ints and floats are both numbers to it."""
+    return "bool" if isinstance(value, bool) else "str" if isinstance(value, str) else "number"
 
 
 def _condition(field: str, condition: Any) -> dict[str, Any]:
@@ -68,6 +77,14 @@ def _condition(field: str, condition: Any) -> dict[str, Any]:
                 value,
             )
         items = [_check_value(v, f"{where}.{op}[{i}]", numeric=False) for i, v in enumerate(value)]
+        kinds = {_kind(v) for v in items}
+        if len(kinds) > 1:  # Chroma refuses a mixed list (a raw ValueError from inside it otherwise)
+            raise ValidationError(
+                f"{where}.{op}",
+                f"mixes value types ({', '.join(sorted(kinds))})",
+                "list values of one type: all strings, all numbers or all booleans",
+                value,
+            )
         return {field: {f"${name}": items}}
     return {
         field: {f"${name}": _check_value(value, f"{where}.{op}", numeric=name in ("gt", "gte", "lt", "lte"))}

@@ -16,6 +16,13 @@ def check_text(value: Any, field: str) -> str:
             f"pass the {field} text",
             value if not isinstance(value, str) else None,
         )
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # an unpaired surrogate: the tokenizer raises a bare TypeError on it
+            raise ValidationError(
+                field, "contains an unpaired UTF-16 surrogate", "pass valid Unicode text", value[:40]
+            ) from None
     return value
 
 
