@@ -324,3 +324,38 @@ def test_zz_counts():
         print(f"\n{method}: {sum(outcomes.values())} calls {dict(outcomes.most_common())}", end="")
     print(f"\ntotal: {sum(CALLS.values())} calls")
     assert not [key for key in CALLS if key[1].startswith("UNTYPED")]
+
+
+# --- what the fuzzing found, one call each (fixed in src/): each raised an untyped error before -----------------
+
+FOUND = {
+    "enroll(u, None)": lambda pz: pz.enroll(ALICE, None),  # TypeError from parse_comparisons
+    "respond(u, None)": lambda pz: pz.respond(ALICE, None, max_new_tokens=1),  # TypeError from parse_messages
+    "edit_comparisons(remove=None)": lambda pz: pz.edit_comparisons(ALICE, remove=None),  # TypeError
+    "edit_comparisons(remove=[None, 0])": lambda pz: pz.edit_comparisons(
+        ALICE, remove=[None, 0]
+    ),  # sort TypeError
+    "edit_comparisons(replace=[1])": lambda pz: pz.edit_comparisons(ALICE, replace=[1]),  # dict() ValueError
+    "remember(metadata={'$in': 1})": lambda pz: pz.remember(
+        ALICE, "x", {"$in": 1}
+    ),  # chromadb InvalidArgumentError
+    "remember(metadata={'': 1})": lambda pz: pz.remember(ALICE, "x", {"": 1}),
+    "remember(metadata={'n': 2**70})": lambda pz: pz.remember(ALICE, "x", {"n": 2**70}),
+    "remember(metadata={'s': surrogate})": lambda pz: pz.remember(ALICE, "x", {"s": "\ud800"}),
+    "memories(filters in mixed)": lambda pz: pz.memories(
+        ALICE, filters={"topic": {"in": ["food", 1]}}
+    ),  # ValueError
+    "memories(filters in 2**70)": lambda pz: pz.memories(ALICE, filters={"topic": {"in": [2**70]}}),
+    "predict(prompt=surrogate)": lambda pz: pz.predict(ALICE, "\ud800", "a", "b"),  # tokenizer TypeError
+    "reward(responses=[surrogate])": lambda pz: pz.reward(ALICE, "p", ["\ud800"]),
+}
+
+
+@pytest.mark.parametrize("name", list(FOUND))
+def test_found_by_fuzzing(pz, name):
+    from personalign.errors import ValidationError
+
+    before = snapshot(ready(pz), ALICE)
+    with pytest.raises(ValidationError):
+        FOUND[name](pz)
+    assert snapshot(pz, ALICE) == before
