@@ -162,6 +162,25 @@ def test_zz_counts(server):
 # --- what the fuzzing found, one request each (fixed in src/) -------------------------------------------------------
 
 FOUND = [
+    # a repetition penalty that is 0 in float32 made the logits infinite: torch.multinomial raised, a 500 (chat.py)
+    (
+        "POST",
+        "/v1/chat/completions",
+        {
+            "model": "personalign",
+            "messages": [{"role": "user", "content": "0"}],
+            "repetition_penalty": 5e-324,
+            "temperature": 1.0,
+        },
+        400,
+    ),
+    # a temperature so small the logits overflow float32 samples its limit, the argmax (steering/decoding.py)
+    (
+        "POST",
+        "/v1/chat/completions",
+        {"model": "personalign", "messages": [{"role": "user", "content": "0"}], "temperature": 5e-324},
+        200,
+    ),
     # top_p below float32's smallest number kept no token: torch.multinomial raised, a 500 (steering/decoding.py)
     (
         "POST",

@@ -329,6 +329,14 @@ def test_zz_counts():
 # --- what the fuzzing found, one call each (fixed in src/): each raised an untyped error before -----------------
 
 FOUND = {
+    # transformers divided the logits by a penalty that is 0 in float32: RuntimeError from torch.multinomial
+    "respond(repetition_penalty=5e-324)": lambda pz: pz.respond(
+        ALICE,
+        [{"role": "user", "content": "hi"}],
+        max_new_tokens=1,
+        temperature=1.0,
+        repetition_penalty=5e-324,
+    ),
     "enroll(u, None)": lambda pz: pz.enroll(ALICE, None),  # TypeError from parse_comparisons
     "respond(u, None)": lambda pz: pz.respond(ALICE, None, max_new_tokens=1),  # TypeError from parse_messages
     "edit_comparisons(remove=None)": lambda pz: pz.edit_comparisons(ALICE, remove=None),  # TypeError

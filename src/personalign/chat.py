@@ -36,7 +36,8 @@ class GenerationParams(BaseModel):
     )
     temperature: float = Field(default=0.0, ge=0.0, le=5.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=5.0)
+    # transformers divides positive logits by it: a penalty near 0 (5e-324 is 0 in float32) makes them infinite
+    repetition_penalty: float = Field(default=1.0, ge=0.01, le=5.0)
     seed: int | None = Field(
         default=None,
         ge=-(2**63),

@@ -347,9 +347,7 @@ class ChatCompletionRequest(RequestBody):
     n_shots: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 64})
     n_memories: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 100})
     memory_threshold: Number | None = Field(default=None, json_schema_extra={"minimum": -1, "maximum": 1})
-    repetition_penalty: Number | None = Field(
-        default=None, json_schema_extra={"exclusiveMinimum": 0, "maximum": 5}
-    )
+    repetition_penalty: Number | None = Field(default=None, json_schema_extra={"minimum": 0.01, "maximum": 5})
     fspo: StrictBool | None = None
     pplug: StrictBool | None = None
     describe: StrictBool | None = None

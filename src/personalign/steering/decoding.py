@@ -397,7 +397,13 @@ def sample_row(
     """
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    probs = torch.softmax(
+        logits.double() / temperature, dim=-1
+    )  # (V,); float64: a tiny temperature stays non-zero
+    if not bool(
+        torch.isfinite(probs).all()
+    ):  # a temperature so small the logits overflow: its limit, the argmax
+        return int(logits.argmax())
     sorted_probs, order = probs.sort(descending=True)
     keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p  # (V,)
     keep[0] = True  # the most likely token always stays, even for a top_p that is 0 in float32 (5e-324)
