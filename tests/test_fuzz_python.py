@@ -329,6 +329,9 @@ def test_zz_counts():
 # --- what the fuzzing found, one call each (fixed in src/): each raised an untyped error before -----------------
 
 FOUND = {
+    "enroll(chosen=surrogate)": lambda pz: pz.enroll(
+        ALICE, [{**EGG, "chosen": "a\ud800"}]
+    ),  # encoder TypeError
     # transformers divided the logits by a penalty that is 0 in float32: RuntimeError from torch.multinomial
     "respond(repetition_penalty=5e-324)": lambda pz: pz.respond(
         ALICE,

@@ -63,10 +63,28 @@ class ChatMessage(BaseModel):
     role: Role
     content: str
 
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, value: str) -> str:
+        return _unicode(value, "content")
+
 
 def _non_blank(value: str, name: str) -> str:
     if not value.strip():
         raise ValueError(f"{name} must not be empty or whitespace")
+    return _unicode(value, name)
+
+
+def _unicode(value: str, name: str) -> str:
+    """``value`` unless it holds an unpaired UTF-16 surrogate (``"\\ud800"``), which tokenizers and encoders
+    reject with a bare ``TypeError``."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"{name} contains an unpaired UTF-16 surrogate; pass valid Unicode text"
+            ) from None
     return value
 
 
