@@ -75,6 +75,7 @@ def app_schema() -> dict[str, Any]:
     stand_in = MagicMock()
     stand_in.generator.model_id = CONFIG.served_model  # the model names the schema lists: the served one only
     stand_in.encoder.name = "personalign-embedding"
+    stand_in.encoder.dim = 384  # the embedded all-MiniLM-L6-v2's
     return create_app(stand_in, CONFIG).openapi()
 
 
@@ -106,7 +107,6 @@ KNOWN_GAPS = {
     "POST /v1/users/{user_id}/memories/search": "filters may only name fields the user's memories carry",
     "POST /v1/users/{user_id}/next-question": "a candidate's a and b must differ",
     "POST /v1/completions": "best_of, when sent, must equal n",
-    "POST /v1/embeddings": "dimensions, when sent, must be the encoder's own size (384 here)",
 }
 
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\.py\", line \d+")

@@ -641,6 +641,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     _user_id_rule(schema)
     _standard_bounds(schema)
     _served_models(schema, sorted(app.state.model_names), sorted(app.state.embedding_names))
+    _embedding_size(schema, int(app.state.personalizer.encoder.dim))
     components = schema.get("components", {}).get("schemas", {})
     text = json.dumps(schema.get("paths", {}))
     for name in ("HTTPValidationError", "ValidationError"):
@@ -686,6 +687,14 @@ def _served_models(schema: dict[str, Any], names: list[str], embedding_names: li
         if model is not None:
             model["enum"] = [n for n in served if n]
             model.setdefault("description", "The served model (GET /v1/models) or the generator's own id")
+
+
+def _embedding_size(schema: dict[str, Any], dim: int) -> None:
+    """``dimensions`` of an embedding request, when sent, is the encoder's own size (nothing is truncated)."""
+    request = schema.get("components", {}).get("schemas", {}).get("EmbeddingRequest", {})
+    for member in request.get("properties", {}).get("dimensions", {}).get("anyOf", []):
+        if member.get("type") == "integer":
+            member["enum"] = [dim]
 
 
 def _user_id_rule(schema: dict[str, Any]) -> None:
