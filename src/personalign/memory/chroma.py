@@ -122,7 +122,7 @@ def _check_metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
                 f"use non-empty string keys other than {sorted(_RESERVED)}, "
                 f"not starting with {INTERNAL!r}, '$', '#' or 'chroma:'"
             )
-            raise ValidationError(f"metadata.{key!r}", "is a reserved or non-string key", fix, key)
+            raise ValidationError(f"metadata.{key}", "is a reserved or non-string key", fix, key)
         if (
             not isinstance(value, str | int | float | bool)
             or (isinstance(value, float) and not math.isfinite(value))
