@@ -7,7 +7,7 @@ it on a store holding ``alice``. A call may succeed or raise; what it raises mus
 ``personalign.errors.PersonalignError`` (its subclasses also inherit the matching builtin), never
 a bare ``TypeError`` or ``KeyError`` from deep inside, and after a refusal the store holds what it
 held before. Seeded and derandomised (the same calls every run); the tiny Llama generates at
-most 3 tokens. The file takes about 20 s on 2 CPU cores.
+most 3 tokens. The file takes about 15 s on 2 CPU cores.
 """
 
 from __future__ import annotations
