@@ -487,3 +487,8 @@ def test_a_changed_number_is_a_new_fact_not_a_duplicate(pz):
         "Fact c1-op3 about ana.",
         "Fact c10-op3 about ana.",
     ]
+
+
+def test_a_key_with_a_trailing_newline_is_refused(pz):
+    with pytest.raises(ValidationError, match="key"):
+        pz.remember("ana", "My home city is Lyon.", key="home_city\n")

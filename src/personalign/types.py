@@ -209,7 +209,33 @@ def _fix_for(error: dict[str, Any], in_message: bool = False) -> str:
         return "use a finite weight greater than 0"
     if "role" in loc:
         return "use one of 'system', 'user', 'assistant'"
-    return "give a non-empty text (and make chosen differ from rejected)"
+    ctx = error.get("ctx") or {}
+    bounds = {
+        "greater_than": ("gt", "greater than"),
+        "greater_than_equal": ("ge", "at least"),
+        "less_than": ("lt", "less than"),
+        "less_than_equal": ("le", "at most"),
+    }
+    if kind in bounds and bounds[kind][0] in ctx:
+        key, words = bounds[kind]
+        return f"use a value {words} {ctx[key]}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return "use a whole number"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return "use a finite number"
+    if kind in ("bool_type", "bool_parsing"):
+        return "use true or false"
+    if kind == "literal_error" and "expected" in ctx:
+        return f"use one of {ctx['expected']}"
+    if any(part in loc for part in ("prompt", "chosen", "rejected", "content", "text")) or kind.startswith(
+        "string"
+    ):
+        return (
+            "give a non-empty text (and make chosen differ from rejected)"
+            if {"chosen", "rejected"} & set(map(str, loc))
+            else "give a non-empty text"
+        )
+    return "fix the value as the message says"
 
 
 def convert_pydantic_error(prefix: str, err: pydantic.ValidationError) -> ValidationError:

@@ -63,7 +63,7 @@ SOURCE = INTERNAL + "source"
 EVENT = INTERNAL + "event"  # the event that made this version: ADD or UPDATE
 SUPERSEDED_BY = INTERNAL + "superseded_by"
 
-KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+KEY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # used with fullmatch: no trailing newline
 SOURCE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}$")
 MAX_MEMORY_ID_CHARS = 128
 DUPLICATE_THRESHOLD = 1.0  # off: a near-identical text may be another fact ("Fact 48a." / "Fact 48b."), so it is a conflict, not dropped
@@ -89,7 +89,7 @@ def check_key(key: Any) -> str | None:
     """``key`` if it is ``None`` or a short identifier (1-64 of ``A-Za-z0-9_.-``, starting alphanumeric)."""
     if key is None:
         return None
-    if not isinstance(key, str) or not KEY_PATTERN.match(key):
+    if not isinstance(key, str) or not KEY_PATTERN.fullmatch(key):
         raise ValidationError(
             "key",
             "must be a short identifier: 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit",

@@ -565,9 +565,11 @@ class RememberRequest(BaseModel):
 
     text: Fact | Annotated[list[Fact], Field(json_schema_extra={"minItems": 1})]
     metadata: Metadata | None = None
-    key: Annotated[StrictStr, Field(json_schema_extra={"pattern": KEY_PATTERN.pattern})] | None = Field(
-        default=None,
-        description="A short identifier (1-64 of A-Za-z0-9_.-); a newer memory with the same key supersedes this one",
+    key: Annotated[StrictStr, Field(json_schema_extra={"pattern": f"^{KEY_PATTERN.pattern}$"})] | None = (
+        Field(
+            default=None,
+            description="A short identifier (1-64 of A-Za-z0-9_.-); a newer memory with the same key supersedes this one",
+        )
     )
     on_conflict: Literal["keep", "supersede"] = "keep"
 
