@@ -14,58 +14,36 @@ gets the generic answer, and nothing is stored for them. The answers themselves 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
-import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-import pydantic
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from personalign import __version__
-from personalign.errors import UnknownUserError, ValidationError
-from personalign.personalizer import ConditioningParams, GenerationParams
-from personalign.server import errors, memories
-from personalign.server.asyncstream import AsyncTokenStream
+from personalign.errors import UnknownUserError
+from personalign.server import errors
 from personalign.server.batcher import Batcher
-from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.completions import add_routes as add_completion_routes
 from personalign.server.config import Principal, ServerConfig, hash_key
-from personalign.server.controls import decoding_options, seeds, tool_messages
 from personalign.server.errors import ApiError
 from personalign.server.ids import USER_ID_PATTERN, check_external_id
 from personalign.server.limits import BodyLimit, json_problem
 from personalign.server.schemas import (
-    IGNORED,
-    UNSUPPORTED,
-    ChatCompletion,
     ChatCompletionRequest,
-    DeletedMemories,
-    EnrollRequest,
-    EnrollResponse,
     ErrorBody,
-    ForgetResponse,
-    MemoryList,
     ModelCard,
     ModelList,
-    NextQuestionRequest,
-    NextQuestionResponse,
-    Personalisation,
-    ProfileResponse,
-    RankedQuestion,
     RememberRequest,
-    Usage,
 )
 from personalign.server.serving import GENERATING, Metrics, Serving
-from personalign.server.tools import ToolPlan
-from personalign.steering.schema import parse_steering
-from personalign.types import convert_pydantic_error, parse_messages
 
 log = logging.getLogger("personalign.server")
 
@@ -201,6 +179,20 @@ def check_memory_write(body: RememberRequest, limit: int) -> None:
             )
 
 
+@dataclass(frozen=True)
+class RouteContext:
+    """What ``create_app`` shares with the route modules (``chat_routes``, ``user_routes``)."""
+
+    pz: Any
+    config: ServerConfig
+    batcher: Batcher
+    model_names: set[str]
+    created: int
+    warn_unknown: Callable[[set[str]], None]
+    count_tokens: Callable[[str], int]
+    known: Callable[[str], None]
+
+
 def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI:
     """An app serving ``personalizer`` (which it does not close) under ``config``."""
     config = config or ServerConfig()
@@ -303,328 +295,11 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         """Batching statistics: how many chat batches ran and of which sizes."""
         return {**batcher.stats.snapshot(), "max_batch": config.max_batch}
 
-    # --- chat ------------------------------------------------------------------------------------
+    from personalign.server import chat_routes, user_routes  # they import this module's dependencies
 
-    def sdk_request(
-        body: ChatCompletionRequest, who: Principal, user: str | None, source: str | None
-    ) -> tuple[dict[str, Any], dict[str, int] | None, ToolPlan | None]:
-        """The ``respond_batch`` request, ``{"requested", "applied"}`` when ``max_tokens`` was lowered to the cap, and the tools' plan."""
-        if body.model not in model_names:
-            raise ApiError(
-                404,
-                f"model {body.model!r} is not served here. Fix: use {config.served_model!r} (see GET /v1/models)",
-                "model_not_found",
-                "model",
-            )
-        for name, allowed in UNSUPPORTED.items():
-            value = (body.model_extra or {}).get(name)
-            if value not in allowed:
-                raise ApiError(
-                    400,
-                    f"{name}={value!r} is not supported by this server. Fix: leave it out",
-                    "unsupported_parameter",
-                    name,
-                )
-        warn_unknown(set(body.model_extra or {}) - set(UNSUPPORTED) - IGNORED)
-        if (
-            body.max_tokens is not None
-            and body.max_completion_tokens is not None
-            and body.max_tokens != body.max_completion_tokens
-        ):
-            raise ApiError(
-                400,
-                "max_tokens and max_completion_tokens disagree. Fix: send one of them",
-                "invalid_value",
-                "max_tokens",
-            )
-        if body.n is not None and body.n > config.max_choices:
-            raise ApiError(
-                400,
-                f"n={body.n} exceeds this server's cap of {config.max_choices} choices. Fix: ask for fewer",
-                "invalid_value",
-                "n",
-            )
-        max_new = body.max_completion_tokens or body.max_tokens or config.default_max_tokens
-        clamped = None
-        if max_new > config.max_tokens_cap:  # as OpenAI-compatible servers do: answer, and say so
-            clamped, max_new = {"requested": max_new, "applied": config.max_tokens_cap}, config.max_tokens_cap
-        options, tools = decoding_options(body, config.default_temperature)
-        request: dict[str, Any] = {
-            "user": None if user is None else who.store_id(user, source or "user"),
-            "messages": tool_messages([m.as_sdk() for m in body.messages], tools),
-            "max_new_tokens": max_new,
-            **body.options(),
-            **options,
-        }
-        if body.steer is not None:
-            request["steer"] = body.steer
-        return request, clamped, tools
-
-    def prevalidate(request: dict[str, Any]) -> str | None:
-        """Everything ``respond_batch`` would reject, checked before the request joins a batch.
-
-        A user with no profile is answered generically (``request["user"]`` becomes ``None``);
-        the return value says why, for the response's ``personalign.note``.
-        """
-        parse_messages(request["messages"])
-        if "steer" in request:
-            parse_steering(request["steer"])
-        for model, name in ((GenerationParams, "generation"), (ConditioningParams, "conditioning")):
-            values = {k: v for k, v in request.items() if k in model.model_fields}
-            try:
-                model.model_validate(values)
-            except pydantic.ValidationError as err:
-                bad = convert_pydantic_error(
-                    name, err
-                )  # named as the body names it: "rerank", not "conditioning.rerank"
-                raise ValidationError(
-                    bad.field.removeprefix(f"{name}."), bad.problem, bad.fix, bad.value
-                ) from None
-        if request["user"] is None or pz.is_enrolled(request["user"]):
-            return None
-        request["user"] = None  # nothing is read or written for this user
-        return "no profile for this user (no comparisons or memories yet): the generic answer, and nothing was stored"
-
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletion,
-        tags=["openai"],
-        responses={
-            200: {
-                "content": {"text/event-stream": {}},
-                "description": "A completion, or SSE chunks with stream=true",
-            }
-        },
-    )
-    async def chat_completions(
-        body: ChatCompletionRequest,
-        who: Reader,
-        x_personalign_user: Annotated[
-            str | None, Header(alias=USER_HEADER, description="The user, when the body names none")
-        ] = None,
-    ) -> Any:
-        user, source = chat_user(body, x_personalign_user)
-        request, clamped, tools = sdk_request(body, who, user, source)
-        stops = parse_stop(body.stop)
-        n = body.n or 1
-        with batcher.arriving():
-            note = await run_in_threadpool(prevalidate, request)
-            # n choices are n rows of one respond_batch call; greedy with nothing sampled gives n equal rows, so one is run.
-            greedy = not request.get("temperature") and request.get("rerank", 0) < 2
-            rows = 1 if greedy else n
-            loop = asyncio.get_running_loop()
-            streams = [AsyncTokenStream(loop) for _ in range(rows)] if body.stream else []
-            # Streams join batches too: their tokens are routed out of the shared generate call.
-            # A whole reply with stop strings is streamed unread, to stop generating at the first one.
-            quiet = (
-                [EarlyStop(stops) for _ in range(rows)]
-                if stops and not streams and request.get("rerank", 0) < 2
-                else []
-            )
-            # each choice samples with its own seed (derived from the request's), whatever shares its batch
-            row_requests = [
-                request if s is None else {**request, "seed": s} for s in seeds(request.get("seed"), rows)
-            ]
-            watched = streams or quiet
-            future = batcher.submit_group(
-                [{**r, "stream": s} for r, s in zip(row_requests, watched, strict=True)]
-                if watched
-                else row_requests
-            )
-        for stream in streams:
-            # A request its batch rejected before generating never reaches the streamer: end its stream too.
-            future.add_done_callback(
-                lambda f, stream=stream: stream.fail(f.exception()) if f.exception() is not None else None
-            )
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
-
-        def personalisation(results: list[Any]) -> Personalisation:
-            first = results[0]
-            return Personalisation(
-                user=user,
-                user_source=source,
-                user_known=request["user"] is not None,
-                memories=first.memories,
-                shots=len(first.shots),
-                steer=first.steer,
-                note=note,
-                personalization=first.personalization,
-                personalization_by_choice=[r.personalization for r in results] if len(results) > 1 else None,
-                max_tokens_clamped=clamped,
-            )
-
-        max_new = request["max_new_tokens"]
-        if streams:
-            usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-            logprob_tokenizer = pz.generator.tokenizer if body.logprobs else None
-            plan = StreamPlan(
-                streams,
-                n,
-                stops,
-                max_new,
-                usage_chunk,
-                count_tokens,
-                personalisation,
-                config.keepalive_s,
-                tools,
-                logprob_tokenizer,
-            )
-            return StreamingResponse(
-                sse(plan, completion_id, now, config.served_model),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        results = await asyncio.wrap_future(future)
-        results = results * n if len(results) < n else results
-        answers = [answer(r, max_new, stops, count_tokens) for r in results]
-        return ChatCompletion(
-            id=completion_id,
-            created=now,
-            model=config.served_model,
-            choices=choices(answers, results, tools, pz.generator.tokenizer if body.logprobs else None),
-            usage=Usage(**usage(results, answers)),
-            personalign=personalisation(results),
-        )
-
-    # --- users -----------------------------------------------------------------------------------
-
-    @app.post("/v1/users/{user_id}/comparisons", response_model=EnrollResponse, tags=["users"])
-    def enroll(user_id: str, body: EnrollRequest, who: Writer) -> EnrollResponse:
-        """Add comparisons (TRL format) to a user, creating them if new. All are stored or none."""
-        store_id = who.store_id(user_id, "user_id")
-        if len(body.comparisons) > config.max_comparisons_per_request:
-            limit = config.max_comparisons_per_request
-            raise ApiError(
-                413,
-                f"{len(body.comparisons)} comparisons in one request; the limit is {limit}. Fix: send them in parts",
-                "request_too_large",
-                "comparisons",
-            )
-        profile = pz.enroll(store_id, body.comparisons)
-        return EnrollResponse(
-            user=user_id,
-            added=len(body.comparisons),
-            comparisons=len(profile.comparisons),
-            version=profile.version,
-            default_steer=pz.default_steer(store_id),
-        )
-
-    @app.get("/v1/users/{user_id}", response_model=ProfileResponse, tags=["users"])
-    def get_user(user_id: str, who: Reader) -> ProfileResponse:
-        store_id = who.store_id(user_id, "user_id")
-        profile = pz.profile(store_id)
-        return ProfileResponse(
-            id=user_id,
-            comparisons=[c.model_dump(mode="json", exclude_none=True) for c in profile.comparisons],
-            n_comparisons=len(profile.comparisons),
-            n_memories=pz.memory_count(store_id),
-            settings=profile.settings,
-            default_steer=pz.default_steer(store_id),
-            created_at=profile.created_at,
-            updated_at=profile.updated_at,
-            version=profile.version,
-        )
-
-    @app.delete("/v1/users/{user_id}", response_model=ForgetResponse, tags=["users"])
-    def forget(user_id: str, who: Writer) -> ForgetResponse:
-        """Forget everything about a user: memories (deleted from disk) and profile."""
-        store_id = who.store_id(user_id, "user_id")
-        known(store_id)
-        outcome = pz.forget(store_id)
-        return ForgetResponse(
-            id=user_id,
-            deleted=True,
-            memories_deleted=int(outcome["memories_deleted"]),
-            profile_deleted=bool(outcome["profile_deleted"]),
-        )
-
-    # --- memories --------------------------------------------------------------------------------
-
-    def external(records: dict[str, Any], who: Principal) -> MemoryList:
-        return MemoryList(
-            results=[{**r, "user_id": who.external_id(r["user_id"])} for r in records["results"]]
-        )
-
-    @app.post("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
-    def remember(user_id: str, body: RememberRequest, who: Writer) -> MemoryList:
-        """Store one fact or several (creating the user if new); mem0-shaped results."""
-        store_id = who.store_id(user_id, "user_id")
-        check_memory_write(body, config.max_memories_per_request)
-        return external(
-            pz.remember(
-                store_id, body.text, body.metadata, key=body.key, on_conflict=body.on_conflict, source="http"
-            ),
-            who,
-        )
-
-    @app.get("/v1/users/{user_id}/memories", response_model=MemoryList, tags=["memories"])
-    def list_memories(
-        user_id: str,
-        who: Reader,
-        query: Annotated[
-            str | None,
-            Query(min_length=1, max_length=8000, description="Search by meaning instead of listing all"),
-        ] = None,
-        top_k: Annotated[int, Query(ge=1, le=1000)] = 5,
-        threshold: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
-        limit: Annotated[int | None, Query(ge=1)] = None,
-        filters: Annotated[
-            str | None,
-            Query(
-                max_length=8000,
-                description='Metadata filter as JSON: {"field": value} or {"field": {"gte": 2}}',
-            ),
-        ] = None,
-        status: Annotated[
-            str,
-            Query(pattern="^(active|superseded|all)$", description="active (the default), superseded or all"),
-        ] = "active",
-    ) -> MemoryList:
-        store_id = who.store_id(user_id, "user_id")
-        known(store_id)
-        where = memories.parse_filters(filters)
-        if query is not None:
-            return external(
-                pz.search_memories(
-                    store_id, query, top_k=top_k, threshold=threshold, filters=where, status=status
-                ),
-                who,
-            )
-        return external(pz.memories(store_id, filters=where, status=status, limit=limit), who)
-
-    @app.delete("/v1/users/{user_id}/memories", response_model=DeletedMemories, tags=["memories"])
-    def delete_memories(user_id: str, who: Writer) -> DeletedMemories:
-        """Delete all of a user's memories (the profile and comparisons stay)."""
-        store_id = who.store_id(user_id, "user_id")
-        known(store_id)
-        return DeletedMemories(user=user_id, deleted=pz.forget_memories(store_id))
-
-    @app.delete("/v1/users/{user_id}/memories/{memory_id}", response_model=DeletedMemories, tags=["memories"])
-    def delete_memory(user_id: str, memory_id: str, who: Writer) -> DeletedMemories:
-        store_id = who.store_id(user_id, "user_id")
-        known(store_id)
-        if len(memory_id) > 128 or not pz.delete_memory(store_id, memory_id):
-            raise ApiError(
-                404, f"user {user_id!r} has no memory {memory_id[:128]!r}", "memory_not_found", "memory_id"
-            )
-        return DeletedMemories(user=user_id, deleted=1)
-
-    memories.install(
-        app, pz, Reader, Writer, known, check_memory_write
-    )  # get, update, history, search; export
-
-    # --- active enrolment ------------------------------------------------------------------------
-
-    @app.post("/v1/users/{user_id}/next-question", response_model=NextQuestionResponse, tags=["users"])
-    def next_question(user_id: str, who: Reader, body: NextQuestionRequest) -> NextQuestionResponse:
-        """Rank candidate comparisons by how much this user's answer would teach (expected information gain)."""
-        store_id = who.store_id(user_id, "user_id")
-        ranked = pz.next_question(store_id, [c.model_dump() for c in body.candidates], top_k=body.top_k)
-        return NextQuestionResponse(
-            user=user_id, embedder=pz.embedder.name, questions=[RankedQuestion(**q) for q in ranked]
-        )
-
+    ctx = RouteContext(pz, config, batcher, model_names, created, warn_unknown, count_tokens, known)
+    chat_routes.install(app, ctx)
+    user_routes.install(app, ctx)
     add_completion_routes(app, pz, config, model_names, principal)
     return app
 
