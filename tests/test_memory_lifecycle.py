@@ -492,3 +492,15 @@ def test_a_changed_number_is_a_new_fact_not_a_duplicate(pz):
 def test_a_key_with_a_trailing_newline_is_refused(pz):
     with pytest.raises(ValidationError, match="key"):
         pz.remember("ana", "My home city is Lyon.", key="home_city\n")
+
+
+def test_search_is_a_path_not_a_memory_id(server):
+    """GET, PUT or DELETE of /memories/search is a 405 naming POST, never the memory "search"."""
+    with _client(server, ACME) as http:
+        http.post("/v1/users/cara/memories", json={"text": PARIS})
+        for method in ("GET", "PUT", "DELETE"):
+            answer = http.request(method, "/v1/users/cara/memories/search", json={"text": "x"})
+            assert answer.status_code == 405 and answer.headers["allow"] == "POST", (method, answer.text)
+        assert (
+            http.post("/v1/users/cara/memories/search", json={"query": "Where do I live?"}).status_code == 200
+        )

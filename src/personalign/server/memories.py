@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personalign.memory.lifecycle import MAX_MEMORY_ID_CHARS, UnknownMemoryError
 from personalign.server.config import Principal
@@ -47,6 +48,15 @@ def parse_filters(text: str | None) -> dict[str, Any] | None:
             "filters",
         )
     return value
+
+
+SEARCH = "search"  # /memories/search is its own path (POST), never the memory "search"
+
+
+def not_a_memory_route(memory_id: str) -> None:
+    """A GET, PUT or DELETE of ``/memories/search`` is a 405 (``Allow: POST``), not memory "search"."""
+    if memory_id == SEARCH:
+        raise StarletteHTTPException(405)
 
 
 def external_record(record: dict[str, Any], who: Principal) -> dict[str, Any]:
@@ -92,6 +102,7 @@ def install(
     @app.get("/v1/users/{user_id}/memories/{memory_id}", response_model=MemoryList, tags=["memories"])
     def get_memory(user_id: str, memory_id: str, who: reader) -> MemoryList:  # type: ignore[valid-type]
         """One memory by id, any status (``{"results": [memory]}``)."""
+        not_a_memory_route(memory_id)
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
         try:
@@ -102,6 +113,7 @@ def install(
     @app.put("/v1/users/{user_id}/memories/{memory_id}", response_model=MemoryList, tags=["memories"])
     def update_memory(user_id: str, memory_id: str, body: UpdateMemoryRequest, who: writer) -> MemoryList:  # type: ignore[valid-type]
         """Replace a memory's text (and metadata, when given); the previous text stays in its history."""
+        not_a_memory_route(memory_id)
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
         check_write(RememberRequest(text=body.text, metadata=body.metadata), 1)

@@ -154,6 +154,7 @@ def install(app: FastAPI, ctx: Any) -> None:
 
     @app.delete("/v1/users/{user_id}/memories/{memory_id}", response_model=DeletedMemories, tags=["memories"])
     def delete_memory(user_id: str, memory_id: str, who: Writer) -> DeletedMemories:
+        memories.not_a_memory_route(memory_id)
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
         if len(memory_id) > 128 or not pz.delete_memory(store_id, memory_id):
