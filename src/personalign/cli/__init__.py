@@ -46,18 +46,15 @@ def _root(
 
 def main() -> None:
     """The ``personalign`` entry point: the app, with a missing optional extra named rather than a traceback."""
-    from personalign.cli._common import EXTRAS
+    from personalign.cli._common import missing_extra
 
     try:
         app()
     except ModuleNotFoundError as err:
-        extra = EXTRAS.get((err.name or "").split(".")[0])
-        if extra is None:
+        message = missing_extra(err)
+        if message is None:
             raise
-        typer.echo(
-            f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'",
-            err=True,
-        )
+        typer.echo(message, err=True)
         raise SystemExit(1) from None
 
 

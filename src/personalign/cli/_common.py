@@ -54,6 +54,14 @@ EXTRAS = {
 }
 
 
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The error line for a module of an optional extra that is not installed (``None``: not an extra's)."""
+    extra = EXTRAS.get((err.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'"
+
+
 @contextmanager
 def failing(*also: type[Exception], usage: bool = False) -> Iterator[None]:
     """Turn a personalign error (and any of ``also``) into ``error: ...`` on stderr and an exit code
@@ -65,20 +73,11 @@ def failing(*also: type[Exception], usage: bool = False) -> Iterator[None]:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(USAGE_EXIT if usage else exit_code(err)) from None
     except ModuleNotFoundError as err:
-        extra = EXTRAS.get((err.name or "").split(".")[0])
-        if extra is None:
+        message = missing_extra(err)
+        if message is None:
             raise
-        typer.echo(
-            f"error: this command needs {err.name}, which is not installed. Fix: pip install 'personalign[{extra}]'",
-            err=True,
-        )
+        typer.echo(message, err=True)
         raise typer.Exit(ERROR_EXIT) from None
-
-
-def fail(err: Exception) -> None:
-    """Report ``err`` and exit, outside a ``failing()`` block."""
-    typer.echo(f"error: {err}", err=True)
-    raise typer.Exit(exit_code(err))
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from personalign.errors import ValidationError
 from personalign.personalizer import ConditioningParams, GenerationParams
-from personalign.server.app import USER_HEADER, Reader, Writer, chat_user, check_memory_write, log  # noqa: F401
+from personalign.server.app import USER_HEADER, Reader, chat_user
 from personalign.server.asyncstream import AsyncTokenStream
 from personalign.server.chat import EarlyStop, StreamPlan, answer, choices, parse_stop, sse, usage
 from personalign.server.config import Principal

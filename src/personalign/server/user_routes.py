@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query
 
 from personalign.server import memories
-from personalign.server.app import USER_HEADER, Reader, Writer, chat_user, check_memory_write, log  # noqa: F401
+from personalign.server.app import Reader, Writer, check_memory_write
 from personalign.server.config import Principal
 from personalign.server.errors import ApiError
 from personalign.server.schemas import (
