@@ -106,8 +106,13 @@ class Personalizer:
         fspo: str | Path | None = None,
         pplug: str | Path | None = None,
         user_vas: str | Path | None = None,
+        profiles_url: str | None = None,
     ) -> None:
-        """``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
+        """``profiles_url``: keep profiles in this database (``sqlite:///path.db`` or
+        ``postgresql://...``) instead of JSON files; with ``memory_client`` too, the store is
+        shared and several processes may open it (docs/scaling.md).
+
+        ``embedder``: the preference embedder behind ``reward``/``predict``/``next_question``: an
         object (e.g. a fitted ``PAL``), a folder written by ``personalign train pal|vpl``, or
         ``None`` for the shipped PAL (fitted on the project's synthetic population only, on templated
         candidates and the embedded generator's own answers).
@@ -125,7 +130,7 @@ class Personalizer:
         ``None`` looks in ``$PERSONALIGN_PPLUG_DIR``, else the package's ``data/pplug``."""
         self.generator = generator
         self.encoder = encoder
-        self.store = UserStore(store, encoder, memory_client)
+        self.store = UserStore(store, encoder, memory_client, profiles_url)
         self.store_path = self.store.root
         self.profiles = self.store.profiles
         self.memory = self.store.memory
@@ -136,7 +141,8 @@ class Personalizer:
         self.plug = self._load_plug(pplug)
         self._user_vas_spec = user_vas
         self._user_heads: Any = None  # loaded on first use (they need the embedder)
-        self._descriptions: dict[str, tuple[tuple[int, int], str]] = {}
+        self._descriptions: dict[str, tuple[tuple[float, int, int], str]] = {}
+        self._adapter_seen: dict[str, Any] = {}  # user -> profile's adapter note when last read here
         self._generate_lock = threading.Lock()
         self.engine = GenerationEngine(self)  # prepares, batches and decodes requests (personalign.engine)
 
@@ -154,6 +160,7 @@ class Personalizer:
         pplug: str | Path | None = None,
         user_vas: str | Path | None = None,
         *,
+        profiles_url: str | None = None,
         torch_dtype: Any = None,
         device_map: str | dict[str, Any] | None = None,
         quantization_config: Any = None,
@@ -176,8 +183,9 @@ class Personalizer:
         )  # fmt: skip
         enc = load_encoder(encoder, device=device, **hub)
         return cls(
-            generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas
-        )
+            generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas,
+            profiles_url=profiles_url,
+        )  # fmt: skip
 
     def user_heads(self) -> Any:
         """The user-conditioned value heads (``user-vas``) for this generator and embedder, or ``None``.
@@ -529,6 +537,7 @@ class Personalizer:
         with self._generate_lock:
             self.adapters.unload(user)
         self._descriptions.pop(user, None)
+        self._adapter_seen.pop(user, None)
         return self.store.forget(user)
 
     # --- preferences: reward, predict, next question (see personalign/preference/service.py) -----------
@@ -673,6 +682,7 @@ class Personalizer:
         if user is not None:
             if profile is None:
                 profile = self.profiles.get(user)  # validates the id; UnknownUserError if absent
+            self._drop_stale_adapter(user, profile)
             query = query_of(parsed)
             # The search reads at most a memory's length of the message; an empty message retrieves nothing.
             search = query[:MAX_MEMORY_CHARS]
@@ -688,16 +698,27 @@ class Personalizer:
             tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens
         )
 
+    def _drop_stale_adapter(self, user: str, profile: UserProfile) -> None:
+        """Unload ``user``'s resident adapter when their profile notes another one than when it was
+        last read here: another worker process (or this one) trained or imported a new adapter."""
+        note = profile.settings.get("adapter")
+        if self._adapter_seen.get(user) == note:
+            return
+        if user in self.adapters.resident:
+            with self._generate_lock:  # never while a batch generates with it
+                self.adapters.unload(user)  # the next batch loads the adapter on disk now
+        self._adapter_seen[user] = note
+
     def describe(
         self, user: str, n_shots: int = 4, profile: UserProfile | None = None, max_new_tokens: int = 48
     ) -> str:
         """A one-line description of what ``user`` prefers, written by the generator from their
         ``n_shots`` most recent comparisons (FSPO's user-description step; greedy).
 
-        Cached per user until their comparisons change.
+        Cached per user until their profile changes (here or in another worker process).
         """
         profile = profile if profile is not None else self.profiles.get(user)
-        key = (profile.version, len(profile.comparisons))
+        key = (profile.created_at, profile.version, len(profile.comparisons))
         cached = self._descriptions.get(user)
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -2,6 +2,10 @@
 
 Layout: ``<store>/users/<user_id>/profile.json``. The user's folder is also where derived
 artefacts (adapters, states) live, so deleting it forgets everything on disk.
+
+:class:`Profiles` is what every profile store offers; :func:`open_profiles` picks one: this
+JSON store (one process), or :class:`~personalign.memory.sql_profiles.SqlProfileStore` for a
+``profiles_url`` (SQLite or PostgreSQL, several worker processes).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from threading import RLock
+from typing import Protocol
 
 from filelock import FileLock
 
@@ -20,6 +25,38 @@ from personalign.memory.locking import atomic_write_json
 from personalign.types import UserProfile, validate_user_id
 
 PROFILE_FILE = "profile.json"
+
+
+class Profiles(Protocol):
+    """A profile store: users' comparisons and settings, and the folders of their artefacts."""
+
+    users_dir: Path
+
+    def user_dir(self, user_id: str) -> Path: ...
+
+    def exists(self, user_id: str) -> bool: ...
+
+    def get(self, user_id: str) -> UserProfile: ...
+
+    def update(
+        self, user_id: str, change: Callable[[UserProfile], UserProfile], create: bool = True
+    ) -> UserProfile: ...
+
+    def delete(self, user_id: str) -> bool: ...
+
+    def list_users(self) -> list[str]: ...
+
+    def close(self) -> None: ...
+
+
+def open_profiles(root: str | Path, url: str | None = None) -> Profiles:
+    """The profile store of the store directory ``root``: JSON files (``url=None``), or the
+    database at ``url`` (``sqlite:///path.db`` or ``postgresql://...``)."""
+    if url is None:
+        return ProfileStore(root)
+    from personalign.memory.sql_profiles import SqlProfileStore
+
+    return SqlProfileStore(url, root)
 
 
 class ProfileStore:
@@ -82,3 +119,6 @@ class ProfileStore:
             for p in self.users_dir.glob(f"*/{PROFILE_FILE}")
             if not p.parent.name.startswith(".")
         )
+
+    def close(self) -> None:
+        """Nothing to release (the lock is held only inside each call)."""

@@ -9,32 +9,47 @@ from typing import Any
 from personalign.memory.chroma import MemoryStore
 from personalign.memory.lifecycle import MemoryLifecycle, check_add_options
 from personalign.memory.locking import StoreLock
-from personalign.memory.profiles import ProfileStore
+from personalign.memory.profiles import open_profiles
 from personalign.models import Encoder
 from personalign.types import validate_user_id
+
+
+def is_shared(memory_server: bool, profiles_url: str | None) -> bool:
+    """Whether a store may be opened by several processes: profiles in a database and memories
+    on a Chroma server. Anything embedded (JSON profiles, an embedded Chroma) has one writer."""
+    return memory_server and profiles_url is not None
 
 
 class UserStore:
     """Everything stored about users under one directory (or memories on a Chroma server).
 
     Layout: ``store.lock``, ``profiles.lock``, ``users/<id>/profile.json`` and ``chroma/``.
-    Held exclusively by one open UserStore at a time (``StoreLockedError`` otherwise).
+
+    Embedded (profiles as JSON files, or memories in ``chroma/``): one process at a time; an
+    open UserStore holds the store exclusively (``StoreLockedError`` for a second opener).
+    Shared (``profiles_url`` names a database and ``memory_client`` is a Chroma server): no
+    store lock, so several worker processes or hosts can open the same store (``users/`` on
+    storage they all see).
     """
 
-    def __init__(self, root: str | Path, encoder: Encoder, memory_client: Any = None) -> None:
+    def __init__(
+        self, root: str | Path, encoder: Encoder, memory_client: Any = None, profiles_url: str | None = None
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = StoreLock(self.root)
-        self._lock.acquire()
+        self.shared = is_shared(memory_client is not None, profiles_url)
+        self._lock = None if self.shared else StoreLock(self.root)
+        if self._lock is not None:
+            self._lock.acquire()
         try:
-            self.profiles = ProfileStore(self.root)
+            self.profiles = open_profiles(self.root, profiles_url)
             if memory_client is None:
                 self.memory = MemoryStore(encoder, path=self.root / "chroma")
             else:
                 self.memory = MemoryStore(encoder, client=memory_client)
             self.memories = MemoryLifecycle(self.memory)
         except BaseException:
-            self._lock.release()
+            self.close()
             raise
 
     def remember(
@@ -67,7 +82,11 @@ class UserStore:
         return {"memories_deleted": memories, "profile_deleted": removed}
 
     def close(self) -> None:
-        self._lock.release()
+        profiles = getattr(self, "profiles", None)
+        if profiles is not None:
+            profiles.close()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> UserStore:
         return self
