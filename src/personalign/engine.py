@@ -92,6 +92,7 @@ class GenerationEngine:
             personalizer._generate_lock
         )  # one generate call at a time (adapters are swapped per batch)
         self._grammars: dict[str, Any] = {}
+        self.backend = personalizer.backend  # where rows decode (personalign.backends)
 
     def prepare(
         self,
@@ -121,7 +122,8 @@ class GenerationEngine:
             applied = parse_steering(steer)
         else:
             applied = Steering({}) if profile is None else _default_steering(profile)
-        method = self.steering.method(applied.method, applied.weights)
+        caps = self.backend.capabilities
+        method = self.steering.method(applied.method, applied.weights, caps.steering)
         conversation = cond.conversation
         description = None
         if conditioning.describe and profile is not None and profile.comparisons:
@@ -137,6 +139,8 @@ class GenerationEngine:
         use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
         adapter_user = user if use_adapter else None
         query = query_of(parse_messages(messages))
+        skipped: dict[str, str] = {}
+        conditioning = self._backend_defaults(conditioning, skipped)
         plug = None
         if conditioning.pplug and self.pz.plug is not None and profile is not None:
             items = self.pz.history_items(user, profile)  # type: ignore[arg-type]
@@ -162,7 +166,9 @@ class GenerationEngine:
         guide, vas_report = self._user_guide(profile, conditioning.user_vas)
         if vas_report is not None:
             guidance = vas_report if guidance is None else {**guidance, "user_vas": vas_report}
-        return Prepared(
+        if skipped:
+            guidance = {**(guidance or {}), "skipped": skipped}
+        prepared = Prepared(
             user,
             cond,
             params,
@@ -179,6 +185,21 @@ class GenerationEngine:
             personalization=guidance,
             guide=guide,
         )
+        self.backend.check(prepared)
+        return prepared
+
+    def _backend_defaults(
+        self, conditioning: ConditioningParams, skipped: dict[str, str]
+    ) -> ConditioningParams:
+        """``conditioning`` without the default-on conditioners the backend cannot run (noted in
+        ``skipped``); one the request set explicitly stays, and the backend refuses it."""
+        caps = self.backend.capabilities
+        off: dict[str, Any] = {}
+        for name, value in (("fspo", False), ("pplug", False), ("user_vas", 0.0)):
+            if name not in caps.conditioning and name not in conditioning.model_fields_set:
+                off[name] = value
+                skipped[name] = f"not available on the {self.backend.name} backend"
+        return conditioning.model_copy(update=off) if off else conditioning
 
     def _user_guide(
         self, profile: UserProfile | None, strength: float | None
@@ -367,9 +388,10 @@ class GenerationEngine:
             prepared.personalization,
         )
 
-    def _run(
+    def decode_local(
         self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None] | None = None
     ) -> list[ChatResult]:
+        """Decode ``batch`` with Hugging Face ``generate`` in this process (the local backend)."""
         import torch
         from transformers import StoppingCriteriaList
 
@@ -463,7 +485,9 @@ class GenerationEngine:
         outputs: list[ChatResult | None] = [None] * len(rows)
         for group in groups.values():
             for row, result in zip(
-                group, self._run([rows[r] for r in group], [row_streams[r] for r in group]), strict=True
+                group,
+                self.backend.run(self, [rows[r] for r in group], [row_streams[r] for r in group]),
+                strict=True,
             ):
                 outputs[row] = result
         mine: dict[int, list[ChatResult]] = {}

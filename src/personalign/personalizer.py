@@ -20,6 +20,7 @@ from personalign.adapters.amplify import AmplifyConfig
 from personalign.adapters.bank import LoraBank
 from personalign.adapters.lora import LoraTrainConfig
 from personalign.adapters.store import AdapterError, AdapterManager
+from personalign.backends import LocalBackend
 from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated  # noqa: F401 (re-exported)
 from personalign.conditioning.fspo import (
     FSPO_CONFIG,
@@ -107,8 +108,14 @@ class Personalizer:
         pplug: str | Path | None = None,
         user_vas: str | Path | None = None,
         profiles_url: str | None = None,
+        backend: Any = None,
     ) -> None:
-        """``profiles_url``: keep profiles in this database (``sqlite:///path.db`` or
+        """``backend``: where prompts decode (:mod:`personalign.backends`): ``None`` for Hugging Face
+        ``generate`` in this process, or a :class:`~personalign.backends.remote.RemoteEngine`
+        (llama.cpp server, vLLM); personalisation (memories, shots, the user's state, prompt-level
+        steering, reranking) stays here either way.
+
+        ``profiles_url``: keep profiles in this database (``sqlite:///path.db`` or
         ``postgresql://...``) instead of JSON files; with ``memory_client`` too, the store is
         shared and several processes may open it (docs/scaling.md).
 
@@ -144,6 +151,7 @@ class Personalizer:
         self._descriptions: dict[str, tuple[tuple[float, int, int], str]] = {}
         self._adapter_seen: dict[str, Any] = {}  # user -> profile's adapter note when last read here
         self._generate_lock = threading.Lock()
+        self.backend = backend if backend is not None else LocalBackend()
         self.engine = GenerationEngine(self)  # prepares, batches and decodes requests (personalign.engine)
 
     @classmethod
@@ -161,6 +169,7 @@ class Personalizer:
         user_vas: str | Path | None = None,
         *,
         profiles_url: str | None = None,
+        backend: Any = None,
         torch_dtype: Any = None,
         device_map: str | dict[str, Any] | None = None,
         quantization_config: Any = None,
@@ -184,7 +193,7 @@ class Personalizer:
         enc = load_encoder(encoder, device=device, **hub)
         return cls(
             generator, enc, store, memory_client, embedder=embedder, fspo=fspo, pplug=pplug, user_vas=user_vas,
-            profiles_url=profiles_url,
+            profiles_url=profiles_url, backend=backend,
         )  # fmt: skip
 
     def user_heads(self) -> Any:
@@ -259,7 +268,8 @@ class Personalizer:
     # --- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the store so another process or Personalizer can open it."""
+        """Release the store so another process or Personalizer can open it (and the backend's engine)."""
+        self.backend.close()
         self.store.close()
 
     def __enter__(self) -> Personalizer:

@@ -11,7 +11,7 @@ no processor and no extra rows, so it decodes exactly as plain ``generate``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,11 +74,14 @@ class SteeringRuntime:
     def root(self) -> Path:
         return self.folder if self.folder is not None else steering_dir()
 
-    def method(self, requested: str, weights: Mapping[str, float]) -> str | None:
+    def method(
+        self, requested: str, weights: Mapping[str, float], allowed: Collection[str] | None = None
+    ) -> str | None:
+        """The method that steers ``weights`` (``auto``: the first in order among ``allowed``)."""
         names = [k for k, v in weights.items() if v != 0.0]
         if not names:
             return None
-        method = resolve_method(requested, names, self.generator.model_id)
+        method = resolve_method(requested, names, self.generator.model_id, allowed)
         if method is None:
             table = steerable_by_method(self.generator.model_id)
             raise ValidationError(

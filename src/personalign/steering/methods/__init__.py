@@ -17,6 +17,7 @@ in ``_MODULES``. This package imports without torch (the request schema depends 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from importlib import import_module
 
 from personalign.steering.methods.base import (
@@ -60,12 +61,18 @@ def steerable_by_method(model_id: str | None = None) -> dict[str, tuple[str, ...
     return {name: method.steerable(model_id) for name, method in REGISTRY.items()}
 
 
-def resolve_method(method: str, objectives: list[str], model_id: str | None = None) -> str | None:
-    """The concrete method for ``method`` and the requested objectives (``None``: none can)."""
+def resolve_method(
+    method: str, objectives: list[str], model_id: str | None = None, allowed: Collection[str] | None = None
+) -> str | None:
+    """The concrete method for ``method`` and the requested objectives (``None``: none can).
+
+    ``allowed``: the methods the generation backend can run (``auto`` picks among them only).
+    """
     table = steerable_by_method(model_id)
     if method != "auto":
         return method if set(objectives) <= set(table.get(method, ())) else None
-    return next((m for m in AUTO_ORDER if set(objectives) <= set(table[m])), None)
+    order = [m for m in AUTO_ORDER if allowed is None or m in allowed]
+    return next((m for m in order if set(objectives) <= set(table[m])), None)
 
 
 __all__ = [
