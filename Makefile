@@ -31,6 +31,8 @@ demo: $(STAMP)
 	$(VENV)/bin/personalign demo
 
 test: $(STAMP)
+	# llama.cpp's server for the remote-backend tests: built once per machine (minutes), then cached.
+	$(VENV)/bin/personalign engine build
 	$(VENV)/bin/ruff check src tests examples bench
 	$(VENV)/bin/ruff format --check src tests examples bench
 	$(VENV)/bin/pytest -q

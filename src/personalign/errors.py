@@ -31,6 +31,11 @@ class ValidationError(PersonalignError, ValueError):
         super().__init__(f"{field}: {problem}{shown}. Fix: {fix}")
 
 
+class EngineError(PersonalignError, RuntimeError):
+    """The generation engine behind a remote backend failed, could not be reached, or could not be
+    built or fed an adapter (a 502 over HTTP; the message names the engine and the fix)."""
+
+
 class UnknownUserError(PersonalignError, KeyError):
     """The user id has no profile in this store."""
 

@@ -34,7 +34,7 @@ import httpx
 from filelock import FileLock
 
 from personalign.artefacts import atomic_write_json
-from personalign.errors import PersonalignError
+from personalign.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ CONVERTER_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversi
 BUILD_INFO = "build.json"
 
 
-class LlamaCppError(PersonalignError, RuntimeError):
+class LlamaCppError(EngineError):
     """llama.cpp could not be built, started or fed an adapter (the message names the fix)."""
 
 

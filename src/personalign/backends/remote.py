@@ -37,16 +37,12 @@ from typing import Any
 import httpx
 
 from personalign.backends import DECODING, BackendCapabilityError, Capabilities
-from personalign.errors import PersonalignError, ValidationError
+from personalign.errors import EngineError, ValidationError
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("llama.cpp", "vllm")
 GGUF_ADAPTER = "adapter.gguf"  # beside the user's PEFT folder, so forgetting the user removes it
-
-
-class EngineError(PersonalignError, RuntimeError):
-    """The remote engine failed or could not be reached (a 502 over HTTP; the message names it)."""
 
 
 def _capabilities(kind: str) -> Capabilities:

@@ -292,6 +292,7 @@ def subprocess_server(
     encoder: str | None,
     device: str | None,
     start_timeout: float = 600,
+    extra: Sequence[str] = (),
 ) -> Iterator[str]:
     """``personalign serve`` in a child process on a free loopback port; yields its URL."""
     import httpx
@@ -301,7 +302,7 @@ def subprocess_server(
     with bound_socket() as probe:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
-    command += ["--max-batch", str(max_batch), "--log-level", "warning"]
+    command += ["--max-batch", str(max_batch), "--log-level", "warning", *extra]
     for flag, value in (("--model", model), ("--encoder", encoder), ("--device", device)):
         if value is not None:
             command += [flag, value]

@@ -6,7 +6,8 @@
 - ``demo``: ``demo``;
 - ``train`` (and ``train_steer``, the steering recipes), ``eval``, ``bench``: the
   ``personalign train|eval|bench ...`` groups;
-- ``memory``: ``memory add|get|update|history|list|search``, ``export-user`` and ``eval drift``.
+- ``memory``: ``memory add|get|update|history|list|search``, ``export-user`` and ``eval drift``;
+- ``engine``: ``engine build|info|run`` (the llama.cpp server remote decoding runs on).
 
 A new command group is one module here that imports ``app`` from ``_common`` (and, for a
 sub-group, calls ``app.add_typer``), plus its name in ``GROUPS`` below.
@@ -21,7 +22,7 @@ import typer
 
 from personalign.cli._common import app
 
-GROUPS = ("core", "demo", "train", "train_steer", "eval", "eval_psoups", "bench", "memory")
+GROUPS = ("core", "demo", "train", "train_steer", "eval", "eval_psoups", "bench", "memory", "engine")
 for _group in GROUPS:
     import_module(f"personalign.cli.{_group}")
 

@@ -206,9 +206,21 @@ def bench_serve(
             help="20 users; chats mixed with memory writes and enrollments, all read back at the end.",
         ),
     ] = False,
+    engines: Annotated[
+        bool,
+        typer.Option(
+            "--engines",
+            help="Compare the in-process backend, the remote llama.cpp backend and plain llama.cpp (builds llama-server once).",
+        ),
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --engines: llama.cpp's CPU threads (default: its own choice)."),
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
-    """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time."""
+    """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time
+    (``--engines``: personalign in process, personalign on llama.cpp, and llama.cpp alone)."""
     from personalign.bench.serve import format_report, run_serve_bench
     from personalign.errors import ValidationError
 
@@ -218,6 +230,14 @@ def bench_serve(
             raise ValidationError(
                 "--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients
             )
+    if engines:
+        from personalign.bench.engines import format_engine_report, run_engine_bench
+
+        with failing():
+            report = run_engine_bench(levels, requests, seconds, max_tokens, max_batch, threads)
+        typer.echo(format_engine_report(report))
+        write_json(json_out, report)
+        return
     with failing():
         result = run_serve_bench(
             levels=levels,

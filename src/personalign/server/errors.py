@@ -12,6 +12,7 @@
 | 413 | request body over the limit, too many comparisons or memories in one request | invalid_request_error / request_too_large |
 | 429 | too many chats, completions and embeddings in flight (``Retry-After`` says when to retry) | rate_limit_error / rate_limit_exceeded |
 | 501 | an endpoint whose backing feature is not installed | not_implemented_error |
+| 502 | the remote generation engine (llama.cpp server, vLLM) failed or is unreachable | api_error / engine_unavailable |
 | 503 | the store is held by another process | service_unavailable |
 
 A 500 only ever means a bug; bad input never produces one. Nothing answers 422: OpenAI answers
@@ -31,7 +32,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from personalign.errors import ContextLengthError, StoreLockedError, UnknownUserError, ValidationError
+from personalign.errors import ContextLengthError, EngineError, StoreLockedError, UnknownUserError, ValidationError
 
 log = logging.getLogger("personalign.server")
 
@@ -45,6 +46,7 @@ _TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_error",
     501: "not_implemented_error",
+    502: "api_error",
     503: "service_unavailable",
 }
 
@@ -208,6 +210,11 @@ def _unknown_user(request: Request, exc: UnknownUserError) -> JSONResponse:
     )
 
 
+def _engine(request: Request, exc: EngineError) -> JSONResponse:
+    log.warning("generation engine error on %s: %s", request.url.path, exc)
+    return error_response(502, str(exc), "engine_unavailable")
+
+
 def _locked(request: Request, exc: StoreLockedError) -> JSONResponse:
     return error_response(503, str(exc), "store_locked")
 
@@ -232,4 +239,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ContextLengthError, _context)  # type: ignore[arg-type]
     app.add_exception_handler(UnknownUserError, _unknown_user)  # type: ignore[arg-type]
     app.add_exception_handler(StoreLockedError, _locked)  # type: ignore[arg-type]
+    app.add_exception_handler(EngineError, _engine)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _unexpected)
