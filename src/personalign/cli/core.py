@@ -304,6 +304,20 @@ def serve(
     chroma_url: Annotated[
         str | None, typer.Option(help="Keep memories on this Chroma server (chroma run) instead of embedded.")
     ] = None,
+    profiles_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Keep profiles in this database (sqlite:///path.db or postgresql://...) instead of JSON files."
+        ),
+    ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes (each loads the models); above 1 needs --profiles-url and --chroma-url.",
+        ),
+    ] = 1,
     max_batch: Annotated[
         int, typer.Option(min=1, max=256, help="Most chat requests per generate call (1: no batching).")
     ] = 16,
@@ -319,8 +333,17 @@ def serve(
 ) -> None:
     """Serve an OpenAI-compatible API with per-user personalisation (see docs/server.md)."""
     with failing():  # without the [serve] extra: the error names it
+        from personalign.memory.locking import StoreLock
+        from personalign.memory.sql_profiles import SqlProfileStore, shown
+        from personalign.memory.store import is_shared
         from personalign.server.config import ServerConfig, load_api_keys
-        from personalign.server.run import chroma_client
+        from personalign.server.run import (
+            WorkerSettings,
+            check_workers,
+            chroma_client,
+            hashed_keys,
+            serve_workers,
+        )
         from personalign.server.run import serve as run_server
 
     with failing(usage=True):
@@ -333,27 +356,49 @@ def serve(
             max_body_bytes=max_body_bytes,
             api_keys=load_api_keys(api_keys) if api_keys is not None else (),
         )
+        check_workers(workers, chroma_url, profiles_url)
+    tenants = sorted({k.tenant for k in config.api_keys})
+    banner = (
+        f"personalign serve: store {store}, memory {'on ' + chroma_url if chroma_url else 'embedded'}, "
+        f"profiles {'in ' + shown(profiles_url) if profiles_url else 'as JSON files'}, "
+        f"{'tenants ' + ', '.join(tenants) if tenants else 'open (no API keys)'}, max batch {max_batch}, "
+        f"{workers} worker{'s' if workers > 1 else ''}, http://{host}:{port}/v1"
+    )
+    if workers > 1:
+        with failing():
+            chroma_client(chroma_url)  # type: ignore[arg-type]  # fail here, not in every worker
+            SqlProfileStore(profiles_url, store).close()  # type: ignore[arg-type]  # creates the table once
+        settings = WorkerSettings(
+            store=str(store),
+            chroma_url=chroma_url,
+            profiles_url=profiles_url,
+            model=model,
+            encoder=encoder,
+            device=device,
+            config=hashed_keys(config).model_dump(mode="json"),
+        )
+        typer.echo(banner, err=True)
+        serve_workers(settings, workers, host=host, port=port, log_level=log_level)
+        return
     with failing():
         client = chroma_client(chroma_url) if chroma_url else None
-        # Fail in a second, not after loading models, when another process holds the store.
-        from personalign.memory.locking import StoreLock
-
-        store.mkdir(parents=True, exist_ok=True)
-        probe = StoreLock(store)
-        probe.acquire()
-        probe.release()
+        if not is_shared(client is not None, profiles_url):
+            # Fail in a second, not after loading models, when another process holds the store.
+            store.mkdir(parents=True, exist_ok=True)
+            probe = StoreLock(store)
+            probe.acquire()
+            probe.release()
         from personalign.personalizer import Personalizer
 
         personalizer = Personalizer.load(
-            model=model, encoder=encoder, device=device, store=store, memory_client=client
+            model=model,
+            encoder=encoder,
+            device=device,
+            store=store,
+            memory_client=client,
+            profiles_url=profiles_url,
         )
-    tenants = sorted({k.tenant for k in config.api_keys})
-    typer.echo(
-        f"personalign serve: store {store}, memory {'on ' + chroma_url if chroma_url else 'embedded'}, "
-        f"{'tenants ' + ', '.join(tenants) if tenants else 'open (no API keys)'}, max batch {max_batch}, "
-        f"http://{host}:{port}/v1",
-        err=True,
-    )
+    typer.echo(banner, err=True)
     try:
         run_server(personalizer, config, host=host, port=port, log_level=log_level)
     finally:

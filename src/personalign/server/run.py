@@ -1,7 +1,9 @@
-"""Running the app: ``serve`` (what ``personalign serve`` calls), a background-thread server, a Chroma client."""
+"""Running the app: ``serve`` (what ``personalign serve`` calls), several worker processes
+(``serve_workers``), a background-thread server, a Chroma client."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -9,7 +11,12 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict
+
 from personalign.errors import ValidationError
+
+WORKER_ENV = "PERSONALIGN_SERVE_WORKER"  # a worker process's settings, as JSON (see WorkerSettings)
+WORKER_HEADER = "x-personalign-worker"  # each answer of a worker process names it (its process id)
 
 
 def chroma_client(url: str) -> Any:
@@ -136,3 +143,118 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# --- several worker processes -----------------------------------------------------------------
+
+
+class WorkerSettings(BaseModel):
+    """What each worker process of ``personalign serve --workers N`` builds its app from.
+
+    Passed to the workers in the environment variable ``PERSONALIGN_SERVE_WORKER`` as JSON;
+    API keys travel as their SHA-256 digests only.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    store: str
+    chroma_url: str | None = None
+    profiles_url: str | None = None
+    model: str | None = None
+    encoder: str | None = None
+    device: str | None = None
+    config: dict[str, Any] = {}
+
+
+def check_workers(workers: int, chroma_url: str | None, profiles_url: str | None) -> None:
+    """Refuse several workers on a store that only one process may open (JSON profiles or
+    embedded Chroma): ``ValidationError`` naming ``--workers`` and the options that fix it."""
+    if workers <= 1 or (chroma_url is not None and profiles_url is not None):
+        return
+    missing = [
+        option
+        for option, value in (("--profiles-url", profiles_url), ("--chroma-url", chroma_url))
+        if value is None
+    ]
+    raise ValidationError(
+        "--workers",
+        f"needs a store that several processes can share, but {' and '.join(missing)} "
+        f"{'is' if len(missing) == 1 else 'are'} not given (JSON profiles and an embedded Chroma "
+        "have one writer)",
+        "add --profiles-url sqlite:///STORE/profiles.db (or postgresql://...) and --chroma-url "
+        "http://HOST:PORT (a running `chroma run`), or serve with --workers 1",
+        workers,
+    )
+
+
+def hashed_keys(config: Any) -> Any:
+    """``config`` with every plain API key replaced by its SHA-256 digest (what workers receive)."""
+    from personalign.server.config import ApiKey
+
+    keys = tuple(ApiKey(key_sha256=k.digest, tenant=k.tenant, read_only=k.read_only) for k in config.api_keys)
+    return config.model_copy(update={"api_keys": keys})
+
+
+def serve_workers(
+    settings: WorkerSettings,
+    workers: int,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+) -> None:
+    """Serve with ``workers`` uvicorn worker processes on one port until SIGINT/SIGTERM. Each
+    builds its own Personalizer on the shared store (:func:`worker_app`); a worker that dies is
+    replaced. The store must be shared (:func:`check_workers`)."""
+    import uvicorn
+
+    check_workers(workers, settings.chroma_url, settings.profiles_url)
+    os.environ[WORKER_ENV] = settings.model_dump_json()
+    uvicorn.run(
+        "personalign.server.run:worker_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        timeout_graceful_shutdown=10,
+        timeout_worker_healthcheck=60,  # a worker loading its models may answer pings late
+    )
+
+
+def worker_app() -> Any:
+    """The app of one worker process, from ``$PERSONALIGN_SERVE_WORKER`` (uvicorn's factory)."""
+    from personalign.personalizer import Personalizer
+    from personalign.server.app import create_app
+    from personalign.server.config import ServerConfig
+
+    settings = WorkerSettings.model_validate_json(os.environ[WORKER_ENV])
+    check_workers(2, settings.chroma_url, settings.profiles_url)
+    personalizer = Personalizer.load(
+        model=settings.model,
+        encoder=settings.encoder,
+        device=settings.device,
+        store=settings.store,
+        memory_client=chroma_client(settings.chroma_url),  # type: ignore[arg-type]
+        profiles_url=settings.profiles_url,
+    )
+    return WorkerId(create_app(personalizer, ServerConfig.model_validate(settings.config)))
+
+
+class WorkerId:
+    """ASGI wrapper adding the ``x-personalign-worker`` header (this process's id) to every answer."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.header = (WORKER_HEADER.encode(), str(os.getpid()).encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

@@ -1,0 +1,290 @@
+"""`personalign serve --workers N` on one shared store, in real processes: profiles in SQLite (2 and 4
+workers) or a real PostgreSQL server (2 workers), memories on a real `chroma run`, the tiny model.
+
+Under a mixed concurrent load (enroll comparisons, memory writes, chats): no acknowledged write is
+lost, duplicated or corrupted, every user is readable from every worker, and a worker killed with
+SIGKILL in the middle of writes loses nothing it acknowledged. Also: several workers on an embedded
+store are refused before any model loads, and a worker's resident adapter follows a retraining
+done by another process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from personalign.cli import app
+from personalign.server.run import WORKER_HEADER, bound_socket, check_workers
+from postgres_server import postgres_url  # noqa: F401 (a fixture)
+
+CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+USERS, CLIENTS, ROUNDS = 6, 8, 4  # per phase: CLIENTS threads x ROUNDS rounds of (enroll, remember, chat)
+# (store, workers, whether one worker is killed mid-write): SIGKILL once on each database.
+CASES = [("sqlite", 2, False), ("sqlite", 4, True), ("postgresql", 2, True)]
+
+
+def free_port() -> int:
+    with bound_socket() as sock:
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{process.args[:4]} exited with {process.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def chroma_url(tmp_path_factory):
+    if CHROMA is None:
+        pytest.skip("the `chroma` command (from the chromadb package) is not installed")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("chroma-server")
+    command = [CHROMA, "run", "--path", str(folder), "--host", "127.0.0.1", "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/api/v2/heartbeat", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+
+
+def serve(
+    store: Path, model: Path, workers: int, profiles_url: str, chroma: str
+) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
+    command += ["--model", str(model), "--device", "cpu", "--log-level", "warning", "--workers", str(workers)]
+    command += ["--profiles-url", profiles_url, "--chroma-url", chroma, "--batch-wait-ms", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{url}/health", process)
+    except AssertionError:
+        stop(process)
+        raise AssertionError(process.stderr.read()[-3000:]) from None
+    return process, url
+
+
+class Load:
+    """Mixed concurrent traffic over fresh connections; remembers what each worker acknowledged."""
+
+    def __init__(self, url: str, users: list[str]) -> None:
+        self.url, self.users = url, users
+        self.prompts: dict[str, list[str]] = {u: [] for u in users}  # acknowledged comparisons' prompts
+        self.memories: dict[str, dict[str, str]] = {u: {} for u in users}  # acknowledged memory id -> text
+        self.unsure: dict[str, set[str]] = {u: set() for u in users}  # writes sent without an answer
+        self.failed: Counter[str] = Counter()  # requests with no answer (a killed worker's)
+        self.served: Counter[str] = Counter()  # answers per worker process id
+        self.lock = threading.Lock()
+
+    def _call(self, method: str, path: str, **kwargs) -> httpx.Response | None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=60) as client:  # a new connection: any worker
+                answer = client.request(method, path, **kwargs)
+        except httpx.TransportError:
+            with self.lock:
+                self.failed[path.rsplit("/", 1)[-1]] += 1
+            return None
+        assert answer.status_code == 200, (path, answer.status_code, answer.text[:500])
+        with self.lock:
+            self.served[answer.headers[WORKER_HEADER]] += 1
+        return answer
+
+    def client(self, tag: str) -> None:
+        rng = random.Random(tag)
+        for step in range(ROUNDS):
+            user = rng.choice(self.users)
+            prompt = f"Question {tag} {step}: how long do I boil an egg?"
+            pair = {"prompt": prompt, "chosen": f"Nine minutes ({tag}.{step}).", "rejected": "It depends."}
+            acknowledged = self._call("POST", f"/v1/users/{user}/comparisons", json={"comparisons": [pair]})
+            with self.lock:
+                (self.prompts[user].append if acknowledged else self.unsure[user].add)(prompt)
+            fact = f"Fact {tag}.{step}: my locker code is {rng.randrange(10**6):06d}."
+            answer = self._call("POST", f"/v1/users/{user}/memories", json={"text": fact})
+            if answer is None:
+                with self.lock:
+                    self.unsure[user].add(fact)
+            else:
+                (record,) = answer.json()["results"]
+                assert record["event"] == "ADD" and record["memory"] == fact
+                with self.lock:
+                    self.memories[user][record["id"]] = fact
+            chat = {"model": "personalign", "user": user, "max_tokens": 4, "temperature": 0}
+            chat["messages"] = [{"role": "user", "content": "What should I cook tonight?"}]
+            self._call("POST", "/v1/chat/completions", json=chat)
+
+    def run(self, phase: str, during=None) -> None:
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            jobs = [pool.submit(self.client, f"{phase}{c}") for c in range(CLIENTS)]
+            if during is not None:
+                during()
+            for job in jobs:
+                job.result()
+
+    def check_from(self, worker_count: int, timeout: float = 30) -> set[str]:
+        """Read every user through fresh connections until ``worker_count`` workers have each
+        answered for every user; each answer holds exactly the acknowledged writes. The workers seen."""
+        seen: dict[str, set[str]] = {}
+        deadline = time.monotonic() + timeout
+
+        def read(user: str) -> None:
+            profile = self._call("GET", f"/v1/users/{user}")
+            memories = self._call("GET", f"/v1/users/{user}/memories")
+            assert profile is not None and memories is not None
+            stored = [c["prompt"] for c in profile.json()["comparisons"]]
+            assert len(stored) == len(set(stored)), user  # none twice
+            assert set(self.prompts[user]) <= set(stored), user  # none acknowledged lost
+            assert set(stored) - set(self.prompts[user]) <= self.unsure[user], (
+                user
+            )  # only unanswered ones extra
+            for c in profile.json()["comparisons"]:  # none corrupted
+                tag_step = c["prompt"].split()[1:3]
+                assert c["chosen"] == f"Nine minutes ({tag_step[0]}.{tag_step[1][:-1]})."
+            found = {r["id"]: r["memory"] for r in memories.json()["results"]}
+            assert found.items() >= self.memories[user].items(), user
+            extra = [text for i, text in found.items() if i not in self.memories[user]]
+            assert len(set(found.values())) == len(found) and set(extra) <= self.unsure[user], user
+            with self.lock:
+                seen.setdefault(profile.headers[WORKER_HEADER], set()).add(user)
+
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            while time.monotonic() < deadline:
+                list(pool.map(read, self.users * 2))
+                complete = [w for w, users in seen.items() if len(users) == len(self.users)]
+                if len(complete) >= worker_count:
+                    return set(complete)
+        raise AssertionError(f"only {sorted(seen)} answered for every user; wanted {worker_count} workers")
+
+
+def worker_pids(supervisor: int) -> set[str]:
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    return set(children)
+
+
+@pytest.mark.parametrize(("database", "workers", "kill"), CASES)
+def test_workers_share_one_store_under_mixed_load(
+    database, workers, kill, chroma_url, tiny_model_dir, tmp_path, request
+):
+    store = tmp_path / "store"
+    if database == "sqlite":
+        profiles_url = f"sqlite:///{store / 'profiles.db'}"
+    else:
+        profiles_url = request.getfixturevalue("postgres_url")
+    process, url = serve(store, tiny_model_dir, workers, profiles_url, chroma_url)
+    try:
+        users = [f"{database}{workers}-u{i}" for i in range(USERS)]  # one Chroma server for every case
+        load = Load(url, users)
+        started = time.perf_counter()
+        load.run("a")
+        seconds = time.perf_counter() - started
+        answered = load.check_from(workers)
+        assert answered <= worker_pids(process.pid) and len(answered) == workers
+        assert load.failed == Counter()
+        print(
+            f"\n{workers} workers on {database}: {3 * CLIENTS * ROUNDS} mixed requests from {CLIENTS} clients "
+            f"in {seconds:.2f} s ({3 * CLIENTS * ROUNDS / seconds:.1f} requests/s), served {dict(load.served)}"
+        )
+        if not kill:
+            return
+
+        # SIGKILL one worker while writes are in flight: whatever it acknowledged is stored.
+        def kill_one() -> None:
+            time.sleep(1.0)  # every client is writing by now
+            os.kill(int(sorted(answered)[0]), signal.SIGKILL)
+
+        load.run("b", during=kill_one)
+        load.check_from(workers - 1)  # the supervisor's replacement may still be loading
+        print(
+            f"SIGKILL of one worker: {sum(load.failed.values())} requests without an answer {dict(load.failed)}"
+        )
+    finally:
+        stop(process)
+
+
+def test_several_workers_need_a_shared_store(tmp_path):
+    result = CliRunner().invoke(app, ["serve", "--store", str(tmp_path), "--workers", "2"])
+    assert result.exit_code == 2, result.output
+    assert "--workers: needs a store that several processes can share" in result.output
+    assert "--profiles-url and --chroma-url are not given" in result.output
+    assert "Fix: add --profiles-url sqlite:///" in result.output
+    with pytest.raises(ValueError, match="--chroma-url is not given"):
+        check_workers(4, None, "sqlite:///p.db")
+    check_workers(1, None, None)  # one worker: any store
+    check_workers(3, "http://127.0.0.1:8000", "sqlite:///p.db")
+
+
+PAIRS = [
+    {"prompt": f"Question number {i} about eggs?", "chosen": "Nine minutes.", "rejected": "It depends a lot."}
+    for i in range(4)
+]
+FLIPPED = [{**c, "chosen": c["rejected"], "rejected": c["chosen"]} for c in PAIRS]
+FAST = {"epochs": 2, "rank": 4, "learning_rate": 5e-2, "seed": 0, "holdout_fraction": 0.0}
+
+
+def test_a_resident_adapter_follows_a_retraining_in_another_process(
+    chroma_url, tiny_model_dir, encoder, tmp_path
+):
+    """Two Personalizers on one shared store stand for two workers: after one retrains a user's
+    adapter, the other's next chat for that user loads the new adapter from disk (the profile's
+    adapter note changed), so both answer the same."""
+    import torch
+
+    from personalign.models import load_generator
+    from personalign.personalizer import Personalizer
+    from personalign.server.run import chroma_client
+
+    shared = {"store": tmp_path / "store", "profiles_url": f"sqlite:///{tmp_path / 'profiles.db'}"}
+    ask = [{"role": "user", "content": "Question number 2 about eggs?"}]
+    with (
+        Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, memory_client=chroma_client(chroma_url), **shared) as one,
+        Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, memory_client=chroma_client(chroma_url), **shared) as two,
+    ):  # fmt: skip
+        one.enroll("ana", PAIRS, adapter=True, adapter_config=FAST)
+        two.chat("ana", ask, max_new_tokens=6, temperature=0.0)
+        slot = two.adapters.resident["ana"]
+        before = {n: p.detach().clone() for n, p in two.adapters._slot_params(slot).items()}
+        one.edit_comparisons("ana", replace=dict(enumerate(FLIPPED)))
+        one.train_adapter("ana", FAST)
+        reply = two.chat("ana", ask, max_new_tokens=6, temperature=0.0)
+        after = two.adapters._slot_params(two.adapters.resident["ana"])
+        on_disk = one.adapters.path("ana") / "adapter_model.safetensors"
+        from safetensors.torch import load_file
+
+        trained = load_file(str(on_disk))
+        assert any(not torch.equal(before[n], after[n]) for n in before)
+        for name, value in trained.items():
+            torch.testing.assert_close(after[name], value)
+        assert reply == one.chat("ana", ask, max_new_tokens=6, temperature=0.0)
