@@ -1,4 +1,5 @@
-"""``personalign engine ...``: the llama.cpp server personalign can decode on (``build``, ``info``, ``run``).
+"""``personalign engine ...``: the llama.cpp server personalign can decode on (``build``, ``info``, ``run``);
+and ``personalign worker``, which runs the background jobs (adapter trainings) a server queues.
 
 ``build`` makes ``llama-server`` once per machine from the llama-cpp-python sdist (the Makefile's
 install target runs it); ``run`` starts it for the embedded GGUF model, for use with
@@ -15,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from personalign.cli._common import app, failing
+from personalign.cli._common import DeviceOpt, ModelOpt, StoreOpt, app, failing
 
 engine_app = typer.Typer(help="The llama.cpp server that remote decoding runs on.", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
@@ -68,3 +69,23 @@ def run(
         pass
     finally:
         server.stop()
+
+
+@app.command("worker")
+def worker(
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    profiles_url: Annotated[
+        str | None,
+        typer.Option(help="The profiles database the server uses (sqlite:///... or postgresql://...)."),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option(min=1, help="torch CPU threads for training (leave cores to chats).")
+    ] = 1,
+) -> None:
+    """Run background jobs (adapter trainings queued by `personalign serve`) until interrupted."""
+    from personalign.jobs import WorkerSpec, run_worker
+
+    with failing():
+        run_worker(WorkerSpec(str(store), model, device, profiles_url, threads))

@@ -181,7 +181,7 @@ def check_memory_write(body: RememberRequest, limit: int) -> None:
 
 @dataclass(frozen=True)
 class RouteContext:
-    """What ``create_app`` shares with the route modules (``chat_routes``, ``user_routes``)."""
+    """What ``create_app`` shares with the route modules (``chat_routes``, ``user_routes``, ``job_routes``)."""
 
     pz: Any
     config: ServerConfig
@@ -191,10 +191,13 @@ class RouteContext:
     warn_unknown: Callable[[set[str]], None]
     count_tokens: Callable[[str], int]
     known: Callable[[str], None]
+    jobs: Any = None  # the adapter-training queue (personalign.jobs.JobQueue), if any
 
 
-def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI:
-    """An app serving ``personalizer`` (which it does not close) under ``config``."""
+def create_app(personalizer: Any, config: ServerConfig | None = None, jobs: Any = None) -> FastAPI:
+    """An app serving ``personalizer`` (which it does not close) under ``config``; ``jobs``: the
+    queue that adapter trainings go to (:class:`personalign.jobs.JobQueue`; without one the
+    training route answers 501)."""
     config = config or ServerConfig()
     pz = personalizer
     batcher = Batcher(pz.respond_batch, max_batch=config.max_batch, max_wait_s=config.batch_wait_ms / 1000)
@@ -295,11 +298,16 @@ def create_app(personalizer: Any, config: ServerConfig | None = None) -> FastAPI
         """Batching statistics: how many chat batches ran and of which sizes."""
         return {**batcher.stats.snapshot(), "max_batch": config.max_batch}
 
-    from personalign.server import chat_routes, user_routes  # they import this module's dependencies
+    from personalign.server import (
+        chat_routes,
+        job_routes,
+        user_routes,
+    )  # they import this module's dependencies
 
-    ctx = RouteContext(pz, config, batcher, model_names, created, warn_unknown, count_tokens, known)
+    ctx = RouteContext(pz, config, batcher, model_names, created, warn_unknown, count_tokens, known, jobs)
     chat_routes.install(app, ctx)
     user_routes.install(app, ctx)
+    job_routes.install(app, ctx)
     add_completion_routes(app, pz, config, model_names, principal)
     return app
 

@@ -481,6 +481,35 @@ class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     comparisons: list[dict[str, Any]] = Field(min_length=1)
+    adapter: bool = Field(
+        default=False,
+        description="also queue a training of the user's LoRA adapter on all their comparisons (the reply's job)",
+    )
+
+
+class TrainAdapterRequest(BaseModel):
+    """``POST /v1/users/{id}/adapter``: train the user's LoRA adapter on their stored comparisons."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any] | None = Field(
+        default=None, description="LoRA training settings (LoraTrainConfig fields: rank, epochs, ...)"
+    )
+
+
+class JobResponse(BaseModel):
+    """A background job: ``queued``, ``running``, then ``succeeded`` (with ``result``) or ``failed`` (``error``)."""
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: str
+    user: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
 
 
 class EnrollResponse(BaseModel):
@@ -489,6 +518,7 @@ class EnrollResponse(BaseModel):
     comparisons: int
     version: int
     default_steer: dict[str, float]
+    job: JobResponse | None = None
 
 
 class Candidate(BaseModel):

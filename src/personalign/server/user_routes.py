@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
 
-from personalign.server import memories
+from personalign.server import job_routes, memories
 from personalign.server.app import Reader, Writer, check_memory_write
 from personalign.server.config import Principal
 from personalign.server.errors import ApiError
@@ -42,13 +42,17 @@ def install(app: FastAPI, ctx: Any) -> None:
                 "request_too_large",
                 "comparisons",
             )
+        if body.adapter and ctx.jobs is None:
+            job_routes.queue_training(ctx, who, store_id, None)  # the 501, before anything is stored
         profile = pz.enroll(store_id, body.comparisons)
+        job = job_routes.queue_training(ctx, who, store_id, None) if body.adapter else None
         return EnrollResponse(
             user=user_id,
             added=len(body.comparisons),
             comparisons=len(profile.comparisons),
             version=profile.version,
             default_steer=pz.default_steer(store_id),
+            job=job,
         )
 
     @app.get("/v1/users/{user_id}", response_model=ProfileResponse, tags=["users"])
