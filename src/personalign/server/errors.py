@@ -32,7 +32,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from personalign.errors import ContextLengthError, EngineError, StoreLockedError, UnknownUserError, ValidationError
+from personalign.errors import (
+    ContextLengthError,
+    EngineError,
+    StoreLockedError,
+    UnknownUserError,
+    ValidationError,
+)
 
 log = logging.getLogger("personalign.server")
 
