@@ -186,8 +186,28 @@ class JobQueue:
         return self.huey.create_consumer(workers=workers, worker_type="thread", periodic=False)
 
 
-def run_worker(spec: WorkerSpec, workers: int = 1) -> None:
-    """Run jobs until interrupted (``personalign worker``)."""
+def _exit_with(parent: int) -> None:
+    """End this process when ``parent`` has gone (a server killed with SIGKILL leaves no worker behind)."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="personalign-parent-watch", daemon=True).start()
+
+
+def run_worker(spec: WorkerSpec, workers: int = 1, parent: int | None = None) -> None:
+    """Run jobs until interrupted (``personalign worker``); with ``parent``, also until that process ends."""
+    if parent is not None:
+        _exit_with(parent)
     queue = JobQueue(spec)
     logger.warning(
         "personalign worker: jobs in %s, generator %s", Path(spec.store) / JOBS_FILE, spec.model or "embedded"

@@ -302,7 +302,7 @@ def subprocess_server(
     with bound_socket() as probe:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
-    command += ["--max-batch", str(max_batch), "--log-level", "warning", *extra]
+    command += ["--max-batch", str(max_batch), "--log-level", "warning", "--no-jobs", *extra]
     for flag, value in (("--model", model), ("--encoder", encoder), ("--device", device)):
         if value is not None:
             command += [flag, value]

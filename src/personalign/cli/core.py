@@ -318,6 +318,28 @@ def serve(
             help="Worker processes (each loads the models); above 1 needs --profiles-url and --chroma-url.",
         ),
     ] = 1,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="Where prompts decode: local (HF generate here), llama.cpp (a llama.cpp server; started "
+            "here for the embedded model unless --engine-url), vllm (--engine-url). docs/scaling.md"
+        ),
+    ] = "local",
+    engine_url: Annotated[
+        str | None,
+        typer.Option(help="The remote engine's base URL (http://HOST:PORT), for llama.cpp or vllm."),
+    ] = None,
+    engine_model: Annotated[
+        str | None,
+        typer.Option(help="The base model's name on the remote engine (vLLM's served model name)."),
+    ] = None,
+    jobs: Annotated[
+        bool,
+        typer.Option(
+            help="Train adapters off the request path: a `personalign worker` child process runs the "
+            "queued trainings (POST /v1/users/{id}/adapter)."
+        ),
+    ] = True,
     max_batch: Annotated[
         int, typer.Option(min=1, max=256, help="Most chat requests per generate call (1: no batching).")
     ] = 16,
@@ -339,10 +361,15 @@ def serve(
         from personalign.server.config import ServerConfig, load_api_keys
         from personalign.server.run import (
             WorkerSettings,
+            backend_for,
+            check_engine,
             check_workers,
             chroma_client,
             hashed_keys,
+            job_queue,
             serve_workers,
+            start_job_worker,
+            stop_job_worker,
         )
         from personalign.server.run import serve as run_server
 
@@ -357,12 +384,14 @@ def serve(
             api_keys=load_api_keys(api_keys) if api_keys is not None else (),
         )
         check_workers(workers, chroma_url, profiles_url)
+        check_engine(engine, engine_url)
     tenants = sorted({k.tenant for k in config.api_keys})
     banner = (
         f"personalign serve: store {store}, memory {'on ' + chroma_url if chroma_url else 'embedded'}, "
         f"profiles {'in ' + shown(profiles_url) if profiles_url else 'as JSON files'}, "
         f"{'tenants ' + ', '.join(tenants) if tenants else 'open (no API keys)'}, max batch {max_batch}, "
-        f"{workers} worker{'s' if workers > 1 else ''}, http://{host}:{port}/v1"
+        f"{workers} worker{'s' if workers > 1 else ''}, engine {engine}{' at ' + engine_url if engine_url else ''}, "
+        f"adapter jobs {'on' if jobs else 'off'}, http://{host}:{port}/v1"
     )
     if workers > 1:
         with failing():
@@ -376,9 +405,24 @@ def serve(
             encoder=encoder,
             device=device,
             config=hashed_keys(config).model_dump(mode="json"),
+            engine=engine,
+            engine_url=engine_url,
+            engine_model=engine_model,
+            jobs=jobs,
         )
+        if engine == "llama.cpp" and engine_url is None:
+            with failing(usage=True):
+                raise ValidationError(
+                    "--engine-url",
+                    "is required with --workers above 1 and --engine llama.cpp (one engine for all workers)",
+                    "start one with `personalign engine run --port 8081` and pass --engine-url http://127.0.0.1:8081",
+                )
         typer.echo(banner, err=True)
-        serve_workers(settings, workers, host=host, port=port, log_level=log_level)
+        worker = start_job_worker(store, model, device, profiles_url) if jobs else None
+        try:
+            serve_workers(settings, workers, host=host, port=port, log_level=log_level)
+        finally:
+            stop_job_worker(worker)
         return
     with failing():
         client = chroma_client(chroma_url) if chroma_url else None
@@ -397,9 +441,13 @@ def serve(
             store=store,
             memory_client=client,
             profiles_url=profiles_url,
+            backend=backend_for(engine, engine_url, engine_model),
         )
     typer.echo(banner, err=True)
+    worker = start_job_worker(store, model, device, profiles_url) if jobs else None
+    queue = job_queue(store, model, device, profiles_url) if jobs else None
     try:
-        run_server(personalizer, config, host=host, port=port, log_level=log_level)
+        run_server(personalizer, config, host=host, port=port, log_level=log_level, jobs=queue)
     finally:
+        stop_job_worker(worker)
         personalizer.close()

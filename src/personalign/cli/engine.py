@@ -83,9 +83,12 @@ def worker(
     threads: Annotated[
         int, typer.Option(min=1, help="torch CPU threads for training (leave cores to chats).")
     ] = 1,
+    parent: Annotated[
+        int | None, typer.Option(help="Exit when this process ends (serve passes its own pid).")
+    ] = None,
 ) -> None:
     """Run background jobs (adapter trainings queued by `personalign serve`) until interrupted."""
     from personalign.jobs import WorkerSpec, run_worker
 
     with failing():
-        run_worker(WorkerSpec(str(store), model, device, profiles_url, threads))
+        run_worker(WorkerSpec(str(store), model, device, profiles_url, threads), parent=parent)

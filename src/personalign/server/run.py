@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -117,7 +120,12 @@ def _stopped(signum: int, frame: Any) -> None:
 
 
 def serve(
-    personalizer: Any, config: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
+    personalizer: Any,
+    config: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    jobs: Any = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM, which finish in-flight requests and then return normally (so the
     caller can close the store). One process, one worker: an embedded store has exactly one writer;
@@ -126,7 +134,7 @@ def serve(
 
     from personalign.server.app import create_app
 
-    app = create_app(personalizer, config)
+    app = create_app(personalizer, config, jobs=jobs)
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
     )
@@ -143,6 +151,78 @@ def serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# --- the generation backend and the job worker ---------------------------------------------------
+
+ENGINES = ("local", "llama.cpp", "vllm")
+
+
+def check_engine(engine: str, url: str | None) -> None:
+    """``serve --engine`` and ``--engine-url`` fit together (``ValidationError`` naming the option)."""
+    fix = "pass --engine local, --engine llama.cpp [--engine-url URL] or --engine vllm --engine-url URL"
+    if engine not in ENGINES:
+        raise ValidationError("--engine", f"is not one of {list(ENGINES)}", fix, engine)
+    if engine == "local" and url is not None:
+        raise ValidationError("--engine-url", "needs --engine llama.cpp or vllm", fix, url)
+    if engine == "vllm" and url is None:
+        raise ValidationError("--engine-url", "is required for --engine vllm", fix)
+    parts = urlsplit(url or "http://x")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("--engine-url", "must be an http(s) URL with a host", fix, url)
+
+
+def backend_for(engine: str, url: str | None, model: str | None = None) -> Any:
+    """The backend ``serve --engine`` names: ``None`` for the in-process one; for ``llama.cpp``
+    without ``url``, a llama.cpp server started here for the embedded GGUF (adapters hot-loaded)."""
+    check_engine(engine, url)
+    if engine == "local":
+        return None
+    from personalign.backends.remote import RemoteEngine, managed_llama_cpp
+
+    if url is None:
+        return managed_llama_cpp()
+    backend = RemoteEngine(url, kind=engine, model=model)
+    backend.health()  # fail at start, not on the first chat
+    return backend
+
+
+def job_queue(store: str | Path, model: str | None, device: str | None, profiles_url: str | None) -> Any:
+    """The adapter-training queue of ``store`` (:class:`personalign.jobs.JobQueue`)."""
+    from personalign.jobs import JobQueue, WorkerSpec
+
+    return JobQueue(WorkerSpec(str(store), model, device or "cpu", profiles_url))
+
+
+def start_job_worker(
+    store: str | Path, model: str | None, device: str | None, profiles_url: str | None
+) -> subprocess.Popen[bytes]:
+    """``personalign worker`` for ``store`` in a child process (it trains adapters; serve stops it)."""
+    command = [
+        sys.executable,
+        "-m",
+        "personalign.cli",
+        "worker",
+        "--store",
+        str(store),
+        "--parent",
+        str(os.getpid()),
+    ]
+    for flag, value in (("--model", model), ("--device", device or "cpu"), ("--profiles-url", profiles_url)):
+        if value is not None:
+            command += [flag, value]
+    return subprocess.Popen(command)
+
+
+def stop_job_worker(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)  # huey's consumer finishes its current job's step and exits
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 # --- several worker processes -----------------------------------------------------------------
@@ -164,6 +244,10 @@ class WorkerSettings(BaseModel):
     encoder: str | None = None
     device: str | None = None
     config: dict[str, Any] = {}
+    engine: str = "local"
+    engine_url: str | None = None
+    engine_model: str | None = None
+    jobs: bool = True
 
 
 def check_workers(workers: int, chroma_url: str | None, profiles_url: str | None) -> None:
@@ -236,8 +320,14 @@ def worker_app() -> Any:
         store=settings.store,
         memory_client=chroma_client(settings.chroma_url),  # type: ignore[arg-type]
         profiles_url=settings.profiles_url,
+        backend=backend_for(settings.engine, settings.engine_url, settings.engine_model),
     )
-    return WorkerId(create_app(personalizer, ServerConfig.model_validate(settings.config)))
+    jobs = (
+        job_queue(settings.store, settings.model, settings.device, settings.profiles_url)
+        if settings.jobs
+        else None
+    )
+    return WorkerId(create_app(personalizer, ServerConfig.model_validate(settings.config), jobs=jobs))
 
 
 class WorkerId:
