@@ -119,3 +119,29 @@ def test_a_server_without_a_queue_says_so_and_stores_nothing(pz):
         reply = http.post("/v1/users/dan/comparisons", json={"comparisons": PAIRS, "adapter": True})
         assert reply.status_code == 501 and "worker" in reply.json()["error"]["message"]
         assert not pz.is_enrolled("dan")
+
+
+def test_personalign_serve_runs_its_own_worker(tiny_model_dir, tmp_path):
+    """`personalign serve` (jobs on by default) starts a worker child that trains queued adapters,
+    and takes it down when stopped."""
+    from test_server_chroma import free_port, serve_command, stop, wait_until_up
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(serve_command(tmp_path / "store", port, tiny_model_dir), env=env)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", server)
+        http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+        job = http.post("/v1/users/eve/comparisons", json={"comparisons": PAIRS, "adapter": True}).json()["job"]
+        assert wait(http, job["id"])["status"] == "succeeded"
+        assert http.post("/v1/chat/completions", json={**CHAT, "user": "eve"}).status_code == 200
+        assert workers_of(server.pid), "serve's worker child is running"
+    finally:
+        assert stop(server) == 0
+    time.sleep(1.5)
+    assert not workers_of(server.pid), "the worker ends with serve"
+
+
+def workers_of(pid: int) -> list[str]:
+    table = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in table if "personalign.cli worker" in line and f"--parent {pid}" in line]
