@@ -33,8 +33,6 @@ from postgres_server import postgres_url  # noqa: F401 (a fixture)
 CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 USERS, CLIENTS, ROUNDS = 6, 8, 4  # per phase: CLIENTS threads x ROUNDS rounds of (enroll, remember, chat)
-# (store, workers, whether one worker is killed mid-write): SIGKILL once on each database.
-CASES = [("sqlite", 2, False), ("sqlite", 4, True), ("postgresql", 2, True)]
 
 
 def free_port() -> int:
@@ -56,12 +54,14 @@ def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
     raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
-def stop(process: subprocess.Popen) -> None:
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL to the process and (a server started in its
+    own session) its workers: a replacement worker still loading its models may not stop sooner."""
     process.send_signal(signal.SIGTERM)
     try:
-        process.wait(30)
+        process.wait(grace)
     except subprocess.TimeoutExpired:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL) if process.pid == os.getpgid(process.pid) else process.kill()
         process.wait()
 
 
@@ -88,21 +88,23 @@ def serve(
     command += ["--model", str(model), "--device", "cpu", "--log-level", "warning", "--workers", str(workers)]
     command += ["--profiles-url", profiles_url, "--chroma-url", chroma, "--batch-wait-ms", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = store.parent / f"serve-{port}.log"  # a file, not a pipe that a chatty worker could fill
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=sink, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(f"{url}/health", process)
     except AssertionError:
-        stop(process)
-        raise AssertionError(process.stderr.read()[-3000:]) from None
+        stop(process, grace=5)
+        raise AssertionError(log.read_text()[-3000:]) from None
     return process, url
 
 
 class Load:
     """Mixed concurrent traffic over fresh connections; remembers what each worker acknowledged."""
 
-    def __init__(self, url: str, users: list[str]) -> None:
-        self.url, self.users = url, users
+    def __init__(self, url: str, users: list[str], database: str) -> None:
+        self.url, self.users, self.database = url, users, database
         self.prompts: dict[str, list[str]] = {u: [] for u in users}  # acknowledged comparisons' prompts
         self.memories: dict[str, dict[str, str]] = {u: {} for u in users}  # acknowledged memory id -> text
         self.unsure: dict[str, set[str]] = {u: set() for u in users}  # writes sent without an answer
@@ -154,9 +156,10 @@ class Load:
             for job in jobs:
                 job.result()
 
-    def check_from(self, worker_count: int, timeout: float = 30) -> set[str]:
+    def check_from(self, worker_count: int, timeout: float = 30, pause: float = 0.0) -> set[str]:
         """Read every user through fresh connections until ``worker_count`` workers have each
-        answered for every user; each answer holds exactly the acknowledged writes. The workers seen."""
+        answered for every user; each answer holds exactly the acknowledged writes. The workers seen.
+        ``pause``: seconds between rounds (leaves the CPU to workers that are still loading)."""
         seen: dict[str, set[str]] = {}
         deadline = time.monotonic() + timeout
 
@@ -186,6 +189,7 @@ class Load:
                 complete = [w for w, users in seen.items() if len(users) == len(self.users)]
                 if len(complete) >= worker_count:
                     return set(complete)
+                time.sleep(pause)
         raise AssertionError(f"only {sorted(seen)} answered for every user; wanted {worker_count} workers")
 
 
@@ -194,44 +198,68 @@ def worker_pids(supervisor: int) -> set[str]:
     return set(children)
 
 
-@pytest.mark.parametrize(("database", "workers", "kill"), CASES)
-def test_workers_share_one_store_under_mixed_load(
-    database, workers, kill, chroma_url, tiny_model_dir, tmp_path, request
-):
+def mixed_load(load: Load, phase: str, workers: int, supervisor: int) -> set[str]:
+    """One phase of mixed load, then the check from ``workers`` workers; the workers that answered."""
+    started = time.perf_counter()
+    load.run(phase)
+    seconds = time.perf_counter() - started
+    served = dict(load.served)  # the load's answers per worker (not the check's)
+    answered = load.check_from(workers, timeout=120)  # workers just added may still be loading
+    assert answered <= worker_pids(supervisor) and len(answered) == workers
+    assert load.failed == Counter()
+    print(
+        f"\n{workers} workers on {load.database}: {3 * CLIENTS * ROUNDS} mixed requests from {CLIENTS} "
+        f"clients in {seconds:.2f} s ({3 * CLIENTS * ROUNDS / seconds:.1f} requests/s), served {served}"
+    )
+    load.served.clear()
+    return answered
+
+
+def kill_mid_write(load: Load, answered: set[str]) -> None:
+    """SIGKILL one worker while the clients write: whatever any worker acknowledged is stored."""
+
+    def kill_one() -> None:
+        time.sleep(1.0)  # every client is writing by now
+        os.kill(int(sorted(answered)[0]), signal.SIGKILL)
+
+    load.served.clear()
+    load.run("k", during=kill_one)
+    load.check_from(len(answered) - 1)  # the supervisor's replacement may still be loading
+    print(
+        f"SIGKILL of one worker: {sum(load.failed.values())} requests without an answer {dict(load.failed)}"
+    )
+
+
+def test_two_then_four_workers_on_sqlite(chroma_url, tiny_model_dir, tmp_path):
+    """``--workers 2``, then two more workers added (uvicorn's SIGTTIN) on the same store and port."""
     store = tmp_path / "store"
-    if database == "sqlite":
-        profiles_url = f"sqlite:///{store / 'profiles.db'}"
-    else:
-        profiles_url = request.getfixturevalue("postgres_url")
-    process, url = serve(store, tiny_model_dir, workers, profiles_url, chroma_url)
+    process, url = serve(store, tiny_model_dir, 2, f"sqlite:///{store / 'profiles.db'}", chroma_url)
     try:
-        users = [f"{database}{workers}-u{i}" for i in range(USERS)]  # one Chroma server for every case
-        load = Load(url, users)
-        started = time.perf_counter()
-        load.run("a")
-        seconds = time.perf_counter() - started
-        answered = load.check_from(workers)
-        assert answered <= worker_pids(process.pid) and len(answered) == workers
-        assert load.failed == Counter()
-        print(
-            f"\n{workers} workers on {database}: {3 * CLIENTS * ROUNDS} mixed requests from {CLIENTS} clients "
-            f"in {seconds:.2f} s ({3 * CLIENTS * ROUNDS / seconds:.1f} requests/s), served {dict(load.served)}"
-        )
-        if not kill:
-            return
-
-        # SIGKILL one worker while writes are in flight: whatever it acknowledged is stored.
-        def kill_one() -> None:
-            time.sleep(1.0)  # every client is writing by now
-            os.kill(int(sorted(answered)[0]), signal.SIGKILL)
-
-        load.run("b", during=kill_one)
-        load.check_from(workers - 1)  # the supervisor's replacement may still be loading
-        print(
-            f"SIGKILL of one worker: {sum(load.failed.values())} requests without an answer {dict(load.failed)}"
-        )
+        load = Load(url, [f"sqlite-u{i}" for i in range(USERS)], "sqlite")  # one Chroma server for all
+        mixed_load(load, "a", 2, process.pid)
+        example = [sys.executable, str(EXAMPLES / "several_workers.py"), "--base-url", url, "--workers", "2"]
+        done = subprocess.run(example, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "every user readable from every worker: yes" in done.stdout, done.stdout
+        for _ in range(2):
+            process.send_signal(signal.SIGTTIN)  # one more worker process each
+            time.sleep(1.0)  # the supervisor looks every 0.5 s; two signals at once would count as one
+        load.check_from(4, timeout=180, pause=1.0)  # the new workers load their models
+        load.served.clear()
+        answered = mixed_load(load, "b", 4, process.pid)
+        kill_mid_write(load, answered)
     finally:
-        stop(process)
+        stop(process, grace=5)
+
+
+def test_two_workers_on_postgresql(postgres_url, chroma_url, tiny_model_dir, tmp_path):  # noqa: F811
+    process, url = serve(tmp_path / "store", tiny_model_dir, 2, postgres_url, chroma_url)
+    try:
+        load = Load(url, [f"postgresql-u{i}" for i in range(USERS)], "postgresql")
+        answered = mixed_load(load, "a", 2, process.pid)
+        kill_mid_write(load, answered)
+    finally:
+        stop(process, grace=5)
 
 
 def test_several_workers_need_a_shared_store(tmp_path):
