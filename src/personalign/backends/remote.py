@@ -235,7 +235,7 @@ class RemoteEngine:
         return name
 
     # -- one request ---------------------------------------------------------------------------
-    def _load_adapters(self, engine: Any, batch: Sequence[Any]) -> None:
+    def load_adapters(self, engine: Any, batch: Sequence[Any]) -> None:
         """Convert and load the batch's adapters into the managed llama.cpp server before any row is
         sent: a server that must restart to load one waits for the requests in flight to finish."""
         if self.kind != "llama.cpp" or self.server is None:
@@ -336,10 +336,11 @@ class RemoteEngine:
         if stream is None:
             reply = self._post(body)
             text = reply["choices"][0].get("text", "")
-            tokens = int((reply.get("usage") or {}).get("completion_tokens", 0))
+            usage = reply.get("usage") or {}
+            tokens = int(usage.get("completion_tokens", 0))
         else:
             pieces: list[str] = []
-            tokens = 0
+            tokens, usage = 0, {}
 
             def chunks() -> Iterator[str]:
                 nonlocal tokens
@@ -352,9 +353,9 @@ class RemoteEngine:
                         tokens += 1
                         pieces.append(piece)
                         yield piece
-                    usage = event.get("usage")
-                    if usage and usage.get("completion_tokens"):
-                        tokens = int(usage["completion_tokens"])
+                    if event.get("usage"):
+                        usage.update(event["usage"])
+                        tokens = int(usage.get("completion_tokens") or tokens)
 
             for piece in strip_stream(chunks()):
                 stream.put(piece)
@@ -366,7 +367,7 @@ class RemoteEngine:
             cond.memories,
             cond.shots,
             prepared.steer,
-            cond.prompt_tokens,
+            int(usage.get("prompt_tokens") or cond.prompt_tokens),  # the engine's count when it gives one
             tokens,
             prepared.description,
             prepared.personalization,
@@ -379,7 +380,7 @@ class RemoteEngine:
         """Decode every row of ``batch`` on the engine, concurrently; a failure fails each row's stream."""
         for prepared in batch:
             self.check(prepared)
-        self._load_adapters(engine, batch)
+        self.load_adapters(engine, batch)
         streams = list(streams) if streams else [None] * len(batch)
         futures = [self._pool.submit(self._one, engine, p, s) for p, s in zip(batch, streams, strict=True)]
         results, error = [], None
