@@ -132,7 +132,9 @@ def test_personalign_serve_runs_its_own_worker(tiny_model_dir, tmp_path):
     try:
         wait_until_up(f"http://127.0.0.1:{port}/health", server)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-        job = http.post("/v1/users/eve/comparisons", json={"comparisons": PAIRS, "adapter": True}).json()["job"]
+        job = http.post("/v1/users/eve/comparisons", json={"comparisons": PAIRS, "adapter": True}).json()[
+            "job"
+        ]
         assert wait(http, job["id"])["status"] == "succeeded"
         assert http.post("/v1/chat/completions", json={**CHAT, "user": "eve"}).status_code == 200
         assert workers_of(server.pid), "serve's worker child is running"
