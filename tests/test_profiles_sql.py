@@ -13,6 +13,7 @@ import pytest
 from personalign.errors import StoreLockedError, UnknownUserError, ValidationError
 from personalign.memory.profiles import PROFILE_FILE, ProfileStore, open_profiles
 from personalign.memory.sql_profiles import SqlProfileStore
+from personalign.server.run import bound_socket
 from personalign.types import Comparison, UserProfile
 from postgres_server import postgres_url  # noqa: F401 (a fixture)
 
@@ -205,3 +206,11 @@ def test_a_sql_store_with_embedded_chroma_is_still_one_process(encoder, tmp_path
         with pytest.raises(StoreLockedError):
             UserStore(tmp_path / "store", encoder, profiles_url=url)
     assert isinstance(first.profiles, SqlProfileStore) and Path(tmp_path / "p.db").is_file()
+
+
+def test_an_unreachable_database_names_the_field_and_hides_the_password(tmp_path):
+    with bound_socket() as sock:  # a port nothing listens on once it is closed
+        port = sock.getsockname()[1]
+    with pytest.raises(ValidationError, match="profiles_url: cannot be opened") as err:
+        SqlProfileStore(f"postgres://me:secret@127.0.0.1:{port}/db", tmp_path)  # postgres:// is accepted
+    assert "secret" not in str(err.value) and "Fix: check that the database server runs" in str(err.value)

@@ -11,10 +11,12 @@ from personalign.errors import StoreLockedError
 
 
 class StoreLock:
-    """An exclusive, process-wide claim on a store directory, held while a store is open.
+    """An exclusive, process-wide claim on a store directory, held while an embedded store is open.
 
-    Embedded Chroma is not safe with several writer processes on one directory, so a second
-    opener gets :class:`StoreLockedError` at once instead of corrupting the store.
+    Embedded Chroma is not safe with several writer processes on one directory, and JSON profiles
+    are written by one process, so a second opener gets :class:`StoreLockedError` at once instead
+    of corrupting the store. A shared store (profiles in a database and memories on a Chroma
+    server, see :class:`~personalign.memory.store.UserStore`) takes no such lock.
     """
 
     def __init__(self, root: Path) -> None:
@@ -28,7 +30,8 @@ class StoreLock:
             raise StoreLockedError(
                 f"the store {self.path.parent} is open in another process or Personalizer. "
                 "Fix: close the other one (Personalizer.close()), use a different store=, "
-                "or run one `personalign serve` and talk to it over HTTP"
+                "run one `personalign serve` and talk to it over HTTP, or share the store: "
+                "profiles_url= (a database) with memory_client= (a Chroma server), see docs/scaling.md"
             ) from None
 
     def release(self) -> None:

@@ -54,6 +54,8 @@ def sql_url(url: str) -> Any:
         parsed = make_url(url)
     except ArgumentError:
         raise ValidationError("profiles_url", "is not a database URL", URL_FIX, shown(url)) from None
+    if parsed.drivername == "postgres":  # the scheme many hosting providers hand out
+        parsed = parsed.set(drivername="postgresql")
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:":
@@ -138,10 +140,20 @@ class SqlProfileStore:
             sa.Column("updated_at", sa.Float, nullable=False),
             sa.Column("document", sa.JSON, nullable=True),  # NULL: a row reserved by an update in flight
         )
-        with self._writer.begin() as conn:
-            if self.dialect == "postgresql":  # two workers creating the table at once would collide
-                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
-            meta.create_all(conn)
+        try:
+            with self._writer.begin() as conn:
+                if self.dialect == "postgresql":  # two workers creating the table at once would collide
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CREATE_LOCK})
+                meta.create_all(conn)
+        except sa.exc.OperationalError as err:
+            self._engine.dispose()
+            raise ValidationError(
+                "profiles_url",
+                f"cannot be opened ({str(err.orig).strip().splitlines()[0]})",
+                "check that the database server runs and the URL's host, port, user, password and database "
+                "name (for SQLite: that the folder is writable)",
+                self.url.render_as_string(hide_password=True),
+            ) from None
         self.import_json_profiles()
 
     # --- reads -----------------------------------------------------------------------------
