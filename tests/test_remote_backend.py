@@ -260,3 +260,19 @@ def test_the_http_server_on_the_remote_backend(remote):
             json={"model": "personalign", "messages": PROMPT, "logprobs": True, "top_logprobs": 2},
         )
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+
+
+def test_the_remote_engine_example_runs(llama, tmp_path):
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "remote_engine.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--engine-url", llama.url, "--store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for marker in ("== engine: llama.cpp", "memories: ['I am vegetarian", "refused: top_logprobs", "done in"):
+        assert marker in done.stdout, done.stdout

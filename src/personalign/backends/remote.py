@@ -13,7 +13,9 @@ Adapters:
   (:class:`~personalign.backends.llamacpp.LlamaServer`); a request names it in its ``lora`` list
   with scale 1. ``mix`` steering becomes a per-request weight-space mix: the objective adapters at
   scales ``w_k`` beside the user's at 1 (the first-order counterpart of the in-process logit mix
-  ``log pi_own + sum_k w_k (log pi_k - log pi_base)``, not the same distribution).
+  ``log pi_own + sum_k w_k (log pi_k - log pi_base)``, not the same distribution). On a server
+  personalign does not manage, only the adapters it was started with (``--lora``) are used, and
+  ``mix`` is not offered (``auto`` steers with ``logit`` or ``prompt`` there).
 - vLLM: ``model=<adapter name>``; an adapter the server has not seen is loaded through its
   ``/v1/load_lora_adapter`` endpoint (the server must run with ``--enable-lora`` and
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, and see the store's folder at the same path).
@@ -24,6 +26,7 @@ shift) becomes ``logit_bias`` on the end tokens, exact; ``mix`` as above on llam
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -145,6 +148,11 @@ class RemoteEngine:
         self.server = server
         self.model = model
         self.capabilities = _capabilities(kind)
+        if kind == "llama.cpp" and server is None:
+            # the objective adapters of ``mix`` load only into a server personalign manages
+            self.capabilities = dataclasses.replace(
+                self.capabilities, steering=self.capabilities.steering - {"mix"}
+            )
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="personalign-remote")
