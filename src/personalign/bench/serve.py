@@ -293,6 +293,7 @@ def subprocess_server(
     device: str | None,
     start_timeout: float = 600,
     extra: Sequence[str] = (),
+    jobs: bool = False,
 ) -> Iterator[str]:
     """``personalign serve`` in a child process on a free loopback port; yields its URL."""
     import httpx
@@ -302,7 +303,14 @@ def subprocess_server(
     with bound_socket() as probe:
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
-    command += ["--max-batch", str(max_batch), "--log-level", "warning", "--no-jobs", *extra]
+    command += [
+        "--max-batch",
+        str(max_batch),
+        "--log-level",
+        "warning",
+        "--jobs" if jobs else "--no-jobs",
+        *extra,
+    ]
     for flag, value in (("--model", model), ("--encoder", encoder), ("--device", device)):
         if value is not None:
             command += [flag, value]

@@ -217,6 +217,14 @@ def bench_serve(
         int | None,
         typer.Option(min=1, help="With --engines: llama.cpp's CPU threads (default: its own choice)."),
     ] = None,
+    training: Annotated[
+        bool,
+        typer.Option(
+            "--training",
+            help="Chat latency of other users while one user's adapter trains in serve's worker "
+            "(idle, training, idle; --clients: its first level, --seconds: each idle phase).",
+        ),
+    ] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time
@@ -230,6 +238,14 @@ def bench_serve(
             raise ValidationError(
                 "--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients
             )
+    if training:
+        from personalign.bench.training import format_training_report, run_training_bench
+
+        with failing():
+            report = run_training_bench(clients=levels[0], idle_seconds=seconds, max_tokens=max_tokens)
+        typer.echo(format_training_report(report))
+        write_json(json_out, report)
+        return
     if engines:
         from personalign.bench.engines import format_engine_report, run_engine_bench
 
