@@ -86,7 +86,7 @@ def serve(
     port = free_port()
     command = [sys.executable, "-m", "personalign.cli", "serve", "--store", str(store), "--port", str(port)]
     command += ["--model", str(model), "--device", "cpu", "--log-level", "warning", "--workers", str(workers)]
-    command += ["--profiles-url", profiles_url, "--chroma-url", chroma, "--batch-wait-ms", "2"]
+    command += ["--profiles-url", profiles_url, "--chroma-url", chroma, "--batch-wait-ms", "2", "--no-jobs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     log = store.parent / f"serve-{port}.log"  # a file, not a pipe that a chatty worker could fill
     with log.open("w") as sink:
