@@ -316,3 +316,19 @@ def test_a_resident_adapter_follows_a_retraining_in_another_process(
         for name, value in trained.items():
             torch.testing.assert_close(after[name], value)
         assert reply == one.chat("ana", ask, max_new_tokens=6, temperature=0.0)
+
+
+def test_workers_get_the_api_keys_as_digests_only():
+    from personalign.server.config import ApiKey, ServerConfig
+    from personalign.server.run import WorkerSettings, hashed_keys
+
+    plain = "sk-a-plain-secret-key"
+    config = ServerConfig(api_keys=(ApiKey(key=plain, tenant="acme", read_only=True),), max_batch=4)
+    settings = WorkerSettings(store="/srv/store", config=hashed_keys(config).model_dump(mode="json"))
+    sent = settings.model_dump_json()  # what the workers' environment holds
+    assert plain not in sent
+    received = ServerConfig.model_validate(WorkerSettings.model_validate_json(sent).config)
+    assert received.keys_by_digest().keys() == config.keys_by_digest().keys()
+    assert (
+        received.api_keys[0].tenant == "acme" and received.api_keys[0].read_only and received.max_batch == 4
+    )
