@@ -60,7 +60,12 @@ def run_engine_bench(
             LlamaServer(embedded_gguf_path(), parallel=max(levels), threads=threads) as llama,
             subprocess_server(root / "local", max_batch, None, None, "cpu") as local,
             subprocess_server(
-                root / "remote", max_batch, None, None, "cpu", extra=("--engine-url", llama.url)
+                root / "remote",
+                max_batch,
+                None,
+                None,
+                "cpu",
+                extra=("--engine", "llama.cpp", "--engine-url", llama.url),
             ) as remote,
         ):
             urls = {"in-process": local, "remote": remote, "llama.cpp": llama.url}
