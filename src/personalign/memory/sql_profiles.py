@@ -138,7 +138,8 @@ class SqlProfileStore:
             sa.Column("user_id", sa.String(128), primary_key=True),
             sa.Column("version", sa.Integer, nullable=False),
             sa.Column("updated_at", sa.Float, nullable=False),
-            sa.Column("document", sa.JSON, nullable=True),  # NULL: a row reserved by an update in flight
+            # SQL NULL (not JSON null): a row reserved by an update in flight, never seen committed
+            sa.Column("document", sa.JSON(none_as_null=True), nullable=True),
         )
         try:
             with self._writer.begin() as conn:
@@ -169,8 +170,13 @@ class SqlProfileStore:
         return None if row is None else row.document
 
     def exists(self, user_id: str) -> bool:
+        import sqlalchemy as sa
+
+        query = sa.select(self.table.c.user_id).where(
+            self.table.c.user_id == validate_user_id(user_id), self.table.c.document.is_not(None)
+        )
         with self._engine.connect() as conn:
-            return self._document(conn, user_id) is not None
+            return conn.execute(query).first() is not None
 
     def get(self, user_id: str) -> UserProfile:
         with self._engine.connect() as conn:
