@@ -86,7 +86,11 @@ def _engine(url: Any) -> Any:
                 url.render_as_string(hide_password=True),
             ) from None
     Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+    # Writers queue inside SQLite (busy_timeout) holding a connection each: enough connections that
+    # a queue of writers never leaves a server's request threads waiting on the pool instead.
+    engine = create_engine(
+        url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}, pool_size=16, max_overflow=48
+    )
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, record: Any) -> None:

@@ -23,7 +23,8 @@ def is_shared(memory_server: bool, profiles_url: str | None) -> bool:
 class UserStore:
     """Everything stored about users under one directory (or memories on a Chroma server).
 
-    Layout: ``store.lock``, ``profiles.lock``, ``users/<id>/profile.json`` and ``chroma/``.
+    Layout: ``store.lock``, ``profiles.lock``, ``users/<id>/profile.json`` (or the database at
+    ``profiles_url``, :mod:`personalign.memory.sql_profiles`) and ``chroma/``.
 
     Embedded (profiles as JSON files, or memories in ``chroma/``): one process at a time; an
     open UserStore holds the store exclusively (``StoreLockedError`` for a second opener).
