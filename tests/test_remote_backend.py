@@ -158,6 +158,14 @@ def test_each_user_gets_their_own_adapter_on_the_engine(remote, llama, smollm, t
     restarts = llama.restarts
     remote.respond("ada", PROMPT, max_new_tokens=4)
     assert llama.restarts == restarts  # loaded adapters are reused, not reloaded
+    # a retrained (here: re-imported) adapter is a new version: converted, loaded, the old file gone
+    old = {a["path"] for a in llama.loaded() if Path(a["path"]).parent.name == "ada"}
+    remote.import_adapter("ada", random_lora(smollm, tmp_path / "ada-v2", 3))
+    again = remote.respond("ada", PROMPT, max_new_tokens=16, memory=False, shots=False).text
+    assert llama.restarts == restarts + 1
+    new = {a["path"] for a in llama.loaded() if Path(a["path"]).parent.name == "ada"}
+    assert len(new) == 1 and new != old and not any(Path(p).exists() for p in old)
+    assert similar(again, alone["ada"]) < 0.9
 
 
 def test_mix_is_a_per_request_weighted_lora_list(remote):

@@ -319,6 +319,8 @@ class LlamaServer:
         with self._lock:
             new = {k: Path(v) for k, v in wanted.items() if self.adapters.get(k) != Path(v)}
             if new:
+                # files removed since (earlier versions of a retrained adapter) are not loaded again
+                self.adapters = {k: v for k, v in self.adapters.items() if v.is_file()}
                 self.adapters.update(new)
                 self.stop()
                 self.start()

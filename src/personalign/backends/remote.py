@@ -8,15 +8,15 @@ engine batches concurrent requests itself (continuous batching), so a batch's ro
 together on a thread pool.
 
 Adapters:
-- llama.cpp: the user's PEFT adapter is converted to a GGUF LoRA once (next to it, as
-  ``adapter.gguf``) and loaded into the server that personalign manages
+- llama.cpp: the user's PEFT adapter is converted to a GGUF LoRA once per version (next to it,
+  as ``adapter-<version>.gguf``; a retrained adapter is a new file, which the managed server loads) and loaded into the server that personalign manages
   (:class:`~personalign.backends.llamacpp.LlamaServer`); a request names it in its ``lora`` list
   with scale 1. ``mix`` steering becomes a per-request weight-space mix: the objective adapters at
   scales ``w_k`` beside the user's at 1 (the first-order counterpart of the in-process logit mix
   ``log pi_own + sum_k w_k (log pi_k - log pi_base)``, not the same distribution). On a server
   personalign does not manage, only the adapters it was started with (``--lora``) are used, and
   ``mix`` is not offered (``auto`` steers with ``logit`` or ``prompt`` there).
-- vLLM: ``model=<adapter name>``; an adapter the server has not seen is loaded through its
+- vLLM: ``model=<adapter name>-<version>``; an adapter version the server has not seen is loaded through its
   ``/v1/load_lora_adapter`` endpoint (the server must run with ``--enable-lora`` and
   ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, and see the store's folder at the same path).
 
@@ -45,7 +45,16 @@ from personalign.errors import EngineError, ValidationError
 logger = logging.getLogger(__name__)
 
 KINDS = ("llama.cpp", "vllm")
-GGUF_ADAPTER = "adapter.gguf"  # beside the user's PEFT folder, so forgetting the user removes it
+GGUF_PREFIX = (
+    "adapter-"  # adapter-<version>.gguf beside the user's PEFT folder: forgetting the user removes it
+)
+
+
+def adapter_version(peft_folder: Path) -> str:
+    """A short tag that changes whenever the adapter's weights are replaced (retraining, import):
+    engines load adapters by name or path, so a new version must get a new one."""
+    stat = (peft_folder / "adapter_model.safetensors").stat()
+    return hashlib.sha256(f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def _capabilities(kind: str) -> Capabilities:
@@ -195,7 +204,12 @@ class RemoteEngine:
         out: list[tuple[str, Path, float]] = []
         if prepared.adapter_user is not None:
             folder = engine.adapters.path(prepared.adapter_user)
-            gguf = self._gguf(folder, folder.parent / GGUF_ADAPTER, engine.generator)
+            gguf = folder.parent / f"{GGUF_PREFIX}{adapter_version(folder)}.gguf"
+            if not gguf.is_file():
+                self._gguf(folder, gguf, engine.generator)
+                for old in folder.parent.glob(f"{GGUF_PREFIX}*.gguf"):  # earlier versions of this adapter
+                    if old != gguf:
+                        old.unlink(missing_ok=True)
             out.append((folder.parent.name, gguf, 1.0))
         if prepared.steer_method == "mix":
             root = engine.steering.root() / MIX_DIR
@@ -230,10 +244,11 @@ class RemoteEngine:
 
         if prepared.adapter_user is None:
             return self.model or engine.generator.base_model_name_or_path
-        name = adapter_name(prepared.adapter_user)
+        folder = engine.adapters.path(prepared.adapter_user)
+        name = f"{adapter_name(prepared.adapter_user)}-{adapter_version(folder)}"  # a retrained adapter is a new one
         with self._lock:
             if name not in self._vllm_loaded:
-                path = str(engine.adapters.path(prepared.adapter_user))
+                path = str(folder)
                 reply = self._http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": path})
                 if reply.status_code >= 400 and "already" not in reply.text:
                     raise EngineError(
