@@ -5,7 +5,8 @@ Under a mixed concurrent load (enroll comparisons, memory writes, chats): no ack
 lost, duplicated or corrupted, every user is readable from every worker, and a worker killed with
 SIGKILL in the middle of writes loses nothing it acknowledged. Also: several workers on an embedded
 store are refused before any model loads, and a worker's resident adapter follows a retraining
-done by another process.
+done by another process, and a user forgotten by one process is gone for another that still held
+a handle on their memory collection.
 """
 
 from __future__ import annotations
@@ -316,6 +317,55 @@ def test_a_resident_adapter_follows_a_retraining_in_another_process(
         for name, value in trained.items():
             torch.testing.assert_close(after[name], value)
         assert reply == one.chat("ana", ask, max_new_tokens=6, temperature=0.0)
+
+
+def test_a_user_forgotten_by_one_worker_is_gone_for_the_other(chroma_url, tiny_model_dir, encoder, tmp_path):
+    """Two Personalizers on one shared store stand for two workers. After the first forgets a user
+    (their Chroma collection is dropped), the second, which holds a handle on that collection,
+    finds nothing of them (no Chroma ``NotFoundError``), and its writes go to a new collection."""
+    from personalign.errors import UnknownUserError
+    from personalign.memory.lifecycle import UnknownMemoryError
+    from personalign.models import load_generator
+    from personalign.personalizer import Personalizer
+    from personalign.server.run import chroma_client
+
+    shared = {"store": tmp_path / "store", "profiles_url": f"sqlite:///{tmp_path / 'profiles.db'}"}
+    with (
+        Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, memory_client=chroma_client(chroma_url), **shared) as one,
+        Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, memory_client=chroma_client(chroma_url), **shared) as two,
+    ):  # fmt: skip
+        one.enroll("bea", PAIRS[:2])
+        added = one.remember(
+            "bea", ["I keep bees on the roof.", "I live in Lisbon."], metadata={"topic": "home"}
+        )
+        kept = added["results"][0]["id"]
+        assert len(two.memories("bea")["results"]) == 2  # the second worker now holds a handle
+        assert two.search_memories("bea", "bees", filters={"topic": "home"})["results"]
+        assert two.get_memory("bea", kept)["memory"] == "I keep bees on the roof."
+
+        one.forget("bea")
+
+        assert two.memories("bea", status="all")["results"] == []
+        assert two.search_memories("bea", "bees", filters={"topic": "home"})["results"] == []
+        assert two.memory.count("bea") == 0 and two.store.memories.texts("bea") == []
+        for read in (two.get_memory, two.memory_history):
+            with pytest.raises(UnknownMemoryError):
+                read("bea", kept)
+        with pytest.raises(UnknownMemoryError):
+            two.update_memory("bea", kept, "I keep wasps.")
+        assert two.delete_memory("bea", kept) is False and two.forget_memories("bea") == 0
+        with pytest.raises(UnknownUserError):
+            two.export("bea")
+        with pytest.raises(UnknownUserError):
+            two.chat("bea", [{"role": "user", "content": "Where do I live?"}], max_new_tokens=2)
+
+        # Writes after a forget elsewhere (twice: once through a dropped handle) land in a new collection.
+        two.remember("bea", "I moved to Porto.")
+        assert [r["memory"] for r in one.memories("bea")["results"]] == ["I moved to Porto."]
+        one.forget("bea")
+        two.remember("bea", "I moved to Faro.", key="home_city")
+        assert [r["memory"] for r in one.memories("bea", status="all")["results"]] == ["I moved to Faro."]
+        assert [r["memory"] for r in two.search_memories("bea", "Porto")["results"]] == ["I moved to Faro."]
 
 
 def test_workers_get_the_api_keys_as_digests_only():

@@ -10,10 +10,17 @@ stored in the same collection under metadata keys starting with ``personalign:``
 current version is the record under its id, each earlier version a record ``<id>~v<n>`` with
 status ``history``. Listing and search here see current versions only (active ones by default),
 so dropping the collection on ``forget`` removes every version.
+
+Collection handles are cached per user. When several processes share one Chroma server, another
+process may drop a user's collection (``forget``) and maybe create it again: a cached handle then
+names a collection that no longer exists. Every public read or write is :func:`refreshing`: on
+Chroma's ``NotFoundError`` it drops the handle and runs once more on a fresh lookup (reads find
+no collection, writes create it).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -22,12 +29,13 @@ import sqlite3
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from threading import RLock
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from chromadb.api.types import Documents, EmbeddingFunction, Embeddings
+from chromadb.errors import NotFoundError
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from personalign.errors import ValidationError
@@ -169,6 +177,30 @@ def status_where(status: str) -> dict[str, Any]:
     return {STATUS: {"$ne": "history"}}
 
 
+class _Handles(Protocol):
+    def drop_handle(self, user_id: str) -> None: ...
+
+
+_H = TypeVar("_H", bound=_Handles)
+_R = TypeVar("_R")
+
+
+def refreshing(method: Callable[..., _R]) -> Callable[..., _R]:
+    """Run ``method(self, user_id, ...)`` once more, on a fresh collection lookup, when the cached
+    handle's collection is gone (Chroma's ``NotFoundError``: another process sharing the Chroma
+    server forgot the user). A handle that fails the second time is a real error and raises."""
+
+    @functools.wraps(method)
+    def run(self: _H, user_id: str, *args: Any, **kwargs: Any) -> _R:
+        try:
+            return method(self, user_id, *args, **kwargs)
+        except NotFoundError:
+            self.drop_handle(user_id)
+            return method(self, user_id, *args, **kwargs)
+
+    return run
+
+
 def _record(user_id: str, memory_id: str, document: str, metadata: Mapping[str, Any]) -> dict[str, Any]:
     extra = {k: v for k, v in metadata.items() if k not in _RESERVED and not k.startswith(INTERNAL)}
     return {
@@ -224,6 +256,11 @@ class MemoryStore:
             self._collections[name] = found
             return found
 
+    def drop_handle(self, user_id: str) -> None:
+        """Forget this process's cached handle on the user's collection (the next use looks it up)."""
+        with self._lock:
+            self._collections.pop(collection_name(user_id), None)
+
     def validate(
         self, user_id: str, texts: str | list[str], metadata: Mapping[str, Any] | None = None
     ) -> tuple[list[str], dict[str, Any]]:
@@ -252,6 +289,7 @@ class MemoryStore:
             ]
         }
 
+    @refreshing
     def insert(
         self, user_id: str, docs: list[str], metas: list[dict[str, Any]], embeddings: Any
     ) -> list[str]:
@@ -274,6 +312,7 @@ class MemoryStore:
         assert where is not None
         return where
 
+    @refreshing
     def metadata_keys(self, user_id: str) -> set[str]:
         """Every caller metadata key some current memory of the user carries."""
         collection = self._collection(user_id, create=False)
@@ -303,6 +342,7 @@ class MemoryStore:
             ]
         }
 
+    @refreshing
     def query(
         self,
         user_id: str,
@@ -364,6 +404,7 @@ class MemoryStore:
             results.append((memory_id, doc, meta, score, vec))
         return results
 
+    @refreshing
     def rows(
         self, user_id: str, status: str = "active", filters: Mapping[str, Any] | None = None
     ) -> list[tuple[str, str, dict[str, Any]]]:
@@ -395,12 +436,14 @@ class MemoryStore:
         rows = [_record(user_id, i, d, m) for i, d, m in self.rows(user_id, status, filters)]
         return {"results": rows[:limit] if limit else rows}
 
+    @refreshing
     def texts(self, user_id: str) -> list[str]:
         """Every text stored for the user: all memories and all their earlier versions."""
         validate_user_id(user_id)
         collection = self._collection(user_id, create=False)
         return [] if collection is None else list(collection.get(include=["documents"])["documents"])
 
+    @refreshing
     def delete(self, user_id: str, memory_id: str) -> bool:
         """Delete one memory of this user. False if the user has no memory with that id."""
         validate_user_id(user_id)
@@ -415,6 +458,7 @@ class MemoryStore:
             collection.delete(ids=[memory_id])
         return True
 
+    @refreshing
     def delete_all(self, user_id: str) -> int:
         """Drop every memory of the user (the whole collection); returns how many there were."""
         validate_user_id(user_id)
@@ -424,7 +468,7 @@ class MemoryStore:
         count = self.count(user_id)
         with self._lock:
             self.client.delete_collection(collection_name(user_id))
-            self._collections.pop(collection_name(user_id), None)
+            self.drop_handle(user_id)
             self._purge_local()
         return count
 
@@ -450,6 +494,7 @@ class MemoryStore:
             if child.is_dir() and _UUID_DIR.match(child.name) and child.name not in live:
                 shutil.rmtree(child, ignore_errors=True)
 
+    @refreshing
     def count(self, user_id: str) -> int:
         validate_user_id(user_id)
         collection = self._collection(user_id, create=False)

@@ -51,6 +51,7 @@ from personalign.memory.chroma import (
     _check_text,
     _record,
     check_limit,
+    refreshing,
 )
 from personalign.types import validate_user_id
 
@@ -218,6 +219,10 @@ class MemoryLifecycle:
         self.duplicate_threshold = float(duplicate_threshold)
         self.conflict_threshold = float(conflict_threshold)
 
+    def drop_handle(self, user_id: str) -> None:
+        """Forget the cached handle on the user's collection (see :func:`refreshing`)."""
+        self.store.drop_handle(user_id)
+
     # --- reads -------------------------------------------------------------------------------
 
     def _current(
@@ -242,11 +247,13 @@ class MemoryLifecycle:
         vector = found["embeddings"][0] if embeddings else None
         return collection, found["documents"][0], dict(found["metadatas"][0]), vector
 
+    @refreshing
     def get(self, user_id: str, memory_id: str) -> dict[str, Any]:
         """One memory by id (any status), or ``UnknownMemoryError``."""
         _, doc, meta, _ = self._current(user_id, memory_id)
         return lifecycle_record(user_id, memory_id, doc, meta)
 
+    @refreshing
     def history(self, user_id: str, memory_id: str) -> dict[str, Any]:
         """Every version of the memory, oldest first: ``{"id", "status", "versions": [...]}``.
 
@@ -320,6 +327,7 @@ class MemoryLifecycle:
 
     # --- writes ------------------------------------------------------------------------------
 
+    @refreshing
     def add(
         self,
         user_id: str,
@@ -449,6 +457,7 @@ class MemoryLifecycle:
             for (i, d, _), m in zip(doomed, metas, strict=True)
         ]
 
+    @refreshing
     def update(
         self,
         user_id: str,
@@ -499,6 +508,7 @@ class MemoryLifecycle:
             ]
         }
 
+    @refreshing
     def texts(self, user_id: str) -> list[str]:
         """Every text of the user that was encoded: each version as stored, and as embedded (a keyed one with its key)."""
         validate_user_id(user_id)
