@@ -173,7 +173,7 @@ def test_version():
 
 
 def test_a_missing_extra_is_named(capsys):
-    """Without the [lab] or [serve] extras a command says which extra to install, not a traceback."""
+    """Without the [lab], [serve] or [postgres] extras a command says which extra to install, not a traceback."""
     import typer
 
     from personalign.cli._common import failing
@@ -181,7 +181,9 @@ def test_a_missing_extra_is_named(capsys):
     def needs(module):
         raise ModuleNotFoundError(f"No module named '{module}'", name=module)
 
-    for module, extra in (("matplotlib.pyplot", "lab"), ("fastapi", "serve")):
+    named = [("matplotlib.pyplot", "lab"), ("fastapi", "serve"), ("sqlalchemy.engine", "serve")]
+    named += [("huey", "serve"), ("psycopg", "postgres")]
+    for module, extra in named:
         with pytest.raises(typer.Exit) as exited, failing():
             needs(module)
         assert (

@@ -47,6 +47,9 @@ EXTRAS = {
     "starlette": "serve",
     "uvicorn": "serve",
     "prometheus_client": "serve",
+    "sqlalchemy": "serve",  # --profiles-url (also in [postgres])
+    "huey": "serve",  # adapter training jobs
+    "psycopg": "postgres",  # --profiles-url postgresql://...
     "matplotlib": "lab",
     "scipy": "lab",
     "sklearn": "lab",
