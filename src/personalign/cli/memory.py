@@ -1,11 +1,14 @@
-"""``personalign memory ...`` (the memory lifecycle), ``personalign export-user`` and
-``personalign eval drift``. Results are printed as JSON, in the shape Python and HTTP return.
+"""``personalign memory ...`` (the memory lifecycle), ``personalign comparisons edit``,
+``personalign export-user`` and ``personalign eval drift``. Results are printed as JSON, in the
+shape Python and HTTP return.
 
-These open the store with the encoder only (no generator is loaded)."""
+The memory commands open the store with the encoder only (no generator is loaded);
+``comparisons edit`` re-infers the user's state, so it loads the models as ``enroll`` does."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +16,18 @@ from typing import Annotated, Any
 
 import typer
 
-from personalign.cli._common import EncoderOpt, StoreOpt, UserOpt, app, failing, int_list, write_json
+from personalign.cli._common import (
+    DeviceOpt,
+    EncoderOpt,
+    ModelOpt,
+    StoreOpt,
+    UserOpt,
+    app,
+    failing,
+    int_list,
+    open_personalizer,
+    write_json,
+)
 from personalign.cli.eval import eval_app
 from personalign.errors import ValidationError
 
@@ -21,6 +35,11 @@ memory_app = typer.Typer(
     help="Memories with a lifecycle: add, get, update, history, list, search.", no_args_is_help=True
 )
 app.add_typer(memory_app, name="memory")
+comparisons_app = typer.Typer(
+    help="A user's stored comparisons: edit them by index (`personalign profile` lists them in order).",
+    no_args_is_help=True,
+)
+app.add_typer(comparisons_app, name="comparisons")
 
 MetadataOpt = Annotated[
     str | None, typer.Option(help='Metadata as a JSON object, e.g. \'{"category": "diet"}\'.')
@@ -51,6 +70,14 @@ def json_object(text: str | None, option: str) -> dict[str, Any] | None:
     return value
 
 
+def existing_store(store: Path) -> None:
+    """A missing store is an error naming ``--store``, not a new empty store."""
+    if not (store / "users").is_dir():
+        raise ValidationError(
+            "--store", "is not a personalign store", "pass the directory given to enroll/remember", str(store)
+        )
+
+
 @contextmanager
 def opened(store: Path, encoder: str | None) -> Iterator[Any]:
     """The store (profiles and memories) with the encoder; a missing store is an error, not created."""
@@ -59,13 +86,7 @@ def opened(store: Path, encoder: str | None) -> Iterator[Any]:
     from personalign.models import load_encoder
 
     with failing(UnknownMemoryError):
-        if not (store / "users").is_dir():
-            raise ValidationError(
-                "--store",
-                "is not a personalign store",
-                "pass the directory given to enroll/remember",
-                str(store),
-            )
+        existing_store(store)
         with UserStore(store, load_encoder(encoder)) as users:
             yield users
 
@@ -166,6 +187,63 @@ def memory_search(
                 user, query, top_k=top_k, filters=json_object(filters, "--filters"), status=status
             )
         )
+
+
+INDEX = re.compile(r"(0|[1-9][0-9]{0,8})")  # a comparison index as JSON object key, as HTTP takes it
+
+
+def replacements(text: str | None) -> dict[int, Any]:
+    """``--replace``'s JSON object (index -> TRL-format comparison), each comparison checked and named."""
+    from personalign.types import comparison_from_row
+
+    rows = json_object(text, "--replace") or {}
+    fix = 'write e.g. \'{"1": {"prompt": "...", "chosen": "...", "rejected": "..."}}\''
+    parsed: dict[int, Any] = {}
+    for key, row in rows.items():
+        if not INDEX.fullmatch(key):
+            raise ValidationError("--replace", f"key {key!r} is not a comparison index", fix, key)
+        if not isinstance(row, dict):
+            raise ValidationError(f"--replace.{key}", "is not a JSON object", fix, row)
+        parsed[int(key)] = comparison_from_row(row, f"--replace.{key}")
+    return parsed
+
+
+@comparisons_app.command("edit")
+def comparisons_edit(
+    user: UserOpt,
+    remove: Annotated[
+        str | None,
+        typer.Option(help="Indices to delete, comma-separated (as `personalign profile` lists them)."),
+    ] = None,
+    replace: Annotated[
+        str | None,
+        typer.Option(
+            help='JSON object of index -> comparison in TRL format: \'{"1": {"prompt": ..., "chosen": ..., "rejected": ...}}\'.'
+        ),
+    ] = None,
+    store: StoreOpt = Path(".personalign"),
+    model: ModelOpt = None,
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Remove and/or replace comparisons by index; the inferred steering and state are recomputed in the
+    same atomic write. Every index and comparison is checked first: on any error nothing changes."""
+    with failing():
+        indices = int_list(remove, "--remove") if remove is not None else []
+        fresh = replacements(replace)
+        existing_store(store)
+        with open_personalizer(store, model, encoder, device) as pz:
+            profile = pz.edit_comparisons(user, remove=indices, replace=fresh)
+            show(
+                {
+                    "user": user,
+                    "removed": len(set(indices)),
+                    "replaced": len(fresh),
+                    "comparisons": len(profile.comparisons),
+                    "version": profile.version,
+                    "default_steer": pz.default_steer(user),
+                }
+            )
 
 
 @app.command("export-user")

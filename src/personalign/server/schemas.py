@@ -487,6 +487,49 @@ class EnrollRequest(BaseModel):
     )
 
 
+ComparisonIndex = Annotated[StrictInt, Field(ge=0)]
+# A JSON object's keys are text: a comparison index written in decimal, no sign, no leading zero.
+IndexKey = Annotated[StrictStr, Field(pattern=r"^(0|[1-9][0-9]{0,8})$")]
+
+
+class EditComparisonsRequest(RequestBody):
+    """``PATCH /v1/users/{id}/comparisons``: remove and/or replace stored comparisons by index (the order
+    ``GET /v1/users/{id}`` lists them in). Every index and comparison is checked first: all edits apply or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    remove: list[ComparisonIndex] = Field(
+        default_factory=list, description="indices of the comparisons to delete"
+    )
+    replace: dict[IndexKey, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='index (as text) -> the comparison that replaces it, in any TRL layout: {"1": {"prompt": ...}}',
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_indices(cls, data: Any) -> Any:
+        """``remove``'s ``2.0`` is the integer 2 (JSON Schema's ``integer`` includes it); ``"2"`` and ``true`` stay refused."""
+        if isinstance(data, dict) and isinstance(data.get("remove"), list):
+            data = {
+                **data,
+                "remove": [
+                    int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**53 else v
+                    for v in data["remove"]
+                ],
+            }
+        return data
+
+
+class EditComparisonsResponse(BaseModel):
+    user: str
+    removed: int
+    replaced: int
+    comparisons: int = Field(description="how many comparisons the user has now")
+    version: int
+    default_steer: dict[str, float]
+
+
 class TrainAdapterRequest(BaseModel):
     """``POST /v1/users/{id}/adapter``: train the user's LoRA adapter on their stored comparisons."""
 

@@ -1,4 +1,4 @@
-"""The user routes: enrol comparisons, read the profile, forget, the next question to ask; and the
+"""The user routes: enrol and edit comparisons, read the profile, forget, the next question to ask; and the
 basic memory routes (add, list, delete; the lifecycle routes are in ``memories``)."""
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from personalign.server.config import Principal
 from personalign.server.errors import ApiError
 from personalign.server.schemas import (
     DeletedMemories,
+    EditComparisonsRequest,
+    EditComparisonsResponse,
     EnrollRequest,
     EnrollResponse,
     ForgetResponse,
@@ -23,6 +25,7 @@ from personalign.server.schemas import (
     RankedQuestion,
     RememberRequest,
 )
+from personalign.types import comparison_from_row
 
 
 def install(app: FastAPI, ctx: Any) -> None:
@@ -53,6 +56,31 @@ def install(app: FastAPI, ctx: Any) -> None:
             version=profile.version,
             default_steer=pz.default_steer(store_id),
             job=job,
+        )
+
+    @app.patch("/v1/users/{user_id}/comparisons", response_model=EditComparisonsResponse, tags=["users"])
+    def edit_comparisons(user_id: str, body: EditComparisonsRequest, who: Writer) -> EditComparisonsResponse:
+        """Remove and/or replace comparisons by index (the order ``GET /v1/users/{id}`` lists them in); the
+        inferred steering and state are recomputed in the same atomic write. On any error nothing changes."""
+        store_id = who.store_id(user_id, "user_id")
+        known(store_id)
+        if len(body.replace) > config.max_comparisons_per_request:
+            limit = config.max_comparisons_per_request
+            raise ApiError(
+                413,
+                f"{len(body.replace)} replacements in one request; the limit is {limit}. Fix: send them in parts",
+                "request_too_large",
+                "replace",
+            )
+        replace = {int(key): comparison_from_row(row, f"replace.{key}") for key, row in body.replace.items()}
+        profile = pz.edit_comparisons(store_id, remove=body.remove, replace=replace)
+        return EditComparisonsResponse(
+            user=user_id,
+            removed=len(set(body.remove)),
+            replaced=len(replace),
+            comparisons=len(profile.comparisons),
+            version=profile.version,
+            default_steer=pz.default_steer(store_id),
         )
 
     @app.get("/v1/users/{user_id}", response_model=ProfileResponse, tags=["users"])
