@@ -135,6 +135,31 @@ def bench_generate(
     write_json(json_out, result)
 
 
+@bench_app.command("decode")
+def bench_decode(
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4,16",
+    tokens: Annotated[int, typer.Option(min=4, max=1024, help="New tokens per row.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats (the median is reported).")] = 3,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write tokens/s against batch size here (PNG).")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Decoding tokens/s per precision and batch size, beside llama.cpp on the same GGUF and the bandwidth limit."""
+    from personalign.bench.decode import format_decode_report, plot_decode, run_decode_bench
+    from personalign.errors import ValidationError
+
+    with failing(usage=True):
+        sizes = tuple(int_list(batches, "--batches"))
+        if min(sizes) < 1:
+            raise ValidationError("--batches", "must be positive", "pass e.g. 1,4,16", batches)
+    with failing():
+        result = run_decode_bench(sizes, tokens, repeats, threads)
+        if plot is not None:
+            plot_decode(result, plot)
+    typer.echo(format_decode_report(result))
+    write_json(json_out, result)
+
+
 @bench_app.command("enroll")
 def bench_enroll(
     users: Annotated[int, typer.Option(min=2, help="Fresh synthetic users to enroll.")] = 20,
