@@ -214,3 +214,40 @@ def test_an_unreachable_database_names_the_field_and_hides_the_password(tmp_path
     with pytest.raises(ValidationError, match="profiles_url: cannot be opened") as err:
         SqlProfileStore(f"postgres://me:secret@127.0.0.1:{port}/db", tmp_path)  # postgres:// is accepted
     assert "secret" not in str(err.value) and "Fix: check that the database server runs" in str(err.value)
+
+
+def test_the_profile_command_reads_the_database(url, tmp_path):
+    """`personalign profile --profiles-url` prints a profile kept in the database (the JSON files of
+    an imported store are renamed, so reading them would find no user)."""
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    root = tmp_path / "store"
+    ProfileStore(root).update("alice", _add_pair)
+    store = SqlProfileStore(url, root)  # imports alice
+    store.update("alice", _add_pair)
+    store.close()
+    common = ["--store", str(root), "--profiles-url", url]
+    out = CliRunner().invoke(app, ["profile", "--user", "alice", *common])
+    assert out.exit_code == 0, out.output
+    shown = json.loads(out.output)
+    assert shown["user_id"] == "alice" and shown["version"] == 2 and len(shown["comparisons"]) == 2
+    out = CliRunner().invoke(app, ["profile", "--user", "bob", *common])
+    assert out.exit_code == 1 and "not enrolled" in out.output
+    out = CliRunner().invoke(app, ["profile", "--user", "alice", "--store", str(root)])  # the JSON files
+    assert out.exit_code == 1 and "not enrolled" in out.output
+
+
+def test_the_profile_command_refuses_a_missing_sqlite_file(tmp_path):
+    from typer.testing import CliRunner
+
+    from personalign.cli import app
+
+    (tmp_path / "store" / "users").mkdir(parents=True)
+    missing = f"sqlite:///{tmp_path / 'nope.db'}"
+    out = CliRunner().invoke(
+        app, ["profile", "-u", "alice", "--store", str(tmp_path / "store"), "--profiles-url", missing]
+    )
+    assert out.exit_code == 2 and "--profiles-url: names a SQLite file that does not exist" in out.output
+    assert not (tmp_path / "nope.db").exists()

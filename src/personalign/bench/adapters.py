@@ -11,16 +11,18 @@ of mixing and loading depends on how many distinct adapters there are, not on th
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from personalign.adapters.store import ADAPTER_DIR
+from personalign.memory.profiles import Profiles
+from personalign.types import UserProfile
 
 
 def _pairs(n: int) -> list[dict[str, str]]:
@@ -36,13 +38,18 @@ def _pairs(n: int) -> list[dict[str, str]]:
     ]
 
 
-def _clone_adapter(users_dir: Path, source_user: str, user: str) -> None:
-    target = users_dir / user / ADAPTER_DIR
+def _clone_adapter(profiles: Profiles, source_user: str, user: str) -> None:
+    """``user`` as a copy of ``source_user``: adapter folder and profile (in any profile store)."""
+    target = profiles.user_dir(user) / ADAPTER_DIR
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(users_dir / source_user / ADAPTER_DIR, target, dirs_exist_ok=True)
-    (users_dir / user / "profile.json").write_text(
-        (users_dir / source_user / "profile.json").read_text().replace(source_user, user)
-    )
+    shutil.copytree(profiles.user_dir(source_user) / ADAPTER_DIR, target, dirs_exist_ok=True)
+    copy = profiles.get(source_user).model_dump_json().replace(source_user, user)
+    profiles.update(user, lambda _: UserProfile.model_validate_json(copy))
+
+
+def _profile_bytes(profile: UserProfile) -> int:
+    """The profile's size as the JSON store writes it (``profile.json``), whatever store holds it."""
+    return len(json.dumps(profile.model_dump(mode="json"), ensure_ascii=False, indent=1).encode("utf-8"))
 
 
 def _timed(fn: Any, repeats: int) -> list[float]:
@@ -62,7 +69,7 @@ def run_adapter_bench(
     epochs: int = 4,
 ) -> dict[str, Any]:
     """Run (a)-(d) on an open Personalizer (its store is filled with bench users)."""
-    users_dir = pz.store_path / "users"
+    profiles = pz.profiles
     pairs = _pairs(16)
     result: dict[str, Any] = {
         "model": pz.generator.model_id,
@@ -85,8 +92,8 @@ def run_adapter_bench(
     }
 
     # (d) bytes on disk.
-    adapter_bytes = sum(f.stat().st_size for f in (users_dir / "bench-0" / ADAPTER_DIR).iterdir())
-    profile_bytes = (users_dir / "bench-plain" / "profile.json").stat().st_size
+    adapter_bytes = sum(f.stat().st_size for f in (profiles.user_dir("bench-0") / ADAPTER_DIR).iterdir())
+    profile_bytes = _profile_bytes(profiles.get("bench-plain"))
     result["bytes_per_user"] = {
         "lora_rank8": adapter_bytes,
         "profile": profile_bytes,
@@ -96,7 +103,7 @@ def run_adapter_bench(
     # (a) 8 requests from 8 users vs the same 8 requests all on one user's adapter.
     users = [f"bench-{i}" for i in range(8)]
     for user in users[1:]:
-        _clone_adapter(users_dir, "bench-0", user)
+        _clone_adapter(profiles, "bench-0", user)
     pz.adapters.max_resident = max(pz.adapters.max_resident, max(resident_counts) + 1, len(users))
     question = [{"role": "user", "content": "Give me advice about cooking dinner."}]
     fixed = {"max_new_tokens": max_new_tokens, "shots": False, "memory": False, "steer": {}}
@@ -121,8 +128,8 @@ def run_adapter_bench(
     probes = [f"bench-p{i}" for i in range(repeats + 1)]
     for count in resident_counts:
         for user in [*(f"bench-r{i}" for i in range(count)), *probes]:
-            if not (users_dir / user / ADAPTER_DIR).exists():
-                _clone_adapter(users_dir, "bench-0", user)
+            if not (profiles.user_dir(user) / ADAPTER_DIR).exists():
+                _clone_adapter(profiles, "bench-0", user)
         for user in list(pz.adapters.resident):
             pz.adapters.unload(user)
         pz.adapters.max_resident = count

@@ -234,16 +234,40 @@ def chat(
 
 
 @app.command()
-def profile(user: UserOpt, store: StoreOpt = Path(".personalign")) -> None:
+def profile(
+    user: UserOpt,
+    store: StoreOpt = Path(".personalign"),
+    profiles_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The profiles database the store uses (sqlite:///path.db or postgresql://..., as given "
+            "to serve); default: the store's JSON files."
+        ),
+    ] = None,
+) -> None:
     """Print a user's stored profile as JSON."""
-    from personalign.memory.profiles import ProfileStore
+    from personalign.memory.profiles import open_profiles
+    from personalign.memory.sql_profiles import sql_url
 
     with failing():
         if not (store / "users").is_dir():
             raise ValidationError(
                 "--store", "is not a personalign store", "pass the directory given to enroll/chat", str(store)
             )
-        typer.echo(json.dumps(ProfileStore(store).get(user).model_dump(mode="json"), indent=1))
+        if profiles_url is not None:
+            url = sql_url(profiles_url)
+            if url.get_backend_name() == "sqlite" and not Path(url.database).is_file():
+                raise ValidationError(
+                    "--profiles-url",
+                    "names a SQLite file that does not exist",
+                    "pass the --profiles-url given to serve",
+                    profiles_url,
+                )
+        profiles = open_profiles(store, profiles_url)
+        try:
+            typer.echo(json.dumps(profiles.get(user).model_dump(mode="json"), indent=1))
+        finally:
+            profiles.close()
 
 
 @app.command()

@@ -3,7 +3,7 @@
 The document (``format: "personalign.user-export"``, ``format_version: 1``):
 
 ``user_id``, ``exported_at``, ``package_version``;
-``profile``      ``created_at``, ``updated_at``, ``version`` of the profile file;
+``profile``      ``created_at``, ``updated_at``, ``version`` of the profile (file or database row);
 ``comparisons``  every comparison, oldest first, as stored;
 ``state``        the inferred preference state (embedder id, vector, variance, mixture), or ``None``;
 ``steering``     ``stored`` (set by the caller), ``inferred`` (from the comparisons) and ``default``
@@ -25,7 +25,7 @@ from typing import Any
 
 from personalign.errors import UnknownUserError
 from personalign.memory.lifecycle import MemoryLifecycle
-from personalign.memory.profiles import ProfileStore
+from personalign.memory.profiles import Profiles
 from personalign.types import validate_user_id
 
 FORMAT = "personalign.user-export"
@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 
 def export_user(
     user: str,
-    profiles: ProfileStore,
+    profiles: Profiles,
     memories: MemoryLifecycle,
     adapter_metadata: Callable[[str], dict[str, Any] | None],
     default_steer: Callable[[str], dict[str, float]],
