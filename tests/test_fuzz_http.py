@@ -103,6 +103,7 @@ def targeted_user(case: Any) -> str | None:
 KNOWN_GAPS = {
     "POST /v1/chat/completions": "the last message must be from the user (or a tool result)",
     "POST /v1/users/{user_id}/comparisons": "comparisons are any TRL preference layout (read by parse_comparisons)",
+    "PATCH /v1/users/{user_id}/comparisons": "indices must name stored comparisons (and at least one is given)",
     "GET /v1/users/{user_id}/memories": "filters is JSON text, and may only name fields the user's memories carry",
     "POST /v1/users/{user_id}/memories/search": "filters may only name fields the user's memories carry",
     "POST /v1/users/{user_id}/next-question": "a candidate's a and b must differ",
