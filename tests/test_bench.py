@@ -1,4 +1,6 @@
-"""``personalign bench memory`` at a tiny size: the report's shape, exact counts, per-user isolation."""
+"""``personalign bench memory`` at a tiny size: the report's shape, exact counts, per-user isolation.
+Also ``bench serve``'s worker options (``--workers``, ``--profiles-url``, ``--chroma-url``): they reach
+the batched server only, and the CLI refuses them where they cannot apply."""
 
 from __future__ import annotations
 
@@ -99,3 +101,61 @@ def test_rejects_a_used_store_dir_and_bad_sizes(encoder, tmp_path):
         run_memory_bench(tmp_path / "old", encoder=encoder, progress=False)
     with pytest.raises(ValidationError, match="memories"):
         run_memory_bench(tmp_path / "new", memories=0, encoder=encoder, progress=False)
+
+
+# --- bench serve --workers N --profiles-url ... --chroma-url ... ------------------------------------
+
+
+def test_bench_serve_gives_the_worker_options_to_the_batched_server_only(pz, monkeypatch):
+    """The servers are this process's threads standing in for `personalign serve` subprocesses; what
+    each subprocess would have been started with is recorded."""
+    from contextlib import contextmanager
+
+    from personalign.bench import serve
+
+    started = []
+
+    @contextmanager
+    def fake_subprocess_server(store, max_batch, model, encoder, device, extra=()):
+        started.append((store.name, max_batch, list(extra)))
+        with serve.thread_server(pz, max_batch) as url:
+            yield url
+
+    monkeypatch.setattr(serve, "subprocess_server", fake_subprocess_server)
+    profiles, chroma = "postgresql://me:secret@127.0.0.1/db", "http://127.0.0.1:8001"
+    result = serve.run_serve_bench(
+        levels=(1, 2), requests_per_client=1, max_tokens=2, max_batch=4, workers=2, profiles_url=profiles, chroma_url=chroma
+    )  # fmt: skip
+    options = ["--workers", "2", "--profiles-url", profiles, "--chroma-url", chroma]
+    assert started == [("batched", 4, options), ("one_at_a_time", 1, [])]
+    batched, baseline = result["servers"]["batched"], result["servers"]["one_at_a_time"]
+    assert batched["workers"] == 2 and baseline["workers"] == 1
+    assert all(lv["errors"] == 0 and lv["requests"] == 8 for s in (batched, baseline) for lv in s["levels"])
+    assert all(math.isnan(lv["mean_batch_size"]) for lv in batched["levels"])  # one worker's stats only
+    assert baseline["levels"][1]["mean_batch_size"] == 1.0
+    assert "secret" not in json.dumps(result["config"])  # the password is masked in what is reported
+    report = serve.format_report(result)
+    assert "batched (4) x2" in report and "answers per worker of batched (x2" in report
+    assert "batched server: serve --workers 2 --profiles-url postgresql://me:***@" in report
+
+
+def test_bench_serve_worker_options_are_checked_before_any_server_starts(pz):
+    from typer.testing import CliRunner
+
+    from personalign.bench.serve import run_serve_bench, server_plan, worker_options
+    from personalign.cli import app
+
+    assert worker_options() == [] and worker_options(3) == ["--workers", "3"]
+    assert server_plan(8) == [("batched", 8, 1, []), ("one_at_a_time", 1, 1, [])]
+    with pytest.raises(ValidationError, match="--workers: needs a store .* --chroma-url is not given"):
+        server_plan(8, 2, "sqlite:///p.db")
+    with pytest.raises(ValidationError, match="personalizer: serves in this process"):
+        run_serve_bench(personalizer=pz, profiles_url="sqlite:///p.db")
+    out = CliRunner().invoke(
+        app, ["bench", "serve", "--workers", "2", "--chroma-url", "http://127.0.0.1:8001"]
+    )
+    assert out.exit_code == 2 and "--workers: needs a store" in out.output and "--profiles-url" in out.output
+    out = CliRunner().invoke(app, ["bench", "serve", "--engines", "--profiles-url", "sqlite:///p.db"])
+    assert (
+        out.exit_code == 2 and "--profiles-url: applies to the batched-vs-one-at-a-time bench" in out.output
+    )

@@ -7,6 +7,14 @@ level, C client threads send the same sequence of personalised chat requests (gr
 level: throughput (requests/s and generated tokens/s), p50/p95 latency, errors, and the mean
 batch size the server formed. Ratios: batched over baseline throughput at each level, and
 batched throughput at the highest level over one client.
+
+Several workers: ``workers``, ``profiles_url`` and ``chroma_url`` are passed to the batched server
+only (``personalign serve --workers N --profiles-url ... --chroma-url ...``); the one-at-a-time
+baseline stays one process on its own embedded store (JSON profiles, embedded Chroma), so
+``batching_speedup`` then compares N batching workers on shared state with that one process. The
+server's ``/v1/server/stats`` counts one worker's batches, so the mean batch size of a server with
+several workers is not reported (NaN); each level reports instead how many answers each worker
+gave (``answers_per_worker``, from the ``x-personalign-worker`` header).
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from personalign.errors import ValidationError
+from personalign.server.run import WORKER_HEADER, check_workers
 
 USERS = {
     "sam": {
@@ -218,6 +229,7 @@ def run_level(
     tokens: list[int] = []
     errors: list[str] = []
     kinds: dict[str, int] = {}
+    by_worker: Counter[str] = Counter()  # answers per worker process (several-worker servers only)
     lock = threading.Lock()
     next_index = [0]
     deadline = time.monotonic() + max_seconds
@@ -237,17 +249,21 @@ def run_level(
                     )
                     ok = response.status_code == 200
                     detail = "" if ok else f"{response.status_code} {response.text[:200]}"
+                    worker = response.headers.get(WORKER_HEADER)
                 except httpx.HTTPError as err:
-                    ok, detail, generated, kind, key, marker = (
+                    ok, detail, generated, kind, key, marker, worker = (
                         False,
                         f"{type(err).__name__}: {err}",
                         0,
                         "error",
                         None,
                         None,
+                        None,
                     )
                 elapsed = time.perf_counter() - started
                 with lock:
+                    if worker is not None:
+                        by_worker[worker] += 1
                     if ok:
                         latencies.append(elapsed)
                         tokens.append(generated)
@@ -275,6 +291,7 @@ def run_level(
         "p50_ms": percentile(latencies, 50) * 1000,
         "p95_ms": percentile(latencies, 95) * 1000,
         "operations": kinds,
+        "answers_per_worker": sorted(by_worker.values(), reverse=True),
     }
 
 
@@ -350,6 +367,29 @@ def thread_server(personalizer: Any, max_batch: int) -> Iterator[str]:
         yield server.url
 
 
+def worker_options(
+    workers: int = 1, profiles_url: str | None = None, chroma_url: str | None = None
+) -> list[str]:
+    """The ``personalign serve`` options that run a server as ``workers`` processes on shared state."""
+    options = ["--workers", str(workers)] if workers != 1 else []
+    options += ["--profiles-url", profiles_url] if profiles_url is not None else []
+    options += ["--chroma-url", chroma_url] if chroma_url is not None else []
+    return options
+
+
+def server_plan(
+    max_batch: int, workers: int = 1, profiles_url: str | None = None, chroma_url: str | None = None
+) -> list[tuple[str, int, int, list[str]]]:
+    """``(label, --max-batch, workers, extra serve options)`` of the servers measured in turn: the
+    batched one with the worker options, then the one-at-a-time baseline, one process on its own
+    embedded store whatever the worker options."""
+    check_workers(workers, chroma_url, profiles_url)
+    return [
+        ("batched", max_batch, workers, worker_options(workers, profiles_url, chroma_url)),
+        ("one_at_a_time", 1, 1, []),
+    ]
+
+
 def run_serve_bench(
     levels: Sequence[int] = (1, 4, 16),
     requests_per_client: int = 4,
@@ -361,21 +401,34 @@ def run_serve_bench(
     device: str | None = None,
     personalizer: Any = None,
     mixed: bool = False,
+    workers: int = 1,
+    profiles_url: str | None = None,
+    chroma_url: str | None = None,
 ) -> dict[str, Any]:
     """Measure both servers at every level. With ``personalizer`` the servers run in this process
     (threads) over it and its store; otherwise each is a ``personalign serve`` subprocess.
 
     ``mixed``: 20 users, and each client's operations cycle through chats, memory writes and
     enrollments (:data:`MIXED_CYCLE`); every server is read back at the end and every
-    acknowledged write must be there exactly once (``writes`` in the result)."""
+    acknowledged write must be there exactly once (``writes`` in the result).
+
+    ``workers``, ``profiles_url``, ``chroma_url``: the batched server's (see the module docstring);
+    several workers need both URLs (``ValidationError`` naming ``--workers`` otherwise)."""
+    plan = server_plan(max_batch, workers, profiles_url, chroma_url)
+    if personalizer is not None and plan[0][3]:
+        raise ValidationError(
+            "personalizer",
+            "serves in this process, so it takes no worker options",
+            "drop personalizer (servers then run as subprocesses) or workers/profiles_url/chroma_url",
+        )
     root = Path(tempfile.mkdtemp(prefix="personalign-bench-serve-"))
     servers: dict[str, Any] = {}
     try:
-        for label, batch in (("batched", max_batch), ("one_at_a_time", 1)):
+        for label, batch, processes, extra in plan:
             if personalizer is not None:
                 context = thread_server(personalizer, batch)
             else:
-                context = subprocess_server(root / label, batch, model, encoder, device)
+                context = subprocess_server(root / label, batch, model, encoder, device, extra=extra)
             users = bench_users(mixed)
             acked: dict[str, list[str]] | None = {} if mixed else None
             with context as url:
@@ -398,9 +451,11 @@ def run_serve_bench(
                     level["mean_batch_size"] = (
                         (after["requests"] - before["requests"]) / batches if batches else 0.0
                     )
+                    if processes > 1:  # the stats came from whichever worker answered, not the server
+                        level["mean_batch_size"] = math.nan
                     measured.append(level)
                 writes = verify_writes(url, users, acked) if acked is not None else None
-            servers[label] = {"max_batch": batch, "levels": measured, "writes": writes}
+            servers[label] = {"max_batch": batch, "workers": processes, "levels": measured, "writes": writes}
     finally:
         shutil.rmtree(root, ignore_errors=True)
     batched = {lv["clients"]: lv for lv in servers["batched"]["levels"]}
@@ -419,6 +474,11 @@ def run_serve_bench(
             "device": device or "auto",
             "cpus": os.cpu_count(),
             "workload": "mixed: 20 users, cycle " + "/".join(MIXED_CYCLE) if mixed else "chats: 4 users",
+            "workers": workers,
+            # the batched server's serve options (password masked); the baseline never has any
+            "batched_options": worker_options(
+                workers, _shown(profiles_url) if profiles_url is not None else None, chroma_url
+            ),
         },
         "servers": servers,
         "batching_speedup": speedup,
@@ -435,16 +495,26 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
+def _shown(url: str) -> str:
+    from personalign.memory.sql_profiles import shown
+
+    return shown(url)
+
+
 def format_report(result: dict[str, Any]) -> str:
     lines = [
-        f"{'server':<16}{'clients':>8}{'requests':>10}{'errors':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}"
+        f"{'server':<19}{'clients':>5}{'requests':>10}{'errors':>8}{'req/s':>9}{'tok/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'batch':>7}"
     ]
     for label, server in result["servers"].items():
-        name = f"{label.replace('_', '-')} ({server['max_batch']})"
+        processes = server.get("workers", 1)
+        name = f"{label.replace('_', '-')} ({server['max_batch']})" + (
+            f" x{processes}" if processes > 1 else ""
+        )
         for lv in server["levels"]:
+            batch = "-" if math.isnan(lv["mean_batch_size"]) else f"{lv['mean_batch_size']:.1f}"
             lines.append(
-                f"{name:<16}{lv['clients']:>8}{lv['requests']:>10}{lv['errors']:>8}{lv['requests_per_s']:>9.2f}"
-                f"{lv['tokens_per_s']:>9.1f}{lv['p50_ms']:>9.0f}{lv['p95_ms']:>9.0f}{lv['mean_batch_size']:>7.1f}"
+                f"{name:<19}{lv['clients']:>5}{lv['requests']:>10}{lv['errors']:>8}{lv['requests_per_s']:>9.2f}"
+                f"{lv['tokens_per_s']:>9.1f}{lv['p50_ms']:>9.0f}{lv['p95_ms']:>9.0f}{batch:>7}"
             )
     speedups = ", ".join(f"{c} clients {v:.2f}x" for c, v in result["batching_speedup"].items())
     scaling = result["scaling"]
@@ -459,7 +529,22 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append(
                 f"writes read back from {label.replace('_', '-')}: {w['checked']} expected, {w['lost']} lost, {w['duplicated']} duplicated, {w['unexpected']} unexpected"
             )
+    for label, server in result["servers"].items():
+        if server.get("workers", 1) > 1:
+            spread = "; ".join(
+                f"{lv['clients']} clients {'/'.join(map(str, lv.get('answers_per_worker', [])))}"
+                for lv in server["levels"]
+            )
+            lines.append(
+                f"answers per worker of {label.replace('_', '-')} (x{server['workers']}, busiest first): {spread}"
+                " (the batch column needs one process: each worker keeps its own stats)"
+            )
     config = result["config"]
+    if config.get("batched_options"):
+        lines.append(
+            f"(batched server: serve {' '.join(config['batched_options'])}; "
+            "one-at-a-time: one process on an embedded store)"
+        )
     lines.append(
         f"(workload {config['workload']}; model {config['model']}, device {config['device']}, max_tokens {config['max_tokens']}, {config['cpus']} CPUs)"
     )

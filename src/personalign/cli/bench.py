@@ -250,11 +250,29 @@ def bench_serve(
             "(idle, training, idle; --clients: its first level, --seconds: each idle phase).",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Worker processes of the batched server (above 1 needs --profiles-url and --chroma-url); "
+            "the one-at-a-time baseline stays one process on an embedded store.",
+        ),
+    ] = 1,
+    profiles_url: Annotated[
+        str | None,
+        typer.Option(help="The batched server's profiles database (sqlite:///path.db or postgresql://...)."),
+    ] = None,
+    chroma_url: Annotated[
+        str | None,
+        typer.Option(help="The batched server's Chroma server for memories (a running `chroma run`)."),
+    ] = None,
     json_out: JsonOpt = None,
 ) -> None:
     """Throughput and p50/p95 latency at 1, 4 and 16 clients on loopback, batched vs one-at-a-time
-    (``--engines``: personalign in process, personalign on llama.cpp, and llama.cpp alone)."""
-    from personalign.bench.serve import format_report, run_serve_bench
+    (``--engines``: personalign in process, personalign on llama.cpp, and llama.cpp alone).
+    ``--workers N --profiles-url ... --chroma-url ...`` runs the batched server as N workers on shared state."""
+    from personalign.bench.serve import format_report, run_serve_bench, server_plan
     from personalign.errors import ValidationError
 
     with failing(usage=True):
@@ -263,6 +281,15 @@ def bench_serve(
             raise ValidationError(
                 "--clients", "must be positive integers separated by commas", "pass e.g. 1,4,16", clients
             )
+        shared = {"--workers": workers != 1, "--profiles-url": profiles_url, "--chroma-url": chroma_url}
+        given = [option for option, value in shared.items() if value]
+        if given and (engines or training):
+            raise ValidationError(
+                given[0],
+                f"applies to the batched-vs-one-at-a-time bench, not to {'--engines' if engines else '--training'}",
+                f"drop {', '.join(given)}, or run without {'--engines' if engines else '--training'}",
+            )
+        server_plan(max_batch, workers, profiles_url, chroma_url)  # several workers need both URLs
     if training:
         from personalign.bench.training import format_training_report, run_training_bench
 
@@ -290,6 +317,9 @@ def bench_serve(
             encoder=encoder,
             device=device,
             mixed=mixed,
+            workers=workers,
+            profiles_url=profiles_url,
+            chroma_url=chroma_url,
         )
     typer.echo(format_report(result))
     write_json(json_out, result)
