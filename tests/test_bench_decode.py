@@ -21,4 +21,3 @@ def test_a_short_decode_bench_measures_every_case(tmp_path):
     assert "read bandwidth" in format_decode_report(result)
     png = plot_decode(result, tmp_path / "decode.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-

@@ -177,9 +177,9 @@ def test_user_description_is_cached_per_version_and_forgotten(pz):
         and pz.respond("ann", msgs, max_new_tokens=6, memory=False).description is None
     )
     pz.enroll("ann", _users()["u1"][:1])
-    assert pz._descriptions["ann"][0] != (pz.profile("ann").version, 3)  # stale until asked again
+    assert pz._descriptions["ann"][0][1:] != (pz.profile("ann").version, 3)  # stale until asked again
     pz.describe("ann")
-    assert pz._descriptions["ann"][0] == (pz.profile("ann").version, 3)
+    assert pz._descriptions["ann"][0][1:] == (pz.profile("ann").version, 3)
     pz.forget("ann")
     assert "ann" not in pz._descriptions
 

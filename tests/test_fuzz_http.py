@@ -47,6 +47,17 @@ def personalizer(tiny_generator, encoder, tmp_path_factory):
         yield pz
 
 
+@pytest.fixture(scope="module")
+def server(personalizer, tmp_path_factory):
+    """The app with a job queue (no worker runs the queued trainings: only the routes are fuzzed)."""
+    from personalign.jobs import JobQueue, WorkerSpec
+    from personalign.server import ServerThread, create_app
+
+    jobs = JobQueue(WorkerSpec(str(tmp_path_factory.mktemp("fuzz-jobs"))))
+    with ServerThread(create_app(personalizer, CONFIG, jobs=jobs)) as running:
+        yield running
+
+
 def seed_alice(pz: Any) -> None:
     pz.enroll(ALICE, [{"prompt": "How do I boil an egg?", "chosen": "Nine minutes.", "rejected": "No."}])
     pz.remember(ALICE, ["I am vegetarian.", "I cook for two."], {"topic": "food"})
@@ -108,6 +119,7 @@ KNOWN_GAPS = {
     "POST /v1/users/{user_id}/memories/search": "filters may only name fields the user's memories carry",
     "POST /v1/users/{user_id}/next-question": "a candidate's a and b must differ",
     "POST /v1/completions": "best_of, when sent, must equal n",
+    "POST /v1/users/{user_id}/adapter": "the user must have comparisons to train on",
 }
 
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\.py\", line \d+")

@@ -117,7 +117,8 @@ def test_a_server_without_a_queue_says_so_and_stores_nothing(pz):
     with ServerThread(create_app(pz)) as server:
         http = httpx.Client(base_url=server.url, timeout=60)
         reply = http.post("/v1/users/dan/comparisons", json={"comparisons": PAIRS, "adapter": True})
-        assert reply.status_code == 501 and "worker" in reply.json()["error"]["message"]
+        assert reply.status_code == 400 and "worker" in reply.json()["error"]["message"]
+        assert reply.json()["error"]["param"] == "adapter"
         assert not pz.is_enrolled("dan")
 
 

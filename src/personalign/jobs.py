@@ -86,7 +86,7 @@ def train_adapter_job(spec: Mapping[str, Any], user: str, config: Mapping[str, A
     """
     import torch
 
-    from personalign.adapters.lora import LoraTrainConfig
+    from personalign.adapters.config import LoraTrainConfig
     from personalign.adapters.store import AdapterManager
     from personalign.chat import validated
     from personalign.errors import ValidationError

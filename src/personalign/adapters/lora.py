@@ -14,45 +14,13 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from personalign.adapters.config import LoraTrainConfig  # noqa: F401 (its home before; imported from here)
 from personalign.functional.dpo import dpo_loss, ipo_loss, reduce_pairs, sequence_logps, simpo_loss
 from personalign.types import Comparison
-
-
-class LoraTrainConfig(BaseModel):
-    """How a user's adapter is trained. Defaults suit 4-64 comparisons on a small model."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: int = Field(default=8, ge=1, le=256)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
-    beta: float = Field(default=0.1, gt=0)
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
-    simpo_gamma: float = Field(default=0.5, ge=0.0)
-    learning_rate: float = Field(default=5e-4, gt=0, le=1.0)
-    epochs: int = Field(default=8, ge=1, le=1000)
-    batch_size: int = Field(default=4, ge=1, le=256)
-    holdout_fraction: float = Field(default=0.25, ge=0.0, lt=1.0)
-    min_holdout_pairs: int = Field(
-        default=4, ge=1, description="hold out only when the user has at least this many pairs"
-    )
-    patience: int = Field(default=2, ge=1)
-    max_length: int = Field(default=512, ge=8)
-    seed: int = 0
-    progress: bool = False
-
-    @model_validator(mode="after")
-    def _targets(self) -> LoraTrainConfig:
-        if not self.target_modules:
-            raise ValueError("target_modules must name at least one module, e.g. ['q_proj', 'v_proj']")
-        return self
 
 
 @dataclass

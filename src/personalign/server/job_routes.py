@@ -20,16 +20,17 @@ def job_response(record: dict[str, Any], who: Principal) -> JobResponse:
 
 def queue_training(ctx: Any, who: Principal, store_id: str, config: dict[str, Any] | None) -> JobResponse:
     """Queue ``store_id``'s adapter training (checked first: the user exists and has comparisons)."""
-    from personalign.adapters.lora import LoraTrainConfig
+    from personalign.adapters.config import LoraTrainConfig
     from personalign.chat import validated
     from personalign.errors import ValidationError
 
     if ctx.jobs is None:
         raise ApiError(
-            501,
-            "this server has no job queue for adapter training. Fix: run `personalign serve` (it starts "
-            "a worker), or pass create_app(..., jobs=JobQueue(...))",
-            "not_implemented",
+            400,
+            "adapter: this server does not train adapters (no job queue). Fix: leave out adapter, or run "
+            "`personalign serve` with its worker (the default; not --no-jobs), or pass "
+            "create_app(..., jobs=JobQueue(...))",
+            "adapter_training_off",
             "adapter",
         )
     validated(LoraTrainConfig, config or {}, "config")  # a bad config is a 400 now, not a failed job
@@ -48,7 +49,8 @@ def install(app: FastAPI, ctx: Any) -> None:
         with the job. Chats go on meanwhile (with the previous adapter, or none); the first chat
         after the job succeeds uses the new adapter."""
         store_id = who.store_id(user_id, "user_id")
-        return queue_training(ctx, who, store_id, body.config)
+        config = body.config.model_dump(mode="json", exclude_unset=True) if body.config is not None else None
+        return queue_training(ctx, who, store_id, config)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobResponse, tags=["users"])
     def get_job(job_id: str, who: Reader) -> JobResponse:

@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from personalign.adapters.config import LoraTrainConfig
 from personalign.memory.lifecycle import KEY_PATTERN
 from personalign.server.stops import MAX_STOP_CHARS, MAX_STOPS
 
@@ -535,8 +536,8 @@ class TrainAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: dict[str, Any] | None = Field(
-        default=None, description="LoRA training settings (LoraTrainConfig fields: rank, epochs, ...)"
+    config: LoraTrainConfig | None = Field(
+        default=None, description="LoRA training settings (rank, epochs, loss, ...); omitted: the defaults"
     )
 
 
