@@ -24,9 +24,10 @@ CHAT = {"model": "personalign", "messages": [{"role": "user", "content": "Hello"
 
 
 @pytest.fixture(scope="module")
-def served(tiny_generator, tiny_model_dir, encoder, tmp_path_factory):
+def served(tiny_model_dir, encoder, tmp_path_factory):
     """A server over the tiny generator with a job queue, and a worker process running its jobs."""
     from personalign.jobs import JobQueue, WorkerSpec
+    from personalign.models import load_generator
     from personalign.personalizer import Personalizer
 
     tmp_path = tmp_path_factory.mktemp("jobs")
@@ -49,7 +50,8 @@ def served(tiny_generator, tiny_model_dir, encoder, tmp_path_factory):
         ],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    with Personalizer(tiny_generator, encoder, store=store) as pz:
+    # its own generator: the adapter the chats load must not wrap the session's shared one
+    with Personalizer(load_generator(str(tiny_model_dir), device="cpu"), encoder, store=store) as pz:
         jobs = JobQueue(WorkerSpec(str(store), str(tiny_model_dir)))
         with ServerThread(create_app(pz, config, jobs=jobs)) as server:
             yield pz, jobs, server

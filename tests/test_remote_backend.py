@@ -63,6 +63,14 @@ def llama():
 
 
 @pytest.fixture(scope="module")
+def smollm():
+    """This module's own embedded generator: its adapters must not reach other modules' shared one."""
+    from personalign.models import load_generator
+
+    return load_generator(device="cpu")
+
+
+@pytest.fixture(scope="module")
 def remote(smollm, encoder, llama, tmp_path_factory):
     from personalign.backends.remote import RemoteEngine
     from personalign.personalizer import Personalizer

@@ -92,11 +92,21 @@ def run_decode_bench(
 ) -> dict[str, Any]:
     import torch
 
+    before = torch.get_num_threads()
+    threads = threads or before
+    torch.set_num_threads(threads)
+    try:
+        return _measure(batches, tokens, repeats, threads)
+    finally:
+        torch.set_num_threads(before)  # the caller's setting (numerics depend on the thread count)
+
+
+def _measure(batches: tuple[int, ...], tokens: int, repeats: int, threads: int) -> dict[str, Any]:
+    import torch
+
     from personalign.backends.llamacpp import LlamaServer
     from personalign.models import embedded_gguf_path, load_generator
 
-    threads = threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     generators = {p: load_generator(device="cpu", dtype=p) for p in PRECISIONS}
     gguf = embedded_gguf_path()
     prompt_ids = list(
