@@ -48,7 +48,7 @@ def weight_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _hf_case(generator: Any, batch: int, tokens: int) -> float:
+def _hf_case(generator: Any, batch: int, tokens: int, static: bool = False) -> float:
     """Seconds for ``batch`` rows of exactly ``tokens`` greedy new tokens (prompt included)."""
     import torch
 
@@ -65,6 +65,7 @@ def _hf_case(generator: Any, batch: int, tokens: int) -> float:
             min_new_tokens=tokens,
             do_sample=False,
             pad_token_id=generator.tokenizer.pad_token_id,
+            **({"cache_implementation": "static"} if static else {}),
         )
         return time.perf_counter() - started
 
@@ -87,38 +88,53 @@ def _llama_case(url: str, ids: list[int], batch: int, tokens: int) -> float:
     return elapsed
 
 
+COMPILED = "float32 compiled"
+
+
 def run_decode_bench(
-    batches: tuple[int, ...] = (1, 4, 16), tokens: int = 64, repeats: int = 3, threads: int | None = None
+    batches: tuple[int, ...] = (1, 4, 16),
+    tokens: int = 64,
+    repeats: int = 3,
+    threads: int | None = None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
+    """``compiled``: also ``torch.compile``'d decoding steps with a static cache (float32); each
+    batch size compiles once in the warm-up (about a minute each on 2 cores), not timed."""
     import torch
 
     before = torch.get_num_threads()
     threads = threads or before
     torch.set_num_threads(threads)
     try:
-        return _measure(batches, tokens, repeats, threads)
+        return _measure(batches, tokens, repeats, threads, compiled)
     finally:
         torch.set_num_threads(before)  # the caller's setting (numerics depend on the thread count)
 
 
-def _measure(batches: tuple[int, ...], tokens: int, repeats: int, threads: int) -> dict[str, Any]:
+def _measure(
+    batches: tuple[int, ...], tokens: int, repeats: int, threads: int, compiled: bool
+) -> dict[str, Any]:
     import torch
 
     from personalign.backends.llamacpp import LlamaServer
     from personalign.models import embedded_gguf_path, load_generator
 
     generators = {p: load_generator(device="cpu", dtype=p) for p in PRECISIONS}
+    if compiled:
+        generators[COMPILED] = load_generator(device="cpu")
+        model = generators[COMPILED].model
+        model.forward = torch.compile(model.forward, dynamic=False)
     gguf = embedded_gguf_path()
     prompt_ids = list(
         generators["float32"].tokenizer.apply_chat_template(
             PROMPT, add_generation_prompt=True, return_dict=True
         )["input_ids"]
     )
-    cases = [(p, b) for p in (*PRECISIONS, "llama.cpp Q4_1") for b in batches]
+    cases = [(p, b) for p in (*generators, "llama.cpp Q4_1") for b in batches]
     seconds: dict[tuple[str, int], list[float]] = {c: [] for c in cases}
     with LlamaServer(gguf, parallel=max(batches), threads=threads, ctx_size=256 + tokens) as server:
-        for case in cases:  # warm-up, not reported
-            _run(case, generators, server.url, prompt_ids, 4)
+        for case in cases:  # warm-up (and the compiled case's compilation), not reported
+            _run(case, generators, server.url, prompt_ids, tokens if case[0] == COMPILED else 4)
         for repeat in range(repeats):
             shift = repeat % len(cases)
             for case in cases[shift:] + cases[:shift]:
@@ -163,7 +179,7 @@ def _measure(batches: tuple[int, ...], tokens: int, repeats: int, threads: int) 
 def _run(case: tuple[str, int], generators: dict[str, Any], url: str, ids: list[int], tokens: int) -> float:
     name, batch = case
     if name in generators:
-        return _hf_case(generators[name], batch, tokens)
+        return _hf_case(generators[name], batch, tokens, static=name == COMPILED)
     return _llama_case(url, ids, batch, tokens)
 
 

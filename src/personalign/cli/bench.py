@@ -142,6 +142,13 @@ def bench_decode(
     repeats: Annotated[int, typer.Option(min=1, help="Interleaved repeats (the median is reported).")] = 3,
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads (default: torch's).")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write tokens/s against batch size here (PNG).")] = None,
+    compiled: Annotated[
+        bool,
+        typer.Option(
+            "--compiled",
+            help="Also float32 with a static cache and torch.compile'd steps (compiles once per batch size).",
+        ),
+    ] = False,
     json_out: JsonOpt = None,
 ) -> None:
     """Decoding tokens/s per precision and batch size, beside llama.cpp on the same GGUF and the bandwidth limit."""
@@ -153,7 +160,7 @@ def bench_decode(
         if min(sizes) < 1:
             raise ValidationError("--batches", "must be positive", "pass e.g. 1,4,16", batches)
     with failing():
-        result = run_decode_bench(sizes, tokens, repeats, threads)
+        result = run_decode_bench(sizes, tokens, repeats, threads, compiled)
         if plot is not None:
             plot_decode(result, plot)
     typer.echo(format_decode_report(result))
