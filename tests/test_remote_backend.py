@@ -292,3 +292,13 @@ def test_the_remote_engine_example_runs(llama, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     for marker in ("== engine: llama.cpp", "memories: ['I am vegetarian", "refused: top_logprobs", "done in"):
         assert marker in done.stdout, done.stdout
+
+
+def test_the_ttft_bench_reports_both_cases():
+    """`personalign bench ttft` runs end to end (timings are its output, not asserted here)."""
+    from personalign.bench.ttft import format_ttft_report, run_ttft_bench
+
+    result = run_ttft_bench(rounds=1, max_new_tokens=2, threads=1)
+    assert result["ttft_ms"]["cached"] > 0 and result["ttft_ms"]["uncached"] > 0
+    assert result["second_turn_prompt_tokens"] > 50  # shots and memories are in the prompt
+    assert "cached / uncached" in format_ttft_report(result)

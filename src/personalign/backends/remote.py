@@ -146,6 +146,7 @@ class RemoteEngine:
         api_key: str | None = None,
         timeout: float = 600.0,
         max_concurrency: int = 64,
+        cache_prompt: bool = True,
     ) -> None:
         if kind not in KINDS:
             raise ValidationError(
@@ -153,6 +154,7 @@ class RemoteEngine:
             )
         self.url = url.rstrip("/")
         self.kind = kind
+        self.cache_prompt = cache_prompt  # llama.cpp: reuse a slot's cached prompt prefix
         self.name = kind
         self.server = server
         self.model = model
@@ -306,7 +308,9 @@ class RemoteEngine:
         if self.kind == "llama.cpp":
             if params.repetition_penalty != 1.0:
                 body["repeat_penalty"] = params.repetition_penalty
-            body["cache_prompt"] = True  # the user's stable prefix stays in the slot's KV cache
+            # the user's stable prefix (system prompt, memories, shots, earlier turns) stays in the
+            # slot's KV cache: a returning user's next turn only processes what is new
+            body["cache_prompt"] = self.cache_prompt
             body["lora"] = self._lora_field(self._loras(engine, prepared))
             body["model"] = self.model or "personalign"
         else:

@@ -167,6 +167,24 @@ def bench_decode(
     write_json(json_out, result)
 
 
+@bench_app.command("ttft")
+def bench_ttft(
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Rounds over the 4 seeded users (after one warm-up).")
+    ] = 3,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=256)] = 16,
+    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp's CPU threads.")] = None,
+    json_out: JsonOpt = None,
+) -> None:
+    """Time to first token of a returning user's second turn, with and without the per-user prompt cache (llama.cpp backend)."""
+    from personalign.bench.ttft import format_ttft_report, run_ttft_bench
+
+    with failing():
+        result = run_ttft_bench(rounds, max_new_tokens, threads)
+    typer.echo(format_ttft_report(result))
+    write_json(json_out, result)
+
+
 @bench_app.command("enroll")
 def bench_enroll(
     users: Annotated[int, typer.Option(min=2, help="Fresh synthetic users to enroll.")] = 20,
