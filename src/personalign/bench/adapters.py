@@ -1,6 +1,8 @@
 """``personalign bench adapters``: the cost of per-user adapters, each next to its baseline.
 
-(a) one batch of 8 requests from 8 different users vs the same batch all on one adapter;
+(a) one batch of 8 requests from 8 different users vs the same batch all on one adapter, and vs
+    the plain base (the three cases interleaved, in a rotated order per repeat; every row decodes
+    exactly ``max_new_tokens``);
 (b) time to make a new user's adapter active when all of 1, 10 or 100 slots are taken;
 (c) enrolment wall time for 16 comparisons (adapter training included) vs storing them only;
 (d) bytes on disk per user: a rank-8 LoRA folder vs the profile the embedders work from.
@@ -106,18 +108,29 @@ def run_adapter_bench(
         _clone_adapter(profiles, "bench-0", user)
     pz.adapters.max_resident = max(pz.adapters.max_resident, max(resident_counts) + 1, len(users))
     question = [{"role": "user", "content": "Give me advice about cooking dinner."}]
-    fixed = {"max_new_tokens": max_new_tokens, "shots": False, "memory": False, "steer": {}}
+    # every row decodes exactly max_new_tokens, so the three cases do the same decoding work
+    fixed = {
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": max_new_tokens,
+        "shots": False,
+        "memory": False,
+    }
+    fixed["steer"] = {}
     mixed = [{"user": u, "messages": question, **fixed} for u in users]
     single = [{"user": users[0], "messages": question, **fixed} for _ in users]
     base = [{"user": None, "messages": question, **fixed} for _ in users]
     pz.respond_batch(mixed)  # warm-up: loads all eight adapters
-    times = {
-        name: _timed(lambda r=reqs: pz.respond_batch(r), repeats)
-        for name, reqs in (("base", base), ("one_adapter", single), ("eight_users", mixed))
-    }
+    cases = [("base", base), ("one_adapter", single), ("eight_users", mixed)]
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    for repeat in range(repeats):  # interleaved, in a rotated order: a drifting load spreads over all
+        shift = repeat % len(cases)
+        for name, reqs in cases[shift:] + cases[:shift]:
+            times[name] += _timed(lambda r=reqs: pz.respond_batch(r), 1)
     medians = {k: statistics.median(v) for k, v in times.items()}
     result["batch_8"] = {
         "median_s": medians,
+        "spread_s": {k: [min(v), max(v)] for k, v in times.items()},
+        "repeats": repeats,
         "eight_users_over_one_adapter": medians["eight_users"] / medians["one_adapter"],
         "one_adapter_over_base": medians["one_adapter"] / medians["base"],
         "max_new_tokens": max_new_tokens,
@@ -164,6 +177,9 @@ def format_report(result: dict[str, Any]) -> str:
         f"(a) batch of 8, {batch['max_new_tokens']} new tokens   base {batch['median_s']['base']:.2f} s | one adapter "
         f"{batch['median_s']['one_adapter']:.2f} s | 8 users {batch['median_s']['eight_users']:.2f} s",
         f"    ratio 8 users / one adapter: {batch['eight_users_over_one_adapter']:.2f}x (target <= 1.5); one adapter / base: {batch['one_adapter_over_base']:.2f}x",
+        "    spread (s): "
+        + ", ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in batch["spread_s"].items())
+        + f" over {batch['repeats']} interleaved repeats",
         "(b) activate a new user's adapter with N slots full: "
         + ", ".join(f"N={n}: {v['median_ms']:.1f} ms" for n, v in act["by_resident"].items())
         + f"; last/first {act['last_over_first']:.2f}x (flat = 1)",
