@@ -59,6 +59,21 @@ def open_profiles(root: str | Path, url: str | None = None) -> Profiles:
     return SqlProfileStore(url, root)
 
 
+def changed(
+    stored: UserProfile | None, user_id: str, change: Callable[[UserProfile], UserProfile], create: bool
+) -> UserProfile:
+    """``change`` applied to a copy of ``stored`` (a new profile when it is ``None`` and ``create``),
+    its version one up and its time now: the step every profile store's ``update`` shares."""
+    if stored is None:
+        if not create:
+            raise UnknownUserError(user_id)
+        stored = UserProfile(user_id=user_id)
+    updated = change(stored.model_copy(deep=True))
+    updated.version = stored.version + 1
+    updated.updated_at = time.time()
+    return updated
+
+
 class ProfileStore:
     """Users' comparisons and settings. Every update is read-modify-write under one lock."""
 
@@ -89,15 +104,8 @@ class ProfileStore:
         If ``change`` raises, nothing is written.
         """
         with self._thread_lock, self._file_lock:
-            if self.exists(user_id):
-                profile = self.get(user_id)
-            elif create:
-                profile = UserProfile(user_id=user_id)
-            else:
-                raise UnknownUserError(user_id)
-            updated = change(profile.model_copy(deep=True))
-            updated.version = profile.version + 1
-            updated.updated_at = time.time()
+            stored = self.get(user_id) if self.exists(user_id) else None
+            updated = changed(stored, user_id, change, create)
             atomic_write_json(self.user_dir(user_id) / PROFILE_FILE, updated.model_dump(mode="json"))
             return updated
 

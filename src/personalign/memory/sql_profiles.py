@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from personalign.errors import UnknownUserError, ValidationError
-from personalign.memory.profiles import PROFILE_FILE
+from personalign.memory.profiles import PROFILE_FILE, changed
 from personalign.types import UserProfile, validate_user_id
 
 TABLE = "personalign_profiles"
@@ -218,15 +218,8 @@ class SqlProfileStore:
             if create and self.dialect == "postgresql":
                 self._reserve(conn, user_id)
             document = self._document(conn, user_id, lock=True)
-            if document is not None:
-                profile = UserProfile.model_validate(document)
-            elif create:
-                profile = UserProfile(user_id=user_id)
-            else:
-                raise UnknownUserError(user_id)
-            updated = change(profile.model_copy(deep=True))
-            updated.version = profile.version + 1
-            updated.updated_at = time.time()
+            stored = UserProfile.model_validate(document) if document is not None else None
+            updated = changed(stored, user_id, change, create)
             self._write(conn, updated, exists=document is not None or self.dialect == "postgresql")
             return updated
 
