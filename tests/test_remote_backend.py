@@ -230,9 +230,13 @@ def test_what_the_engine_cannot_do_is_refused_by_name(remote):
             remote.respond("vas-fan", PROMPT, steer=steer, **options)
         assert err.value.field == field
         assert "llama.cpp offers steering ['logit', 'mix', 'prompt']" in str(err.value)
-    # on by default where they can run: left out here, and said so
+    # on by default where they can run, and installed for this generator: left out here, and said so
     result = remote.respond("vas-fan", PROMPT, max_new_tokens=4)
-    assert set(result.personalization["skipped"]) == {"fspo", "pplug", "user_vas"}
+    installed = (
+        {"user_vas"} | ({"fspo"} if remote.fspo_folder else set()) | ({"pplug"} if remote.plug else set())
+    )
+    assert remote.user_heads() is not None
+    assert set(result.personalization["skipped"]) == installed
 
 
 def test_an_unreachable_engine_is_an_engine_error(smollm, encoder, tmp_path):

@@ -192,13 +192,22 @@ class GenerationEngine:
         self, conditioning: ConditioningParams, skipped: dict[str, str]
     ) -> ConditioningParams:
         """``conditioning`` without the default-on conditioners the backend cannot run (noted in
-        ``skipped``); one the request set explicitly stays, and the backend refuses it."""
+        ``skipped`` when one is installed, so it would have run here); one the request set
+        explicitly stays, and the backend refuses it."""
         caps = self.backend.capabilities
+        if caps.conditioning >= {"fspo", "pplug", "user_vas"}:
+            return conditioning
+        installed = {
+            "fspo": lambda: self.pz.fspo_folder is not None,
+            "pplug": lambda: self.pz.plug is not None,
+            "user_vas": lambda: self.pz.user_heads() is not None,
+        }
         off: dict[str, Any] = {}
         for name, value in (("fspo", False), ("pplug", False), ("user_vas", 0.0)):
             if name not in caps.conditioning and name not in conditioning.model_fields_set:
                 off[name] = value
-                skipped[name] = f"not available on the {self.backend.name} backend"
+                if installed[name]():
+                    skipped[name] = f"not available on the {self.backend.name} backend"
         return conditioning.model_copy(update=off) if off else conditioning
 
     def _user_guide(
