@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import numpy as np
 import pytest
 
+from keyed_server import api_error, client, keyed_server
 from personalign.errors import ValidationError
 from personalign.memory.profiles import ProfileStore
 from personalign.personalizer import Personalizer
 from personalign.preference.service import STATE_KEY
-from personalign.server import ServerConfig, ServerThread, create_app, load_api_keys
 from personalign.server.config import TENANT_SEP
 from personalign.types import Comparison
 
@@ -78,37 +77,13 @@ def _row(comparison: Comparison) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def server(tiny_generator, encoder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("edit-comparisons")
-    keys = folder / "keys.json"
-    keys.write_text(
-        json.dumps(
-            {
-                "keys": [
-                    {"key": ACME, "tenant": "acme"},
-                    {"key": GLOBEX, "tenant": "globex"},
-                    {"key": ACME_READ_ONLY, "tenant": "acme", "read_only": True},
-                ]
-            }
-        )
-    )
-    config = ServerConfig(api_keys=load_api_keys(keys), max_tokens_cap=8, default_max_tokens=2)
-    with (
-        Personalizer(tiny_generator, encoder, store=folder / "store") as personalizer,
-        ServerThread(create_app(personalizer, config)) as running,
-    ):
-        running.pz = personalizer
+    keys = [
+        {"key": ACME, "tenant": "acme"},
+        {"key": GLOBEX, "tenant": "globex"},
+        {"key": ACME_READ_ONLY, "tenant": "acme", "read_only": True},
+    ]
+    with keyed_server(tiny_generator, encoder, tmp_path_factory.mktemp("edit-comparisons"), keys) as running:
         yield running
-
-
-def _client(server, key):
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-
-
-def _error(response, status, code=None):
-    assert response.status_code == status, response.text
-    body = response.json()["error"]
-    assert code is None or body["code"] == code, body
-    return body
 
 
 def _enroll(http, user, comparisons):
@@ -122,7 +97,7 @@ def test_http_edit_matches_python(server):
     pz.forget("py-cara")
     pz.enroll("py-cara", [SHORT, SHORT, SHORT])
     expected = pz.edit_comparisons("py-cara", remove=[2], replace={0: LONG, 1: LONG})
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         _enroll(http, "cara", [SHORT, SHORT, SHORT])
         edited = http.patch(
             "/v1/users/cara/comparisons",
@@ -151,7 +126,7 @@ def test_http_edit_matches_python(server):
 
 def test_http_bad_edits_are_4xx_and_change_nothing(server):
     pz, stored_id = server.pz, f"acme{TENANT_SEP}bo"
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         _enroll(http, "bo", [SHORT, LONG])
         before = pz.profile(stored_id).model_dump(mode="json")
         blank = {"prompt": "q", "chosen": " ", "rejected": "b"}
@@ -169,25 +144,27 @@ def test_http_bad_edits_are_4xx_and_change_nothing(server):
             ({"replace": {"0": "not a comparison"}}, "replace"),
             ({"remove": [0], "adapter": True}, "adapter"),
         ):
-            error = _error(http.patch("/v1/users/bo/comparisons", json=body), 400)
+            error = api_error(http.patch("/v1/users/bo/comparisons", json=body), 400)
             assert (error["param"] or "").startswith(param), (body, error)
-        _error(http.patch("/v1/users/nobody-here/comparisons", json={"remove": [0]}), 404, "user_not_found")
-    with _client(server, ACME_READ_ONLY) as reader:
+        api_error(
+            http.patch("/v1/users/nobody-here/comparisons", json={"remove": [0]}), 404, "user_not_found"
+        )
+    with client(server, ACME_READ_ONLY) as reader:
         assert reader.get("/v1/users/bo").status_code == 200  # reads its tenant
-        _error(reader.patch("/v1/users/bo/comparisons", json={"remove": [0]}), 403, "read_only_key")
-    with _client(server, GLOBEX) as globex:  # another tenant: the same path names another user
-        _error(globex.patch("/v1/users/bo/comparisons", json={"remove": [0]}), 404, "user_not_found")
+        api_error(reader.patch("/v1/users/bo/comparisons", json={"remove": [0]}), 403, "read_only_key")
+    with client(server, GLOBEX) as globex:  # another tenant: the same path names another user
+        api_error(globex.patch("/v1/users/bo/comparisons", json={"remove": [0]}), 404, "user_not_found")
         _enroll(globex, "bo", [LONG])
         mine = globex.patch("/v1/users/bo/comparisons", json={"replace": {"0": _row(SHORT)}}).json()
         assert (mine["user"], mine["comparisons"], mine["version"]) == ("bo", 1, 2)
-        _error(globex.patch("/v1/users/bo/comparisons", json={"remove": [1]}), 400)  # acme's bo has a 1
+        api_error(globex.patch("/v1/users/bo/comparisons", json={"remove": [1]}), 400)  # acme's bo has a 1
         assert "acme" not in json.dumps(mine)
     assert pz.profile(stored_id).model_dump(mode="json") == before
     assert pz.profile(f"globex{TENANT_SEP}bo").comparisons[0].chosen == SHORT.chosen
 
 
 def test_openapi_declares_the_edit(server):
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         schema = http.get("/openapi.json").json()
     operation = schema["paths"]["/v1/users/{user_id}/comparisons"]["patch"]
     assert operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith(

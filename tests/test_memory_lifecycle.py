@@ -11,13 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import httpx
 import pytest
 
+from keyed_server import api_error, client, keyed_server
 from personalign.errors import UnknownUserError, ValidationError
 from personalign.memory.lifecycle import UnknownMemoryError
-from personalign.personalizer import Personalizer
-from personalign.server import ServerConfig, ServerThread, create_app, load_api_keys
 from personalign.server.config import TENANT_SEP
 
 PARIS, BERLIN, LISBON = "I live in Paris.", "I moved to Berlin.", "I live in Lisbon now."
@@ -289,33 +287,13 @@ def test_export_holds_everything_stored(pz):
 
 @pytest.fixture(scope="module")
 def server(tiny_generator, encoder, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("lifecycle")
-    keys = folder / "keys.json"
-    keys.write_text(
-        json.dumps({"keys": [{"key": ACME, "tenant": "acme"}, {"key": GLOBEX, "tenant": "globex"}]})
-    )
-    config = ServerConfig(api_keys=load_api_keys(keys), max_tokens_cap=8, default_max_tokens=2)
-    with (
-        Personalizer(tiny_generator, encoder, store=folder / "store") as personalizer,
-        ServerThread(create_app(personalizer, config)) as running,
-    ):
-        running.pz = personalizer
+    keys = [{"key": ACME, "tenant": "acme"}, {"key": GLOBEX, "tenant": "globex"}]
+    with keyed_server(tiny_generator, encoder, tmp_path_factory.mktemp("lifecycle"), keys) as running:
         yield running
 
 
-def _client(server, key):
-    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-
-
-def _error(response, status, code=None):
-    assert response.status_code == status, response.text
-    body = response.json()["error"]
-    assert code is None or body["code"] == code, body
-    return body
-
-
 def test_http_lifecycle_matches_python(server):
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         http.delete("/v1/users/cara")
         added = http.post(
             "/v1/users/cara/memories",
@@ -369,7 +347,7 @@ def test_http_lifecycle_matches_python(server):
 
 
 def test_http_bad_input_is_4xx_and_changes_nothing(server):
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         http.delete("/v1/users/dora")
         row = http.post(
             "/v1/users/dora/memories",
@@ -377,46 +355,48 @@ def test_http_bad_input_is_4xx_and_changes_nothing(server):
         ).json()["results"][0]
         http.post("/v1/users/erin/memories", json={"text": "Erin likes tea."})
         before = http.get("/v1/users/dora/export").json()["memories"]
-        _error(
+        api_error(
             http.put(f"/v1/users/erin/memories/{row['id']}", json={"text": "stolen"}), 404, "memory_not_found"
         )
-        _error(http.get(f"/v1/users/erin/memories/{row['id']}"), 404, "memory_not_found")
-        _error(http.get(f"/v1/users/erin/memories/{row['id']}/history"), 404, "memory_not_found")
-        _error(http.put("/v1/users/dora/memories/not-a-memory", json={"text": "x"}), 404, "memory_not_found")
-        _error(
+        api_error(http.get(f"/v1/users/erin/memories/{row['id']}"), 404, "memory_not_found")
+        api_error(http.get(f"/v1/users/erin/memories/{row['id']}/history"), 404, "memory_not_found")
+        api_error(
+            http.put("/v1/users/dora/memories/not-a-memory", json={"text": "x"}), 404, "memory_not_found"
+        )
+        api_error(
             http.put(f"/v1/users/nobody-here/memories/{row['id']}", json={"text": "x"}), 404, "user_not_found"
         )
-        _error(
+        api_error(
             http.post("/v1/users/dora/memories", json={"text": BERLIN, "key": "not a key"}),
             400,
             "invalid_value",
         )
-        _error(http.post("/v1/users/dora/memories", json={"text": BERLIN, "on_conflict": "merge"}), 400)
-        _error(http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": ""}), 400)
-        _error(
+        api_error(http.post("/v1/users/dora/memories", json={"text": BERLIN, "on_conflict": "merge"}), 400)
+        api_error(http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": ""}), 400)
+        api_error(
             http.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "x", "metadata": {"$bad": 1}}), 400
         )
         assert (
-            _error(
+            api_error(
                 http.get("/v1/users/dora/memories", params={"filters": json.dumps({"categry": "home"})}), 400
             )["param"]
             == "filters.categry"
         )
-        _error(http.get("/v1/users/dora/memories", params={"filters": "{not json"}), 400)
-        _error(http.get("/v1/users/dora/memories", params={"status": "deleted"}), 400)
-        _error(
+        api_error(http.get("/v1/users/dora/memories", params={"filters": "{not json"}), 400)
+        api_error(http.get("/v1/users/dora/memories", params={"status": "deleted"}), 400)
+        api_error(
             http.post(
                 "/v1/users/dora/memories/search", json={"query": "x", "filters": {"category": {"like": "h"}}}
             ),
             400,
         )
         assert http.get("/v1/users/dora/export").json()["memories"] == before
-    with _client(server, GLOBEX) as globex:  # another tenant: the same path names another user
-        _error(globex.get(f"/v1/users/dora/memories/{row['id']}"), 404)
-        _error(globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}), 404)
-        _error(globex.get("/v1/users/dora/export"), 404, "user_not_found")
+    with client(server, GLOBEX) as globex:  # another tenant: the same path names another user
+        api_error(globex.get(f"/v1/users/dora/memories/{row['id']}"), 404)
+        api_error(globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}), 404)
+        api_error(globex.get("/v1/users/dora/export"), 404, "user_not_found")
         globex.post("/v1/users/dora/memories", json={"text": "Globex's dora."})
-        _error(
+        api_error(
             globex.put(f"/v1/users/dora/memories/{row['id']}", json={"text": "globex was here"}),
             404,
             "memory_not_found",
@@ -424,7 +404,7 @@ def test_http_bad_input_is_4xx_and_changes_nothing(server):
         assert [m["memory"] for m in globex.get("/v1/users/dora/export").json()["memories"]] == [
             "Globex's dora."
         ]
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         assert http.get("/v1/users/dora/export").json()["memories"] == before
 
 
@@ -496,7 +476,7 @@ def test_a_key_with_a_trailing_newline_is_refused(pz):
 
 def test_search_is_a_path_not_a_memory_id(server):
     """GET, PUT or DELETE of /memories/search is a 405 naming POST, never the memory "search"."""
-    with _client(server, ACME) as http:
+    with client(server, ACME) as http:
         http.post("/v1/users/cara/memories", json={"text": PARIS})
         for method in ("GET", "PUT", "DELETE"):
             answer = http.request(method, "/v1/users/cara/memories/search", json={"text": "x"})
