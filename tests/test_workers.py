@@ -28,31 +28,13 @@ import pytest
 from typer.testing import CliRunner
 
 from personalign.cli import app
-from personalign.server.run import WORKER_HEADER, bound_socket, check_workers
+from personalign.server.run import WORKER_HEADER, check_workers
 from postgres_server import postgres_url  # noqa: F401 (a fixture)
+from test_server_chroma import free_port, wait_until_up
 
 CHROMA = shutil.which("chroma", path=str(Path(sys.executable).parent)) or shutil.which("chroma")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 USERS, CLIENTS, ROUNDS = 6, 8, 4  # per phase: CLIENTS threads x ROUNDS rounds of (enroll, remember, chat)
-
-
-def free_port() -> int:
-    with bound_socket() as sock:
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args[:4]} exited with {process.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
 
 
 def stop(process: subprocess.Popen, grace: float = 30) -> None:
@@ -75,7 +57,7 @@ def chroma_url(tmp_path_factory):
     command = [CHROMA, "run", "--path", str(folder), "--host", "127.0.0.1", "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(f"http://127.0.0.1:{port}/api/v2/heartbeat", process)
+        wait_until_up(f"http://127.0.0.1:{port}/api/v2/heartbeat", process, timeout=180)
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(process)
@@ -94,7 +76,7 @@ def serve(
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=sink, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{url}/health", process)
+        wait_until_up(f"{url}/health", process, timeout=180)
     except AssertionError:
         stop(process, grace=5)
         raise AssertionError(log.read_text()[-3000:]) from None
