@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from personalign.errors import ValidationError
-from personalign.eval.populations import source_dir
+from personalign.eval.population_base import source_dir
 
 CONDITIONS = ("none", "no-memory", "memory", "oracle")
 SPLITS = ("test", "dev", "both")
