@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from personalign.eval.enroll import evaluate_embedder, held_out_correct
+from personalign.eval.enroll_scoring import evaluate_embedder, held_out_correct
 from personalign.eval.population_base import EvalPopulation
 from personalign.eval.psoups_decode_scores import wilson_interval
 from personalign.preference.base import DEFAULT_PARTS
