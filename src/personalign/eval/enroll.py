@@ -62,8 +62,9 @@ from personalign.eval.population_base import EvalPopulation
 from personalign.eval.populations import load_population
 from personalign.eval.synthetic_users import SyntheticConfig, SyntheticPopulation
 from personalign.models import Encoder
-from personalign.preference.base import Featurizer, FeaturizerConfig, PreferenceEmbedder
+from personalign.preference.base import PreferenceEmbedder
 from personalign.preference.bt import BradleyTerry, BradleyTerryConfig
+from personalign.preference.featurizer import Featurizer, FeaturizerConfig
 from personalign.preference.pal import PAL, PALConfig
 
 __all__ = [

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from personalign.errors import ValidationError
 from personalign.eval.adapters import ADAPTER_METHODS
 from personalign.preference import EMBEDDER_CLASSES
-from personalign.preference.base import FeaturizerConfig
+from personalign.preference.featurizer import FeaturizerConfig
 
 EMBEDDERS = EMBEDDER_CLASSES
 METHODS = (*EMBEDDERS, "oracle", *ADAPTER_METHODS)

@@ -11,8 +11,9 @@ import numpy as np
 
 from personalign.eval.adapters import wilson
 from personalign.eval.population_base import EvalPopulation, EvalUser
-from personalign.preference.base import Featurizer, PreferenceEmbedder, UserState
+from personalign.preference.base import PreferenceEmbedder, UserState
 from personalign.preference.bt import BradleyTerry
+from personalign.preference.featurizer import Featurizer
 
 # --- scoring -------------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ from personalign.eval.psoups_decode_scores import (
     summarise_scores,
     wilson_interval,
 )
-from personalign.preference.base import DEFAULT_PARTS, FEATURE_PARTS
+from personalign.preference.featurizer import DEFAULT_PARTS, FEATURE_PARTS
 
 __all__ = [
     "OPPOSITE",

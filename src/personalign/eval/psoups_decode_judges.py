@@ -11,7 +11,7 @@ import numpy as np
 from personalign.eval.enroll_scoring import evaluate_embedder, held_out_correct
 from personalign.eval.population_base import EvalPopulation
 from personalign.eval.psoups_decode_scores import wilson_interval
-from personalign.preference.base import DEFAULT_PARTS
+from personalign.preference.featurizer import DEFAULT_PARTS
 
 if TYPE_CHECKING:
     from personalign.eval.psoups_decode import PsoupsDecodeConfig
@@ -21,7 +21,7 @@ def build_guidance(generator: Any, encoder: Any, fit: EvalPopulation, config: Ps
     """The embedder that guides: PAL fitted on the fit users' comparisons only (``{user: comparisons}``,
     no persona), or the shipped PAL."""
     from personalign.preference import default_embedder_dir, load_embedder
-    from personalign.preference.base import Featurizer, FeaturizerConfig
+    from personalign.preference.featurizer import Featurizer, FeaturizerConfig
     from personalign.preference.pal import PAL
 
     if config.guidance == "shipped":
@@ -34,8 +34,8 @@ def build_judges(
     generator: Any, encoder: Any, fit: EvalPopulation, config: PsoupsDecodeConfig
 ) -> dict[str, Any]:
     """One Bradley-Terry reward per persona, fitted on that persona's fit users (one shared featurizer)."""
-    from personalign.preference.base import Featurizer, FeaturizerConfig
     from personalign.preference.bt import BradleyTerry
+    from personalign.preference.featurizer import Featurizer, FeaturizerConfig
 
     featurizer = Featurizer(
         encoder,
