@@ -284,7 +284,7 @@ def _answers(
     say: Progress,
 ) -> dict[str, Any]:
     """The generic answers, the shared candidates, each method's answer per (user, prompt)."""
-    from personalign.steering.decoding import derived_seed
+    from personalign.steering.row_decoding import derived_seed
 
     unique = list(dict.fromkeys(prompts))
     ask = {p: [{"role": "user", "content": p}] for p in unique}
