@@ -14,6 +14,7 @@ from personalign.eval.onpolicy import (
     PoolConfig,
     _pairwise_accuracy,
     answer_pool,
+    bayes_weights,
     best_of_n,
     onpolicy_population,
 )
@@ -185,6 +186,28 @@ def test_ranking_helpers_golden_values():
             population, user, prompt, texts, (np.arange(4) == np.argsort(hidden)[1]).astype(float), generic
         )
         == 0.5
+    )
+
+
+def test_bayes_ceiling_is_the_prior_mean_without_shots_and_finds_the_user_with_many():
+    population = SyntheticPopulation()
+    cfg = population.config
+    prior = bayes_weights(population, [])
+    # no shots: the prior mean, the average of the type centroids (equal type shares)
+    np.testing.assert_allclose(prior, population.type_centroids.mean(axis=0), atol=0.05)
+    user = population.user_ids[3]
+    rng = np.random.default_rng(0)
+    shots = [population.answer(user, p, a, b, rng) for p, a, b in population.candidate_pairs(60, rng)]
+    posterior = bayes_weights(population, shots)
+    truth = population.user_weights[3]
+    own_type = population.type_centroids[population.user_types[3]]
+    # many shots pin the user's type: the posterior mean sits near their own centroid and weights
+    assert np.linalg.norm(posterior - own_type) < cfg.type_scale
+    assert np.corrcoef(posterior, truth)[0, 1] > 0.95
+    # a shot of weight 2 counts as the same shot twice (weighted Bradley-Terry likelihood)
+    doubled = [c.model_copy(update={"weight": 2.0}) for c in shots[:3]]
+    np.testing.assert_allclose(
+        bayes_weights(population, doubled), bayes_weights(population, [*shots[:3], *shots[:3]]), atol=1e-9
     )
 
 

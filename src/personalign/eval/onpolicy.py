@@ -17,6 +17,12 @@ compare answers the generator itself sampled:
   prompts, ordered by the user's hidden reward), and best-of-N selection: the answer the user's
   inferred reward picks from N samples against the generic greedy answer, judged by the hidden
   reward, beside the same pick made with another user's state and with the hidden reward itself.
+- The ceilings of that pick (evaluation only, never used for guidance): the pick with no user
+  (the embedder's prior state), the hidden-reward oracle's own margin (its pick against another
+  user's hidden-reward pick), and the Bayes pick (:func:`bayes_weights`): the posterior mean of
+  the user's weights given the same enrolment shots under the population's own generative model
+  and the judge's attribute functions, which bounds what any reward inferred from those shots
+  can pick.
 """
 
 from __future__ import annotations
@@ -283,6 +289,31 @@ def best_of_n(
     return 1.0 if mine > theirs else 0.5 if mine == theirs else 0.0
 
 
+def bayes_weights(
+    population: SyntheticPopulation, shots: Sequence[Comparison], samples: int = 20_000, seed: int = 0
+) -> np.ndarray:
+    """``(len(ATTRIBUTES),)`` posterior mean of a user's hidden weights given their ``shots``.
+
+    An evaluation ceiling, not a method: it knows what no embedder may use, the population's
+    generative model (type centroids, per-user noise, rationality) and the judge's attribute
+    functions. Self-normalised importance sampling from that prior, weighted by the
+    Bradley-Terry likelihood of the shots. Picking by it is the best any reward inferred from
+    these shots can do in expectation, which is how far a better embedder could go.
+    """
+    cfg = population.config
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, cfg.n_types, size=samples)
+    weights = population.type_centroids[types] + cfg.user_noise * rng.standard_normal(
+        (samples, population.type_centroids.shape[1])
+    )  # (S, k) draws from the population's prior
+    log_lik = np.zeros(samples)
+    for c in shots:
+        diff = population.attributes([c.chosen])[0] - population.attributes([c.rejected])[0]  # (k,)
+        log_lik += c.weight * -np.logaddexp(0.0, -cfg.rationality * (weights @ diff))
+    posterior = np.exp(log_lik - log_lik.max())
+    return (posterior / posterior.sum()) @ weights
+
+
 def run_ranking(
     generator: Any, encoder: Any, config: RankingConfig, progress: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -384,6 +415,8 @@ def _rank_row(
 ) -> dict[str, Any]:
     """One embedder's numbers for test users enrolled on ``shots``."""
     states = {u.user: embedder.infer(shots[u.user]) for u in test}
+    bayes = {u.user: bayes_weights(population, shots[u.user]) for u in test}
+    nobody = embedder.prior()
     agree = total = 0
     for u in test:
         for p in prompts:
@@ -397,10 +430,22 @@ def _rank_row(
         for u in test
         for c in held.get(u.user, [])
     ]
-    own, shuffled, oracle = [], [], []
+    own, shuffled, oracle, oracle_other, no_user, bayes_own, bayes_other = [], [], [], [], [], [], []
     for u, p in pairs:
         candidates = pool[p][:best_of]
         scored = [p] * len(candidates)
+        attributes = population.attributes(candidates)  # (n, k), for the ceilings only
+        decoy = other[u.user].user
+
+        def judged(
+            scores: np.ndarray, user: str = u.user, prompt: str = p, cands: list[str] = candidates
+        ) -> float:
+            return best_of_n(population, user, prompt, cands, scores, generic[prompt])
+
+        oracle_other.append(judged(population.true_reward(decoy, candidates)))
+        no_user.append(judged(embedder.reward(scored, candidates, nobody)))
+        bayes_own.append(judged(attributes @ bayes[u.user]))
+        bayes_other.append(judged(attributes @ bayes[decoy]))
         own.append(
             best_of_n(
                 population,
@@ -435,6 +480,10 @@ def _rank_row(
         "best_of_n_shuffled": float(np.mean(shuffled)),
         "best_of_n_oracle": float(np.mean(oracle)),
         "best_of_n_margin": float(np.mean(own) - np.mean(shuffled)),
+        "best_of_n_no_user": float(np.mean(no_user)),
+        "oracle_margin": float(np.mean(oracle) - np.mean(oracle_other)),
+        "best_of_n_bayes": float(np.mean(bayes_own)),
+        "bayes_margin": float(np.mean(bayes_own) - np.mean(bayes_other)),
         "n": len(own),
     }
 
@@ -454,6 +503,10 @@ def _summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "best_of_n_shuffled",
                 "best_of_n_oracle",
                 "best_of_n_margin",
+                "best_of_n_no_user",
+                "oracle_margin",
+                "best_of_n_bayes",
+                "bayes_margin",
             )
         }
         out.append(
@@ -471,25 +524,34 @@ def _summarise(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_ranking(result: dict[str, Any]) -> str:
     lines = [
-        "| fitted on | embedder | enrolled | seed | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fitted on | embedder | enrolled | seed | templated acc | on-policy acc | best-of-N win | another user's pick | margin | no-user pick | Bayes pick | Bayes margin | oracle pick | oracle margin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         templ = "-" if r["templated_accuracy"] is None else f"{r['templated_accuracy']:.3f}"
         lines.append(
-            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['seed']} | {templ} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['seed']} | {templ} | {r['onpolicy_accuracy']:.3f} | {_ceilings(r)}"
         )
     return "\n".join(lines)
 
 
+def _ceilings(r: dict[str, Any]) -> str:
+    """The best-of-N cells of a row or summary: the pick, its control, and the ceilings."""
+    return (
+        f"{r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_margin']:+.3f} | "
+        f"{r['best_of_n_no_user']:.3f} | {r['best_of_n_bayes']:.3f} | {r['bayes_margin']:+.3f} | "
+        f"{r['best_of_n_oracle']:.3f} | {r['oracle_margin']:+.3f} |"
+    )
+
+
 def format_summary(result: dict[str, Any]) -> str:
     lines = [
-        "| fitted on | embedder | enrolled | n | templated acc | on-policy acc | best-of-N win | another user's pick | oracle pick | margin |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fitted on | embedder | enrolled | n | templated acc | on-policy acc | best-of-N win | another user's pick | margin | no-user pick | Bayes pick | Bayes margin | oracle pick | oracle margin |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]:
         lines.append(
-            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {r['best_of_n_win']:.3f} | {r['best_of_n_shuffled']:.3f} | {r['best_of_n_oracle']:.3f} | {r['best_of_n_margin']:+.3f} |"
+            f"| {r['data']} | {r['embedder']} | {r['enrol']} | {r['n']} | {r['templated_accuracy']:.3f} | {r['onpolicy_accuracy']:.3f} | {_ceilings(r)}"
         )
     return "\n".join(lines)
 
