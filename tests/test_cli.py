@@ -149,6 +149,27 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert out.exit_code in (0, 1), out.output
     assert "enrolled sam: 8 comparisons" in out.output and "enrolled robin: 8 comparisons" in out.output
     assert out.output.count("=== ") == 3 and "their comparisons point the same way" in out.output
+    reranked = runner.invoke(
+        app,
+        ["demo", "--model", str(tiny_model_dir), "--max-new-tokens", "16", "--rerank", "2", "--width", "120"],
+    )
+    assert reranked.exit_code in (0, 1), reranked.output
+    assert (
+        reranked.output.count("user-rerank: candidate ") == 6
+    )  # two users x three questions; generic is plain
+
+
+def test_demo_says_which_guidance_ran():
+    from personalign.cli.demo import _guidance_text
+
+    assert _guidance_text(None) == ""
+    assert _guidance_text({"method": "user-vas", "strength": 3.0, "weights": [0.5, 0.25]}) == (
+        ", user-vas 3 (mixture 0.50/0.25)"
+    )
+    assert _guidance_text(
+        {"method": "user-rerank", "candidates": 4, "picked": 1, "scores": [0, 1, 0, 0]}
+    ) == (", user-rerank: candidate 2 of 4")
+    assert _guidance_text({"method": None, "requested": "user-rerank", "reason": "no user"}) == ""
 
 
 def test_demo_measurement_verdict(capsys):

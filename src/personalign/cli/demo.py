@@ -33,7 +33,9 @@ def _steer_text(steer: dict[str, float]) -> str:
 
 
 def _guidance_text(report: dict[str, Any] | None) -> str:
-    """`, user-vas 3.0 (0.61/0.02/...)`: the decode-time guidance that ran, if any."""
+    """`, user-vas 3.0 (0.61/0.02/...)` or `, user-rerank: candidate 2 of 4`: the decode-time guidance that ran, if any."""
+    if report and report.get("method") == "user-rerank":
+        return f", user-rerank: candidate {report['picked'] + 1} of {report['candidates']}"
     if not report or "weights" not in report:
         return ""
     weights = "/".join(f"{w:.2f}" for w in report["weights"])
@@ -68,6 +70,14 @@ def demo(
             help="Strength of the user-vas guidance (default: the shipped heads' own; 0: off).",
         ),
     ] = None,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=16,
+            help="Personal reranking: sample this many guided candidates per answer, the user's reward picks one (0: off).",
+        ),
+    ] = 0,
     model: ModelOpt = None,
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
@@ -111,6 +121,7 @@ def demo(
                     max_new_tokens=max_new_tokens,
                     repetition_penalty=1.1,
                     **({} if user_vas is None or user is None else {"user_vas": user_vas}),
+                    **({"rerank": rerank, "seed": 0} if rerank >= 2 and user is not None else {}),
                 )
                 lengths[user or "generic"].append(word_count(result.text))
                 texts[user or "generic"].append(result.text)
