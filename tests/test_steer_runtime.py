@@ -180,10 +180,11 @@ def test_mixed_methods_batch_equals_single_runs(spz):
         {"weights": {"verbosity": 1.0, "reading_level": -1.0}, "method": "mix"},
         {"weights": {"verbosity": -1.0}, "method": "logit"},
         {"direction": {"verbosity": 1.0, "reading_level": 1.0}, "method": "dpa"},
+        {"weights": {"verbosity": -1.0, "reading_level": 0.5}, "method": "weight-mix"},
     ]
     asks = [
         [{"role": "user", "content": q}]
-        for q in ("Question one", "Task two", "Preferred", "Given the examples", "Question")
+        for q in ("Question one", "Task two", "Preferred", "Given the examples", "Question", "Task")
     ]
     requests = [
         {"user": None, "messages": a, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False}
@@ -223,6 +224,45 @@ def test_mixing_before_the_head_decodes_as_mixing_logits(spz, monkeypatch, weigh
     logits = run()
     assert premixed == logits
     assert premixed[0] == premixed[2]  # alone or next to a plain request
+
+
+def test_weight_mix_adapter_is_the_weighted_sum_of_the_objective_updates(spz):
+    """Golden: every LoRA layer's update of the built adapter is sum_k w_k dW_k (negative
+    weights included), and weight 1 on one objective decodes as that objective's adapter
+    (which is also what ``mix`` runs at weight 1)."""
+    import torch
+    from peft.tuners.lora.layer import LoraLayer
+
+    runtime = spz.steering
+    weights = {"verbosity": -0.7, "reading_level": 1.3}
+    name = runtime.weight_mix_adapter(weights)
+    assert runtime.weight_mix_adapter(dict(reversed(weights.items()))) == name  # one adapter per direction
+    parts = {runtime.mix_adapter(k): w for k, w in weights.items()}
+    layers = [m for m in spz.generator.model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
+    assert layers
+    for layer in layers:
+        expected = sum(w * layer.get_delta_weight(k) for k, w in parts.items() if k in layer.lora_A)
+        torch.testing.assert_close(layer.get_delta_weight(name), expected, rtol=1e-5, atol=1e-6)
+    one = _reply(spz, {"weights": {"verbosity": 1.0}, "method": "weight-mix"})
+    mixed = _reply(spz, {"weights": {"verbosity": 1.0}, "method": "mix"})
+    assert one.text == mixed.text
+
+
+def test_weight_mix_adapters_are_bounded_and_a_batch_keeps_its_own(spz, monkeypatch):
+    import personalign.steering.runtime as runtime_mod
+
+    runtime = spz.steering
+    monkeypatch.setattr(runtime_mod, "WEIGHT_MIX_RESIDENT", 2)
+    steers = [{"weights": {"verbosity": w}, "method": "weight-mix"} for w in (0.2, 0.4, 0.6, 0.8)]
+    requests = [
+        {"user": None, "messages": ASK, "steer": s, "max_new_tokens": 8, "memory": False, "shots": False}
+        for s in steers
+    ]
+    batch = spz.respond_batch(requests)  # four directions in one batch: none evicted while planned
+    singles = [_reply(spz, s) for s in steers]
+    assert [r.text for r in batch] == [r.text for r in singles]
+    built = [n for n in spz.generator.model.peft_config if n.startswith("weightmix_")]
+    assert len(built) <= 2 and len(runtime._weight_mixes) <= 2
 
 
 def test_mix_composes_with_a_users_adapter(spz):

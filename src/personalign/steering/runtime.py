@@ -11,6 +11,8 @@ no processor and no extra rows, so it decodes exactly as plain ``generate``.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ from personalign.steering.methods import (
     steering_dir,
 )
 from personalign.steering.methods.dpa import dpa_direction  # noqa: F401 (re-exported)
+
+WEIGHT_MIX_RESIDENT = 16  # weight-mix adapters kept built (LRU); each is rank sum(r_k), ~2 MB here
 
 
 def steer_system(messages: list[dict[str, Any]], weights: Mapping[str, float]) -> list[dict[str, Any]]:
@@ -70,6 +74,8 @@ class SteeringRuntime:
         self.adapters = adapters
         self.folder = Path(folder) if folder is not None else None
         self._values: dict[tuple[str, str], Any] = {}
+        self._weight_mixes: OrderedDict[str, tuple[tuple[str, float], ...]] = OrderedDict()
+        self._planning: set[str] = set()  # weight-mix adapters the batch being planned uses
 
     def root(self) -> Path:
         return self.folder if self.folder is not None else steering_dir()
@@ -122,6 +128,33 @@ class SteeringRuntime:
 
         return self._adapter(ADAPTER_NAME, self.root() / DPA_DIR, "dpa")
 
+    def weight_mix_adapter(self, weights: Mapping[str, float]) -> str:
+        """The adapter ``sum_k w_k dW_k`` over the MODPO objective adapters (built once per direction).
+
+        PEFT's ``add_weighted_adapter`` with ``combination_type="cat"`` concatenates the
+        weighted ``A_k`` and the ``B_k``, so the new adapter's update is the weighted sum of the
+        objective adapters' updates exactly. The least recently used one is deleted past
+        :data:`WEIGHT_MIX_RESIDENT`, never one the batch being planned uses.
+        """
+        terms = tuple((self.mix_adapter(k), float(v)) for k, v in sorted(weights.items()) if v != 0.0)
+        name = "weightmix_" + hashlib.sha256(repr(terms).encode()).hexdigest()[:16]
+        self._planning.add(name)
+        manager = self.adapters
+        if name in self._weight_mixes and name in manager.peft.peft_config:
+            self._weight_mixes.move_to_end(name)
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                manager.peft.add_weighted_adapter(
+                    [n for n, _ in terms], [w for _, w in terms], name, combination_type="cat"
+                )
+            self._weight_mixes[name] = terms
+        for old in [n for n in self._weight_mixes if n not in self._planning]:
+            if len(self._weight_mixes) <= WEIGHT_MIX_RESIDENT:
+                break
+            del self._weight_mixes[old]
+            manager._drop(old)
+        return name
+
     def plan(
         self,
         rows: Sequence[list[int]],
@@ -140,6 +173,7 @@ class SteeringRuntime:
         added to the VAS guidance of that request's row.
         """
         guided = guides is not None and any(g is not None and any(g) for g in guides)
+        self._planning = set()
         methods = [self.method(m, w) if w else None for w, m in steers]
         tokenizer = self.generator.tokenizer
         eos_ids = eos_token_ids(tokenizer, getattr(self.generator.model, "generation_config", None))
@@ -170,7 +204,7 @@ class SteeringRuntime:
         ):
             own = names[i] if names is not None else BASE
             if method is not None:
-                own = REGISTRY[method].row_adapter(self, own)
+                own = REGISTRY[method].row_adapter(self, own, weights)
             if premixed:
                 objectives = (
                     [(self.mix_adapter(k), float(weights.get(k, 0.0))) for k in mix_objectives]

@@ -3,7 +3,8 @@
 ``logit`` (hand-written logits processors, no training), ``prompt`` (an instruction in the
 system prompt), ``vas`` (value heads on the generator's hidden state that guide the top-k logits),
 ``vas-model`` (the same guidance from a separate small value model), ``mix`` (objective
-adapters mixed at the logit level, MODPO-style), ``dpa`` (one direction-conditioned adapter,
+adapters mixed at the logit level, MODPO-style), ``weight-mix`` (the same adapters added in weight
+space: one adapter per direction), ``dpa`` (one direction-conditioned adapter,
 the direction written into the system prompt). ``vas`` and ``mix`` steer the objectives
 whose artefacts are installed: the package ships defaults under ``personalign/data/steering``
 and :func:`steering_dir` can point elsewhere (``PERSONALIGN_STEERING_DIR``).
@@ -33,7 +34,7 @@ from personalign.steering.methods.base import (
     steering_dir,
 )
 
-_MODULES = ("logit", "prompt", "vas", "mix", "dpa")  # one line per method module
+_MODULES = ("logit", "prompt", "vas", "mix", "weight_mix", "dpa")  # one line per method module
 REGISTRY: dict[str, SteeringMethod] = {}
 for _module in _MODULES:
     for _method in import_module(f"personalign.steering.methods.{_module}").METHODS:

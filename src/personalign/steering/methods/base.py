@@ -56,8 +56,8 @@ class SteeringMethod:
         """The conversation the generator sees (prompt-level methods rewrite it)."""
         return messages
 
-    def row_adapter(self, runtime: Any, own: str) -> str:
-        """The adapter a request's row runs (``own``: the user's, or the plain base)."""
+    def row_adapter(self, runtime: Any, own: str, weights: Mapping[str, float]) -> str:
+        """The adapter a request's row runs (``own``: the user's, or the plain base) for ``weights``."""
         return own
 
     def eos_shift(self, weights: Mapping[str, float]) -> float:

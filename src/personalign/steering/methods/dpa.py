@@ -30,7 +30,7 @@ class Dpa(SteeringMethod):
 
         return dpa_messages(messages, dpa_direction(weights, self.steerable(model_id)), dpa_line(model_id))  # type: ignore[arg-type]
 
-    def row_adapter(self, runtime: Any, own: str) -> str:
+    def row_adapter(self, runtime: Any, own: str, weights: Mapping[str, float]) -> str:
         return runtime.dpa_adapter()  # the direction-conditioned adapter replaces the user's own
 
 
