@@ -416,6 +416,11 @@ def test_bench_steer_on_tiny_model(spz, monkeypatch):
         "mix, 2 adapters + base",
         {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "mix"},
     )
+    monkeypatch.setitem(
+        bench.CASES,
+        "weight-mix, 2 adapters",
+        {"weights": {"verbosity": 0.5, "reading_level": 0.25}, "method": "weight-mix"},
+    )
     packed_before = [m for m in spz.generator.model.modules() if isinstance(m, PackedLinear)]
     result = bench.run_steer_bench(spz, max_new_tokens=4, repeats=1, batch=2, stock_too=True)
     assert set(result["settings"]) == {"batch 1", "batch 2", "batch 1, stock linear", "batch 2, stock linear"}

@@ -30,8 +30,15 @@ CASES: dict[str, dict[str, Any]] = {
     "mix, 2 objective adapters": {"weights": {"verbosity": 0.5, "structure": 0.5}, "method": "mix"},
     # off the simplex: the base row is needed too, 3 rows per request
     "mix, 2 adapters + base": {"weights": {"verbosity": 0.5, "structure": 0.25}, "method": "mix"},
+    # the same two adapters added in weight space: one row, one adapter (the DPA issue's 1.1x target)
+    "weight-mix, 2 adapters": {"weights": {"verbosity": 0.5, "structure": 0.25}, "method": "weight-mix"},
 }
-TARGETS = {"VAS, trunk head": 1.15, "mix, 2 objective adapters": 1.6, "mix, 2 adapters + base": 1.6}
+TARGETS = {
+    "VAS, trunk head": 1.15,
+    "mix, 2 objective adapters": 1.6,
+    "mix, 2 adapters + base": 1.6,
+    "weight-mix, 2 adapters": 1.1,
+}
 
 
 def _timed(pz: Any, prompts: list[str], steer: dict[str, Any], max_new_tokens: int) -> tuple[float, int]:
