@@ -14,7 +14,7 @@ import dataclasses
 import json
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from personalign.adapters.batched import gathered_lora, supports_gathered
@@ -32,6 +32,7 @@ from personalign.conditioning.pplug import (
     plug_inputs,
 )
 from personalign.errors import ContextLengthError, ValidationError
+from personalign.prefix_cache import PrefixCache, cacheable, prefix_of, rows_agree
 from personalign.steering import rerank as rerank_method
 from personalign.steering.decoding import (
     STEERABLE,
@@ -93,6 +94,7 @@ class GenerationEngine:
         )  # one generate call at a time (adapters are swapped per batch)
         self._grammars: dict[str, Any] = {}
         self.backend = personalizer.backend  # where rows decode (personalign.backends)
+        self._cacheable: bool | None = None  # the model's cache can be cut at a prefix (known on first use)
 
     def prepare(
         self,
@@ -397,12 +399,63 @@ class GenerationEngine:
             prepared.personalization,
         )
 
+    def forward_state(self, name: str) -> tuple[Hashable, tuple[Any, ...]] | None:
+        """What a row's keys and values depend on besides its tokens, for the prompt cache: the
+        model and the row's adapter ``name`` with its weights' identities and versions (a refilled
+        slot bumps them, a reloaded one has new tensors); and the objects to keep alive so those
+        identities stay unique. ``None`` when that cannot be told."""
+        model = self.adapters.base_model
+        if name == BASE:
+            return (self.generator.model_id, id(model), BASE), (model,)
+        peft = self.adapters.peft
+        if peft is None or name not in peft.peft_config:
+            return None
+        marker = f".{name}."
+        params = tuple(p for n, p in peft.named_parameters() if marker in n)
+        try:
+            versions = tuple((id(p), p._version) for p in params)
+        except RuntimeError:  # inference tensors keep no version
+            return None
+        return (self.generator.model_id, id(model), name, versions), (model, *params)
+
+    def _prefix_state(
+        self, prefix_cache: PrefixCache | None, plan: Plan, kwargs: Mapping[str, Any]
+    ) -> tuple[Hashable, tuple[Any, ...]] | None:
+        """The prompt cache's state for this batch (one per row), or ``None`` where the cache is
+        bypassed: no cache, rows with different prompts (several requests: padding), Persona-Plug's
+        soft token (``inputs_embeds``), or a model whose cache cannot be cut at a prefix
+        (sliding-window or linear attention). One request's rows (steering's extra rows, each on
+        its own adapter) share its prompt and are cached together."""
+        ids = plan.input_ids  # (R, T)
+        if prefix_cache is None or "inputs_embeds" in kwargs:
+            return None
+        if not bool(plan.attention_mask.all()) or not bool((ids == ids[:1]).all()):
+            return None
+        if self._cacheable is None:
+            from transformers import DynamicCache
+
+            self._cacheable = cacheable(DynamicCache(config=self.generator.model.config))
+        if not self._cacheable:
+            return None
+        rows = [self.forward_state(n) for n in (plan.names or [BASE] * ids.shape[0])]
+        if any(r is None for r in rows):
+            return None
+        return tuple(r[0] for r in rows), tuple(p for r in rows for p in r[1])  # type: ignore[index]
+
     def decode_local(
-        self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None] | None = None
+        self,
+        batch: Sequence[Prepared],
+        streams: Sequence[TokenStream | None] | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> list[ChatResult]:
-        """Decode ``batch`` with Hugging Face ``generate`` in this process (the local backend)."""
+        """Decode ``batch`` with Hugging Face ``generate`` in this process (the local backend).
+
+        With ``prefix_cache``, a batch of one request starts from the keys and values of its
+        longest cached prompt prefix and leaves its own there (:mod:`personalign.prefix_cache`).
+        """
         import torch
         from transformers import StoppingCriteriaList
+        from transformers.generation.utils import ALL_CACHE_NAMES
 
         stops = set(eos_token_ids(self.generator.tokenizer, self.generator.model.generation_config))
         seed = next(
@@ -436,12 +489,27 @@ class GenerationEngine:
                     )
                 if seed is not None and decoder is None:
                     torch.manual_seed(seed)
+                state = self._prefix_state(prefix_cache, plan, kwargs)
+                cache_name = ALL_CACHE_NAMES[0]  # "cache" (transformers 5), "past_key_values" (4.x)
+                if state is not None:
+                    kwargs[cache_name], _ = prefix_cache.take(  # type: ignore[union-attr]
+                        state[0], plan.input_ids[0].tolist(), self.generator.model.config
+                    )
                 try:
                     output = self._generate(plan.names, kwargs, streamer)
                 finally:
                     for hook in (plan.capture, plan.mixer):
                         if hook is not None:
                             hook.close()
+                if state is not None:
+                    cache = kwargs[cache_name]  # prompt and reply, but the last token
+                    seqs = output[:, : cache.get_seq_length()]  # (R, L)
+                    agree = rows_agree(seqs)  # where the rows' replies part, the rest is not shared
+                    if agree < seqs.shape[1]:
+                        cache = prefix_of(cache, agree, self.generator.model.config)
+                    prefix_cache.put(  # type: ignore[union-attr]
+                        state[0], seqs[0, :agree], cache, batch[0].user, state[1]
+                    )
         except BaseException as err:
             for stream in streams or []:
                 if stream is not None:

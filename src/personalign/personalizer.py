@@ -546,6 +546,7 @@ class Personalizer:
         """Remove every trace of ``user``: memories (collection dropped, database vacuumed) and files."""
         with self._generate_lock:
             self.adapters.unload(user)
+            getattr(self.backend, "forget", lambda _: None)(user)  # the prompt cache's keys and values
         self._descriptions.pop(user, None)
         self._adapter_seen.pop(user, None)
         return self.store.forget(user)

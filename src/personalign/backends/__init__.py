@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from personalign.errors import ValidationError
+from personalign.prefix_cache import PrefixCache, PrefixCacheConfig
+
+DEFAULT_PREFIX_CACHE = PrefixCacheConfig()
 
 # Everything the engine can ask of a backend. Conditioning names are ConditioningParams fields;
 # decoding names are GenerationParams fields (or groups of them).
@@ -62,24 +65,35 @@ class BackendCapabilityError(ValidationError):
 
 
 class LocalBackend:
-    """Hugging Face ``generate`` in this process (:meth:`GenerationEngine.decode_local`)."""
+    """Hugging Face ``generate`` in this process (:meth:`GenerationEngine.decode_local`).
+
+    ``prefix_cache``: the per-user prompt cache (:mod:`personalign.prefix_cache`), on by default
+    with :class:`PrefixCacheConfig`'s bounds (32 prompts, 256 MiB); ``None`` turns it off.
+    """
 
     name = "local"
     remote = False
 
-    def __init__(self) -> None:
+    def __init__(self, prefix_cache: PrefixCacheConfig | None = DEFAULT_PREFIX_CACHE) -> None:
         from personalign.steering.methods import REGISTRY
 
         self.capabilities = Capabilities(steering=frozenset(REGISTRY))
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache is not None else None
 
     def check(self, prepared: Any) -> None:
         """Everything runs here."""
 
     def run(self, engine: Any, batch: Sequence[Any], streams: Sequence[Any]) -> list[Any]:
-        return engine.decode_local(batch, streams)
+        return engine.decode_local(batch, streams, self.prefix_cache)
+
+    def forget(self, user: str) -> None:
+        """Drop the prompt cache's entries made for ``user`` (their memories and shots)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.forget(user)
 
     def close(self) -> None:
-        pass
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
 
 
 __all__ = ["CONDITIONING", "DECODING", "BackendCapabilityError", "Capabilities", "LocalBackend"]

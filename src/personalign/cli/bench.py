@@ -173,14 +173,30 @@ def bench_ttft(
         int, typer.Option(min=1, help="Rounds over the 4 seeded users (after one warm-up).")
     ] = 3,
     max_new_tokens: Annotated[int, typer.Option(min=1, max=256)] = 16,
-    threads: Annotated[int | None, typer.Option(min=1, help="llama.cpp's CPU threads.")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (llama.cpp's, or torch's with --engine local).")
+    ] = None,
+    engine: Annotated[
+        str,
+        typer.Option(help="llamacpp (a llama-server) or local (in-process transformers, its prefix cache)."),
+    ] = "llamacpp",
     json_out: JsonOpt = None,
+    model: ModelOpt = None,
 ) -> None:
-    """Time to first token of a returning user's second turn, with and without the per-user prompt cache (llama.cpp backend)."""
-    from personalign.bench.ttft import format_ttft_report, run_ttft_bench
+    """Time to first token of a returning user's second turn, with and without the per-user prompt cache."""
+    from personalign.bench.ttft import format_ttft_report, run_local_ttft_bench, run_ttft_bench
 
+    if engine not in ("llamacpp", "local"):
+        raise typer.BadParameter(f"{engine!r}: use llamacpp or local", param_hint="--engine")
+    if model is not None and engine != "local":
+        raise typer.BadParameter(
+            "only with --engine local (llama.cpp runs the embedded GGUF)", param_hint="--model"
+        )
     with failing():
-        result = run_ttft_bench(rounds, max_new_tokens, threads)
+        if engine == "local":
+            result = run_local_ttft_bench(rounds, max_new_tokens, threads, model)
+        else:
+            result = run_ttft_bench(rounds, max_new_tokens, threads)
     typer.echo(format_ttft_report(result))
     write_json(json_out, result)
 
