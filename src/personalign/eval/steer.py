@@ -296,9 +296,17 @@ def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
     fig, axes = new_figure(
         1, 2 if result.get("front") else 1, figsize=(11 if result.get("front") else 5.5, 4.2), squeeze=False
     )
+    methods = list(dict.fromkeys([*result["sweep"], *result.get("front", {})]))
+    color = {m: f"C{i % 10}" for i, m in enumerate(methods)}  # one colour per method in both panels
     ax = axes[0][0]
     for method, s in result["sweep"].items():
-        ax.plot(s["values"], s["means"], marker="o", label=f"{method} (rho {s['spearman_means']:.2f})")
+        ax.plot(
+            s["values"],
+            s["means"],
+            marker="o",
+            color=color[method],
+            label=f"{method} (rho {s['spearman_means']:.2f})",
+        )
     ax.axhline(result["unsteered"][first], color="grey", lw=0.8, ls="--", label="unsteered")
     ax.set_xlabel(f"requested {first} weight")
     ax.set_ylabel(f"measured {first}")
@@ -309,9 +317,9 @@ def plot_steer(result: dict[str, Any], path: Path | str) -> Path:
         for method, f in result["front"].items():
             xs = [p["x"] for p in f["points"]]
             ys = [p["y"] for p in f["points"]]
-            line = ax.scatter(xs, ys, label=method, s=18)
+            ax.scatter(xs, ys, label=method, s=18, color=color[method])
             front = sorted((xs[i], ys[i]) for i in f["front"])
-            ax.plot([p[0] for p in front], [p[1] for p in front], color=line.get_facecolor()[0], lw=1)
+            ax.plot([p[0] for p in front], [p[1] for p in front], color=color[method], lw=1)
         ax.set_xlabel(result["front_axes"][0] + " (signed)")
         ax.set_ylabel(result["front_axes"][1] + " (signed)")
         ax.set_title("Two-objective fronts (up and right is better)")
