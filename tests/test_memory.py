@@ -16,7 +16,15 @@ from pathlib import Path
 import pytest
 
 from personalign.errors import ValidationError
-from personalign.memory.chroma import MAX_MEMORY_CHARS, MAX_TOP_K, MemoryStore, collection_name
+from personalign.memory.chroma import (
+    MAX_MEMORY_CHARS,
+    MAX_TOP_K,
+    STATUS,
+    MemoryStore,
+    collection_name,
+    has_status,
+    status_where,
+)
 
 FACTS = [
     "I am vegetarian and I cook for two.",
@@ -287,3 +295,83 @@ def test_needs_exactly_one_of_path_or_client(encoder, tmp_path):
         MemoryStore(encoder)
     with pytest.raises(ValidationError, match="exactly one of path or client"):
         MemoryStore(encoder, path=tmp_path, client=object())
+
+
+# --- what a search costs: one Chroma query, without a status filter when it can --------------------
+
+
+STATUS_CASES = {"a": "active", "s": "superseded", "h": "history", "legacy": None}
+
+
+@pytest.mark.parametrize("status", ["active", "superseded", "all"])
+def test_has_status_matches_chromas_status_filter(store, encoder, status):
+    """Parity: the Python check that replaces Chroma's ``where`` keeps exactly the records the
+    filter keeps, legacy records without a status (active) included."""
+    store.add("alice", FACTS[0])  # creates the collection
+    collection = store._collection("alice", create=False)
+    metas = [{"user_id": "alice"} | ({STATUS: s} if s else {}) for s in STATUS_CASES.values()]
+    collection.add(
+        ids=list(STATUS_CASES),
+        documents=list(STATUS_CASES),
+        metadatas=metas,
+        embeddings=encoder.encode(list(STATUS_CASES)),
+    )
+    found = collection.get(where=status_where(status), include=["metadatas"])
+    by_chroma = set(found["ids"])
+    everything = collection.get(include=["metadatas"])
+    by_python = {
+        i for i, m in zip(everything["ids"], everything["metadatas"], strict=True) if has_status(m, status)
+    }
+    assert by_python == by_chroma
+
+
+def _spy_queries(store, user, monkeypatch):
+    collection = store._collection(user, create=False)
+    calls = []
+    query = collection.query
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return query(**kwargs)
+
+    monkeypatch.setattr(collection, "query", spy)
+    monkeypatch.setattr(collection, "count", lambda: pytest.fail("count() before every search"))
+    return calls
+
+
+def test_search_asks_chroma_once_without_a_status_filter(store, monkeypatch):
+    """A filtered Chroma query lists every matching record first (all the user's active ones)."""
+    store.add("alice", FACTS)
+    calls = _spy_queries(store, "alice", monkeypatch)
+    [best] = store.search("alice", DINNER, top_k=1)["results"]
+    assert best["memory"] == FACTS[0]
+    assert [(c["where"], c["n_results"]) for c in calls] == [(None, 2)]
+    assert "embeddings" not in calls[0]["include"]
+
+
+def test_search_falls_back_to_the_filter_when_other_versions_crowd_the_query(store, encoder, monkeypatch):
+    """Twelve earlier versions sit exactly on the query; the active memories are further away.
+    The unfiltered nearest records are all history, so the filtered query runs and finds them."""
+    store.add("alice", FACTS)
+    collection = store._collection("alice", create=False)
+    vector = encoder.encode([DINNER])[0]
+    collection.add(
+        ids=[f"old~v{i}" for i in range(12)],
+        documents=[f"Old version {i}." for i in range(12)],
+        metadatas=[{"user_id": "alice", STATUS: "history"} for _ in range(12)],
+        embeddings=[vector] * 12,
+    )
+    calls = _spy_queries(store, "alice", monkeypatch)
+    found = store.search("alice", DINNER, top_k=3, threshold=-1.0)["results"]
+    assert sorted(r["memory"] for r in found) == sorted(FACTS)
+    assert [c["where"] for c in calls] == [None, status_where("active")]
+    assert store.search("alice", DINNER, top_k=3, status="all")["results"][0]["memory"] == FACTS[0]
+    # a threshold the nearest history record already misses needs no second query
+    calls.clear()
+    assert (
+        store.search("alice", "Completely unrelated: quantum chromodynamics.", top_k=3, threshold=0.99)[
+            "results"
+        ]
+        == []
+    )
+    assert len(calls) == 1

@@ -484,3 +484,21 @@ def test_search_is_a_path_not_a_memory_id(server):
         assert (
             http.post("/v1/users/cara/memories/search", json={"query": "Where do I live?"}).status_code == 200
         )
+
+
+def test_a_key_supersedes_its_active_memory_only(pz):
+    """The key's earlier versions (history) and the memories it already superseded stay as they
+    are: the new memory supersedes the one active memory with its key, picked by status here."""
+    paris = pz.remember("ana", PARIS, key="home_city")["results"][0]
+    pz.update_memory("ana", paris["id"], "I live in Paris, near the river.")  # a history version
+    berlin = pz.remember("ana", BERLIN, key="home_city")["results"]
+    assert berlin[0]["supersedes"] == [paris["id"]] and [r["event"] for r in berlin] == ["ADD", "DELETE"]
+    lisbon = pz.remember("ana", LISBON, key="home_city")["results"]
+    assert lisbon[0]["supersedes"] == [berlin[0]["id"]] and [r["event"] for r in lisbon] == ["ADD", "DELETE"]
+    assert pz.get_memory("ana", paris["id"])["superseded_by"] == berlin[0]["id"]  # not re-superseded
+    assert [v["event"] for v in pz.memory_history("ana", paris["id"])["versions"]] == [
+        "ADD",
+        "UPDATE",
+        "DELETE",
+    ]
+    assert [r["memory"] for r in pz.memories("ana")["results"]] == [LISBON]

@@ -16,6 +16,10 @@ process may drop a user's collection (``forget``) and maybe create it again: a c
 names a collection that no longer exists. Every public read or write is :func:`refreshing`: on
 Chroma's ``NotFoundError`` it drops the handle and runs once more on a fresh lookup (reads find
 no collection, writes create it).
+
+A search asks Chroma for its nearest records without a status filter when it can (see
+:func:`_nearest_of_status`): Chroma lists every record that matches a filter before a filtered
+query, nearly all of the user's records for "active" (docs/performance.md, "Memory writes").
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ STATUS = INTERNAL + "status"  # active | superseded | history (legacy records ha
 STATUSES = ("active", "superseded", "all")
 HISTORY_OF = INTERNAL + "of"  # on an earlier version: the id of its memory
 EF_NAME = "personalign-sentence-encoder"
+SPARE = 2  # an unfiltered search asks for SPARE * top_k records, so other statuses can be dropped
 _UUID_DIR = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Encoders already loaded in this process, by name: Chroma rebuilds the embedding function from
 # its stored config on every collection open, and that must not load the model again.
@@ -175,6 +180,16 @@ def status_where(status: str) -> dict[str, Any]:
     if status == "superseded":
         return {STATUS: "superseded"}
     return {STATUS: {"$ne": "history"}}
+
+
+def has_status(metadata: Mapping[str, Any], status: str) -> bool:
+    """Whether a record's ``metadata`` matches :func:`status_where` (``status``), checked here."""
+    found = metadata.get(STATUS)
+    if status == "active":
+        return found not in ("superseded", "history")
+    if status == "superseded":
+        return found == "superseded"
+    return found != "history"
 
 
 class _Handles(Protocol):
@@ -338,7 +353,7 @@ class MemoryStore:
         return {
             "results": [
                 _record(user_id, i, d, m) | {"score": s}
-                for i, d, m, s, _ in self.query(user_id, query, top_k, threshold, filters, status)
+                for i, d, m, s in self.query(user_id, query, top_k, threshold, filters, status)
             ]
         }
 
@@ -352,8 +367,11 @@ class MemoryStore:
         filters: Mapping[str, Any] | None = None,
         status: str = "active",
         embedding: Any = None,
-    ) -> list[tuple[str, str, dict[str, Any], float, Any]]:
-        """``(id, document, metadata, score, embedding)`` of the closest current memories, best first."""
+    ) -> list[tuple[str, str, dict[str, Any], float]]:
+        """``(id, document, metadata, score)`` of the closest current memories, best first.
+
+        ``embedding`` is the query's vector when the caller has it (then nothing is encoded).
+        """
         validate_user_id(user_id)
         _check_text(query, "query")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
@@ -372,37 +390,22 @@ class MemoryStore:
                 threshold,
             )
         collection = self._collection(user_id, create=False)
-        where = status_where(status) if collection is None else self.where(user_id, status, filters)
         if collection is None:
+            status_where(status)
             check_filters(filters)
             return []
-        count = collection.count()
-        if count == 0:
-            return []
+        where = self.where(user_id, status, filters)
         vector = self._ef([query]) if embedding is None else [embedding]
-        found = collection.query(
-            query_embeddings=vector,
-            n_results=min(top_k, count),
-            where=where,
-            include=["documents", "metadatas", "distances", "embeddings"],
-        )
-        results = []
-        rows = zip(
-            found["ids"][0],
-            found["documents"][0],
-            found["metadatas"][0],
-            found["distances"][0],
-            found["embeddings"][0],
-            strict=True,
-        )
-        for memory_id, doc, meta, dist, vec in rows:
-            if meta.get("user_id") != user_id:  # defence in depth: collections are per user already
-                continue
-            score = 1.0 - float(dist)
-            if threshold is not None and score < threshold:
-                continue
-            results.append((memory_id, doc, meta, score, vec))
-        return results
+        if filters or status == "superseded":  # a narrow filter: Chroma lists few records
+            found = _nearest(collection, vector, top_k, where)
+        else:
+            found = _nearest_of_status(collection, vector, top_k, status, where, threshold)
+        return [
+            (memory_id, doc, meta, score)
+            for memory_id, doc, meta, score in found
+            # defence in depth: collections are per user already
+            if meta.get("user_id") == user_id and (threshold is None or score >= threshold)
+        ]
 
     @refreshing
     def rows(
@@ -503,6 +506,44 @@ class MemoryStore:
         return len(
             collection.get(where=status_where("all"), include=[])["ids"]
         )  # memories, not their earlier versions
+
+
+Row = tuple[str, str, dict[str, Any], float]  # (id, document, metadata, cosine score)
+
+
+def _nearest(collection: Any, vector: Any, n: int, where: Mapping[str, Any] | None) -> list[Row]:
+    """Chroma's ``n`` nearest records to ``vector`` (matching ``where`` when given), best first."""
+    found = collection.query(
+        query_embeddings=vector,
+        n_results=n,  # Chroma returns fewer when the collection holds fewer: no count() first
+        where=where,
+        include=["documents", "metadatas", "distances"],
+    )
+    rows = zip(
+        found["ids"][0], found["documents"][0], found["metadatas"][0], found["distances"][0], strict=True
+    )
+    return [(i, d, m, 1.0 - float(dist)) for i, d, m, dist in rows]
+
+
+def _nearest_of_status(
+    collection: Any, vector: Any, top_k: int, status: str, where: Mapping[str, Any], threshold: float | None
+) -> list[Row]:
+    """The ``top_k`` nearest records of ``status``, with Chroma's status filter only when needed.
+
+    A filtered Chroma query first lists every record that matches the filter (for ``active``,
+    nearly all of the user's records: 18 ms at 10,000 on a Xeon core), then searches among them.
+    So ask for the ``SPARE * top_k`` nearest with no filter and drop other statuses here. That is
+    the filtered answer when ``top_k`` are left, when the collection had no more records, or when
+    the farthest one returned is already below ``threshold``; otherwise (many superseded versions
+    near the query) the filtered query runs after all.
+    """
+    n = SPARE * top_k
+    nearest = _nearest(collection, vector, n, None)
+    kept = [row for row in nearest if has_status(row[2], status)]
+    complete = len(nearest) < n or (threshold is not None and nearest[-1][3] < threshold)
+    if len(kept) >= top_k or complete:
+        return kept[:top_k]
+    return _nearest(collection, vector, top_k, where)
 
 
 def check_limit(limit: Any) -> None:

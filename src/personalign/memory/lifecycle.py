@@ -51,6 +51,7 @@ from personalign.memory.chroma import (
     _check_text,
     _record,
     check_limit,
+    has_status,
     refreshing,
 )
 from personalign.types import validate_user_id
@@ -323,7 +324,7 @@ class MemoryLifecycle:
     ) -> dict[str, Any]:
         """The closest memories to ``query`` (active ones unless ``status`` says otherwise), with ``score``."""
         found = self.store.query(user_id, query, top_k, threshold, filters, status)
-        return {"results": [lifecycle_record(user_id, i, d, m) | {"score": s} for i, d, m, s, _ in found]}
+        return {"results": [lifecycle_record(user_id, i, d, m) | {"score": s} for i, d, m, s in found]}
 
     # --- writes ------------------------------------------------------------------------------
 
@@ -399,7 +400,7 @@ class MemoryLifecycle:
     def _restated(self, user_id: str, doc: str, vector: Any, key: str | None) -> dict[str, Any] | list[Any]:
         """The active memory ``doc`` re-states (its record, ``event: NONE``), else the nearest active memories."""
         neighbours = self.store.query(user_id, doc, _NEIGHBOURS, None, None, "active", embedding=vector)
-        for memory_id, old_doc, meta, score, _ in neighbours:
+        for memory_id, old_doc, meta, score in neighbours:
             # A keyed restatement must be the same text (the key label makes every value of a key look
             # alike to the encoder); an unkeyed one may, if the caller asks, be a near-identical paraphrase.
             near = key is None and score >= self.duplicate_threshold and _same_numbers(old_doc, doc)
@@ -422,17 +423,16 @@ class MemoryLifecycle:
         added = lifecycle_record(user_id, new_id, doc, meta) | {"event": "ADD"}
         if key is not None:
             collection = self.store._collection(user_id, create=False)
-            same = collection.get(
-                where={"$and": [{KEY: key}, {STATUS: {"$nin": ["superseded", "history"]}}]},
-                include=["documents", "metadatas"],
-            )
+            # The key's records, active ones picked here: a status clause in Chroma's filter would
+            # list every record of the user (see chroma._nearest_of_status).
+            same = collection.get(where={KEY: key}, include=["documents", "metadatas"])
             doomed = [
                 (i, d, m)
                 for i, d, m in zip(same["ids"], same["documents"], same["metadatas"], strict=True)
-                if i != new_id
+                if i != new_id and has_status(m, "active")
             ]
         else:
-            conflicts = [(i, d, m, s) for i, d, m, s, _ in neighbours if s >= self.conflict_threshold]
+            conflicts = [(i, d, m, s) for i, d, m, s in neighbours if s >= self.conflict_threshold]
             added["conflicts"] = [
                 {"id": i, "memory": d, "key": m.get(KEY), "score": s} for i, d, m, s in conflicts
             ]
