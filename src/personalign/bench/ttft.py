@@ -5,8 +5,10 @@ in-process backend's :mod:`personalign.prefix_cache`).
 Each user is enrolled (comparisons, memories) so their prompt carries shots and memories. For
 each user in turn: the first turn is streamed (it fills a llama.cpp slot with the user's prefix),
 then the second turn (the first question, the answer, a new question) is streamed twice: with the
-prompt cache (only the new tokens are processed) and then without it (the whole prompt is), so
-the uncached request never sees a warmer cache than the cached one. Time to first token is the
+prompt cache (only the tokens after the longest prefix a slot holds are processed) and then
+without it (the whole prompt is), so the uncached request never sees a warmer cache than the
+cached one. Every round asks a first question of its own, so no slot ever holds the same
+second-turn prompt from an earlier round. Time to first token is the
 wall time from the call to the first text piece, personalign's retrieval and rendering included.
 
 In process (:func:`run_local_ttft_bench`) the user's cache entries are dropped before each first
@@ -60,7 +62,9 @@ def run_ttft_bench(rounds: int = 3, max_new_tokens: int = 16, threads: int | Non
                 pz.remember(user, data["memories"])
             for round_ in range(rounds + 1):  # round 0 warms up, not reported
                 for user in USERS:
-                    first = [{"role": "user", "content": QUESTIONS[0]}]
+                    # A question new to every round: a slot must never hold this very second-turn
+                    # prompt from an earlier round (llama.cpp would reuse all of it).
+                    first = [{"role": "user", "content": f"{QUESTIONS[0]} (day {round_ + 1})"}]
                     engine.cache_prompt = True
                     _, answer = _first_piece(pz, user, first, max_new_tokens)
                     second = [
