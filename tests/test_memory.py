@@ -375,3 +375,34 @@ def test_search_falls_back_to_the_filter_when_other_versions_crowd_the_query(sto
         == []
     )
     assert len(calls) == 1
+
+
+def test_bench_memory_interleaves_its_cases_and_alternates_the_baseline():
+    """``bench memory``: search and add take turns (which first rotating per round), each beside
+    one uncached encoder call on the same text (which first alternating), so both see the same load."""
+    from personalign.bench.memory import _interleaved
+
+    events = []
+
+    class Encoder:
+        def evict(self, texts):
+            events.append(("evict", *texts))
+
+        def encode_uncached(self, texts):
+            events.append(("encode", *texts))
+
+    def op(name):
+        return lambda text: events.append((name, text)) or f"{name}:{text}"
+
+    timings = _interleaved(Encoder(), [(["q0", "q1", "q2"], op("search")), (["t0", "t1"], op("add"))])
+    assert [e for e in events if e[0] != "evict"] == [
+        ("search", "q0"), ("encode", "q0"), ("add", "t0"), ("encode", "t0"),  # round 0: op first
+        ("encode", "t1"), ("add", "t1"), ("encode", "q1"), ("search", "q1"),  # round 1: rotated
+        ("search", "q2"), ("encode", "q2"),  # round 2: add has no third text
+    ]  # fmt: skip
+    assert events.count(("evict", "q1")) == 1 and events.index(("evict", "q1")) < events.index(
+        ("encode", "q1")
+    )
+    (search_s, encode_s, found), (add_s, _, added) = timings
+    assert found == ["search:q0", "search:q1", "search:q2"] and added == ["add:t0", "add:t1"]
+    assert len(search_s) == len(encode_s) == 3 and len(add_s) == 2 and min(search_s + add_s) >= 0

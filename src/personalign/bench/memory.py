@@ -8,10 +8,12 @@ synthetic fact drawn from templates with a seeded RNG. The build goes through
 ``MemoryStore.add`` in batches of ``batch_size`` and is timed on its own.
 
 Measured, on texts and queries never seen before (evicted from the encoder cache first, so
-every call runs the model): ``search`` (top 5) for the target user at exactly ``memories``
-records, then single-item ``add`` for the target user (its count grows by ``adds``). The
-baseline is one uncached encoder call, ``encoder.encode_uncached([text])``, on the same text,
-timed right beside each operation (the two alternate which runs first). The figure is the
+every call runs the model): ``search`` (top 5) and single-item ``add`` for the target user, the
+two taking turns (round i runs search i and add i, which one first alternating), so load from
+other jobs falls on both alike. Timing starts at exactly ``memories`` records; the adds grow the
+count by ``adds`` (search i sees i more). The baseline is one uncached encoder call,
+``encoder.encode_uncached([text])``, on the same text, timed right beside each operation (the two
+alternate which runs first). The figure is the
 ratio: ``add_p50 / encode_p50`` and ``search_p50 / encode_p50`` (and the p95 ones), i.e. what
 the store costs on top of embedding the text; a ratio near 1 means the database is free. The
 median of the per-pair ratios is reported too: it is steadier when other load comes and goes.
@@ -141,22 +143,36 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     return time.perf_counter() - started, out
 
 
-def _paired(
-    encoder: Any, texts: Sequence[str], op: Callable[[str], Any]
-) -> tuple[list[float], list[float], list[Any]]:
-    """Time ``op(text)`` and ``encoder.encode_uncached([text])`` for each text, alternating order."""
-    op_s, encode_s, outputs = [], [], []
-    for i, text in enumerate(texts):
-        encoder.evict([text])  # the op's own encode must run the model too
-        if i % 2:
-            encode_s.append(_timed(encoder.encode_uncached, [text])[0])
-            spent, out = _timed(op, text)
-        else:
-            spent, out = _timed(op, text)
-            encode_s.append(_timed(encoder.encode_uncached, [text])[0])
-        op_s.append(spent)
-        outputs.append(out)
-    return op_s, encode_s, outputs
+def _pair(encoder: Any, text: str, op: Callable[[str], Any], op_first: bool) -> tuple[float, float, Any]:
+    """Seconds of ``op(text)`` and of ``encoder.encode_uncached([text])`` back to back, and op's output."""
+    encoder.evict([text])  # the op's own encode must run the model too
+    if op_first:
+        spent, out = _timed(op, text)
+        encoded = _timed(encoder.encode_uncached, [text])[0]
+    else:
+        encoded = _timed(encoder.encode_uncached, [text])[0]
+        spent, out = _timed(op, text)
+    return spent, encoded, out
+
+
+def _interleaved(
+    encoder: Any, cases: Sequence[tuple[Sequence[str], Callable[[str], Any]]]
+) -> list[tuple[list[float], list[float], list[Any]]]:
+    """Per case ``(texts, op)``: op seconds, encoder seconds and op outputs, one pair per text.
+
+    The cases take turns: round i times text i of every case, which case first rotating each
+    round, and op and encoder alternate which runs first.
+    """
+    timings: list[tuple[list[float], list[float], list[Any]]] = [([], [], []) for _ in cases]
+    for i in range(max(len(texts) for texts, _ in cases)):
+        for k in range(len(cases)):
+            case = (i + k) % len(cases)
+            texts, op = cases[case]
+            if i < len(texts):
+                spent, encoded, out = _pair(encoder, texts[i], op, op_first=i % 2 == 0)
+                for column, value in zip(timings[case], (spent, encoded, out), strict=True):
+                    column.append(value)
+    return timings
 
 
 def _check_config(
@@ -295,12 +311,16 @@ def run_memory_bench(
 
     if progress:
         print(f"timing {queries} searches and {adds} adds for {TARGET}", file=sys.stderr, flush=True)
-    search_s, encode_search_s, found = _paired(
-        encoder, query_texts[warmup:], lambda q: store.search(TARGET, q, top_k=TOP_K)
+    (search_s, encode_search_s, found), (add_s, encode_add_s, added) = _interleaved(
+        encoder,
+        [
+            (query_texts[warmup:], lambda q: store.search(TARGET, q, top_k=TOP_K)),
+            (add_texts[warmup:], lambda t: store.add(TARGET, t)),
+        ],
     )
+    target_ids |= {r["id"] for out in added for r in out["results"]}  # a search may find a new one
     results = [r for out in found for r in out["results"]]
     foreign = sum(1 for r in results if r["id"] not in target_ids or r["user_id"] != TARGET)
-    add_s, encode_add_s, _ = _paired(encoder, add_texts[warmup:], lambda t: store.add(TARGET, t))
 
     latency = {
         "add": _stats(add_s),
