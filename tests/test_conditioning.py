@@ -116,3 +116,54 @@ def test_history_too_long_for_the_context_is_a_typed_error(pz):
     pz.enroll("ann", SHOTS)
     with pytest.raises(ContextLengthError, match="messages: the conversation takes .* Fix: shorten"):
         pz.chat("ann", [{"role": "user", "content": "eggs " * 600}], max_new_tokens=10)
+
+
+def test_context_turn_first_keeps_the_personal_block_in_the_first_turn(pz):
+    """``context_turn="first"``: memories and shots are retrieved for, and written into, the
+    conversation's first user turn, so a later turn's prompt begins with the earlier turn's whole
+    prompt (what a prompt cache reuses); the default keeps them in the latest turn."""
+    from personalign.conditioning.fspo import build_conversation, query_of
+    from personalign.types import ChatMessage
+
+    pz.enroll("ann", SHOTS)
+    pz.remember("ann", "I boil my eggs for nine minutes, about eggs.")
+    pz.remember("ann", "My dog is called Rex and loves long walks.")
+    first = [{"role": "user", "content": "Question 9 about eggs?"}]
+    second = [
+        *first,
+        {"role": "assistant", "content": "Nine minutes."},
+        {"role": "user", "content": "And my dog, how far should we walk?"},
+    ]
+
+    def ids(messages, turn):
+        return pz.engine.prepare("ann", messages, {}, {"context_turn": turn, "max_new_tokens": 4}).input_ids
+
+    one, two = ids(first, "first"), ids(second, "first")
+    assert two[: len(one)] == one  # the first turn's whole prompt is where the second one starts
+    last_one, last_two = ids(first, "last"), ids(second, "last")
+    shared = next(i for i, (a, b) in enumerate(zip(last_one, last_two, strict=False)) if a != b)
+    assert shared < len(last_one) // 2  # the default: the block moves to the latest turn
+    cond = pz.condition("ann", second, 8, pz_conditioning(context_turn="first"))
+    assert cond.memories[0].startswith("I boil my eggs")  # retrieved for the first (eggs) question
+    assert cond.conversation[0]["content"].endswith(first[0]["content"])
+    assert cond.conversation[0]["content"] != first[0]["content"]  # the block is in the first turn
+    assert cond.conversation[-1]["content"] == second[-1]["content"]  # the latest turn as the user wrote it
+    default = pz.condition("ann", second, 8, pz_conditioning())
+    assert (
+        default.conversation[0]["content"] == first[0]["content"]
+    )  # the default: the block in the latest turn
+    assert default.conversation[-1]["content"] != second[-1]["content"]
+    # the pieces, golden
+    parsed = [ChatMessage(**m) for m in second]
+    assert query_of(parsed, "first") == "Question 9 about eggs?"
+    assert query_of(parsed) == "And my dog, how far should we walk?"
+    built = build_conversation(parsed, [], ["m1"], "first")
+    assert built[0]["content"].endswith("Question 9 about eggs?") and built[2] == second[2]
+    with pytest.raises(Exception, match="context_turn"):
+        pz.chat("ann", first, max_new_tokens=4, context_turn="middle")
+
+
+def pz_conditioning(**options):
+    from personalign.chat import ConditioningParams
+
+    return ConditioningParams(**options)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -97,6 +97,10 @@ class ConditioningParams(BaseModel):
 
     memory: bool = True
     shots: bool = True
+    context_turn: Literal["last", "first"] = Field(
+        default="last",
+        description="where memories and shots go: 'last' retrieves them for the latest user turn and writes them into it; 'first' retrieves them for the conversation's first user turn and writes them there, so they stay the same for the whole conversation and each turn's prompt begins with the previous turn's (the prompt cache then reuses it)",
+    )
     n_memories: int = Field(default=5, ge=0, le=100)
     n_shots: int = Field(default=4, ge=0, le=64)
     memory_threshold: float | None = Field(default=0.2, ge=-1.0, le=1.0)

@@ -694,7 +694,7 @@ class Personalizer:
             if profile is None:
                 profile = self.profiles.get(user)  # validates the id; UnknownUserError if absent
             self._drop_stale_adapter(user, profile)
-            query = query_of(parsed)
+            query = query_of(parsed, conditioning.context_turn)
             # The search reads at most a memory's length of the message; an empty message retrieves nothing.
             search = query[:MAX_MEMORY_CHARS]
             if conditioning.memory and conditioning.n_memories and search.strip():
@@ -706,7 +706,13 @@ class Personalizer:
                 shots = rank_shots(profile.comparisons, query, self.encoder, conditioning.n_shots)
         tokenizer = self.generator.tokenizer
         return fit_to_context(
-            tokenizer, parsed, shots, memories, self.generator.context_length, max_new_tokens
+            tokenizer,
+            parsed,
+            shots,
+            memories,
+            self.generator.context_length,
+            max_new_tokens,
+            conditioning.context_turn,
         )
 
     def _drop_stale_adapter(self, user: str, profile: UserProfile) -> None:

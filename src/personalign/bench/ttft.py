@@ -32,16 +32,18 @@ QUESTIONS = ("Plan my dinner for tonight.", "And what should I have for breakfas
 
 
 def _first_piece(
-    pz: Any, user: str, messages: list[dict[str, str]], max_new_tokens: int
+    pz: Any, user: str, messages: list[dict[str, str]], max_new_tokens: int, context_turn: str = "last"
 ) -> tuple[float, str]:
     started = time.perf_counter()
-    pieces = pz.stream(user, messages, max_new_tokens=max_new_tokens)
+    pieces = pz.stream(user, messages, max_new_tokens=max_new_tokens, context_turn=context_turn)
     first = next(pieces, "")
     elapsed = time.perf_counter() - started
     return elapsed, first + "".join(pieces)
 
 
-def run_ttft_bench(rounds: int = 3, max_new_tokens: int = 16, threads: int | None = None) -> dict[str, Any]:
+def run_ttft_bench(
+    rounds: int = 3, max_new_tokens: int = 16, threads: int | None = None, context_turn: str = "last"
+) -> dict[str, Any]:
     from personalign.backends.llamacpp import LlamaServer
     from personalign.backends.remote import RemoteEngine
     from personalign.models import embedded_gguf_path, load_encoder, load_generator
@@ -66,19 +68,25 @@ def run_ttft_bench(rounds: int = 3, max_new_tokens: int = 16, threads: int | Non
                     # prompt from an earlier round (llama.cpp would reuse all of it).
                     first = [{"role": "user", "content": f"{QUESTIONS[0]} (day {round_ + 1})"}]
                     engine.cache_prompt = True
-                    _, answer = _first_piece(pz, user, first, max_new_tokens)
+                    _, answer = _first_piece(pz, user, first, max_new_tokens, context_turn)
                     second = [
                         *first,
                         {"role": "assistant", "content": answer},
                         {"role": "user", "content": QUESTIONS[1]},
                     ]
-                    on, _ = _first_piece(pz, user, second, max_new_tokens)
+                    on, _ = _first_piece(pz, user, second, max_new_tokens, context_turn)
                     engine.cache_prompt = False  # the whole prompt is processed again
-                    off, _ = _first_piece(pz, user, second, max_new_tokens)
+                    off, _ = _first_piece(pz, user, second, max_new_tokens, context_turn)
                     if round_:
                         cached.append(on)
                         uncached.append(off)
-                        prompt_tokens.append(len(pz.engine.prepare(user, second, None, {}).input_ids))
+                        prompt_tokens.append(
+                            len(
+                                pz.engine.prepare(
+                                    user, second, None, {"context_turn": context_turn}
+                                ).input_ids
+                            )
+                        )
     median_on, median_off = statistics.median(cached), statistics.median(uncached)
     return {
         "config": {
@@ -86,6 +94,7 @@ def run_ttft_bench(rounds: int = 3, max_new_tokens: int = 16, threads: int | Non
             "rounds": rounds,
             "max_new_tokens": max_new_tokens,
             "threads": threads or "llama.cpp default",
+            "context_turn": context_turn,
             "cpu": cpu_model(),
             "cpus": os.cpu_count(),
         },
@@ -105,7 +114,11 @@ def _spread(times: list[float]) -> dict[str, Any]:
 
 
 def run_local_ttft_bench(
-    rounds: int = 3, max_new_tokens: int = 16, threads: int | None = None, model: str | None = None
+    rounds: int = 3,
+    max_new_tokens: int = 16,
+    threads: int | None = None,
+    model: str | None = None,
+    context_turn: str = "last",
 ) -> dict[str, Any]:
     """Second-turn time to first token on the in-process backend, with and without its prompt
     cache (see the module docstring); ``model``: a generator id or path (default: SmolLM2)."""
@@ -133,7 +146,7 @@ def run_local_ttft_bench(
             for user in USERS:
                 cache.forget(user)  # the second turn may reuse only what this first turn left
                 first = [{"role": "user", "content": QUESTIONS[0]}]
-                _, answer = _first_piece(pz, user, first, max_new_tokens)
+                _, answer = _first_piece(pz, user, first, max_new_tokens, context_turn)
                 second = [
                     *first,
                     {"role": "assistant", "content": answer},
@@ -143,15 +156,17 @@ def run_local_ttft_bench(
                 for case in ("cached", "uncached") if round_ % 2 else ("uncached", "cached"):
                     backend.prefix_cache = cache if case == "cached" else None
                     before = cache.reused_tokens
-                    took[case], _ = _first_piece(pz, user, second, max_new_tokens)
+                    took[case], _ = _first_piece(pz, user, second, max_new_tokens, context_turn)
                     if case == "cached":
                         reused_now = cache.reused_tokens - before
                 backend.prefix_cache = cache
-                took["retry"], _ = _first_piece(pz, user, second, max_new_tokens)
+                took["retry"], _ = _first_piece(pz, user, second, max_new_tokens, context_turn)
                 if round_:
                     for case, value in took.items():
                         times[case].append(value)
-                    prompt_tokens.append(len(pz.engine.prepare(user, second, None, {}).input_ids))
+                    prompt_tokens.append(
+                        len(pz.engine.prepare(user, second, None, {"context_turn": context_turn}).input_ids)
+                    )
                     reused.append(reused_now)
     median_on, median_off = statistics.median(times["cached"]), statistics.median(times["uncached"])
     return {
@@ -162,6 +177,7 @@ def run_local_ttft_bench(
             "rounds": rounds,
             "max_new_tokens": max_new_tokens,
             "threads": torch.get_num_threads(),
+            "context_turn": context_turn,
             "cpu": cpu_model(),
             "cpus": os.cpu_count(),
         },
@@ -192,7 +208,8 @@ def format_ttft_report(result: dict[str, Any]) -> str:
                 f"  time to first token without it               {t['uncached']:7.0f} ms  ({t['uncached_spread'][0]:.0f}-{t['uncached_spread'][1]:.0f})",
                 f"  the same prompt again (retry), cached        {t['retry']:7.0f} ms  ({t['retry_spread'][0]:.0f}-{t['retry_spread'][1]:.0f})",
                 f"  cached / uncached: {result['cached_over_uncached']:.2f}x; retry / uncached: {result['retry_over_uncached']:.2f}x",
-                f"(in-process backend, {c['model']}, {c['threads']} torch threads; CPU {c['cpu']}, {c['cpus']} cores)",
+                f"(in-process backend, {c['model']}, {c['threads']} torch threads, context_turn {c.get('context_turn', 'last')}; "
+                f"CPU {c['cpu']}, {c['cpus']} cores)",
             ]
         )
     return "\n".join(
@@ -201,6 +218,6 @@ def format_ttft_report(result: dict[str, Any]) -> str:
             f"  time to first token with the prompt cache    {t['cached']:7.0f} ms  ({t['cached_spread'][0]:.0f}-{t['cached_spread'][1]:.0f})",
             f"  time to first token without it               {t['uncached']:7.0f} ms  ({t['uncached_spread'][0]:.0f}-{t['uncached_spread'][1]:.0f})",
             f"  cached / uncached: {result['cached_over_uncached']:.2f}x",
-            f"(llama.cpp backend; CPU {c['cpu']}, {c['cpus']} cores)",
+            f"(llama.cpp backend, context_turn {c.get('context_turn', 'last')}; CPU {c['cpu']}, {c['cpus']} cores)",
         ]
     )

@@ -180,6 +180,13 @@ def bench_ttft(
         str,
         typer.Option(help="llamacpp (a llama-server) or local (in-process transformers, its prefix cache)."),
     ] = "llamacpp",
+    context_turn: Annotated[
+        str,
+        typer.Option(
+            help="Where memories and shots go: last (the latest user turn, the default) or first (the "
+            "conversation's first user turn, the same for the whole conversation)."
+        ),
+    ] = "last",
     json_out: JsonOpt = None,
     model: ModelOpt = None,
 ) -> None:
@@ -192,11 +199,13 @@ def bench_ttft(
         raise typer.BadParameter(
             "only with --engine local (llama.cpp runs the embedded GGUF)", param_hint="--model"
         )
+    if context_turn not in ("last", "first"):
+        raise typer.BadParameter(f"{context_turn!r}: use last or first", param_hint="--context-turn")
     with failing():
         if engine == "local":
-            result = run_local_ttft_bench(rounds, max_new_tokens, threads, model)
+            result = run_local_ttft_bench(rounds, max_new_tokens, threads, model, context_turn)
         else:
-            result = run_ttft_bench(rounds, max_new_tokens, threads)
+            result = run_ttft_bench(rounds, max_new_tokens, threads, context_turn)
     typer.echo(format_ttft_report(result))
     write_json(json_out, result)
 

@@ -80,9 +80,10 @@ def render_memories(memories: Sequence[str]) -> str:
 
 
 def build_conversation(
-    messages: Sequence[ChatMessage], shots: Sequence[Shot], memories: Sequence[str]
+    messages: Sequence[ChatMessage], shots: Sequence[Shot], memories: Sequence[str], turn: str = "last"
 ) -> list[dict[str, str]]:
-    """The chat messages to feed the model: memories and shots prepended to the last user turn."""
+    """The chat messages to feed the model: memories and shots prepended to the last user turn
+    (``turn="first"``: to the first user turn, so a conversation's later prompts extend its earlier ones)."""
     conversation = [m.model_dump() for m in messages]
     if not shots and not memories:
         return conversation
@@ -91,9 +92,18 @@ def build_conversation(
         parts.append(render_memories(memories))
     if shots:
         parts.append(render_shots(shots))
-    parts.append(conversation[-1]["content"])
-    conversation[-1] = {"role": "user", "content": "\n".join(parts)}
+    at = _user_turn(conversation, turn)
+    parts.append(conversation[at]["content"])
+    conversation[at] = {"role": "user", "content": "\n".join(parts)}
     return conversation
+
+
+def _user_turn(conversation: Sequence[Mapping[str, Any]], turn: str) -> int:
+    """Index of the first or last user turn (the last message when there is none)."""
+    users = [i for i, m in enumerate(conversation) if m["role"] == "user"]
+    if not users:
+        return len(conversation) - 1
+    return users[0] if turn == "first" else users[-1]
 
 
 DESCRIBE_LINE = (
@@ -161,6 +171,7 @@ def fit_to_context(
     memories: Sequence[str],
     context_length: int,
     max_new_tokens: int,
+    turn: str = "last",
 ) -> Conditioning:
     """Build the conversation, dropping least relevant shots, then memories, until it fits.
 
@@ -170,7 +181,7 @@ def fit_to_context(
     budget = context_length - max_new_tokens
     kept_shots, kept_memories = list(shots), list(memories)
     while True:
-        conversation = build_conversation(messages, kept_shots, kept_memories)
+        conversation = build_conversation(messages, kept_shots, kept_memories, turn)
         tokens = count_prompt_tokens(tokenizer, conversation)
         if tokens <= budget:
             return Conditioning(conversation, kept_shots, kept_memories, tokens)
@@ -185,8 +196,12 @@ def fit_to_context(
             )
 
 
-def query_of(messages: Sequence[ChatMessage]) -> str:
-    """The text used to retrieve shots and memories: the last user turn."""
+def query_of(messages: Sequence[ChatMessage], turn: str = "last") -> str:
+    """The text used to retrieve shots and memories: the last user turn (``turn="first"``: the first)."""
+    if turn == "first":
+        first = next((m for m in messages if m.role == "user"), None)
+        if first is not None:
+            return first.content
     return messages_text(messages)
 
 

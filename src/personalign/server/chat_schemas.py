@@ -300,6 +300,11 @@ class ChatCompletionRequest(RequestBody):
     )
     memory: StrictBool | None = None
     shots: StrictBool | None = None
+    context_turn: Literal["last", "first"] | None = Field(
+        default=None,
+        description="Where memories and shots go: 'last' (default) for the latest user turn; 'first' for the "
+        "conversation's first user turn, the same for the whole conversation (cache-friendly)",
+    )
     # The SDK's bounds (GenerationParams, ConditioningParams), stated here and checked there, so that the
     # errors name the field as the Python API does.
     n_shots: StrictInt | None = Field(default=None, json_schema_extra={"minimum": 0, "maximum": 64})
@@ -329,6 +334,7 @@ class ChatCompletionRequest(RequestBody):
             "frequency_penalty",
             "memory",
             "shots",
+            "context_turn",
             "n_shots",
             "n_memories",
             "memory_threshold",
