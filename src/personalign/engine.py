@@ -4,7 +4,7 @@ of ``generate`` calls and the rows back into replies.
 ``prepare`` validates a request and conditions it (memories, shots, description, Persona-Plug,
 steering, the user's guidance); ``run`` groups prepared requests by decoding settings, expands
 reranked ones into candidate rows, plans each batch (steering rows, adapters, processors), decodes,
-streams, and picks reranked candidates. The facade (:class:`~personalign.personalizer.Personalizer`)
+streams, and picks reranked candidates. Preparation lives in :mod:`personalign.engine_prepare`. The facade (:class:`~personalign.personalizer.Personalizer`)
 owns the users, their store and the models; the engine reads them through it.
 """
 
@@ -19,36 +19,36 @@ from typing import Any
 
 from personalign.adapters.batched import gathered_lora, supports_gathered
 from personalign.adapters.store import BASE
-from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated
+from personalign.chat import ChatResult, GenerationParams, Prepared
 from personalign.conditioning.fspo import ADAPTER_NAME as FSPO_ADAPTER
-from personalign.conditioning.fspo import (
-    Conditioning,
-    query_of,
-    with_description,
-)
 from personalign.conditioning.pplug import (
-    embed_user,
     plug_input_ids,
     plug_inputs,
 )
-from personalign.errors import ContextLengthError, ValidationError
+from personalign.engine_prepare import (  # noqa: F401 (_default_steering re-exported)
+    _default_steering,
+    prepare,
+    prepare_batch,
+    prepare_completions,
+)
+from personalign.errors import ValidationError
 from personalign.prefix_cache import PrefixCache, cacheable, prefix_of, rows_agree
 from personalign.steering import rerank as rerank_method
 from personalign.steering.decoding import (
-    STEERABLE,
     RowDecoder,
     compile_grammar,
     derived_seed,
     eos_token_ids,
 )
-from personalign.steering.methods import REGISTRY as STEERING_METHODS
 from personalign.steering.runtime import Plan
-from personalign.steering.schema import Steering, parse_steering
+from personalign.steering.schema import Steering
 from personalign.streaming import BatchStreamer, CancelledRows, TokenStream
-from personalign.types import (
-    UserProfile,
-    parse_messages,
-)
+
+__all__ = [
+    "GenerationEngine",
+    "_consume",
+    "_default_steering",
+]  # _default_steering: re-exported from engine_prepare
 
 
 def _consume(stream: TokenStream, worker: threading.Thread) -> Iterator[str]:
@@ -67,16 +67,6 @@ def _with_logprobs(
     if decoder is None or prepared.params.top_logprobs is None:
         return result
     return dataclasses.replace(result, logprobs=decoder.logprobs[row][: result.completion_tokens])
-
-
-def _default_steering(profile: UserProfile) -> Steering:
-    """The user's stored steering (the old flat ``{objective: weight}`` or the nested form), else
-    the inferred weights of the objectives decoding can steer."""
-    settings = profile.settings
-    if "steer" in settings:
-        return parse_steering(settings["steer"], field="settings.steer")
-    inferred = settings.get("inferred_steer", {})
-    return Steering({k: float(v) for k, v in inferred.items() if k in STEERABLE and v != 0.0})
 
 
 class GenerationEngine:
@@ -103,151 +93,20 @@ class GenerationEngine:
         steer: Mapping[str, Any] | Steering | None,
         options: Mapping[str, Any],
     ) -> Prepared:
-        gen_fields = set(GenerationParams.model_fields)
-        cond_fields = set(ConditioningParams.model_fields)
-        unknown = set(options) - gen_fields - cond_fields
-        if unknown:
-            name = sorted(unknown)[0]
-            raise ValidationError(
-                name, "is not a chat option", f"use one of {sorted(gen_fields | cond_fields)}"
-            )
-        params = validated(
-            GenerationParams, {k: v for k, v in options.items() if k in gen_fields}, "generation"
-        )
-        self._check_decoding(params)
-        conditioning = validated(
-            ConditioningParams, {k: v for k, v in options.items() if k in cond_fields}, "conditioning"
-        )
-        profile = self.pz.profiles.get(user) if user is not None else None  # read once per request
-        cond = self.pz.condition(user, messages, params.max_new_tokens, conditioning, profile)
-        if steer is not None:
-            applied = parse_steering(steer)
-        else:
-            applied = Steering({}) if profile is None else _default_steering(profile)
-        caps = self.backend.capabilities
-        method = self.steering.method(applied.method, applied.weights, caps.steering)
-        conversation = cond.conversation
-        description = None
-        if conditioning.describe and profile is not None and profile.comparisons:
-            description = self.pz.describe(user, conditioning.n_shots or 4, profile)  # type: ignore[arg-type]
-            conversation = with_description(conversation, description)
-        if method is not None:  # prompt-level methods (prompt, dpa) write the steering into the conversation
-            conversation = STEERING_METHODS[method].conversation(
-                conversation, applied.weights, self.generator.model_id
-            )
-        encoded = self.generator.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        use_adapter = user is not None and conditioning.adapter and self.adapters.has_adapter(user)
-        adapter_user = user if use_adapter else None
-        query = query_of(parse_messages(messages))
-        skipped: dict[str, str] = {}
-        conditioning = self._backend_defaults(conditioning, skipped)
-        plug = None
-        if conditioning.pplug and self.pz.plug is not None and profile is not None:
-            items = self.pz.history_items(user, profile)  # type: ignore[arg-type]
-            if items:
-                plug = embed_user(self.pz.plug, self.pz.encoder, items, query)
-        fspo = (
-            bool(cond.shots)
-            and conditioning.fspo
-            and adapter_user is None
-            and self.pz.fspo_folder is not None
-            and not (method is not None and STEERING_METHODS[method].runs_adapter)
-        )
-        rerank, guidance = conditioning.rerank if conditioning.rerank >= 2 else 0, None
-        if rerank and profile is None:
-            rerank, guidance = 0, rerank_method.skipped("no user: the generic answer")
-        elif rerank and not profile.comparisons:  # type: ignore[union-attr]
-            rerank, guidance = (
-                0,
-                rerank_method.skipped("the user has no comparisons, so no inferred reward: the plain answer"),
-            )
-        elif rerank:
-            self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())  # type: ignore[arg-type]  # a corrupt state fails here, before any decoding
-        guide, vas_report = self._user_guide(profile, conditioning.user_vas)
-        if vas_report is not None:
-            guidance = vas_report if guidance is None else {**guidance, "user_vas": vas_report}
-        if skipped:
-            guidance = {**(guidance or {}), "skipped": skipped}
-        prepared = Prepared(
-            user,
-            cond,
-            params,
-            applied.weights,
-            list(encoded["input_ids"]),
-            adapter_user,
-            steer_method=method or applied.method,
-            fspo=fspo,
-            description=description,
-            plug=plug,
-            query=query,
-            rerank=rerank,
-            rerank_temperature=conditioning.rerank_temperature,
-            personalization=guidance,
-            guide=guide,
-        )
-        self.backend.check(prepared)
-        return prepared
+        """One chat request validated and conditioned (:func:`personalign.engine_prepare.prepare`)."""
+        return prepare(self, user, messages, steer, options)
 
-    def _backend_defaults(
-        self, conditioning: ConditioningParams, skipped: dict[str, str]
-    ) -> ConditioningParams:
-        """``conditioning`` without the default-on conditioners the backend cannot run (noted in
-        ``skipped`` when one is installed, so it would have run here); one the request set
-        explicitly stays, and the backend refuses it."""
-        caps = self.backend.capabilities
-        if caps.conditioning >= {"fspo", "pplug", "user_vas"}:
-            return conditioning
-        installed = {
-            "fspo": lambda: self.pz.fspo_folder is not None,
-            "pplug": lambda: self.pz.plug is not None,
-            "user_vas": lambda: self.pz.user_heads() is not None,
-        }
-        off: dict[str, Any] = {}
-        for name, value in (("fspo", False), ("pplug", False), ("user_vas", 0.0)):
-            if name not in caps.conditioning and name not in conditioning.model_fields_set:
-                off[name] = value
-                if installed[name]():
-                    skipped[name] = f"not available on the {self.backend.name} backend"
-        return conditioning.model_copy(update=off) if off else conditioning
+    def prepare_batch(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[Prepared], list[TokenStream | None]]:
+        """Chat requests validated and conditioned (:func:`personalign.engine_prepare.prepare_batch`)."""
+        return prepare_batch(self, requests)
 
-    def _user_guide(
-        self, profile: UserProfile | None, strength: float | None
-    ) -> tuple[list[float] | None, dict[str, Any] | None]:
-        """``user-vas`` for one request: per-head strengths and the report, or ``(None, why not)``."""
-        from personalign.steering.uservas import METHOD, mixture
-
-        if strength == 0.0:
-            return None, None
-        heads = self.pz.user_heads() if profile is not None or strength is not None else None
-        if heads is None:
-            if strength is not None:
-                raise ValidationError(
-                    "user_vas",
-                    "needs user-vas heads for this generator and embedder",
-                    "train them: personalign train user-vas --out DIR, then Personalizer(user_vas=DIR)",
-                    strength,
-                )
-            return None, None
-        if profile is None or not profile.comparisons:
-            if not strength:
-                return None, None
-            reason = (
-                "no user: the generic answer"
-                if profile is None
-                else "the user has no comparisons: the plain answer"
-            )
-            return None, rerank_method.skipped(reason, requested=METHOD)
-        state = self.pz.preferences.state_of(profile, *self.pz.preferences.embedder_and_id())
-        betas = heads.betas(state, strength)
-        report = {
-            "method": METHOD,
-            "strength": heads.default_beta if strength is None else strength,
-            "weights": [round(float(w), 4) for w in mixture(state)],
-            "heads": heads.fingerprint,
-        }
-        return betas, report
+    def prepare_completions(
+        self, requests: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[Prepared], list[TokenStream | None]]:
+        """Raw-text requests validated (:func:`personalign.engine_prepare.prepare_completions`)."""
+        return prepare_completions(self, requests)
 
     def _vocab_size(self) -> int:
         """The width of the generator's logits (may exceed the tokenizer's length)."""
@@ -603,47 +462,6 @@ class GenerationEngine:
                 stream.put(chosen.text)
             stream.finish(chosen)
         return chosen
-
-    def prepare_completions(
-        self, requests: Sequence[Mapping[str, Any]]
-    ) -> tuple[list[Prepared], list[TokenStream | None]]:
-        if not requests:
-            raise ValidationError("requests", "is empty", "pass at least one request")
-        gen_fields = set(GenerationParams.model_fields)
-        prepared, streams = [], []
-        for index, request in enumerate(requests):
-            prompt = request.get("prompt") if isinstance(request, Mapping) else None
-            if not isinstance(prompt, str) or not prompt:
-                raise ValidationError(
-                    f"prompt[{index}]", "must be non-empty text", "send the text to continue", prompt
-                )
-            unknown = set(request) - gen_fields - {"prompt", "stream"}
-            if unknown:
-                raise ValidationError(
-                    sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}"
-                )
-            stream = request.get("stream")
-            if stream is not None and not isinstance(stream, TokenStream):
-                raise ValidationError(
-                    f"requests[{index}].stream",
-                    "is not a TokenStream",
-                    "pass personalign.streaming.TokenStream() or leave it out",
-                )
-            params = validated(
-                GenerationParams,
-                {k: v for k, v in request.items() if k not in ("prompt", "stream")},
-                "generation",
-            )
-            self._check_decoding(params)
-            ids = self.generator.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            if len(ids) + params.max_new_tokens > self.generator.context_length:
-                raise ContextLengthError(
-                    f"prompt[{index}] has {len(ids)} tokens and asks for {params.max_new_tokens} more, over the model's context of "
-                    f"{self.generator.context_length}. Fix: shorten the prompt or lower max_tokens"
-                )
-            prepared.append(Prepared(None, Conditioning([], [], [], len(ids)), params, {}, list(ids)))
-            streams.append(stream)
-        return prepared, streams
 
     def run_quietly(self, batch: Sequence[Prepared], streams: Sequence[TokenStream | None]) -> None:
         try:
