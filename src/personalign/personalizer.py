@@ -9,84 +9,31 @@ pz.forget("alice")
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from personalign import profile_edits, user_conditioning
 from personalign.adapters.amplify import AmplifyConfig
 from personalign.adapters.bank import LoraBank
 from personalign.adapters.lora import LoraTrainConfig
-from personalign.adapters.store import AdapterError, AdapterManager
+from personalign.adapters.store import AdapterManager
 from personalign.backends import LocalBackend
 from personalign.chat import ChatResult, ConditioningParams, GenerationParams, Prepared, validated  # noqa: F401 (re-exported)
-from personalign.conditioning.fspo import (
-    FSPO_CONFIG,
-    Conditioning,
-    Shot,
-    count_prompt_tokens,
-    describe_conversation,
-    first_sentence,
-    fit_to_context,
-    fspo_adapter_meta,
-    fspo_dir,
-    query_of,
-    rank_shots,
-)
-from personalign.conditioning.pplug import (
-    CONFIG_FILE as PLUG_CONFIG,
-)
-from personalign.conditioning.pplug import (
-    PersonaPlug,
-    input_embedding_dim,
-    load_plug,
-    pplug_dir,
-    read_plug_config,
-)
+from personalign.conditioning.fspo import Conditioning
 from personalign.engine import GenerationEngine, _consume, _default_steering
 from personalign.errors import ValidationError
-from personalign.memory.chroma import MAX_MEMORY_CHARS
 from personalign.memory.store import UserStore
 from personalign.models import Encoder, Generator, load_encoder, load_generator
-from personalign.preference.service import STATE_KEY, Preferences
-from personalign.steering.objectives import infer_weights
+from personalign.preference.service import Preferences
+from personalign.profile_edits import _adapter_summary  # noqa: F401 (re-exported)
 from personalign.steering.runtime import SteeringRuntime
 from personalign.steering.schema import Steering, parse_steering
 from personalign.streaming import TokenStream
-from personalign.types import (
-    ChatMessage,
-    Comparison,
-    UserProfile,
-    parse_comparisons,
-    parse_messages,
-    validate_user_id,
-)
+from personalign.types import ChatMessage, Comparison, UserProfile
 
 DEFAULT_STORE = ".personalign"
-
-
-def _adapter_summary(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """What the profile records about the user's adapter (the full record sits beside the adapter)."""
-    summary = {"trained_at": meta["trained_at"], "pairs": meta["pairs"], "data_hash": meta["data_hash"]}
-    if "bank" in meta:
-        return {**summary, "kind": "bank", "bases": meta["bank"]["bases"], "weights": meta["bank"]["weights"]}
-    return {**summary, "kind": "lora", "holdout_accuracy": meta["report"]["holdout_accuracy"][-1:]}
-
-
-def _comparison_indices(remove: Any, replace: Any) -> tuple[list[int], dict[int, Any]]:
-    """``edit_comparisons``' ``remove`` (a sequence of indices) and ``replace`` (indices to comparisons), checked."""
-    fix = "pass remove=[0, 2] and/or replace={1: Comparison(...)}"
-    if isinstance(remove, str | bytes | Mapping) or not isinstance(remove, Sequence):
-        raise ValidationError("remove", "must be a sequence of comparison indices", fix, remove)
-    if replace is not None and not isinstance(replace, Mapping):
-        raise ValidationError("replace", "must be a mapping of comparison index to comparison", fix, replace)
-    for field, indices in (("remove", list(remove)), ("replace", list(replace or {}))):
-        for index in indices:
-            if isinstance(index, bool) or not isinstance(index, int):
-                raise ValidationError(field, f"index {index!r} is not an integer", fix, index)
-    return list(remove), dict(replace or {})
 
 
 class Personalizer:
@@ -144,8 +91,8 @@ class Personalizer:
         self.adapters = AdapterManager(generator, self.profiles.users_dir, max_resident=max_resident)
         self.preferences = Preferences(self.profiles, encoder, generator, embedder)
         self.steering = SteeringRuntime(generator, self.adapters)
-        self.fspo_folder = self._fspo_folder(fspo)
-        self.plug = self._load_plug(pplug)
+        self.fspo_folder = user_conditioning.installed_fspo(self, fspo)
+        self.plug = user_conditioning.installed_plug(self, pplug)
         self._user_vas_spec = user_vas
         self._user_heads: Any = None  # loaded on first use (they need the embedder)
         self._descriptions: dict[str, tuple[tuple[float, int, int], str]] = {}
@@ -202,68 +149,12 @@ class Personalizer:
         From the ``user_vas`` folder given at construction (an error if they do not fit), else the
         package's ``data/user_vas`` when they were trained for this generator and embedder.
         """
-        from personalign.steering.uservas import UserHeads, UserHeadsError, default_heads_dir
-
-        if self._user_heads is None:
-            embedder, _ = self.preferences.usable_embedder()
-            if self._user_vas_spec is not None:
-                self._user_heads = UserHeads.load(self._user_vas_spec, self.generator, embedder)
-            elif (
-                embedder is not None
-                and getattr(embedder, "name", None) == "pal"
-                and default_heads_dir().is_dir()
-            ):
-                try:
-                    self._user_heads = UserHeads.load(default_heads_dir(), self.generator, embedder)
-                except UserHeadsError:
-                    self._user_heads = False  # shipped for another generator or embedder: not used
-            else:
-                self._user_heads = False
-        return self._user_heads or None
-
-    def _load_plug(self, folder: str | Path | None) -> PersonaPlug | None:
-        """The Persona-Plug projector to use, or ``None`` when there is none for this generator."""
-        dims = (
-            self.generator.model_id,
-            self.encoder.name,
-            input_embedding_dim(self.generator),
-            self.encoder.dim,
-        )
-        if folder is None:
-            default = pplug_dir()
-            if (
-                not (default / PLUG_CONFIG).is_file()
-                or read_plug_config(default).get("config", {}).get("base_model") != self.generator.model_id
-            ):
-                return None
-            folder = default
-        return load_plug(folder, *dims, device=self.generator.device)
+        return user_conditioning.user_heads(self)
 
     def history_items(self, user: str, profile: UserProfile | None = None) -> list[str]:
         """What Persona-Plug pools for ``user``, oldest first: the preferred responses of their
         comparisons, then their memories."""
-        profile = profile if profile is not None else self.profiles.get(user)
-        memories = [r["memory"] for r in self.memory.get_all(user)["results"]]
-        return [c.chosen for c in profile.comparisons] + memories
-
-    def _fspo_folder(self, folder: str | Path | None) -> Path | None:
-        """The FSPO adapter folder to use, or ``None`` when there is none for this generator."""
-        if folder is None:
-            default = fspo_dir()
-            return default if fspo_adapter_meta(default, self.generator.model_id) is not None else None
-        folder = Path(folder)
-        if not (folder / FSPO_CONFIG).is_file():
-            raise AdapterError(
-                f"fspo: {folder} has no {FSPO_CONFIG}. Fix: pass the --out folder of `personalign train fspo`"
-            )
-        if fspo_adapter_meta(folder, self.generator.model_id) is None:
-            trained = json.loads((folder / FSPO_CONFIG).read_text()).get("base_model")
-            raise AdapterError(
-                f"fspo: the adapter in {folder} was trained for base model {trained!r}, this generator is {self.generator.model_id!r}. "
-                f"Fix: train one for it with `personalign train fspo --model {self.generator.model_id}`"
-            )
-        self.adapters.validate_folder(folder, label="fspo adapter")
-        return folder
+        return user_conditioning.history_items(self, user, profile)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -295,56 +186,7 @@ class Personalizer:
         gradient step on the generator) and the exact weighted sum of the basis deltas becomes
         the user's adapter.
         """
-        config = (
-            adapter_config
-            if isinstance(adapter_config, LoraTrainConfig)
-            else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        )
-        validate_user_id(user)
-        if isinstance(comparisons, Comparison | dict):
-            comparisons = [comparisons]
-        parsed = parse_comparisons(comparisons)
-        now = time.time()
-        stamped = [c.stamped(now) for c in parsed]
-
-        summary: dict[str, Any] | None = None
-        if adapter:
-            # Train before storing anything: a failed training leaves the profile and the previous adapter as they were.
-            existing = self.profiles.get(user).comparisons if self.profiles.exists(user) else []
-            with self._generate_lock:
-                if isinstance(adapter, LoraBank):
-                    meta = self.adapters.install_bank(user, adapter, [*existing, *stamped])
-                else:
-                    meta = self.adapters.train(user, [*existing, *stamped], config)
-            summary = _adapter_summary(meta)
-
-        embedder, embedder_id = self.preferences.usable_embedder()
-        # The state is inferred outside the store lock (it runs the encoder), from the profile as
-        # read now; if another write to this user lands in between, it is inferred again inside.
-        base, state = (-1, -1), None
-        if embedder is not None:
-            current = self.profiles.get(user) if self.profiles.exists(user) else None
-            before = current.comparisons if current is not None else []
-            base = (current.version if current is not None else 0, len(before))
-            state = self.preferences.infer(embedder, [*before, *stamped])
-
-        def add(profile: UserProfile) -> UserProfile:
-            profile.comparisons.extend(stamped)
-            # Derived, recomputable from the comparisons: the user's inferred objective weights and preference state.
-            profile.settings["inferred_steer"] = infer_weights(profile.comparisons)
-            if embedder is not None:
-                unchanged = (profile.version, len(profile.comparisons) - len(stamped)) == base
-                fresh = (
-                    state
-                    if unchanged and state is not None
-                    else self.preferences.infer(embedder, profile.comparisons)
-                )
-                profile.settings[STATE_KEY] = {"embedder": embedder_id, **fresh.to_dict()}
-            if summary is not None:
-                profile.settings["adapter"] = summary
-            return profile
-
-        return self.profiles.update(user, add)
+        return profile_edits.enroll(self, user, comparisons, adapter, adapter_config)
 
     def edit_comparisons(
         self,
@@ -359,56 +201,7 @@ class Personalizer:
         Every index and replacement is validated first; on any error nothing is changed. A user's
         adapter is not retrained (call :meth:`train_adapter`).
         """
-        validate_user_id(user)
-        remove, replace = _comparison_indices(remove, replace)
-        fresh = (
-            dict(zip(replace, parse_comparisons(list(replace.values()), "replace"), strict=True))
-            if replace
-            else {}
-        )
-        removed = set(remove)
-        if not removed and not fresh:
-            raise ValidationError(
-                "remove", "and replace are both empty", "name at least one comparison index"
-            )
-        if removed & set(fresh):
-            raise ValidationError(
-                "replace",
-                f"indices {sorted(removed & set(fresh))} are also removed",
-                "remove or replace an index, not both",
-            )
-        embedder, embedder_id = self.preferences.usable_embedder()
-        now = time.time()
-
-        def edit(profile: UserProfile) -> UserProfile:
-            n = len(profile.comparisons)
-            for index in sorted(removed | set(fresh)):
-                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
-                    field = "remove" if index in removed else "replace"
-                    raise ValidationError(
-                        field,
-                        f"index {index!r} is not a comparison of {user!r}",
-                        f"use indices 0..{n - 1}",
-                        index,
-                    )
-            kept = [
-                fresh[i].stamped(now) if i in fresh else c
-                for i, c in enumerate(profile.comparisons)
-                if i not in removed
-            ]
-            profile.comparisons = kept
-            profile.settings["inferred_steer"] = infer_weights(kept)
-            if embedder is not None:
-                if kept:
-                    profile.settings[STATE_KEY] = {
-                        "embedder": embedder_id,
-                        **self.preferences.infer(embedder, kept).to_dict(),
-                    }
-                else:
-                    profile.settings.pop(STATE_KEY, None)
-            return profile
-
-        return self.profiles.update(user, edit, create=False)
+        return profile_edits.edit_comparisons(self, user, remove, replace)
 
     def train_adapter(
         self,
@@ -422,31 +215,7 @@ class Personalizer:
         ``extra``: more comparisons to train on that are not stored in the profile, e.g.
         :meth:`amplified_comparisons` (the user's inferred reward labelling the generator's answers).
         """
-        config = (
-            adapter_config
-            if isinstance(adapter_config, LoraTrainConfig)
-            else validated(LoraTrainConfig, adapter_config or {}, "adapter_config")
-        )
-        comparisons = [
-            *self.profiles.get(user).comparisons,
-            *(parse_comparisons(extra, "extra") if extra else []),
-        ]
-        if not comparisons:
-            raise ValidationError(
-                "comparisons", f"user {user!r} has none", "enroll comparisons before training an adapter"
-            )
-        with self._generate_lock:
-            meta = (
-                self.adapters.install_bank(user, bank, comparisons)
-                if bank is not None
-                else self.adapters.train(user, comparisons, config)
-            )
-
-        def note(profile: UserProfile) -> UserProfile:
-            profile.settings["adapter"] = _adapter_summary(meta)
-            return profile
-
-        return self.profiles.update(user, note, create=False)
+        return profile_edits.train_adapter(self, user, adapter_config, bank, extra)
 
     def adapter_folder(self, user: str) -> Path:
         """The PEFT folder of ``user``'s LoRA adapter (loadable by ``AutoPeftModelForCausalLM``, importable
@@ -489,20 +258,7 @@ class Personalizer:
         It is validated first (files, base model, rank, target modules, a trial load); on any
         problem ``AdapterError`` is raised and the user's previous adapter stays in use.
         """
-        profile = self.profiles.get(user)
-        with self._generate_lock:
-            meta = self.adapters.install(user, folder, profile.comparisons)
-
-        def note(p: UserProfile) -> UserProfile:
-            p.settings["adapter"] = {
-                "trained_at": meta["trained_at"],
-                "pairs": meta["pairs"],
-                "data_hash": meta["data_hash"],
-                "kind": "imported",
-            }
-            return p
-
-        return self.profiles.update(user, note, create=False)
+        return profile_edits.import_adapter(self, user, folder)
 
     def profile(self, user: str) -> UserProfile:
         """The stored profile (``UnknownUserError`` if the user was never enrolled)."""
@@ -687,44 +443,7 @@ class Personalizer:
 
         ``profile`` is the user's profile when the caller has already read it.
         """
-        parsed = parse_messages(messages)
-        memories: list[str] = []
-        shots: list[Shot] = []
-        if user is not None:
-            if profile is None:
-                profile = self.profiles.get(user)  # validates the id; UnknownUserError if absent
-            self._drop_stale_adapter(user, profile)
-            query = query_of(parsed, conditioning.context_turn)
-            # The search reads at most a memory's length of the message; an empty message retrieves nothing.
-            search = query[:MAX_MEMORY_CHARS]
-            if conditioning.memory and conditioning.n_memories and search.strip():
-                found = self.memory.search(
-                    user, search, top_k=conditioning.n_memories, threshold=conditioning.memory_threshold
-                )
-                memories = [r["memory"] for r in found["results"]]
-            if conditioning.shots and conditioning.n_shots:
-                shots = rank_shots(profile.comparisons, query, self.encoder, conditioning.n_shots)
-        tokenizer = self.generator.tokenizer
-        return fit_to_context(
-            tokenizer,
-            parsed,
-            shots,
-            memories,
-            self.generator.context_length,
-            max_new_tokens,
-            conditioning.context_turn,
-        )
-
-    def _drop_stale_adapter(self, user: str, profile: UserProfile) -> None:
-        """Unload ``user``'s resident adapter when their profile notes another one than when it was
-        last read here: another worker process (or this one) trained or imported a new adapter."""
-        note = profile.settings.get("adapter")
-        if self._adapter_seen.get(user) == note:
-            return
-        if user in self.adapters.resident:
-            with self._generate_lock:  # never while a batch generates with it
-                self.adapters.unload(user)  # the next batch loads the adapter on disk now
-        self._adapter_seen[user] = note
+        return user_conditioning.condition(self, user, messages, max_new_tokens, conditioning, profile)
 
     def describe(
         self, user: str, n_shots: int = 4, profile: UserProfile | None = None, max_new_tokens: int = 48
@@ -734,23 +453,7 @@ class Personalizer:
 
         Cached per user until their profile changes (here or in another worker process).
         """
-        profile = profile if profile is not None else self.profiles.get(user)
-        key = (profile.created_at, profile.version, len(profile.comparisons))
-        cached = self._descriptions.get(user)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        shots = [Shot(c, 1.0) for c in profile.comparisons[-n_shots:]]
-        conversation = describe_conversation(shots)
-        tokens = count_prompt_tokens(self.generator.tokenizer, conversation)
-        while len(shots) > 1 and tokens + max_new_tokens > self.generator.context_length:
-            shots = shots[1:]
-            conversation = describe_conversation(shots)
-            tokens = count_prompt_tokens(self.generator.tokenizer, conversation)
-        text = first_sentence(
-            self.respond(None, conversation, max_new_tokens=max_new_tokens, temperature=0.0).text
-        )
-        self._descriptions[user] = (key, text)
-        return text
+        return user_conditioning.describe(self, user, n_shots, profile, max_new_tokens)
 
     def respond(
         self,
@@ -780,29 +483,7 @@ class Personalizer:
         Under greedy decoding each reply equals what :meth:`respond` gives for that request alone
         (up to floating-point ties from padding). Results come back in request order.
         """
-        if not requests:
-            raise ValidationError("requests", "is empty", "pass at least one request")
-        prepared, streams = [], []
-        for index, request in enumerate(requests):
-            if not isinstance(request, Mapping) or "messages" not in request:
-                raise ValidationError(
-                    f"requests[{index}]",
-                    "must be a mapping with 'messages'",
-                    "pass {'user': ..., 'messages': [...]}",
-                    request,
-                )
-            stream = request.get("stream")
-            if stream is not None and not isinstance(stream, TokenStream):
-                raise ValidationError(
-                    f"requests[{index}].stream",
-                    "is not a TokenStream",
-                    "pass personalign.streaming.TokenStream() or leave it out",
-                )
-            options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer", "stream")}
-            prepared.append(
-                self.engine.prepare(request.get("user"), request["messages"], request.get("steer"), options)
-            )
-            streams.append(stream)
+        prepared, streams = self.engine.prepare_batch(requests)
         return self.engine.run(prepared, streams)
 
     def complete_batch(self, requests: Sequence[Mapping[str, Any]]) -> list[ChatResult]:
