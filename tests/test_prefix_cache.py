@@ -3,11 +3,10 @@ of a full prompt, a changed profile, memory or adapter is never served stale, an
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from lora_folders import random_lora
 from personalign.prefix_cache import PrefixCache, PrefixCacheConfig, common_prefix, rows_agree
 
 ASK = [{"role": "user", "content": "Plan my dinner for tonight please."}]
@@ -206,31 +205,6 @@ def test_least_recently_used_entries_leave_past_the_bounds():
     assert len(cache) == 2 and cache.take("s", [400, 401, 402, 403, 404, 7])[1] == 5
 
 
-def random_lora(generator, folder, seed: int, scale: float = 0.3):
-    """A PEFT LoRA folder (q_proj, v_proj; rank 4) with random A and B for ``generator``'s model."""
-    from safetensors.torch import save_file
-
-    config = generator.model.config
-    hidden, layers = config.hidden_size, config.num_hidden_layers
-    kv = config.num_key_value_heads * (hidden // config.num_attention_heads)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for i in range(layers):
-        for module, out in (("q_proj", hidden), ("v_proj", kv)):
-            key = f"base_model.model.model.layers.{i}.self_attn.{module}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(4, hidden, generator=g) * scale
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out, 4, generator=g) * scale
-    folder.mkdir(parents=True)
-    save_file(tensors, folder / "adapter_model.safetensors")
-    adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": generator.base_model_name_or_path,
-        "r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True,
-    }  # fmt: skip
-    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
-    return folder
-
-
 def test_adapter_rows_are_keyed_by_the_adapter_and_its_weights(tiny_model_dir, encoder, tmp_path):
     """A row on a user's LoRA never reuses the base model's keys and values, nor those of the
     adapter it replaced (another adapter imported into the same slot)."""
@@ -244,12 +218,12 @@ def test_adapter_rows_are_keyed_by_the_adapter_and_its_weights(tiny_model_dir, e
         options = {"max_new_tokens": 6, "memory": False, "shots": False}
         base = pz.respond(None, ASK, **options)
         pz.remember("ana", "I cook for two.")
-        pz.import_adapter("ana", random_lora(generator, tmp_path / "a1", seed=1))
+        pz.import_adapter("ana", random_lora(generator, tmp_path / "a1", seed=1, scale=0.3, rank=4))
         first = pz.respond("ana", ASK, **options)
         assert cache.hits == 0, "the base model's entry is not the adapter's"
         assert first.text != base.text, "the adapter changes the answer (else this test proves nothing)"
         assert pz.respond("ana", ASK, **options).text == first.text and cache.hits == 1
-        pz.import_adapter("ana", random_lora(generator, tmp_path / "a2", seed=2))
+        pz.import_adapter("ana", random_lora(generator, tmp_path / "a2", seed=2, scale=0.3, rank=4))
         hits = cache.hits
         replaced = pz.respond("ana", ASK, **options)
         assert cache.hits == hits, "a new adapter's row never reuses the old adapter's keys and values"
