@@ -185,6 +185,18 @@ def _user_guide(
     return betas, report
 
 
+def _stream_of(request: Mapping[str, Any], index: int) -> TokenStream | None:
+    """Request ``index``'s ``stream``: a :class:`TokenStream` or ``None`` (anything else is refused)."""
+    stream = request.get("stream")
+    if stream is not None and not isinstance(stream, TokenStream):
+        raise ValidationError(
+            f"requests[{index}].stream",
+            "is not a TokenStream",
+            "pass personalign.streaming.TokenStream() or leave it out",
+        )
+    return stream
+
+
 def prepare_completions(
     engine: GenerationEngine, requests: Sequence[Mapping[str, Any]]
 ) -> tuple[list[Prepared], list[TokenStream | None]]:
@@ -203,13 +215,7 @@ def prepare_completions(
             raise ValidationError(
                 sorted(unknown)[0], "is not a completion option", f"use one of {sorted(gen_fields)}"
             )
-        stream = request.get("stream")
-        if stream is not None and not isinstance(stream, TokenStream):
-            raise ValidationError(
-                f"requests[{index}].stream",
-                "is not a TokenStream",
-                "pass personalign.streaming.TokenStream() or leave it out",
-            )
+        stream = _stream_of(request, index)
         params = validated(
             GenerationParams,
             {k: v for k, v in request.items() if k not in ("prompt", "stream")},
@@ -242,13 +248,7 @@ def prepare_batch(
                 "pass {'user': ..., 'messages': [...]}",
                 request,
             )
-        stream = request.get("stream")
-        if stream is not None and not isinstance(stream, TokenStream):
-            raise ValidationError(
-                f"requests[{index}].stream",
-                "is not a TokenStream",
-                "pass personalign.streaming.TokenStream() or leave it out",
-            )
+        stream = _stream_of(request, index)
         options = {k: v for k, v in request.items() if k not in ("user", "messages", "steer", "stream")}
         prepared.append(
             engine.prepare(request.get("user"), request["messages"], request.get("steer"), options)
