@@ -33,18 +33,22 @@ def install(app: FastAPI, ctx: Any) -> None:
     pz, config, known = ctx.pz, ctx.config, ctx.known
     # --- users -----------------------------------------------------------------------------------
 
+    def within_limit(count: int, what: str, field: str) -> None:
+        """413 when one request carries more than ``max_comparisons_per_request`` ``what`` (in ``field``)."""
+        if count > config.max_comparisons_per_request:
+            limit = config.max_comparisons_per_request
+            raise ApiError(
+                413,
+                f"{count} {what} in one request; the limit is {limit}. Fix: send them in parts",
+                "request_too_large",
+                field,
+            )
+
     @app.post("/v1/users/{user_id}/comparisons", response_model=EnrollResponse, tags=["users"])
     def enroll(user_id: str, body: EnrollRequest, who: Writer) -> EnrollResponse:
         """Add comparisons (TRL format) to a user, creating them if new. All are stored or none."""
         store_id = who.store_id(user_id, "user_id")
-        if len(body.comparisons) > config.max_comparisons_per_request:
-            limit = config.max_comparisons_per_request
-            raise ApiError(
-                413,
-                f"{len(body.comparisons)} comparisons in one request; the limit is {limit}. Fix: send them in parts",
-                "request_too_large",
-                "comparisons",
-            )
+        within_limit(len(body.comparisons), "comparisons", "comparisons")
         if body.adapter and ctx.jobs is None:
             job_routes.queue_training(ctx, who, store_id, None)  # the 501, before anything is stored
         profile = pz.enroll(store_id, body.comparisons)
@@ -64,14 +68,7 @@ def install(app: FastAPI, ctx: Any) -> None:
         inferred steering and state are recomputed in the same atomic write. On any error nothing changes."""
         store_id = who.store_id(user_id, "user_id")
         known(store_id)
-        if len(body.replace) > config.max_comparisons_per_request:
-            limit = config.max_comparisons_per_request
-            raise ApiError(
-                413,
-                f"{len(body.replace)} replacements in one request; the limit is {limit}. Fix: send them in parts",
-                "request_too_large",
-                "replace",
-            )
+        within_limit(len(body.replace), "replacements", "replace")
         replace = {int(key): comparison_from_row(row, f"replace.{key}") for key, row in body.replace.items()}
         profile = pz.edit_comparisons(store_id, remove=body.remove, replace=replace)
         return EditComparisonsResponse(
