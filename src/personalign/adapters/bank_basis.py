@@ -3,7 +3,6 @@ folder, and the bare layer tree PEFT combines the bases on."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from personalign.adapters.store import AdapterError
+from personalign.adapters.store import AdapterError, read_lora_folder
 
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -30,15 +29,7 @@ class Basis:
     @classmethod
     def load(cls, folder: Path, name: str | None = None) -> Basis:
         """Read a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)."""
-        from safetensors.torch import load_file
-
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            tensors = load_file(str(folder / "adapter_model.safetensors"))
-        except Exception as err:  # missing, truncated or corrupt files
-            raise AdapterError(
-                f"basis adapter at {folder} is unreadable ({type(err).__name__}: {err}). Fix: retrain the bank"
-            ) from None
+        config, tensors = read_lora_folder(folder, "basis adapter", "Fix: retrain the bank")
         if (
             config.get("use_dora")
             or config.get("modules_to_save")

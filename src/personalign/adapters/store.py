@@ -59,6 +59,21 @@ def adapter_name(user: str) -> str:
     return "u_" + hashlib.sha256(validate_user_id(user).encode()).hexdigest()[:20]
 
 
+def read_lora_folder(folder: Path, label: str, fix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A PEFT LoRA folder's config and tensors; :class:`AdapterError` naming ``label`` and ``fix``
+    when a file is missing, truncated or corrupt."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+    except Exception as err:  # missing, truncated or corrupt files
+        raise AdapterError(
+            f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}"
+        ) from None
+    return config, tensors
+
+
 class AdapterManager:
     """Trains, stores, loads and evicts users' LoRA adapters on one generator."""
 
@@ -356,16 +371,8 @@ class AdapterManager:
         ``r``; LoRA weights for modules the model lacks, outside ``target_modules``, or of the
         wrong shape. A final trial load into a scratch PEFT adapter catches anything else.
         """
-        from safetensors.torch import load_file
-
         fix = "Fix: export the adapter again from PEFT (save_pretrained) for this base model"
-        try:
-            config = json.loads((folder / "adapter_config.json").read_text())
-            tensors = load_file(str(folder / "adapter_model.safetensors"))
-        except Exception as err:  # missing, truncated or corrupt files
-            raise AdapterError(
-                f"{label} at {folder} is unreadable ({type(err).__name__}: {err}). {fix}"
-            ) from None
+        config, tensors = read_lora_folder(folder, label, fix)
         base = config.get("base_model_name_or_path")
         if base not in (None, "") and not self.generator.is_base(base):
             raise AdapterError(
