@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Pack every decoding-step row count (2-32), not the per-machine calibrated ones, so that the
+# packed paths are exercised the same way on every machine; test_packed_linear.py tests calibrate.
+os.environ.setdefault("PERSONALIGN_PACKED_LINEAR", "1")
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"

@@ -141,7 +141,7 @@ def test_pack_only_plain_cpu_float32_linears_and_unpack(monkeypatch, tiny_model_
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
     monkeypatch.setenv("PERSONALIGN_PACKED_LINEAR", "0")
     assert pack_linears(model) == 0
-    monkeypatch.delenv("PERSONALIGN_PACKED_LINEAR")
+    monkeypatch.setenv("PERSONALIGN_PACKED_LINEAR", "1")  # every row count, no calibration
     assert pack_linears(model) == linears > 0
     assert pack_linears(model) == 0  # already packed
     layers = unpack_linears(model)
@@ -256,3 +256,70 @@ def test_gathered_lora_rows_on_a_packed_base_match_a_stock_base(tiny_model_dir):
         type(m) is PackedLinear and m._packed is not None for m in models[1].modules()
     )  # the step ran packed
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_packs_the_row_counts_where_packing_won(monkeypatch, tmp_path):
+    """Golden with fake timings: counts between calibrated ones follow the one below; the
+    decision is stored per machine and read back; a model where packing never wins is not
+    packed; $PERSONALIGN_PACKED_LINEAR=1 skips calibrating."""
+    import personalign.packed_linear as pl
+
+    monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(pl, "_decisions", {})
+    calls: list[tuple[bool, int]] = []
+    real_linear, real_pointwise = pl.F.linear, torch.ops.mkldnn._linear_pointwise
+    clock = {"now": 0.0}
+
+    def fake_time() -> float:
+        return clock["now"]
+
+    def stock(x, w, *args):  # stock costs 1 per call; packed 0.5, but 2 at 8 rows
+        calls.append((False, x.shape[0]))
+        clock["now"] += 1.0
+        return real_linear(x, w, *args)
+
+    def packed(x, p, *args):
+        calls.append((True, x.shape[0]))
+        clock["now"] += 2.0 if x.shape[0] == 8 else 0.5
+        return real_pointwise(x, p, *args)
+
+    monkeypatch.setattr(pl.time, "perf_counter", fake_time)
+    monkeypatch.setattr(pl.F, "linear", stock)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", packed)
+    layers = [torch.nn.Linear(16, 8), torch.nn.Linear(16, 8), torch.nn.Linear(8, 16)]
+    rows = pl.calibrate(layers, repeats=2)
+    assert rows == pl.ALL_ROWS - set(range(8, 16))  # 8 lost; 9-15 follow 8; 16 won again
+    assert {(packed_, r) for packed_, r in calls} == {
+        (b, r) for b in (False, True) for r in pl.CALIBRATION_ROWS
+    }
+    assert len(calls) == 3 * len(pl.CALIBRATION_ROWS) * 3 * 2  # 3 weights, 3 rounds (one warm-up), both paths
+    calls.clear()
+    assert pl.calibrate(layers) == rows and not calls  # remembered in this process
+    monkeypatch.setattr(pl, "_decisions", {})
+    assert pl.calibrate(layers) == rows and not calls  # and on disk for this machine
+    assert (tmp_path / "packed_linear.json").is_file()
+    monkeypatch.setattr(pl, "_decisions", {})
+    monkeypatch.setenv("PERSONALIGN_CACHE", str(tmp_path / "other"))
+    monkeypatch.setattr(
+        torch.ops.mkldnn,
+        "_linear_pointwise",
+        lambda x, p, *a: (clock.__setitem__("now", clock["now"] + 5.0), real_pointwise(x, p, *a))[1],
+    )
+    monkeypatch.setenv(pl.ENV, "auto")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    assert pl.pack_linears(model) == 0  # packing never won here: left stock
+    monkeypatch.setenv(pl.ENV, "1")
+    assert pl.pack_linears(model) == 1 and model[0].__dict__["_packed_rows"] == pl.ALL_ROWS
+
+
+def test_a_layer_takes_the_packed_path_only_at_its_calibrated_row_counts():
+    layer = torch.nn.Linear(48, 40)
+    assert (
+        pack_linears(layer, enabled=True) == 1
+    )  # the suite packs every count ($PERSONALIGN_PACKED_LINEAR=1)
+    layer.__dict__["_packed_rows"] = frozenset({3})
+    with torch.no_grad():
+        layer(torch.randn(2, 1, 48))
+        assert layer._packed is None  # 2 rows: stock
+        layer(torch.randn(3, 1, 48))
+        assert layer._packed is not None  # 3 rows: packed

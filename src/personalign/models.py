@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import tempfile
 import threading
@@ -57,6 +58,17 @@ _DTYPES = {
 def cache_root() -> Path:
     """Where converted models are cached (``$PERSONALIGN_CACHE`` or ``~/.cache/personalign``)."""
     return Path(os.environ.get("PERSONALIGN_CACHE", Path.home() / ".cache" / "personalign"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``lscpu``'s), for every timing printed."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def set_offline() -> None:

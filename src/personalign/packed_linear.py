@@ -21,12 +21,30 @@ through the parameter (an in-place op under ``no_grad`` bumps its version; assig
 default ``merge_adapter``) is not seen: call :func:`clear_packed` after one. The copy costs
 the weights' size again in memory (about 0.5 GB for SmolLM2-135M, head included).
 ``$PERSONALIGN_PACKED_LINEAR=0`` turns packing off.
+
+Which row counts take the packed path is decided per machine when a model is first packed
+(:func:`calibrate`): one decoding step's projections (every linear weight but the LM head, so
+that the weights stream from memory as in decoding; one weight per shape fits in cache and
+ranks the paths differently) are timed through the stock and the packed matmul, interleaved,
+for :data:`CALIBRATION_ROWS`, and a row count takes the packed path only where packing took at
+most :data:`FASTER` of the stock time (the largest calibrated count at or below it decides).
+The decision is stored under ``$PERSONALIGN_CACHE/packed_linear.json`` by CPU model, PyTorch
+version, thread count and weight shapes, so it is measured once per machine (about 3 s for
+SmolLM2-135M). Measured reason: on the AMD EPYC packing won at 2-32 rows; on an Intel Xeon (AMX) the
+stock matmul was faster at 2-4 rows (1.3-1.8x) and far slower at 8-16 (packed 0.15-0.24x),
+``personalign bench linear``. ``$PERSONALIGN_PACKED_LINEAR=1`` skips the calibration and packs
+every count from 2 to 32 (the earlier behaviour). A single row never changes path, so single-row
+numerics do not depend on the machine's decision.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import statistics
+import time
 from typing import Any
 
 import torch
@@ -34,8 +52,12 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-MIN_ROWS, MAX_ROWS = 2, 32  # rows of one decoding step that take the packed path
+MIN_ROWS, MAX_ROWS = 2, 32  # rows of one decoding step that may take the packed path
 ENV = "PERSONALIGN_PACKED_LINEAR"
+CALIBRATION_ROWS = (2, 3, 4, 8, 16, 32)
+ALL_ROWS = frozenset(range(MIN_ROWS, MAX_ROWS + 1))
+FASTER = 0.9  # packed must take at most this share of the stock time to be used
+_decisions: dict[str, frozenset[int]] = {}  # per process: machine, threads and shapes -> rows
 
 
 def packing_available() -> bool:
@@ -79,7 +101,7 @@ class PackedLinear(torch.nn.Linear):
 
     def _takes_packed_path(self, x: torch.Tensor) -> bool:
         return (
-            MIN_ROWS <= step_rows(x) <= MAX_ROWS
+            step_rows(x) in self.__dict__.get("_packed_rows", ALL_ROWS)
             and not self._packing_failed
             and not torch.is_grad_enabled()
             and x.shape[-1] == self.in_features
@@ -134,8 +156,9 @@ def pack_linears(model: torch.nn.Module, enabled: bool | None = None, max_bytes:
     ``$PERSONALIGN_PACKED_LINEAR_MAX_GB``, 2 GB: models up to about 500M parameters in float32)
     is not packed, with a log line saying so.
     """
+    setting = os.environ.get(ENV, "auto")
     if enabled is None:
-        enabled = os.environ.get(ENV, "1") != "0"
+        enabled = setting != "0"
     if not enabled or not packing_available():
         return 0
     if max_bytes is None:
@@ -154,8 +177,105 @@ def pack_linears(model: torch.nn.Module, enabled: bool | None = None, max_bytes:
         for m in model.modules()
         if type(m) is torch.nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
     ]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    rows = ALL_ROWS if setting == "1" else calibrate([m for m in layers if m is not head])
+    if not rows:
+        logger.info("not packing linear layers: the stock matmul was as fast at every row count here")
+        return 0
+    for layer in layers:
+        layer.__dict__["_packed_rows"] = rows
     pack_modules(layers)
     return len(layers)
+
+
+def _decision_key(weights: list[torch.Tensor]) -> str:
+    from personalign.models import cpu_model
+
+    shapes = sorted(tuple(w.shape) for w in weights)
+    text = json.dumps([cpu_model(), torch.__version__, torch.get_num_threads(), shapes])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _stored(key: str, rows: frozenset[int] | None = None) -> frozenset[int] | None:
+    """Read (or, with ``rows``, write) the machine's stored decision for ``key``."""
+    from personalign.models import cache_root
+
+    path = cache_root() / "packed_linear.json"
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    if rows is None:
+        found = table.get(key)
+        return frozenset(found) if isinstance(found, list) else None
+    table[key] = sorted(rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        tmp.replace(path)
+    except OSError as err:  # a read-only cache: measured again next time
+        logger.info("could not store the packed-linear decision at %s: %s", path, err)
+    return rows
+
+
+def calibrate(layers: list[torch.nn.Linear], repeats: int = 4, store: bool = True) -> frozenset[int]:
+    """The decoding-step row counts (2-32) at which packed weights beat the stock matmul here.
+
+    Every distinct weight of ``layers`` (one decoding step's worth) goes through both paths for
+    each of :data:`CALIBRATION_ROWS`, interleaved, median of ``repeats`` after a warm-up; a
+    count is packed when packing took at most :data:`FASTER` of the stock time. Counts between
+    calibrated ones follow the largest calibrated count below them. Remembered per process, and
+    with ``store`` on disk per machine (see the module doc).
+    """
+    seen: set[int] = set()
+    weights = []
+    for layer in layers:
+        if id(layer.weight) not in seen:
+            seen.add(id(layer.weight))
+            weights.append(layer.weight.detach())
+    key = _decision_key(weights)
+    if key in _decisions:
+        return _decisions[key]
+    found = _stored(key) if store else None
+    if found is not None:
+        _decisions[key] = found
+        return found
+    with torch.inference_mode():
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
+        inputs = {r: [torch.randn(r, w.shape[1]) for w in weights] for r in CALIBRATION_ROWS}
+
+        def stock(r: int) -> float:
+            start = time.perf_counter()
+            for w, x in zip(weights, inputs[r], strict=True):
+                F.linear(x, w)
+            return time.perf_counter() - start
+
+        def with_packed(r: int) -> float:
+            start = time.perf_counter()
+            for p, x in zip(packed, inputs[r], strict=True):
+                torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+            return time.perf_counter() - start
+
+        times: dict[tuple[bool, int], list[float]] = {}
+        for rep in range(repeats + 1):  # the first round warms up
+            for r in CALIBRATION_ROWS:
+                order = (stock, with_packed) if (rep + r) % 2 else (with_packed, stock)
+                for fn in order:
+                    seconds = fn(r)
+                    if rep:
+                        times.setdefault((fn is with_packed, r), []).append(seconds)
+    wins = [
+        r
+        for r in CALIBRATION_ROWS
+        if statistics.median(times[(True, r)]) <= FASTER * statistics.median(times[(False, r)])
+    ]
+    rows = frozenset(n for n in ALL_ROWS if max(r for r in CALIBRATION_ROWS if r <= n) in wins)
+    _decisions[key] = rows
+    if store:
+        _stored(key, rows)
+    logger.info("packed linear for decoding steps of %s rows (calibrated here)", sorted(rows) or "no")
+    return rows
 
 
 def pack_modules(layers: list[torch.nn.Linear]) -> None:

@@ -17,7 +17,6 @@ Reported per level and server: throughput, p50/p95 latency; and ratios of ``remo
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -25,19 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from personalign.bench.serve import USERS, _ratio, run_level, seed_users, subprocess_server
+from personalign.models import cpu_model
 
 SERVERS = ("in-process", "remote", "llama.cpp")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``lscpu``'s), for every timing printed."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_engine_bench(

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from personalign.packed_linear import MAX_ROWS, packing_available
+from personalign.packed_linear import PackedLinear, packing_available
 
 ROWS = (1, 2, 3, 4, 8, 16, 32)
 
@@ -50,6 +50,10 @@ def run_linear_bench(
         raise RuntimeError("this PyTorch build has no oneDNN linear ops; nothing to compare")
     if 1 not in rows:
         raise ValueError(f"rows {rows} must include 1, the baseline")
+    used = next(
+        (m.__dict__.get("_packed_rows", frozenset()) for m in model.modules() if isinstance(m, PackedLinear)),
+        frozenset(),
+    )  # the row counts this machine's calibration packs (none when the model is not packed)
     weights, head = _weights(model)
     weights = [w.float().cpu() for w in weights]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in weights]
@@ -90,7 +94,7 @@ def run_linear_bench(
             "stock_vs_1_row": ms[("stock", r)] / one,
             "packed_vs_1_row": ms[("packed", r)] / one,
             "packed_vs_stock": ms[("packed", r)] / ms[("stock", r)],
-            "used": "packed" if 2 <= r <= MAX_ROWS else "stock",
+            "used": "packed" if r in used else "stock",
         }
         for r in rows
     ]
